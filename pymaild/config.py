@@ -1,0 +1,485 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration: one TOML file read with C{tomllib} into frozen, validated objects.
+
+Every table and key pymaild knows is declared once in L{SCHEMA}: its type, its default and its
+documentation line.  C{man/pymaild.toml.5} and C{etc/pymaild.toml.example} document the same
+keys, and C{tests/test_config.py} checks that all three agree.
+
+A mistake in the file is a L{ConfigError} whose message names the file, the table, the key and
+what is wrong, in one line.  This module does no I/O but reading the file: whether a certificate
+can be read or a port bound is checked by L{pymaild.service.prepare}, which raises the same error.
+
+Relative paths in the file are taken relative to the file's directory; C{--data-dir} on the
+command line is taken relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pymaild.errors import ConfigError, fileProblem
+
+# --- value objects -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """One C{host:port} a listener binds.  C{host} is an IP literal."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+#: The listeners, in the order they are started, with the protocol each speaks and whether TLS
+#: starts with the first byte.
+LISTENERS = (
+    ("smtp", "smtp", False),
+    ("submission", "smtp", False),
+    ("smtps", "smtp", True),
+    ("imap", "imap", False),
+    ("imaps", "imap", True),
+    ("pop3", "pop3", False),
+    ("pop3s", "pop3", True),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    data_dir: Path
+    shutdown_timeout: float
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    smtp: tuple[ListenAddress, ...]
+    submission: tuple[ListenAddress, ...]
+    smtps: tuple[ListenAddress, ...]
+    imap: tuple[ListenAddress, ...]
+    imaps: tuple[ListenAddress, ...]
+    pop3: tuple[ListenAddress, ...]
+    pop3s: tuple[ListenAddress, ...]
+    backlog: int
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    #: C{None} for both means "a self-signed certificate generated in the data directory".
+    cert: Path | None
+    key: Path | None
+    min_version: str
+
+    @property
+    def self_signed(self) -> bool:
+        return self.cert is None
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    local: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    backend: str
+    passwd_file: Path
+    aliases_file: Path
+    plaintext_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    threads: int
+    #: whether the files were named in the configuration (then they must exist) or are the
+    #: defaults in the data directory (then pymaild creates them).
+    passwd_file_explicit: bool = False
+    aliases_file_explicit: bool = False
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_connections: int
+    max_connections_per_ip: int
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    server: ServerConfig
+    listen: ListenConfig
+    tls: TLSConfig
+    domains: DomainsConfig
+    auth: AuthConfig
+    smtp: SMTPConfig
+    limits: LimitsConfig
+
+    def describe(self) -> str:
+        """
+        The effective configuration as TOML text (what C{pymaildctl check-config} prints).
+        """
+        lines = [f"# effective configuration ({self.source or 'embedded default'})"]
+        for table in SCHEMA:
+            section = getattr(self, table)
+            lines.append(f"\n[{table}]")
+            for key in SCHEMA[table]:
+                lines.append(f"{key} = {_toml_value(getattr(section, key))}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '""  # none: self-signed certificate in the data directory'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- key parsers: each takes the TOML value and returns the Python value or raises ValueError ---
+
+
+def _type_name(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _nonempty_string(value: Any) -> str:
+    value = _string(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_type_name(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number of seconds, got {_type_name(value)}")
+    if not 0 <= value <= 86400:
+        raise ValueError(f"must be between 0 and 86400 seconds, got {value}")
+    return float(value)
+
+
+def _path(value: Any) -> str:
+    return _nonempty_string(value)
+
+
+def _optional_path(value: Any) -> str | None:
+    value = _string(value)
+    return value or None
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        value = _string(value)
+        if value not in choices:
+            raise ValueError(
+                f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+            )
+        return value
+
+    return parse
+
+
+def _list_of(item: Callable[[Any], Any], what: str) -> Callable[[Any], tuple]:
+    def parse(value: Any) -> tuple:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of {what}, got {_type_name(value)}")
+        out = []
+        for i, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except ValueError as e:
+                raise ValueError(f"item {i + 1} ({element!r}): {e}") from None
+        return tuple(out)
+
+    return parse
+
+
+def parse_listen_address(value: Any) -> ListenAddress:
+    """
+    Parse C{"host:port"}: C{"127.0.0.1:25"}, C{"0.0.0.0:25"}, C{"[::1]:25"}, C{"[::]:25"}.
+    """
+    value = _string(value)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError('expected "host:port", for example "127.0.0.1:25" or "[::]:25"')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address (use 0.0.0.0 or [::] for all addresses; "
+                "IPv6 addresses go in brackets)"
+            ) from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port number (0-65535)")
+    return ListenAddress(host, int(port))
+
+
+def _network(value: Any):
+    value = _string(value)
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("not an IP network (for example 192.0.2.0/24 or 2001:db8::/32)") from None
+
+
+def _domain(value: Any) -> str:
+    value = _nonempty_string(value).strip().lower().rstrip(".")
+    try:
+        ascii_name = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{value!r} is not a domain name") from None
+    labels = ascii_name.split(".")
+    if any(not label or len(label) > 63 for label in labels) or not all(
+        c.isalnum() or c in "-." for c in ascii_name
+    ):
+        raise ValueError(f"{value!r} is not a domain name")
+    return ascii_name
+
+
+def _hostname(value: Any) -> str:
+    return _domain(value)
+
+
+# --- the schema ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[Any], Any]
+    #: the default, or a callable taking the partially built settings of the file (for
+    #: defaults that depend on other keys such as the data directory).
+    default: Any
+    doc: str = ""
+
+
+def _default_hostname() -> str:
+    name = socket.gethostname() or "localhost"
+    try:
+        return _domain(name)
+    except ValueError:
+        return "localhost"
+
+
+def _default_listen(port: int) -> tuple[ListenAddress, ...]:
+    return (ListenAddress("127.0.0.1", port),)
+
+
+_listen_list = _list_of(parse_listen_address, '"host:port" strings')
+_networks = _list_of(_network, "IP networks")
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "server": {
+        "hostname": Key(_hostname, lambda s: _default_hostname(), "name in greetings and Received: headers"),
+        "data_dir": Key(_path, "pymaild-data", "mail, queue, index, certificate and passwd-file live here"),
+        "shutdown_timeout": Key(_seconds, 30.0, "seconds in-flight transactions get on SIGTERM"),
+    },
+    "listen": {
+        "smtp": Key(_listen_list, _default_listen(2525), "MX (port 25)"),
+        "submission": Key(_listen_list, _default_listen(2587), "submission with STARTTLS (port 587)"),
+        "smtps": Key(_listen_list, _default_listen(2465), "submission over implicit TLS (port 465)"),
+        "imap": Key(_listen_list, _default_listen(2143), "IMAP with STARTTLS (port 143)"),
+        "imaps": Key(_listen_list, _default_listen(2993), "IMAP over implicit TLS (port 993)"),
+        "pop3": Key(_listen_list, _default_listen(2110), "POP3 with STLS (port 110)"),
+        "pop3s": Key(_listen_list, _default_listen(2995), "POP3 over implicit TLS (port 995)"),
+        "backlog": Key(_integer(1, 65535), 1024, "listen(2) backlog of every listener"),
+    },
+    "tls": {
+        "cert": Key(_optional_path, None, "PEM certificate chain, leaf first"),
+        "key": Key(_optional_path, None, "PEM private key"),
+        "min_version": Key(_choice("TLSv1.2", "TLSv1.3"), "TLSv1.2", "oldest TLS version accepted"),
+    },
+    "domains": {
+        "local": Key(
+            _list_of(_domain, "domain names"),
+            lambda s: tuple(dict.fromkeys(["localhost", s["server"]["hostname"]])),
+            "domains whose mail is delivered here",
+        ),
+    },
+    "auth": {
+        "backend": Key(_choice("passwd-file", "ldap"), "passwd-file", "where accounts live"),
+        "passwd_file": Key(_path, "passwd", "Dovecot-style passwd-file"),
+        "aliases_file": Key(_path, "aliases", "aliases and distribution lists"),
+        "plaintext_networks": Key(_networks, (), "networks where login without TLS is allowed"),
+        "threads": Key(_integer(1, 64), 4, "size of the thread pool that checks passwords"),
+    },
+    "smtp": {
+        "trusted_networks": Key(_networks, (), "networks that may relay without AUTH"),
+    },
+    "limits": {
+        "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
+        "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
+    },
+}
+
+_SECTION_TYPES = {
+    "server": ServerConfig,
+    "listen": ListenConfig,
+    "tls": TLSConfig,
+    "domains": DomainsConfig,
+    "auth": AuthConfig,
+    "smtp": SMTPConfig,
+    "limits": LimitsConfig,
+}
+
+
+def _unknown(kind: str, name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+    return f"unknown {kind}{hint}"
+
+
+def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None) -> Config:
+    """
+    Read and validate the configuration.
+
+    @param path: the TOML file, or C{None} for the embedded default.
+    @param data_dir: C{--data-dir} from the command line; it wins over C{[server] data_dir}.
+    @raise ConfigError: with a one-line message naming the file, table and key.
+    """
+    where = str(path) if path is not None else "embedded default"
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not valid UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: {fileProblem(e)}") from None
+        path = path.resolve()
+        base = path.parent
+
+    def fail(table: str, key: str | None, message: str) -> ConfigError:
+        name = f"[{table}] {key}" if key else f"[{table}]"
+        return ConfigError(f"{where}: {name}: {message}")
+
+    settings: dict[str, dict[str, Any]] = {}
+    for table, value in raw.items():
+        if table not in SCHEMA:
+            raise fail(table, None, _unknown("table", table, SCHEMA))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {table}: expected a table [{table}], got {_type_name(value)}")
+        for key in value:
+            if key not in SCHEMA[table]:
+                raise fail(table, key, _unknown("key", key, SCHEMA[table]))
+
+    for table, keys in SCHEMA.items():
+        given = raw.get(table, {})
+        settings[table] = {}
+        for key, spec in keys.items():
+            if key in given:
+                try:
+                    settings[table][key] = spec.parse(given[key])
+                except ValueError as e:
+                    raise fail(table, key, str(e)) from None
+            else:
+                settings[table][key] = spec.default(settings) if callable(spec.default) else spec.default
+
+    # Paths: relative to the file (or to the current directory for the embedded default and
+    # for --data-dir).
+    server = settings["server"]
+    if data_dir is not None:
+        server["data_dir"] = (Path.cwd() / Path(data_dir)).resolve()
+    else:
+        server["data_dir"] = (base / Path(server["data_dir"])).resolve()
+    data = server["data_dir"]
+
+    auth = settings["auth"]
+    given_auth = raw.get("auth", {})
+    auth["passwd_file_explicit"] = "passwd_file" in given_auth
+    auth["aliases_file_explicit"] = "aliases_file" in given_auth
+    auth["passwd_file"] = (base if auth["passwd_file_explicit"] else data) / Path(auth["passwd_file"])
+    auth["aliases_file"] = (base if auth["aliases_file_explicit"] else data) / Path(auth["aliases_file"])
+    if auth["backend"] == "ldap":
+        raise fail(
+            "auth",
+            "backend",
+            '"ldap" is not available in this version of pymaild (the [ldap] table comes with '
+            'LDAP support); use "passwd-file"',
+        )
+
+    tls = settings["tls"]
+    if (tls["cert"] is None) != (tls["key"] is None):
+        missing = "key" if tls["key"] is None else "cert"
+        raise fail("tls", missing, "cert and key must be given together (or neither, for a self-signed certificate)")
+    for key in ("cert", "key"):
+        if tls[key] is not None:
+            tls[key] = base / Path(tls[key])
+
+    domains = settings["domains"]["local"]
+    if not domains:
+        raise fail("domains", "local", "at least one local domain is needed")
+    settings["domains"]["local"] = tuple(dict.fromkeys(domains))
+
+    seen: dict[tuple[str, int], str] = {}
+    for name, _, _ in LISTENERS:
+        for address in settings["listen"][name]:
+            if address.port == 0:
+                continue
+            other = seen.get((address.host, address.port))
+            if other is not None:
+                raise fail("listen", name, f"{address} is also used by [listen] {other}")
+            seen[(address.host, address.port)] = name
+
+    limits = settings["limits"]
+    if limits["max_connections_per_ip"] > limits["max_connections"]:
+        raise fail("limits", "max_connections_per_ip", "must not be larger than max_connections")
+
+    sections = {table: _SECTION_TYPES[table](**values) for table, values in settings.items()}
+    return Config(source=path, **sections)
+

@@ -1,0 +1,294 @@
+# -*- test-case-name: tests.integration.test_startup -*-
+"""
+The composition root: the only module that puts concrete classes from several packages
+together.  C{build(config)} checks every file the configuration names, prepares the data
+directory, binds every socket and returns the service twistd runs.
+
+Order matters, so that a mistake stops start-up before anything listens: L{checkFiles} (what
+C{pymaildctl check-config} runs too), then the data directory, the self-signed certificate and
+the first account, and last L{pymaild.listen.bindAll}, which binds every socket or none.
+
+Security: C{build} runs as the user twistd was started as (root for ports below 1024); files it
+creates are handed to C{--uid/--gid} so that the process can still read them after twistd
+drops privileges.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from twisted.application.service import MultiService
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import imap4, pop3
+from twisted.mail.interfaces import IMessageDelivery
+from twisted.python.threadpool import ThreadPool
+
+from pymaild import tls as tlsmod
+from pymaild.auth import passwords
+from pymaild.auth.aliases import AliasesError, AliasesFile
+from pymaild.auth.checkers import PasswdFileChecker
+from pymaild.auth.directory import FileDirectory
+from pymaild.auth.passwdfile import PasswdFile
+from pymaild.auth.realm import MailRealm
+from pymaild.config import LISTENERS, Config
+from pymaild.errors import ConfigError, fileProblem
+from pymaild.imap.account import imapAvatar
+from pymaild.imap.server import IMAPFactory
+from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
+from pymaild.pop3.mailbox import pop3Avatar
+from pymaild.pop3.server import POP3Factory
+from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
+from pymaild.store.maildir import MaildirStore
+
+log = Logger()
+
+
+def _where(config: Config) -> str:
+    return str(config.source) if config.source else "embedded default"
+
+
+def _checkReadable(path: Path, name: str, where: str, mustExist: bool) -> bool:
+    """
+    @return: whether the file exists (and is readable).
+    @raise ConfigError: missing although named in the file, unreadable, or not a file.
+    """
+    try:
+        with open(path, "rb"):
+            return True
+    except FileNotFoundError:
+        if mustExist:
+            raise ConfigError(f"{where}: [auth] {name}: {path}: no such file") from None
+        return False
+    except OSError as e:
+        raise ConfigError(f"{where}: [auth] {name}: {path}: {fileProblem(e)}") from None
+
+
+def checkFiles(config: Config) -> None:
+    """
+    Check every file the configuration names, without changing anything: the data directory,
+    the TLS certificate and key, the passwd-file and the aliases file.  C{pymaildctl
+    check-config} and start-up both run this.
+
+    @raise ConfigError: one line naming the file, the key and the problem.
+    """
+    where = _where(config)
+    data = config.server.data_dir
+    if data.exists() and not data.is_dir():
+        raise ConfigError(f"{where}: [server] data_dir: {data}: not a directory")
+    if data.is_dir() and not os.access(data, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: [server] data_dir: {data}: not writable")
+    if not config.tls.self_signed:
+        tlsmod.loadCertificateOptions(config.tls.cert, config.tls.key, config.tls.min_version, where)
+    else:
+        cert, key = tlsmod.selfSignedPaths(data)
+        if cert.exists() or key.exists():
+            tlsmod.loadCertificateOptions(cert, key, config.tls.min_version, where)
+    _checkReadable(config.auth.passwd_file, "passwd_file", where, config.auth.passwd_file_explicit)
+    if _checkReadable(config.auth.aliases_file, "aliases_file", where, config.auth.aliases_file_explicit):
+        try:
+            AliasesFile(config.auth.aliases_file).check()
+        except AliasesError as e:
+            raise ConfigError(f"{where}: [auth] aliases_file: {e}") from None
+
+
+class _Owner:
+    """
+    Hands files created before privileges are dropped to the C{--uid/--gid} twistd runs as.
+    """
+
+    def __init__(self, uid: int | None, gid: int | None):
+        self.uid, self.gid = uid, gid
+
+    def __call__(self, path: Path) -> None:
+        if self.uid is None and self.gid is None:
+            return
+        os.chown(path, -1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+
+
+def _prepareDataDir(config: Config, own: _Owner) -> None:
+    data = config.server.data_dir
+    try:
+        if not data.exists():
+            data.mkdir(mode=0o750, parents=True)
+            own(data)
+        for sub in ("mail", "tls"):
+            if not (data / sub).exists():
+                (data / sub).mkdir(mode=0o750 if sub == "mail" else 0o700)
+                own(data / sub)
+    except OSError as e:
+        raise ConfigError(f"{_where(config)}: [server] data_dir: {data}: {e.strerror}") from None
+
+
+def _serverTLS(config: Config, own: _Owner) -> tlsmod.ServerTLS:
+    where = _where(config)
+    if config.tls.self_signed:
+        cert, key = tlsmod.selfSignedPaths(config.server.data_dir)
+        if not cert.exists() or not key.exists():
+            tlsmod.generateSelfSigned(cert, key, config.server.hostname)
+            own(cert)
+            own(key)
+            log.info(
+                "generated a self-signed certificate for {hostname} in {cert}",
+                hostname=config.server.hostname,
+                cert=str(cert),
+            )
+    else:
+        cert, key = config.tls.cert, config.tls.key
+    return tlsmod.ServerTLS(cert, key, config.tls.min_version, where)
+
+
+def _firstAccount(config: Config, passwd: PasswdFile, own: _Owner) -> None:
+    """
+    With no account at all, create C{postmaster@<first local domain>} with a random password,
+    log it once and leave it (mode 0600) in C{<data_dir>/postmaster.password}.
+    """
+    if len(passwd):
+        return
+    user = f"postmaster@{config.domains.local[0]}"
+    password = secrets.token_urlsafe(15)
+    passwordFile = config.server.data_dir / "postmaster.password"
+    try:
+        passwd.add(user, passwords.hash_password(password))
+        own(config.auth.passwd_file)
+        fd = os.open(passwordFile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password + "\n")
+        own(passwordFile)
+    except OSError as e:
+        raise ConfigError(
+            f"{_where(config)}: [auth] passwd_file: {config.auth.passwd_file}: cannot create the first account: {e.strerror}"
+        ) from None
+    log.warn(
+        "created the first account {user} with password {password} (also in {file}); "
+        "change it with: pymaildctl user passwd {user}",
+        event="first-account",
+        user=user,
+        password=password,
+        file=str(passwordFile),
+    )
+
+
+class PymaildService(MultiService):
+    """
+    Everything pymaild runs.  Stops in the order a clean shutdown needs: stop accepting, let
+    in-flight transactions finish (at most C{[server] shutdown_timeout}), then stop the thread
+    pools.  SIGHUP re-reads the certificate, the passwd-file and the aliases.
+    """
+
+    def __init__(self, config: Config, listeners, registry, threadpool, reloadables, reactor=None):
+        super().__init__()
+        self.config = config
+        self.listeners = list(listeners)
+        self.registry = registry
+        self.threadpool = threadpool
+        self.reloadables = list(reloadables)
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._previousHUP = None
+
+    def privilegedStartService(self):
+        for listener in self.listeners:
+            listener.privilegedStartService()
+        super().privilegedStartService()
+
+    def startService(self):
+        self.threadpool.start()
+        for listener in self.listeners:
+            listener.startService()
+        super().startService()
+        self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
+        log.info(
+            "pymaild started: hostname {hostname}, domains {domains}, data in {data_dir}",
+            hostname=self.config.server.hostname,
+            domains=", ".join(self.config.domains.local),
+            data_dir=str(self.config.server.data_dir),
+        )
+
+    def _onHUP(self, signum, frame):
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        log.info("SIGHUP: re-reading the certificate, the passwd-file and the aliases")
+        for reloadable in self.reloadables:
+            try:
+                reloadable.reload()
+            except Exception:
+                log.failure("reloading {what} failed", what=reloadable)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        if self._previousHUP is not None:
+            signal.signal(signal.SIGHUP, self._previousHUP)
+            self._previousHUP = None
+        log.info(
+            "pymaild stopping: no new connections; {count} open, waiting up to {timeout}s",
+            count=len(self.registry.connections),
+            timeout=self.config.server.shutdown_timeout,
+        )
+        yield defer.gatherResults(
+            [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
+        )
+        yield self.registry.drain(self.config.server.shutdown_timeout)
+        yield defer.maybeDeferred(super().stopService)
+        self.threadpool.stop()
+        log.info("pymaild stopped")
+
+
+def build(config: Config, reactor=None, uid: int | None = None, gid: int | None = None) -> PymaildService:
+    """
+    Check, prepare and bind; return the service to run.
+
+    @raise ConfigError: anything wrong in the configuration or its files; nothing is left bound.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    where = _where(config)
+    own = _Owner(uid, gid)
+    checkFiles(config)
+    _prepareDataDir(config, own)
+    serverTLS = _serverTLS(config, own)
+
+    passwd = PasswdFile(config.auth.passwd_file)
+    _firstAccount(config, passwd, own)
+    aliases = AliasesFile(config.auth.aliases_file)
+    directory = FileDirectory(passwd, aliases, config.domains.local)
+    threadpool = ThreadPool(minthreads=0, maxthreads=config.auth.threads, name="pymaild-auth")
+    checker = PasswdFileChecker(passwd, config.domains.local[0], threadpool, reactor)
+    store = MaildirStore(config.server.data_dir / "mail")
+    realm = MailRealm(
+        {
+            imap4.IAccount: imapAvatar,
+            pop3.IMailbox: pop3Avatar(store),
+            IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
+        }
+    )
+    portal = Portal(realm, [checker])
+
+    hostname = config.server.hostname
+    plaintext = config.auth.plaintext_networks
+
+    def appFactory(protocol: str, implicitTLS: bool):
+        if protocol == "smtp":
+            return SMTPFactory(hostname, serverTLS, implicitTLS, portal)
+        if protocol == "imap":
+            return IMAPFactory(portal, serverTLS, plaintext, implicitTLS)
+        return POP3Factory(portal, plaintext, implicitTLS)
+
+    registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
+    sockets = bindAll(
+        [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
+    )
+    listeners = []
+    for name, protocol, implicitTLS in LISTENERS:
+        for sock in sockets[name]:
+            factory = ListenerFactory(
+                name, appFactory(protocol, implicitTLS), registry, serverTLS if implicitTLS else None
+            )
+            listeners.append(ListenerService(name, sock, factory, reactor))
+    return PymaildService(config, listeners, registry, threadpool, [serverTLS, directory], reactor)
