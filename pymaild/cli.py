@@ -97,6 +97,19 @@ def _passwdFile(args: argparse.Namespace):
     return PasswdFile(_loadConfig(args).auth.passwd_file)
 
 
+def _userName(args: argparse.Namespace) -> str:
+    """
+    The account name of the command line, canonical; without a domain it gets the first local
+    domain, as a login does.
+    """
+    from pymaild.auth.passwdfile import canonical_user
+
+    name = args.name
+    if "@" not in name:
+        name = f"{name}@{_loadConfig(args).domains.local[0]}"
+    return canonical_user(name)
+
+
 def _readPassword(args: argparse.Namespace) -> str:
     """
     The new password, from standard input or asked twice at the terminal.
@@ -133,10 +146,10 @@ def _checkConfig(args: argparse.Namespace) -> None:
 
 def _userAdd(args: argparse.Namespace) -> None:
     from pymaild.auth import passwords
-    from pymaild.auth.passwdfile import PasswdFile, UserExists, canonical_user
+    from pymaild.auth.passwdfile import PasswdFile, UserExists
 
     config = _loadConfig(args)
-    user = canonical_user(args.name)
+    user = _userName(args)
     domain = user.rpartition("@")[2]
     if domain not in config.domains.local:
         raise UsageError(
@@ -152,10 +165,10 @@ def _userAdd(args: argparse.Namespace) -> None:
 
 def _userPasswd(args: argparse.Namespace) -> None:
     from pymaild.auth import passwords
-    from pymaild.auth.passwdfile import NoSuchUser, canonical_user
+    from pymaild.auth.passwdfile import NoSuchUser
 
     passwd = _passwdFile(args)
-    user = canonical_user(args.name)
+    user = _userName(args)
     if passwd.get(user) is None:
         raise NoSuchUser(f"no user {user} in {passwd.path}")
     passwd.set_password(user, passwords.hash_password(_readPassword(args)))
@@ -163,10 +176,8 @@ def _userPasswd(args: argparse.Namespace) -> None:
 
 
 def _userDel(args: argparse.Namespace) -> None:
-    from pymaild.auth.passwdfile import canonical_user
-
     passwd = _passwdFile(args)
-    user = canonical_user(args.name)
+    user = _userName(args)
     passwd.remove(user)
     print(f"removed {user} (its mail stays on disk)")
 
