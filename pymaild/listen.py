@@ -238,6 +238,8 @@ class ListenerFactory(WrappingFactory):
 
     protocol = TrackedConnection
 
+    noisy = False
+
     def __init__(self, name: str, appFactory, registry: ConnectionRegistry, tls=None):
         self.name = name
         self.registry = registry

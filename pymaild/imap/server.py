@@ -95,6 +95,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 class IMAPFactory(ServerFactory):
     tooManyConnections = b"* BYE Too many connections, try again later\r\n"
 
+    noisy = False
+
     def __init__(self, portal, tls, plaintextNetworks=(), implicitTLS: bool = False):
         self.portal = portal
         self.tls = tls

@@ -75,6 +75,8 @@ class SMTPFactory(protocol.ServerFactory):
     protocol = PymaildESMTP
     tooManyConnections = b"421 4.7.0 Too many connections, try again later\r\n"
 
+    noisy = False
+
     def __init__(self, hostname: str, tls, implicitTLS: bool = False, portal=None):
         self.hostname = hostname
         self.tls = tls
