@@ -115,6 +115,27 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    quota_storage: int
+    quota_messages: int
+    drafts: str
+    sent: str
+    trash: str
+    junk: str
+    archive: str
+    threads: int
+
+    @property
+    def specialFolders(self) -> dict[str, str]:
+        """
+        RFC 6154 attribute -> folder name, for the folders created at first login.
+        """
+        pairs = (("\\Drafts", self.drafts), ("\\Sent", self.sent), ("\\Trash", self.trash),
+                 ("\\Junk", self.junk), ("\\Archive", self.archive))
+        return {attribute: name for attribute, name in pairs if name}
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
@@ -129,6 +150,7 @@ class Config:
     domains: DomainsConfig
     auth: AuthConfig
     smtp: SMTPConfig
+    store: StoreConfig
     limits: LimitsConfig
 
     def describe(self) -> str:
@@ -265,6 +287,38 @@ def parse_listen_address(value: Any) -> ListenAddress:
     return ListenAddress(host, int(port))
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(value: Any) -> int:
+    """
+    A size in bytes: an integer, or a string with a K, M, G or T suffix ("512M", "2G").
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size, got a boolean")
+    if isinstance(value, int):
+        number, unit = value, ""
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("B")
+        unit = text[-1:] if text[-1:] in "KMGT" and text[-1:] else ""
+        digits = text[: len(text) - len(unit)].strip()
+        if not digits.isdigit():
+            raise ValueError(f'expected a size such as 1048576, "512M" or "2G", got {value!r}')
+        number = int(digits)
+    else:
+        raise ValueError(f"expected a size, got {_type_name(value)}")
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number * _SIZE_UNITS[unit]
+
+
+def _folderName(value: Any) -> str:
+    value = _string(value)
+    if value and (value.upper() == "INBOX" or "/" in value or value.startswith(".") or any(ord(c) < 32 for c in value)):
+        raise ValueError(f"{value!r} cannot be a special-use folder (not INBOX, no '/', no leading '.')")
+    return value
+
+
 def _network(value: Any):
     value = _string(value)
     try:
@@ -356,6 +410,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "smtp": {
         "trusted_networks": Key(_networks, (), "networks that may relay without AUTH"),
     },
+    "store": {
+        "quota_storage": Key(_size, 0, "bytes a user may store (0: no limit)"),
+        "quota_messages": Key(_integer(0, 1 << 40), 0, "messages a user may store (0: no limit)"),
+        "drafts": Key(_folderName, "Drafts", "\\Drafts folder created at first login (empty: none)"),
+        "sent": Key(_folderName, "Sent", "\\Sent folder created at first login"),
+        "trash": Key(_folderName, "Trash", "\\Trash folder created at first login"),
+        "junk": Key(_folderName, "Junk", "\\Junk folder created at first login"),
+        "archive": Key(_folderName, "Archive", "\\Archive folder created at first login"),
+        "threads": Key(_integer(1, 64), 4, "size of the thread pool for mail store work"),
+    },
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
         "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
@@ -369,6 +433,7 @@ _SECTION_TYPES = {
     "domains": DomainsConfig,
     "auth": AuthConfig,
     "smtp": SMTPConfig,
+    "store": StoreConfig,
     "limits": LimitsConfig,
 }
 
@@ -475,6 +540,13 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
             if other is not None:
                 raise fail("listen", name, f"{address} is also used by [listen] {other}")
             seen[(address.host, address.port)] = name
+
+    special: dict[str, str] = {}
+    for key in ("drafts", "sent", "trash", "junk", "archive"):
+        name = settings["store"][key]
+        if name and name.lower() in special:
+            raise fail("store", key, f"{name!r} is also the [store] {special[name.lower()]} folder")
+        special[name.lower()] = key
 
     limits = settings["limits"]
     if limits["max_connections_per_ip"] > limits["max_connections"]:

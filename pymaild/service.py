@@ -44,6 +44,7 @@ from pymaild.pop3.mailbox import pop3Avatar
 from pymaild.pop3.server import POP3Factory
 from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
+from pymaild.store.threads import StoreThreads
 
 log = Logger()
 
@@ -180,12 +181,12 @@ class PymaildService(MultiService):
     pools.  SIGHUP re-reads the certificate, the passwd-file and the aliases.
     """
 
-    def __init__(self, config: Config, listeners, registry, threadpool, reloadables, reactor=None):
+    def __init__(self, config: Config, listeners, registry, threadpools, reloadables, reactor=None):
         super().__init__()
         self.config = config
         self.listeners = list(listeners)
         self.registry = registry
-        self.threadpool = threadpool
+        self.threadpools = list(threadpools)
         self.reloadables = list(reloadables)
         if reactor is None:
             from twisted.internet import reactor
@@ -198,7 +199,8 @@ class PymaildService(MultiService):
         super().privilegedStartService()
 
     def startService(self):
-        self.threadpool.start()
+        for pool in self.threadpools:
+            pool.start()
         for listener in self.listeners:
             listener.startService()
         super().startService()
@@ -236,7 +238,8 @@ class PymaildService(MultiService):
         )
         yield self.registry.drain(self.config.server.shutdown_timeout)
         yield defer.maybeDeferred(super().stopService)
-        self.threadpool.stop()
+        for pool in self.threadpools:
+            pool.stop()
         log.info("pymaild stopped")
 
 
@@ -260,7 +263,13 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     directory = FileDirectory(passwd, aliases, config.domains.local)
     threadpool = ThreadPool(minthreads=0, maxthreads=config.auth.threads, name="pymaild-auth")
     checker = PasswdFileChecker(passwd, config.domains.local[0], threadpool, reactor)
-    store = MaildirStore(config.server.data_dir / "mail")
+    store = MaildirStore(
+        config.server.data_dir / "mail",
+        config.store.quota_storage,
+        config.store.quota_messages,
+        config.store.specialFolders,
+    )
+    storeThreads = StoreThreads(reactor, config.store.threads)
     realm = MailRealm(
         {
             imap4.IAccount: imapAvatar,
@@ -291,4 +300,4 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 name, appFactory(protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
             listeners.append(ListenerService(name, sock, factory, reactor))
-    return PymaildService(config, listeners, registry, threadpool, [serverTLS, directory], reactor)
+    return PymaildService(config, listeners, registry, [threadpool, storeThreads.pool], [serverTLS, directory], reactor)

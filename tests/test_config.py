@@ -48,6 +48,13 @@ BAD_CONFIGS = [
     ("[auth]\nthreads = 0\n", "[auth] threads: must be between 1 and 64, got 0"),
     ("[smtp]\ntrusted_networks = 'any'\n", "[smtp] trusted_networks: expected a list of IP networks, got a string"),
     ("[limits]\nmax_connections = 10\nmax_connections_per_ip = 20\n", "[limits] max_connections_per_ip: must not be larger than max_connections"),
+    ("[store]\nquota_storage = '1 gig'\n", "[store] quota_storage: expected a size such as 1048576, \"512M\" or \"2G\", got '1 gig'"),
+    ("[store]\nquota_storage = -1\n", "[store] quota_storage: must not be negative"),
+    ("[store]\nquota_messages = 'many'\n", "[store] quota_messages: expected an integer, got a string"),
+    ("[store]\nsent = 'INBOX'\n", "[store] sent: 'INBOX' cannot be a special-use folder"),
+    ("[store]\ntrash = 'a/b'\n", "[store] trash: 'a/b' cannot be a special-use folder"),
+    ("[store]\njunk = 'Trash'\n", "[store] junk: 'Trash' is also the [store] trash folder"),
+    ("[store]\nthreads = 100\n", "[store] threads: must be between 1 and 64, got 100"),
     ("[limits]\nmax_connections = 1.5\n", "[limits] max_connections: expected an integer, got a number"),
     ("[server\n", "not valid TOML"),
 ]
@@ -109,6 +116,8 @@ def test_defaults_and_relative_paths(tmp_path):
     assert [str(a) for a in c.listen.pop3s] == ["127.0.0.1:2995"]
     assert c.domains.local == ("localhost", "mx.example.com")
     assert c.auth.plaintext_networks == () and c.smtp.trusted_networks == ()
+    assert c.store.quota_storage == 0 and c.store.specialFolders["\\Sent"] == "Sent"
+
 
     os.chdir(tmp_path)
     c = config.load(path, data_dir="elsewhere")
@@ -178,3 +187,14 @@ def test_startup_error_exits_2_with_one_line(tmp_path, text, expected):
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.parametrize("text, expected", [("1048576", 1048576), ("'512M'", 512 << 20), ("'2G'", 2 << 30),
+                                            ("'10k'", 10240), ("'3GB'", 3 << 30), ("0", 0)])
+def test_sizes(tmp_path, text, expected):
+    """
+    Sizes are bytes or a number with a K, M, G or T suffix.
+    """
+    path = tmp_path / "s.toml"
+    path.write_text(f"[store]\nquota_storage = {text}\n")
+    assert config.load(path).store.quota_storage == expected

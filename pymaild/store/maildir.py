@@ -1,20 +1,77 @@
-# -*- test-case-name: tests.test_store -*-
+# -*- test-case-name: tests.store.test_store -*-
 """
-Where each user's Maildir++ lives: C{<data_dir>/mail/<domain>/<localpart>/}, as Dovecot lays it
-out with C{mail_location = maildir:~/Maildir} and C{home = /var/mail/%d/%n}.
+The Maildir++ store: every user's folders, messages, flags and quota, shared by delivery, IMAP
+and POP3.
 
-Status: the foundation only creates the directories; the folders, UIDs and index come with the
-store issue.
+Layout (as Dovecot lays out C{mail_location = maildir:~} with an inbox namespace whose
+separator is C{/}): the user's directory C{<data_dir>/mail/<domain>/<localpart>/} holds INBOX
+(C{cur/ new/ tmp/}) and one C{.Folder} directory per folder (C{.Parent.Child} for
+C{Parent/Child}; names in modified UTF-7, see L{pymaild.store.names}).  Flags live in the
+C{:2,} suffix of file names, keywords as letters mapped by each folder's C{dovecot-keywords}.
+Quota is kept in C{maildirsize}, subscriptions in C{subscriptions}.
+
+The files are the truth; the index (L{pymaild.store.index}) is a cache.  Every operation that
+changes files does the file system part first (rename, link, unlink: each atomic) and the index
+part after, in one transaction; a crash between the two is repaired by the next sync, which
+compares the directories with the index.  So a message that was stored is there exactly once
+after any crash, and a UID is never reused.
+
+Everything here blocks (file system, sqlite): the protocols call it from a thread pool
+(L{pymaild.store.threads}).  One L{UserStore} per user per process serialises its operations
+with a lock; other processes (an MDA, Dovecot, mutt) may change the files at any time.
+
+Security: every folder name from a client goes through L{names.validate} and
+L{names.toDirectory}, which produce a single path component; nothing is created outside the
+user's directory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymaild.interfaces import IUserStore
+from pymaild.store import dovecot, names, quota as quotamod
+from pymaild.store.delivery import (
+    FLAG_LETTERS,
+    LETTER_FLAGS,
+    FileName,
+    commitTmp,
+    fsyncDirectory,
+    infoName,
+    uniqueName,
+    writeTmp,
+)
+from pymaild.store.index import connect
+
+log = Logger()
+
+INDEX_NAME = "pymaild.index.sqlite"
+#: a directory mtime this close to "now" may still change within the same tick: rescan next time
+_RACY_NS = 2_000_000_000
+
+SPECIAL_USE = ("\\Drafts", "\\Sent", "\\Trash", "\\Junk", "\\Archive")
+
+
+class StoreError(Exception):
+    """
+    A request the store refuses; C{str()} is meant for the client (IMAP C{NO} text).
+
+    @ivar code: an IMAP response code such as C{"NONEXISTENT"}, C{"ALREADYEXISTS"}.
+    """
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code = code
 
 
 def _safePart(part: str, what: str) -> str:
@@ -23,14 +80,900 @@ def _safePart(part: str, what: str) -> str:
     return part
 
 
+def _makeMaildir(path: Path, folderMarker: bool) -> None:
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(path / sub, mode=0o700, exist_ok=True)
+    if folderMarker and not (path / "maildirfolder").exists():
+        (path / "maildirfolder").touch(mode=0o600)
+
+
+@dataclass
+class Message:
+    """
+    One message as the index knows it.
+    """
+
+    uid: int
+    flags: frozenset[str]
+    keywords: frozenset[str]
+    modseq: int
+    size: int
+    vsize: int
+    internalDate: int
+
+
+@dataclass
+class Changes:
+    """
+    What a sync or an operation changed in a folder, for the sessions that have it open.
+    """
+
+    added: list[int] = field(default_factory=list)
+    expunged: list[int] = field(default_factory=list)
+    flagsChanged: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.expunged or self.flagsChanged)
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    name: str
+    special: str | None
+    subscribed: bool
+
+
+def _splitFlags(imapFlags: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """
+    IMAP flags -> (system flags with maildir letters, keywords).  \\Recent is session state and
+    is dropped; system flag names are matched case-insensitively.
+    """
+    system, keywords = set(), set()
+    canon = {k.lower(): k for k in FLAG_LETTERS}
+    for flag in imapFlags:
+        if flag.startswith("\\"):
+            known = canon.get(flag.lower())
+            if known:
+                system.add(known)
+        elif flag:
+            keywords.add(flag)
+    return frozenset(system), frozenset(keywords)
+
+
 @implementer(IUserStore)
 class MaildirStore:
-    def __init__(self, root: Path):
+    """
+    All users' mail under one root (C{<data_dir>/mail}).  Hands out one L{UserStore} per user.
+    """
+
+    def __init__(self, root: Path, storageLimit: int = 0, messageLimit: int = 0,
+                 specialFolders: dict[str, str] | None = None):
         self.root = Path(root)
+        self.storageLimit = storageLimit
+        self.messageLimit = messageLimit
+        self.specialFolders = dict(specialFolders or {
+            "\\Drafts": "Drafts", "\\Sent": "Sent", "\\Trash": "Trash",
+            "\\Junk": "Junk", "\\Archive": "Archive",
+        })
+        self._users: dict[str, UserStore] = {}
+        self._lock = threading.Lock()
 
     def userDirectory(self, user: str) -> Path:
         local, _, domain = user.rpartition("@")
         path = self.root / _safePart(domain, "domain") / _safePart(local, "local part")
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(path / sub, mode=0o700, exist_ok=True)
+        _makeMaildir(path, folderMarker=False)
         return path
+
+    def user(self, user: str) -> UserStore:
+        """
+        The user's store (opened once per process; blocking).
+        """
+        with self._lock:
+            store = self._users.get(user)
+            if store is None:
+                store = UserStore(self.userDirectory(user), self.storageLimit, self.messageLimit, self.specialFolders)
+                self._users[user] = store
+            return store
+
+
+class UserStore:
+    """
+    One user's folders.  Thread-safe: every method holds the user's lock.
+    """
+
+    def __init__(self, root: Path, storageLimit: int = 0, messageLimit: int = 0,
+                 specialFolders: dict[str, str] | None = None):
+        self.root = Path(root)
+        _makeMaildir(self.root, folderMarker=False)
+        self.lock = threading.RLock()
+        self._depth = 0
+        self.db = connect(self.root / INDEX_NAME)
+        self.quota = quotamod.Quota(self.root, storageLimit, messageLimit)
+        self.specialFolders = specialFolders or {}
+        self._folders: dict[str, Folder] = {}
+        self._cleanDeleted()
+
+    @contextmanager
+    def transaction(self):
+        """
+        One sqlite transaction (nested uses join the outer one).  The connection runs in
+        autocommit mode, so without this every statement would commit alone.
+        """
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self.db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.db.execute("COMMIT")
+
+    # --- folders ---------------------------------------------------------------------------
+
+    def _cleanDeleted(self) -> None:
+        for entry in os.scandir(self.root):
+            if entry.name.startswith("DELETED.") and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _path(self, name: str) -> Path:
+        directory = names.toDirectory(name)
+        return self.root / directory if directory else self.root
+
+    def exists(self, name: str) -> bool:
+        name = names.validate(name)
+        return name == "INBOX" or (self._path(name) / "cur").is_dir()
+
+    def listFolders(self) -> list[FolderInfo]:
+        """
+        Every folder on disk (INBOX first), whoever made it, with its special use and whether
+        it is subscribed.
+        """
+        with self.lock:
+            found = ["INBOX"]
+            for entry in os.scandir(self.root):
+                if entry.name.startswith(".") and entry.name not in (".", "..") and entry.is_dir(follow_symlinks=False):
+                    try:
+                        name = names.fromDirectory(entry.name)
+                    except names.InvalidName:
+                        continue
+                    if os.path.isdir(os.path.join(entry.path, "cur")):
+                        found.append(name)
+            special = dict(self.db.execute("SELECT name, special FROM folders WHERE special IS NOT NULL"))
+            subscribed = self.subscriptions()
+            out = [FolderInfo(found[0], None, "INBOX" in subscribed)]
+            out += [FolderInfo(n, special.get(n), n in subscribed) for n in sorted(found[1:])]
+            return out
+
+    def createFolder(self, name: str, special: str | None = None) -> Folder:
+        """
+        Create a folder (and its missing parents).
+
+        @raise names.InvalidName: a hostile or malformed name.
+        @raise StoreError: C{ALREADYEXISTS}.
+        """
+        with self.lock:
+            name = names.validate(name)
+            if name == "INBOX" or (self._path(name) / "cur").is_dir():
+                raise StoreError("ALREADYEXISTS", f"Mailbox already exists: {name}")
+            if special is not None and special not in SPECIAL_USE:
+                raise StoreError("USEATTR", f"Unsupported special-use attribute {special}")
+            parts = name.split("/")
+            for depth in range(1, len(parts) + 1):
+                partial = "/".join(parts[:depth])
+                if partial == "INBOX":
+                    continue
+                path = self._path(partial)
+                if not (path / "cur").is_dir():
+                    _makeMaildir(path, folderMarker=True)
+            fsyncDirectory(self.root)
+            folder = self.folder(name)
+            if special is not None:
+                self.db.execute("UPDATE folders SET special=? WHERE name=?", (special, name))
+            return folder
+
+    def ensureSpecialFolders(self) -> None:
+        """
+        Create Drafts, Sent, Trash, Junk and Archive (names from the configuration) if missing,
+        and mark them with their special use (first login).
+        """
+        with self.lock:
+            for attribute, name in self.specialFolders.items():
+                if not self.exists(name):
+                    self.createFolder(name, attribute)
+                else:
+                    self.folder(name)
+                    self.db.execute("UPDATE folders SET special=? WHERE name=? AND special IS NULL", (attribute, name))
+
+    def deleteFolder(self, name: str) -> None:
+        """
+        Delete a folder and its messages.  INBOX and folders with children cannot be deleted.
+        """
+        with self.lock:
+            name = names.validate(name)
+            if name == "INBOX":
+                raise StoreError("CANNOT", "INBOX cannot be deleted")
+            path = self._path(name)
+            if not (path / "cur").is_dir():
+                raise StoreError("NONEXISTENT", f"Mailbox doesn't exist: {name}")
+            if any(f.name.startswith(name + "/") for f in self.listFolders()):
+                raise StoreError("INUSE", f"Mailbox has children, delete them first: {name}")
+            trash = self.root / f"DELETED.{uniqueName()}"
+            os.rename(path, trash)
+            fsyncDirectory(self.root)
+            with self.transaction():
+                row = self.db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
+                if row:
+                    self.db.execute("DELETE FROM messages WHERE folder=?", (row[0],))
+                    self.db.execute("DELETE FROM folders WHERE id=?", (row[0],))
+                self.db.execute("DELETE FROM subscriptions WHERE name=?", (name,))
+            folder = self._folders.pop(name, None)
+            shutil.rmtree(trash, ignore_errors=True)
+            self._recalculateQuota()
+            if folder is not None:
+                folder.deleted = True
+
+    def renameFolder(self, old: str, new: str) -> None:
+        """
+        Rename a folder with its children.  Renaming INBOX moves its messages into the new
+        folder and leaves INBOX empty (RFC 3501 6.3.5).
+        """
+        with self.lock:
+            old, new = names.validate(old), names.validate(new)
+            if self.exists(new):
+                raise StoreError("ALREADYEXISTS", f"Mailbox already exists: {new}")
+            if not self.exists(old):
+                raise StoreError("NONEXISTENT", f"Mailbox doesn't exist: {old}")
+            if new.startswith(old + "/"):
+                raise StoreError("CANNOT", "Cannot rename a mailbox under itself")
+            if old == "INBOX":
+                inbox = self.folder("INBOX")
+                target = self.createFolder(new)
+                inbox.sync()
+                inbox.move([m.uid for m in inbox.messages()], target)
+                return
+            moves = [(old, new)] + [
+                (f.name, new + f.name[len(old):]) for f in self.listFolders() if f.name.startswith(old + "/")
+            ]
+            for src, dst in moves:
+                self._path(dst)  # validates the new name (length, characters)
+            for src, dst in moves:
+                os.rename(self._path(src), self._path(dst))
+                self._folders.pop(src, None)
+            fsyncDirectory(self.root)
+            with self.transaction():
+                for src, dst in moves:
+                    self.db.execute("UPDATE folders SET name=? WHERE name=?", (dst, src))
+                    if self.db.execute("DELETE FROM subscriptions WHERE name=?", (src,)).rowcount:
+                        self.db.execute("INSERT OR IGNORE INTO subscriptions VALUES (?)", (dst,))
+            self._writeSubscriptions()
+
+    def subscriptions(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM subscriptions")}
+
+    def subscribe(self, name: str, subscribed: bool = True) -> None:
+        with self.lock:
+            name = names.validate(name)
+            with self.transaction():
+                if subscribed:
+                    self.db.execute("INSERT OR IGNORE INTO subscriptions VALUES (?)", (name,))
+                else:
+                    self.db.execute("DELETE FROM subscriptions WHERE name=?", (name,))
+            self._writeSubscriptions()
+
+    def _writeSubscriptions(self) -> None:
+        """
+        Keep Dovecot's C{subscriptions} file (one name per line, version 1 format) in step.
+        """
+        text = "".join(n + "\n" for n in sorted(self.subscriptions()))
+        tmp = self.root / ".subscriptions.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.root / "subscriptions")
+
+    def folder(self, name: str) -> Folder:
+        """
+        Open a folder (its index row is created, importing C{dovecot-uidlist}, on first sight).
+
+        @raise StoreError: C{NONEXISTENT}.
+        """
+        with self.lock:
+            name = names.validate(name)
+            folder = self._folders.get(name)
+            if folder is not None and not folder.deleted:
+                return folder
+            path = self._path(name)
+            if not (path / "cur").is_dir():
+                raise StoreError("NONEXISTENT", f"Mailbox doesn't exist: {name}")
+            _makeMaildir(path, folderMarker=name != "INBOX")
+            folder = Folder(self, name, path)
+            self._folders[name] = folder
+            return folder
+
+    def _recalculateQuota(self) -> None:
+        try:
+            self.quota.recalculate()
+        except OSError:
+            log.failure("quota recalculation in {root} failed", root=str(self.root))
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
+class Folder:
+    """
+    One folder: its directory, its index rows and the sessions listening to its changes.
+    """
+
+    def __init__(self, user: UserStore, name: str, path: Path):
+        self.user = user
+        self.name = name
+        self.path = path
+        self.deleted = False
+        self.listeners: list[Callable[[Folder, Changes], None]] = []
+        db = user.db
+        row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
+        self._imported: dict[str, int] = {}
+        if row is None:
+            uidvalidity, uidnext = self._newUidValidity(), 1
+            try:
+                uidlist = dovecot.parseUidlist(path / "dovecot-uidlist")
+            except (ValueError, OSError) as e:
+                log.warn("ignoring {path}: {error}", path=str(path / "dovecot-uidlist"), error=str(e))
+                uidlist = None
+            if uidlist is not None:
+                uidvalidity, uidnext = uidlist.uidvalidity, uidlist.nextuid
+                self._imported = dict(uidlist.entries)
+            with self.user.transaction():
+                cur = db.execute(
+                    "INSERT INTO folders (name, uidvalidity, uidnext, highestmodseq) VALUES (?, ?, ?, 1)",
+                    (name, uidvalidity, uidnext),
+                )
+            self.id = cur.lastrowid
+        else:
+            self.id = row[0]
+        self._keywordLetters: dict[str, str] = {}
+        self._loadKeywords()
+
+    def _newUidValidity(self) -> int:
+        used = {r[0] for r in self.user.db.execute("SELECT uidvalidity FROM folders")}
+        value = int(time.time())
+        while value in used:
+            value += 1
+        return value
+
+    # --- keywords <-> letters (dovecot-keywords) ---------------------------------------------
+
+    def _loadKeywords(self) -> None:
+        try:
+            mapping = dovecot.parseKeywords(self.path / "dovecot-keywords")
+        except (ValueError, OSError):
+            mapping = {}
+        self._keywordLetters = {kw: chr(ord("a") + i) for i, kw in mapping.items() if 0 <= i < 26}
+        self._letterKeywords = {v: k for k, v in self._keywordLetters.items()}
+
+    def _letterFor(self, keyword: str) -> str | None:
+        letter = self._keywordLetters.get(keyword)
+        if letter is None and len(self._keywordLetters) < 26:
+            self._loadKeywords()  # another process may have added some
+            letter = self._keywordLetters.get(keyword)
+            if letter is None and len(self._keywordLetters) < 26:
+                used = set(self._letterKeywords)
+                letter = next(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in used)
+                self._keywordLetters[keyword] = letter
+                self._letterKeywords[letter] = keyword
+                dovecot.writeKeywords(
+                    self.path / "dovecot-keywords",
+                    {ord(l) - ord("a"): k for l, k in self._letterKeywords.items()},
+                )
+        return letter
+
+    def _letters(self, flags: Iterable[str], keywords: Iterable[str]) -> str:
+        letters = {FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS}
+        for kw in sorted(keywords):
+            letter = self._letterFor(kw)
+            if letter:
+                letters.add(letter)
+        return "".join(sorted(letters))
+
+    def _flagsFromName(self, fn: FileName, knownKeywords: frozenset[str] = frozenset()) -> tuple[str, str]:
+        flags = sorted(LETTER_FLAGS[c] for c in fn.systemLetters if c in LETTER_FLAGS)
+        keywords = set(knownKeywords) - set(self._keywordLetters)  # keywords that have no letter
+        for c in fn.keywordLetters:
+            kw = self._letterKeywords.get(c)
+            if kw is None:
+                self._loadKeywords()
+                kw = self._letterKeywords.get(c)
+            if kw:
+                keywords.add(kw)
+        return " ".join(flags), " ".join(sorted(keywords))
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, int]:
+        """
+        UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, MESSAGES, UNSEEN, SIZE (without syncing).
+        """
+        with self.user.lock:
+            uidvalidity, uidnext, highest = self.user.db.execute(
+                "SELECT uidvalidity, uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)
+            ).fetchone()
+            count, unseen, size = self.user.db.execute(
+                "SELECT count(*), coalesce(sum(instr(flags, '\\Seen') = 0), 0), coalesce(sum(vsize), 0)"
+                " FROM messages WHERE folder=?",
+                (self.id,),
+            ).fetchone()
+            return {
+                "uidvalidity": uidvalidity, "uidnext": uidnext, "highestmodseq": highest,
+                "messages": count, "unseen": unseen, "size": size,
+            }
+
+    @property
+    def uidvalidity(self) -> int:
+        return self.status()["uidvalidity"]
+
+    def messages(self, uids: Iterable[int] | None = None) -> list[Message]:
+        """
+        Metadata of every message (or of C{uids}), in UID order, from the index alone.
+        """
+        with self.user.lock:
+            query = "SELECT uid, flags, keywords, modseq, size, vsize, internaldate FROM messages WHERE folder=?"
+            if uids is None:
+                rows = self.user.db.execute(query + " ORDER BY uid", (self.id,)).fetchall()
+            else:
+                wanted = sorted(set(uids))
+                rows = []
+                for i in range(0, len(wanted), 500):
+                    chunk = wanted[i : i + 500]
+                    rows += self.user.db.execute(
+                        query + f" AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid", (self.id, *chunk)
+                    ).fetchall()
+            return [
+                Message(uid, frozenset(f.split()), frozenset(k.split()), m, s, v, d)
+                for uid, f, k, m, s, v, d in rows
+            ]
+
+    def uids(self) -> list[int]:
+        with self.user.lock:
+            return [r[0] for r in self.user.db.execute("SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))]
+
+    def _row(self, uid: int):
+        return self.user.db.execute(
+            "SELECT name, innew, flags, keywords, summary FROM messages WHERE folder=? AND uid=?", (self.id, uid)
+        ).fetchone()
+
+    def filePath(self, uid: int) -> Path:
+        with self.user.lock:
+            row = self._row(uid)
+            if row is None:
+                raise StoreError("NONEXISTENT", f"No message with UID {uid}")
+            return self.path / ("new" if row[1] else "cur") / row[0]
+
+    def open(self, uid: int) -> BinaryIO:
+        """
+        The message's bytes as a file (LF line ends, as stored).  If another process renamed
+        the file (a flag change), the folder is synced and the open retried once.
+
+        @raise StoreError: C{EXPUNGEISSUED} if the message is gone.
+        """
+        for attempt in (0, 1):
+            try:
+                return open(self.filePath(uid), "rb")
+            except FileNotFoundError:
+                if attempt == 0:
+                    self.sync()
+        raise StoreError("EXPUNGEISSUED", f"Message {uid} has been expunged")
+
+    def summary(self, uid: int):
+        """
+        The message's L{pymaild.store.summary.MessageSummary}, computed on first need and cached.
+        """
+        from pymaild.store.summary import fromJSON, summarize, toJSON
+
+        with self.user.lock:
+            row = self._row(uid)
+            if row is None:
+                raise StoreError("NONEXISTENT", f"No message with UID {uid}")
+            if row[4] is not None:
+                return fromJSON(row[4])
+        with self.open(uid) as f:
+            result = summarize(f)
+        with self.user.lock, self.user.transaction():
+            self.user.db.execute(
+                "UPDATE messages SET summary=? WHERE folder=? AND uid=?", (toJSON(result), self.id, uid)
+            )
+        return result
+
+    # --- sync ------------------------------------------------------------------------------------
+
+    def _stamp(self, sub: str, now_ns: int) -> str:
+        st = os.stat(self.path / sub)
+        if now_ns - st.st_mtime_ns < _RACY_NS:
+            return ""  # may still change within this tick: do not trust it next time
+        return f"{st.st_ino}:{st.st_mtime_ns}"
+
+    def sync(self, moveNew: bool = True) -> Changes:
+        """
+        Bring the index in line with the directories: new files get UIDs (in file name order,
+        which is delivery order), vanished files are expunged, renamed files change flags.  With
+        C{moveNew}, files in C{new/} move to C{cur/} (what an IMAP session does on open).
+        Unchanged directories (same mtime, settled) are not even listed.
+        """
+        with self.user.lock:
+            db = self.user.db
+            now_ns = time.time_ns()
+            stamps = db.execute("SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()
+            newStamp, curStamp = self._stamp("new", now_ns), self._stamp("cur", now_ns)
+            if stamps is not None and newStamp and curStamp and (newStamp, curStamp) == tuple(stamps):
+                return Changes()
+            changes = self._scan(moveNew)
+            newStamp, curStamp = self._stamp("new", now_ns), self._stamp("cur", now_ns)
+            with self.user.transaction():
+                db.execute("UPDATE folders SET newstamp=?, curstamp=? WHERE id=?", (newStamp, curStamp, self.id))
+            if changes:
+                self._notify(changes)
+            return changes
+
+    def _scan(self, moveNew: bool) -> Changes:
+        db = self.user.db
+        onDisk: dict[str, tuple[str, bool]] = {}
+        for sub, innew in (("cur", False), ("new", True)):
+            with os.scandir(self.path / sub) as it:
+                for entry in it:
+                    name = entry.name
+                    if name.startswith("."):
+                        continue
+                    base = FileName.parse(name).base
+                    onDisk.setdefault(base, (name, innew))
+        known = {
+            base: (uid, name, innew, flags, keywords)
+            for uid, base, name, innew, flags, keywords in db.execute(
+                "SELECT uid, base, name, innew, flags, keywords FROM messages WHERE folder=?", (self.id,)
+            )
+        }
+        changes = Changes()
+        gone = [known[b][0] for b in known.keys() - onDisk.keys()]
+        fresh = sorted(onDisk.keys() - known.keys())
+        renamed = []
+        for base, (name, innew) in onDisk.items():
+            k = known.get(base)
+            if k is not None and (k[1] != name or bool(k[2]) != innew):
+                renamed.append((base, k))
+
+        # new/ -> cur/ first (file system before index: a crash leaves a rename the next scan sees)
+        if moveNew:
+            moved = False
+            for base, (name, innew) in list(onDisk.items()):
+                if innew:
+                    target = infoName(base, FileName.parse(name).letters)
+                    try:
+                        os.rename(self.path / "new" / name, self.path / "cur" / target)
+                    except FileNotFoundError:
+                        continue  # taken by someone else; the next scan sees where it went
+                    onDisk[base] = (target, False)
+                    moved = True
+                    k = known.get(base)
+                    if k is not None and all(r[0] != base for r in renamed):
+                        renamed.append((base, k))
+            if moved:
+                fsyncDirectory(self.path / "cur")
+
+        with self.user.transaction():
+            (uidnext, modseq) = db.execute(
+                "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)
+            ).fetchone()
+            if gone or renamed:
+                modseq += 1
+            for uid in gone:
+                db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, uid))
+            changes.expunged = sorted(gone)
+            for base, (uid, oldName, oldNew, oldFlags, oldKeywords) in renamed:
+                name, innew = onDisk[base]
+                fn = FileName.parse(name)
+                flags, keywords = self._flagsFromName(fn, frozenset(oldKeywords.split()))
+                if (flags, keywords) != (oldFlags, oldKeywords):
+                    changes.flagsChanged.append(uid)
+                    db.execute(
+                        "UPDATE messages SET name=?, innew=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
+                        (name, innew, flags, keywords, modseq, self.id, uid),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE messages SET name=?, innew=? WHERE folder=? AND uid=?", (name, innew, self.id, uid)
+                    )
+            if fresh:
+                modseq += 1
+                imported = self._imported
+                taken = {k[0] for k in known.values()}
+                rows = []
+                for base in fresh:
+                    name, innew = onDisk[base]
+                    fn = FileName.parse(name)
+                    path = self.path / ("new" if innew else "cur") / name
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    size = fn.size if fn.size is not None else st.st_size
+                    vsize = fn.vsize if fn.vsize is not None else self._vsize(path, size)
+                    uid = imported.pop(base, None)  # keep the UID Dovecot gave it
+                    if uid is None or uid < 1 or uid in taken:
+                        uid = uidnext
+                    taken.add(uid)
+                    flags, keywords = self._flagsFromName(fn)
+                    rows.append((self.id, uid, base, name, innew, flags, keywords, modseq, size, vsize, int(st.st_mtime)))
+                    uidnext = max(uidnext, uid + 1)
+                db.executemany(
+                    "INSERT INTO messages (folder, uid, base, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                changes.added = sorted(r[1] for r in rows)
+            db.execute(
+                "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, self.id)
+            )
+        return changes
+
+    @staticmethod
+    def _vsize(path: Path, size: int) -> int:
+        lines = crlf = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 16):
+                lines += chunk.count(b"\n")
+                crlf += chunk.count(b"\r\n")
+        return size + lines - crlf
+
+    # --- changes -------------------------------------------------------------------------------
+
+    def addListener(self, listener: Callable[[Folder, Changes], None]) -> None:
+        self.listeners.append(listener)
+
+    def removeListener(self, listener) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def _notify(self, changes: Changes) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(self, changes)
+            except Exception:
+                log.failure("folder listener failed")
+
+    def _nextModseq(self) -> int:
+        db = self.user.db
+        (modseq,) = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (self.id,)).fetchone()
+        modseq += 1
+        db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, self.id))
+        return modseq
+
+    def _insert(self, base: str, name: str, flags: str, keywords: str, size: int, vsize: int, date: int) -> int:
+        """
+        Index a file already in C{cur/}; returns its new UID.  Caller holds the lock and a
+        transaction.
+        """
+        db = self.user.db
+        (uidnext,) = db.execute("SELECT uidnext FROM folders WHERE id=?", (self.id,)).fetchone()
+        modseq = self._nextModseq()
+        db.execute(
+            "INSERT INTO messages (folder, uid, base, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
+            " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+            (self.id, uidnext, base, name, flags, keywords, modseq, size, vsize, date),
+        )
+        db.execute("UPDATE folders SET uidnext=? WHERE id=?", (uidnext + 1, self.id))
+        return uidnext
+
+    # --- operations ----------------------------------------------------------------------------
+
+    def append(self, source: bytes | BinaryIO, flags: Iterable[str] = (), internalDate: float | None = None) -> int:
+        """
+        Store a message with flags and internal date (IMAP APPEND); checks the quota first.
+
+        @return: its UID (for APPENDUID).
+        @raise quotamod.QuotaExceeded: over the storage or message limit (nothing is stored).
+        """
+        system, keywords = _splitFlags(flags)
+        with self.user.lock:
+            if self.deleted:
+                raise StoreError("NONEXISTENT", f"Mailbox doesn't exist: {self.name}")
+            letters = self._letters(system, keywords)
+            tmp, unique, size, vsize = writeTmp(self.path, source)
+            try:
+                self.user.quota.check(size, 1)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            delivered = commitTmp(self.path, tmp, unique, size, vsize, letters, internalDate, toCur=True)
+            date = int(internalDate if internalDate is not None else os.stat(delivered.path).st_mtime)
+            with self.user.transaction():
+                uid = self._insert(
+                    delivered.base, delivered.path.name, " ".join(sorted(system)), " ".join(sorted(keywords)),
+                    delivered.size, delivered.vsize, date,
+                )
+            self.user.quota.update(delivered.size, 1)
+        self._notify(Changes(added=[uid]))
+        return uid
+
+    def store(self, uids: Iterable[int], flags: Iterable[str], mode: str = "set",
+              unchangedSince: int | None = None) -> tuple[dict[int, tuple[frozenset[str], int]], list[int]]:
+        """
+        Change flags (IMAP STORE): C{mode} is C{"set"}, C{"add"} or C{"remove"}.  The file is
+        renamed first, then the index row gets the new flags and a new MODSEQ.
+
+        @param unchangedSince: CONDSTORE's UNCHANGEDSINCE; messages modified later are not
+            changed and are returned as failed.
+        @return: C{({uid: (all flags, modseq)} of changed messages, [uids that failed])}.
+        """
+        system, keywords = _splitFlags(flags)
+        changed: dict[int, tuple[frozenset[str], int]] = {}
+        failed: list[int] = []
+        with self.user.lock:
+            db = self.user.db
+            rows = {
+                r[0]: r[1:]
+                for r in db.execute(
+                    "SELECT uid, base, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
+                    f" AND uid IN ({','.join(str(int(u)) for u in set(uids)) or '0'})",
+                    (self.id,),
+                )
+            }
+            plans = []
+            for uid in sorted(rows):
+                base, name, innew, oldFlags, oldKeywords, modseq = rows[uid]
+                if unchangedSince is not None and modseq > unchangedSince:
+                    failed.append(uid)
+                    continue
+                f, k = set(oldFlags.split()), set(oldKeywords.split())
+                if mode == "set":
+                    f, k = set(system), set(keywords)
+                elif mode == "add":
+                    f |= system
+                    k |= keywords
+                else:
+                    f -= system
+                    k -= keywords
+                if f == set(oldFlags.split()) and k == set(oldKeywords.split()):
+                    continue
+                newName = infoName(base, self._letters(f, k))
+                try:
+                    os.rename(self.path / ("new" if innew else "cur") / name, self.path / "cur" / newName)
+                except FileNotFoundError:
+                    failed.append(uid)  # renamed or expunged by another process: next sync
+                    continue
+                plans.append((uid, newName, f, k))
+            if plans:
+                fsyncDirectory(self.path / "cur")
+                with self.user.transaction():
+                    modseq = self._nextModseq()
+                    db.executemany(
+                        "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
+                        [(n, " ".join(sorted(f)), " ".join(sorted(k)), modseq, self.id, uid) for uid, n, f, k in plans],
+                    )
+                for uid, _, f, k in plans:
+                    changed[uid] = (frozenset(f | k), modseq)
+        if changed:
+            self._notify(Changes(flagsChanged=sorted(changed)))
+        return changed, failed
+
+    def copy(self, uids: Iterable[int], dest: Folder) -> list[tuple[int, int]]:
+        """
+        Copy messages into C{dest} (a hard link where the file system allows, else a copy),
+        keeping flags and internal date.
+
+        @return: C{[(source uid, new uid)]} in source UID order (for COPYUID).
+        """
+        pairs = []
+        with self.user.lock:
+            wanted = self.messages(uids)
+            total = sum(m.size for m in wanted)
+            self.user.quota.check(total, len(wanted))
+            made = []
+            for m in wanted:
+                src = self.filePath(m.uid)
+                base = FileName.parse(src.name)
+                newBase = f"{uniqueName()},S={m.size},W={m.vsize}"
+                newName = infoName(newBase, base.systemLetters + dest._letters((), m.keywords))
+                target = dest.path / "cur" / newName
+                try:
+                    os.link(src, target)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    tmp = dest.path / "tmp" / newBase
+                    shutil.copyfile(src, tmp)
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                    os.utime(tmp, (m.internalDate, m.internalDate))
+                    os.rename(tmp, target)
+                made.append((m, newBase, newName))
+            if made:
+                fsyncDirectory(dest.path / "cur")
+            with self.user.transaction():
+                for m, newBase, newName in made:
+                    newUid = dest._insert(
+                        newBase, newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
+                        m.size, m.vsize, m.internalDate,
+                    )
+                    pairs.append((m.uid, newUid))
+            self.user.quota.update(sum(m.size for m, _, _ in made), len(made))
+        if pairs:
+            dest._notify(Changes(added=[n for _, n in pairs]))
+        return pairs
+
+    def move(self, uids: Iterable[int], dest: Folder) -> list[tuple[int, int]]:
+        """
+        Move messages into C{dest} (RFC 6851): each file is renamed, which is atomic, so after
+        a crash the message is in exactly one of the two folders.
+
+        @return: C{[(source uid, new uid)]}.
+        """
+        pairs = []
+        with self.user.lock:
+            moved = []
+            for m in self.messages(uids):
+                src = self.filePath(m.uid)
+                fn = FileName.parse(src.name)
+                newName = infoName(fn.base, fn.systemLetters + dest._letters((), m.keywords))
+                try:
+                    os.rename(src, dest.path / "cur" / newName)
+                except FileNotFoundError:
+                    continue
+                moved.append((m, fn.base, newName))
+            if moved:
+                fsyncDirectory(dest.path / "cur")
+                fsyncDirectory(src.parent)
+            with self.user.transaction():
+                for m, base, newName in moved:
+                    self.user.db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, m.uid))
+                    newUid = dest._insert(
+                        base, newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
+                        m.size, m.vsize, m.internalDate,
+                    )
+                    pairs.append((m.uid, newUid))
+                if moved:
+                    self._nextModseq()
+        if pairs:
+            self._notify(Changes(expunged=[o for o, _ in pairs]))
+            dest._notify(Changes(added=[n for _, n in pairs]))
+        return pairs
+
+    def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
+        """
+        Remove the messages flagged \\Deleted (only those among C{uids}, if given: UID EXPUNGE).
+
+        @return: the expunged UIDs, ascending.
+        """
+        with self.user.lock:
+            db = self.user.db
+            rows = db.execute(
+                "SELECT uid, name, innew, size FROM messages WHERE folder=? AND instr(flags, '\\Deleted') > 0",
+                (self.id,),
+            ).fetchall()
+            if uids is not None:
+                allowed = set(uids)
+                rows = [r for r in rows if r[0] in allowed]
+            gone, freed = [], 0
+            for uid, name, innew, size in rows:
+                try:
+                    os.unlink(self.path / ("new" if innew else "cur") / name)
+                    freed += size
+                except FileNotFoundError:
+                    pass  # already gone: expunged either way
+                gone.append(uid)
+            if gone:
+                fsyncDirectory(self.path / "cur")
+                with self.user.transaction():
+                    db.executemany("DELETE FROM messages WHERE folder=? AND uid=?", [(self.id, u) for u in gone])
+                    self._nextModseq()
+                self.user.quota.update(-freed, -len(gone))
+        if gone:
+            self._notify(Changes(expunged=sorted(gone)))
+        return sorted(gone)

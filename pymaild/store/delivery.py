@@ -1,0 +1,218 @@
+# -*- test-case-name: tests.store.test_delivery -*-
+"""
+Lock-free maildir delivery and maildir file names, usable from any process.
+
+L{deliver} writes a message to C{tmp/} under a unique name, fsyncs it, renames it into C{new/}
+(or C{cur/} with flags) and fsyncs that directory.  Only when it returns is the message
+"stored": a crash before leaves at most a file in C{tmp/}, never a half message in C{new/}.
+No index or lock is involved, so the SMTP side, an LMTP server or an external MDA can deliver
+while IMAP sessions read; the index notices the file at its next sync.
+
+Messages are stored with LF line ends, as Dovecot stores them (C{mail_save_crlf = no}); the
+file name carries the physical size (C{,S=}) and the size with CRLF line ends (C{,W=}, what
+IMAP calls RFC822.SIZE), so listing a folder needs no C{stat}.
+
+File names follow Dovecot: C{<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<vsize>[:2,<flags>]}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+#: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
+FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
+LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+
+_counter = itertools.count(1)
+_hostname = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def uniqueName(clock=time.time) -> str:
+    """
+    A maildir base name no other delivery on this host can produce.
+    """
+    now = clock()
+    secs = int(now)
+    usecs = int((now - secs) * 1_000_000)
+    return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}.{_hostname}"
+
+
+@dataclass(frozen=True)
+class FileName:
+    """
+    A maildir file name split into its parts.
+
+    @ivar base: the unique part (before C{:2,}), including C{,S=} and C{,W=} fields.
+    @ivar letters: the info flags after C{:2,} (system flag letters and keyword letters).
+    """
+
+    base: str
+    letters: str
+    size: int | None
+    vsize: int | None
+
+    @classmethod
+    def parse(cls, name: str) -> FileName:
+        base, sep, info = name.partition(":2,")
+        if not sep:
+            base = name.partition(":")[0]
+            info = ""
+        size = vsize = None
+        for field in base.split(",")[1:]:
+            if field.startswith("S=") and field[2:].isdigit():
+                size = int(field[2:])
+            elif field.startswith("W=") and field[2:].isdigit():
+                vsize = int(field[2:])
+        return cls(base, info, size, vsize)
+
+    @property
+    def systemLetters(self) -> str:
+        return "".join(c for c in self.letters if c.isupper())
+
+    @property
+    def keywordLetters(self) -> str:
+        return "".join(c for c in self.letters if c.islower())
+
+
+def infoName(base: str, letters: Iterable[str]) -> str:
+    """
+    The file name in C{cur/} for C{base} with these flag letters (sorted, as the spec wants).
+    """
+    return f"{base}:2,{''.join(sorted(set(letters)))}"
+
+
+def fsyncDirectory(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """
+    What L{deliver} stored: the final path, the base name and both sizes.
+    """
+
+    path: Path
+    base: str
+    size: int
+    vsize: int
+
+
+def _chunks(source: bytes | BinaryIO, size: int = 65536):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        for i in range(0, len(data), size):
+            yield data[i : i + size]
+        return
+    while True:
+        chunk = source.read(size)
+        if not chunk:
+            return
+        yield chunk
+
+
+def writeTmp(maildir: Path, source: bytes | BinaryIO, clock=time.time) -> tuple[Path, str, int, int]:
+    """
+    Write C{source} to C{tmp/} with LF line ends, fsynced.
+
+    @return: C{(tmp path, unique name, physical size, virtual size)}.
+    """
+    unique = uniqueName(clock)
+    tmp = maildir / "tmp" / unique
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    size = lines = 0
+    pendingCR = False
+    try:
+        for chunk in _chunks(source):
+            if pendingCR:
+                chunk = b"\r" + chunk
+                pendingCR = False
+            if chunk.endswith(b"\r"):
+                chunk = chunk[:-1]
+                pendingCR = True
+            chunk = chunk.replace(b"\r\n", b"\n")
+            lines += chunk.count(b"\n")
+            size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        if pendingCR:
+            os.write(fd, b"\r")
+            size += 1
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return tmp, unique, size, size + lines
+
+
+def deliver(
+    maildir: Path | str,
+    source: bytes | BinaryIO,
+    letters: str = "",
+    internalDate: float | None = None,
+    clock=time.time,
+    toCur: bool = False,
+) -> Delivered:
+    """
+    Store one message in a maildir, durably.
+
+    @param maildir: the folder's directory (holding C{cur/ new/ tmp/}).
+    @param source: the message, bytes or a binary file; CRLF line ends are stored as LF.
+    @param letters: maildir flag letters; with any (or with C{toCur}), the message goes to
+        C{cur/}, else to C{new/} (a new message, as an MDA delivers it).
+    @param internalDate: the IMAP internal date (the file's mtime); default now.
+    @return: L{Delivered}, once the file and its directory are fsynced.
+    """
+    maildir = Path(maildir)
+    tmp, unique, size, vsize = writeTmp(maildir, source, clock)
+    return commitTmp(maildir, tmp, unique, size, vsize, letters, internalDate, toCur)
+
+
+def commitTmp(
+    maildir: Path,
+    tmp: Path,
+    unique: str,
+    size: int,
+    vsize: int,
+    letters: str = "",
+    internalDate: float | None = None,
+    toCur: bool = False,
+) -> Delivered:
+    """
+    The second half of L{deliver}: move a file written by L{writeTmp} into C{new/} or C{cur/}
+    and fsync the directory.  Between the two halves a caller can check a quota against the
+    exact size without the file being counted yet.  On failure the tmp file is removed.
+    """
+    base = f"{unique},S={size},W={vsize}"
+    try:
+        if internalDate is not None:
+            os.utime(tmp, (internalDate, internalDate))
+        if letters or toCur:
+            final = maildir / "cur" / infoName(base, letters)
+        else:
+            final = maildir / "new" / base
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsyncDirectory(final.parent)
+    return Delivered(final, base, size, vsize)

@@ -1,0 +1,90 @@
+# -*- test-case-name: tests.store.test_store -*-
+"""
+The per-user index: one sqlite3 database (WAL) in the user's directory, C{pymaild.index.sqlite}.
+
+It is a cache of the files: UIDs, flags, keywords, MODSEQs, sizes, internal dates and the
+message summaries (ENVELOPE, BODYSTRUCTURE, header fields) live here so that opening and
+listing a 100,000-message folder reads no message file.  Delete it and the next open rebuilds
+it from the maildirs (and from C{dovecot-uidlist} files where they exist, which keeps UIDs).
+
+UIDs and MODSEQs are assigned only inside a transaction of this database, so they never go
+backwards and are never reused.  Commits use C{synchronous=FULL}: a UID a client has seen
+survives a power cut.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS folders (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,          -- IMAP name, "INBOX" or "A/B"
+    uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL,
+    highestmodseq INTEGER NOT NULL,
+    special TEXT,                       -- RFC 6154 attribute such as \\Sent
+    newstamp TEXT NOT NULL DEFAULT '',  -- new/ and cur/ as last synced (empty: scan)
+    curstamp TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS messages (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    base TEXT NOT NULL,                 -- maildir unique name (before ":2,")
+    name TEXT NOT NULL,                 -- file name in new/ or cur/
+    innew INTEGER NOT NULL,
+    flags TEXT NOT NULL,                -- IMAP system flags, space separated
+    keywords TEXT NOT NULL,             -- IMAP keywords, space separated
+    modseq INTEGER NOT NULL,
+    size INTEGER NOT NULL,              -- bytes on disk
+    vsize INTEGER NOT NULL,             -- RFC822.SIZE (CRLF line ends)
+    internaldate INTEGER NOT NULL,      -- epoch seconds
+    summary TEXT,                       -- JSON MessageSummary, NULL until first needed
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_base ON messages (folder, base);
+CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
+"""
+
+
+class IndexError_(Exception):
+    """
+    The index file is unusable (corrupt, or from a newer version); it will be rebuilt.
+    """
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """
+    Open (creating if needed) the index at C{path}.  A corrupt or foreign file is moved aside
+    and a fresh index created: the files are the truth.
+    """
+    try:
+        return _open(path)
+    except (sqlite3.DatabaseError, IndexError_):
+        for suffix in ("", "-wal", "-shm"):
+            p = Path(str(path) + suffix)
+            if p.exists():
+                p.rename(Path(str(path) + ".corrupt" + suffix))
+        return _open(path)
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=OFF")
+        db.execute("PRAGMA cache_size=-16000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        db.close()
+        raise
+    return db

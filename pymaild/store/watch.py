@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.store.test_watch -*-
+"""
+Noticing changes other processes make: an MDA delivering into C{new/}, Dovecot or mutt
+renaming or deleting files.
+
+L{FolderWatcher} watches the C{new/} and C{cur/} directories of the folders sessions have open
+(IMAP IDLE, several sessions on one folder) with Linux inotify through Twisted's
+C{twisted.internet.inotify}.  A burst of events is collapsed into one sync (after C{delay}
+seconds), run in the store's thread pool; the sync reports the changes to the folder's
+listeners (L{pymaild.store.maildir.Folder.addListener}), exactly as changes made in this
+process are reported.  Listeners are called in the thread that made the change: a protocol
+hands the call to its reactor with C{callFromThread}.
+
+Changes made through this process's store are reported at once without inotify; their
+inotify events find nothing new at the sync that follows.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import inotify
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+
+log = Logger()
+
+_MASK = inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM | inotify.IN_DELETE
+
+
+class FolderWatcher:
+    """
+    @ivar delay: seconds to wait after the first event of a burst before syncing.
+    """
+
+    def __init__(self, reactor, threads, delay: float = 0.05):
+        self.reactor = reactor
+        self.threads = threads
+        self.delay = delay
+        self._notifier = inotify.INotify(reactor)
+        self._notifier.startReading()
+        self._watched: dict[int, tuple[object, int]] = {}  # id(folder) -> (folder, users)
+        self._pending: dict[int, object] = {}
+
+    def watch(self, folder) -> None:
+        """
+        Start watching C{folder} (counted: each session that calls this calls L{unwatch}).
+        """
+        key = id(folder)
+        if key in self._watched:
+            f, count = self._watched[key]
+            self._watched[key] = (f, count + 1)
+            return
+        self._watched[key] = (folder, 1)
+        for sub in ("new", "cur"):
+            self._notifier.watch(
+                FilePath(str(folder.path / sub)), mask=_MASK, callbacks=[lambda *a, f=folder: self._changed(f)]
+            )
+
+    def unwatch(self, folder) -> None:
+        key = id(folder)
+        entry = self._watched.get(key)
+        if entry is None:
+            return
+        if entry[1] > 1:
+            self._watched[key] = (folder, entry[1] - 1)
+            return
+        del self._watched[key]
+        for sub in ("new", "cur"):
+            self._notifier.ignore(FilePath(str(folder.path / sub)))
+
+    def _changed(self, folder) -> None:
+        key = id(folder)
+        if key in self._pending or key not in self._watched:
+            return
+        self._pending[key] = self.reactor.callLater(self.delay, self._sync, folder)
+
+    def _sync(self, folder) -> None:
+        self._pending.pop(id(folder), None)
+        d = self.threads.run(folder.sync, False)
+        d.addErrback(lambda f: log.failure("syncing {folder} after a change on disk", f, folder=folder.name))
+
+    def stop(self) -> None:
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        self._notifier.loseConnection()

@@ -1,0 +1,56 @@
+"""
+A store user that works until it is killed with SIGKILL (tests/store/test_crash.py).
+
+It appends, delivers, moves, flags, expunges nothing it has logged, and syncs, at random.  After
+each message is stored (append returned, or deliver returned) it appends the message's marker
+to a log file and fsyncs the log: those markers must survive any crash exactly once.
+"""
+
+import os
+import random
+import sys
+from pathlib import Path
+
+from pymaild.store.delivery import deliver
+from pymaild.store.maildir import UserStore
+
+
+def main(root: str, logPath: str, seed: int) -> None:
+    rng = random.Random(seed)
+    user = UserStore(Path(root))
+    folders = [user.folder("INBOX"), user.folder("Other") if user.exists("Other") else user.createFolder("Other")]
+    log = os.open(logPath, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    n = 0
+
+    def stored(marker: str) -> None:
+        os.write(log, (marker + "\n").encode())
+        os.fsync(log)
+
+    while True:
+        n += 1
+        marker = f"{os.getpid()}-{n}"
+        body = f"X-Marker: {marker}\n\nbody {marker}\n".encode()
+        op = rng.random()
+        folder = rng.choice(folders)
+        if op < 0.3:
+            folder.append(body, rng.choice([[], ["\\Seen"], ["\\Flagged", "Work"]]))
+            stored(marker)
+        elif op < 0.5:
+            deliver(folder.path, body)
+            stored(marker)
+        elif op < 0.7:
+            uids = folder.uids()
+            if uids:
+                other = folders[1] if folder is folders[0] else folders[0]
+                folder.move(rng.sample(uids, min(3, len(uids))), other)
+        elif op < 0.9:
+            uids = folder.uids()
+            if uids:
+                folder.store(rng.sample(uids, min(5, len(uids))), rng.choice([["\\Seen"], ["\\Answered", "Todo"]]),
+                             rng.choice(["add", "remove", "set"]))
+        else:
+            folder.sync()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

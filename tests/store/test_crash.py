@@ -1,0 +1,82 @@
+"""
+Crash safety: a process using the store is killed with SIGKILL at random moments (during
+appends, deliveries, moves, flag changes and syncs); after each kill the store must open, and
+every message that was stored is there exactly once, no UID is reused, and the index agrees
+with the file names.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pymaild.store.delivery import LETTER_FLAGS, FileName
+from pymaild.store.maildir import UserStore
+
+WORKER = Path(__file__).with_name("crash_worker.py")
+MARKER = re.compile(rb"^X-Marker: (\S+)$", re.M)
+
+
+def survey(root: Path):
+    """
+    Open the store as a fresh process would, sync both folders, and return
+    {(folder, uidvalidity, uid): marker} plus a list of index/file disagreements.
+    """
+    user = UserStore(root)
+    seen = {}
+    problems = []
+    try:
+        for name in ("INBOX", "Other"):
+            if not user.exists(name):
+                continue
+            folder = user.folder(name)
+            folder.sync()
+            validity = folder.status()["uidvalidity"]
+            for m in folder.messages():
+                path = folder.filePath(m.uid)
+                marker = MARKER.search(path.read_bytes()).group(1).decode()
+                seen[(name, validity, m.uid)] = marker
+                letters = FileName.parse(path.name).systemLetters
+                fromName = {LETTER_FLAGS[c] for c in letters if c in LETTER_FLAGS}
+                if fromName != set(m.flags):
+                    problems.append((name, m.uid, sorted(m.flags), path.name))
+    finally:
+        user.close()
+    return seen, problems
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    """
+    Twelve rounds of work-then-SIGKILL on one store.  After every round: each logged marker is
+    present exactly once, no (uidvalidity, uid) ever names two different messages, and the
+    index's flags match the file names.
+    """
+    root = tmp_path / "alice"
+    log = tmp_path / "stored.log"
+    rng = random.Random(20261128)
+    history: dict[tuple, str] = {}
+    for round_ in range(12):
+        proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(root), str(log), str(round_)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 1.2))
+            raise AssertionError(f"the worker stopped by itself: {proc.stderr.read().decode()[-2000:]}")
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        seen, problems = survey(root)
+        assert problems == [], problems
+        markers = list(seen.values())
+        stored = log.read_text().split() if log.exists() else []
+        assert stored, "the worker stored nothing before it was killed"
+        for marker in stored:
+            assert markers.count(marker) == 1, (round_, marker, markers.count(marker))
+        assert len(markers) == len(set(markers)), "a message appears twice"
+        for key, marker in seen.items():
+            assert history.setdefault(key, marker) == marker, f"UID {key} reused"

@@ -1,0 +1,142 @@
+"""
+Maildir delivery: tmp/ -> new/ (or cur/), LF line ends, sizes in the file name, and nothing
+half-written ever visible.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from pymaild.store.delivery import FileName, deliver, infoName
+
+
+@pytest.fixture
+def maildir(tmp_path) -> Path:
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / sub).mkdir()
+    return tmp_path
+
+
+def test_crlf_is_stored_as_lf_with_both_sizes(maildir):
+    """
+    CRLF becomes LF on disk; ,S= is the size on disk and ,W= the size with CRLF (RFC822.SIZE).
+    """
+    message = b"Subject: hi\r\n\r\nline one\r\nline two\r\n"
+    d = deliver(maildir, message)
+    assert d.path.parent == maildir / "new"
+    assert d.path.read_bytes() == message.replace(b"\r\n", b"\n")
+    fn = FileName.parse(d.path.name)
+    assert fn.size == len(message) - 4 == d.size
+    assert fn.vsize == len(message) == d.vsize
+    assert list((maildir / "tmp").iterdir()) == []
+
+
+def test_flags_go_to_cur_sorted(maildir):
+    """
+    With flag letters the file lands in cur/ with a sorted :2, suffix.
+    """
+    d = deliver(maildir, b"x\n", letters="SFa")
+    assert d.path.parent == maildir / "cur"
+    assert d.path.name.endswith(":2,FSa")
+    assert FileName.parse(d.path.name).letters == "FSa"
+
+
+def test_internal_date_is_the_mtime(maildir):
+    """
+    The internal date given is the file's modification time.
+    """
+    d = deliver(maildir, b"x\n", internalDate=1_000_000_000)
+    assert d.path.stat().st_mtime == 1_000_000_000
+
+
+class Trickle(io.RawIOBase):
+    """
+    A source that hands out a few bytes per read, splitting CR from LF.
+    """
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.step = data, step
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        chunk, self.data = self.data[: self.step], self.data[self.step :]
+        return chunk
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 65536])
+def test_streamed_source_with_crlf_split_across_reads(maildir, step):
+    """
+    CRLF split across two reads is still one LF; a lone CR stays a CR.
+    """
+    message = b"A: b\r\n\r\nx\ry\r\n" * 50
+    d = deliver(maildir, Trickle(message, step))
+    assert d.path.read_bytes() == message.replace(b"\r\n", b"\n")
+    assert d.vsize == len(message)
+
+
+def test_failing_source_leaves_nothing(maildir):
+    """
+    A source that fails halfway: no file in tmp/, new/ or cur/.
+    """
+
+    class Broken(io.RawIOBase):
+        calls = 0
+
+        def read(self, n=-1):
+            self.calls += 1
+            if self.calls > 2:
+                raise OSError("connection lost")
+            return b"x" * 100
+
+    with pytest.raises(OSError, match="connection lost"):
+        deliver(maildir, Broken())
+    for sub in ("tmp", "new", "cur"):
+        assert list((maildir / sub).iterdir()) == []
+
+
+def _deliver_many(path: str, count: int) -> None:
+    for i in range(count):
+        deliver(Path(path), f"Subject: {os.getpid()} {i}\n\nbody\n".encode())
+
+
+def test_concurrent_processes_get_unique_names(maildir):
+    """
+    Four processes delivering 50 messages each at once: 200 distinct files, none lost.
+    """
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_deliver_many, args=(str(maildir), 50)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    files = list((maildir / "new").iterdir())
+    assert len(files) == 200
+    assert len({f.read_bytes() for f in files}) == 200
+
+
+@pytest.mark.parametrize(
+    "name, base, letters, size, vsize",
+    [
+        ("1.M2P3.host,S=10,W=12:2,FS", "1.M2P3.host,S=10,W=12", "FS", 10, 12),
+        ("1.M2P3.host", "1.M2P3.host", "", None, None),
+        ("1.M2P3.host:2,", "1.M2P3.host", "", None, None),
+        ("1.M2P3.host,S=x:2,Sab", "1.M2P3.host,S=x", "Sab", None, None),
+        ("weird:1,stuff", "weird", "", None, None),
+    ],
+)
+def test_file_name_parsing(name, base, letters, size, vsize):
+    """
+    Base, info letters and the ,S=/,W= sizes are read from any maildir name.
+    """
+    fn = FileName.parse(name)
+    assert (fn.base, fn.letters, fn.size, fn.vsize) == (base, letters, size, vsize)
+    if letters:
+        assert infoName(base, letters) == f"{base}:2,{''.join(sorted(letters))}"

@@ -1,0 +1,356 @@
+"""
+The Maildir++ store over real files: layout as Dovecot has it, sync with other writers, every
+operation the protocols need, UIDs and MODSEQs, hostile names, quota, index rebuild.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from pymaild.store import names
+from pymaild.store.delivery import FileName, deliver
+from pymaild.store.dovecot import writeUidlist
+from pymaild.store.maildir import INDEX_NAME, MaildirStore, StoreError, UserStore
+from pymaild.store.quota import QuotaExceeded
+
+MESSAGE = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: hello %d\r\n\r\nbody %d\r\n"
+
+
+def msg(i: int) -> bytes:
+    return MESSAGE % (i, i)
+
+
+@pytest.fixture
+def user(tmp_path) -> UserStore:
+    return MaildirStore(tmp_path / "mail").user("alice@example.com")
+
+
+def files(folder, sub="cur"):
+    return sorted(os.listdir(folder.path / sub))
+
+
+def test_layout_is_dovecots(user, tmp_path):
+    """
+    <mail>/<domain>/<local>/ holds INBOX's cur/new/tmp; folders are .Name dirs with a
+    maildirfolder file; children are .Parent.Child; names are modified UTF-7.
+    """
+    root = tmp_path / "mail" / "example.com" / "alice"
+    assert user.root == root
+    for sub in ("cur", "new", "tmp"):
+        assert (root / sub).is_dir()
+    user.createFolder("Sent")
+    user.createFolder("Projects/2026")
+    user.createFolder("Entwürfe")
+    assert (root / ".Sent" / "cur").is_dir() and (root / ".Sent" / "maildirfolder").exists()
+    assert (root / ".Projects" / "cur").is_dir()
+    assert (root / ".Projects.2026" / "new").is_dir()
+    assert (root / ".Entw&APw-rfe" / "tmp").is_dir()
+    assert [f.name for f in user.listFolders()] == ["INBOX", "Entwürfe", "Projects", "Projects/2026", "Sent"]
+
+
+def test_sync_assigns_uids_in_delivery_order_and_moves_new_to_cur(user):
+    """
+    Messages delivered by another process get UIDs 1..n in delivery order at the next sync,
+    and move from new/ to cur/; a second sync with nothing changed reports nothing.
+    """
+    inbox = user.folder("INBOX")
+    delivered = [deliver(inbox.path, msg(i)) for i in range(3)]
+    changes = inbox.sync()
+    assert changes.added == [1, 2, 3]
+    assert files(inbox, "new") == []
+    assert [FileName.parse(n).base for n in files(inbox)] == [d.base for d in delivered]
+    assert inbox.sync().added == []
+    assert [inbox.open(u).read() for u in (1, 2, 3)] == [msg(i).replace(b"\r\n", b"\n") for i in range(3)]
+    status = inbox.status()
+    assert status["messages"] == 3 and status["uidnext"] == 4 and status["unseen"] == 3
+    assert status["size"] == sum(len(msg(i)) for i in range(3))
+
+
+def test_changes_by_other_tools_are_noticed(user):
+    """
+    A flag change (rename), a deletion and a new file made behind the store's back are seen by
+    the next sync; an expunged UID is never given again.
+    """
+    inbox = user.folder("INBOX")
+    for i in range(3):
+        deliver(inbox.path, msg(i))
+    inbox.sync()
+    first, second, third = (inbox.path / "cur" / n for n in files(inbox))
+    before = inbox.status()["highestmodseq"]
+    os.rename(first, str(first).replace(":2,", ":2,FS"))
+    os.unlink(third)
+    # mtimes may not move within a clock tick: force the directories to look changed
+    os.utime(inbox.path / "cur", ns=(0, 0))
+    changes = inbox.sync()
+    assert changes.flagsChanged == [1] and changes.expunged == [3]
+    m1 = inbox.messages([1])[0]
+    assert m1.flags == {"\\Seen", "\\Flagged"} and m1.modseq > before
+    deliver(inbox.path, msg(9))
+    assert inbox.sync().added == [4]
+    assert inbox.uids() == [1, 2, 4]
+
+
+def test_append_with_flags_keywords_and_date(user):
+    """
+    APPEND stores in cur/ with flag letters, keywords through dovecot-keywords, the internal
+    date as mtime, and returns the new UID.
+    """
+    inbox = user.folder("INBOX")
+    uid = inbox.append(msg(1), ["\\Seen", "\\Draft", "$Label1", "Work"], internalDate=1_600_000_000)
+    assert uid == 1
+    (name,) = files(inbox)
+    assert FileName.parse(name).letters == "DSab"
+    keywords = (inbox.path / "dovecot-keywords").read_text().split("\n")
+    assert "0 $Label1" in keywords and "1 Work" in keywords
+    m = inbox.messages()[0]
+    assert m.flags == {"\\Seen", "\\Draft"} and m.keywords == {"$Label1", "Work"}
+    assert m.internalDate == 1_600_000_000 and m.vsize == len(msg(1))
+    assert inbox.append(msg(2)) == 2
+
+
+def test_store_flags_and_modseq(user):
+    """
+    STORE set/add/remove renames the file and bumps MODSEQ; UNCHANGEDSINCE refuses messages
+    modified after it.
+    """
+    inbox = user.folder("INBOX")
+    for i in range(3):
+        inbox.append(msg(i))
+    changed, failed = inbox.store([1, 2], ["\\Seen"], "add")
+    assert sorted(changed) == [1, 2] and failed == []
+    modseq = changed[1][1]
+    assert all(FileName.parse(n).letters == "S" for n in files(inbox)[:2])
+    changed, failed = inbox.store([1], ["\\Flagged", "Urgent"], "add")
+    assert changed[1][0] == {"\\Seen", "\\Flagged", "Urgent"} and changed[1][1] > modseq
+    changed, failed = inbox.store([1, 2], ["\\Seen"], "remove", unchangedSince=modseq)
+    assert list(changed) == [2] and failed == [1]
+    changed, _ = inbox.store([3], [], "set")
+    assert changed == {}  # nothing to change, no new MODSEQ
+    assert inbox.messages([1])[0].flags == {"\\Seen", "\\Flagged"}
+
+
+def test_copy_hard_links_and_move_renames(user):
+    """
+    COPY hard-links the file into the target with a new name and new UIDs; MOVE renames it so
+    the message is in exactly one folder.
+    """
+    inbox = user.folder("INBOX")
+    archive = user.createFolder("Archive")
+    for i in range(3):
+        inbox.append(msg(i), ["\\Seen"])
+    pairs = inbox.copy([1, 3], archive)
+    assert pairs == [(1, 1), (3, 2)]
+    assert os.stat(inbox.filePath(1)).st_ino == os.stat(archive.filePath(1)).st_ino
+    assert archive.messages()[0].flags == {"\\Seen"}
+    inode = os.stat(inbox.filePath(2)).st_ino
+    assert inbox.move([2], archive) == [(2, 3)]
+    assert inbox.uids() == [1, 3]
+    assert os.stat(archive.filePath(3)).st_ino == inode
+    assert archive.open(3).read() == msg(1).replace(b"\r\n", b"\n")
+
+
+def test_expunge_only_deleted(user):
+    """
+    EXPUNGE removes the \\Deleted messages; UID EXPUNGE only those among the given UIDs.
+    """
+    inbox = user.folder("INBOX")
+    for i in range(4):
+        inbox.append(msg(i))
+    inbox.store([1, 2, 4], ["\\Deleted"], "add")
+    assert inbox.expunge([2, 3]) == [2]
+    assert inbox.expunge() == [1, 4]
+    assert inbox.uids() == [3]
+    assert len(files(inbox)) == 1
+
+
+def test_index_is_a_cache(user, tmp_path):
+    """
+    Delete the index: the next open rebuilds it from the files, flags and keywords included.
+    """
+    inbox = user.folder("INBOX")
+    inbox.append(msg(1), ["\\Seen", "Work"])
+    inbox.append(msg(2), ["\\Flagged"])
+    user.createFolder("Sent").append(msg(3))
+    user.close()
+    for f in user.root.glob(INDEX_NAME + "*"):
+        f.unlink()
+    again = UserStore(user.root)
+    inbox = again.folder("INBOX")
+    inbox.sync()
+    assert [(m.flags, m.keywords) for m in inbox.messages()] == [
+        ({"\\Seen"}, {"Work"}), ({"\\Flagged"}, frozenset())
+    ]
+    sent = again.folder("Sent")
+    sent.sync()
+    assert len(sent.uids()) == 1
+
+
+def test_corrupt_index_is_moved_aside(user):
+    """
+    A garbage index file does not stop the store: it is set aside and rebuilt.
+    """
+    user.folder("INBOX").append(msg(1))
+    user.close()
+    (user.root / INDEX_NAME).write_bytes(b"this is not sqlite" * 100)
+    for f in user.root.glob(INDEX_NAME + "-*"):
+        f.unlink()
+    again = UserStore(user.root)
+    inbox = again.folder("INBOX")
+    inbox.sync()
+    assert inbox.uids() == [1]
+    assert (user.root / (INDEX_NAME + ".corrupt")).exists()
+
+
+def test_dovecot_uidlist_is_imported(tmp_path):
+    """
+    A folder migrated from Dovecot keeps its UIDVALIDITY and every message its UID; files
+    Dovecot never saw get UIDs after Dovecot's next UID.
+    """
+    root = tmp_path / "alice"
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True)
+    a = deliver(root, msg(1), "S")
+    b = deliver(root, msg(2), "")
+    writeUidlist(root / "dovecot-uidlist", 1234567, 100, {a.base: 17, b.base: 42})
+    c = deliver(root, msg(3))
+    inbox = UserStore(root).folder("INBOX")
+    inbox.sync()
+    status = inbox.status()
+    assert status["uidvalidity"] == 1234567
+    assert inbox.uids() == [17, 42, 100]
+    assert inbox.open(100).read() == msg(3).replace(b"\r\n", b"\n")
+    assert status["uidnext"] == 101 or inbox.status()["uidnext"] == 101
+
+
+def test_folders_create_delete_rename_subscribe(user):
+    """
+    Folder operations, with the errors IMAP needs (ALREADYEXISTS, NONEXISTENT, INBOX rules).
+    """
+    user.createFolder("Work/Clients")
+    with pytest.raises(StoreError) as e:
+        user.createFolder("Work")
+    assert e.value.code == "ALREADYEXISTS"
+    user.subscribe("Work/Clients")
+    user.renameFolder("Work", "Jobs")
+    assert [f.name for f in user.listFolders()] == ["INBOX", "Jobs", "Jobs/Clients"]
+    assert user.subscriptions() == {"Jobs/Clients"}
+    assert (user.root / "subscriptions").read_text() == "Jobs/Clients\n"
+    with pytest.raises(StoreError, match="children"):
+        user.deleteFolder("Jobs")
+    user.deleteFolder("Jobs/Clients")
+    user.deleteFolder("Jobs")
+    assert [f.name for f in user.listFolders()] == ["INBOX"]
+    with pytest.raises(StoreError) as e:
+        user.deleteFolder("INBOX")
+    with pytest.raises(StoreError) as e:
+        user.folder("Jobs")
+    assert e.value.code == "NONEXISTENT"
+    inbox = user.folder("INBOX")
+    inbox.append(msg(1))
+    user.renameFolder("INBOX", "Old")
+    assert inbox.uids() == [] and len(user.folder("Old").uids()) == 1
+
+
+def test_special_use_folders(tmp_path):
+    """
+    First login creates Drafts, Sent, Trash, Junk and Archive (configurable names) with their
+    RFC 6154 attributes; running it again changes nothing.
+    """
+    store = MaildirStore(tmp_path / "mail", specialFolders={"\\Sent": "Gesendet", "\\Trash": "Papierkorb"})
+    user = store.user("bob@example.com")
+    user.ensureSpecialFolders()
+    user.ensureSpecialFolders()
+    folders = {f.name: f.special for f in user.listFolders()}
+    assert folders == {"INBOX": None, "Gesendet": "\\Sent", "Papierkorb": "\\Trash"}
+
+
+HOSTILE = ["..", "../x", "a/../b", "a/./b", ".hidden", "a\x00b", "a\x01b", "a\x7fb", "/abs", "a//b",
+           "a/", "", "x" * 600, "*", "a%", "a\\b", "/".join(["d"] * 40)]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_are_refused(user, tmp_path, name):
+    """
+    Names that could escape the user's directory, or that are malformed, are refused with
+    InvalidName; nothing is created outside the user's directory.
+    """
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(names.InvalidName):
+        user.createFolder(name)
+    with pytest.raises(names.InvalidName):
+        user.folder(name)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def test_quota_refuses_and_counts(tmp_path):
+    """
+    Over the message limit an APPEND is refused and nothing is stored; maildirsize tracks
+    usage and expunge gives the space back.
+    """
+    store = MaildirStore(tmp_path / "mail", storageLimit=10_000, messageLimit=2)
+    inbox = store.user("carol@example.com").folder("INBOX")
+    inbox.append(msg(1))
+    inbox.append(msg(2))
+    with pytest.raises(QuotaExceeded):
+        inbox.append(msg(3))
+    assert len(files(inbox)) == 2
+    user = store.user("carol@example.com")
+    assert user.quota.usage()[1] == 2
+    inbox.store([1], ["\\Deleted"], "add")
+    inbox.expunge()
+    assert user.quota.usage()[1] == 1
+    assert inbox.append(msg(4)) == 3
+    assert (user.root / "maildirsize").read_text().startswith("10000S,2C\n")
+
+
+def test_listener_hears_changes(user):
+    """
+    In-process listeners hear appends, flag changes and expunges on their folder.
+    """
+    inbox = user.folder("INBOX")
+    heard = []
+    inbox.addListener(lambda folder, changes: heard.append((changes.added, changes.flagsChanged, changes.expunged)))
+    inbox.append(msg(1))
+    inbox.store([1], ["\\Deleted"], "add")
+    inbox.expunge()
+    assert heard == [([1], [], []), ([], [1], []), ([], [], [1])]
+
+
+def test_threads_and_a_deliverer_never_share_a_uid(user):
+    """
+    Four threads appending, flagging and syncing while another writer delivers into new/:
+    every message ends with exactly one UID, UIDs strictly increase, none is reused.
+    """
+    inbox = user.folder("INBOX")
+    errors = []
+
+    def appender(n):
+        try:
+            for i in range(40):
+                inbox.append(msg(n * 1000 + i))
+                inbox.store([inbox.uids()[-1]], ["\\Seen"], "add")
+                inbox.sync()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def deliverer():
+        for i in range(80):
+            deliver(inbox.path, msg(9_000_000 + i))
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(4)] + [threading.Thread(target=deliverer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    inbox.sync()
+    uids = inbox.uids()
+    assert len(uids) == 4 * 40 + 80 == len(set(uids))
+    assert uids == sorted(uids)
+    bodies = {inbox.open(u).read() for u in uids}
+    assert len(bodies) == len(uids)
+    assert inbox.status()["uidnext"] > max(uids)

@@ -1,0 +1,95 @@
+"""
+FolderWatcher: a delivery made by another process reaches the folder's listeners through
+inotify, with the sync done in the store's thread pool.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from pymaild.store.maildir import MaildirStore
+from pymaild.store.threads import StoreThreads
+from pymaild.store.watch import FolderWatcher
+
+
+class FolderWatcherTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp())
+        self.user = MaildirStore(self.tmp / "mail").user("alice@example.com")
+        self.inbox = self.user.folder("INBOX")
+        self.threads = StoreThreads(reactor, 2)
+        self.threads.start()
+        self.watcher = FolderWatcher(reactor, self.threads, delay=0.01)
+
+    def tearDown(self):
+        self.watcher.stop()
+        self.threads.stop()
+        self.user.close()
+
+    @defer.inlineCallbacks
+    def test_delivery_by_another_process_is_heard(self):
+        """
+        Another process delivers into new/; the listener hears the new UID, from a store
+        thread (not the reactor's), without anyone calling sync.
+        """
+        heard = defer.Deferred()
+        threads = []
+
+        def listener(folder, changes):
+            threads.append(threading.current_thread())
+            if changes.added and not heard.called:
+                reactor.callFromThread(heard.callback, changes.added)
+
+        self.inbox.addListener(listener)
+        self.watcher.watch(self.inbox)
+        code = (
+            "import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+            "deliver(Path(sys.argv[1]), b'Subject: x\\n\\nhi\\n')"
+        )
+        yield deferToProcess(code, str(self.inbox.path))
+        added = yield withTimeout(heard, 10)
+        self.assertEqual(added, [1])
+        self.assertIsNot(threads[0], threading.main_thread())
+
+    @defer.inlineCallbacks
+    def test_unwatched_folder_is_not_synced(self):
+        """
+        After the last unwatch, changes on disk trigger nothing.
+        """
+        self.watcher.watch(self.inbox)
+        self.watcher.watch(self.inbox)
+        self.watcher.unwatch(self.inbox)
+        self.assertIn(id(self.inbox), self.watcher._watched)
+        self.watcher.unwatch(self.inbox)
+        self.assertNotIn(id(self.inbox), self.watcher._watched)
+        heard = []
+        self.inbox.addListener(lambda f, c: heard.append(c))
+        other = self.user.createFolder("Other")
+        otherHeard = defer.Deferred()
+        other.addListener(lambda f, c: reactor.callFromThread(otherHeard.callback, None) if not otherHeard.called else None)
+        self.watcher.watch(other)
+        deliverBoth = (
+            "import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+            "deliver(Path(sys.argv[1]), b'x\\n'); deliver(Path(sys.argv[2]), b'y\\n')"
+        )
+        yield deferToProcess(deliverBoth, str(self.inbox.path), str(other.path))
+        # inotify reports events in order: once Other's sync ran, INBOX's would have been queued
+        yield withTimeout(otherHeard, 10)
+        self.assertEqual(heard, [])
+
+
+def deferToProcess(code, *args):
+    from twisted.internet import threads
+
+    return threads.deferToThread(subprocess.run, [sys.executable, "-c", code, *args], check=True)
+
+
+def withTimeout(d, seconds):
+    return d.addTimeout(seconds, reactor)
