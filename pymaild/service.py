@@ -270,10 +270,22 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         config.store.specialFolders,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
+    def firstLogin(factory):
+        """
+        Before handing out a mailbox avatar, make sure the user's special-use folders exist
+        (in the store's threads: it touches the disk).
+        """
+
+        def avatar(user, mind):
+            d = storeThreads.run(lambda: store.user(user).ensureSpecialFolders())
+            return d.addCallback(lambda _: factory(user, mind))
+
+        return avatar
+
     realm = MailRealm(
         {
-            imap4.IAccount: imapAvatar,
-            pop3.IMailbox: pop3Avatar(store),
+            imap4.IAccount: firstLogin(imapAvatar),
+            pop3.IMailbox: firstLogin(pop3Avatar(store)),
             IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
         }
     )

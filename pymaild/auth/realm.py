@@ -12,13 +12,15 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import maybeDeferred
 from zope.interface import implementer
 
 
 @implementer(IRealm)
 class MailRealm:
     """
-    @ivar avatarFactories: C{{interface: factory(user, mind) -> (avatar, logout)}}.
+    @ivar avatarFactories: C{{interface: factory(user, mind) -> (avatar, logout)}}; a factory
+        may return a Deferred of that pair (for work such as creating the user's folders).
     """
 
     def __init__(self, avatarFactories: dict[object, Callable]):
@@ -29,6 +31,6 @@ class MailRealm:
         for interface in interfaces:
             factory = self.avatarFactories.get(interface)
             if factory is not None:
-                avatar, logout = factory(user, mind)
-                return interface, avatar, logout
+                d = maybeDeferred(factory, user, mind)
+                return d.addCallback(lambda pair, i=interface: (i, pair[0], pair[1]))
         raise NotImplementedError(f"no avatar for {interfaces!r}")

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, NamedTuple
 
 #: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
@@ -43,10 +44,13 @@ def uniqueName(clock=time.time) -> str:
     return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}.{_hostname}"
 
 
-@dataclass(frozen=True)
-class FileName:
+_SIZES = re.compile(r",S=(\d+)(?:,W=(\d+))?")
+_VSIZE = re.compile(r",W=(\d+)")
+
+
+class FileName(NamedTuple):
     """
-    A maildir file name split into its parts.
+    A maildir file name split into its parts (a tuple: a sync parses 100,000 of them).
 
     @ivar base: the unique part (before C{:2,}), including C{,S=} and C{,W=} fields.
     @ivar letters: the info flags after C{:2,} (system flag letters and keyword letters).
@@ -64,11 +68,14 @@ class FileName:
             base = name.partition(":")[0]
             info = ""
         size = vsize = None
-        for field in base.split(",")[1:]:
-            if field.startswith("S=") and field[2:].isdigit():
-                size = int(field[2:])
-            elif field.startswith("W=") and field[2:].isdigit():
-                vsize = int(field[2:])
+        m = _SIZES.search(base)
+        if m is not None:
+            size = int(m.group(1))
+            if m.group(2) is not None:
+                vsize = int(m.group(2))
+        if vsize is None and ",W=" in base:
+            w = _VSIZE.search(base)
+            vsize = int(w.group(1)) if w else None
         return cls(base, info, size, vsize)
 
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,7 +29,10 @@ CREATE TABLE IF NOT EXISTS folders (
     highestmodseq INTEGER NOT NULL,
     special TEXT,                       -- RFC 6154 attribute such as \\Sent
     newstamp TEXT NOT NULL DEFAULT '',  -- new/ and cur/ as last synced (empty: scan)
-    curstamp TEXT NOT NULL DEFAULT ''
+    curstamp TEXT NOT NULL DEFAULT '',
+    messages INTEGER NOT NULL DEFAULT 0, -- kept by Folder and the triggers below, so that opening a
+    unseen INTEGER NOT NULL DEFAULT 0,   -- folder (SELECT, STATUS) reads one row, not all
+    vsize INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     folder INTEGER NOT NULL,
@@ -42,11 +45,27 @@ CREATE TABLE IF NOT EXISTS messages (
     modseq INTEGER NOT NULL,
     size INTEGER NOT NULL,              -- bytes on disk
     vsize INTEGER NOT NULL,             -- RFC822.SIZE (CRLF line ends)
-    internaldate INTEGER NOT NULL,      -- epoch seconds
-    summary TEXT,                       -- JSON MessageSummary, NULL until first needed
+    internaldate INTEGER,               -- epoch seconds (the file's mtime); NULL until first needed
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_base ON messages (folder, base);
+-- summaries apart from messages, so that listing rows stays small once they are cached
+CREATE TABLE IF NOT EXISTS summaries (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    summary TEXT NOT NULL,              -- JSON MessageSummary
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
+-- Inserts update the counters themselves, in bulk (a trigger per row doubled the cost of
+-- indexing a large folder): see Folder._countAdded.
+CREATE TRIGGER IF NOT EXISTS messages_delete AFTER DELETE ON messages BEGIN
+    UPDATE folders SET messages = messages - 1, unseen = unseen - (instr(OLD.flags, '\\Seen') = 0),
+        vsize = vsize - OLD.vsize WHERE id = OLD.folder;
+    DELETE FROM summaries WHERE folder = OLD.folder AND uid = OLD.uid;
+END;
+CREATE TRIGGER IF NOT EXISTS messages_flags AFTER UPDATE OF flags ON messages BEGIN
+    UPDATE folders SET unseen = unseen - (instr(OLD.flags, '\\Seen') = 0) + (instr(NEW.flags, '\\Seen') = 0)
+        WHERE id = NEW.folder;
+END;
 CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
 """
 
@@ -80,10 +99,10 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("PRAGMA cache_size=-16000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version == 0:
+            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version != SCHEMA_VERSION:
             raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
-        db.executescript(_SCHEMA)
-        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         db.close()
         raise

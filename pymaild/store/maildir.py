@@ -87,7 +87,7 @@ def _makeMaildir(path: Path, folderMarker: bool) -> None:
         (path / "maildirfolder").touch(mode=0o600)
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     """
     One message as the index knows it.
@@ -421,26 +421,28 @@ class Folder:
         self.deleted = False
         self.listeners: list[Callable[[Folder, Changes], None]] = []
         db = user.db
-        row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
         self._imported: dict[str, int] = {}
+        row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
         if row is None:
-            uidvalidity, uidnext = self._newUidValidity(), 1
-            try:
-                uidlist = dovecot.parseUidlist(path / "dovecot-uidlist")
-            except (ValueError, OSError) as e:
-                log.warn("ignoring {path}: {error}", path=str(path / "dovecot-uidlist"), error=str(e))
-                uidlist = None
-            if uidlist is not None:
-                uidvalidity, uidnext = uidlist.uidvalidity, uidlist.nextuid
-                self._imported = dict(uidlist.entries)
+            # Look again inside the write transaction: another process may be creating it too.
             with self.user.transaction():
-                cur = db.execute(
-                    "INSERT INTO folders (name, uidvalidity, uidnext, highestmodseq) VALUES (?, ?, ?, 1)",
-                    (name, uidvalidity, uidnext),
-                )
-            self.id = cur.lastrowid
-        else:
-            self.id = row[0]
+                row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
+                if row is None:
+                    uidvalidity, uidnext = self._newUidValidity(), 1
+                    try:
+                        uidlist = dovecot.parseUidlist(path / "dovecot-uidlist")
+                    except (ValueError, OSError) as e:
+                        log.warn("ignoring {path}: {error}", path=str(path / "dovecot-uidlist"), error=str(e))
+                        uidlist = None
+                    if uidlist is not None:
+                        uidvalidity, uidnext = uidlist.uidvalidity, uidlist.nextuid
+                        self._imported = dict(uidlist.entries)
+                    cur = db.execute(
+                        "INSERT INTO folders (name, uidvalidity, uidnext, highestmodseq) VALUES (?, ?, ?, 1)",
+                        (name, uidvalidity, uidnext),
+                    )
+                    row = (cur.lastrowid,)
+        self.id = row[0]
         self._keywordLetters: dict[str, str] = {}
         self._loadKeywords()
 
@@ -504,12 +506,8 @@ class Folder:
         UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, MESSAGES, UNSEEN, SIZE (without syncing).
         """
         with self.user.lock:
-            uidvalidity, uidnext, highest = self.user.db.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)
-            ).fetchone()
-            count, unseen, size = self.user.db.execute(
-                "SELECT count(*), coalesce(sum(instr(flags, '\\Seen') = 0), 0), coalesce(sum(vsize), 0)"
-                " FROM messages WHERE folder=?",
+            uidvalidity, uidnext, highest, count, unseen, size = self.user.db.execute(
+                "SELECT uidvalidity, uidnext, highestmodseq, messages, unseen, vsize FROM folders WHERE id=?",
                 (self.id,),
             ).fetchone()
             return {
@@ -537,10 +535,39 @@ class Folder:
                     rows += self.user.db.execute(
                         query + f" AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid", (self.id, *chunk)
                     ).fetchall()
+            missing = [r[0] for r in rows if r[6] is None]
+            dates = self._internalDates(missing) if missing else {}
+            sets: dict[str, frozenset[str]] = {}
+
+            def flagSet(text: str) -> frozenset[str]:
+                found = sets.get(text)
+                if found is None:
+                    found = sets[text] = frozenset(text.split())
+                return found
+
             return [
-                Message(uid, frozenset(f.split()), frozenset(k.split()), m, s, v, d)
+                Message(uid, flagSet(f), flagSet(k), m, s, v, d if d is not None else dates.get(uid, 0))
                 for uid, f, k, m, s, v, d in rows
             ]
+
+    def _internalDates(self, uids: list[int]) -> dict[int, int]:
+        """
+        Read the internal dates (file mtimes) the index does not have yet, and keep them.  A
+        sync does not stat every new file, so that indexing a large folder reads only its
+        directories, as Dovecot does.
+        """
+        dates = {}
+        for uid in uids:
+            try:
+                dates[uid] = int(os.stat(self.filePath(uid)).st_mtime)
+            except (FileNotFoundError, StoreError):
+                continue
+        with self.user.transaction():
+            self.user.db.executemany(
+                "UPDATE messages SET internaldate=? WHERE folder=? AND uid=?",
+                [(d, self.id, u) for u, d in dates.items()],
+            )
+        return dates
 
     def uids(self) -> list[int]:
         with self.user.lock:
@@ -548,7 +575,7 @@ class Folder:
 
     def _row(self, uid: int):
         return self.user.db.execute(
-            "SELECT name, innew, flags, keywords, summary FROM messages WHERE folder=? AND uid=?", (self.id, uid)
+            "SELECT name, innew, flags, keywords FROM messages WHERE folder=? AND uid=?", (self.id, uid)
         ).fetchone()
 
     def filePath(self, uid: int) -> Path:
@@ -580,17 +607,21 @@ class Folder:
         from pymaild.store.summary import fromJSON, summarize, toJSON
 
         with self.user.lock:
-            row = self._row(uid)
-            if row is None:
+            cached = self.user.db.execute(
+                "SELECT summary FROM summaries WHERE folder=? AND uid=?", (self.id, uid)
+            ).fetchone()
+            if cached is not None:
+                return fromJSON(cached[0])
+            if self._row(uid) is None:
                 raise StoreError("NONEXISTENT", f"No message with UID {uid}")
-            if row[4] is not None:
-                return fromJSON(row[4])
         with self.open(uid) as f:
             result = summarize(f)
         with self.user.lock, self.user.transaction():
-            self.user.db.execute(
-                "UPDATE messages SET summary=? WHERE folder=? AND uid=?", (toJSON(result), self.id, uid)
-            )
+            if self._row(uid) is not None:  # not expunged meanwhile
+                self.user.db.execute(
+                    "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
+                    (self.id, uid, toJSON(result)),
+                )
         return result
 
     # --- sync ------------------------------------------------------------------------------------
@@ -615,7 +646,10 @@ class Folder:
             newStamp, curStamp = self._stamp("new", now_ns), self._stamp("cur", now_ns)
             if stamps is not None and newStamp and curStamp and (newStamp, curStamp) == tuple(stamps):
                 return Changes()
-            changes = self._scan(moveNew)
+            # The whole scan is one transaction (BEGIN IMMEDIATE): another process syncing the
+            # same folder waits, then sees this one's UIDs instead of assigning its own.
+            with self.user.transaction():
+                changes = self._scan(moveNew)
             newStamp, curStamp = self._stamp("new", now_ns), self._stamp("cur", now_ns)
             with self.user.transaction():
                 db.execute("UPDATE folders SET newstamp=?, curstamp=? WHERE id=?", (newStamp, curStamp, self.id))
@@ -626,14 +660,16 @@ class Folder:
     def _scan(self, moveNew: bool) -> Changes:
         db = self.user.db
         onDisk: dict[str, tuple[str, bool]] = {}
+        inNew: list[str] = []
         for sub, innew in (("cur", False), ("new", True)):
-            with os.scandir(self.path / sub) as it:
-                for entry in it:
-                    name = entry.name
-                    if name.startswith("."):
-                        continue
-                    base = FileName.parse(name).base
-                    onDisk.setdefault(base, (name, innew))
+            for name in os.listdir(self.path / sub):
+                if name[0] == ".":
+                    continue
+                base = name.partition(":")[0]  # FileName.parse's base, without the cost
+                if base not in onDisk:
+                    onDisk[base] = (name, innew)
+                    if innew:
+                        inNew.append(base)
         known = {
             base: (uid, name, innew, flags, keywords)
             for uid, base, name, innew, flags, keywords in db.execute(
@@ -643,27 +679,26 @@ class Folder:
         changes = Changes()
         gone = [known[b][0] for b in known.keys() - onDisk.keys()]
         fresh = sorted(onDisk.keys() - known.keys())
-        renamed = []
-        for base, (name, innew) in onDisk.items():
-            k = known.get(base)
-            if k is not None and (k[1] != name or bool(k[2]) != innew):
-                renamed.append((base, k))
+        renamed = {}
+        for base, k in known.items():
+            now = onDisk.get(base)
+            if now is not None and (k[1] != now[0] or bool(k[2]) != now[1]):
+                renamed[base] = k
 
         # new/ -> cur/ first (file system before index: a crash leaves a rename the next scan sees)
-        if moveNew:
+        if moveNew and inNew:
             moved = False
-            for base, (name, innew) in list(onDisk.items()):
-                if innew:
-                    target = infoName(base, FileName.parse(name).letters)
-                    try:
-                        os.rename(self.path / "new" / name, self.path / "cur" / target)
-                    except FileNotFoundError:
-                        continue  # taken by someone else; the next scan sees where it went
-                    onDisk[base] = (target, False)
-                    moved = True
-                    k = known.get(base)
-                    if k is not None and all(r[0] != base for r in renamed):
-                        renamed.append((base, k))
+            for base in inNew:
+                name = onDisk[base][0]
+                target = infoName(base, FileName.parse(name).letters)
+                try:
+                    os.rename(self.path / "new" / name, self.path / "cur" / target)
+                except FileNotFoundError:
+                    continue  # taken by someone else; the next scan sees where it went
+                onDisk[base] = (target, False)
+                moved = True
+                if base in known:
+                    renamed[base] = known[base]
             if moved:
                 fsyncDirectory(self.path / "cur")
 
@@ -676,7 +711,7 @@ class Folder:
             for uid in gone:
                 db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, uid))
             changes.expunged = sorted(gone)
-            for base, (uid, oldName, oldNew, oldFlags, oldKeywords) in renamed:
+            for base, (uid, oldName, oldNew, oldFlags, oldKeywords) in renamed.items():
                 name, innew = onDisk[base]
                 fn = FileName.parse(name)
                 flags, keywords = self._flagsFromName(fn, frozenset(oldKeywords.split()))
@@ -695,28 +730,35 @@ class Folder:
                 imported = self._imported
                 taken = {k[0] for k in known.values()}
                 rows = []
+                flagCache: dict[str, tuple[str, str]] = {}
                 for base in fresh:
                     name, innew = onDisk[base]
                     fn = FileName.parse(name)
-                    path = self.path / ("new" if innew else "cur") / name
-                    try:
-                        st = os.stat(path)
-                    except FileNotFoundError:
-                        continue
-                    size = fn.size if fn.size is not None else st.st_size
-                    vsize = fn.vsize if fn.vsize is not None else self._vsize(path, size)
+                    size, vsize, date = fn.size, fn.vsize, None
+                    if size is None or vsize is None:  # a name without ,S= and ,W=: look inside
+                        path = os.path.join(self.path, "new" if innew else "cur", name)
+                        try:
+                            st = os.stat(path)
+                        except FileNotFoundError:
+                            continue
+                        size = st.st_size if size is None else size
+                        vsize = self._vsize(Path(path), size) if vsize is None else vsize
+                        date = int(st.st_mtime)
                     uid = imported.pop(base, None)  # keep the UID Dovecot gave it
                     if uid is None or uid < 1 or uid in taken:
                         uid = uidnext
                     taken.add(uid)
-                    flags, keywords = self._flagsFromName(fn)
-                    rows.append((self.id, uid, base, name, innew, flags, keywords, modseq, size, vsize, int(st.st_mtime)))
+                    flagsKeywords = flagCache.get(fn.letters)
+                    if flagsKeywords is None:
+                        flagsKeywords = flagCache[fn.letters] = self._flagsFromName(fn)
+                    rows.append((self.id, uid, base, name, innew, *flagsKeywords, modseq, size, vsize, date))
                     uidnext = max(uidnext, uid + 1)
                 db.executemany(
                     "INSERT INTO messages (folder, uid, base, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
+                self._countAdded(len(rows), sum("\\Seen" not in r[5] for r in rows), sum(r[9] for r in rows))
                 changes.added = sorted(r[1] for r in rows)
             db.execute(
                 "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, self.id)
@@ -769,7 +811,18 @@ class Folder:
             (self.id, uidnext, base, name, flags, keywords, modseq, size, vsize, date),
         )
         db.execute("UPDATE folders SET uidnext=? WHERE id=?", (uidnext + 1, self.id))
+        self._countAdded(1, "\\Seen" not in flags, vsize)
         return uidnext
+
+    def _countAdded(self, messages: int, unseen: int, vsize: int) -> None:
+        """
+        Add inserted messages to the folder's counters (deletes and flag changes are counted by
+        triggers in the index).  Caller holds a transaction.
+        """
+        self.user.db.execute(
+            "UPDATE folders SET messages = messages + ?, unseen = unseen + ?, vsize = vsize + ? WHERE id=?",
+            (messages, int(unseen), vsize, self.id),
+        )
 
     # --- operations ----------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def test_each_protocol_gets_its_avatar(realm, tmp_path, interface, cls):
     IMAP asks for IAccount, POP3 for IMailbox, SMTP submission for IMessageDelivery; each gets
     an object providing that interface and a logout callable.  A bytes avatarId is decoded.
     """
-    iface, avatar, logout = realm.requestAvatar(b"alice@example.com", None, interface)
+    iface, avatar, logout = realm.requestAvatar(b"alice@example.com", None, interface).result
     assert iface is interface
     assert isinstance(avatar, cls)
     assert verifyObject(interface, avatar)
@@ -59,7 +59,7 @@ def test_first_known_interface_wins(realm):
     """
     With several interfaces asked for, the realm answers the first one it knows.
     """
-    iface, _, _ = realm.requestAvatar("bob@example.com", None, object(), pop3.IMailbox, imap4.IAccount)
+    iface, _, _ = realm.requestAvatar("bob@example.com", None, object(), pop3.IMailbox, imap4.IAccount).result
     assert iface is pop3.IMailbox
 
 

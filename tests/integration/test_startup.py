@@ -397,3 +397,17 @@ def test_port_in_use_stops_startup(make_server):
     for name, port in server.ports.items():
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, name
+
+
+def test_first_login_creates_special_use_folders(make_server):
+    """
+    A user's first IMAP login creates Drafts, Sent, Trash, Junk and Archive (names from
+    [store]) as Maildir++ folders in the user's directory.
+    """
+    server = make_server('[store]\nsent = "Gesendet"\njunk = ""\n').start()
+    with imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=30) as imap:
+        assert imap.login("postmaster@localhost", server.postmaster_password())[0] == "OK"
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    folders = sorted(p.name for p in home.iterdir() if p.name.startswith(".") and (p / "cur").is_dir())
+    assert folders == [".Archive", ".Drafts", ".Gesendet", ".Trash"]
+    assert (home / "pymaild.index.sqlite").exists()

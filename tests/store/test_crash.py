@@ -35,8 +35,13 @@ def survey(root: Path):
                 continue
             folder = user.folder(name)
             folder.sync()
-            validity = folder.status()["uidvalidity"]
-            for m in folder.messages():
+            status = folder.status()
+            validity = status["uidvalidity"]
+            messages = folder.messages()
+            counted = (len(messages), sum("\\Seen" not in m.flags for m in messages), sum(m.vsize for m in messages))
+            if counted != (status["messages"], status["unseen"], status["size"]):
+                problems.append((name, "counters", counted, status))
+            for m in messages:
                 path = folder.filePath(m.uid)
                 marker = MARKER.search(path.read_bytes()).group(1).decode()
                 seen[(name, validity, m.uid)] = marker

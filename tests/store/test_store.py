@@ -286,6 +286,18 @@ def test_hostile_names_are_refused(user, tmp_path, name):
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
+def test_summary_is_computed_once(user):
+    """
+    The summary (ENVELOPE etc.) is computed on first need and then read from the index.
+    """
+    inbox = user.folder("INBOX")
+    inbox.append(msg(1))
+    first = inbox.summary(1)
+    assert b"hello 1" in first.envelope
+    os.unlink(inbox.filePath(1))  # the cached copy no longer needs the file
+    assert inbox.summary(1).envelope == first.envelope
+
+
 def test_quota_refuses_and_counts(tmp_path):
     """
     Over the message limit an APPEND is refused and nothing is stored; maildirsize tracks
@@ -353,4 +365,41 @@ def test_threads_and_a_deliverer_never_share_a_uid(user):
     assert uids == sorted(uids)
     bodies = {inbox.open(u).read() for u in uids}
     assert len(bodies) == len(uids)
+    messages = inbox.messages()
+    status = inbox.status()
+    assert status["messages"] == len(messages)
+    assert status["unseen"] == sum("\\Seen" not in m.flags for m in messages)
+    assert status["size"] == sum(m.vsize for m in messages)
     assert inbox.status()["uidnext"] > max(uids)
+
+
+def _sync_loop(root: str, rounds: int) -> None:
+    store = UserStore(Path(root))
+    inbox = store.folder("INBOX")
+    for i in range(rounds):
+        deliver(inbox.path, msg(os.getpid() * 1000 + i))
+        inbox.sync()
+    store.close()
+
+
+def test_two_processes_syncing_one_folder_agree(tmp_path):
+    """
+    Two processes each deliver and sync the same folder 60 times: the index (shared through
+    sqlite's locking) gives every message one UID, and both see the same ones.
+    """
+    import multiprocessing
+
+    root = tmp_path / "bob"
+    UserStore(root).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_sync_loop, args=(str(root), 60)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    inbox = UserStore(root).folder("INBOX")
+    inbox.sync()
+    uids = inbox.uids()
+    assert len(uids) == 120 == len(set(uids))
+    assert len({inbox.open(u).read() for u in uids}) == 120
