@@ -44,8 +44,19 @@ def uniqueName(clock=time.time) -> str:
     return f"{secs}.M{usecs}P{os.getpid()}Q{next(_counter)}.{_hostname}"
 
 
-_SIZES = re.compile(r",S=(\d+)(?:,W=(\d+))?")
-_VSIZE = re.compile(r",W=(\d+)")
+_SIZES = re.compile(r",S=(\d+),W=(\d+)(?:,|$)")
+
+
+def _field(base: str, key: str) -> int | None:
+    """
+    The number after C{,S=} or C{,W=} in a base name, if there is one.
+    """
+    i = base.find(key)
+    if i < 0:
+        return None
+    j = base.find(",", i + 3)
+    text = base[i + 3 : j] if j >= 0 else base[i + 3 :]
+    return int(text) if text.isdigit() else None
 
 
 class FileName(NamedTuple):
@@ -63,20 +74,12 @@ class FileName(NamedTuple):
 
     @classmethod
     def parse(cls, name: str) -> FileName:
-        base, sep, info = name.partition(":2,")
-        if not sep:
-            base = name.partition(":")[0]
-            info = ""
-        size = vsize = None
+        base, _, rest = name.partition(":")  # the spec forbids ":" in the unique part
+        info = rest[2:] if rest.startswith("2,") else ""
         m = _SIZES.search(base)
-        if m is not None:
-            size = int(m.group(1))
-            if m.group(2) is not None:
-                vsize = int(m.group(2))
-        if vsize is None and ",W=" in base:
-            w = _VSIZE.search(base)
-            vsize = int(w.group(1)) if w else None
-        return cls(base, info, size, vsize)
+        if m is not None:  # the usual ",S=<size>,W=<vsize>", in one step
+            return cls(base, info, int(m[1]), int(m[2]))
+        return cls(base, info, _field(base, ",S="), _field(base, ",W="))
 
     @property
     def systemLetters(self) -> str:

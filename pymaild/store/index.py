@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,8 +37,8 @@ CREATE TABLE IF NOT EXISTS folders (
 CREATE TABLE IF NOT EXISTS messages (
     folder INTEGER NOT NULL,
     uid INTEGER NOT NULL,
-    base TEXT NOT NULL,                 -- maildir unique name (before ":2,")
-    name TEXT NOT NULL,                 -- file name in new/ or cur/
+    name TEXT NOT NULL,                 -- file name in new/ or cur/ (the unique base is the
+                                        -- part before ":"; not stored twice, to keep inserts cheap)
     innew INTEGER NOT NULL,
     flags TEXT NOT NULL,                -- IMAP system flags, space separated
     keywords TEXT NOT NULL,             -- IMAP keywords, space separated

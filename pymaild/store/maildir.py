@@ -671,9 +671,9 @@ class Folder:
                     if innew:
                         inNew.append(base)
         known = {
-            base: (uid, name, innew, flags, keywords)
-            for uid, base, name, innew, flags, keywords in db.execute(
-                "SELECT uid, base, name, innew, flags, keywords FROM messages WHERE folder=?", (self.id,)
+            name.partition(":")[0]: (uid, name, innew, flags, keywords)
+            for uid, name, innew, flags, keywords in db.execute(
+                "SELECT uid, name, innew, flags, keywords FROM messages WHERE folder=?", (self.id,)
             )
         }
         changes = Changes()
@@ -751,14 +751,14 @@ class Folder:
                     flagsKeywords = flagCache.get(fn.letters)
                     if flagsKeywords is None:
                         flagsKeywords = flagCache[fn.letters] = self._flagsFromName(fn)
-                    rows.append((self.id, uid, base, name, innew, *flagsKeywords, modseq, size, vsize, date))
+                    rows.append((self.id, uid, name, innew, *flagsKeywords, modseq, size, vsize, date))
                     uidnext = max(uidnext, uid + 1)
                 db.executemany(
-                    "INSERT INTO messages (folder, uid, base, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                self._countAdded(len(rows), sum("\\Seen" not in r[5] for r in rows), sum(r[9] for r in rows))
+                self._countAdded(len(rows), sum("\\Seen" not in r[4] for r in rows), sum(r[8] for r in rows))
                 changes.added = sorted(r[1] for r in rows)
             db.execute(
                 "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, self.id)
@@ -797,7 +797,7 @@ class Folder:
         db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, self.id))
         return modseq
 
-    def _insert(self, base: str, name: str, flags: str, keywords: str, size: int, vsize: int, date: int) -> int:
+    def _insert(self, name: str, flags: str, keywords: str, size: int, vsize: int, date: int) -> int:
         """
         Index a file already in C{cur/}; returns its new UID.  Caller holds the lock and a
         transaction.
@@ -806,9 +806,9 @@ class Folder:
         (uidnext,) = db.execute("SELECT uidnext FROM folders WHERE id=?", (self.id,)).fetchone()
         modseq = self._nextModseq()
         db.execute(
-            "INSERT INTO messages (folder, uid, base, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
-            " VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
-            (self.id, uidnext, base, name, flags, keywords, modseq, size, vsize, date),
+            "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
+            " VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+            (self.id, uidnext, name, flags, keywords, modseq, size, vsize, date),
         )
         db.execute("UPDATE folders SET uidnext=? WHERE id=?", (uidnext + 1, self.id))
         self._countAdded(1, "\\Seen" not in flags, vsize)
@@ -848,7 +848,7 @@ class Folder:
             date = int(internalDate if internalDate is not None else os.stat(delivered.path).st_mtime)
             with self.user.transaction():
                 uid = self._insert(
-                    delivered.base, delivered.path.name, " ".join(sorted(system)), " ".join(sorted(keywords)),
+                    delivered.path.name, " ".join(sorted(system)), " ".join(sorted(keywords)),
                     delivered.size, delivered.vsize, date,
                 )
             self.user.quota.update(delivered.size, 1)
@@ -873,14 +873,15 @@ class Folder:
             rows = {
                 r[0]: r[1:]
                 for r in db.execute(
-                    "SELECT uid, base, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
+                    "SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
                     f" AND uid IN ({','.join(str(int(u)) for u in set(uids)) or '0'})",
                     (self.id,),
                 )
             }
             plans = []
             for uid in sorted(rows):
-                base, name, innew, oldFlags, oldKeywords, modseq = rows[uid]
+                name, innew, oldFlags, oldKeywords, modseq = rows[uid]
+                base = name.partition(":")[0]
                 if unchangedSince is not None and modseq > unchangedSince:
                     failed.append(uid)
                     continue
@@ -952,7 +953,7 @@ class Folder:
             with self.user.transaction():
                 for m, newBase, newName in made:
                     newUid = dest._insert(
-                        newBase, newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
+                        newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
                         m.size, m.vsize, m.internalDate,
                     )
                     pairs.append((m.uid, newUid))
@@ -984,10 +985,10 @@ class Folder:
                 fsyncDirectory(dest.path / "cur")
                 fsyncDirectory(src.parent)
             with self.user.transaction():
-                for m, base, newName in moved:
+                for m, _, newName in moved:
                     self.user.db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, m.uid))
                     newUid = dest._insert(
-                        base, newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
+                        newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
                         m.size, m.vsize, m.internalDate,
                     )
                     pairs.append((m.uid, newUid))

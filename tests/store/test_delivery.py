@@ -130,6 +130,10 @@ def test_concurrent_processes_get_unique_names(maildir):
         ("1.M2P3.host:2,", "1.M2P3.host", "", None, None),
         ("1.M2P3.host,S=x:2,Sab", "1.M2P3.host,S=x", "Sab", None, None),
         ("weird:1,stuff", "weird", "", None, None),
+        ("1.M2P3.host,S=10,W=12,X=5:2,S", "1.M2P3.host,S=10,W=12,X=5", "S", 10, 12),
+        ("1.M2P3.host,W=12,S=10", "1.M2P3.host,W=12,S=10", "", 10, 12),
+        ("1.M2P3.host,S=10", "1.M2P3.host,S=10", "", 10, None),
+        ("1.M2P3.host,S=10,W=", "1.M2P3.host,S=10,W=", "", 10, None),
     ],
 )
 def test_file_name_parsing(name, base, letters, size, vsize):
