@@ -1,9 +1,10 @@
 """
 A store user that works until it is killed with SIGKILL (tests/store/test_crash.py).
 
-It appends, delivers, moves, flags, expunges nothing it has logged, and syncs, at random.  After
-each message is stored (append returned, or deliver returned) it appends the message's marker
-to a log file and fsyncs the log: those markers must survive any crash exactly once.
+It appends, delivers, moves, flags, expunges and syncs, at random.  After each message is stored
+(append returned, or deliver returned) it appends the message's marker to a log file and fsyncs
+the log: those markers must survive any crash exactly once.  Before expunging it logs the
+markers it is about to remove as "-marker": those may be there once or not at all.
 """
 
 import os
@@ -43,6 +44,16 @@ def main(root: str, logPath: str, seed: int) -> None:
             if uids:
                 other = folders[1] if folder is folders[0] else folders[0]
                 folder.move(rng.sample(uids, min(3, len(uids))), other)
+        elif op < 0.78:
+            # expunge: say which markers may vanish before trying, so the test allows 0 or 1
+            uids = folder.uids()
+            if uids:
+                victims = rng.sample(uids, min(2, len(uids)))
+                doomed = [folder.open(u).read().split(b"\n", 1)[0].split()[-1].decode() for u in victims]
+                os.write(log, ("".join(f"-{m}\n" for m in doomed)).encode())
+                os.fsync(log)
+                folder.store(victims, ["\\Deleted"], "add")
+                folder.expunge(victims)
         elif op < 0.9:
             uids = folder.uids()
             if uids:
