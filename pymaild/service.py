@@ -37,7 +37,7 @@ from pymaild.auth.passwdfile import PasswdFile
 from pymaild.auth.realm import MailRealm
 from pymaild.config import LISTENERS, Config
 from pymaild.errors import ConfigError, fileProblem
-from pymaild.imap.account import imapAvatar
+from pymaild.imap.mailbox import StoreAccount
 from pymaild.imap.server import IMAPFactory
 from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
 from pymaild.pop3.mailbox import pop3Avatar
@@ -284,7 +284,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     realm = MailRealm(
         {
-            imap4.IAccount: firstLogin(imapAvatar),
+            imap4.IAccount: firstLogin(lambda user, mind: (StoreAccount(store.user(user), storeThreads.run), lambda: None)),
             pop3.IMailbox: firstLogin(pop3Avatar(store)),
             IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
         }

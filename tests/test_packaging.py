@@ -6,6 +6,7 @@ and twistd lists pymaild.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,13 @@ TOP = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
+    # Build from a clean copy: setuptools reuses a checkout's build/ directory, whose stale
+    # files would end up in the wheel.
+    source = tmp_path_factory.mktemp("source") / "pymaild"
+    shutil.copytree(TOP, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", "pymaild-data", "dropin.cache"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(TOP)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(source)],
         check=True, capture_output=True, timeout=300,
     )
     (path,) = out.glob("pymaild-*.whl")
@@ -41,7 +47,7 @@ def test_wheel_holds_plugin_packages_and_script(wheel):
     for package in ("pymaild", "pymaild/auth", "pymaild/smtp", "pymaild/imap", "pymaild/pop3", "pymaild/store"):
         assert f"{package}/__init__.py" in names, package
     packaged = {n for n in names if n.startswith("pymaild/") and n.endswith(".py")}
-    on_disk = {str(p.relative_to(TOP)) for p in (TOP / "pymaild").rglob("*.py")}
+    on_disk = {str(p.relative_to(TOP)) for p in (TOP / "pymaild").rglob("*.py") if "__pycache__" not in p.parts}
     assert packaged == on_disk
     (entry_points,) = [n for n in names if n.endswith("entry_points.txt")]
     assert "pymaildctl = pymaild.cli:main" in wheel.read(entry_points).decode()

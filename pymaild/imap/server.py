@@ -2,9 +2,14 @@
 """
 The IMAP front-end on Twisted's C{IMAP4Server}: port 143 (STARTTLS) and 993 (implicit TLS).
 
-Status: greeting with capabilities, STARTTLS, LOGIN and AUTHENTICATE PLAIN/LOGIN through the
-portal, refused before TLS except from C{[auth] plaintext_networks}.  Mailboxes come with the
-store and IMAP issues (see L{pymaild.imap.account}).
+Status: greeting with capabilities, STARTTLS (plaintext pipelined after it is discarded),
+LOGIN and AUTHENTICATE PLAIN/LOGIN through the portal, refused before TLS except from
+C{[auth] plaintext_networks}; folders and messages from the store (L{pymaild.imap.mailbox}):
+LIST/LSUB/STATUS/CREATE/DELETE/RENAME/(UN)SUBSCRIBE, SELECT/EXAMINE with every RFC 3501
+response, FETCH from the index's cached summaries and straight from the files (sections,
+partial fetches, \\Seen on non-PEEK), STORE, COPY, APPEND, EXPUNGE, CLOSE and their UID forms.
+The IMAP issue adds the extensions (IDLE, UIDPLUS, MOVE, CONDSTORE ...), SEARCH over the index
+and abuse limits.
 
 Security: reads commands from anyone who connects; no password is accepted over a connection
 without TLS unless the client's address is in C{[auth] plaintext_networks}.
@@ -12,11 +17,13 @@ without TLS unless the client's address is in C{[auth] plaintext_networks}.
 
 from __future__ import annotations
 
+import re
+
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import imap4
-from twisted.internet.protocol import ServerFactory
 
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
@@ -84,12 +91,237 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         log.info("imap login {user} from {peer}: {result}", event="login", protocol="imap", user=name, peer=self.peerHost, result=result)
         self.sendNegativeResponse(tag, answer)
 
+    # --- STARTTLS: nothing sent before the handshake survives it (CVE-2011-0411 class) --------
+
+    def do_STARTTLS(self, tag):
+        super().do_STARTTLS(tag)
+        if self.startedTLS:
+            # Commands pipelined in plaintext after STARTTLS must not run inside TLS: drop
+            # what LineReceiver still holds (RFC 3501 6.2.1, RFC 7817).
+            self._buffer = b""
+
+    unauth_STARTTLS = (do_STARTTLS,)
+
+    # --- folder commands: the store answers through Deferreds --------------------------------
+
+    def _answer(self, d, tag, what: str):
+        def ok(_):
+            self.sendPositiveResponse(tag, f"{what} completed".encode())
+
+        def no(failure):
+            if failure.check(imap4.MailboxException):
+                self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            else:
+                log.failure("{what} failed", failure, what=what)
+                self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
+
+        maybeDeferred(lambda: d).addCallbacks(ok, no)
+
+    def _name(self, name) -> str:
+        return imap4._parseMbox(name)  # modified UTF-7 on the wire -> Unicode
+
+    def do_CREATE(self, tag, name):
+        self._answer(maybeDeferred(self.account.create, self._name(name)), tag, "CREATE")
+
+    auth_CREATE = (do_CREATE, imap4.IMAP4Server.arg_finalastring)
+    select_CREATE = auth_CREATE
+
+    def do_DELETE(self, tag, name):
+        self._answer(maybeDeferred(self.account.delete, self._name(name)), tag, "DELETE")
+
+    auth_DELETE = (do_DELETE, imap4.IMAP4Server.arg_finalastring)
+    select_DELETE = auth_DELETE
+
+    def do_RENAME(self, tag, oldname, newname):
+        self._answer(
+            maybeDeferred(self.account.rename, self._name(oldname), self._name(newname)), tag, "RENAME"
+        )
+
+    auth_RENAME = (do_RENAME, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
+    select_RENAME = auth_RENAME
+
+    def do_SUBSCRIBE(self, tag, name):
+        self._answer(maybeDeferred(self.account.subscribe, self._name(name)), tag, "SUBSCRIBE")
+
+    auth_SUBSCRIBE = (do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    select_SUBSCRIBE = auth_SUBSCRIBE
+
+    def do_UNSUBSCRIBE(self, tag, name):
+        self._answer(maybeDeferred(self.account.unsubscribe, self._name(name)), tag, "UNSUBSCRIBE")
+
+    auth_UNSUBSCRIBE = (do_UNSUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    select_UNSUBSCRIBE = auth_UNSUBSCRIBE
+
+    # --- SELECT / EXAMINE: every response RFC 3501 6.3.1 lists --------------------------------
+
+    def _cbSelectWork(self, mbox, cmdName, tag):
+        if mbox is None:
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
+            return
+        flags = " ".join(mbox.getFlags()).encode()
+        self.sendUntaggedResponse(b"FLAGS (" + flags + b")")
+        self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
+        self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
+        firstUnseen = getattr(mbox, "firstUnseen", None)
+        if firstUnseen:
+            self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % firstUnseen)
+        permanent = flags + b" \\*" if mbox.isWriteable() else b""
+        self.sendUntaggedResponse(b"OK [PERMANENTFLAGS (" + permanent + b")] Limited")
+        self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
+        self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        mbox.addListener(self)
+        self.mbox = mbox
+        self.state = "select"
+        access = b"[READ-WRITE]" if mbox.isWriteable() else b"[READ-ONLY]"
+        self.sendPositiveResponse(tag, access + b" " + cmdName + b" completed")
+
+    # --- FETCH from the index's summaries and straight from the files -----------------------
+
+    _SEEN_PARTS = {"rfc822", "rfc822text"}
+
+    def do_FETCH(self, tag, messages, query, uid=0):
+        if self.mbox is not None and query:
+            types = {part.type for part in query}
+            self.mbox.wantSummaries = bool(types & {"envelope", "bodystructure", "body", "rfc822header", "rfc822text"})
+            markSeen = any(
+                (part.type == "body" and not part.peek and (part.empty or part.header or part.text or part.mime))
+                or part.type in self._SEEN_PARTS
+                for part in query
+            )
+            self.mbox.markSeen = markSeen and self.mbox.isWriteable()
+            if self.mbox.markSeen and "flags" not in types:
+                query = list(query) + [imap4._FetchParser.Flags()]
+        super().do_FETCH(tag, messages, query, uid)
+
+    select_FETCH = (do_FETCH, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+
+    def spew_envelope(self, id, msg, _w=None, _f=None):
+        _w(b"ENVELOPE " + msg.summary.envelope)
+
+    def spew_bodystructure(self, id, msg, _w=None, _f=None):
+        _w(b"BODYSTRUCTURE " + msg.summary.bodystructure)
+
+    def spew_rfc822header(self, id, msg, _w=None, _f=None):
+        top = msg.summary.parts
+        return self._spewSection(b"RFC822.HEADER", msg, top["headerStart"], top["bodyStart"], top["headerVSize"], None, _w, _f)
+
+    def spew_rfc822text(self, id, msg, _w=None, _f=None):
+        top = msg.summary.parts
+        return self._spewSection(b"RFC822.TEXT", msg, top["bodyStart"], top["bodyEnd"], top["bodyVSize"], None, _w, _f)
+
+    def spew_rfc822(self, id, msg, _w=None, _f=None):
+        return self._spewSection(b"RFC822", msg, 0, 1 << 62, msg.getSize(), None, _w, _f)
+
+    def spew_body(self, part, id, msg, _w=None, _f=None):
+        if not (part.header or part.text or part.mime or part.empty):
+            _w(b"BODY " + msg.summary.body)
+            return
+        name = part.getBytes()
+        name = name[: name.index(b"]") + 1]  # without Twisted's (wrong) partial suffix
+        node = msg.summary.parts
+        path = list(part.part)
+        for number in path:
+            node = _child(node, number)
+            if node is None:
+                _w(name + b" NIL")
+                return
+        if part.mime and path:
+            start, end, length = node["headerStart"], node["bodyStart"], node["headerVSize"]
+        elif part.empty:
+            if path:
+                start, end, length = node["bodyStart"], node["bodyEnd"], node["bodyVSize"]
+            else:
+                start, end, length = 0, 1 << 62, msg.getSize()
+        else:
+            if path:  # HEADER/TEXT of a part: only a message/rfc822 part has them
+                if node.get("kind") != "message":
+                    _w(name + b" NIL")
+                    return
+                node = node["parts"][0]
+            if part.text:
+                start, end, length = node["bodyStart"], node["bodyEnd"], node["bodyVSize"]
+            else:
+                start, end, length = node["headerStart"], node["bodyStart"], node["headerVSize"]
+                if part.header.fields:
+                    data = _headerFields(msg.path, start, end, part.header.fields, part.header.negate)
+                    return self._spewBytes(name, data, part, _w)
+        partial = (part.partialBegin, part.partialLength) if part.partialBegin is not None else None
+        return self._spewSection(name, msg, start, end, length, partial, _w, _f)
+
+    def _spewBytes(self, name, data, part, _w):
+        if part.partialBegin is not None:
+            data = data[part.partialBegin : part.partialBegin + part.partialLength]
+            name += b"<%d>" % part.partialBegin
+        _w(name + b" {%d}\r\n" % len(data) + data)
+
+    def _spewSection(self, name, msg, start, end, length, partial, _w, _f):
+        from pymaild.imap.mailbox import CRLFSection
+
+        skip, limit = 0, None
+        if partial is not None:
+            skip, limit = partial
+            name += b"<%d>" % skip
+        section = CRLFSection(msg.path, start, end, length, skip, limit)
+        if section.seek(0, 2) <= 65536:
+            section.seek(0)
+            data = section.read()
+            section.close()
+            _w(name + b" {%d}\r\n" % len(data) + data)
+            return None
+        section.seek(0)
+        _w(name + b" ")
+        _f()
+        d = imap4.FileProducer(section).beginProducing(self.transport)
+        return d.addBoth(lambda r: (section.close(), r)[1])
+
     def isBusy(self) -> bool:
         return self._pendingLiteral is not None
 
     def goodbye(self) -> None:
         self.sendUntaggedResponse(b"BYE Server shutting down")
         self.transport.loseConnection()
+
+
+def _child(node, number: int):
+    """
+    Part C{number} (0-based) below C{node} in the summary's part tree (RFC 3501 6.4.5 section
+    numbering): a multipart's parts; a message/rfc822 part's enclosed message's parts; a
+    single part has only its own body as part 1.
+    """
+    kind = node.get("kind")
+    if kind == "message":
+        return _child(node["parts"][0], number)
+    if kind == "multipart":
+        parts = node.get("parts") or []
+        return parts[number] if 0 <= number < len(parts) else None
+    return node if number == 0 else None
+
+
+_FIELD = re.compile(rb"^([^:\s]+)[ \t]*:", re.M)
+
+
+def _headerFields(path, start: int, end: int, fields, negate: bool) -> bytes:
+    """
+    The header lines (with their continuation lines) whose names are in C{fields} (or not, with
+    C{negate}), as stored, with CRLF line ends and the blank line that ends a header.
+    """
+    wanted = {f.lower() if isinstance(f, bytes) else f.encode().lower() for f in fields}
+    with open(path, "rb") as f:
+        f.seek(start)
+        header = f.read(end - start)
+    out, keep = [], False
+    for line in header.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        m = _FIELD.match(line)
+        keep = m is not None and ((m.group(1).lower() in wanted) != negate)
+        if keep:
+            out.append(line)
+    return b"".join(line + b"\r\n" for line in out) + b"\r\n"
 
 
 class IMAPFactory(ServerFactory):

@@ -569,6 +569,15 @@ class Folder:
             )
         return dates
 
+    def firstUnseen(self) -> int | None:
+        """
+        The lowest UID without \\Seen (for SELECT's [UNSEEN n]).
+        """
+        with self.user.lock:
+            return self.user.db.execute(
+                "SELECT min(uid) FROM messages WHERE folder=? AND instr(flags, '\\Seen') = 0", (self.id,)
+            ).fetchone()[0]
+
     def uids(self) -> list[int]:
         with self.user.lock:
             return [r[0] for r in self.user.db.execute("SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))]

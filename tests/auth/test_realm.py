@@ -6,13 +6,14 @@ service.py injects; an interface nobody provides is refused.
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 from twisted.cred.portal import IRealm
 from twisted.mail import imap4, pop3
 from twisted.mail.interfaces import IMessageDelivery
 from zope.interface.verify import verifyObject
 
 from pymaild.auth.realm import MailRealm
-from pymaild.imap.account import StorelessAccount, imapAvatar
+from pymaild.imap.mailbox import StoreAccount
 from pymaild.pop3.mailbox import ReadOnlyInbox, pop3Avatar
 from pymaild.smtp.server import UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
@@ -23,7 +24,7 @@ def realm(tmp_path):
     store = MaildirStore(tmp_path / "mail")
     return MailRealm(
         {
-            imap4.IAccount: imapAvatar,
+            imap4.IAccount: lambda user, mind: (StoreAccount(store.user(user), defer.maybeDeferred), lambda: None),
             pop3.IMailbox: pop3Avatar(store),
             IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
         }
@@ -39,7 +40,7 @@ def test_realm_provides_irealm(realm):
 
 @pytest.mark.parametrize(
     "interface, cls",
-    [(imap4.IAccount, StorelessAccount), (pop3.IMailbox, ReadOnlyInbox), (IMessageDelivery, UnavailableDelivery)],
+    [(imap4.IAccount, StoreAccount), (pop3.IMailbox, ReadOnlyInbox), (IMessageDelivery, UnavailableDelivery)],
 )
 def test_each_protocol_gets_its_avatar(realm, tmp_path, interface, cls):
     """

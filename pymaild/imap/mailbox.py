@@ -1,0 +1,438 @@
+# -*- test-case-name: tests.integration.test_imap -*-
+"""
+Twisted's IMAP interfaces (C{IAccount}, C{IMailbox}, C{IMessage}) over pymaild's store.
+
+The store blocks (files, sqlite); every call into it goes through C{run} (the store's thread
+pool, L{pymaild.store.threads.StoreThreads.run}) and comes back as a Deferred.  What Twisted
+asks synchronously (message count, UID of a sequence number, UIDNEXT ...) is answered from a
+snapshot the mailbox keeps: the UID list taken at SELECT and updated by this session's own
+commands and by the folder's change notifications.
+
+This module knows the store only by its methods (duck typing), so that imap/ does not import
+store/ (the layer rule of HACKING.md); service.py hands it a user's store.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import time
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import imap4
+from zope.interface import implementer
+
+log = Logger()
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+
+
+def mailboxError(failure):
+    """
+    Turn a store refusal into the C{MailboxException} Twisted answers with C{NO}: the store's
+    C{StoreError} carries an IMAP response code, a bad name is C{[CANNOT]}.
+    """
+    e = failure.value
+    code = getattr(e, "code", None)
+    if isinstance(code, str):
+        raise imap4.MailboxException(f"[{code}] {e}")
+    if isinstance(e, ValueError):
+        raise imap4.MailboxException(f"[CANNOT] {e}")
+    return failure
+
+
+class CRLFSection(io.RawIOBase):
+    """
+    A byte range of a message file (stored with LF line ends) read with CRLF line ends, as IMAP
+    sends it, without loading it into memory.  C{length} is the converted length, known in
+    advance from the index, which is what Twisted's C{FileProducer} asks with seek/tell.
+    """
+
+    def __init__(self, path, start: int, end: int, length: int, skip: int = 0, limit: int | None = None):
+        self._f = open(path, "rb")
+        self._f.seek(start)
+        self._left = end - start
+        self._pending = b""
+        self._pendingCR = False
+        self.length = length
+        self._skip = skip
+        self._limit = length - skip if limit is None else min(limit, max(0, length - skip))
+        self._pos = 0
+        self._probing = False
+
+    def readable(self):
+        return True
+
+    def _convert(self, n: int) -> bytes:
+        chunk = self._f.read(min(n, self._left)) if self._left > 0 else b""
+        self._left -= len(chunk)
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self._pendingCR and chunk.startswith(b"\n"):
+            out = out[1:]  # the CR of this CRLF was already sent
+        self._pendingCR = chunk.endswith(b"\r")
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 30
+        n = min(n, self._limit - self._pos)
+        out = b""
+        while len(out) < n:
+            if not self._pending:
+                self._pending = self._convert(65536)
+                if not self._pending:
+                    break
+            if self._skip:
+                drop = min(self._skip, len(self._pending))
+                self._pending = self._pending[drop:]
+                self._skip -= drop
+                continue
+            take = self._pending[: n - len(out)]
+            self._pending = self._pending[len(take) :]
+            out += take
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._limit if self._probing else self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        # Only what Twisted's FileProducer does to learn the size: tell, seek to the end, tell,
+        # seek back.
+        if whence == 2 and offset == 0:
+            self._probing = True
+            return self._limit
+        if whence == 0 and offset == self._pos:
+            self._probing = False
+            return self._pos
+        raise io.UnsupportedOperation("CRLFSection only supports Twisted's size probe")
+
+    def close(self):
+        self._f.close()
+        super().close()
+
+
+@implementer(imap4.IMessage, imap4.IMessageFile)
+class StoreMessage:
+    """
+    One message as a FETCH sees it: metadata from the index, summary (ENVELOPE, BODYSTRUCTURE,
+    part offsets) from the index's cache, bytes from the file.
+    """
+
+    def __init__(self, meta, path, summary):
+        self.meta = meta
+        self.path = path
+        self.summary = summary
+
+    def getUID(self):
+        return self.meta.uid
+
+    def getFlags(self):
+        return sorted(self.meta.flags | self.meta.keywords)
+
+    def getInternalDate(self):
+        return email.utils.formatdate(self.meta.internalDate, localtime=True)
+
+    def getSize(self):
+        return self.meta.vsize
+
+    def open(self):
+        return CRLFSection(self.path, 0, 1 << 62, self.meta.vsize)
+
+    def getHeaders(self, negate, *names):
+        wanted = {n.lower() if isinstance(n, str) else n.decode().lower() for n in names}
+        with open(self.path, "rb") as f:
+            parsed = email.message_from_binary_file(io.BytesIO(_headerBytes(f)))
+        out = {}
+        for name, value in parsed.items():
+            if (name.lower() in wanted) != bool(negate) or (negate and not names):
+                out.setdefault(name.lower(), value)
+        return out
+
+    def getBodyFile(self):
+        top = self.summary.parts
+        return CRLFSection(self.path, top["bodyStart"], top["bodyEnd"], top["bodyVSize"])
+
+    def isMultipart(self):
+        return self.summary is not None and self.summary.parts.get("kind") == "multipart"
+
+    def getSubPart(self, part):
+        raise imap4.IMAP4Exception("sub-parts are served by the server's spew_body")
+
+
+def _headerBytes(f) -> bytes:
+    out = []
+    for line in f:
+        if line in (b"\n", b"\r\n"):
+            break
+        out.append(line)
+    return b"".join(out)
+
+
+@implementer(imap4.IMailbox, imap4.IMessageCopier, imap4.ICloseableMailbox)
+class StoreMailbox:
+    """
+    A selected folder.
+
+    @ivar uids: the session's view: sequence number N is C{uids[N - 1]}.
+    """
+
+    def __init__(self, folder, run, writeable: bool, status: dict, uids: list[int]):
+        self.folder = folder
+        self.run = run
+        self.writeable = writeable
+        self.info = status
+        self.uids = uids
+        self.listeners = []
+        self.wantSummaries = False
+        self.markSeen = False
+        self.firstUnseen = None
+
+    # --- what Twisted asks synchronously, from the snapshot --------------------------------
+
+    def getFlags(self):
+        return list(SYSTEM_FLAGS)
+
+    def getHierarchicalDelimiter(self):
+        return "/"
+
+    def getUIDValidity(self):
+        return self.info["uidvalidity"]
+
+    def getUIDNext(self):
+        return self.info["uidnext"]
+
+    def getUID(self, message):
+        return self.uids[message - 1]
+
+    def getMessageCount(self):
+        return len(self.uids)
+
+    def getRecentCount(self):
+        return 0
+
+    def getUnseenCount(self):
+        return self.info["unseen"]
+
+    def isWriteable(self):
+        return self.writeable
+
+    def destroy(self):
+        pass
+
+    def addListener(self, listener):
+        self.listeners.append(listener)
+
+    def removeListener(self, listener):
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    # --- store calls, in the store's threads ------------------------------------------------
+
+    def _refresh(self, _=None):
+        def work():
+            return self.folder.status(), self.folder.uids()
+
+        def done(result):
+            self.info, self.uids = result
+            return _
+
+        return self.run(work).addCallback(done)
+
+    def requestStatus(self, names):
+        def answer(status):
+            out = {}
+            for name in names:
+                key = name.upper()
+                if key == "MESSAGES":
+                    out[name] = status["messages"]
+                elif key == "RECENT":
+                    out[name] = 0
+                elif key == "UIDNEXT":
+                    out[name] = status["uidnext"]
+                elif key == "UIDVALIDITY":
+                    out[name] = status["uidvalidity"]
+                elif key == "UNSEEN":
+                    out[name] = status["unseen"]
+            return out
+
+        return self.run(self.folder.status).addCallback(answer)
+
+    def addMessage(self, message, flags=(), date=None):
+        when = None
+        if date:
+            parsed = email.utils.parsedate_tz(date if isinstance(date, str) else date.decode())
+            if parsed is not None:
+                when = email.utils.mktime_tz(parsed)
+
+        def work():
+            message.seek(0)
+            return self.folder.append(message, list(flags), when)
+
+        return self.run(work).addErrback(mailboxError).addCallback(self._refresh)
+
+    def _resolve(self, messages, uid):
+        """
+        The UIDs a sequence set names, against this session's view.
+        """
+        if not self.uids:
+            return []
+        if uid:
+            messages.last = self.uids[-1]
+            present = set(self.uids)
+            return sorted({u for u in messages if u in present})
+        messages.last = len(self.uids)
+        return [self.uids[n - 1] for n in sorted(set(messages)) if 1 <= n <= len(self.uids)]
+
+    def fetch(self, messages, uid):
+        wanted = self._resolve(messages, uid)
+        wantSummaries, markSeen = self.wantSummaries, self.markSeen and self.writeable
+        position = {u: i + 1 for i, u in enumerate(self.uids)}
+
+        def work():
+            if markSeen and wanted:
+                self.folder.store(wanted, ["\\Seen"], "add")
+            out = []
+            for meta in self.folder.messages(wanted):
+                summary = self.folder.summary(meta.uid) if wantSummaries else None
+                try:
+                    path = self.folder.filePath(meta.uid)
+                except Exception:
+                    continue
+                out.append((position[meta.uid], StoreMessage(meta, path, summary)))
+            return out
+
+        return self.run(work)
+
+    def store(self, messages, flags, mode, uid):
+        wanted = self._resolve(messages, uid)
+        how = {1: "add", -1: "remove", 0: "set"}[mode]
+        position = {u: i + 1 for i, u in enumerate(self.uids)}
+
+        def work():
+            changed, _ = self.folder.store(wanted, flags, how)
+            return {position[u]: sorted(f) for u, (f, _) in changed.items()}
+
+        return self.run(work)
+
+    def expunge(self):
+        before = list(self.uids)
+
+        def done(gone):
+            gone = set(gone)
+            numbers, removed = [], 0
+            for i, u in enumerate(before):
+                if u in gone:
+                    numbers.append(i + 1 - removed)
+                    removed += 1
+            return self._refresh().addCallback(lambda _: numbers)
+
+        return self.run(self.folder.expunge).addCallback(done)
+
+    def copy(self, message):
+        source = message  # a StoreMessage fetched from the source folder
+
+        def work():
+            with open(source.path, "rb") as f:
+                return self.folder.append(f, sorted(source.meta.flags | source.meta.keywords), source.meta.internalDate)
+
+        return self.run(work).addCallback(self._refresh)
+
+    def close(self):
+        return None
+
+
+@implementer(imap4.IAccount, imap4.INamespacePresenter)
+class StoreAccount:
+    """
+    A logged-in user's folders.
+    """
+
+    def __init__(self, user, run):
+        self.user = user
+        self.run = run
+
+    def _call(self, f, *args):
+        return self.run(f, *args).addErrback(mailboxError)
+
+    def listMailboxes(self, ref, wildcard):
+        ref = ref.decode() if isinstance(ref, bytes) else ref
+        wildcard = wildcard.decode() if isinstance(wildcard, bytes) else wildcard
+        pattern = imap4.wildcardToRegexp(ref + wildcard, "/")
+
+        def work():
+            return [
+                (info.name, FolderInfo(info))
+                for info in self.user.listFolders()
+                if pattern.match(info.name)
+            ]
+
+        return self.run(work)
+
+    def select(self, name, readwrite=1):
+        name = name.decode() if isinstance(name, bytes) else name
+
+        def work():
+            folder = self.user.folder(name)
+            folder.sync(moveNew=bool(readwrite))
+            mailbox = StoreMailbox(folder, self.run, bool(readwrite), folder.status(), folder.uids())
+            unseen = folder.firstUnseen()
+            if unseen is not None:
+                mailbox.firstUnseen = mailbox.uids.index(unseen) + 1
+            return mailbox
+
+        def missing(failure):
+            if getattr(failure.value, "code", None) == "NONEXISTENT" or isinstance(failure.value, ValueError):
+                return None
+            return failure
+
+        return self.run(work).addErrback(missing)
+
+    def create(self, pathspec):
+        pathspec = pathspec.decode() if isinstance(pathspec, bytes) else pathspec
+        return self._call(self.user.createFolder, pathspec.rstrip("/")).addCallback(lambda _: True)
+
+    def delete(self, name):
+        return self._call(self.user.deleteFolder, name)
+
+    def rename(self, oldname, newname):
+        return self._call(self.user.renameFolder, oldname, newname)
+
+    def isSubscribed(self, name):
+        return name in self.user.subscriptions()
+
+    def subscribe(self, name):
+        return self._call(self.user.subscribe, name, True)
+
+    def unsubscribe(self, name):
+        return self._call(self.user.subscribe, name, False)
+
+    def addMailbox(self, name, mbox=None):
+        return self.create(name)
+
+    def getPersonalNamespaces(self):
+        return [[b"", b"/"]]
+
+    def getSharedNamespaces(self):
+        return None
+
+    def getOtherNamespaces(self):
+        return None
+
+
+class FolderInfo:
+    """
+    What LIST shows of a folder: its attributes.
+    """
+
+    def __init__(self, info):
+        self.info = info
+
+    def getFlags(self):
+        return [self.info.special] if self.info.special else []
+
+    def getHierarchicalDelimiter(self):
+        return "/"
