@@ -98,7 +98,11 @@ def innermost(protocol):
 class ConnectionRegistry:
     """
     Every open connection, with the limits on how many there may be.
+
+    @ivar goodbyeGrace: seconds a connection told goodbye at shutdown may take to close.
     """
+
+    goodbyeGrace = 2.0
 
     def __init__(self, maxConnections: int, maxPerAddress: int, clock=None):
         self.maxConnections = maxConnections
@@ -139,7 +143,7 @@ class ConnectionRegistry:
         @return: a Deferred that fires when no connection is left.
         """
         deadline = self._clock.seconds() + timeout
-        said: set[TrackedConnection] = set()
+        said: dict[TrackedConnection, float] = {}
         done = defer.Deferred()
 
         def sweep():
@@ -158,11 +162,16 @@ class ConnectionRegistry:
                     )
                     connection.transport.abortConnection()
                     self.remove(connection)
-                elif connection not in said:
+                elif connection in said:
+                    # A TLS close waits for the peer's close_notify: do not wait for long.
+                    if self._clock.seconds() - said[connection] > self.goodbyeGrace:
+                        connection.transport.abortConnection()
+                        self.remove(connection)
+                else:
                     isBusy = getattr(app, "isBusy", None)
                     if isBusy is not None and isBusy():
                         continue
-                    said.add(connection)
+                    said[connection] = self._clock.seconds()
                     goodbye = getattr(app, "goodbye", None)
                     if goodbye is not None:
                         goodbye()

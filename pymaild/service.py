@@ -45,6 +45,7 @@ from pymaild.pop3.server import POP3Factory
 from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
 from pymaild.store.threads import StoreThreads
+from pymaild.store.watch import FolderWatcher
 
 log = Logger()
 
@@ -270,6 +271,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         config.store.specialFolders,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
+    watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     def firstLogin(factory):
         """
         Before handing out a mailbox avatar, make sure the user's special-use folders exist
@@ -284,7 +286,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     realm = MailRealm(
         {
-            imap4.IAccount: firstLogin(lambda user, mind: (StoreAccount(store.user(user), storeThreads.run), lambda: None)),
+            imap4.IAccount: firstLogin(
+                lambda user, mind: (StoreAccount(store.user(user), storeThreads.run, watcher), lambda: None)
+            ),
             pop3.IMailbox: firstLogin(pop3Avatar(store)),
             IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
         }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import io
-import time
+import threading
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -180,7 +180,7 @@ class StoreMailbox:
     @ivar uids: the session's view: sequence number N is C{uids[N - 1]}.
     """
 
-    def __init__(self, folder, run, writeable: bool, status: dict, uids: list[int]):
+    def __init__(self, folder, run, writeable: bool, status: dict, uids: list[int], watcher=None, reactor=None):
         self.folder = folder
         self.run = run
         self.writeable = writeable
@@ -190,6 +190,99 @@ class StoreMailbox:
         self.wantSummaries = False
         self.markSeen = False
         self.firstUnseen = None
+        #: UIDs other sessions or processes expunged, not yet announced: EXPUNGE responses
+        #: wait for a command that allows them (RFC 3501 7.4.1); sequence numbers stay
+        #: stable until then.
+        self.pendingExpunged: set[int] = set()
+        #: called (on the reactor) when expunges arrive, so an IDLE session can send them at once
+        self.onExpunge = None
+        self._local = threading.local()
+        self._watcher = watcher
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._attached = False
+
+    def attach(self):
+        """
+        Start hearing about changes (SELECT/EXAMINE, on the reactor).  A mailbox opened only
+        for STATUS, APPEND or COPY is never attached.
+        """
+        if not self._attached:
+            self._attached = True
+            self.folder.addListener(self._folderChanged)
+            if self._watcher is not None:
+                self._watcher.watch(self.folder)
+
+    # --- changes made elsewhere ---------------------------------------------------------------
+
+    def _own(self, work):
+        """
+        Run C{work} in the store's thread marked as this session's own change, which the
+        session's listener then ignores (the command's own response reports it).
+        """
+
+        def marked(*args):
+            self._local.own = True
+            try:
+                return work(*args)
+            finally:
+                self._local.own = False
+
+        return marked
+
+    def _folderChanged(self, folder, changes):
+        if getattr(self._local, "own", False):
+            return
+        self._reactor.callFromThread(self._apply, changes)
+
+    def _apply(self, changes):
+        if not self._attached:
+            return
+        known = set(self.uids)
+        added = [u for u in changes.added if u not in known]
+        if added:
+            self.uids = sorted(known | set(added))
+            for listener in list(self.listeners):
+                listener.newMessages(len(self.uids), None)
+        gone = {u for u in changes.expunged if u in known}
+        if gone:
+            self.pendingExpunged |= gone
+            if self.onExpunge is not None:
+                self.onExpunge()
+        changed = [u for u in changes.flagsChanged if u in known and u not in self.pendingExpunged]
+        if changed:
+            self.run(self.folder.messages, changed).addCallback(self._announceFlags)
+
+    def _announceFlags(self, messages):
+        position = {u: i + 1 for i, u in enumerate(self.uids)}
+        update = {position[m.uid]: sorted(m.flags | m.keywords) for m in messages if m.uid in position}
+        if update:
+            for listener in list(self.listeners):
+                listener.flagsChanged(update)
+
+    def takeExpunged(self) -> list[int]:
+        """
+        The EXPUNGE responses owed to the client, as sequence numbers in the order to send
+        them; the session's view drops those messages.
+        """
+        if not self.pendingExpunged:
+            return []
+        numbers, removed = [], 0
+        for i, u in enumerate(self.uids):
+            if u in self.pendingExpunged:
+                numbers.append(i + 1 - removed)
+                removed += 1
+        self.uids = [u for u in self.uids if u not in self.pendingExpunged]
+        self.pendingExpunged.clear()
+        return numbers
+
+    def detach(self):
+        if self._attached:
+            self._attached = False
+            self.folder.removeListener(self._folderChanged)
+            if self._watcher is not None:
+                self._watcher.unwatch(self.folder)
 
     # --- what Twisted asks synchronously, from the snapshot --------------------------------
 
@@ -229,6 +322,8 @@ class StoreMailbox:
     def removeListener(self, listener):
         if listener in self.listeners:
             self.listeners.remove(listener)
+        if not self.listeners:
+            self.detach()
 
     # --- store calls, in the store's threads ------------------------------------------------
 
@@ -272,7 +367,7 @@ class StoreMailbox:
             message.seek(0)
             return self.folder.append(message, list(flags), when)
 
-        return self.run(work).addErrback(mailboxError).addCallback(self._refresh)
+        return self.run(self._own(work)).addErrback(mailboxError)
 
     def _resolve(self, messages, uid):
         """
@@ -292,6 +387,7 @@ class StoreMailbox:
         wantSummaries, markSeen = self.wantSummaries, self.markSeen and self.writeable
         position = {u: i + 1 for i, u in enumerate(self.uids)}
 
+        @self._own
         def work():
             if markSeen and wanted:
                 self.folder.store(wanted, ["\\Seen"], "add")
@@ -312,11 +408,69 @@ class StoreMailbox:
         how = {1: "add", -1: "remove", 0: "set"}[mode]
         position = {u: i + 1 for i, u in enumerate(self.uids)}
 
+        @self._own
         def work():
             changed, _ = self.folder.store(wanted, flags, how)
             return {position[u]: sorted(f) for u, (f, _) in changed.items()}
 
         return self.run(work)
+
+    def _numbers(self, gone) -> list[int]:
+        """
+        EXPUNGE sequence numbers for UIDs leaving this view, in sending order; the view drops
+        them.
+        """
+        gone = set(gone)
+        numbers, removed = [], 0
+        for i, u in enumerate(self.uids):
+            if u in gone:
+                numbers.append(i + 1 - removed)
+                removed += 1
+        self.uids = [u for u in self.uids if u not in gone]
+        self.pendingExpunged -= gone
+        return numbers
+
+    def expungeSome(self, messages=None, uid=True):
+        """
+        EXPUNGE, or UID EXPUNGE (RFC 4315) when C{messages} is given: a Deferred of the
+        sequence numbers to announce.
+        """
+        wanted = None if messages is None else self._resolve(messages, uid)
+
+        def done(gone):
+            numbers = self._numbers(gone)
+            return self._refresh().addCallback(lambda _: numbers)
+
+        return self.run(self._own(lambda: self.folder.expunge(wanted))).addCallback(done)
+
+    def copyTo(self, messages, uid, dest):
+        """
+        COPY with UIDPLUS: a Deferred of C{(dest uidvalidity, [(source uid, dest uid)])}.
+        """
+        wanted = self._resolve(messages, uid)
+
+        def work():
+            pairs = self.folder.copy(wanted, dest.folder)
+            return dest.folder.status()["uidvalidity"], pairs
+
+        return self.run(work).addErrback(mailboxError)
+
+    def moveTo(self, messages, uid, dest):
+        """
+        MOVE (RFC 6851): a Deferred of C{(dest uidvalidity, pairs, EXPUNGE numbers)}.
+        """
+        wanted = self._resolve(messages, uid)
+
+        @self._own
+        def work():
+            pairs = self.folder.move(wanted, dest.folder)
+            return dest.folder.status()["uidvalidity"], pairs
+
+        def done(result):
+            validity, pairs = result
+            return validity, pairs, self._numbers([src for src, _ in pairs])
+
+        return self.run(work).addErrback(mailboxError).addCallback(done)
 
     def expunge(self):
         before = list(self.uids)
@@ -330,7 +484,7 @@ class StoreMailbox:
                     removed += 1
             return self._refresh().addCallback(lambda _: numbers)
 
-        return self.run(self.folder.expunge).addCallback(done)
+        return self.run(self._own(self.folder.expunge)).addCallback(done)
 
     def copy(self, message):
         source = message  # a StoreMessage fetched from the source folder
@@ -342,7 +496,7 @@ class StoreMailbox:
         return self.run(work).addCallback(self._refresh)
 
     def close(self):
-        return None
+        self.detach()
 
 
 @implementer(imap4.IAccount, imap4.INamespacePresenter)
@@ -351,9 +505,10 @@ class StoreAccount:
     A logged-in user's folders.
     """
 
-    def __init__(self, user, run):
+    def __init__(self, user, run, watcher=None):
         self.user = user
         self.run = run
+        self.watcher = watcher
 
     def _call(self, f, *args):
         return self.run(f, *args).addErrback(mailboxError)
@@ -378,7 +533,9 @@ class StoreAccount:
         def work():
             folder = self.user.folder(name)
             folder.sync(moveNew=bool(readwrite))
-            mailbox = StoreMailbox(folder, self.run, bool(readwrite), folder.status(), folder.uids())
+            mailbox = StoreMailbox(
+                folder, self.run, bool(readwrite), folder.status(), folder.uids(), self.watcher
+            )
             unseen = folder.firstUnseen()
             if unseen is not None:
                 mailbox.firstUnseen = mailbox.uids.index(unseen) + 1

@@ -170,10 +170,231 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
         mbox.addListener(self)
+        mbox.attach()
+        mbox.onExpunge = self._expungesArrived
         self.mbox = mbox
         self.state = "select"
         access = b"[READ-WRITE]" if mbox.isWriteable() else b"[READ-ONLY]"
         self.sendPositiveResponse(tag, access + b" " + cmdName + b" completed")
+
+    # --- changes from other sessions: IDLE, NOOP, CHECK ----------------------------------------
+
+    idling = False
+
+    def _sendExpunges(self):
+        mbox = self.mbox
+        if mbox is not None and hasattr(mbox, "takeExpunged"):
+            for number in mbox.takeExpunged():
+                self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+
+    def _expungesArrived(self):
+        if self.idling:
+            self._sendExpunges()
+
+    def do_NOOP(self, tag):
+        self._sendExpunges()
+        self.sendPositiveResponse(tag, b"NOOP completed")
+
+    unauth_NOOP = (do_NOOP,)
+    auth_NOOP = unauth_NOOP
+    select_NOOP = unauth_NOOP
+    logout_NOOP = unauth_NOOP
+
+    def do_CHECK(self, tag):
+        self._sendExpunges()
+        self.sendPositiveResponse(tag, b"CHECK completed")
+
+    select_CHECK = (do_CHECK,)
+
+    def do_IDLE(self, tag):
+        """
+        RFC 2177: changes are pushed while idling; only DONE ends it.
+        """
+        self._sendExpunges()
+        self.sendContinuationRequest(b"idling")
+        self.parseTag = tag
+        self.lastState = self.parseState
+        self.parseState = "idle"
+        self.idling = True
+
+    select_IDLE = (do_IDLE,)
+    auth_IDLE = select_IDLE
+
+    def parse_idle(self, line, *args):
+        self.parseState = self.lastState
+        del self.lastState
+        self.idling = False
+        tag, self.parseTag = self.parseTag, None
+        if line.strip().upper() == b"DONE":
+            self.sendPositiveResponse(tag, b"IDLE terminated")
+        else:
+            self.sendBadResponse(tag, b"Expected DONE to end IDLE")
+
+    # --- small extensions -----------------------------------------------------------------------
+
+    def capabilities(self):
+        cap = super().capabilities()
+        for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"LITERAL+"):
+            cap[name] = None
+        return cap
+
+    def do_ID(self, tag, params=None):
+        """
+        RFC 2971: log what the client says it is; say what we are.
+        """
+        log.info("imap client id {params!r} from {peer}", params=params, peer=self.peerHost)
+        self.sendUntaggedResponse(b'ID ("name" "pymaild" "vendor" "pymaild")')
+        self.sendPositiveResponse(tag, b"ID completed")
+
+    unauth_ID = (do_ID, imap4.IMAP4Server.arg_line)
+    auth_ID = unauth_ID
+    select_ID = unauth_ID
+
+    def do_ENABLE(self, tag, line=None):
+        """
+        RFC 5161: nothing this version can enable yet (CONDSTORE/QRESYNC come later).
+        """
+        self.sendUntaggedResponse(b"ENABLED")
+        self.sendPositiveResponse(tag, b"ENABLE completed")
+
+    auth_ENABLE = (do_ENABLE, imap4.IMAP4Server.arg_line)  # authenticated state only (RFC 5161)
+
+    def do_UNSELECT(self, tag):
+        """
+        RFC 3691: leave the folder without expunging.
+        """
+        mbox, self.mbox = self.mbox, None
+        if mbox is not None:
+            mbox.removeListener(self)
+            close = getattr(mbox, "close", None)
+            if close is not None:
+                close()
+        self.state = "auth"
+        self.sendPositiveResponse(tag, b"UNSELECT completed")
+
+    select_UNSELECT = (do_UNSELECT,)
+
+    # --- UIDPLUS (RFC 4315) and MOVE (RFC 6851) -------------------------------------------------
+
+    def do_UID(self, tag, command, line):
+        command = command.upper()
+        if command == b"EXPUNGE":
+            messages, rest = self.arg_seqset(line)
+            if rest:
+                raise imap4.IllegalClientResponse("Too many arguments for UID EXPUNGE")
+            return self._expunge(tag, messages)
+        if command not in (b"COPY", b"FETCH", b"STORE", b"SEARCH", b"MOVE"):
+            raise imap4.IllegalClientResponse(command)
+        self.dispatchCommand(tag, command, line, uid=1)
+
+    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+
+    def do_EXPUNGE(self, tag):
+        self._expunge(tag, None)
+
+    select_EXPUNGE = (do_EXPUNGE,)
+
+    def _expunge(self, tag, messages):
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+
+        def announce(numbers):
+            for number in numbers:
+                self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+            self.sendPositiveResponse(tag, b"EXPUNGE completed")
+
+        self._sendExpunges()
+        self._store(self.mbox.expungeSome(messages, True), tag, announce)
+
+    def _store(self, d, tag, done):
+        """
+        Answer a store call: C{done(result)} on success, C{NO} with the store's code otherwise.
+        """
+
+        def failed(failure):
+            if failure.check(imap4.MailboxException):
+                self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            elif getattr(failure.value, "code", None) is not None and hasattr(failure.value, "enhanced"):
+                self.sendNegativeResponse(tag, b"[OVERQUOTA] " + str(failure.value.text).encode())
+            else:
+                log.failure("IMAP command failed", failure)
+                self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
+
+        d.addCallbacks(done, failed)
+
+    @staticmethod
+    def _uidset(uids) -> bytes:
+        out, run = [], []
+        for u in uids:
+            if run and u == run[-1] + 1:
+                run.append(u)
+                continue
+            if run:
+                out.append(b"%d" % run[0] if len(run) == 1 else b"%d:%d" % (run[0], run[-1]))
+            run = [u]
+        if run:
+            out.append(b"%d" % run[0] if len(run) == 1 else b"%d:%d" % (run[0], run[-1]))
+        return b",".join(out)
+
+    def _withTarget(self, tag, mailbox, then):
+        def got(dest):
+            if dest is None:
+                self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
+                return
+            then(dest)
+
+        self._store(maybeDeferred(self.account.select, self._name(mailbox), 0), tag, got)
+
+    def do_COPY(self, tag, messages, mailbox, uid=0):
+        def copy(dest):
+            def answer(result):
+                validity, pairs = result
+                code = b""
+                if pairs:
+                    src = self._uidset([a for a, _ in pairs])
+                    dst = self._uidset([b for _, b in pairs])
+                    code = b"[COPYUID %d %b %b] " % (validity, src, dst)
+                self.sendPositiveResponse(tag, code + b"COPY completed")
+
+            self._store(self.mbox.copyTo(messages, uid, dest), tag, answer)
+
+        self._withTarget(tag, mailbox, copy)
+
+    select_COPY = (do_COPY, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+
+    def do_MOVE(self, tag, messages, mailbox, uid=0):
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+
+        def move(dest):
+            def answer(result):
+                validity, pairs, numbers = result
+                if pairs:
+                    src = self._uidset([a for a, _ in pairs])
+                    dst = self._uidset([b for _, b in pairs])
+                    self.sendUntaggedResponse(b"OK [COPYUID %d %b %b] Moved" % (validity, src, dst))
+                for number in numbers:
+                    self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+                self.sendPositiveResponse(tag, b"MOVE completed")
+
+            self._store(self.mbox.moveTo(messages, uid, dest), tag, answer)
+
+        self._withTarget(tag, mailbox, move)
+
+    select_MOVE = (do_MOVE, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+
+    def _cbAppendGotMailbox(self, mbox, tag, flags, date, message):
+        if not mbox:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
+            return
+        flags = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags]
+
+        def answer(uid):
+            self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (mbox.getUIDValidity(), uid))
+
+        self._store(mbox.addMessage(message, flags, date), tag, answer)
 
     # --- FETCH from the index's summaries and straight from the files -----------------------
 

@@ -12,6 +12,7 @@ import ssl
 
 import pytest
 
+from conftest import wait_for
 from pymaild.store.delivery import deliver
 
 PLAIN = (
@@ -193,3 +194,118 @@ def test_starttls_discards_pipelined_plaintext(server):
         answer += tls.recv(4096)
     assert not re.search(rb"^(b|c) ", answer, re.M), answer
     tls.close()
+
+
+def read_until(sock, marker: bytes, limit: int = 1 << 20) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before {marker!r}: {data!r}")
+        data += chunk
+        assert len(data) < limit
+    return data
+
+
+def raw_session(server):
+    """
+    A raw IMAPS connection, logged in, INBOX selected.
+    """
+    sock = server.tls().wrap_socket(socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=15),
+                                    server_hostname="localhost")
+    read_until(sock, b"\r\n")
+    sock.sendall(b'l LOGIN postmaster@localhost "%s"\r\n' % server.postmaster_password().encode())
+    read_until(sock, b"l OK")
+    sock.sendall(b"s SELECT INBOX\r\n")
+    read_until(sock, b"s OK")
+    return sock
+
+
+def test_idle_hears_a_delivery_by_another_process(mailbox):
+    """
+    A session in IDLE gets "* 4 EXISTS" when another process delivers into the maildir
+    (inotify -> sync -> push), well within a second or two; only DONE ends IDLE.
+    """
+    import subprocess
+    import sys
+
+    sock = raw_session(mailbox)
+    sock.sendall(b"i IDLE\r\n")
+    read_until(sock, b"+ ")
+    home = mailbox.data_dir / "mail" / "localhost" / "postmaster"
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+                    "deliver(Path(sys.argv[1]), b'Subject: pushed\\n\\nx\\n')", str(home)], check=True)
+    assert b"* 4 EXISTS" in read_until(sock, b"* 4 EXISTS")
+    sock.sendall(b"DONE\r\n")
+    assert b"i OK" in read_until(sock, b"i OK")
+    sock.sendall(b"j IDLE\r\n")
+    read_until(sock, b"+ ")
+    sock.sendall(b"NOOP\r\n")
+    assert b"j BAD" in read_until(sock, b"j BAD")
+    sock.close()
+
+
+def test_two_sessions_see_each_others_changes(mailbox):
+    """
+    Session B sees A's flag change as an untagged FETCH, and A's expunge only at NOOP (never in
+    the middle of B's FETCH), with sequence numbers adjusted.
+    """
+    a, b = raw_session(mailbox), raw_session(mailbox)
+    a.sendall(b"1 STORE 2 +FLAGS (\\Flagged)\r\n")
+    read_until(a, b"1 OK")
+    seen = read_until(b, b"* 2 FETCH")  # pushed to B without B asking
+    while not re.search(rb"\* 2 FETCH [^\r]*\r\n", seen):
+        seen += b.recv(4096)
+    assert re.search(rb"\* 2 FETCH \(FLAGS \([^)]*\\Flagged", seen), seen
+    a.sendall(b"2 STORE 1 +FLAGS (\\Deleted)\r\n3 EXPUNGE\r\n")
+    assert b"* 1 EXPUNGE" in read_until(a, b"3 OK")
+    b.sendall(b"f FETCH 1:* (UID)\r\n")
+    fetched = read_until(b, b"f OK")
+    assert b"EXPUNGE" not in fetched  # not during FETCH
+    got = []
+
+    def expunge_announced():
+        b.sendall(b"x%d NOOP\r\n" % len(got))
+        got.append(read_until(b, b"x%d OK" % len(got)))
+        return b"* 1 EXPUNGE" in got[-1]
+
+    wait_for(expunge_announced, timeout=10, what="B to hear the expunge at NOOP")
+    b.sendall(b"g FETCH 1 (UID)\r\n")
+    assert b"* 1 FETCH (UID 2)" in read_until(b, b"g OK")
+    a.close()
+    b.close()
+
+
+def test_uidplus_move_unselect_id_enable(mailbox):
+    """
+    APPENDUID, COPYUID, UID EXPUNGE (RFC 4315), MOVE (RFC 6851), UNSELECT, ID and ENABLE.
+    """
+    with login(mailbox) as imap:
+        caps = imap.capabilities
+        for cap in ("UIDPLUS", "MOVE", "UNSELECT", "ID", "ENABLE", "IDLE", "NAMESPACE", "SPECIAL-USE"):
+            assert cap in caps, cap
+        typ, data = imap.append("Drafts", "(\\Draft)", None, PLAIN)
+        assert typ == "OK" and re.match(rb"\[APPENDUID \d+ 1\]", data[0]), data
+        typ, data = imap.append("Nowhere", None, None, PLAIN)
+        assert typ == "NO" and b"TRYCREATE" in data[0]
+        imap.select("INBOX")
+        typ, data = imap._simple_command("UID", "COPY", "1:2", "Archive")  # the tagged text
+        assert typ == "OK" and re.match(rb"\[COPYUID \d+ 1:2 1:2\]", data[0]), data
+        typ, data = imap._simple_command("UID", "MOVE", "3", "Archive")
+        assert typ == "OK", data
+        assert re.search(rb"COPYUID \d+ 3 3", b" ".join(imap.untagged_responses.get("OK", [])))
+        assert imap.untagged_responses.pop("EXPUNGE") == [b"3"]
+        imap.store("1:2", "+FLAGS", "(\\Deleted)")
+        typ, data = imap._simple_command("UID", "EXPUNGE", "2")
+        assert typ == "OK" and imap.untagged_responses.pop("EXPUNGE") == [b"2"]
+        assert imap.fetch("1:*", "(UID)")[1] == [b"1 (UID 1)"]
+        assert imap.xatom("UNSELECT")[0] == "OK"
+        assert imap.state == "SELECTED"  # imaplib does not know UNSELECT; the server does:
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            imap._simple_command("FETCH", "1", "(UID)")
+        typ, data = imap.xatom("ID", "NIL")
+        assert typ == "OK" and b"pymaild" in imap.untagged_responses["ID"][0]
+    with login(mailbox) as imap:
+        assert imap.xatom("ENABLE", "CONDSTORE")[0] == "OK"
+        imap.select("Archive")
+        assert imap.fetch("1:*", "(UID)")[1] == [b"1 (UID 1)", b"2 (UID 2)", b"3 (UID 3)"]

@@ -1,0 +1,893 @@
+# -*- test-case-name: tests.imap.test_search -*-
+"""
+The IMAP SEARCH evaluator (RFC 3501 section 6.4.4, RFC 9051 section 6.4.4 where it differs,
+and the simple form of RFC 7162's MODSEQ key).
+
+Twisted's C{IMAP4Server.arg_searchkeys} hands the mailbox's C{search(query, uid)} the result of
+C{imap4.parseNestedParens}: a flat list whose items are C{bytes} tokens (atoms, quoted strings
+with the quotes removed, literals), C{None} for an unquoted C{NIL}, and nested lists for
+parenthesised groups (and, a Twisted quirk, for C{[...]}).  Quoted strings and atoms cannot be
+told apart.  For example C{SEARCH OR FROM alice (UNSEEN LARGER 100) SUBJECT "x y"} arrives as::
+
+    [b'OR', b'FROM', b'alice', [b'UNSEEN', b'LARGER', b'100'], b'SUBJECT', b'x y']
+
+Twisted's quirks, as of 26.10, that the server (not this module) has to deal with: a literal
+(C{SUBJECT {5}}) gets no continuation request and arrives as C{b""}; C{[x]} becomes a sublist
+(so C{SUBJECT [PATCH]} is refused here as "not a parenthesised list"); C{\\\\} inside a quoted
+string is not unescaped; C{do_SEARCH} does not pass CHARSET on to C{search()}; and for UID
+SEARCH C{__cbSearch} maps the returned numbers through C{getUID}, so C{search()} must always
+return sequence numbers.
+
+L{compile} parses that once into a tree of predicates (raising L{SearchError}, a C{ValueError},
+for anything malformed: the server answers C{BAD}, or C{NO [BADCHARSET (UTF-8 US-ASCII)]} when
+C{code == "BADCHARSET"}).  The tree is then evaluated per message with
+C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number, UID, index
+metadata and lazy callables for the message summary, the raw header and the decoded text, so
+that a search on flags never opens a file and one on headers never decodes bodies.
+
+This module imports nothing from pymaild.store (the layer rule): the summary is duck-typed
+(C{headerFields}, C{parts}) and RFC 2047 decoding is done here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import datetime
+import email.parser
+import email.policy
+import email.utils
+import re
+import unicodedata
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+__all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search",
+           "readHeaderBytes", "readMessageText", "SUPPORTED_CHARSETS", "MAX_TEXT"]
+
+#: What C{NO [BADCHARSET (...)]} lists.
+SUPPORTED_CHARSETS = ("UTF-8", "US-ASCII")
+#: The most bytes of one message read for TEXT/BODY (headers and parts together).
+MAX_TEXT = 10 << 20
+#: The most header bytes read for HEADER on a field the summary does not keep.
+MAX_HEADER_BYTES = 1 << 20
+#: Parenthesised groups nested deeper than this are refused.
+MAX_NESTING = 32
+#: NOT/OR chains deeper than this are refused (long left-nested OR chains, as clients build
+#: them for "any of these senders", are legitimate; this only bounds recursion).
+MAX_OPERATOR_DEPTH = 256
+_MAX_NUMBER = (1 << 63) - 1  # number64 (RFC 9051), mod-sequence-value (RFC 7162)
+_MAX_SEQ = (1 << 32) - 1  # nz-number
+
+
+class SearchError(ValueError):
+    """
+    A malformed or unsupported SEARCH.  C{code} is an IMAP response code (C{"BADCHARSET"}) or
+    None: the server answers C{NO [BADCHARSET (UTF-8 US-ASCII)]} for the former, C{BAD} with
+    the message otherwise.
+    """
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------
+# Text helpers: RFC 2047, case folding, transfer encodings
+# --------------------------------------------------------------------------------------------
+
+_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
+
+
+def _bytesText(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _textCodec(charset) -> str | None:
+    """The codec name for a MIME charset, or None when Python has no *text* codec by that
+    name (C{codecs.lookup("zlib")} succeeds but is not a charset)."""
+    if not charset:
+        return None
+    if isinstance(charset, bytes):
+        charset = charset.decode("ascii", "replace")
+    try:
+        info = codecs.lookup(charset.strip().strip('"'))
+    except (LookupError, ValueError):
+        return None
+    if not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
+
+
+def _decodeBytes(raw: bytes, charset) -> str:
+    codec = _textCodec(charset)
+    if codec is None:
+        return _bytesText(raw)
+    try:
+        return raw.decode(codec, "replace")
+    except Exception:  # a broken stateful codec (ISO-2022 variants) on broken input
+        return _bytesText(raw)
+
+
+def _decodeWord(m) -> str | None:
+    charset = m.group(1).split(b"*", 1)[0]
+    data = m.group(3)
+    try:
+        if m.group(2) in b"Bb":
+            raw = base64.b64decode(data + b"=" * (-len(data) % 4))
+        else:
+            raw = binascii.a2b_qp(data, header=True)
+    except (binascii.Error, ValueError):
+        return None
+    return _decodeBytes(raw, charset)
+
+
+def decodeHeaderValue(raw: bytes) -> str:
+    """A header value as text: unfolded, RFC 2047 encoded-words decoded (whitespace between
+    adjacent encoded-words dropped), other 8-bit bytes read as UTF-8, else Latin-1."""
+    raw = raw.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"=?" not in raw:
+        return _bytesText(raw)
+    out = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(raw):
+        word = _decodeWord(m)
+        if word is None:
+            continue
+        between = raw[pos:m.start()]
+        if pos == 0 or between.strip(b" \t"):
+            out.append(_bytesText(between))
+        out.append(word)
+        pos = m.end()
+    out.append(_bytesText(raw[pos:]))
+    return "".join(out)
+
+
+def fold(s: str) -> str:
+    """The form both sides of a substring match are compared in: case-folded (so C{"STRASSE"}
+    finds C{"Straße"}), NFC-normalised, CRLF as LF."""
+    if s.isascii():
+        return s.lower().replace("\r\n", "\n")
+    return unicodedata.normalize("NFC", s).casefold().replace("\r\n", "\n")
+
+
+_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _unbase64(data: bytes) -> bytes:
+    """Forgiving base64: anything outside the alphabet is skipped, a ragged end is padded
+    (a lone trailing sextet is dropped)."""
+    data = _B64_JUNK.sub(b"", data)
+    extra = len(data) % 4
+    if extra == 1:
+        data = data[:-1]
+    elif extra:
+        data += b"=" * (4 - extra)
+    try:
+        return base64.b64decode(data)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _headerFields(raw: bytes) -> list[tuple[str, bytes]]:
+    """(lower-case name, value bytes) of each field of a header block, in order; continuation
+    lines stay in the value (L{decodeHeaderValue} unfolds)."""
+    out: list[tuple[str, bytes]] = []
+    for line in raw.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if out:
+                out[-1] = (out[-1][0], out[-1][1] + line)
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name.strip():
+            continue
+        out.append((name.strip().lower().decode("latin-1"), value))
+    return out
+
+
+def _decodeHeaderBlock(raw: bytes) -> str:
+    return "\n".join(
+        f"{name}: {decodeHeaderValue(value).strip()}" for name, value in _headerFields(raw))
+
+
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+def _decodePart(header: bytes, body: bytes) -> str | None:
+    """A leaf part's content as text (transfer encoding and charset decoded), or None for a
+    non-text part (images, PDFs ...: their bytes are not searched, their MIME headers are)."""
+    try:
+        msg = _HEADER_PARSER.parsebytes(header)
+        maintype = msg.get_content_maintype()
+        cte = str(msg.get("content-transfer-encoding", "")).strip().lower()
+        charset = msg.get_param("charset")
+        if isinstance(charset, tuple):  # RFC 2231
+            charset = email.utils.collapse_rfc2231_value(charset)
+    except Exception:  # the header parser is tolerant; this is belt and braces
+        maintype, cte, charset = "text", "", None
+    if maintype not in ("text", "message"):
+        return None
+    if cte == "base64":
+        body = _unbase64(body)
+    elif cte == "quoted-printable":
+        body = binascii.a2b_qp(body)
+    return _decodeBytes(body, charset).replace("\r\n", "\n")
+
+
+@dataclass
+class MessageText:
+    """
+    A message's text for TEXT and BODY: C{header} has every header block (the message's, each
+    MIME part's and each encapsulated message's) unfolded and RFC 2047 decoded, one
+    C{name: value} line per field; C{body} the decoded content of the text parts, one after
+    another.  C{folded*} are the same in L{fold}ed form, computed once.
+    """
+
+    header: str
+    body: str
+    _folded: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def folded(self, which: str) -> str:
+        s = self._folded.get(which)
+        if s is None:
+            s = self._folded[which] = fold(getattr(self, which))
+        return s
+
+
+def readHeaderBytes(f, limit: int = MAX_HEADER_BYTES) -> bytes:
+    """The header of the message in binary file C{f} (from its current position to the empty
+    line, at most C{limit} bytes)."""
+    out = []
+    total = 0
+    for line in f:
+        if line in (b"\n", b"\r\n"):
+            break
+        out.append(line)
+        total += len(line)
+        if total >= limit:
+            break
+    return b"".join(out)[:limit]
+
+
+def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
+    """
+    The L{MessageText} of the message in seekable binary file C{f}, walking the summary's part
+    tree (C{MessageSummary.parts}: C{kind}, C{headerStart}, C{bodyStart}, C{bodyEnd},
+    C{parts}).  At most C{limit} bytes are read; what lies beyond is not searched.
+    """
+    budget = [limit]
+    headers: list[str] = []
+    bodies: list[str] = []
+
+    def read(start: int, end: int) -> bytes:
+        n = min(max(0, end - start), budget[0])
+        if n <= 0:
+            return b""
+        f.seek(start)
+        data = f.read(n)
+        budget[0] -= len(data)
+        return data
+
+    def walk(part: dict, depth: int) -> None:
+        if budget[0] <= 0:
+            return
+        header = read(part["headerStart"], part["bodyStart"])
+        headers.append(_decodeHeaderBlock(header))
+        children = part.get("parts") or ()
+        if part.get("kind") in ("multipart", "message") and children and depth < 200:
+            for child in children:
+                walk(child, depth + 1)
+            return
+        text = _decodePart(header, read(part["bodyStart"], part["bodyEnd"]))
+        if text is not None:
+            bodies.append(text)
+
+    walk(parts, 0)
+    return MessageText("\n".join(headers), "\n".join(bodies))
+
+
+# --------------------------------------------------------------------------------------------
+# The per-message context
+# --------------------------------------------------------------------------------------------
+
+def _once(fn: Callable[[], Any]) -> Callable[[], Any]:
+    if getattr(fn, "_searchOnce", False):
+        return fn
+    cache: list = []
+
+    def call():
+        if not cache:
+            cache.append(fn())
+        return cache[0]
+
+    call._searchOnce = True
+    return call
+
+
+def _missing():
+    raise RuntimeError("this SearchContext was built without that callable")
+
+
+@dataclass
+class SearchContext:
+    """
+    One message as a search sees it.
+
+    @ivar seq: its sequence number in the session's view.
+    @ivar uid: its UID.
+    @ivar meta: the index's metadata (C{flags} frozenset of system flags such as C{"\\\\Seen"},
+        C{keywords} frozenset, C{size}, C{vsize}, C{internalDate} seconds since the epoch,
+        C{modseq}): C{pymaild.store.maildir.Message} or anything with those attributes.
+    @ivar lastSeq: the highest sequence number (what C{*} means in a sequence set).
+    @ivar lastUid: the highest UID (what C{*} means in C{UID} sets).
+    @ivar summary: () -> the C{MessageSummary} (for C{headerFields}, C{parts}); called only
+        when a key needs headers.
+    @ivar headerBytes: () -> the raw header block, for HEADER on a field the summary does not
+        keep.
+    @ivar text: () -> L{MessageText}, for TEXT and BODY.
+
+    The three callables are wrapped to run at most once.
+    """
+
+    seq: int
+    uid: int
+    meta: Any
+    lastSeq: int
+    lastUid: int
+    summary: Callable[[], Any] = _missing
+    headerBytes: Callable[[], bytes] = _missing
+    text: Callable[[], MessageText] = _missing
+
+    def __post_init__(self):
+        self.summary = _once(self.summary)
+        self.headerBytes = _once(self.headerBytes)
+        self.text = _once(self.text)
+
+    @classmethod
+    def fromFile(cls, seq: int, meta, path, summary: Callable[[], Any], lastSeq: int,
+                 lastUid: int, textLimit: int = MAX_TEXT) -> SearchContext:
+        """
+        A context for the message stored at C{path} (C{meta.uid} is its UID), with the
+        summary from C{summary()} (the store's cached one).  Files are opened only if a key
+        needs them.  For use in a store thread.
+        """
+        ctx = cls(seq=seq, uid=meta.uid, meta=meta, lastSeq=lastSeq, lastUid=lastUid,
+                  summary=summary)
+
+        def headerBytes():
+            with open(path, "rb") as f:
+                return readHeaderBytes(f)
+
+        def text():
+            parts = ctx.summary().parts
+            with open(path, "rb") as f:
+                return readMessageText(f, parts, textLimit)
+
+        ctx.headerBytes = _once(headerBytes)
+        ctx.text = _once(text)
+        return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# Predicates
+# --------------------------------------------------------------------------------------------
+
+# Evaluation cost classes: And/Or try cheap children first (no key has side effects).
+_COST_META, _COST_SUMMARY, _COST_HEADER, _COST_TEXT = 0, 1, 2, 3
+
+
+class Predicate:
+    """A compiled search key.  C{matches(ctx)} says whether the message matches; C{cost} is
+    what evaluating it may have to load (0 metadata, 1 summary, 2 header file, 3 text)."""
+
+    cost = _COST_META
+
+    def matches(self, ctx: SearchContext) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Const(Predicate):
+    """ALL, OLD (always true); RECENT, NEW (always false: pymaild keeps no \\Recent yet, so
+    no message is recent)."""
+
+    value: bool
+
+    def matches(self, ctx):
+        return self.value
+
+
+@dataclass(frozen=True)
+class Flag(Predicate):
+    """ANSWERED/DELETED/DRAFT/FLAGGED/SEEN and their UN- forms."""
+
+    flag: str
+    present: bool = True
+
+    def matches(self, ctx):
+        return (self.flag in ctx.meta.flags) == self.present
+
+
+@dataclass(frozen=True)
+class Keyword(Predicate):
+    """KEYWORD/UNKEYWORD: keywords compare case-insensitively; a system flag given as a
+    keyword (C{KEYWORD \\Seen}, which some clients send) is looked up among the flags."""
+
+    name: str
+    present: bool = True
+
+    def matches(self, ctx):
+        wanted = self.name.lower()
+        pool = ctx.meta.flags if wanted.startswith("\\") else ctx.meta.keywords
+        found = any(k.lower() == wanted for k in pool)
+        return found == self.present
+
+
+@dataclass(frozen=True)
+class SequenceSet(Predicate):
+    """A sequence set (of sequence numbers, or of UIDs after the UID key).  C{ranges} holds
+    (a, b) pairs with None for C{*}; resolved against lastSeq/lastUid at match time."""
+
+    ranges: tuple
+    uid: bool = False
+    _cache: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    def _resolved(self, last: int):
+        spans = self._cache.get(last)
+        if spans is None:
+            spans = []
+            for a, b in self.ranges:
+                a = last if a is None else a
+                b = last if b is None else b
+                if a > b:
+                    a, b = b, a
+                spans.append((a, b))
+            spans.sort()
+            merged: list[list[int]] = []
+            for a, b in spans:
+                if merged and a <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            spans = ([m[0] for m in merged], [m[1] for m in merged])
+            if len(self._cache) > 4:
+                self._cache.clear()
+            self._cache[last] = spans
+        return spans
+
+    def matches(self, ctx):
+        n, last = (ctx.uid, ctx.lastUid) if self.uid else (ctx.seq, ctx.lastSeq)
+        starts, ends = self._resolved(last)
+        i = bisect_right(starts, n) - 1
+        return i >= 0 and n <= ends[i]
+
+
+@dataclass(frozen=True)
+class Size(Predicate):
+    """LARGER n / SMALLER n, on RFC822.SIZE (the size with CRLF line ends)."""
+
+    n: int
+    larger: bool
+
+    def matches(self, ctx):
+        size = ctx.meta.vsize
+        return size > self.n if self.larger else size < self.n
+
+
+@dataclass(frozen=True)
+class ModSeq(Predicate):
+    """MODSEQ n (RFC 7162): the message's mod-sequence is n or more."""
+
+    n: int
+
+    def matches(self, ctx):
+        return ctx.meta.modseq >= self.n
+
+
+def _compareDates(op: str, have: datetime.date, want: datetime.date) -> bool:
+    if op == "BEFORE":
+        return have < want
+    if op == "ON":
+        return have == want
+    return have >= want  # SINCE
+
+
+def _internalDay(ctx) -> datetime.date:
+    # RFC 3501 disregards time and time zone; pymaild takes the internal date's UTC day.
+    return datetime.datetime.fromtimestamp(ctx.meta.internalDate, datetime.timezone.utc).date()
+
+
+@dataclass(frozen=True)
+class InternalDate(Predicate):
+    """BEFORE/ON/SINCE: the UTC day of the internal date."""
+
+    op: str
+    date: datetime.date
+
+    def matches(self, ctx):
+        return _compareDates(self.op, _internalDay(ctx), self.date)
+
+
+@dataclass(frozen=True)
+class SentDate(Predicate):
+    """SENTBEFORE/SENTON/SENTSINCE: the day written in the Date header, in the header's own
+    time zone (time and zone disregarded).  A message whose Date is missing or unreadable is
+    compared by its internal date, as Dovecot does (and as SORT DATE does)."""
+
+    op: str
+    date: datetime.date
+    cost = _COST_SUMMARY
+
+    def matches(self, ctx):
+        raw = ctx.summary().headerFields.get("date")
+        day = None
+        if raw:
+            parsed = email.utils.parsedate_tz(raw.split("\n", 1)[0])
+            if parsed is not None:
+                try:
+                    day = datetime.date(parsed[0], parsed[1], parsed[2])
+                except (ValueError, TypeError):
+                    day = None
+        if day is None:
+            day = _internalDay(ctx)
+        return _compareDates(self.op, day, self.date)
+
+
+# The fields MessageSummary.headerFields keeps (decoded, repeated ones joined by "\n").
+_SUMMARY_FIELDS = frozenset(("from", "to", "cc", "bcc", "subject", "message-id", "in-reply-to",
+                             "references", "date"))
+
+
+@dataclass(frozen=True)
+class Header(Predicate):
+    """FROM, TO, CC, BCC, SUBJECT and HEADER name value: a case-insensitive substring of the
+    decoded value of a field of the message's own header; an empty value matches every
+    message that has the field at all.  C{needle} is already L{fold}ed."""
+
+    name: str
+    needle: str
+
+    @property
+    def cost(self):
+        return _COST_SUMMARY if self.name in _SUMMARY_FIELDS else _COST_HEADER
+
+    def _values(self, ctx) -> list[str] | None:
+        if self.name in _SUMMARY_FIELDS:
+            value = ctx.summary().headerFields.get(self.name)
+            return None if value is None else [value]
+        found = [decodeHeaderValue(v).strip() for name, v in _headerFields(ctx.headerBytes())
+                 if name == self.name]
+        return found or None
+
+    def matches(self, ctx):
+        values = self._values(ctx)
+        if values is None:
+            return False
+        if not self.needle:
+            return True
+        return any(self.needle in fold(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Text(Predicate):
+    """TEXT (header or body) and BODY (body only): a case-insensitive substring of the
+    decoded text (L{MessageText}).  C{needle} is already L{fold}ed."""
+
+    needle: str
+    bodyOnly: bool
+    cost = _COST_TEXT
+
+    def matches(self, ctx):
+        if not self.needle:
+            return True
+        text = ctx.text()
+        if self.needle in text.folded("body"):
+            return True
+        return not self.bodyOnly and self.needle in text.folded("header")
+
+
+@dataclass(frozen=True)
+class Not(Predicate):
+    child: Predicate
+
+    @property
+    def cost(self):
+        return self.child.cost
+
+    def matches(self, ctx):
+        return not self.child.matches(ctx)
+
+
+@dataclass(frozen=True)
+class And(Predicate):
+    """A list of keys (the whole query, a parenthesised group): all must match.  C{keys} is
+    the set of key names the whole query uses (set on the root: the server answers a query
+    with C{"MODSEQ"} in it with the RFC 7162 C{(MODSEQ n)} response)."""
+
+    children: tuple
+    keys: frozenset = field(default=frozenset(), compare=False)
+
+    @property
+    def cost(self):
+        return max((c.cost for c in self.children), default=_COST_META)
+
+    def matches(self, ctx):
+        for child in self.children:
+            if not child.matches(ctx):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Or(Predicate):
+    """OR a b, with nested ORs flattened: any child must match."""
+
+    children: tuple
+
+    @property
+    def cost(self):
+        return max((c.cost for c in self.children), default=_COST_META)
+
+    def matches(self, ctx):
+        for child in self.children:
+            if child.matches(ctx):
+                return True
+        return False
+
+
+def _byCost(children) -> tuple:
+    return tuple(sorted(children, key=lambda c: c.cost))  # stable: ties keep query order
+
+
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
+
+_FLAG_KEYS = {
+    "ANSWERED": ("\\Answered", True), "UNANSWERED": ("\\Answered", False),
+    "DELETED": ("\\Deleted", True), "UNDELETED": ("\\Deleted", False),
+    "DRAFT": ("\\Draft", True), "UNDRAFT": ("\\Draft", False),
+    "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
+    "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
+}
+_CONST_KEYS = {"ALL": True, "OLD": True, "RECENT": False, "NEW": False}
+_HEADER_KEYS = {"FROM": "from", "TO": "to", "CC": "cc", "BCC": "bcc", "SUBJECT": "subject"}
+_DATE_KEYS = {"BEFORE": (InternalDate, "BEFORE"), "ON": (InternalDate, "ON"),
+              "SINCE": (InternalDate, "SINCE"), "SENTBEFORE": (SentDate, "BEFORE"),
+              "SENTON": (SentDate, "ON"), "SENTSINCE": (SentDate, "SINCE")}
+_MONTHS = {m: i + 1 for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"))}
+_DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})\Z")
+_NUMBER = re.compile(r"[0-9]+\Z")
+_SEQ_NUMBER = re.compile(r"(?:[1-9][0-9]*|\*)\Z")
+_ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x20\x7f]')
+_ENTRY_TYPES = ("priv", "shared", "all")
+
+
+def _display(token) -> str:
+    if isinstance(token, list):
+        return "(...)"
+    return token.decode("utf-8", "replace") if isinstance(token, bytes) else str(token)
+
+
+def _normalize(token):
+    """A token as bytes (or a list for a group): Twisted's tokens are bytes, None for an
+    unquoted NIL (the atom "NIL"), and 1-tuples for literals before they are collapsed; str
+    tokens (from tests or other callers) are UTF-8 encoded."""
+    if isinstance(token, (bytes, list)):
+        return token
+    if token is None:
+        return b"NIL"
+    if isinstance(token, str):
+        return token.encode("utf-8")
+    if isinstance(token, tuple) and len(token) == 1 and isinstance(token[0], bytes):
+        return token[0]
+    if isinstance(token, (bytearray, memoryview)):
+        return bytes(token)
+    raise SearchError(f"unexpected search token {token!r}")
+
+
+def parseSequenceSet(text: str) -> tuple:
+    """
+    C{"1:3,5,7:*"} -> C{((1, 3), (5, 5), (7, None))}: None stands for C{*}; a range may be
+    given in either order.  Raises L{SearchError} for anything else (C{0}, numbers over
+    4294967295, C{1:*:*}, empty items).
+    """
+    if not text:
+        raise SearchError("empty sequence set")
+    ranges = []
+    for item in text.split(","):
+        ends = item.split(":")
+        if len(ends) > 2:
+            raise SearchError(f"bad sequence range {item!r} in {text!r}")
+        values = []
+        for end in ends:
+            if not _SEQ_NUMBER.match(end):
+                raise SearchError(f"bad sequence number {end!r} in {text!r}")
+            if end == "*":
+                values.append(None)
+            else:
+                n = int(end)
+                if n > _MAX_SEQ:
+                    raise SearchError(f"sequence number {end} out of range in {text!r}")
+                values.append(n)
+        ranges.append((values[0], values[-1]))
+    return tuple(ranges)
+
+
+class _Parser:
+    def __init__(self):
+        self.keys: set[str] = set()
+
+    # -- arguments ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _next(items: list, pos: int, key: str, what: str):
+        if pos >= len(items):
+            raise SearchError(f"{key} needs {what}")
+        return _normalize(items[pos])
+
+    def _string(self, items, pos, key, what="a string") -> str:
+        token = self._next(items, pos, key, what)
+        if isinstance(token, list):
+            raise SearchError(f"{key} needs {what}, not a parenthesised list")
+        try:
+            return token.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SearchError(f"{key}: the search string is not valid UTF-8") from None
+
+    def _number(self, items, pos, key) -> int:
+        text = self._string(items, pos, key, "a number")
+        if not _NUMBER.match(text):
+            raise SearchError(f"{key} needs a number, not {text!r}")
+        n = int(text)
+        if n > _MAX_NUMBER:
+            raise SearchError(f"{key}: number {text} is too large")
+        return n
+
+    def _date(self, items, pos, key) -> datetime.date:
+        text = self._string(items, pos, key, "a date (like 1-Feb-2025)")
+        m = _DATE.match(text)
+        month = _MONTHS.get(m.group(2).lower()) if m else None
+        if month is None:
+            raise SearchError(f"{key} needs a date like 1-Feb-2025, not {text!r}")
+        try:
+            return datetime.date(int(m.group(3)), month, int(m.group(1)))
+        except ValueError:
+            raise SearchError(f"{key}: no such date {text!r}") from None
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def keyList(self, items: list, parens: int, ops: int) -> Predicate:
+        if not items:
+            raise SearchError("empty search" if parens == 0 else "empty parenthesised group")
+        children = []
+        pos = 0
+        while pos < len(items):
+            predicate, pos = self.key(items, pos, parens, ops)
+            if isinstance(predicate, And):  # a group inside a list: same meaning, flattened
+                children.extend(predicate.children)
+            else:
+                children.append(predicate)
+        if len(children) == 1 and parens > 0:
+            return children[0]
+        return And(_byCost(children))
+
+    def key(self, items: list, pos: int, parens: int, ops: int) -> tuple[Predicate, int]:
+        token = _normalize(items[pos])
+        pos += 1
+        if isinstance(token, list):
+            if parens + 1 > MAX_NESTING:
+                raise SearchError(f"search keys nested more than {MAX_NESTING} deep")
+            return self.keyList(token, parens + 1, ops), pos
+        try:
+            word = token.decode("ascii")
+        except UnicodeDecodeError:
+            raise SearchError(f"unknown search key {_display(token)!r}") from None
+        if word[:1].isdigit() or word[:1] == "*":
+            self.keys.add("SEQUENCE")
+            return SequenceSet(parseSequenceSet(word)), pos
+        name = word.upper()
+        self.keys.add(name)
+        if name in _CONST_KEYS:
+            return Const(_CONST_KEYS[name]), pos
+        if name in _FLAG_KEYS:
+            return Flag(*_FLAG_KEYS[name]), pos
+        if name in _HEADER_KEYS:
+            return Header(_HEADER_KEYS[name], fold(self._string(items, pos, name))), pos + 1
+        if name == "HEADER":
+            field_ = self._string(items, pos, name, "a field name")
+            if not field_ or _ATOM_SPECIALS.search(field_) or ":" in field_:
+                raise SearchError(f"HEADER: bad field name {field_!r}")
+            value = self._string(items, pos + 1, name, "a field name and a string")
+            return Header(field_.lower(), fold(value)), pos + 2
+        if name in ("BODY", "TEXT"):
+            return Text(fold(self._string(items, pos, name)), name == "BODY"), pos + 1
+        if name in _DATE_KEYS:
+            cls, op = _DATE_KEYS[name]
+            return cls(op, self._date(items, pos, name)), pos + 1
+        if name in ("LARGER", "SMALLER"):
+            return Size(self._number(items, pos, name), name == "LARGER"), pos + 1
+        if name in ("KEYWORD", "UNKEYWORD"):
+            kw = self._string(items, pos, name, "a keyword")
+            if not kw or _ATOM_SPECIALS.search(kw.lstrip("\\")):
+                raise SearchError(f"{name}: bad keyword {kw!r}")
+            return Keyword(kw, name == "KEYWORD"), pos + 1
+        if name == "UID":
+            text = self._string(items, pos, name, "a sequence set")
+            return SequenceSet(parseSequenceSet(text), uid=True), pos + 1
+        if name == "MODSEQ":
+            # MODSEQ [entry-name entry-type-req] mod-sequence-valzer: the entry is ignored
+            # (pymaild keeps one mod-sequence per message).
+            first = self._string(items, pos, name, "a mod-sequence")
+            if not _NUMBER.match(first):
+                kind = self._string(items, pos + 1, name, "an entry type and a mod-sequence")
+                if kind.lower() not in _ENTRY_TYPES:
+                    raise SearchError(f"MODSEQ: bad entry type {kind!r}")
+                pos += 2
+            return ModSeq(self._number(items, pos, name)), pos + 1
+        if name in ("NOT", "OR"):
+            if ops + 1 > MAX_OPERATOR_DEPTH:
+                raise SearchError(f"NOT/OR nested more than {MAX_OPERATOR_DEPTH} deep")
+            if pos >= len(items):
+                raise SearchError(f"{name} needs {'a search key' if name == 'NOT' else 'two search keys'}")
+            a, pos = self.key(items, pos, parens, ops + 1)
+            if name == "NOT":
+                return (a.child if isinstance(a, Not) else Not(a)), pos
+            if pos >= len(items):
+                raise SearchError("OR needs two search keys")
+            b, pos = self.key(items, pos, parens, ops + 1)
+            children = []
+            for c in (a, b):
+                children.extend(c.children if isinstance(c, Or) else (c,))
+            return Or(_byCost(children)), pos
+        raise SearchError(f"unknown search key {word!r}")
+
+
+def _checkCharset(charset) -> None:
+    if charset is None:
+        return
+    if isinstance(charset, (bytes, bytearray)):
+        charset = bytes(charset).decode("ascii", "replace")
+    name = charset.strip().strip('"').upper()
+    if name not in SUPPORTED_CHARSETS:
+        raise SearchError(f"unsupported charset {charset}", code="BADCHARSET")
+
+
+def compile(query, *, charset=None) -> And:
+    """
+    Parse Twisted's SEARCH token list (see the module docstring) into a predicate.
+
+    @param charset: the C{CHARSET} argument (Twisted's C{do_SEARCH} receives it but does not
+        pass it to C{search}); UTF-8 and US-ASCII, in any case, are accepted (strings are read
+        as UTF-8 in both cases).  If C{query} itself starts with C{CHARSET x} that is used.
+    @return: an L{And} over the top-level keys; its C{keys} names the keys used.
+    @raise SearchError: malformed (C{code} None) or unsupported charset (C{"BADCHARSET"}).
+    """
+    if isinstance(query, (bytes, str)):
+        raise SearchError("the query must be Twisted's token list, not a string")
+    items = list(query)
+    if (charset is None and items and not isinstance(items[0], list)
+            and _normalize(items[0]).upper() == b"CHARSET"):
+        if len(items) < 2:
+            raise SearchError("CHARSET needs a charset name")
+        charset = _normalize(items[1])
+        if isinstance(charset, list):
+            raise SearchError("CHARSET needs a charset name")
+        items = items[2:]
+    _checkCharset(charset)
+    parser = _Parser()
+    root = parser.keyList(items, 0, 0)
+    return And(root.children, frozenset(parser.keys))
+
+
+def search(predicate: Predicate, contexts: Iterable[SearchContext]) -> list[int]:
+    """The sequence numbers of the contexts that match, in order.  (Twisted's C{__cbSearch}
+    maps sequence numbers to UIDs itself for UID SEARCH, so C{search(query, uid)} returns
+    sequence numbers either way.)"""
+    return [ctx.seq for ctx in contexts if predicate.matches(ctx)]
