@@ -403,6 +403,31 @@ class StoreMailbox:
 
         return self.run(work)
 
+    def search(self, predicate):
+        """
+        SEARCH over the index and, where a key needs them, the cached summaries and the files:
+        a Deferred of matching sequence numbers (of this session's view).
+        """
+        from pymaild.imap.search import SearchContext, search
+
+        view = list(self.uids)
+        lastSeq, lastUid = len(view), (view[-1] if view else 0)
+
+        def work():
+            position = {u: i + 1 for i, u in enumerate(view)}
+            contexts = []
+            for meta in self.folder.messages(view):
+                try:
+                    path = self.folder.filePath(meta.uid)
+                except Exception:
+                    continue
+                contexts.append(SearchContext.fromFile(
+                    position[meta.uid], meta, path, lambda u=meta.uid: self.folder.summary(u), lastSeq, lastUid,
+                ))
+            return search(predicate, contexts)
+
+        return self.run(work)
+
     def store(self, messages, flags, mode, uid):
         wanted = self._resolve(messages, uid)
         how = {1: "add", -1: "remove", 0: "set"}[mode]

@@ -274,6 +274,33 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     select_UNSELECT = (do_UNSELECT,)
 
+    # --- SEARCH over the index (Twisted's own matcher is broken: TWISTED_MAIL.md gap 7) ---------
+
+    def do_SEARCH(self, tag, charset, query, uid=0):
+        from pymaild.imap import search
+
+        if isinstance(charset, bytes):
+            charset = charset.decode("ascii", "replace").strip('"')
+        try:
+            predicate = search.compile(query, charset=charset)
+        except search.SearchError as e:
+            if e.code == "BADCHARSET":
+                self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] " + str(e).encode())
+            else:
+                self.sendBadResponse(tag, b"SEARCH failed: " + str(e).encode("utf-8", "replace"))
+            return
+
+        def answer(numbers):
+            mbox = self.mbox
+            values = [mbox.getUID(n) for n in numbers] if uid else numbers
+            # RFC 3501 7.2.5: "* SEARCH" even when nothing matched
+            self.sendUntaggedResponse(b" ".join([b"SEARCH"] + [b"%d" % v for v in values]))
+            self.sendPositiveResponse(tag, b"SEARCH completed")
+
+        self._store(self.mbox.search(predicate), tag, answer)
+
+    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset, imap4.IMAP4Server.arg_searchkeys)
+
     # --- UIDPLUS (RFC 4315) and MOVE (RFC 6851) -------------------------------------------------
 
     def do_UID(self, tag, command, line):

@@ -1569,10 +1569,15 @@ def _decodeWord(m) -> str | None:
     except (binascii.Error, ValueError):
         return None
     try:
-        codecs.lookup(charset)
+        info = codecs.lookup(charset)
     except LookupError:
         return _text(raw)
-    return raw.decode(charset, "replace")
+    if not getattr(info, "_is_text_encoding", True):  # "zlib", "base64": not charsets
+        return _text(raw)
+    try:
+        return raw.decode(charset, "replace")
+    except Exception:
+        return _text(raw)
 
 
 def decodeHeader(raw: bytes) -> str:

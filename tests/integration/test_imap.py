@@ -309,3 +309,28 @@ def test_uidplus_move_unselect_id_enable(mailbox):
         assert imap.xatom("ENABLE", "CONDSTORE")[0] == "OK"
         imap.select("Archive")
         assert imap.fetch("1:*", "(UID)")[1] == [b"1 (UID 1)", b"2 (UID 2)", b"3 (UID 3)"]
+
+
+def test_search(mailbox):
+    """
+    SEARCH over flags, headers, text and UIDs; an empty result still answers "* SEARCH";
+    a bad charset is NO [BADCHARSET]; a malformed query is BAD.
+    """
+    with login(mailbox) as imap:
+        imap.select("INBOX")
+        imap.store("2", "+FLAGS", "(\\Seen)")
+        assert imap.search(None, "FROM", "alice") == ("OK", [b"1"])
+        assert imap.search(None, "SUBJECT", '"hello THERE"') == ("OK", [b"1"])
+        assert imap.search(None, "UNSEEN") == ("OK", [b"1 3"])
+        assert imap.search(None, "OR", "SEEN", "LARGER", "100000") == ("OK", [b"2 3"])
+        assert imap.search(None, "BODY", "text") == ("OK", [b"2"])
+        assert imap.search(None, "TEXT", "Report") == ("OK", [b"2"])
+        assert imap.search(None, "NOT", "ALL") == ("OK", [b""])
+        assert imap.uid("SEARCH", "UID", "2:*") == ("OK", [b"2 3"])
+        assert imap.search("UTF-8", "SUBJECT", "Hello") == ("OK", [b"1"])
+        typ, data = imap._simple_command("SEARCH", "CHARSET", "KOI8-R", "SUBJECT", "x")
+        assert typ == "NO" and b"BADCHARSET" in data[0]
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            imap.search(None, "FROBNICATE")
+        with pytest.raises(imaplib.IMAP4.error, match="BAD"):
+            imap.search(None, "0:4294967296")

@@ -702,3 +702,19 @@ def test_matches_dovecot(dovecotAnswers, name, data):
     theirs = dovecotAnswers[name]
     for item in FETCH_ITEMS:
         assert mine[item] == theirs[item], item
+
+
+def test_non_text_codec_in_encoded_word_keeps_the_structure():
+    """
+    An encoded-word naming a codec that is not a charset (zlib, base64) is read as plain
+    bytes; it does not throw the message's MIME structure away.
+    """
+    import io
+
+    from pymaild.store.summary import decodeHeader, summarize
+
+    assert decodeHeader(b"=?zlib?q?x?= hi") == "x hi"
+    s = summarize(io.BytesIO(
+        b"Subject: =?zlib?q?x?=\nContent-Type: multipart/mixed; boundary=a\n\n--a\n\nx\n--a\n\ny\n--a--\n"
+    ))
+    assert s.parts["kind"] == "multipart" and len(s.parts["parts"]) == 2
