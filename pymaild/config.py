@@ -136,9 +136,17 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    append_limit: int
+    autologout: float
+    max_line: int
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
+    max_login_failures: int
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class Config:
     domains: DomainsConfig
     auth: AuthConfig
     smtp: SMTPConfig
+    imap: IMAPConfig
     store: StoreConfig
     limits: LimitsConfig
 
@@ -410,6 +419,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "smtp": {
         "trusted_networks": Key(_networks, (), "networks that may relay without AUTH"),
     },
+    "imap": {
+        "append_limit": Key(_size, 50 << 20, "largest message APPEND accepts (APPENDLIMIT)"),
+        "autologout": Key(_seconds, 1800.0, "seconds an idle session lives (RFC 3501: at least 1800)"),
+        "max_line": Key(_integer(1024, 1 << 20), 65536, "longest command line, in bytes"),
+    },
     "store": {
         "quota_storage": Key(_size, 0, "bytes a user may store (0: no limit)"),
         "quota_messages": Key(_integer(0, 1 << 40), 0, "messages a user may store (0: no limit)"),
@@ -423,6 +437,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
         "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
+        "max_login_failures": Key(_integer(1, 1_000_000), 10, "failed logins per address or user in 5 minutes"),
     },
 }
 
@@ -433,6 +448,7 @@ _SECTION_TYPES = {
     "domains": DomainsConfig,
     "auth": AuthConfig,
     "smtp": SMTPConfig,
+    "imap": IMAPConfig,
     "store": StoreConfig,
     "limits": LimitsConfig,
 }
@@ -547,6 +563,9 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
         if name and name.lower() in special:
             raise fail("store", key, f"{name!r} is also the [store] {special[name.lower()]} folder")
         special[name.lower()] = key
+
+    if settings["imap"]["autologout"] < 1800:
+        raise fail("imap", "autologout", "RFC 3501 5.4 wants at least 1800 seconds (30 minutes)")
 
     limits = settings["limits"]
     if limits["max_connections_per_ip"] > limits["max_connections"]:

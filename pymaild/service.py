@@ -46,6 +46,7 @@ from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
 from pymaild.store.threads import StoreThreads
 from pymaild.store.watch import FolderWatcher
+from pymaild.throttle import LoginThrottle
 
 log = Logger()
 
@@ -297,13 +298,17 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     hostname = config.server.hostname
     plaintext = config.auth.plaintext_networks
+    throttle = LoginThrottle(config.limits.max_login_failures)
 
     def appFactory(protocol: str, implicitTLS: bool):
         if protocol == "smtp":
             return SMTPFactory(hostname, serverTLS, implicitTLS, portal)
         if protocol == "imap":
-            return IMAPFactory(portal, serverTLS, plaintext, implicitTLS)
-        return POP3Factory(portal, plaintext, implicitTLS)
+            return IMAPFactory(
+                portal, serverTLS, plaintext, implicitTLS, throttle,
+                config.imap.append_limit, config.imap.autologout, config.imap.max_line, reactor,
+            )
+        return POP3Factory(portal, plaintext, implicitTLS, throttle, reactor)
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
     sockets = bindAll(

@@ -55,6 +55,10 @@ BAD_CONFIGS = [
     ("[store]\ntrash = 'a/b'\n", "[store] trash: 'a/b' cannot be a special-use folder"),
     ("[store]\njunk = 'Trash'\n", "[store] junk: 'Trash' is also the [store] trash folder"),
     ("[store]\nthreads = 100\n", "[store] threads: must be between 1 and 64, got 100"),
+    ("[imap]\nautologout = 60\n", "[imap] autologout: RFC 3501 5.4 wants at least 1800 seconds"),
+    ("[imap]\nappend_limit = 'lots'\n", "[imap] append_limit: expected a size"),
+    ("[imap]\nmax_line = 10\n", "[imap] max_line: must be between 1024 and 1048576, got 10"),
+    ("[limits]\nmax_login_failures = 0\n", "[limits] max_login_failures: must be between 1 and 1000000, got 0"),
     ("[limits]\nmax_connections = 1.5\n", "[limits] max_connections: expected an integer, got a number"),
     ("[server\n", "not valid TOML"),
 ]

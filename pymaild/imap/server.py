@@ -66,6 +66,12 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS (or port 993) before LOGIN")
             return
         name = user.decode("utf-8", "replace")
+        throttle = self.factory.throttle
+        if throttle.blocked(self.peerHost, name.lower()):
+            log.info("imap login {user} from {peer}: blocked", event="login", protocol="imap", user=name,
+                     peer=self.peerHost, result="blocked")
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try again later")
+            return
         d = maybeDeferred(self.authenticateLogin, user, passwd)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
@@ -77,6 +83,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self._onLogout = logout
         self.state = "auth"
         self.setTimeout(self.POSTAUTH_TIMEOUT)
+        self.factory.throttle.succeeded(self.peerHost, name.lower())
         log.info("imap login {user} from {peer}: ok", event="login", protocol="imap", user=name, peer=self.peerHost, result="ok")
         self.sendPositiveResponse(tag, b"Logged in")
 
@@ -89,7 +96,47 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             log.failure("imap login {user} from {peer}", failure, user=name, peer=self.peerHost)
             result, answer = "error", b"[SERVERBUG] Internal error, try again later"
         log.info("imap login {user} from {peer}: {result}", event="login", protocol="imap", user=name, peer=self.peerHost, result=result)
+        delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        # the answer waits (and so does the client's next command): guessing gets slow
+        self.blocked = self.blocked if self.blocked is not None else []
+        self.factory.clock.callLater(delay, self._answerLater, tag, answer)
+
+    def _answerLater(self, tag, answer):
+        if self.transport is None or self.state == "logout":
+            return
         self.sendNegativeResponse(tag, answer)
+        self._unblock()
+
+    # --- limits ---------------------------------------------------------------------------------
+
+    def lineLengthExceeded(self, line):
+        self.sendUntaggedResponse(b"BYE Line too long")
+        self.transport.loseConnection()
+
+    _SEQSET = re.compile(rb"^(?:\d+|\*)(?::(?:\d+|\*))?(?:,(?:\d+|\*)(?::(?:\d+|\*))?)*$")
+
+    def arg_seqset(self, line):
+        """
+        RFC 3501 sequence-set: numbers are nz-number (1 to 4294967295); Twisted accepts 0 and
+        anything larger.
+        """
+        token = line.split(b" ", 1)[0]
+        if not self._SEQSET.match(token) or any(
+            not 1 <= int(n) <= 0xFFFFFFFF for n in re.findall(rb"\d+", token)
+        ):
+            raise imap4.IllegalClientResponse(f"Invalid sequence set: {token[:40]!r}")
+        return super().arg_seqset(line)
+
+    select_STORE = (
+        imap4.IMAP4Server.do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist
+    )
+
+    def _fileLiteral(self, size):
+        limit = self.factory.appendLimit
+        if size > limit:
+            # refused before a byte of it is read (RFC 7889 TOOBIG)
+            raise imap4.IllegalClientResponse(f"[TOOBIG] {size} octets is over the limit of {limit}")
+        return super()._fileLiteral(size)
 
     # --- STARTTLS: nothing sent before the handshake survives it (CVE-2011-0411 class) --------
 
@@ -234,8 +281,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def capabilities(self):
         cap = super().capabilities()
-        for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"LITERAL+"):
+        for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE"):
             cap[name] = None
+        cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         return cap
 
     def do_ID(self, tag, params=None):
@@ -388,7 +436,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
         self._withTarget(tag, mailbox, copy)
 
-    select_COPY = (do_COPY, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_COPY = (do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
 
     def do_MOVE(self, tag, messages, mailbox, uid=0):
         if not self.mbox.isWriteable():
@@ -410,7 +458,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
         self._withTarget(tag, mailbox, move)
 
-    select_MOVE = (do_MOVE, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_MOVE = (do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
 
     def _cbAppendGotMailbox(self, mbox, tag, flags, date, message):
         if not mbox:
@@ -441,7 +489,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 query = list(query) + [imap4._FetchParser.Flags()]
         super().do_FETCH(tag, messages, query, uid)
 
-    select_FETCH = (do_FETCH, imap4.IMAP4Server.arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+    select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
 
     def spew_envelope(self, id, msg, _w=None, _f=None):
         _w(b"ENVELOPE " + msg.summary.envelope)
@@ -577,14 +625,26 @@ class IMAPFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, portal, tls, plaintextNetworks=(), implicitTLS: bool = False):
+    def __init__(self, portal, tls, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
+                 appendLimit: int = 50 << 20, autologout: float = 1800.0, maxLine: int = 65536, clock=None):
+        from pymaild.throttle import LoginThrottle
+
         self.portal = portal
         self.tls = tls
         self.plaintextNetworks = tuple(plaintextNetworks)
         self.implicitTLS = implicitTLS
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.appendLimit = appendLimit
+        self.autologout = autologout
+        self.maxLine = maxLine
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
 
     def buildProtocol(self, addr):
         p = PymaildIMAP4Server(contextFactory=self.tls)
         p.factory = self
         p.portal = self.portal
+        p.POSTAUTH_TIMEOUT = self.autologout
+        p.MAX_LENGTH = self.maxLine
         return p

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -57,6 +57,9 @@ class PymaildPOP3(pop3.POP3):
         user, self._userIs = self._userIs, None
         password = b" ".join((password,) + words)
         name = user.decode("utf-8", "replace")
+        if self.factory.throttle.blocked(self.peerHost, name.lower()):
+            self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
+            return
         d = maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, pop3.IMailbox)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
         # Hold pipelined commands until the answer is out (Twisted's own mechanism).
@@ -64,6 +67,7 @@ class PymaildPOP3(pop3.POP3):
 
     def _loginSucceeded(self, result, name):
         _, self.mbox, self._onLogout = result
+        self.factory.throttle.succeeded(self.peerHost, name.lower())
         log.info("pop3 login {user} from {peer}: ok", event="login", protocol="pop3", user=name, peer=self.peerHost, result="ok")
         self.successResponse(b"Logged in")
 
@@ -76,7 +80,10 @@ class PymaildPOP3(pop3.POP3):
             log.failure("pop3 login {user} from {peer}", failure, user=name, peer=self.peerHost)
             result, answer = "error", b"[SYS/TEMP] Internal error, try again later"
         log.info("pop3 login {user} from {peer}: {result}", event="login", protocol="pop3", user=name, peer=self.peerHost, result=result)
-        self.failResponse(answer)
+        delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        d = Deferred()
+        self.factory.clock.callLater(delay, d.callback, None)
+        return d.addCallback(lambda _: self.failResponse(answer))
 
     def goodbye(self) -> None:
         self.failResponse(b"[SYS/TEMP] Server shutting down")
@@ -87,10 +94,16 @@ class POP3Factory(ServerFactory):
     tooManyConnections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
     noisy = False
 
-    def __init__(self, portal, plaintextNetworks=(), implicitTLS: bool = False):
+    def __init__(self, portal, plaintextNetworks=(), implicitTLS: bool = False, throttle=None, clock=None):
+        from pymaild.throttle import LoginThrottle
+
         self.portal = portal
         self.plaintextNetworks = tuple(plaintextNetworks)
         self.implicitTLS = implicitTLS
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
 
     def buildProtocol(self, addr):
         p = PymaildPOP3()

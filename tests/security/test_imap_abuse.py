@@ -1,0 +1,109 @@
+"""
+IMAP abuse: huge literals, overlong lines, malformed sequence sets, commands in the wrong
+state, password guessing.  Each gets a clear answer and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import socket
+import time
+
+from conftest import wait_for
+
+
+def tls_session(server):
+    sock = server.tls().wrap_socket(socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=15),
+                                    server_hostname="localhost")
+    sock.recv(4096)
+    return sock
+
+
+def ask(sock, line: bytes, tag: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    data = b""
+    while not re.search(rb"(^|\n)" + re.escape(tag) + rb" (OK|NO|BAD)", data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def logged_in(server):
+    sock = tls_session(server)
+    ask(sock, b'l LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"l")
+    return sock
+
+
+def test_huge_literal_is_refused_before_any_byte(make_server):
+    """
+    APPEND with a literal over [imap] append_limit is refused at once (no "+" continuation), the
+    limit is advertised as APPENDLIMIT, and the session goes on.
+    """
+    server = make_server('[imap]\nappend_limit = "1M"\n').start()
+    sock = logged_in(server)
+    caps = ask(sock, b"c CAPABILITY", b"c")
+    assert b"APPENDLIMIT=1048576" in caps
+    answer = ask(sock, b"a APPEND INBOX {999999999999}", b"a")
+    assert b"+ " not in answer and b"a BAD" in answer and b"TOOBIG" in answer
+    answer = ask(sock, b"b APPEND INBOX {1048577}", b"b")
+    assert b"b BAD" in answer and b"TOOBIG" in answer
+    assert b"n OK" in ask(sock, b"n NOOP", b"n")
+    sock.close()
+
+
+def test_overlong_line_gets_bye_and_others_keep_working(make_server):
+    """
+    A command line over [imap] max_line: "* BYE Line too long", the connection closes, and a new
+    session works.
+    """
+    server = make_server("[imap]\nmax_line = 2048\n").start()
+    sock = tls_session(server)
+    sock.sendall(b"x NOOP " + b"A" * 5000 + b"\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert b"* BYE Line too long" in data
+    again = logged_in(server)
+    assert b"n OK" in ask(again, b"n NOOP", b"n")
+
+
+def test_malformed_sequence_sets_and_wrong_state(server):
+    """
+    Sequence sets 0, 4294967296 and 1:*:* get BAD; FETCH before SELECT and SELECT before LOGIN
+    are refused; the session goes on.
+    """
+    sock = tls_session(server)
+    assert b"s BAD" in ask(sock, b"s SELECT INBOX", b"s") or b"s NO" in ask(sock, b"s2 SELECT INBOX", b"s2")
+    sock.close()
+    sock = logged_in(server)
+    assert re.search(rb"f (BAD|NO)", ask(sock, b"f FETCH 1 FLAGS", b"f"))
+    ask(sock, b"s SELECT INBOX", b"s")
+    for i, bad in enumerate((b"0", b"4294967296", b"1:*:*", b"a:b")):
+        tag = b"q%d" % i
+        assert re.search(tag + rb" BAD", ask(sock, tag + b" FETCH " + bad + b" FLAGS", tag)), bad
+    assert b"n OK" in ask(sock, b"n NOOP", b"n")
+
+
+def test_failed_logins_slow_down_then_block(make_server):
+    """
+    Each failed LOGIN is answered later than the one before; after [limits] max_login_failures
+    the address is refused without a password check, even with the right password.
+    """
+    server = make_server("[limits]\nmax_login_failures = 3\n").start()
+    sock = tls_session(server)
+    delays = []
+    for i in range(3):
+        start = time.monotonic()
+        answer = ask(sock, b'x%d LOGIN postmaster@localhost "wrong"' % i, b"x%d" % i)
+        delays.append(time.monotonic() - start)
+        assert b"AUTHENTICATIONFAILED" in answer
+    assert delays[2] > delays[0] and delays[2] >= 1.5
+    answer = ask(sock, b'y LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"y")
+    assert b"y NO [UNAVAILABLE]" in answer
+    assert "result=blocked" in server.log() or "blocked" in server.log()
