@@ -138,6 +138,49 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             raise imap4.IllegalClientResponse(f"[TOOBIG] {size} octets is over the limit of {limit}")
         return super()._fileLiteral(size)
 
+    # --- pipelining: a command answered later holds the ones after it -----------------------------
+    #
+    # Twisted runs the next pipelined command as soon as the previous handler returns; with the
+    # store answering through Deferreds that would interleave two FETCHes (Twisted's own FETCH
+    # state then breaks).  Commands that answer asynchronously hold the input from the moment
+    # their arguments are parsed (literals included) until their tagged response is sent.
+
+    _ASYNC = frozenset({
+        b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE", b"UID", b"SELECT", b"EXAMINE",
+        b"STATUS", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE",
+        b"APPEND", b"LOGIN", b"CLOSE",
+    })
+    _heldTag = None
+    _holdToken = 0
+
+    def lookupCommand(self, cmd):
+        entry = super().lookupCommand(cmd)
+        if entry is None or cmd.upper() not in self._ASYNC:
+            return entry
+        handler = entry[0]
+
+        def held(this, tag, *args, **kwargs):
+            this._hold(tag)
+            return handler(this, tag, *args, **kwargs)
+
+        return (held,) + tuple(entry[1:])
+
+    def _hold(self, tag):
+        if self.blocked is None:
+            self.blocked = []
+        self._heldTag = tag
+        self._holdToken += 1
+
+    def _respond(self, state, tag, message):
+        super()._respond(state, tag, message)
+        if tag is not None and tag == self._heldTag:
+            self._heldTag = None
+            self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
+
+    def _releaseHold(self, token):
+        if token == self._holdToken and self._heldTag is None and self.blocked is not None:
+            self._unblock()
+
     # --- STARTTLS: nothing sent before the handshake survives it (CVE-2011-0411 class) --------
 
     def do_STARTTLS(self, tag):
@@ -464,7 +507,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         if not mbox:
             self.sendNegativeResponse(tag, b"[TRYCREATE] No such mailbox")
             return
-        flags = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags]
+        flags = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags or ()]
 
         def answer(uid):
             self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (mbox.getUIDValidity(), uid))
