@@ -352,6 +352,8 @@ class StoreMailbox:
                     out[name] = status["uidvalidity"]
                 elif key == "UNSEEN":
                     out[name] = status["unseen"]
+                elif key == "SIZE":  # RFC 8438 STATUS=SIZE
+                    out[name] = status["size"]
             return out
 
         return self.run(self.folder.status).addCallback(answer)
@@ -544,11 +546,28 @@ class StoreAccount:
         pattern = imap4.wildcardToRegexp(ref + wildcard, "/")
 
         def work():
-            return [
-                (info.name, FolderInfo(info))
-                for info in self.user.listFolders()
-                if pattern.match(info.name)
-            ]
+            folders = self.user.listFolders()
+            names = {f.name for f in folders}
+            parents = set()
+            for name in names:
+                parts = name.split("/")
+                parents.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            out = [(f.name, FolderInfo(f, any(p.startswith(f.name + "/") for p in names))) for f in folders]
+            # a parent that is no folder (Dovecot's Maildir++ makes only .A.B for A/B)
+            out += [(p, FolderInfo(None, True, p)) for p in sorted(parents - names)]
+            out.sort(key=lambda pair: (pair[0] != "INBOX", pair[0]))
+            return [(name, info) for name, info in out if pattern.match(name)]
+
+        return self.run(work)
+
+    def quota(self):
+        """
+        RFC 9208: a Deferred of C{((bytes used, bytes limit), (messages used, messages limit))}.
+        """
+
+        def work():
+            used = self.user.quota.usage()
+            return (used[0], self.user.quota.storageLimit), (used[1], self.user.quota.messageLimit)
 
         return self.run(work)
 
@@ -607,14 +626,23 @@ class StoreAccount:
 
 class FolderInfo:
     """
-    What LIST shows of a folder: its attributes.
+    What LIST shows of a folder: its attributes (RFC 3348 CHILDREN, RFC 6154 SPECIAL-USE), or
+    of a parent name that is no folder (\\Noselect).
     """
 
-    def __init__(self, info):
+    def __init__(self, info, hasChildren: bool = False, name: str | None = None):
         self.info = info
+        self.hasChildren = hasChildren
+        self.subscribed = bool(info and info.subscribed)
+        self.name = info.name if info else name
 
     def getFlags(self):
-        return [self.info.special] if self.info.special else []
+        flags = ["\\HasChildren" if self.hasChildren else "\\HasNoChildren"]
+        if self.info is None:
+            flags.insert(0, "\\Noselect")
+        elif self.info.special:
+            flags.append(self.info.special)
+        return flags
 
     def getHierarchicalDelimiter(self):
         return "/"

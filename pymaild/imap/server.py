@@ -148,7 +148,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     _ASYNC = frozenset({
         b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE", b"UID", b"SELECT", b"EXAMINE",
         b"STATUS", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE",
-        b"APPEND", b"LOGIN", b"CLOSE",
+        b"APPEND", b"LOGIN", b"CLOSE", b"GETQUOTA", b"GETQUOTAROOT",
     })
     _heldTag = None
     _holdToken = 0
@@ -320,11 +320,69 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         else:
             self.sendBadResponse(tag, b"Expected DONE to end IDLE")
 
+    # --- LIST with subscriptions from the same listing ---------------------------------------------
+
+    def _cbListWork(self, mailboxes, tag, sub, cmdName):
+        for name, box in mailboxes:
+            if sub and not box.subscribed:
+                continue
+            flags = [flag.encode() for flag in box.getFlags()]
+            if sub and box.info is None:
+                continue
+            resp = (imap4.DontQuoteMe(cmdName), map(imap4.DontQuoteMe, flags), b"/", name.encode("imap4-utf-7"))
+            self.sendUntaggedResponse(imap4.collapseNestedLists(resp))
+        self.sendPositiveResponse(tag, cmdName + b" completed")
+
+    # --- QUOTA (RFC 9208), from the store's Maildir++ quota ----------------------------------------
+
+    def _sendQuota(self, limits):
+        (usedBytes, maxBytes), (usedCount, maxCount) = limits
+        resources = []
+        if maxBytes:
+            resources.append(b"STORAGE %d %d" % ((usedBytes + 1023) // 1024, maxBytes // 1024))
+        if maxCount:
+            resources.append(b"MESSAGE %d %d" % (usedCount, maxCount))
+        self.sendUntaggedResponse(b'QUOTA "" (' + b" ".join(resources) + b")")
+
+    def do_GETQUOTAROOT(self, tag, mailbox):
+        name = self._name(mailbox)
+
+        def answer(limits):
+            self.sendUntaggedResponse(b"QUOTAROOT " + imap4._quote(name.encode("imap4-utf-7")) + b' ""')
+            self._sendQuota(limits)
+            self.sendPositiveResponse(tag, b"GETQUOTAROOT completed")
+
+        self._store(self.account.quota(), tag, answer)
+
+    auth_GETQUOTAROOT = (do_GETQUOTAROOT, imap4.IMAP4Server.arg_finalastring)
+    select_GETQUOTAROOT = auth_GETQUOTAROOT
+
+    def do_GETQUOTA(self, tag, root):
+        if root not in (b"", ""):
+            self.sendNegativeResponse(tag, b"[NONEXISTENT] No such quota root")
+            return
+
+        def answer(limits):
+            self._sendQuota(limits)
+            self.sendPositiveResponse(tag, b"GETQUOTA completed")
+
+        self._store(self.account.quota(), tag, answer)
+
+    auth_GETQUOTA = (do_GETQUOTA, imap4.IMAP4Server.arg_finalastring)
+    select_GETQUOTA = auth_GETQUOTA
+
+    def do_SETQUOTA(self, tag, line=None):
+        self.sendNegativeResponse(tag, b"[NOPERM] Quota is set by the administrator")
+
+    auth_SETQUOTA = (do_SETQUOTA, imap4.IMAP4Server.arg_line)
+    select_SETQUOTA = auth_SETQUOTA
+
     # --- small extensions -----------------------------------------------------------------------
 
     def capabilities(self):
         cap = super().capabilities()
-        for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE"):
+        for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
+                     b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         return cap

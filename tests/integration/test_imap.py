@@ -334,3 +334,32 @@ def test_search(mailbox):
             imap.search(None, "FROBNICATE")
         with pytest.raises(imaplib.IMAP4.error, match="BAD"):
             imap.search(None, "0:4294967296")
+
+
+def test_children_status_size_and_quota(make_server):
+    """
+    LIST marks \\HasChildren/\\HasNoChildren and shows a parent that is no folder as \\Noselect;
+    STATUS answers SIZE (RFC 8438); GETQUOTAROOT/GETQUOTA report the Maildir++ quota in KiB and
+    messages (RFC 9208); SETQUOTA is refused.
+    """
+    server = make_server('[store]\nquota_storage = "10M"\nquota_messages = 1000\n').start()
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    with login(server) as imap:
+        imap.append("INBOX", None, None, PLAIN)
+        imap.create("Work/Clients")
+        (home / ".Only.Child" / "cur").mkdir(parents=True)  # as Dovecot makes A/B: no .Only
+        for sub in ("new", "tmp"):
+            (home / ".Only.Child" / sub).mkdir()
+        typ, lines = imap.list()
+        text = b"\n".join(lines)
+        assert re.search(rb"\(\\HasChildren\) \"/\" \"?Work\"?$", text, re.M), text
+        assert re.search(rb"\(\\HasNoChildren\) \"/\" \"?Work/Clients\"?$", text, re.M), text
+        assert re.search(rb"\(\\Noselect \\HasChildren\) \"/\" \"?Only\"?$", text, re.M), text
+        typ, data = imap.status("INBOX", "(MESSAGES SIZE)")
+        assert b"SIZE %d" % len(PLAIN) in data[0]
+        typ, data = imap.getquotaroot("INBOX")
+        assert typ == "OK"
+        flat = b" ".join(x for part in data for x in part if isinstance(x, bytes))
+        assert b"STORAGE 1 10240" in flat and b"MESSAGE 1 1000" in flat, data
+        typ, data = imap.setquota('""', "(STORAGE 1)")
+        assert typ == "NO"
