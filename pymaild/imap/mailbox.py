@@ -592,9 +592,9 @@ class StoreAccount:
 
         return self.run(work).addErrback(missing)
 
-    def create(self, pathspec):
+    def create(self, pathspec, special=None):
         pathspec = pathspec.decode() if isinstance(pathspec, bytes) else pathspec
-        return self._call(self.user.createFolder, pathspec.rstrip("/")).addCallback(lambda _: True)
+        return self._call(self.user.createFolder, pathspec.rstrip("/"), special).addCallback(lambda _: True)
 
     def delete(self, name):
         return self._call(self.user.deleteFolder, name)

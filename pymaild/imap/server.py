@@ -210,10 +210,24 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def _name(self, name) -> str:
         return imap4._parseMbox(name)  # modified UTF-7 on the wire -> Unicode
 
-    def do_CREATE(self, tag, name):
-        self._answer(maybeDeferred(self.account.create, self._name(name)), tag, "CREATE")
+    _USE = re.compile(rb"^\(USE \(([^()]*)\)\)$", re.I)
 
-    auth_CREATE = (do_CREATE, imap4.IMAP4Server.arg_finalastring)
+    def do_CREATE(self, tag, name, rest=b""):
+        special = None
+        if rest.strip():
+            m = self._USE.match(rest.strip())  # RFC 6154 CREATE-SPECIAL-USE
+            if m is None:
+                raise imap4.IllegalClientResponse("Expected (USE (\\attribute))")
+            uses = m.group(1).split()
+            if len(uses) > 1:
+                self.sendNegativeResponse(tag, b"[USEATTR] One special-use attribute per folder")
+                return
+            special = next((u.decode("ascii", "replace") for u in uses), None)
+            if special is not None:
+                special = "\\" + special.lstrip("\\").capitalize()
+        self._answer(maybeDeferred(self.account.create, self._name(name), special), tag, "CREATE")
+
+    auth_CREATE = (do_CREATE, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_line)
     select_CREATE = auth_CREATE
 
     def do_DELETE(self, tag, name):
@@ -382,7 +396,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def capabilities(self):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
-                     b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
+                     b"CREATE-SPECIAL-USE", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         return cap

@@ -363,3 +363,17 @@ def test_children_status_size_and_quota(make_server):
         assert b"STORAGE 1 10240" in flat and b"MESSAGE 1 1000" in flat, data
         typ, data = imap.setquota('""', "(STORAGE 1)")
         assert typ == "NO"
+
+
+def test_create_special_use(server):
+    """
+    CREATE name (USE (\\Archive)) makes a folder LIST shows with that attribute (RFC 6154); an
+    unknown attribute is NO [USEATTR].
+    """
+    with login(server) as imap:
+        typ, data = imap._simple_command("CREATE", "Ablage", "(USE (\\Archive))")
+        assert typ == "OK", data
+        typ, lines = imap.list('""', "Ablage")
+        assert b"\\Archive" in lines[0]
+        typ, data = imap._simple_command("CREATE", "Odd", "(USE (\\Bogus))")
+        assert typ == "NO" and b"USEATTR" in data[0]
