@@ -131,11 +131,47 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         imap4.IMAP4Server.do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist
     )
 
+    # --- LITERAL+ (RFC 7888): {n+} literals come without waiting for "+" -----------------------
+
+    _nonSync = False
+
+    def _literalLine(self, line):
+        stripped = line.rstrip()
+        if stripped.endswith(b"+}") and b"{" in stripped:
+            self._nonSync = True
+            return stripped[:-2] + b"}"
+        return line
+
+    def arg_astring(self, line, final=False):
+        return super().arg_astring(self._literalLine(line), final)
+
+    def arg_literal(self, line):
+        return super().arg_literal(self._literalLine(line))
+
+    def sendContinuationRequest(self, msg=b"Ready for additional command text"):
+        if self._nonSync:
+            self._nonSync = False  # the client sends the literal without asking
+            return
+        super().sendContinuationRequest(msg)
+
+    def _refuseLiteral(self, message: str):
+        if self._nonSync:
+            # the client is already sending the bytes: the only safe answer is to hang up
+            self._nonSync = False
+            self.sendUntaggedResponse(b"BYE " + message.encode())
+            self.transport.loseConnection()
+        raise imap4.IllegalClientResponse(message)
+
+    def _stringLiteral(self, size):
+        if size > self._literalStringLimit:
+            self._refuseLiteral(f"[TOOBIG] a {size}-octet string is over the limit of {self._literalStringLimit}")
+        return super()._stringLiteral(size)
+
     def _fileLiteral(self, size):
         limit = self.factory.appendLimit
         if size > limit:
             # refused before a byte of it is read (RFC 7889 TOOBIG)
-            raise imap4.IllegalClientResponse(f"[TOOBIG] {size} octets is over the limit of {limit}")
+            self._refuseLiteral(f"[TOOBIG] {size} octets is over the limit of {limit}")
         return super()._fileLiteral(size)
 
     # --- pipelining: a command answered later holds the ones after it -----------------------------
@@ -155,7 +191,15 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def lookupCommand(self, cmd):
         entry = super().lookupCommand(cmd)
-        if entry is None or cmd.upper() not in self._ASYNC:
+        if entry is None:
+            return entry
+        # Command tables name Twisted's argument parsers directly: use this class's versions
+        # (sequence-set checks, LITERAL+).
+        entry = (entry[0],) + tuple(
+            getattr(type(self), f.__name__, f) if callable(f) and getattr(f, "__name__", "").startswith(("arg_", "opt_")) else f
+            for f in entry[1:]
+        )
+        if cmd.upper() not in self._ASYNC:
             return entry
         handler = entry[0]
 
@@ -396,7 +440,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def capabilities(self):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
-                     b"CREATE-SPECIAL-USE", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
+                     b"CREATE-SPECIAL-USE", b"LITERAL+", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         return cap

@@ -377,3 +377,34 @@ def test_create_special_use(server):
         assert b"\\Archive" in lines[0]
         typ, data = imap._simple_command("CREATE", "Odd", "(USE (\\Bogus))")
         assert typ == "NO" and b"USEATTR" in data[0]
+
+
+def test_literal_plus(server):
+    """
+    LITERAL+ (RFC 7888): a {n+} literal is read without a "+" continuation, in LOGIN and in
+    APPEND; an oversized non-synchronising literal closes the connection with BYE.
+    """
+    password = server.postmaster_password().encode()
+    sock = _raw(server)
+    sock.sendall(b"l LOGIN {20+}\r\npostmaster@localhost {%d+}\r\n%s\r\n" % (len(password), password))
+    reply = read_until(sock, b"l OK")
+    assert b"+ " not in reply
+    body = b"Subject: plus\r\n\r\nx\r\n"
+    sock.sendall(b"a APPEND INBOX {%d+}\r\n%s\r\n" % (len(body), body))
+    reply = read_until(sock, b"a OK")
+    assert b"+ " not in reply and b"APPENDUID" in reply
+    sock.sendall(b"b APPEND INBOX {999999999999+}\r\n")
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    assert b"* BYE [TOOBIG]" in data
+
+
+def _raw(server):
+    sock = server.tls().wrap_socket(socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=15),
+                                    server_hostname="localhost")
+    read_until(sock, b"\r\n")
+    return sock
