@@ -393,14 +393,16 @@ class StoreMailbox:
         def work():
             if markSeen and wanted:
                 self.folder.store(wanted, ["\\Seen"], "add")
+            metas = self.folder.messages(wanted)
+            present = [m.uid for m in metas]
+            paths = self.folder.paths(present)
+            summaries = self.folder.summaries(present) if wantSummaries else {}
             out = []
-            for meta in self.folder.messages(wanted):
-                summary = self.folder.summary(meta.uid) if wantSummaries else None
-                try:
-                    path = self.folder.filePath(meta.uid)
-                except Exception:
+            for meta in metas:
+                path = paths.get(meta.uid)
+                if path is None or (wantSummaries and meta.uid not in summaries):
                     continue
-                out.append((position[meta.uid], StoreMessage(meta, path, summary)))
+                out.append((position[meta.uid], StoreMessage(meta, path, summaries.get(meta.uid))))
             return out
 
         return self.run(work)
@@ -418,10 +420,11 @@ class StoreMailbox:
         def work():
             position = {u: i + 1 for i, u in enumerate(view)}
             contexts = []
-            for meta in self.folder.messages(view):
-                try:
-                    path = self.folder.filePath(meta.uid)
-                except Exception:
+            metas = self.folder.messages(view)
+            paths = self.folder.paths([m.uid for m in metas])
+            for meta in metas:
+                path = paths.get(meta.uid)
+                if path is None:
                     continue
                 contexts.append(SearchContext.fromFile(
                     position[meta.uid], meta, path, lambda u=meta.uid: self.folder.summary(u), lastSeq, lastUid,

@@ -50,12 +50,6 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.challengers.setdefault(b"PLAIN", imap4.PLAINCredentials)
         self.challengers.setdefault(b"LOGIN", imap4.LOGINCredentials)
 
-    def capabilities(self):
-        cap = super().capabilities()
-        if self.plaintextAllowed:
-            cap.pop(b"LOGINDISABLED", None)
-        return cap
-
     def sendServerGreeting(self):
         msg = b"[CAPABILITY " + b" ".join(self.listCapabilities()) + b"] pymaild ready"
         self.sendPositiveResponse(message=msg)
@@ -443,6 +437,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                      b"CREATE-SPECIAL-USE", b"LITERAL+", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
+        if self.plaintextAllowed:  # [auth] plaintext_networks
+            cap.pop(b"LOGINDISABLED", None)
         return cap
 
     def do_ID(self, tag, params=None):

@@ -609,6 +609,47 @@ class Folder:
                     self.sync()
         raise StoreError("EXPUNGEISSUED", f"Message {uid} has been expunged")
 
+    def paths(self, uids: Iterable[int]) -> dict[int, Path]:
+        """
+        The files of many messages in one query (FETCH and SEARCH over a whole folder).
+        """
+        out: dict[int, Path] = {}
+        wanted = sorted(set(uids))
+        with self.user.lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                for uid, name, innew in self.user.db.execute(
+                    f"SELECT uid, name, innew FROM messages WHERE folder=? AND uid IN ({','.join('?' * len(chunk))})",
+                    (self.id, *chunk),
+                ):
+                    out[uid] = self.path / ("new" if innew else "cur") / name
+        return out
+
+    def summaries(self, uids: Iterable[int]) -> dict:
+        """
+        The summaries of many messages: cached ones in one query, the rest computed (and
+        cached) one by one.
+        """
+        from pymaild.store.summary import fromJSON
+
+        out = {}
+        wanted = sorted(set(uids))
+        with self.user.lock:
+            for i in range(0, len(wanted), 500):
+                chunk = wanted[i : i + 500]
+                for uid, text in self.user.db.execute(
+                    f"SELECT uid, summary FROM summaries WHERE folder=? AND uid IN ({','.join('?' * len(chunk))})",
+                    (self.id, *chunk),
+                ):
+                    out[uid] = fromJSON(text)
+        for uid in wanted:
+            if uid not in out:
+                try:
+                    out[uid] = self.summary(uid)
+                except (StoreError, OSError):
+                    continue
+        return out
+
     def summary(self, uid: int):
         """
         The message's L{pymaild.store.summary.MessageSummary}, computed on first need and cached.

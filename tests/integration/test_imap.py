@@ -408,3 +408,17 @@ def _raw(server):
                                     server_hostname="localhost")
     read_until(sock, b"\r\n")
     return sock
+
+
+def test_plaintext_networks_allow_login_without_tls(make_server):
+    """
+    From a network in [auth] plaintext_networks, LOGIN works on port 143 without STARTTLS
+    (LOGINDISABLED is not advertised); elsewhere it stays refused (tested above).
+    """
+    server = make_server('[auth]\nplaintext_networks = ["127.0.0.0/8"]\n').start()
+    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    try:
+        assert "LOGINDISABLED" not in imap.capabilities
+        assert imap.login("postmaster@localhost", server.postmaster_password())[0] == "OK"
+    finally:
+        imap.logout()
