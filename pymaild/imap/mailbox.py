@@ -422,12 +422,20 @@ class StoreMailbox:
             contexts = []
             metas = self.folder.messages(view)
             paths = self.folder.paths([m.uid for m in metas])
+            cache: dict = {}
+
+            def summaryOf(u):
+                # the first key that needs a summary loads (and caches) them all in one batch
+                if not cache:
+                    cache.update(self.folder.summaries([m.uid for m in metas]))
+                return cache.get(u) or self.folder.summary(u)
+
             for meta in metas:
                 path = paths.get(meta.uid)
                 if path is None:
                     continue
                 contexts.append(SearchContext.fromFile(
-                    position[meta.uid], meta, path, lambda u=meta.uid: self.folder.summary(u), lastSeq, lastUid,
+                    position[meta.uid], meta, path, lambda u=meta.uid: summaryOf(u), lastSeq, lastUid,
                 ))
             return search(predicate, contexts)
 

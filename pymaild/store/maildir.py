@@ -642,12 +642,26 @@ class Folder:
                     (self.id, *chunk),
                 ):
                     out[uid] = fromJSON(text)
-        for uid in wanted:
-            if uid not in out:
+        missing = [uid for uid in wanted if uid not in out]
+        if missing:
+            from pymaild.store.summary import summarize, toJSON
+
+            computed = {}
+            for uid in missing:
                 try:
-                    out[uid] = self.summary(uid)
+                    with self.open(uid) as f:
+                        computed[uid] = summarize(f)
                 except (StoreError, OSError):
                     continue
+            # one transaction (one fsync) for the whole batch, not one per message
+            with self.user.lock, self.user.transaction():
+                present = {r[0] for r in self.user.db.execute(
+                    "SELECT uid FROM messages WHERE folder=?", (self.id,))} if computed else set()
+                self.user.db.executemany(
+                    "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
+                    [(self.id, uid, toJSON(sm)) for uid, sm in computed.items() if uid in present],
+                )
+            out.update(computed)
         return out
 
     def summary(self, uid: int):
