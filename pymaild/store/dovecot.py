@@ -34,6 +34,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pymaild.store.delivery import fsyncDirectory
+
 __all__ = [
     "KEYWORD_LETTERS",
     "LOCK_STALE_SECONDS",
@@ -348,11 +350,7 @@ def _replace(
         except FileNotFoundError:
             pass
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    fsyncDirectory(path.parent)
 
 
 def writeKeywords(path: os.PathLike | str, mapping: dict[int, str]) -> None:

@@ -44,6 +44,7 @@ import time
 import uuid
 from pathlib import Path
 
+from pymaild.store.delivery import fsyncDirectory
 from pymaild.errors import MailError
 
 __all__ = ["Quota", "QuotaExceeded", "FILENAME", "MAX_FILE_SIZE", "STALE_SECONDS"]
@@ -346,11 +347,7 @@ class Quota:
             except FileNotFoundError:
                 pass
             raise
-        dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        fsyncDirectory(self.root)
 
 
 def _parseLimits(line: bytes) -> tuple[int, int] | None:

@@ -488,6 +488,7 @@ import sys, time
 from pathlib import Path
 from pymaild.auth.passwdfile import PasswdFile
 path, worker, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+(go.parent / f"ready-{worker}").touch()
 while not go.exists():
     time.sleep(0.001)
 passwd = PasswdFile(path)
@@ -509,7 +510,9 @@ def test_concurrent_processes_lose_nothing(tmp_path):
         subprocess.Popen([sys.executable, "-c", ADDER, str(path), str(n), str(go)], env=env)
         for n in range(8)
     ]
-    time.sleep(0.3)  # let them all start and wait on the flag
+    from conftest import wait_for
+
+    wait_for(lambda: all((tmp_path / f"ready-{n}").exists() for n in range(8)), what="all workers to start")
     go.touch()
     for worker in workers:
         assert worker.wait(timeout=60) == 0
