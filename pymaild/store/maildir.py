@@ -28,6 +28,7 @@ user's directory.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -121,6 +122,21 @@ class FolderInfo:
     name: str
     special: str | None
     subscribed: bool
+
+
+_UNIQUE = re.compile(r"^(\d+)\.(?:M(\d+))?(?:P(\d+))?(?:Q(\d+))?")
+
+
+def _deliveryOrder(base: str):
+    """
+    Sort key putting maildir names in delivery order: seconds, then microseconds, numerically
+    ("M5000" before "M12000", which a plain string sort gets wrong), then the name.
+    """
+    m = _UNIQUE.match(base)
+    if m is None:
+        return (1 << 62, 0, 0, base)
+    secs, usecs, _, counter = m.groups()
+    return (int(secs), int(usecs or 0), int(counter or 0), base)
 
 
 def _splitFlags(imapFlags: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
@@ -742,7 +758,7 @@ class Folder:
         }
         changes = Changes()
         gone = [known[b][0] for b in known.keys() - onDisk.keys()]
-        fresh = sorted(onDisk.keys() - known.keys())
+        fresh = sorted(onDisk.keys() - known.keys(), key=_deliveryOrder)
         renamed = {}
         for base, k in known.items():
             now = onDisk.get(base)

@@ -403,3 +403,15 @@ def test_two_processes_syncing_one_folder_agree(tmp_path):
     uids = inbox.uids()
     assert len(uids) == 120 == len(set(uids))
     assert len({inbox.open(u).read() for u in uids}) == 120
+
+
+def test_uids_follow_delivery_order_not_string_order(user):
+    """
+    Files delivered within one second get UIDs in microsecond order: "M5000" before "M12000"
+    (a string sort would swap them).
+    """
+    inbox = user.folder("INBOX")
+    for usecs, subject in ((12000, b"second"), (5000, b"first"), (999999, b"third")):
+        (inbox.path / "new" / f"1700000000.M{usecs}P1.host,S=9,W=9").write_bytes(b"Subject: " + subject)
+    inbox.sync()
+    assert [inbox.open(u).read() for u in inbox.uids()] == [b"Subject: first", b"Subject: second", b"Subject: third"]
