@@ -146,6 +146,7 @@ class IMAPConfig:
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
+    max_connections_per_user: int
     max_login_failures: int
 
 
@@ -437,6 +438,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
         "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
+        "max_connections_per_user": Key(_integer(1, 1_000_000), 50, "logged-in IMAP/POP3 sessions of one user"),
         "max_login_failures": Key(_integer(1, 1_000_000), 10, "failed logins per address or user in 5 minutes"),
     },
 }

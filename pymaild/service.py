@@ -299,6 +299,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     hostname = config.server.hostname
     plaintext = config.auth.plaintext_networks
     throttle = LoginThrottle(config.limits.max_login_failures)
+    imapSessions: dict = {}
 
     def appFactory(protocol: str, implicitTLS: bool):
         if protocol == "smtp":
@@ -307,6 +308,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             return IMAPFactory(
                 portal, serverTLS, plaintext, implicitTLS, throttle,
                 config.imap.append_limit, config.imap.autologout, config.imap.max_line, reactor,
+                config.limits.max_connections_per_user, imapSessions,
             )
         return POP3Factory(portal, plaintext, implicitTLS, throttle, reactor)
 

@@ -73,6 +73,17 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def _loginSucceeded(self, result, tag, name):
         iface, avatar, logout = result
+        user = getattr(avatar, "user", None)
+        key = getattr(user, "root", name)
+        sessions = self.factory.sessions
+        if sessions.get(key, 0) >= self.factory.maxPerUser:
+            logout()
+            log.info("imap login {user} from {peer}: too many sessions", event="login", protocol="imap",
+                     user=name, peer=self.peerHost, result="limit")
+            self.sendNegativeResponse(tag, b"[LIMIT] Too many sessions for this user")
+            return
+        sessions[key] = sessions.get(key, 0) + 1
+        self._sessionKey = key
         self.account = avatar
         self._onLogout = logout
         self.state = "auth"
@@ -725,6 +736,18 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         d = imap4.FileProducer(section).beginProducing(self.transport)
         return d.addBoth(lambda r: (section.close(), r)[1])
 
+    _sessionKey = None
+
+    def connectionLost(self, reason):
+        key, self._sessionKey = self._sessionKey, None
+        if key is not None:
+            left = self.factory.sessions.get(key, 1) - 1
+            if left > 0:
+                self.factory.sessions[key] = left
+            else:
+                self.factory.sessions.pop(key, None)
+        super().connectionLost(reason)
+
     def isBusy(self) -> bool:
         return self._pendingLiteral is not None
 
@@ -781,7 +804,8 @@ class IMAPFactory(ServerFactory):
     noisy = False
 
     def __init__(self, portal, tls, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
-                 appendLimit: int = 50 << 20, autologout: float = 1800.0, maxLine: int = 65536, clock=None):
+                 appendLimit: int = 50 << 20, autologout: float = 1800.0, maxLine: int = 65536, clock=None,
+                 maxPerUser: int = 50, sessions: dict | None = None):
         from pymaild.throttle import LoginThrottle
 
         self.portal = portal
@@ -792,6 +816,9 @@ class IMAPFactory(ServerFactory):
         self.appendLimit = appendLimit
         self.autologout = autologout
         self.maxLine = maxLine
+        self.maxPerUser = maxPerUser
+        #: logged-in sessions per user, shared by the IMAP listeners (143 and 993)
+        self.sessions = sessions if sessions is not None else {}
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock

@@ -107,3 +107,26 @@ def test_failed_logins_slow_down_then_block(make_server):
     answer = ask(sock, b'y LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"y")
     assert b"y NO [UNAVAILABLE]" in answer
     assert "result=blocked" in server.log() or "blocked" in server.log()
+
+
+def test_sessions_per_user_are_limited(make_server):
+    """
+    Over [limits] max_connections_per_user logged-in sessions, one more login gets NO [LIMIT];
+    when a session ends, a new login works again.
+    """
+    server = make_server("[limits]\nmax_connections_per_user = 2\n").start()
+    first, second = logged_in(server), logged_in(server)
+    third = tls_session(server)
+    answer = ask(third, b'l LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"l")
+    assert b"l NO [LIMIT]" in answer
+    first.sendall(b"o LOGOUT\r\n")
+    first.close()
+
+    def can_login():
+        sock = tls_session(server)
+        reply = ask(sock, b'm LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"m")
+        sock.close()
+        return b"m OK" in reply
+
+    wait_for(can_login, timeout=10, what="a login after a session ended")
+    second.close()
