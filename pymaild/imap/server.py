@@ -69,6 +69,11 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         d = maybeDeferred(self.authenticateLogin, user, passwd)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
+    def authenticateLogin(self, user, passwd):
+        from twisted.cred.credentials import UsernamePassword
+
+        return self.factory.portal.login(UsernamePassword(user, passwd), None, imap4.IAccount)
+
     unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
     def _loginSucceeded(self, result, tag, name):
@@ -824,9 +829,13 @@ class IMAPFactory(ServerFactory):
         self.clock = clock
 
     def buildProtocol(self, addr):
+        from pymaild.throttle import ThrottledPortal
+
         p = PymaildIMAP4Server(contextFactory=self.tls)
         p.factory = self
-        p.portal = self.portal
+        # AUTHENTICATE runs Twisted's own code against p.portal: throttle it there; LOGIN
+        # (authenticateLogin below) uses the plain portal and throttles itself.
+        p.portal = ThrottledPortal(self.portal, self.throttle, getattr(addr, "host", ""), self.clock)
         p.POSTAUTH_TIMEOUT = self.autologout
         p.MAX_LENGTH = self.maxLine
         return p

@@ -130,3 +130,29 @@ def test_sessions_per_user_are_limited(make_server):
 
     wait_for(can_login, timeout=10, what="a login after a session ended")
     second.close()
+
+
+def test_authenticate_is_throttled_too(make_server):
+    """
+    AUTHENTICATE PLAIN failures count like LOGIN failures: after the limit even the right
+    password is refused.
+    """
+    import base64
+
+    server = make_server("[limits]\nmax_login_failures = 2\n").start()
+    sock = tls_session(server)
+
+    def authenticate(tag: bytes, password: bytes) -> bytes:
+        sock.sendall(tag + b" AUTHENTICATE PLAIN\r\n")
+        data = b""
+        while b"+" not in data:
+            data += sock.recv(4096)
+        sock.sendall(base64.b64encode(b"\0postmaster@localhost\0" + password) + b"\r\n")
+        answer = b""
+        while not re.search(re.escape(tag) + rb" (OK|NO|BAD)", answer):
+            answer += sock.recv(4096)
+        return answer
+
+    assert b"a1 NO" in authenticate(b"a1", b"wrong")
+    assert b"a2 NO" in authenticate(b"a2", b"wrong")
+    assert b"a3 NO" in authenticate(b"a3", server.postmaster_password().encode())
