@@ -69,6 +69,26 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         d = maybeDeferred(self.authenticateLogin, user, passwd)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
+    def do_AUTHENTICATE(self, tag, mechanism, initial=b""):
+        """
+        AUTHENTICATE, with SASL-IR (RFC 4959): an initial response on the command line saves
+        a round trip ("=" is an empty one).
+        """
+        if not initial:
+            return super().do_AUTHENTICATE(tag, mechanism)
+        mechanism = mechanism.upper().strip()
+        if mechanism not in self.challengers:
+            self.sendNegativeResponse(tag, b"AUTHENTICATE method unsupported")
+            return
+        challenge = self.challengers[mechanism]()
+        response = b"" if initial.strip() == b"=" else initial.strip()
+        try:
+            self._IMAP4Server__cbAuthChunk(response, challenge, tag)  # Twisted's own next step
+        except imap4.IllegalClientResponse as e:
+            self.sendBadResponse(tag, str(e).encode())
+
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+
     def authenticateLogin(self, user, passwd):
         from twisted.cred.credentials import UsernamePassword
 
@@ -450,7 +470,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def capabilities(self):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
-                     b"CREATE-SPECIAL-USE", b"LITERAL+", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
+                     b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks

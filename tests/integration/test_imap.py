@@ -422,3 +422,24 @@ def test_plaintext_networks_allow_login_without_tls(make_server):
         assert imap.login("postmaster@localhost", server.postmaster_password())[0] == "OK"
     finally:
         imap.logout()
+
+
+def test_sasl_ir(server):
+    """
+    AUTHENTICATE PLAIN with the initial response on the command line (RFC 4959) logs in without
+    a continuation; a wrong password is NO.
+    """
+    import base64
+
+    sock = _raw(server)
+    good = base64.b64encode(b"\0postmaster@localhost\0" + server.postmaster_password().encode())
+    bad = base64.b64encode(b"\0postmaster@localhost\0nope")
+    sock.sendall(b"c CAPABILITY\r\n")
+    assert b"SASL-IR" in read_until(sock, b"c OK")
+    sock.sendall(b"x AUTHENTICATE PLAIN " + bad + b"\r\n")
+    assert b"x NO" in read_until(sock, b"x NO")
+    sock.sendall(b"a AUTHENTICATE PLAIN " + good + b"\r\n")
+    reply = read_until(sock, b"a OK")
+    assert b"+ " not in reply
+    sock.sendall(b"s SELECT INBOX\r\n")
+    assert b"s OK" in read_until(sock, b"s OK")
