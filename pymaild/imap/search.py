@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
 import datetime
 import email.parser
 import email.policy
@@ -43,6 +42,8 @@ import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
+
+from pymaild.mime import bytesText, decodeBytes, decodeHeader
 
 __all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search",
            "readHeaderBytes", "readMessageText", "SUPPORTED_CHARSETS", "MAX_TEXT"]
@@ -78,74 +79,14 @@ class SearchError(ValueError):
 # Text helpers: RFC 2047, case folding, transfer encodings
 # --------------------------------------------------------------------------------------------
 
-_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
-
-
-def _bytesText(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def _textCodec(charset) -> str | None:
-    """The codec name for a MIME charset, or None when Python has no *text* codec by that
-    name (C{codecs.lookup("zlib")} succeeds but is not a charset)."""
-    if not charset:
-        return None
-    if isinstance(charset, bytes):
-        charset = charset.decode("ascii", "replace")
-    try:
-        info = codecs.lookup(charset.strip().strip('"'))
-    except (LookupError, ValueError):
-        return None
-    if not getattr(info, "_is_text_encoding", True):
-        return None
-    return info.name
-
-
-def _decodeBytes(raw: bytes, charset) -> str:
-    codec = _textCodec(charset)
-    if codec is None:
-        return _bytesText(raw)
-    try:
-        return raw.decode(codec, "replace")
-    except Exception:  # a broken stateful codec (ISO-2022 variants) on broken input
-        return _bytesText(raw)
-
-
-def _decodeWord(m) -> str | None:
-    charset = m.group(1).split(b"*", 1)[0]
-    data = m.group(3)
-    try:
-        if m.group(2) in b"Bb":
-            raw = base64.b64decode(data + b"=" * (-len(data) % 4))
-        else:
-            raw = binascii.a2b_qp(data, header=True)
-    except (binascii.Error, ValueError):
-        return None
-    return _decodeBytes(raw, charset)
+_bytesText = bytesText
+_decodeBytes = decodeBytes
 
 
 def decodeHeaderValue(raw: bytes) -> str:
     """A header value as text: unfolded, RFC 2047 encoded-words decoded (whitespace between
     adjacent encoded-words dropped), other 8-bit bytes read as UTF-8, else Latin-1."""
-    raw = raw.replace(b"\r\n", b"").replace(b"\n", b"")
-    if b"=?" not in raw:
-        return _bytesText(raw)
-    out = []
-    pos = 0
-    for m in _ENCODED_WORD.finditer(raw):
-        word = _decodeWord(m)
-        if word is None:
-            continue
-        between = raw[pos:m.start()]
-        if pos == 0 or between.strip(b" \t"):
-            out.append(_bytesText(between))
-        out.append(word)
-        pos = m.end()
-    out.append(_bytesText(raw[pos:]))
-    return "".join(out)
+    return decodeHeader(raw)
 
 
 def fold(s: str) -> str:

@@ -23,15 +23,14 @@ message/rfc822 part becomes an opaque application/octet-stream part) and at most
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
 import email.utils
 import json
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
 __all__ = ["MessageSummary", "summarize", "toJSON", "fromJSON", "baseSubject", "decodeHeader",
            "parseAddresses"]
@@ -1547,61 +1546,13 @@ def _tree(part: _Part) -> dict:
 # SEARCH, SORT and THREAD: decoded header fields and sort keys
 # --------------------------------------------------------------------------------------------
 
-_ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
 _MSGID = re.compile(rb"<[^<>]*>")
-
-
-def _text(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def _decodeWord(m) -> str | None:
-    charset = m.group(1).split(b"*", 1)[0].decode("ascii", "replace")
-    data = m.group(3)
-    try:
-        if m.group(2) in b"Bb":
-            raw = base64.b64decode(data + b"=" * (-len(data) % 4))
-        else:
-            raw = binascii.a2b_qp(data, header=True)
-    except (binascii.Error, ValueError):
-        return None
-    try:
-        info = codecs.lookup(charset)
-    except LookupError:
-        return _text(raw)
-    if not getattr(info, "_is_text_encoding", True):  # "zlib", "base64": not charsets
-        return _text(raw)
-    try:
-        return raw.decode(charset, "replace")
-    except Exception:
-        return _text(raw)
+_text = bytesText
 
 
 def decodeHeader(raw: bytes) -> str:
-    """A header value as text: unfolded, RFC 2047 encoded-words decoded (whitespace between
-    two encoded-words dropped), other 8-bit bytes read as UTF-8 (or Latin-1 when they are not
-    UTF-8)."""
-    raw = raw.replace(b"\r\n", b"").replace(b"\n", b"")
-    if b"\0" in raw:
-        raw = raw.replace(b"\0", _NUL_REPLACEMENT)
-    if b"=?" not in raw:
-        return _text(raw)
-    out = []
-    pos = 0
-    for m in _ENCODED_WORD.finditer(raw):
-        between = raw[pos:m.start()]
-        word = _decodeWord(m)
-        if word is None:
-            continue
-        if pos == 0 or between.strip(b" \t"):
-            out.append(_text(between))
-        out.append(word)
-        pos = m.end()
-    out.append(_text(raw[pos:]))
-    return "".join(out)
+    """A header value as text (L{pymaild.mime.decodeHeader}), NULs shown as U+FFFD."""
+    return _decodeHeader(raw, _NUL_REPLACEMENT)
 
 
 _SUBJ_BLOB = re.compile(r"\[[^\[\]]*\][ \t]*")
