@@ -17,8 +17,9 @@ from __future__ import annotations
 import email.utils
 import io
 import threading
+from array import array
+from bisect import bisect_left, bisect_right
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
@@ -185,7 +186,7 @@ class StoreMailbox:
         self.run = run
         self.writeable = writeable
         self.info = status
-        self.uids = uids
+        self.uids = array("I", uids)  # 4 bytes a message, not a Python int object each
         self.listeners = []
         self.wantSummaries = False
         self.markSeen = False
@@ -239,43 +240,41 @@ class StoreMailbox:
     def _apply(self, changes):
         if not self._attached:
             return
-        known = set(self.uids)
-        added = [u for u in changes.added if u not in known]
+        added = sorted(u for u in set(changes.added) if self.sequenceNumber(u) is None)
         if added:
-            self.uids = sorted(known | set(added))
+            if self.uids and added[0] < self.uids[-1]:  # not seen in practice: UIDs only grow
+                self.uids = array("I", sorted(set(self.uids) | set(added)))
+            else:
+                self.uids.extend(added)
             for listener in list(self.listeners):
                 listener.newMessages(len(self.uids), None)
-        gone = {u for u in changes.expunged if u in known}
+        gone = {u for u in changes.expunged if self.sequenceNumber(u) is not None}
         if gone:
             self.pendingExpunged |= gone
             if self.onExpunge is not None:
                 self.onExpunge()
-        changed = [u for u in changes.flagsChanged if u in known and u not in self.pendingExpunged]
+        changed = [u for u in changes.flagsChanged if self.sequenceNumber(u) is not None and u not in self.pendingExpunged]
         if changed:
             self.run(self.folder.messages, changed).addCallback(self._announceFlags)
 
     def _announceFlags(self, messages):
-        position = {u: i + 1 for i, u in enumerate(self.uids)}
-        update = {position[m.uid]: sorted(m.flags | m.keywords) for m in messages if m.uid in position}
+        update = {}
+        for m in messages:
+            seq = self.sequenceNumber(m.uid)
+            if seq is not None and m.uid not in self.pendingExpunged:
+                update[seq] = (sorted(m.flags | m.keywords), m.uid, m.modseq)
         if update:
             for listener in list(self.listeners):
                 listener.flagsChanged(update)
 
-    def takeExpunged(self) -> list[int]:
+    def takeExpunged(self) -> list[tuple[int, int]]:
         """
-        The EXPUNGE responses owed to the client, as sequence numbers in the order to send
-        them; the session's view drops those messages.
+        The EXPUNGE responses owed to the client, as C{(sequence number, uid)} in the order to
+        send them; the session's view drops those messages.
         """
         if not self.pendingExpunged:
             return []
-        numbers, removed = [], 0
-        for i, u in enumerate(self.uids):
-            if u in self.pendingExpunged:
-                numbers.append(i + 1 - removed)
-                removed += 1
-        self.uids = [u for u in self.uids if u not in self.pendingExpunged]
-        self.pendingExpunged.clear()
-        return numbers
+        return self._numbers(self.pendingExpunged)
 
     def detach(self):
         if self._attached:
@@ -300,6 +299,13 @@ class StoreMailbox:
 
     def getUID(self, message):
         return self.uids[message - 1]
+
+    def sequenceNumber(self, uid: int) -> int | None:
+        i = bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def sequenceNumbers(self, uids) -> list[int]:
+        return [n for n in map(self.sequenceNumber, uids) if n is not None]
 
     def getMessageCount(self):
         return len(self.uids)
@@ -332,7 +338,8 @@ class StoreMailbox:
             return self.folder.status(), self.folder.uids()
 
         def done(result):
-            self.info, self.uids = result
+            self.info, uids = result
+            self.uids = array("I", uids)
             return _
 
         return self.run(work).addCallback(done)
@@ -354,6 +361,8 @@ class StoreMailbox:
                     out[name] = status["unseen"]
                 elif key == "SIZE":  # RFC 8438 STATUS=SIZE
                     out[name] = status["size"]
+                elif key == "HIGHESTMODSEQ":  # RFC 7162
+                    out[name] = status["highestmodseq"]
             return out
 
         return self.run(self.folder.status).addCallback(answer)
@@ -371,29 +380,42 @@ class StoreMailbox:
 
         return self.run(self._own(work)).addErrback(mailboxError)
 
-    def _resolve(self, messages, uid):
+    def resolve(self, messages, uid) -> list[int]:
         """
-        The UIDs a sequence set names, against this session's view.
+        The UIDs a sequence set names, against this session's view, ascending.
         """
-        if not self.uids:
+        view = self.uids
+        if not view:
             return []
         if uid:
-            messages.last = self.uids[-1]
-            present = set(self.uids)
-            return sorted({u for u in messages if u in present})
-        messages.last = len(self.uids)
-        return [self.uids[n - 1] for n in sorted(set(messages)) if 1 <= n <= len(self.uids)]
+            messages.last = view[-1]
+            out = []
+            for low, high in messages.ranges:
+                high = view[-1] if high is None else high
+                if low > high:
+                    low, high = high, low
+                out.extend(view[bisect_left(view, low) : bisect_right(view, high)])
+            return sorted(set(out)) if len(messages.ranges) > 1 else out
+        messages.last = len(view)
+        return [view[n - 1] for n in sorted(set(messages)) if 1 <= n <= len(view)]
 
-    def fetch(self, messages, uid):
-        wanted = self._resolve(messages, uid)
-        wantSummaries, markSeen = self.wantSummaries, self.markSeen and self.writeable
-        position = {u: i + 1 for i, u in enumerate(self.uids)}
+    _resolve = resolve
+
+    def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None):
+        """
+        A Deferred of C{[(sequence number, StoreMessage)]} for C{uids} (a slice of this view;
+        messages expunged meanwhile are left out).  C{markSeen} sets \\Seen first, so that
+        the FLAGS sent show it; C{changedSince} keeps only messages with a greater MODSEQ.
+        """
+        markSeen = markSeen and self.writeable
 
         @self._own
         def work():
-            if markSeen and wanted:
-                self.folder.store(wanted, ["\\Seen"], "add")
-            metas = self.folder.messages(wanted)
+            if markSeen and uids:
+                self.folder.store(uids, ["\\Seen"], "add")
+            metas = self.folder.messages(uids)
+            if changedSince is not None:
+                metas = [m for m in metas if m.modseq > changedSince]
             present = [m.uid for m in metas]
             paths = self.folder.paths(present)
             summaries = self.folder.summaries(present) if wantSummaries else {}
@@ -402,10 +424,56 @@ class StoreMailbox:
                 path = paths.get(meta.uid)
                 if path is None or (wantSummaries and meta.uid not in summaries):
                     continue
-                out.append((position[meta.uid], StoreMessage(meta, path, summaries.get(meta.uid))))
+                out.append((meta.uid, StoreMessage(meta, path, summaries.get(meta.uid))))
             return out
 
-        return self.run(work)
+        def numbered(found):
+            out = []
+            for u, message in found:
+                seq = self.sequenceNumber(u)
+                if seq is not None:
+                    out.append((seq, message))
+            return out
+
+        return self.run(work).addCallback(numbered)
+
+    def resync(self, since: int, known=None):
+        """
+        QRESYNC at SELECT (RFC 7162 3.2.5): a Deferred of C{(UIDs expunged after MODSEQ
+        C{since}, [(seq, (flags, uid, modseq))] of messages changed after it)}, both limited to
+        the client's known UIDs when it sent them.
+        """
+        view = list(self.uids)
+
+        def work():
+            return self.folder.vanished(since), self.folder.changedSince(since, view)
+
+        def numbered(result):
+            gone, changed = result
+            if known is not None:
+                known.last = max(self.info["uidnext"] - 1, 1)
+                gone = [u for u in gone if u in known]
+            out = []
+            for m in changed:
+                seq = self.sequenceNumber(m.uid)
+                if seq is not None:
+                    out.append((seq, (sorted(m.flags | m.keywords), m.uid, m.modseq)))
+            return gone, out
+
+        return self.run(work).addCallback(numbered)
+
+    def vanished(self, since: int, messages):
+        """
+        QRESYNC: a Deferred of the UIDs in the UID set C{messages} expunged after MODSEQ C{since}.
+        """
+        def work():
+            return self.folder.vanished(since)
+
+        def within(gone):
+            messages.last = max(self.info["uidnext"] - 1, 1)
+            return [u for u in gone if u in messages]
+
+        return self.run(work).addCallback(within)
 
     def search(self, predicate):
         """
@@ -441,43 +509,58 @@ class StoreMailbox:
 
         return self.run(work)
 
-    def store(self, messages, flags, mode, uid):
-        wanted = self._resolve(messages, uid)
-        how = {1: "add", -1: "remove", 0: "set"}[mode]
-        position = {u: i + 1 for i, u in enumerate(self.uids)}
+    def storeFlags(self, messages, uid, flags, how: str, unchangedSince: int | None = None):
+        """
+        STORE: a Deferred of C{([(seq, (flags, uid, modseq))] for every message of the set
+        still present, [uids not changed because of UNCHANGEDSINCE])}.
+        """
+        wanted = self.resolve(messages, uid)
 
         @self._own
         def work():
-            changed, _ = self.folder.store(wanted, flags, how)
-            return {position[u]: sorted(f) for u, (f, _) in changed.items()}
+            _, failed = self.folder.store(wanted, flags, how, unchangedSince)
+            failedSet = set(failed)
+            current = [m for m in self.folder.messages(wanted) if m.uid not in failedSet]
+            return current, failed
 
-        return self.run(work)
+        def numbered(result):
+            current, failed = result
+            out = []
+            for m in current:
+                seq = self.sequenceNumber(m.uid)
+                if seq is not None:
+                    out.append((seq, (sorted(m.flags | m.keywords), m.uid, m.modseq)))
+            return out, sorted(failed)
 
-    def _numbers(self, gone) -> list[int]:
+        return self.run(work).addCallback(numbered)
+
+    def _numbers(self, gone) -> list[tuple[int, int]]:
         """
-        EXPUNGE sequence numbers for UIDs leaving this view, in sending order; the view drops
-        them.
+        C{(EXPUNGE sequence number, uid)} for UIDs leaving this view, in sending order; the
+        view drops them.
         """
         gone = set(gone)
         numbers, removed = [], 0
-        for i, u in enumerate(self.uids):
-            if u in gone:
-                numbers.append(i + 1 - removed)
+        for u in sorted(gone):
+            seq = self.sequenceNumber(u)
+            if seq is not None:
+                numbers.append((seq - removed, u))
                 removed += 1
-        self.uids = [u for u in self.uids if u not in gone]
+        if numbers:
+            self.uids = array("I", (u for u in self.uids if u not in gone))
         self.pendingExpunged -= gone
         return numbers
 
     def expungeSome(self, messages=None, uid=True):
         """
         EXPUNGE, or UID EXPUNGE (RFC 4315) when C{messages} is given: a Deferred of the
-        sequence numbers to announce.
+        C{(sequence number, uid)} pairs to announce.
         """
         wanted = None if messages is None else self._resolve(messages, uid)
 
         def done(gone):
             numbers = self._numbers(gone)
-            return self._refresh().addCallback(lambda _: numbers)
+            return self.run(self.folder.status).addCallback(lambda info: (setattr(self, "info", info), numbers)[1])
 
         return self.run(self._own(lambda: self.folder.expunge(wanted))).addCallback(done)
 

@@ -20,12 +20,16 @@ from __future__ import annotations
 import re
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.internet.interfaces import IPushProducer
 from twisted.mail import imap4
+from zope.interface import implementer
 
 from pymaild.envelope import inNetworks
+from pymaild.imap import fetch
 from pymaild.errors import TemporaryFailure
 
 log = Logger()
@@ -156,10 +160,6 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         ):
             raise imap4.IllegalClientResponse(f"Invalid sequence set: {token[:40]!r}")
         return super().arg_seqset(line)
-
-    select_STORE = (
-        imap4.IMAP4Server.do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist
-    )
 
     # --- LITERAL+ (RFC 7888): {n+} literals come without waiting for "+" -----------------------
 
@@ -332,7 +332,78 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     # --- SELECT / EXAMINE: every response RFC 3501 6.3.1 lists --------------------------------
 
-    def _cbSelectWork(self, mbox, cmdName, tag):
+    condstore = False  # RFC 7162: MODSEQ in FETCH responses once a CONDSTORE command was used
+    qresync = False  # ENABLE QRESYNC: VANISHED instead of EXPUNGE, UID in unsolicited FETCH
+
+    def opt_selectparams(self, line):
+        """
+        RFC 4466 select parameters: C{(CONDSTORE)} and C{(QRESYNC (uidvalidity modseq
+        [known-uids [seq-match-data]]))}.
+        """
+        line = line.strip()
+        if not line:
+            return None, b""
+        if not line.startswith(b"("):
+            raise imap4.IllegalClientResponse("Malformed SELECT parameters")
+        try:
+            params = imap4.parseNestedParens(line)
+        except imap4.IllegalClientResponse:
+            raise
+        except Exception:
+            raise imap4.IllegalClientResponse("Malformed SELECT parameters")
+        if len(params) != 1 or not isinstance(params[0], list):
+            raise imap4.IllegalClientResponse("Malformed SELECT parameters")
+        out, items = {}, params[0]
+        i = 0
+        while i < len(items):
+            word = items[i].upper() if isinstance(items[i], bytes) else None
+            if word == b"CONDSTORE":
+                out["condstore"] = True
+                i += 1
+            elif word == b"QRESYNC" and i + 1 < len(items) and isinstance(items[i + 1], list):
+                args = items[i + 1]
+                try:
+                    validity, modseq = int(args[0]), int(args[1])
+                    known = imap4.parseIdList(args[2]) if len(args) > 2 and isinstance(args[2], bytes) else None
+                except (ValueError, IndexError, TypeError, imap4.IllegalIdentifierError):
+                    raise imap4.IllegalClientResponse("Malformed QRESYNC parameters")
+                if not (1 <= validity < 1 << 32 and 0 < modseq < 1 << 63):
+                    raise imap4.IllegalClientResponse("QRESYNC values out of range")
+                out["qresync"] = (validity, modseq, known)
+                i += 2
+            else:
+                raise imap4.IllegalClientResponse("Unknown SELECT parameter")
+        return out, b""
+
+    def _selectWork(self, tag, name, params, rw, cmdName):
+        params = params or {}
+        if "qresync" in params and not self.qresync:
+            self.sendBadResponse(tag, b"QRESYNC must be enabled first (ENABLE QRESYNC)")  # RFC 7162 3.2.5
+            return
+        if params.get("condstore"):
+            self.condstore = True
+        if self.mbox:
+            mbox, self.mbox = self.mbox, None
+            mbox.removeListener(self)
+            close = getattr(mbox, "close", None)
+            if close is not None:
+                close()
+            self.state = "auth"
+            self.sendUntaggedResponse(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
+        d = maybeDeferred(self.account.select, self._name(name), rw)
+        d.addCallback(self._cbSelectWork, cmdName, tag, params.get("qresync"))
+        d.addErrback(self._ebSelectWork, cmdName, tag)
+
+    auth_SELECT = (_selectWork, imap4.IMAP4Server.arg_astring, opt_selectparams, 1, b"SELECT")
+    select_SELECT = auth_SELECT
+    auth_EXAMINE = (_selectWork, imap4.IMAP4Server.arg_astring, opt_selectparams, 0, b"EXAMINE")
+    select_EXAMINE = auth_EXAMINE
+
+    def _ebSelectWork(self, failure, cmdName, tag):
+        log.failure("{cmd} failed", failure, cmd=cmdName)
+        self.sendNegativeResponse(tag, b"[SERVERBUG] " + cmdName + b" failed")
+
+    def _cbSelectWork(self, mbox, cmdName, tag, qresync=None):
         if mbox is None:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -347,13 +418,63 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"OK [PERMANENTFLAGS (" + permanent + b")] Limited")
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        # RFC 7162 3.1.2.1: a server with persistent MODSEQs sends it on every SELECT/EXAMINE
+        self.sendUntaggedResponse(b"OK [HIGHESTMODSEQ %d] Highest" % mbox.info["highestmodseq"])
         mbox.addListener(self)
         mbox.attach()
         mbox.onExpunge = self._expungesArrived
         self.mbox = mbox
         self.state = "select"
         access = b"[READ-WRITE]" if mbox.isWriteable() else b"[READ-ONLY]"
-        self.sendPositiveResponse(tag, access + b" " + cmdName + b" completed")
+        done = lambda _=None: self.sendPositiveResponse(tag, access + b" " + cmdName + b" completed")
+        if qresync is None or qresync[0] != mbox.getUIDValidity():
+            done()  # RFC 7162 3.2.5.2: a different UIDVALIDITY means a full resync, nothing more
+            return
+        _, since, known = qresync
+        self._store(mbox.resync(since, known), tag, lambda result: (self._sendResync(*result), done()))
+
+    def _sendResync(self, gone, changed):
+        if gone:
+            self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
+        for seq, (flags, msgUid, modseq) in changed:
+            self.sendUntaggedResponse(
+                b"%d FETCH (UID %d FLAGS (%b) MODSEQ (%d))" % (seq, msgUid, " ".join(flags).encode(), modseq)
+            )
+
+    # --- STATUS (Twisted's does not quote the name and passes any item through) -------------
+
+    _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "SIZE", "HIGHESTMODSEQ")
+
+    def do_STATUS(self, tag, mailbox, names):
+        wanted = []
+        for name in names:
+            item = name.decode("ascii", "replace").upper() if isinstance(name, bytes) else str(name).upper()
+            if item not in self._STATUS_ITEMS:
+                self.sendBadResponse(tag, b"Unknown STATUS item " + item.encode()[:40])
+                return
+            wanted.append(item)
+        if "HIGHESTMODSEQ" in wanted:
+            self.condstore = True
+        name = self._name(mailbox)
+
+        def got(mbox):
+            if mbox is None:
+                self.sendNegativeResponse(tag, b"[NONEXISTENT] No such mailbox")
+                return
+            return mbox.requestStatus(wanted).addCallback(answer)
+
+        def answer(status):
+            self.sendUntaggedResponse(self._statusLine(name, status, wanted))
+            self.sendPositiveResponse(tag, b"STATUS completed")
+
+        self._store(maybeDeferred(self.account.select, name, 0), tag, got)
+
+    def _statusLine(self, name, status, wanted) -> bytes:
+        items = b" ".join(b"%s %d" % (item.encode(), status[item]) for item in wanted)
+        return b"STATUS " + imap4._quote(name.encode("imap4-utf-7")) + b" (" + items + b")"
+
+    auth_STATUS = (do_STATUS, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_plist)
+    select_STATUS = auth_STATUS
 
     # --- changes from other sessions: IDLE, NOOP, CHECK ----------------------------------------
 
@@ -362,8 +483,20 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def _sendExpunges(self):
         mbox = self.mbox
         if mbox is not None and hasattr(mbox, "takeExpunged"):
-            for number in mbox.takeExpunged():
-                self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+            self._announceExpunged(mbox.takeExpunged())
+
+    def _announceExpunged(self, pairs):
+        """
+        C{(sequence number, uid)} pairs leaving the view: EXPUNGE responses, or one VANISHED
+        once QRESYNC is enabled (RFC 7162 3.2.10).
+        """
+        if not pairs:
+            return
+        if self.qresync:
+            self.sendUntaggedResponse(b"VANISHED " + self._uidset(sorted(u for _, u in pairs)))
+            return
+        for number, _ in pairs:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % number)
 
     def _expungesArrived(self):
         if self.idling:
@@ -470,7 +603,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def capabilities(self):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
-                     b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE"):
+                     b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE",
+                     b"CONDSTORE"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks
@@ -491,9 +625,18 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def do_ENABLE(self, tag, line=None):
         """
-        RFC 5161: nothing this version can enable yet (CONDSTORE/QRESYNC come later).
+        RFC 5161: CONDSTORE and QRESYNC (which implies CONDSTORE, RFC 7162 3.2.3); anything
+        else is ignored, as the RFC says.
         """
-        self.sendUntaggedResponse(b"ENABLED")
+        enabled = []
+        for word in (line or b"").upper().split():
+            if word == b"CONDSTORE" and b"CONDSTORE" not in enabled:
+                self.condstore = True
+                enabled.append(word)
+            elif word == b"QRESYNC" and b"QRESYNC" not in enabled and b"QRESYNC" in self.capabilities():
+                self.condstore = self.qresync = True
+                enabled.append(word)
+        self.sendUntaggedResponse(b" ".join([b"ENABLED"] + enabled))
         self.sendPositiveResponse(tag, b"ENABLE completed")
 
     auth_ENABLE = (do_ENABLE, imap4.IMAP4Server.arg_line)  # authenticated state only (RFC 5161)
@@ -565,9 +708,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
 
-        def announce(numbers):
-            for number in numbers:
-                self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+        def announce(pairs):
+            self._announceExpunged(pairs)
             self.sendPositiveResponse(tag, b"EXPUNGE completed")
 
         self._sendExpunges()
@@ -641,8 +783,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                     src = self._uidset([a for a, _ in pairs])
                     dst = self._uidset([b for _, b in pairs])
                     self.sendUntaggedResponse(b"OK [COPYUID %d %b %b] Moved" % (validity, src, dst))
-                for number in numbers:
-                    self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+                self._announceExpunged(numbers)
                 self.sendPositiveResponse(tag, b"MOVE completed")
 
             self._store(self.mbox.moveTo(messages, uid, dest), tag, answer)
@@ -662,104 +803,170 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
         self._store(mbox.addMessage(message, flags, date), tag, answer)
 
-    # --- FETCH from the index's summaries and straight from the files -----------------------
+    # --- FETCH: our own writer (fetch.py), batches from the store's threads ------------------
 
-    _SEEN_PARTS = {"rfc822", "rfc822text"}
+    #: messages loaded per store call; the next batch loads while this one is written
+    FETCH_BATCH = 500
 
-    def do_FETCH(self, tag, messages, query, uid=0):
-        if self.mbox is not None and query:
-            types = {part.type for part in query}
-            self.mbox.wantSummaries = bool(types & {"envelope", "bodystructure", "body", "rfc822header", "rfc822text"})
-            markSeen = any(
-                (part.type == "body" and not part.peek and (part.empty or part.header or part.text or part.mime))
-                or part.type in self._SEEN_PARTS
-                for part in query
-            )
-            self.mbox.markSeen = markSeen and self.mbox.isWriteable()
-            if self.mbox.markSeen and "flags" not in types:
-                query = list(query) + [imap4._FetchParser.Flags()]
-        super().do_FETCH(tag, messages, query, uid)
+    def arg_fetchspec(self, line):
+        try:
+            return fetch.parseFetch(line), b""
+        except fetch.FetchError as e:
+            raise imap4.IllegalClientResponse(str(e))
 
-    select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
-
-    def spew_envelope(self, id, msg, _w=None, _f=None):
-        _w(b"ENVELOPE " + msg.summary.envelope)
-
-    def spew_bodystructure(self, id, msg, _w=None, _f=None):
-        _w(b"BODYSTRUCTURE " + msg.summary.bodystructure)
-
-    def spew_rfc822header(self, id, msg, _w=None, _f=None):
-        top = msg.summary.parts
-        return self._spewSection(b"RFC822.HEADER", msg, top["headerStart"], top["bodyStart"], top["headerVSize"], None, _w, _f)
-
-    def spew_rfc822text(self, id, msg, _w=None, _f=None):
-        top = msg.summary.parts
-        return self._spewSection(b"RFC822.TEXT", msg, top["bodyStart"], top["bodyEnd"], top["bodyVSize"], None, _w, _f)
-
-    def spew_rfc822(self, id, msg, _w=None, _f=None):
-        return self._spewSection(b"RFC822", msg, 0, 1 << 62, msg.getSize(), None, _w, _f)
-
-    def spew_body(self, part, id, msg, _w=None, _f=None):
-        if not (part.header or part.text or part.mime or part.empty):
-            _w(b"BODY " + msg.summary.body)
+    def do_FETCH(self, tag, messages, request, uid=0):
+        mbox = self.mbox
+        if request.vanished and not (uid and self.qresync):
+            self.sendBadResponse(tag, b"VANISHED needs UID FETCH and ENABLE QRESYNC")  # RFC 7162 3.2.6
             return
-        name = part.getBytes()
-        name = name[: name.index(b"]") + 1]  # without Twisted's (wrong) partial suffix
-        node = msg.summary.parts
-        path = list(part.part)
-        for number in path:
-            node = _child(node, number)
-            if node is None:
-                _w(name + b" NIL")
-                return
-        if part.mime and path:
-            start, end, length = node["headerStart"], node["bodyStart"], node["headerVSize"]
-        elif part.empty:
-            if path:
-                start, end, length = node["bodyStart"], node["bodyEnd"], node["bodyVSize"]
-            else:
-                start, end, length = 0, 1 << 62, msg.getSize()
+        if request.modseq:
+            self.condstore = True
+        markSeen = request.marksSeen and mbox.isWriteable()
+        if markSeen and not request.wantsFlags:
+            request.items.append(imap4._FetchParser.Flags())
+            request.types.add("flags")
+        wanted = mbox.resolve(messages, uid)
+        d = self._runFetch(request, messages, wanted, uid, markSeen)
+        d.addCallbacks(lambda _: self.sendPositiveResponse(tag, b"FETCH completed"), self._fetchFailed,
+                       errbackArgs=(tag,))
+
+    select_FETCH = (do_FETCH, arg_seqset, arg_fetchspec)
+
+    def _fetchFailed(self, failure, tag):
+        if self.transport is None or getattr(self.transport, "disconnected", False):
+            return
+        if failure.check(imap4.MailboxException):
+            self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+        elif failure.check(fetch.FetchError):
+            self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
         else:
-            if path:  # HEADER/TEXT of a part: only a message/rfc822 part has them
-                if node.get("kind") != "message":
-                    _w(name + b" NIL")
-                    return
-                node = node["parts"][0]
-            if part.text:
-                start, end, length = node["bodyStart"], node["bodyEnd"], node["bodyVSize"]
-            else:
-                start, end, length = node["headerStart"], node["bodyStart"], node["headerVSize"]
-                if part.header.fields:
-                    data = _headerFields(msg.path, start, end, part.header.fields, part.header.negate)
-                    return self._spewBytes(name, data, part, _w)
-        partial = (part.partialBegin, part.partialLength) if part.partialBegin is not None else None
-        return self._spewSection(name, msg, start, end, length, partial, _w, _f)
+            log.failure("FETCH failed", failure)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
 
-    def _spewBytes(self, name, data, part, _w):
-        if part.partialBegin is not None:
-            data = data[part.partialBegin : part.partialBegin + part.partialLength]
-            name += b"<%d>" % part.partialBegin
-        _w(name + b" {%d}\r\n" % len(data) + data)
+    @defer.inlineCallbacks
+    def _runFetch(self, request, messages, wanted, uid, markSeen):
+        mbox = self.mbox
+        old = self.setTimeout(None)  # a long FETCH to a slow client is not idleness
+        producer = _Backpressure(self.transport)
+        try:
+            if request.vanished:
+                gone = yield mbox.vanished(request.changedSince, messages)
+                if gone:
+                    self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
+            modseq = request.modseq or (self.condstore and request.wantsFlags)
+            size = self.FETCH_BATCH
+            load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
+                                             request.changedSince)
+            pending = load(0) if wanted else None
+            i = 0
+            while pending is not None:
+                batch = yield pending
+                i += size
+                pending = load(i) if i < len(wanted) else None
+                try:
+                    yield self._writeBatch(batch, request, uid, modseq, producer)
+                except BaseException:
+                    if pending is not None:
+                        pending.addErrback(lambda _: None)
+                    raise
+        finally:
+            producer.unregister()
+            self.setTimeout(old)
 
-    def _spewSection(self, name, msg, start, end, length, partial, _w, _f):
+    @defer.inlineCallbacks
+    def _writeBatch(self, batch, request, uid, modseq, producer):
         from pymaild.imap.mailbox import CRLFSection
 
-        skip, limit = 0, None
-        if partial is not None:
-            skip, limit = partial
-            name += b"<%d>" % skip
-        section = CRLFSection(msg.path, start, end, length, skip, limit)
-        if section.seek(0, 2) <= 65536:
-            section.seek(0)
-            data = section.read()
-            section.close()
-            _w(name + b" {%d}\r\n" % len(data) + data)
-            return None
-        section.seek(0)
-        _w(name + b" ")
-        _f()
-        d = imap4.FileProducer(section).beginProducing(self.transport)
-        return d.addBoth(lambda r: (section.close(), r)[1])
+        out, size = [], 0
+        for seq, msg in batch:
+            if producer.stopped:
+                return
+            for piece in fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection):
+                if isinstance(piece, bytes):
+                    out.append(piece)
+                    size += len(piece)
+                    continue
+                # a large section: what is buffered, then the file streamed
+                self.transport.write(b"".join(out))
+                out, size = [], 0
+                producer.unregister()
+                try:
+                    yield imap4.FileProducer(piece.section).beginProducing(self.transport)
+                finally:
+                    piece.section.close()
+            if size >= 262144:
+                self.transport.write(b"".join(out))
+                out, size = [], 0
+                yield producer.wait()
+        if out:
+            self.transport.write(b"".join(out))
+        yield producer.wait()
+
+    # --- STORE with CONDSTORE (RFC 7162 UNCHANGEDSINCE, MODSEQ in the answers) ------------------
+
+    _UNCHANGEDSINCE = re.compile(rb"^\(\s*UNCHANGEDSINCE\s+(\d{1,19})\s*\)\s*", re.I)
+
+    def arg_storemod(self, line):
+        m = self._UNCHANGEDSINCE.match(line)
+        if m is None:
+            if line.startswith(b"("):
+                raise imap4.IllegalClientResponse("Unknown STORE modifier")
+            return None, line
+        value = int(m.group(1))
+        if value >= 1 << 63:
+            raise imap4.IllegalClientResponse("UNCHANGEDSINCE out of range")
+        return value, line[m.end():]
+
+    def do_STORE(self, tag, messages, unchangedSince, mode, flags, uid=0):
+        mode = mode.upper()
+        if mode not in (b"FLAGS", b"+FLAGS", b"-FLAGS", b"FLAGS.SILENT", b"+FLAGS.SILENT", b"-FLAGS.SILENT"):
+            self.sendBadResponse(tag, b"STORE needs FLAGS, +FLAGS or -FLAGS")
+            return
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+        silent = mode.endswith(b".SILENT")
+        how = "add" if mode.startswith(b"+") else "remove" if mode.startswith(b"-") else "set"
+        if unchangedSince is not None:
+            self.condstore = True
+        flags = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags]
+
+        def answer(result):
+            current, failed = result
+            for seq, (flagList, msgUid, modseq) in current:
+                # RFC 7162 3.1.3: with UNCHANGEDSINCE, MODSEQ is reported even when .SILENT
+                if silent and unchangedSince is None:
+                    continue
+                items = [b"FLAGS (" + " ".join(flagList).encode() + b")"] if not silent else []
+                if uid or self.qresync:
+                    items.insert(0, b"UID %d" % msgUid)
+                if self.condstore:
+                    items.append(b"MODSEQ (%d)" % modseq)
+                self.sendUntaggedResponse(b"%d FETCH (%b)" % (seq, b" ".join(items)))
+            code = b""
+            if failed:
+                code = b"[MODIFIED " + self._uidset(failed) + b"] " if uid else \
+                    b"[MODIFIED " + self._uidset(self.mbox.sequenceNumbers(failed)) + b"] "
+            self.sendPositiveResponse(tag, code + b"STORE completed")
+
+        self._store(self.mbox.storeFlags(messages, uid, flags, how, unchangedSince), tag, answer)
+
+    select_STORE = (do_STORE, arg_seqset, arg_storemod, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist)
+
+    # --- unsolicited FETCH from other sessions' flag changes ----------------------------------
+
+    def flagsChanged(self, newFlags):
+        """
+        C{newFlags}: sequence number -> (flags, uid, modseq).  MODSEQ once CONDSTORE is on,
+        UID once QRESYNC is (RFC 7162 3.1.4.1 and 3.2.4).
+        """
+        for seq, (flags, msgUid, modseq) in sorted(newFlags.items()):
+            items = [b"FLAGS (" + " ".join(flags).encode() + b")"]
+            if self.qresync:
+                items.insert(0, b"UID %d" % msgUid)
+            if self.condstore:
+                items.append(b"MODSEQ (%d)" % modseq)
+            self.sendUntaggedResponse(b"%d FETCH (%b)" % (seq, b" ".join(items)), isAsync=True)
 
     _sessionKey = None
 
@@ -781,46 +988,51 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.transport.loseConnection()
 
 
-def _child(node, number: int):
+@implementer(IPushProducer)
+class _Backpressure:
     """
-    Part C{number} (0-based) below C{node} in the summary's part tree (RFC 3501 6.4.5 section
-    numbering): a multipart's parts; a message/rfc822 part's enclosed message's parts; a
-    single part has only its own body as part 1.
+    Registered with the transport while a FETCH writes, so that a client that reads slowly
+    pauses the writer instead of filling the server's memory.
     """
-    kind = node.get("kind")
-    if kind == "message":
-        return _child(node["parts"][0], number)
-    if kind == "multipart":
-        parts = node.get("parts") or []
-        return parts[number] if 0 <= number < len(parts) else None
-    return node if number == 0 else None
 
+    def __init__(self, transport):
+        self.transport = transport
+        self.paused = False
+        self.stopped = False
+        self._waiting = None
+        self._registered = False
+        self.register()
 
-_FIELD = re.compile(rb"^([^:\s]+)[ \t]*:", re.M)
+    def register(self):
+        if not self._registered and not self.stopped:
+            self.transport.registerProducer(self, True)
+            self._registered = True
 
+    def unregister(self):
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+            self.paused = False
 
-def _headerFields(path, start: int, end: int, fields, negate: bool) -> bytes:
-    """
-    The header lines (with their continuation lines) whose names are in C{fields} (or not, with
-    C{negate}), as stored, with CRLF line ends and the blank line that ends a header.
-    """
-    wanted = {f.lower() if isinstance(f, bytes) else f.encode().lower() for f in fields}
-    with open(path, "rb") as f:
-        f.seek(start)
-        header = f.read(end - start)
-    out, keep = [], False
-    for line in header.replace(b"\r\n", b"\n").split(b"\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if keep:
-                out.append(line)
-            continue
-        m = _FIELD.match(line)
-        keep = m is not None and ((m.group(1).lower() in wanted) != negate)
-        if keep:
-            out.append(line)
-    return b"".join(line + b"\r\n" for line in out) + b"\r\n"
+    def wait(self):
+        self.register()
+        if not self.paused or self.stopped:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        d, self._waiting = self._waiting, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self):
+        self.stopped = True
+        self.resumeProducing()
 
 
 class IMAPFactory(ServerFactory):

@@ -5,36 +5,11 @@ state, password guessing.  Each gets a clear answer and the server keeps serving
 
 from __future__ import annotations
 
-import imaplib
 import re
-import socket
 import time
 
 from conftest import wait_for
-
-
-def tls_session(server):
-    sock = server.tls().wrap_socket(socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=15),
-                                    server_hostname="localhost")
-    sock.recv(4096)
-    return sock
-
-
-def ask(sock, line: bytes, tag: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    data = b""
-    while not re.search(rb"(^|\n)" + re.escape(tag) + rb" (OK|NO|BAD)", data):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    return data
-
-
-def logged_in(server):
-    sock = tls_session(server)
-    ask(sock, b'l LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"l")
-    return sock
+from imapwire import ask, logged_in, tls_session
 
 
 def test_huge_literal_is_refused_before_any_byte(make_server):

@@ -1,0 +1,394 @@
+# -*- test-case-name: tests.imap.test_fetch -*-
+"""
+FETCH: the request parser (with RFC 7162's CHANGEDSINCE/VANISHED modifiers and a nesting
+limit) and the response writer's per-message formatting.
+
+Twisted's own FETCH (C{IMAP4Server.spewMessage}) spends a reactor turn and a Deferred on every
+attribute of every message, re-parses the internal date it formats, and loads nothing in
+bulk.  pymaild answers FETCH itself: the server (L{pymaild.imap.server}) loads messages in
+batches in the store's threads, L{renderMessage} turns each into response bytes, and the
+server writes a batch at a time (streaming only sections over L{STREAM_ABOVE} from the file).
+
+What the server gets from L{parseFetch}: a L{FetchRequest} with the attributes as Twisted's
+C{_FetchParser} objects (its BODY section parser is correct and kept), whether MODSEQ was
+asked, the CHANGEDSINCE value and the VANISHED flag, and what the batch loader has to provide
+(C{needsSummaries}: ENVELOPE, BODYSTRUCTURE, BODY, or a section that needs the MIME tree).
+
+A message handed to L{renderMessage} is duck-typed: C{meta} (the store's C{Message}: uid,
+flags, keywords, modseq, vsize, internalDate), C{path} (the file) and C{summary} (the cached
+C{MessageSummary} or None when the request did not need it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from twisted.mail import imap4
+
+__all__ = ["FetchError", "FetchRequest", "parseFetch", "renderMessage", "internalDate",
+           "STREAM_ABOVE", "MAX_NESTING", "Stream"]
+
+#: Sections larger than this are streamed from the file instead of read into memory.
+STREAM_ABOVE = 65536
+#: Parentheses or brackets nested deeper than this in a FETCH are refused.  A legitimate
+#: FETCH needs 3 (attribute list, BODY[HEADER.FIELDS (...)]) ; modifiers add one.
+MAX_NESTING = 8
+
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
+_NUMBER = re.compile(rb"^\d{1,19}$")
+
+
+class FetchError(ValueError):
+    """
+    A malformed FETCH: the server answers C{BAD} with the message.
+    """
+
+
+@dataclass
+class FetchRequest:
+    items: list
+    modseq: bool = False
+    changedSince: int | None = None
+    vanished: bool = False
+    types: set = field(default_factory=set)
+
+    @property
+    def needsSummaries(self) -> bool:
+        for item in self.items:
+            if item.type in ("envelope", "bodystructure", "rfc822header", "rfc822text"):
+                return True
+            if item.type == "body" and (item.part or item.header or item.text or item.mime or not item.empty):
+                return True
+        return False
+
+    @property
+    def marksSeen(self) -> bool:
+        """
+        RFC 3501 6.4.5: BODY[...] without .PEEK, RFC822 and RFC822.TEXT set \\Seen.
+        """
+        for item in self.items:
+            if item.type in ("rfc822", "rfc822text"):
+                return True
+            if item.type == "body" and not item.peek and (item.empty or item.header or item.text or item.mime):
+                return True
+        return False
+
+    @property
+    def wantsFlags(self) -> bool:
+        return "flags" in self.types
+
+
+def _split(line: bytes) -> tuple[bytes, bytes]:
+    """
+    Split C{line} into the attribute part and what follows it (the modifiers), checking the
+    nesting depth and the balance of parentheses and brackets.
+    """
+    depth = deepest = 0
+    quoted = escaped = False
+    end = None
+    parenthesised = line[:1] == b"("
+    for i, c in enumerate(line):
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                quoted = False
+            continue
+        if c == 0x22:
+            quoted = True
+        elif c in (0x28, 0x5B):  # ( [
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_NESTING:
+                raise FetchError(f"FETCH nested deeper than {MAX_NESTING}")
+        elif c in (0x29, 0x5D):  # ) ]
+            depth -= 1
+            if depth < 0:
+                raise FetchError("Unbalanced parentheses in FETCH")
+            if depth == 0 and parenthesised and c == 0x29:
+                end = i + 1
+                break
+        elif c == 0x20 and depth == 0 and not parenthesised:
+            end = i
+            break
+    if quoted or (end is None and depth):
+        raise FetchError("Unbalanced parentheses in FETCH")
+    if end is None:
+        end = len(line)
+    return line[:end], line[end:].strip()
+
+
+def _modifiers(text: bytes, request: FetchRequest) -> None:
+    """
+    RFC 7162: C{(CHANGEDSINCE <mod-sequence>)} and, with it, QRESYNC's C{VANISHED}.
+    """
+    if not text:
+        return
+    if not (text.startswith(b"(") and text.endswith(b")")):
+        raise FetchError("Malformed FETCH modifiers")
+    words = text[1:-1].split()
+    i = 0
+    while i < len(words):
+        word = words[i].upper()
+        if word == b"CHANGEDSINCE" and i + 1 < len(words) and _NUMBER.match(words[i + 1]):
+            if request.changedSince is not None:
+                raise FetchError("CHANGEDSINCE given twice")
+            request.changedSince = int(words[i + 1])
+            if request.changedSince >= 1 << 63:
+                raise FetchError("CHANGEDSINCE out of range")
+            i += 2
+        elif word == b"VANISHED":
+            request.vanished = True
+            i += 1
+        else:
+            raise FetchError(f"Unknown FETCH modifier {words[i][:40]!r}")
+    if request.vanished and request.changedSince is None:
+        raise FetchError("VANISHED needs CHANGEDSINCE")  # RFC 7162 3.2.6
+    if request.changedSince is not None:
+        request.modseq = True  # RFC 7162 3.1.4.1: CHANGEDSINCE implies MODSEQ
+
+
+def _withoutModseq(attributes: bytes) -> tuple[bytes, bool]:
+    """
+    Take the MODSEQ attribute (RFC 7162, unknown to Twisted's parser) out of the top level of
+    the attribute list.
+    """
+    inner = attributes[1:-1] if attributes[:1] == b"(" else attributes
+    tokens, depth, start = [], 0, 0
+    for i, c in enumerate(inner + b" "):
+        if c in (0x28, 0x5B):
+            depth += 1
+        elif c in (0x29, 0x5D):
+            depth -= 1
+        elif c == 0x20 and depth == 0:
+            if i > start:
+                tokens.append(inner[start:i])
+            start = i + 1
+    kept = [t for t in tokens if t.upper() != b"MODSEQ"]
+    if len(kept) == len(tokens):
+        return attributes, False
+    return b"(" + b" ".join(kept) + b")", True
+
+
+def parseFetch(line: bytes) -> FetchRequest:
+    """
+    Parse what follows the sequence set of a FETCH command.
+
+    @raise FetchError: for anything malformed (the server answers C{BAD}).
+    """
+    line = line.strip()
+    if not line:
+        raise FetchError("FETCH needs attributes")
+    attributes, rest = _split(line)
+    request = FetchRequest(items=[])
+    # MODSEQ (RFC 7162) is not in Twisted's parser: take it out and note it.
+    attributes, request.modseq = _withoutModseq(attributes)
+    if attributes in (b"()", b""):
+        if not request.modseq:
+            raise FetchError("FETCH needs attributes")
+    else:
+        parser = imap4._FetchParser()
+        try:
+            parser.parseString(attributes)
+        except Exception as e:  # Twisted raises several types (and str/bytes mix-ups) on junk
+            raise FetchError(f"Malformed FETCH attributes: {e}") from None
+        if not parser.result:
+            raise FetchError("FETCH needs attributes")
+        request.items = parser.result
+    _modifiers(rest, request)
+    request.types = {item.type for item in request.items}
+    return request
+
+
+def internalDate(t: float) -> bytes:
+    """
+    An INTERNALDATE in the server's time zone: C{"17-Jul-1996 02:44:25 -0700"}.
+    """
+    tm = time.localtime(t)
+    off = tm.tm_gmtoff // 60
+    sign = b"+" if off >= 0 else b"-"
+    off = abs(off)
+    return b'"%02d-%s-%04d %02d:%02d:%02d %s%02d%02d"' % (
+        tm.tm_mday, _MONTHS[tm.tm_mon - 1], tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec, sign, off // 60, off % 60,
+    )
+
+
+class Stream:
+    """
+    A section too large to build in memory: the server writes C{prefix} (the name), then
+    streams C{section} (a L{pymaild.imap.mailbox.CRLFSection}) as a literal.
+    """
+
+    __slots__ = ("prefix", "section")
+
+    def __init__(self, prefix: bytes, section):
+        self.prefix = prefix
+        self.section = section
+
+
+def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool, sectionOpener) -> list:
+    """
+    The pieces of one C{* n FETCH (...)} response: C{bytes}, or L{Stream} for a large section.
+    C{sectionOpener(path, start, end, length, skip, limit)} opens a CRLF section of the file.
+    """
+    meta = msg.meta
+    out = [b"* %d FETCH (" % seq]
+    items = []
+    if uid and "uid" not in request.types:
+        items.append(b"UID %d" % meta.uid)
+    pieces = []  # (index in items, Stream) for large sections
+    for item in request.items:
+        t = item.type
+        if t == "uid":
+            items.append(b"UID %d" % meta.uid)
+        elif t == "flags":
+            flags = sorted(meta.flags | meta.keywords)
+            items.append(b"FLAGS (" + " ".join(flags).encode() + b")")
+        elif t == "internaldate":
+            items.append(b"INTERNALDATE " + internalDate(meta.internalDate))
+        elif t == "rfc822size":
+            items.append(b"RFC822.SIZE %d" % meta.vsize)
+        elif t == "envelope":
+            items.append(b"ENVELOPE " + msg.summary.envelope)
+        elif t == "bodystructure":
+            items.append(b"BODYSTRUCTURE " + msg.summary.bodystructure)
+        else:
+            section = _section(item, msg)
+            if section is None:
+                continue
+            if isinstance(section, bytes):
+                items.append(section)
+                continue
+            name, start, end, length, partial = section
+            skip, limit = partial if partial is not None else (0, None)
+            full = max(0, length - skip) if limit is None else min(limit, max(0, length - skip))
+            if full > STREAM_ABOVE:
+                # Twisted's FileProducer writes the literal's "{size}\r\n" itself
+                pieces.append((len(items), Stream(name + b" ",
+                                                  sectionOpener(msg.path, start, end, length, skip, limit))))
+                items.append(None)
+                continue
+            f = sectionOpener(msg.path, start, end, length, skip, limit)
+            try:
+                data = f.read()
+            finally:
+                f.close()
+            items.append(name + b" {%d}\r\n" % len(data) + data)
+    if modseq:
+        items.append(b"MODSEQ (%d)" % meta.modseq)
+    if not pieces:
+        out.append(b" ".join(items))
+        out.append(b")\r\n")
+        return [b"".join(out)]
+    # large sections: bytes up to each stream, the stream, then the rest
+    result, current = [], [out[0]]
+    for i, item in enumerate(items):
+        if i:
+            current.append(b" ")
+        if item is None:
+            stream = next(s for at, s in pieces if at == i)
+            current.append(stream.prefix)
+            result.append(b"".join(current))
+            result.append(stream)
+            current = []
+        else:
+            current.append(item)
+    current.append(b")\r\n")
+    result.append(b"".join(current))
+    return result
+
+
+def _section(item, msg):
+    """
+    A section attribute as bytes (BODY, RFC822.*, HEADER.FIELDS, NIL for a missing part) or
+    C{(name, start, end, length, partial)} for a byte range of the file.
+    """
+    summary = msg.summary
+    if item.type == "rfc822":
+        return (b"RFC822", 0, 1 << 62, msg.meta.vsize, None)
+    if item.type == "rfc822header":
+        top = summary.parts
+        return (b"RFC822.HEADER", top["headerStart"], top["bodyStart"], top["headerVSize"], None)
+    if item.type == "rfc822text":
+        top = summary.parts
+        return (b"RFC822.TEXT", top["bodyStart"], top["bodyEnd"], top["bodyVSize"], None)
+    if item.type != "body":
+        raise FetchError(f"Unsupported FETCH attribute {item.type}")
+    if not (item.header or item.text or item.mime or item.empty):
+        return b"BODY " + summary.body
+    name = item.getBytes()
+    name = name[: name.index(b"]") + 1]  # without Twisted's (wrong) partial suffix
+    partial = (item.partialBegin, item.partialLength) if item.partialBegin is not None else None
+    if partial is not None:
+        name += b"<%d>" % item.partialBegin
+    path = list(item.part or ())
+    if item.empty and not path:
+        return (name, 0, 1 << 62, msg.meta.vsize, partial)
+    node = summary.parts
+    for number in path:
+        node = _child(node, number)
+        if node is None:
+            return name + b" NIL"
+    if item.mime and path:
+        return (name, node["headerStart"], node["bodyStart"], node["headerVSize"], partial)
+    if item.empty:
+        return (name, node["bodyStart"], node["bodyEnd"], node["bodyVSize"], partial)
+    if path:  # HEADER/TEXT of a part: only a message/rfc822 part has them
+        if node.get("kind") != "message":
+            return name + b" NIL"
+        node = node["parts"][0]
+    if item.text:
+        return (name, node["bodyStart"], node["bodyEnd"], node["bodyVSize"], partial)
+    start, end = node["headerStart"], node["bodyStart"]
+    if item.header.fields:
+        data = headerFields(msg.path, start, end, item.header.fields, item.header.negate)
+        if partial is not None:
+            data = data[partial[0] : partial[0] + partial[1]]
+        return name + b" {%d}\r\n" % len(data) + data
+    return (name, start, end, node["headerVSize"], partial)
+
+
+def _child(node, number: int):
+    """
+    Part C{number} (0-based) below C{node} in the summary's part tree (RFC 3501 6.4.5 section
+    numbering): a multipart's parts; a message/rfc822 part's enclosed message's parts; a
+    single part has only its own body as part 1.
+    """
+    kind = node.get("kind")
+    if kind == "message":
+        return _child(node["parts"][0], number)
+    if kind == "multipart":
+        parts = node.get("parts") or []
+        return parts[number] if 0 <= number < len(parts) else None
+    return node if number == 0 else None
+
+
+_FIELD = re.compile(rb"^([^:\s]+)[ \t]*:", re.M)
+
+
+def headerFields(path, start: int, end: int, fields, negate: bool) -> bytes:
+    """
+    The header lines (with their continuation lines) whose names are in C{fields} (or not, with
+    C{negate}), as stored, with CRLF line ends and the blank line that ends a header.
+    """
+    wanted = {f.lower() if isinstance(f, bytes) else f.encode().lower() for f in fields}
+    with open(path, "rb") as f:
+        f.seek(start)
+        header = f.read(end - start)
+    out, keep = [], False
+    for line in header.replace(b"\r\n", b"\n").split(b"\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        m = _FIELD.match(line)
+        keep = m is not None and ((m.group(1).lower() in wanted) != negate)
+        if keep:
+            out.append(line)
+    return b"".join(line + b"\r\n" for line in out) + b"\r\n"

@@ -1,0 +1,77 @@
+"""
+The FETCH request parser: attributes, RFC 7162 modifiers, nesting limits.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pymaild.imap.fetch import MAX_NESTING, FetchError, internalDate, parseFetch
+
+
+def types(request):
+    return [item.type for item in request.items]
+
+
+def test_attributes_and_macros():
+    assert types(parseFetch(b"(UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)")) == [
+        "uid", "flags", "rfc822size", "internaldate", "envelope"]
+    assert types(parseFetch(b"FLAGS")) == ["flags"]
+    assert set(types(parseFetch(b"FAST"))) == {"flags", "internaldate", "rfc822size"}
+    request = parseFetch(b"BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)]<0.100>")
+    assert types(request) == ["body"] and request.items[0].peek and request.items[0].partialLength == 100
+
+
+def test_what_the_loader_must_provide():
+    assert not parseFetch(b"(UID FLAGS RFC822.SIZE)").needsSummaries
+    assert not parseFetch(b"BODY.PEEK[]").needsSummaries  # the whole message: the file alone
+    assert not parseFetch(b"RFC822").needsSummaries
+    assert parseFetch(b"BODY.PEEK[1]").needsSummaries
+    assert parseFetch(b"BODY").needsSummaries
+    assert parseFetch(b"ENVELOPE").needsSummaries
+    assert parseFetch(b"BODY[]").marksSeen and not parseFetch(b"BODY.PEEK[]").marksSeen
+    assert parseFetch(b"RFC822.TEXT").marksSeen and not parseFetch(b"RFC822.HEADER").marksSeen
+
+
+def test_modseq_and_changedsince():
+    request = parseFetch(b"(FLAGS MODSEQ)")
+    assert request.modseq and types(request) == ["flags"]
+    assert parseFetch(b"MODSEQ").modseq and parseFetch(b"MODSEQ").items == []
+    request = parseFetch(b"(FLAGS) (CHANGEDSINCE 12345)")
+    assert request.changedSince == 12345 and request.modseq and not request.vanished
+    request = parseFetch(b"(FLAGS) (CHANGEDSINCE 7 VANISHED)")
+    assert request.vanished
+    # a header field named MODSEQ is a header field, not the attribute
+    request = parseFetch(b"BODY.PEEK[HEADER.FIELDS (MODSEQ)]")
+    assert not request.modseq and request.items[0].header.fields == [b"MODSEQ"]
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"()", b"(FLAGS", b"FLAGS)", b"(FLAGS) (VANISHED)", b"(FLAGS) (CHANGEDSINCE x)",
+    b"(FLAGS) (CHANGEDSINCE 99999999999999999999)", b"(FLAGS) (FROB 1)", b"(FLAGS) junk",
+    b"(FLAGS) (CHANGEDSINCE 1 CHANGEDSINCE 2)", b"(NOSUCHTHING)", b'(FLAGS "x)',
+])
+def test_malformed_requests_are_refused(line):
+    with pytest.raises(FetchError):
+        parseFetch(line)
+
+
+def test_nesting_is_limited():
+    parseFetch(b"(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")  # depth 3: what clients send
+    with pytest.raises(FetchError, match="nested"):
+        parseFetch(b"(" * (MAX_NESTING + 1) + b"FLAGS" + b")" * (MAX_NESTING + 1))
+    with pytest.raises(FetchError, match="nested"):
+        parseFetch(b"(" * 100000)
+
+
+def test_internaldate_format(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        assert internalDate(837596665) == b'"17-Jul-1996 02:44:25 -0700"'
+        assert internalDate(0) == b'"31-Dec-1969 16:00:00 -0800"'
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -1,0 +1,114 @@
+"""
+CONDSTORE and QRESYNC (RFC 7162) end to end over TLS: HIGHESTMODSEQ, FETCH MODSEQ and
+CHANGEDSINCE, STORE UNCHANGEDSINCE with MODIFIED, unsolicited FETCH with MODSEQ, STATUS
+HIGHESTMODSEQ, and the FETCH writer's answers (batches, nesting limit).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from imapwire import ask, logged_in
+from pymaild.store.delivery import deliver
+
+
+def message(n: int) -> bytes:
+    return b"From: a@example.com\r\nSubject: number %d\r\n\r\nbody %d\r\n" % (n, n)
+
+
+@pytest.fixture
+def inbox(server):
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 6):
+        deliver(home, message(n))
+    return server
+
+
+def modseqs(answer: bytes) -> dict[int, int]:
+    return {int(uid): int(m) for uid, m in re.findall(rb"UID (\d+)[^\r\n]*MODSEQ \((\d+)\)", answer)}
+
+
+def highest(answer: bytes) -> int:
+    return int(re.search(rb"\[HIGHESTMODSEQ (\d+)\]", answer).group(1))
+
+
+def test_condstore_fetch_store_and_status(inbox):
+    sock = logged_in(inbox)
+    assert b"CONDSTORE" in ask(sock, b"c CAPABILITY", b"c")
+    answer = ask(sock, b"s SELECT INBOX (CONDSTORE)", b"s")
+    start = highest(answer)
+    answer = ask(sock, b"f UID FETCH 1:* (FLAGS) (CHANGEDSINCE 0)", b"f")
+    before = modseqs(answer)
+    assert sorted(before) == [1, 2, 3, 4, 5] and max(before.values()) <= start, answer
+    # a change gives a new MODSEQ above everything before; CHANGEDSINCE then finds just it
+    answer = ask(sock, b"t UID STORE 2 +FLAGS (\\Flagged)", b"t")
+    after = modseqs(answer)
+    assert after[2] > start and b"\\Flagged" in answer, answer
+    answer = ask(sock, b"f2 UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % start, b"f2")
+    assert sorted(modseqs(answer)) == [2], answer
+    # UNCHANGEDSINCE: message 2 changed after "start", so it is refused with MODIFIED
+    answer = ask(sock, b"t2 UID STORE 1:3 (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Seen)" % start, b"t2")
+    assert re.search(rb"t2 OK \[MODIFIED 2\]", answer), answer
+    assert sorted(modseqs(answer)) == [1, 3], answer  # MODSEQ reported even with .SILENT
+    answer = ask(sock, b"f3 FETCH 1:3 (UID FLAGS MODSEQ)", b"f3")
+    flags = dict(re.findall(rb"UID (\d+) FLAGS \(([^)]*)\)", answer))
+    assert b"\\Seen" in flags[b"1"] and b"\\Seen" in flags[b"3"] and b"\\Seen" not in flags[b"2"], answer
+    # sequence-number STORE reports MODIFIED as sequence numbers (every MODSEQ is above 0)
+    answer = ask(sock, b"t3 STORE 4 (UNCHANGEDSINCE 0) -FLAGS (\\Seen)", b"t3")
+    assert re.search(rb"t3 OK \[MODIFIED 4\]", answer), answer
+    answer = ask(sock, b"st STATUS INBOX (MESSAGES HIGHESTMODSEQ)", b"st")
+    m = re.search(rb'STATUS "?INBOX"? \(MESSAGES 5 HIGHESTMODSEQ (\d+)\)', answer)
+    assert m and int(m.group(1)) >= after[2], answer
+    assert b"b BAD" in ask(sock, b"b STATUS INBOX (MESSAGES FROB)", b"b")
+    sock.close()
+
+
+def test_other_sessions_hear_modseq(inbox):
+    one = logged_in(inbox)
+    two = logged_in(inbox)
+    assert b"ENABLED CONDSTORE" in ask(one, b"e ENABLE CONDSTORE", b"e")
+    ask(one, b"s SELECT INBOX", b"s")
+    ask(two, b"s SELECT INBOX", b"s")
+    answer = ask(two, b"t STORE 3 +FLAGS (\\Answered)", b"t")
+    stored = int(re.search(rb"MODSEQ \((\d+)\)", answer).group(1)) if b"MODSEQ" in answer else None
+    assert stored is None, answer  # session two never used CONDSTORE: no MODSEQ for it
+    seen = b""
+    for attempt in range(50):
+        seen += ask(one, b"n%d NOOP" % attempt, b"n%d" % attempt)
+        if b"3 FETCH" in seen:
+            break
+    assert re.search(rb"\* 3 FETCH \(FLAGS \([^)]*\\Answered[^)]*\) MODSEQ \(\d+\)\)", seen), seen
+    one.close()
+    two.close()
+
+
+def test_fetch_refusals(inbox):
+    sock = logged_in(inbox, b"INBOX")
+    assert b"v BAD" in ask(sock, b"v UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)", b"v")  # no QRESYNC
+    assert b"d BAD" in ask(sock, b"d FETCH 1 " + b"(" * 50 + b"FLAGS" + b")" * 50, b"d")
+    assert b"m BAD" in ask(sock, b"m FETCH 1 (FLAGS) (FROB)", b"m")
+    assert b"u BAD" in ask(sock, b"u STORE 1 (FROB 1) +FLAGS (\\Seen)", b"u")
+    assert b"ok OK" in ask(sock, b"ok FETCH 1 (FLAGS)", b"ok")  # and the session goes on
+    sock.close()
+
+
+def test_fetch_many_messages_in_batches(server):
+    """
+    More messages than one batch: every one answered once, in order, bodies intact.
+    """
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1201):
+        deliver(home, message(n))
+    sock = logged_in(server, b"INBOX")
+    answer = ask(sock, b"f FETCH 1:* (UID BODY.PEEK[TEXT])", b"f")
+    found = re.findall(rb"\* (\d+) FETCH \(UID (\d+) BODY\[TEXT\] \{\d+\}\r\nbody (\d+)\r\n\)", answer)
+    assert len(found) == 1200
+    assert [int(s) for s, _, _ in found] == list(range(1, 1201))
+    assert all(s == u == b for s, u, b in found)
+    sock.close()
