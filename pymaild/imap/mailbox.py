@@ -20,6 +20,7 @@ import threading
 from array import array
 from bisect import bisect_left, bisect_right
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
@@ -436,6 +437,17 @@ class StoreMailbox:
             return out
 
         return self.run(work).addCallback(numbered)
+
+    def highestModseq(self, numbers, wanted: bool = True):
+        """
+        A Deferred of C{(numbers, the highest MODSEQ among those messages)} (RFC 7162 SEARCH
+        MODSEQ result); C{(numbers, None)} without a store call when not C{wanted}.
+        """
+        if not wanted or not numbers:
+            return defer.succeed((numbers, None))
+        uids = [self.uids[n - 1] for n in numbers]
+        return self.run(lambda: max((m.modseq for m in self.folder.messages(uids)), default=0)).addCallback(
+            lambda modseq: (numbers, modseq))
 
     def resync(self, since: int, known=None):
         """

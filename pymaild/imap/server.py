@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pymaild.envelope import inNetworks
 from pymaild.imap import fetch
+from pymaild.imap import search as search_
 from pymaild.errors import TemporaryFailure
 
 log = Logger()
@@ -604,7 +605,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
                      b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE",
-                     b"CONDSTORE"):
+                     b"CONDSTORE", b"ESEARCH"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks
@@ -657,31 +658,132 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     select_UNSELECT = (do_UNSELECT,)
 
     # --- SEARCH over the index (Twisted's own matcher is broken: TWISTED_MAIL.md gap 7) ---------
+    #     with ESEARCH (RFC 4731) result options, literals anywhere in the keys, and the
+    #     MODSEQ result of RFC 7162.
 
-    def do_SEARCH(self, tag, charset, query, uid=0):
-        from pymaild.imap import search
+    _RETURN_OPTIONS = frozenset({b"MIN", b"MAX", b"COUNT", b"ALL"})
 
+    def opt_searchreturn(self, line):
+        """
+        ESEARCH: C{RETURN (MIN MAX COUNT ALL)}; C{RETURN ()} means ALL.
+        """
+        line = line.lstrip()
+        if line[:7].upper() != b"RETURN ":
+            return None, line
+        rest = line[7:].lstrip()
+        end = rest.find(b")")
+        if not rest.startswith(b"(") or end < 0:
+            raise imap4.IllegalClientResponse("RETURN needs a parenthesised list")
+        options = rest[1:end].upper().split()
+        for option in options:
+            if option not in self._RETURN_OPTIONS:
+                raise imap4.IllegalClientResponse("Unknown RETURN option " + option[:20].decode("ascii", "replace"))
+        return (options or [b"ALL"]), rest[end + 1 :].lstrip()
+
+    def opt_charset(self, line):
+        return super().opt_charset(line.lstrip())
+
+    _TRAILING_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
+    #: literals in one SEARCH command
+    MAX_SEARCH_LITERALS = 64
+
+    def arg_searchkeys(self, line, _literals=None, _before=b""):
+        """
+        The search keys, with literals (C{SUBJECT {5}}) anywhere: each literal is read (a
+        continuation request, or none for LITERAL+) and stands in the line as a placeholder
+        token until Twisted's tokenizer has split it, then put back.
+        """
+        literals = [] if _literals is None else _literals
+        m = self._TRAILING_LITERAL.search(line)
+        if m is None:
+            text = _before + line
+            depth = deepest = 0
+            for c in text:
+                if c == 0x28:
+                    depth += 1
+                    deepest = max(deepest, depth)
+                elif c == 0x29:
+                    depth -= 1
+            if deepest > search_.MAX_NESTING:
+                raise imap4.IllegalClientResponse(f"SEARCH nested deeper than {search_.MAX_NESTING}")
+            try:
+                query = imap4.parseNestedParens(text)
+            except imap4.IllegalClientResponse:
+                raise
+            except Exception:
+                raise imap4.IllegalClientResponse("Malformed SEARCH")
+            return _putLiterals(query, literals), b""
+        if len(literals) >= self.MAX_SEARCH_LITERALS:
+            raise imap4.IllegalClientResponse("Too many literals in SEARCH")
+        if m.group(2):
+            self._nonSync = True
+        prefix = _before + line[: m.start()] + b"\x00%d\x00" % len(literals)
+
+        def got(result):
+            data, rest = result
+            literals.append(data)
+            return self.arg_searchkeys(rest, literals, prefix)
+
+        return self._stringLiteral(int(m.group(1))).addCallback(got)
+
+    def _compileSearch(self, tag, charset, query):
         if isinstance(charset, bytes):
             charset = charset.decode("ascii", "replace").strip('"')
         try:
-            predicate = search.compile(query, charset=charset)
-        except search.SearchError as e:
+            return search_.compile(query, charset=charset)
+        except search_.SearchError as e:
             if e.code == "BADCHARSET":
                 self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] " + str(e).encode())
             else:
                 self.sendBadResponse(tag, b"SEARCH failed: " + str(e).encode("utf-8", "replace"))
-            return
+            return None
 
-        def answer(numbers):
-            mbox = self.mbox
+    def do_SEARCH(self, tag, options, charset, query, uid=0):
+        predicate = self._compileSearch(tag, charset, query)
+        if predicate is None:
+            return
+        withModseq = "MODSEQ" in predicate.keys
+        if withModseq:
+            self.condstore = True
+        mbox = self.mbox
+
+        def answer(result):
+            numbers, modseq = result
             values = [mbox.getUID(n) for n in numbers] if uid else numbers
-            # RFC 3501 7.2.5: "* SEARCH" even when nothing matched
-            self.sendUntaggedResponse(b" ".join([b"SEARCH"] + [b"%d" % v for v in values]))
+            if options is None:
+                # RFC 3501 7.2.5: "* SEARCH" even when nothing matched
+                line = b" ".join([b"SEARCH"] + [b"%d" % v for v in values])
+                if withModseq and values:
+                    line += b" (MODSEQ %d)" % modseq
+                self.sendUntaggedResponse(line)
+            else:
+                self.sendUntaggedResponse(self._esearch(tag, options, values, uid, modseq if withModseq else None))
             self.sendPositiveResponse(tag, b"SEARCH completed")
 
-        self._store(self.mbox.search(predicate), tag, answer)
+        self._store(mbox.search(predicate).addCallback(lambda numbers: mbox.highestModseq(numbers, withModseq)),
+                    tag, answer)
 
-    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset, imap4.IMAP4Server.arg_searchkeys)
+    def _esearch(self, tag, options, values, uid, modseq) -> bytes:
+        """
+        RFC 4731: C{* ESEARCH (TAG "t") [UID] MIN n MAX n COUNT n ALL set [MODSEQ n]}.
+        """
+        out = [b"ESEARCH (TAG " + imap4._quote(tag) + b")"]
+        if uid:
+            out.append(b"UID")
+        if values:
+            if b"MIN" in options:
+                out.append(b"MIN %d" % min(values))
+            if b"MAX" in options:
+                out.append(b"MAX %d" % max(values))
+        if b"COUNT" in options:
+            out.append(b"COUNT %d" % len(values))
+        if values and b"ALL" in options:
+            out.append(b"ALL " + self._uidset(sorted(values)))
+        if modseq is not None and values:
+            out.append(b"MODSEQ %d" % modseq)
+        return b" ".join(out)
+
+    select_SEARCH = (do_SEARCH, opt_searchreturn, opt_charset, arg_searchkeys)
 
     # --- UIDPLUS (RFC 4315) and MOVE (RFC 6851) -------------------------------------------------
 
@@ -986,6 +1088,24 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     def goodbye(self) -> None:
         self.sendUntaggedResponse(b"BYE Server shutting down")
         self.transport.loseConnection()
+
+
+def _putLiterals(tokens, literals):
+    """
+    Put the literals of a SEARCH back where their placeholders are in Twisted's token list.
+    """
+    out = []
+    for token in tokens:
+        if isinstance(token, list):
+            out.append(_putLiterals(token, literals))
+        elif isinstance(token, bytes) and token[:1] == b"\x00":
+            m = re.fullmatch(rb"\x00(\d+)\x00", token)
+            if m is None:
+                raise imap4.IllegalClientResponse("Malformed SEARCH")
+            out.append(literals[int(m.group(1))])
+        else:
+            out.append(token)
+    return out
 
 
 @implementer(IPushProducer)

@@ -112,3 +112,29 @@ def test_fetch_many_messages_in_batches(server):
     assert [int(s) for s, _, _ in found] == list(range(1, 1201))
     assert all(s == u == b for s, u, b in found)
     sock.close()
+
+
+def test_esearch_literals_and_modseq(inbox):
+    sock = logged_in(inbox, b"INBOX")
+    assert b"ESEARCH" in ask(sock, b"c CAPABILITY", b"c")
+    answer = ask(sock, b"e SEARCH RETURN (MIN MAX COUNT ALL) SUBJECT number", b"e")
+    assert b'* ESEARCH (TAG "e") MIN 1 MAX 5 COUNT 5 ALL 1:5\r\n' in answer, answer
+    answer = ask(sock, b"u UID SEARCH RETURN () NOT SUBJECT 3", b"u")
+    assert b'* ESEARCH (TAG "u") UID ALL 1:2,4:5\r\n' in answer, answer
+    answer = ask(sock, b"z SEARCH RETURN (COUNT MIN) SUBJECT nothing-like-this", b"z")
+    assert b'* ESEARCH (TAG "z") COUNT 0\r\n' in answer, answer
+    assert b"bad BAD" in ask(sock, b"bad SEARCH RETURN (SAVE) ALL", b"bad")  # no SEARCHRES
+    # a literal in the keys: synchronising (continuation request) and LITERAL+
+    sock.sendall(b"l SEARCH CHARSET UTF-8 SUBJECT {8}\r\n")
+    assert sock.recv(4096).startswith(b"+ ")
+    answer = ask(sock, b"number 4 UNDELETED", b"l")
+    assert b"* SEARCH 4\r\n" in answer, answer
+    answer = ask(sock, b"p SEARCH OR SUBJECT {8+}\r\nnumber 2 SUBJECT {1+}\r\n5", b"p")
+    assert b"* SEARCH 2 5\r\n" in answer, answer
+    # MODSEQ key: the highest MODSEQ of the matches comes with the result
+    answer = ask(sock, b"m SEARCH MODSEQ 1", b"m")
+    assert re.search(rb"\* SEARCH 1 2 3 4 5 \(MODSEQ \d+\)\r\n", answer), answer
+    # too deep is refused, the session goes on
+    assert b"d BAD" in ask(sock, b"d SEARCH " + b"(" * 40 + b"ALL" + b")" * 40, b"d")
+    assert b"* SEARCH 1 2 3 4 5" in ask(sock, b"ok SEARCH ALL", b"ok")
+    sock.close()
