@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import re
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
@@ -172,6 +173,40 @@ def _headerBytes(f) -> bytes:
             break
         out.append(line)
     return b"".join(out)
+
+
+def listPattern(pattern: str):
+    """
+    A LIST pattern (RFC 3501 6.3.8) as a predicate on folder names: C{*} matches anything,
+    C{%} anything but the delimiter, the rest literally and case-sensitively, except a leading
+    INBOX (Twisted's C{wildcardToRegexp} neither escapes nor anchors, and ignores case
+    everywhere).
+    """
+    if pattern[:5].upper() == "INBOX" and pattern[5:6] in ("", "/", "*", "%"):
+        pattern = "INBOX" + pattern[5:]
+    body = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    return re.compile(body, re.S).fullmatch
+
+
+_STATUS_KEYS = {
+    "MESSAGES": "messages", "UIDNEXT": "uidnext", "UIDVALIDITY": "uidvalidity", "UNSEEN": "unseen",
+    "SIZE": "size",  # RFC 8438 STATUS=SIZE
+    "HIGHESTMODSEQ": "highestmodseq",  # RFC 7162
+}
+
+
+def statusItems(status: dict, names) -> dict:
+    """
+    STATUS items (RFC 3501 names, plus SIZE and HIGHESTMODSEQ) from a folder's C{status()}.
+    """
+    out = {}
+    for name in names:
+        key = name.upper()
+        if key == "RECENT":
+            out[name] = 0
+        elif key in _STATUS_KEYS:
+            out[name] = status[_STATUS_KEYS[key]]
+    return out
 
 
 @implementer(imap4.IMailbox, imap4.IMessageCopier, imap4.ICloseableMailbox)
@@ -346,27 +381,7 @@ class StoreMailbox:
         return self.run(work).addCallback(done)
 
     def requestStatus(self, names):
-        def answer(status):
-            out = {}
-            for name in names:
-                key = name.upper()
-                if key == "MESSAGES":
-                    out[name] = status["messages"]
-                elif key == "RECENT":
-                    out[name] = 0
-                elif key == "UIDNEXT":
-                    out[name] = status["uidnext"]
-                elif key == "UIDVALIDITY":
-                    out[name] = status["uidvalidity"]
-                elif key == "UNSEEN":
-                    out[name] = status["unseen"]
-                elif key == "SIZE":  # RFC 8438 STATUS=SIZE
-                    out[name] = status["size"]
-                elif key == "HIGHESTMODSEQ":  # RFC 7162
-                    out[name] = status["highestmodseq"]
-            return out
-
-        return self.run(self.folder.status).addCallback(answer)
+        return self.run(self.folder.status).addCallback(lambda status: statusItems(status, names))
 
     def addMessage(self, message, flags=(), date=None):
         when = None
@@ -649,7 +664,7 @@ class StoreAccount:
     def listMailboxes(self, ref, wildcard):
         ref = ref.decode() if isinstance(ref, bytes) else ref
         wildcard = wildcard.decode() if isinstance(wildcard, bytes) else wildcard
-        pattern = imap4.wildcardToRegexp(ref + wildcard, "/")
+        matches = listPattern(ref + wildcard)
 
         def work():
             folders = self.user.listFolders()
@@ -662,7 +677,60 @@ class StoreAccount:
             # a parent that is no folder (Dovecot's Maildir++ makes only .A.B for A/B)
             out += [(p, FolderInfo(None, True, p)) for p in sorted(parents - names)]
             out.sort(key=lambda pair: (pair[0] != "INBOX", pair[0]))
-            return [(name, info) for name, info in out if pattern.match(name)]
+            return [(name, info) for name, info in out if matches(name)]
+
+        return self.run(work)
+
+    def listExtended(self, ref: str, patterns, *, subscribed: bool = False, recursive: bool = False,
+                     specialOnly: bool = False, status=None):
+        """
+        LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819): a Deferred of
+        C{[(name, attributes, childinfo, status items or None)]}, INBOX first.
+
+        C{subscribed}: only subscribed names (those that no longer exist too, as
+        C{\\NonExistent}); with C{recursive}, also matching names that are not subscribed but
+        have subscribed children (C{childinfo} True).  C{specialOnly}: RFC 6154's SPECIAL-USE
+        selection.  C{status}: STATUS item names for every selectable mailbox listed.
+        """
+        matchers = [listPattern(ref + p) for p in patterns]
+
+        def work():
+            folders = {f.name: f for f in self.user.listFolders()}
+            subs = self.user.subscriptions()
+            parents = set()
+            for name in set(folders) | (subs if subscribed else set()):
+                parts = name.split("/")
+                parents.update("/".join(parts[:i]) for i in range(1, len(parts)))
+            candidates = set(folders) | parents | (subs if subscribed else set())
+            out = []
+            for name in sorted(candidates, key=lambda n: (n != "INBOX", n)):
+                if not any(m(name) for m in matchers):
+                    continue
+                info = folders.get(name)
+                prefix = name + "/"
+                childinfo = False
+                if subscribed and name not in subs:
+                    if not (recursive and any(s.startswith(prefix) for s in subs)):
+                        continue
+                    childinfo = True
+                if specialOnly and not (info and info.special):
+                    continue
+                attributes = []
+                if info is None:
+                    attributes.append("\\NonExistent" if name not in parents else "\\Noselect")
+                hasChildren = any(f.startswith(prefix) for f in folders)
+                attributes.append("\\HasChildren" if hasChildren else "\\HasNoChildren")
+                if name in subs:
+                    attributes.append("\\Subscribed")
+                if info is not None and info.special:
+                    attributes.append(info.special)
+                items = None
+                if status and info is not None:
+                    folder = self.user.folder(name)
+                    folder.sync(moveNew=False)
+                    items = statusItems(folder.status(), status)
+                out.append((name, attributes, childinfo, items))
+            return out
 
         return self.run(work)
 

@@ -542,7 +542,106 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         else:
             self.sendBadResponse(tag, b"Expected DONE to end IDLE")
 
-    # --- LIST with subscriptions from the same listing ---------------------------------------------
+    # --- LIST-EXTENDED (RFC 5258), LIST-STATUS (RFC 5819), SPECIAL-USE selection (RFC 6154) ----
+
+    _LIST_SELECT = frozenset({b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"})
+
+    def opt_listselect(self, line):
+        line = line.lstrip()
+        if not line.startswith(b"("):
+            return None, line
+        end = line.find(b")")
+        if end < 0:
+            raise imap4.IllegalClientResponse("Unbalanced LIST selection options")
+        options = set(line[1:end].upper().split())
+        if not options <= self._LIST_SELECT:
+            raise imap4.IllegalClientResponse("Unknown LIST selection option")
+        if b"RECURSIVEMATCH" in options and not options & {b"SUBSCRIBED"}:
+            raise imap4.IllegalClientResponse("RECURSIVEMATCH needs SUBSCRIBED")  # RFC 5258 3.1
+        return options, line[end + 1 :]
+
+    def arg_listpatterns(self, line):
+        line = line.lstrip()
+        if not line.startswith(b"("):
+            d = self.arg_astring(line)
+            if isinstance(d, tuple):
+                return [d[0]], d[1]
+            return d.addCallback(lambda result: ([result[0]], result[1]))
+        end = line.find(b")")
+        if end < 0:
+            raise imap4.IllegalClientResponse("Unbalanced LIST patterns")
+        try:
+            patterns = imap4.parseNestedParens(line[: end + 1])[0]
+        except Exception:
+            raise imap4.IllegalClientResponse("Malformed LIST patterns")
+        if not patterns or any(not isinstance(p, bytes) for p in patterns):
+            raise imap4.IllegalClientResponse("Malformed LIST patterns")
+        return patterns, line[end + 1 :]
+
+    def opt_listreturn(self, line):
+        line = line.strip()
+        if not line:
+            return None, b""
+        if line[:7].upper() != b"RETURN ":
+            raise imap4.IllegalClientResponse("Unexpected LIST arguments")
+        try:
+            parsed = imap4.parseNestedParens(line[7:])
+        except Exception:
+            raise imap4.IllegalClientResponse("Malformed LIST RETURN options")
+        if len(parsed) != 1 or not isinstance(parsed[0], list):
+            raise imap4.IllegalClientResponse("Malformed LIST RETURN options")
+        options, items = {}, parsed[0]
+        i = 0
+        while i < len(items):
+            word = items[i].upper() if isinstance(items[i], bytes) else None
+            if word in (b"SUBSCRIBED", b"CHILDREN", b"SPECIAL-USE"):
+                options[word] = True
+                i += 1
+            elif word == b"STATUS" and i + 1 < len(items) and isinstance(items[i + 1], list):
+                wanted = [n.decode("ascii", "replace").upper() for n in items[i + 1] if isinstance(n, bytes)]
+                if not wanted or len(wanted) != len(items[i + 1]) or not set(wanted) <= set(self._STATUS_ITEMS):
+                    raise imap4.IllegalClientResponse("Bad STATUS items in LIST RETURN")
+                options[b"STATUS"] = wanted
+                i += 2
+            else:
+                raise imap4.IllegalClientResponse("Unknown LIST RETURN option")
+        return options, b""
+
+    def do_LIST(self, tag, select, ref, patterns, returns):
+        select, returns = select or set(), returns or {}
+        ref = self._name(ref) if ref else ""
+        patterns = [self._name(p) if p else "" for p in patterns]
+        if patterns == [""] and not select:
+            # RFC 3501 6.3.8: the hierarchy delimiter and root name
+            self.sendUntaggedResponse(b'LIST (\\Noselect) "/" ""')
+            self.sendPositiveResponse(tag, b"LIST completed")
+            return
+        status = returns.get(b"STATUS")
+        if status and "HIGHESTMODSEQ" in status:
+            self.condstore = True
+        d = self.account.listExtended(ref, [p for p in patterns if p], subscribed=b"SUBSCRIBED" in select,
+                                      recursive=b"RECURSIVEMATCH" in select,
+                                      specialOnly=b"SPECIAL-USE" in select, status=status)
+
+        def answer(entries):
+            for name, attributes, childinfo, items in entries:
+                if not (b"SUBSCRIBED" in select or b"SUBSCRIBED" in returns):
+                    attributes = [a for a in attributes if a != "\\Subscribed"]
+                wire = imap4._quote(name.encode("imap4-utf-7"))
+                line = b"LIST (" + " ".join(attributes).encode() + b') "/" ' + wire
+                if childinfo:
+                    line += b' ("CHILDINFO" ("SUBSCRIBED"))'
+                self.sendUntaggedResponse(line)
+                if items is not None:
+                    self.sendUntaggedResponse(self._statusLine(name, items, status))
+            self.sendPositiveResponse(tag, b"LIST completed")
+
+        self._store(d, tag, answer)
+
+    auth_LIST = (do_LIST, opt_listselect, imap4.IMAP4Server.arg_astring, arg_listpatterns, opt_listreturn)
+    select_LIST = auth_LIST
+
+    # --- LSUB with subscriptions from the same listing ---------------------------------------------
 
     def _cbListWork(self, mailboxes, tag, sub, cmdName):
         for name, box in mailboxes:
@@ -605,7 +704,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
                      b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE",
-                     b"CONDSTORE", b"ESEARCH"):
+                     b"CONDSTORE", b"ESEARCH", b"LIST-EXTENDED", b"LIST-STATUS"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks

@@ -75,3 +75,14 @@ def test_internaldate_format(monkeypatch):
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_list_patterns():
+    from pymaild.imap.mailbox import listPattern
+
+    assert listPattern("*")("Work/Projects") and listPattern("%")("Work")
+    assert not listPattern("%")("Work/Projects")  # anchored: % stops at the delimiter
+    assert listPattern("Work/%")("Work/Projects") and not listPattern("Work/%")("Work/A/B")
+    assert not listPattern("a.c")("abc")  # the rest is literal, not a regular expression
+    assert listPattern("inbox")("INBOX") and listPattern("Inbox/*")("INBOX/x")
+    assert not listPattern("work")("Work")  # only INBOX ignores case

@@ -138,3 +138,37 @@ def test_esearch_literals_and_modseq(inbox):
     assert b"d BAD" in ask(sock, b"d SEARCH " + b"(" * 40 + b"ALL" + b")" * 40, b"d")
     assert b"* SEARCH 1 2 3 4 5" in ask(sock, b"ok SEARCH ALL", b"ok")
     sock.close()
+
+
+def test_list_extended_and_list_status(inbox):
+    sock = logged_in(inbox)
+    caps = ask(sock, b"c CAPABILITY", b"c")
+    assert b"LIST-EXTENDED" in caps and b"LIST-STATUS" in caps
+    for command in (b'a CREATE "Work/Projects"', b'c SUBSCRIBE "Work/Projects"',
+                    b'd SUBSCRIBE "Gone"', b'f SUBSCRIBE INBOX'):
+        assert b" OK" in ask(sock, command, command[:1]), command
+    # the delimiter query of RFC 3501
+    assert b'* LIST (\\Noselect) "/" ""\r\n' in ask(sock, b'g LIST "" ""', b"g")
+    # SUBSCRIBED selection: a subscribed name that no longer exists is \NonExistent
+    answer = ask(sock, b'h LIST (SUBSCRIBED) "" "*"', b"h")
+    assert re.search(rb'\* LIST \(\\NonExistent \\HasNoChildren \\Subscribed\) "/" "Gone"', answer), answer
+    assert re.search(rb'\* LIST \([^)]*\\Subscribed[^)]*\) "/" "Work/Projects"', answer), answer
+    assert b'"Work"\r\n' not in answer and b'"Sent"' not in answer, answer
+    # RECURSIVEMATCH: a parent that matches, not subscribed, with subscribed children
+    answer = ask(sock, b'i LIST (SUBSCRIBED RECURSIVEMATCH) "" "%"', b"i")
+    assert re.search(rb'\* LIST \([^)]*\) "/" "Work" \("CHILDINFO" \("SUBSCRIBED"\)\)', answer), answer
+    assert b'"Work/Projects"' not in answer, answer
+    assert b"j BAD" in ask(sock, b'j LIST (RECURSIVEMATCH) "" "*"', b"j")
+    # several patterns, RETURN (SUBSCRIBED CHILDREN STATUS (...)), SPECIAL-USE selection
+    answer = ask(sock, b'k LIST "" ("INBOX" "Work/*") RETURN (SUBSCRIBED CHILDREN STATUS (MESSAGES UNSEEN SIZE))', b"k")
+    assert re.search(rb'\* LIST \([^)]*\\Subscribed[^)]*\) "/" "INBOX"\r\n\* STATUS "INBOX" \(MESSAGES 5 UNSEEN 5 SIZE \d+\)',
+                     answer), answer
+    assert re.search(rb'"Work/Projects"\r\n\* STATUS "Work/Projects" \(MESSAGES 0 UNSEEN 0 SIZE 0\)', answer), answer
+    assert b'"Sent"' not in answer
+    answer = ask(sock, b'l LIST (SPECIAL-USE) "" "*" RETURN (SPECIAL-USE)', b"l")
+    assert b"\\Sent" in answer and b"\\Trash" in answer and b'"INBOX"' not in answer and b"Work" not in answer, answer
+    # plain LIST does not show \Subscribed (it was not asked for)
+    answer = ask(sock, b'm LIST "" "INBOX"', b"m")
+    assert b"\\Subscribed" not in answer and b'"INBOX"' in answer, answer
+    assert b"n BAD" in ask(sock, b'n LIST "" "*" RETURN (STATUS (FROB))', b"n")
+    sock.close()
