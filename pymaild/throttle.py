@@ -59,37 +59,3 @@ class LoginThrottle:
 
     def succeeded(self, host: str, user: str) -> None:
         self._failures.pop(("user", user), None)
-
-
-class ThrottledPortal:
-    """
-    A portal for one connection that counts failed logins in a L{LoginThrottle} and answers
-    them late; used where the protocol's own login code is Twisted's (IMAP AUTHENTICATE).
-    """
-
-    def __init__(self, portal, throttle: LoginThrottle, peer: str, clock):
-        self.portal = portal
-        self.throttle = throttle
-        self.peer = peer
-        self.clock = clock
-
-    def login(self, credentials, mind, *interfaces):
-        from twisted.cred.error import UnauthorizedLogin
-        from twisted.internet import defer, task
-
-        user = getattr(credentials, "username", b"") or b""
-        user = (user.decode("utf-8", "replace") if isinstance(user, bytes) else str(user)).lower()
-        if self.throttle.blocked(self.peer, user):
-            return defer.fail(UnauthorizedLogin("Too many failed logins, try again later"))
-
-        def failed(failure):
-            if failure.check(UnauthorizedLogin):
-                delay = self.throttle.failed(self.peer, user)
-                return task.deferLater(self.clock, delay, lambda: failure)
-            return failure
-
-        def succeeded(result):
-            self.throttle.succeeded(self.peer, user)
-            return result
-
-        return defer.maybeDeferred(self.portal.login, credentials, mind, *interfaces).addCallbacks(succeeded, failed)

@@ -17,6 +17,8 @@ without TLS unless the client's address is in C{[auth] plaintext_networks}.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 
 from twisted.cred.error import UnauthorizedLogin
@@ -64,35 +66,65 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             # RFC 3501 6.2.3, RFC 5530 PRIVACYREQUIRED
             self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS (or port 993) before LOGIN")
             return
-        name = user.decode("utf-8", "replace")
+        self._login(tag, user.decode("utf-8", "replace"), lambda: self.authenticateLogin(user, passwd))
+
+    def _login(self, tag, name, attempt):
+        """
+        LOGIN and AUTHENTICATE alike: the throttle, the portal, the per-user session limit and
+        the login event.
+        """
         throttle = self.factory.throttle
         if throttle.blocked(self.peerHost, name.lower()):
             log.info("imap login {user} from {peer}: blocked", event="login", protocol="imap", user=name,
                      peer=self.peerHost, result="blocked")
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try again later")
             return
-        d = maybeDeferred(self.authenticateLogin, user, passwd)
+        self._hold(tag)  # pipelined commands wait for the answer
+        d = maybeDeferred(attempt)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
+    # --- AUTHENTICATE (RFC 3501 6.2.2) with SASL-IR (RFC 4959), on the same path as LOGIN ------
+
     def do_AUTHENTICATE(self, tag, mechanism, initial=b""):
-        """
-        AUTHENTICATE, with SASL-IR (RFC 4959): an initial response on the command line saves
-        a round trip ("=" is an empty one).
-        """
-        if not initial:
-            return super().do_AUTHENTICATE(tag, mechanism)
         mechanism = mechanism.upper().strip()
         if mechanism not in self.challengers:
-            self.sendNegativeResponse(tag, b"AUTHENTICATE method unsupported")
+            if mechanism in (b"PLAIN", b"LOGIN") and b"LOGINDISABLED" in self.capabilities():
+                self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS (or port 993) first")
+            else:
+                self.sendNegativeResponse(tag, b"AUTHENTICATE method unsupported")
             return
         challenge = self.challengers[mechanism]()
-        response = b"" if initial.strip() == b"=" else initial.strip()
-        try:
-            self._IMAP4Server__cbAuthChunk(response, challenge, tag)  # Twisted's own next step
-        except imap4.IllegalClientResponse as e:
-            self.sendBadResponse(tag, str(e).encode())
+        if initial and initial.strip():
+            # SASL-IR: the first response on the command line ("=" is an empty one)
+            self._authStep(initial, challenge, tag)
+        else:
+            self._challenge(challenge, tag)
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+
+    def _challenge(self, challenge, tag):
+        self.parseState = "pending"
+        self._pendingLiteral = defer.Deferred()
+        self._pendingLiteral.addCallback(self._authStep, challenge, tag)
+        self.sendLine(b"+ " + base64.b64encode(challenge.getChallenge()))
+
+    def _authStep(self, line, challenge, tag):
+        line = line.strip()
+        if line == b"*":
+            self.sendBadResponse(tag, b"AUTHENTICATE cancelled")  # RFC 3501 6.2.2
+            return
+        try:
+            data = b"" if line == b"=" else base64.b64decode(line, validate=True)
+            challenge.setResponse(data)
+        except (binascii.Error, ValueError, imap4.IllegalClientResponse):
+            self.sendBadResponse(tag, b"Malformed AUTHENTICATE response")
+            return
+        if challenge.moreChallenges():
+            self._challenge(challenge, tag)
+            return
+        name = challenge.username.decode("utf-8", "replace") if isinstance(challenge.username, bytes) \
+            else str(challenge.username or "")
+        self._login(tag, name, lambda: self.factory.portal.login(challenge, None, imap4.IAccount))
 
     def authenticateLogin(self, user, passwd):
         from twisted.cred.credentials import UsernamePassword
@@ -1280,13 +1312,9 @@ class IMAPFactory(ServerFactory):
         self.clock = clock
 
     def buildProtocol(self, addr):
-        from pymaild.throttle import ThrottledPortal
-
         p = PymaildIMAP4Server(contextFactory=self.tls)
         p.factory = self
-        # AUTHENTICATE runs Twisted's own code against p.portal: throttle it there; LOGIN
-        # (authenticateLogin below) uses the plain portal and throttles itself.
-        p.portal = ThrottledPortal(self.portal, self.throttle, getattr(addr, "host", ""), self.clock)
+        p.portal = self.portal
         p.POSTAUTH_TIMEOUT = self.autologout
         p.MAX_LENGTH = self.maxLine
         return p

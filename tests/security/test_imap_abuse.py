@@ -131,3 +131,33 @@ def test_authenticate_is_throttled_too(make_server):
     assert b"a1 NO" in authenticate(b"a1", b"wrong")
     assert b"a2 NO" in authenticate(b"a2", b"wrong")
     assert b"a3 NO" in authenticate(b"a3", server.postmaster_password().encode())
+
+
+def test_authenticate_counts_as_a_login(make_server):
+    """
+    A login by AUTHENTICATE counts towards the per-user session limit like LOGIN; "*" cancels
+    (BAD); a response that is not base64 is BAD; before TLS it is PRIVACYREQUIRED.
+    """
+    import base64
+
+    server = make_server("[limits]\nmax_connections_per_user = 1\n").start()
+    plain = base64.b64encode(b"\0postmaster@localhost\0" + server.postmaster_password().encode())
+    first = tls_session(server)
+    assert b"a OK" in ask(first, b"a AUTHENTICATE PLAIN " + plain, b"a")
+    second = tls_session(server)
+    assert b"b NO [LIMIT]" in ask(second, b"b AUTHENTICATE PLAIN " + plain, b"b")
+    second.sendall(b"c AUTHENTICATE PLAIN\r\n")
+    assert second.recv(4096).startswith(b"+ ")
+    assert b"c BAD" in ask(second, b"*", b"c")
+    second.sendall(b"d AUTHENTICATE PLAIN\r\n")
+    assert second.recv(4096).startswith(b"+ ")
+    assert b"d BAD" in ask(second, b"not!base64", b"d")
+    assert b"e OK" in ask(second, b"e NOOP", b"e")  # the session goes on
+    first.close()
+    second.close()
+    import socket
+
+    plaintext = socket.create_connection(("127.0.0.1", server.ports["imap"]), timeout=15)
+    plaintext.recv(4096)
+    assert b"f NO [PRIVACYREQUIRED]" in ask(plaintext, b"f AUTHENTICATE PLAIN " + plain, b"f")
+    plaintext.close()
