@@ -32,6 +32,9 @@ __all__ = ["FetchError", "FetchRequest", "parseFetch", "renderMessage", "interna
 
 #: Sections larger than this are streamed from the file instead of read into memory.
 STREAM_ABOVE = 65536
+#: Sections up to this size are read whole (then cut to a partial range); larger ones through
+#: a converting reader.
+READ_WHOLE = 4 << 20
 #: Parentheses or brackets nested deeper than this in a FETCH are refused.  A legitimate
 #: FETCH needs 3 (attribute list, BODY[HEADER.FIELDS (...)]) ; modifiers add one.
 MAX_NESTING = 8
@@ -272,11 +275,14 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
                                                   sectionOpener(msg.path, start, end, length, skip, limit))))
                 items.append(None)
                 continue
-            f = sectionOpener(msg.path, start, end, length, skip, limit)
-            try:
-                data = f.read()
-            finally:
-                f.close()
+            if length <= READ_WHOLE:
+                data = readSection(msg.path, start, end, skip, limit)
+            else:  # a small part of a large section: read through it, not into memory
+                f = sectionOpener(msg.path, start, end, length, skip, limit)
+                try:
+                    data = f.read()
+                finally:
+                    f.close()
             items.append(name + b" {%d}\r\n" % len(data) + data)
     if modseq:
         items.append(b"MODSEQ (%d)" % meta.modseq)
@@ -300,6 +306,23 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
     current.append(b")\r\n")
     result.append(b"".join(current))
     return result
+
+
+def readSection(path, start: int, end: int, skip: int = 0, limit: int | None = None) -> bytes:
+    """
+    A small section of a message file (stored with LF line ends) as IMAP sends it: with CRLF
+    line ends, then the partial range C{<skip.limit>} of that.
+    """
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start)
+        raw = f.read(end - start) if end - start < 1 << 40 else f.read()
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n")
+    data = raw.replace(b"\n", b"\r\n")
+    if skip or limit is not None:
+        data = data[skip:] if limit is None else data[skip : skip + limit]
+    return data
 
 
 def _section(item, msg):

@@ -536,16 +536,18 @@ class StoreMailbox:
 
         return self.run(work)
 
-    def storeFlags(self, messages, uid, flags, how: str, unchangedSince: int | None = None):
+    def storeFlags(self, messages, uid, flags, how: str, unchangedSince: int | None = None, report: bool = True):
         """
         STORE: a Deferred of C{([(seq, (flags, uid, modseq))] for every message of the set
-        still present, [uids not changed because of UNCHANGEDSINCE])}.
+        still present (none unless C{report}), [uids not changed because of UNCHANGEDSINCE])}.
         """
         wanted = self.resolve(messages, uid)
 
         @self._own
         def work():
             _, failed = self.folder.store(wanted, flags, how, unchangedSince)
+            if not report:
+                return [], failed
             failedSet = set(failed)
             current = [m for m in self.folder.messages(wanted) if m.uid not in failedSet]
             return current, failed

@@ -1182,7 +1182,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                     b"[MODIFIED " + self._uidset(self.mbox.sequenceNumbers(failed)) + b"] "
             self.sendPositiveResponse(tag, code + b"STORE completed")
 
-        self._store(self.mbox.storeFlags(messages, uid, flags, how, unchangedSince), tag, answer)
+        report = not silent or unchangedSince is not None
+        self._store(self.mbox.storeFlags(messages, uid, flags, how, unchangedSince, report), tag, answer)
 
     select_STORE = (do_STORE, arg_seqset, arg_storemod, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist)
 

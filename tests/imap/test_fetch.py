@@ -86,3 +86,35 @@ def test_list_patterns():
     assert not listPattern("a.c")("abc")  # the rest is literal, not a regular expression
     assert listPattern("inbox")("INBOX") and listPattern("Inbox/*")("INBOX/x")
     assert not listPattern("work")("Work")  # only INBOX ignores case
+
+
+def test_read_section_equals_the_streaming_reader(tmp_path):
+    """
+    The whole-read fast path and the streaming CRLFSection give the same bytes for every range
+    and partial, for LF files, CRLF files and stray CRs.
+    """
+    import random
+
+    from pymaild.imap.fetch import readSection
+    from pymaild.imap.mailbox import CRLFSection
+
+    rng = random.Random(7)
+    for n, content in enumerate([
+        b"Subject: x\n\nline\n" * 50,
+        b"Subject: y\r\n\r\nwindows\r\nlines\r\n" * 40,
+        b"odd\rcarriage\n\rreturns\r\n\n" * 30,
+    ]):
+        path = tmp_path / f"m{n}"
+        path.write_bytes(content)
+        for _ in range(200):
+            start = rng.randrange(0, len(content))
+            end = rng.choice([rng.randrange(start, len(content) + 1), 1 << 62])
+            whole = content[start:end].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            skip = rng.choice([0, rng.randrange(0, len(whole) + 3)])
+            limit = rng.choice([None, rng.randrange(0, len(whole) + 3)])
+            section = CRLFSection(path, start, end, len(whole), skip, limit)
+            try:
+                expected = section.read()
+            finally:
+                section.close()
+            assert readSection(path, start, end, skip, limit) == expected
