@@ -116,13 +116,21 @@ CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
 _MIGRATE_3 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA + (
     "INSERT OR IGNORE INTO fields (folder, uid, " + ", ".join(FIELD_COLUMNS.values()) + ")"
     " SELECT folder, uid, " + ", ".join(f"json_extract(summary, '$.headerFields.\"{n}\"')" for n in FIELDS)
-    + " FROM summaries;"
+    + " FROM summaries WHERE json_valid(summary);"  # a broken one must not fail the migration
 )
 
 
 class IndexError_(Exception):
     """
     The index file is unusable (corrupt, or from a newer version); it will be rebuilt.
+    """
+
+
+class MigrationFailed(RuntimeError):
+    """
+    Migrating the index to this version failed for a reason that may pass (locked, disk full,
+    I/O error).  Not an L{IndexError_}: the index is left as it was, never rebuilt, since a
+    rebuild would renumber its UIDs.
     """
 
 
@@ -152,7 +160,10 @@ def _open(path: Path) -> sqlite3.Connection:
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         elif version == 3:
-            db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_3 + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            try:
+                db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_3 + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            except sqlite3.OperationalError as e:
+                raise MigrationFailed(f"cannot migrate {path} from schema 3 to {SCHEMA_VERSION}: {e}") from e
         elif version != SCHEMA_VERSION:
             raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
     except BaseException:

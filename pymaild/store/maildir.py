@@ -684,7 +684,12 @@ class Folder:
         wanted = sorted(set(uids))
         with self.user.lock:
             rows = self._select("SELECT uid, summary FROM summaries WHERE folder=?", (self.id,), wanted)
-        out = {uid: fromJSON(text) for uid, text in rows}
+        out = {}
+        for uid, text in rows:
+            try:
+                out[uid] = fromJSON(text)
+            except ValueError:
+                continue  # a broken cached summary is computed again (and replaced)
         missing = [uid for uid in wanted if uid not in out]
         if missing:
             computed = {}
@@ -744,12 +749,14 @@ class Folder:
                 "SELECT uid FROM messages WHERE folder=? AND NOT EXISTS"
                 " (SELECT 1 FROM fields f WHERE f.folder = messages.folder AND f.uid = messages.uid)",
                 (self.id,), uids)]
-            if missing:
-                # computes and keeps the summaries not cached; fields of cached ones go in here
-                self._keep(self.summaries(missing), summaries=False)
-            out: dict[str, dict[int, str]] = {name: {} for name in names}
-            if not names:
-                return out
+        if missing:
+            # computes (outside the lock, as FETCH does) and keeps the summaries not cached;
+            # the fields of cached ones go in here
+            self._keep(self.summaries(missing), summaries=False)
+        out: dict[str, dict[int, str]] = {name: {} for name in names}
+        if not names:
+            return out
+        with self.user.lock:
             rows = self._select(
                 f"SELECT uid, {', '.join(FIELD_COLUMNS[n] for n in names)} FROM fields WHERE folder=?",
                 (self.id,), uids)
@@ -771,7 +778,10 @@ class Folder:
                 "SELECT summary FROM summaries WHERE folder=? AND uid=?", (self.id, uid)
             ).fetchone()
             if cached is not None:
-                return fromJSON(cached[0])
+                try:
+                    return fromJSON(cached[0])
+                except ValueError:
+                    pass  # broken: computed again below
             if self._row(uid) is None:
                 raise StoreError("NONEXISTENT", f"No message with UID {uid}")
         with self.open(uid) as f:

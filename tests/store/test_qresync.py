@@ -284,7 +284,7 @@ UIDVALIDITY = 1234567
 def v3Index(root):
     """
     A user directory with three messages in INBOX (UIDs 10, 11, 12; UIDs 1-9 long gone) and an
-    index written with schema 3 as pymaild 3 left it, two summaries cached.
+    index written with schema 3 as pymaild 3 left it, two summaries cached and one broken.
     """
     bodies = [b"From: =?utf-8?q?J=C3=B6rg?= <j@example.com>\nSubject: first\n\nx\n",
               b"From: b@example.com\nSubject: =?iso-8859-1?q?caf=E9?=\n\ny\n",
@@ -303,6 +303,8 @@ def v3Index(root):
         if i < 2:
             with open(root / "cur" / name, "rb") as f:
                 db.execute("INSERT INTO summaries VALUES (1, ?, ?)", (uid, toJSON(summarize(f))))
+        else:  # a broken cached summary must not fail the migration
+            db.execute("INSERT INTO summaries VALUES (1, ?, '{\"v\": 1, trunc')", (uid,))
     db.close()
 
 
