@@ -20,13 +20,23 @@ return sequence numbers.
 
 L{compile} parses that once into a tree of predicates (raising L{SearchError}, a C{ValueError},
 for anything malformed: the server answers C{BAD}, or C{NO [BADCHARSET (UTF-8 US-ASCII)]} when
-C{code == "BADCHARSET"}).  The tree is then evaluated per message with
-C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number, UID, index
-metadata and lazy callables for the message summary, the raw header and the decoded text, so
-that a search on flags never opens a file and one on headers never decodes bodies.
+C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the same answers:
 
-This module imports nothing from pymaild.store (the layer rule): the summary is duck-typed
-(C{headerFields}, C{parts}) and RFC 2047 decoding is done here.
+- over a whole folder, in bulk: L{searchFolder} (what C{StoreMailbox.search} calls).  Each
+  predicate's C{select} narrows a list of candidates with one loop over data loaded once for
+  the folder: flag, keyword, size, date and MODSEQ keys over the index rows
+  (C{Folder.messages()}), FROM/TO/CC/BCC/SUBJECT, SENT* and HEADER on a field the index keeps
+  over one column of decoded header fields (C{Folder.headerFields()}: no summary is decoded);
+  NOT/AND/OR combine the lists.  Keys that read the file (HEADER on another field, TEXT, BODY)
+  go one message at a time, together, through one cursor.  A search on flags, sizes, dates or
+  UIDs thus reads only the index's message rows.
+- per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
+  UID, index metadata and lazy callables for the message summary, the raw header and the
+  decoded text, so that a search on flags never opens a file and one on headers never decodes
+  bodies.
+
+This module imports nothing from pymaild.store (the layer rule): the folder and the summary
+are duck-typed (C{headerFields}, C{parts}); RFC 2047 decoding comes from L{pymaild.mime}.
 """
 
 from __future__ import annotations
