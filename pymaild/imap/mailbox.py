@@ -504,37 +504,15 @@ class StoreMailbox:
 
     def search(self, predicate):
         """
-        SEARCH over the index and, where a key needs them, the cached summaries and the files:
-        a Deferred of matching sequence numbers (of this session's view).
+        SEARCH over the folder in bulk (L{pymaild.imap.search.searchFolder}): flag, size, date
+        and UID keys read the index rows only, FROM/SUBJECT/... one column of header fields,
+        TEXT/BODY the summaries and files.  A Deferred of matching sequence numbers (of this
+        session's view).
         """
-        from pymaild.imap.search import SearchContext, search
+        from pymaild.imap.search import searchFolder
 
         view = list(self.uids)
-        lastSeq, lastUid = len(view), (view[-1] if view else 0)
-
-        def work():
-            position = {u: i + 1 for i, u in enumerate(view)}
-            contexts = []
-            metas = self.folder.messages(view)
-            paths = self.folder.paths([m.uid for m in metas])
-            cache: dict = {}
-
-            def summaryOf(u):
-                # the first key that needs a summary loads (and caches) them all in one batch
-                if not cache:
-                    cache.update(self.folder.summaries([m.uid for m in metas]))
-                return cache.get(u) or self.folder.summary(u)
-
-            for meta in metas:
-                path = paths.get(meta.uid)
-                if path is None:
-                    continue
-                contexts.append(SearchContext.fromFile(
-                    position[meta.uid], meta, path, lambda u=meta.uid: summaryOf(u), lastSeq, lastUid,
-                ))
-            return search(predicate, contexts)
-
-        return self.run(work)
+        return self.run(lambda: searchFolder(predicate, self.folder, view))
 
     def storeFlags(self, messages, uid, flags, how: str, unchangedSince: int | None = None, report: bool = True):
         """

@@ -20,13 +20,23 @@ return sequence numbers.
 
 L{compile} parses that once into a tree of predicates (raising L{SearchError}, a C{ValueError},
 for anything malformed: the server answers C{BAD}, or C{NO [BADCHARSET (UTF-8 US-ASCII)]} when
-C{code == "BADCHARSET"}).  The tree is then evaluated per message with
-C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number, UID, index
-metadata and lazy callables for the message summary, the raw header and the decoded text, so
-that a search on flags never opens a file and one on headers never decodes bodies.
+C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the same answers:
 
-This module imports nothing from pymaild.store (the layer rule): the summary is duck-typed
-(C{headerFields}, C{parts}) and RFC 2047 decoding is done here.
+- over a whole folder, in bulk: L{searchFolder} (what C{StoreMailbox.search} calls).  Each
+  predicate's C{select} narrows a list of candidates with one loop over data loaded once for
+  the folder: flag, keyword, size, date and MODSEQ keys over the index rows
+  (C{Folder.messages()}), FROM/TO/CC/BCC/SUBJECT, SENT* and HEADER on a field the index keeps
+  over one column of decoded header fields (C{Folder.headerFields()}: no summary is decoded);
+  NOT/AND/OR combine the lists.  Keys that read the file (HEADER on another field, TEXT, BODY)
+  go one message at a time, together, through one cursor.  A search on flags, sizes, dates or
+  UIDs thus reads only the index's message rows.
+- per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
+  UID, index metadata and lazy callables for the message summary, the raw header and the
+  decoded text, so that a search on flags never opens a file and one on headers never decodes
+  bodies.
+
+This module imports nothing from pymaild.store (the layer rule): the folder and the summary
+are duck-typed (C{headerFields}, C{parts}); RFC 2047 decoding comes from L{pymaild.mime}.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from typing import Any, Callable, Iterable
 
 from pymaild.mime import bytesText, decodeBytes, decodeHeader
 
-__all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search",
+__all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search", "searchFolder",
            "readHeaderBytes", "readMessageText", "SUPPORTED_CHARSETS", "MAX_TEXT"]
 
 #: What C{NO [BADCHARSET (...)]} lists.
@@ -313,6 +323,129 @@ class SearchContext:
         ctx.text = _once(text)
         return ctx
 
+    def field(self, name: str) -> str | None:
+        """The decoded value of a header field the summary keeps (L{_SUMMARY_FIELDS}), or None
+        if the message has no such field."""
+        return self.summary().headerFields.get(name)
+
+
+class _Gone(Exception):
+    """The message left the folder while it was being searched: it is not a match."""
+
+
+class _FolderCursor:
+    """
+    The L{SearchContext} interface over a whole folder for L{searchFolder}: one object per
+    search, not one per message.  Predicates take the candidates in bulk (L{Predicate.select},
+    indices into C{view}); the keys that need one message at a time see the cursor moved to
+    it (L{each}).  What a key needs is loaded for every message at once, the first time a key
+    needs it: the index rows (flags, sizes, dates, MODSEQ) with C{folder.messages()}, one
+    header field with C{folder.headerFields()} (one column of the index, no summary
+    decoded), the summaries with C{folder.summaries()} (TEXT, BODY: part offsets), the file
+    names with C{folder.paths()} (HEADER on a field the index does not keep, TEXT, BODY).  So
+    a search on flags, sizes, dates or UIDs reads only the messages table; one on
+    FROM/SUBJECT/... adds one column per field and decodes no summary.
+
+    @ivar gone: indices of messages found missing from the folder while searching (no match,
+        whatever the keys: L{searchFolder} leaves them out).
+    """
+
+    __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "_folder", "_uids",
+                 "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text")
+
+    def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
+        self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
+        self.lastSeq, self.lastUid = len(view), (view[-1] if view else 0)
+        self.gone: set[int] = set()
+        self._metas = self._summaries = self._paths = None
+        self._fields: dict[str, dict[int, str]] = {}
+        self.seq = self.uid = 0
+        self._headerBytes = self._text = None
+
+    # -- bulk --------------------------------------------------------------------------------
+
+    def metas(self) -> dict:
+        """C{{uid: index metadata}} of the whole folder (loaded once)."""
+        if self._metas is None:
+            self._metas = {m.uid: m for m in self._folder.messages()}
+        return self._metas
+
+    def column(self, name: str) -> dict[int, str]:
+        """C{{uid: decoded value}} of header field C{name} (one the index keeps), loaded once."""
+        column = self._fields.get(name)
+        if column is None:
+            column = self._fields[name] = self._folder.headerFields([name])[name]
+        return column
+
+    def each(self, predicate: Predicate, candidates: list[int]) -> list[int]:
+        """The candidates that match C{predicate.matches}, the cursor moved to each in turn."""
+        out = []
+        view, matches = self.view, predicate.matches
+        for i in candidates:
+            self.seq, self.uid = i + 1, view[i]
+            self._headerBytes = self._text = None
+            try:
+                if matches(self):
+                    out.append(i)
+            except _Gone:
+                self.gone.add(i)
+        return out
+
+    # -- the SearchContext interface, for the current message ------------------------------
+
+    @property
+    def meta(self):
+        meta = self.metas().get(self.uid)
+        if meta is None:
+            raise _Gone()
+        return meta
+
+    def field(self, name: str) -> str | None:
+        return self.column(name).get(self.uid)
+
+    def summary(self):
+        if self._summaries is None:
+            self._summaries = self._folder.summaries(self._uids)
+        found = self._summaries.get(self.uid)
+        return found if found is not None else self._folder.summary(self.uid)
+
+    def _path(self):
+        if self._paths is None:
+            self._paths = self._folder.paths(self._uids)
+        path = self._paths.get(self.uid)
+        if path is None:
+            raise _Gone()
+        return path
+
+    def headerBytes(self) -> bytes:
+        if self._headerBytes is None:
+            with open(self._path(), "rb") as f:
+                self._headerBytes = readHeaderBytes(f)
+        return self._headerBytes
+
+    def text(self) -> MessageText:
+        if self._text is None:
+            parts = self.summary().parts
+            with open(self._path(), "rb") as f:
+                self._text = readMessageText(f, parts, self._textLimit)
+        return self._text
+
+
+def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT) -> list[int]:
+    """
+    The sequence numbers (positions in C{view}, 1-based) of the messages of C{view} (a
+    session's UIDs, ascending) that match, evaluated over C{folder} in bulk (see
+    L{_FolderCursor}).  C{folder} is duck-typed: C{uids()}, C{messages()},
+    C{headerFields(names)}, C{summaries(uids)}, C{summary(uid)}, C{paths(uids)}, as
+    C{pymaild.store.maildir.Folder} has them.  Messages of C{view} no longer in the folder are
+    left out.  For use in a store thread.
+    """
+    present = set(folder.uids())
+    candidates = [i for i, uid in enumerate(view) if uid in present]
+    cursor = _FolderCursor(folder, view, [view[i] for i in candidates], textLimit)
+    matched = predicate.select(cursor, candidates)
+    return [i + 1 for i in matched if i not in cursor.gone]
+
 
 # --------------------------------------------------------------------------------------------
 # Predicates
@@ -331,6 +464,32 @@ class Predicate:
     def matches(self, ctx: SearchContext) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def select(self, cursor: _FolderCursor, candidates: list[int]) -> list[int]:
+        """The C{candidates} (ascending indices into C{cursor.view}) that match, as a list in
+        the same order.  By default one message at a time; the keys that can, override it
+        with a loop over one bulk-loaded column."""
+        return cursor.each(self, candidates)
+
+
+class _MetaKey(Predicate):
+    """A key on the index metadata alone: C{test(meta)}."""
+
+    def test(self, meta) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def matches(self, ctx):
+        return self.test(ctx.meta)
+
+    def select(self, cursor, candidates):
+        metas, view, test, out = cursor.metas(), cursor.view, self.test, []
+        for i in candidates:
+            meta = metas.get(view[i])
+            if meta is None:
+                cursor.gone.add(i)
+            elif test(meta):
+                out.append(i)
+        return out
+
 
 @dataclass(frozen=True)
 class Const(Predicate):
@@ -342,29 +501,32 @@ class Const(Predicate):
     def matches(self, ctx):
         return self.value
 
+    def select(self, cursor, candidates):
+        return candidates if self.value else []
+
 
 @dataclass(frozen=True)
-class Flag(Predicate):
+class Flag(_MetaKey):
     """ANSWERED/DELETED/DRAFT/FLAGGED/SEEN and their UN- forms."""
 
     flag: str
     present: bool = True
 
-    def matches(self, ctx):
-        return (self.flag in ctx.meta.flags) == self.present
+    def test(self, meta):
+        return (self.flag in meta.flags) == self.present
 
 
 @dataclass(frozen=True)
-class Keyword(Predicate):
+class Keyword(_MetaKey):
     """KEYWORD/UNKEYWORD: keywords compare case-insensitively; a system flag given as a
     keyword (C{KEYWORD \\Seen}, which some clients send) is looked up among the flags."""
 
     name: str
     present: bool = True
 
-    def matches(self, ctx):
+    def test(self, meta):
         wanted = self.name.lower()
-        pool = ctx.meta.flags if wanted.startswith("\\") else ctx.meta.keywords
+        pool = meta.flags if wanted.startswith("\\") else meta.keywords
         found = any(k.lower() == wanted for k in pool)
         return found == self.present
 
@@ -409,25 +571,25 @@ class SequenceSet(Predicate):
 
 
 @dataclass(frozen=True)
-class Size(Predicate):
+class Size(_MetaKey):
     """LARGER n / SMALLER n, on RFC822.SIZE (the size with CRLF line ends)."""
 
     n: int
     larger: bool
 
-    def matches(self, ctx):
-        size = ctx.meta.vsize
+    def test(self, meta):
+        size = meta.vsize
         return size > self.n if self.larger else size < self.n
 
 
 @dataclass(frozen=True)
-class ModSeq(Predicate):
+class ModSeq(_MetaKey):
     """MODSEQ n (RFC 7162): the message's mod-sequence is n or more."""
 
     n: int
 
-    def matches(self, ctx):
-        return ctx.meta.modseq >= self.n
+    def test(self, meta):
+        return meta.modseq >= self.n
 
 
 def _compareDates(op: str, have: datetime.date, want: datetime.date) -> bool:
@@ -438,20 +600,20 @@ def _compareDates(op: str, have: datetime.date, want: datetime.date) -> bool:
     return have >= want  # SINCE
 
 
-def _internalDay(ctx) -> datetime.date:
+def _internalDay(meta) -> datetime.date:
     # RFC 3501 disregards time and time zone; pymaild takes the internal date's UTC day.
-    return datetime.datetime.fromtimestamp(ctx.meta.internalDate, datetime.timezone.utc).date()
+    return datetime.datetime.fromtimestamp(meta.internalDate, datetime.timezone.utc).date()
 
 
 @dataclass(frozen=True)
-class InternalDate(Predicate):
+class InternalDate(_MetaKey):
     """BEFORE/ON/SINCE: the UTC day of the internal date."""
 
     op: str
     date: datetime.date
 
-    def matches(self, ctx):
-        return _compareDates(self.op, _internalDay(ctx), self.date)
+    def test(self, meta):
+        return _compareDates(self.op, _internalDay(meta), self.date)
 
 
 @dataclass(frozen=True)
@@ -465,7 +627,7 @@ class SentDate(Predicate):
     cost = _COST_SUMMARY
 
     def matches(self, ctx):
-        raw = ctx.summary().headerFields.get("date")
+        raw = ctx.field("date")
         day = None
         if raw:
             parsed = email.utils.parsedate_tz(raw.split("\n", 1)[0])
@@ -475,7 +637,7 @@ class SentDate(Predicate):
                 except (ValueError, TypeError):
                     day = None
         if day is None:
-            day = _internalDay(ctx)
+            day = _internalDay(ctx.meta)
         return _compareDates(self.op, day, self.date)
 
 
@@ -497,21 +659,28 @@ class Header(Predicate):
     def cost(self):
         return _COST_SUMMARY if self.name in _SUMMARY_FIELDS else _COST_HEADER
 
-    def _values(self, ctx) -> list[str] | None:
-        if self.name in _SUMMARY_FIELDS:
-            value = ctx.summary().headerFields.get(self.name)
-            return None if value is None else [value]
-        found = [decodeHeaderValue(v).strip() for name, v in _headerFields(ctx.headerBytes())
-                 if name == self.name]
-        return found or None
-
     def matches(self, ctx):
-        values = self._values(ctx)
-        if values is None:
+        if self.name in _SUMMARY_FIELDS:
+            value = ctx.field(self.name)
+            if value is None:
+                return False
+            return not self.needle or self.needle in fold(value)
+        values = [decodeHeaderValue(v).strip() for name, v in _headerFields(ctx.headerBytes())
+                  if name == self.name]
+        if not values:
             return False
-        if not self.needle:
-            return True
-        return any(self.needle in fold(v) for v in values)
+        return not self.needle or any(self.needle in fold(v) for v in values)
+
+    def select(self, cursor, candidates):
+        if self.name not in _SUMMARY_FIELDS:
+            return cursor.each(self, candidates)
+        column, view, needle = cursor.column(self.name), cursor.view, self.needle
+        out = []
+        for i in candidates:
+            value = column.get(view[i])
+            if value is not None and (not needle or needle in fold(value)):
+                out.append(i)
+        return out
 
 
 @dataclass(frozen=True)
@@ -543,6 +712,12 @@ class Not(Predicate):
     def matches(self, ctx):
         return not self.child.matches(ctx)
 
+    def select(self, cursor, candidates):
+        if self.child.cost > _COST_SUMMARY:
+            return cursor.each(self, candidates)
+        matched = set(self.child.select(cursor, candidates))
+        return [i for i in candidates if i not in matched]  # (cursor.gone is left out later)
+
 
 @dataclass(frozen=True)
 class And(Predicate):
@@ -563,6 +738,20 @@ class And(Predicate):
                 return False
         return True
 
+    def select(self, cursor, candidates):
+        # The cheap keys (index rows, header columns) narrow the candidates in bulk, cheapest
+        # first; the keys that read files go one message at a time, together, so that a
+        # message's header or text is read once for all of them.
+        rest = []
+        for child in self.children:
+            if child.cost > _COST_SUMMARY:
+                rest.append(child)
+            elif candidates:
+                candidates = child.select(cursor, candidates)
+        if rest and candidates:
+            candidates = cursor.each(And(tuple(rest)), candidates)
+        return candidates
+
 
 @dataclass(frozen=True)
 class Or(Predicate):
@@ -579,6 +768,23 @@ class Or(Predicate):
             if child.matches(ctx):
                 return True
         return False
+
+    def select(self, cursor, candidates):
+        # As And: cheap keys in bulk, each on the messages no earlier key matched; then the
+        # keys that read files, one message at a time, on what is left.
+        matched: set[int] = set()
+        remaining, rest = candidates, []
+        for child in self.children:
+            if child.cost > _COST_SUMMARY:
+                rest.append(child)
+            elif remaining:
+                found = child.select(cursor, remaining)
+                if found:
+                    matched.update(found)
+                    remaining = [i for i in remaining if i not in matched]
+        if rest and remaining:
+            matched.update(cursor.each(Or(tuple(rest)), remaining))
+        return [i for i in candidates if i in matched]
 
 
 def _byCost(children) -> tuple:

@@ -10,6 +10,11 @@ it from the maildirs (and from C{dovecot-uidlist} files where they exist, which 
 UIDs and MODSEQs are assigned only inside a transaction of this database, so they never go
 backwards and are never reused.  Commits use C{synchronous=FULL}: a UID a client has seen
 survives a power cut.
+
+Schema versions: 4 added C{expunged} (every UID removed from a folder, with the MODSEQ of its
+removal, for QRESYNC's VANISHED) and C{fields} (the decoded header fields SEARCH reads, apart
+from the JSON summary).  A version-3 index is migrated in place by L{_MIGRATE_3}, never
+rebuilt: a rebuild would renumber UIDs and change every folder's UIDVALIDITY.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+#: The header fields kept in the C{fields} table (decoded and unfolded as in
+#: C{MessageSummary.headerFields}; repeated fields joined by a newline; NULL when absent), and
+#: their columns.
+FIELDS = ("from", "to", "cc", "bcc", "subject", "message-id", "in-reply-to", "references", "date")
+FIELD_COLUMNS = {name: "h_" + name.replace("-", "_") for name in FIELDS}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,12 +66,41 @@ CREATE TABLE IF NOT EXISTS summaries (
     summary TEXT NOT NULL,              -- JSON MessageSummary
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
+-- The header fields SEARCH reads (see FIELDS), written with the summary in one transaction, so
+-- that SEARCH FROM/SUBJECT over a folder reads one column instead of decoding every summary.
+CREATE TABLE IF NOT EXISTS fields (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    h_from TEXT,
+    h_to TEXT,
+    h_cc TEXT,
+    h_bcc TEXT,
+    h_subject TEXT,
+    h_message_id TEXT,
+    h_in_reply_to TEXT,
+    h_references TEXT,
+    h_date TEXT,
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
+-- Every UID removed from a folder (expunge, move away, a file gone in a sync) with the MODSEQ
+-- of that removal: RFC 7162 VANISHED (EARLIER).  Rows go with their folder (trigger below) and
+-- follow it through a rename (same id).
+CREATE TABLE IF NOT EXISTS expunged (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
 -- Inserts update the counters themselves, in bulk (a trigger per row doubled the cost of
 -- indexing a large folder): see Folder._countAdded.
 CREATE TRIGGER IF NOT EXISTS messages_delete AFTER DELETE ON messages BEGIN
     UPDATE folders SET messages = messages - 1, unseen = unseen - (instr(OLD.flags, '\\Seen') = 0),
         vsize = vsize - OLD.vsize WHERE id = OLD.folder;
     DELETE FROM summaries WHERE folder = OLD.folder AND uid = OLD.uid;
+    DELETE FROM fields WHERE folder = OLD.folder AND uid = OLD.uid;
+END;
+CREATE TRIGGER IF NOT EXISTS folders_delete AFTER DELETE ON folders BEGIN
+    DELETE FROM expunged WHERE folder = OLD.id;
 END;
 CREATE TRIGGER IF NOT EXISTS messages_flags AFTER UPDATE OF flags ON messages BEGIN
     UPDATE folders SET unseen = unseen - (instr(OLD.flags, '\\Seen') = 0) + (instr(NEW.flags, '\\Seen') = 0)
@@ -70,9 +110,27 @@ CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
 """
 
 
+#: Version 3 -> 4, in place and idempotent (two processes may both find version 3 and run it
+#: one after the other): the new tables and triggers, and the header fields of the summaries
+#: already cached, extracted by sqlite itself (no Python decoding of every summary).
+_MIGRATE_3 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA + (
+    "INSERT OR IGNORE INTO fields (folder, uid, " + ", ".join(FIELD_COLUMNS.values()) + ")"
+    " SELECT folder, uid, " + ", ".join(f"json_extract(summary, '$.headerFields.\"{n}\"')" for n in FIELDS)
+    + " FROM summaries WHERE json_valid(summary);"  # a broken one must not fail the migration
+)
+
+
 class IndexError_(Exception):
     """
     The index file is unusable (corrupt, or from a newer version); it will be rebuilt.
+    """
+
+
+class MigrationFailed(RuntimeError):
+    """
+    Migrating the index to this version failed for a reason that may pass (locked, disk full,
+    I/O error).  Not an L{IndexError_}: the index is left as it was, never rebuilt, since a
+    rebuild would renumber its UIDs.
     """
 
 
@@ -101,6 +159,11 @@ def _open(path: Path) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        elif version == 3:
+            try:
+                db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_3 + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+            except sqlite3.OperationalError as e:
+                raise MigrationFailed(f"cannot migrate {path} from schema 3 to {SCHEMA_VERSION}: {e}") from e
         elif version != SCHEMA_VERSION:
             raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
     except BaseException:

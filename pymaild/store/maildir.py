@@ -52,7 +52,7 @@ from pymaild.store.delivery import (
     uniqueName,
     writeTmp,
 )
-from pymaild.store.index import connect
+from pymaild.store.index import FIELD_COLUMNS, FIELDS, connect
 
 log = Logger()
 
@@ -535,36 +535,77 @@ class Folder:
     def uidvalidity(self) -> int:
         return self.status()["uidvalidity"]
 
+    def _select(self, query: str, params: tuple, uids: Iterable[int] | None) -> list[tuple]:
+        """
+        The rows of C{query} (a SELECT whose first column is C{uid}, ending in a WHERE clause)
+        for every UID, or only for C{uids} (a C{range} is one BETWEEN; anything else goes in
+        chunks of 500), in UID order.  Caller holds the lock.
+        """
+        db = self.user.db
+        if uids is None:
+            return db.execute(query + " ORDER BY uid", params).fetchall()
+        if isinstance(uids, range) and uids.step == 1:
+            if not uids:
+                return []
+            return db.execute(
+                query + " AND uid BETWEEN ? AND ? ORDER BY uid", (*params, uids.start, uids.stop - 1)
+            ).fetchall()
+        wanted = sorted(set(uids))
+        rows = []
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            rows += db.execute(
+                query + f" AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid", (*params, *chunk)
+            ).fetchall()
+        return rows
+
+    _MESSAGE_QUERY = "SELECT uid, flags, keywords, modseq, size, vsize, internaldate FROM messages WHERE folder=?"
+
     def messages(self, uids: Iterable[int] | None = None) -> list[Message]:
         """
         Metadata of every message (or of C{uids}), in UID order, from the index alone.
         """
         with self.user.lock:
-            query = "SELECT uid, flags, keywords, modseq, size, vsize, internaldate FROM messages WHERE folder=?"
-            if uids is None:
-                rows = self.user.db.execute(query + " ORDER BY uid", (self.id,)).fetchall()
-            else:
-                wanted = sorted(set(uids))
-                rows = []
-                for i in range(0, len(wanted), 500):
-                    chunk = wanted[i : i + 500]
-                    rows += self.user.db.execute(
-                        query + f" AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid", (self.id, *chunk)
-                    ).fetchall()
-            missing = [r[0] for r in rows if r[6] is None]
-            dates = self._internalDates(missing) if missing else {}
-            sets: dict[str, frozenset[str]] = {}
+            return self._messages(self._select(self._MESSAGE_QUERY, (self.id,), uids))
 
-            def flagSet(text: str) -> frozenset[str]:
-                found = sets.get(text)
-                if found is None:
-                    found = sets[text] = frozenset(text.split())
-                return found
+    def changedSince(self, since: int, uids: Iterable[int] | None = None) -> list[Message]:
+        """
+        The messages (all, or those among C{uids}) whose MODSEQ is greater than C{since}, in
+        UID order: CONDSTORE's CHANGEDSINCE.  Filtered by sqlite, not by loading every row.
+        """
+        with self.user.lock:
+            return self._messages(self._select(self._MESSAGE_QUERY + " AND modseq>?", (self.id, since), uids))
 
-            return [
-                Message(uid, flagSet(f), flagSet(k), m, s, v, d if d is not None else dates.get(uid, 0))
-                for uid, f, k, m, s, v, d in rows
-            ]
+    def vanished(self, since: int, uids: Iterable[int] | None = None) -> list[int]:
+        """
+        The UIDs removed from this folder (expunged, moved away, or found gone by a sync) with
+        a MODSEQ greater than C{since}, only those among C{uids} if given, ascending: QRESYNC's
+        C{VANISHED (EARLIER)}.  Every removal is kept (a UID is never reused), so the answer is
+        exact for any C{since}.
+        """
+        with self.user.lock:
+            return [r[0] for r in self._select(
+                "SELECT uid FROM expunged WHERE folder=? AND modseq>?", (self.id, since), uids)]
+
+    def _messages(self, rows: list[tuple]) -> list[Message]:
+        """
+        L{Message}s from rows of L{_MESSAGE_QUERY}, reading the internal dates not yet known.
+        Caller holds the lock.
+        """
+        missing = [r[0] for r in rows if r[6] is None]
+        dates = self._internalDates(missing) if missing else {}
+        sets: dict[str, frozenset[str]] = {}
+
+        def flagSet(text: str) -> frozenset[str]:
+            found = sets.get(text)
+            if found is None:
+                found = sets[text] = frozenset(text.split())
+            return found
+
+        return [
+            Message(uid, flagSet(f), flagSet(k), m, s, v, d if d is not None else dates.get(uid, 0))
+            for uid, f, k, m, s, v, d in rows
+        ]
 
     def _internalDates(self, uids: list[int]) -> dict[int, int]:
         """
@@ -629,39 +670,28 @@ class Folder:
         """
         The files of many messages in one query (FETCH and SEARCH over a whole folder).
         """
-        out: dict[int, Path] = {}
-        wanted = sorted(set(uids))
         with self.user.lock:
-            for i in range(0, len(wanted), 500):
-                chunk = wanted[i : i + 500]
-                for uid, name, innew in self.user.db.execute(
-                    f"SELECT uid, name, innew FROM messages WHERE folder=? AND uid IN ({','.join('?' * len(chunk))})",
-                    (self.id, *chunk),
-                ):
-                    out[uid] = self.path / ("new" if innew else "cur") / name
-        return out
+            rows = self._select("SELECT uid, name, innew FROM messages WHERE folder=?", (self.id,), uids)
+        return {uid: self.path / ("new" if innew else "cur") / name for uid, name, innew in rows}
 
     def summaries(self, uids: Iterable[int]) -> dict:
         """
         The summaries of many messages: cached ones in one query, the rest computed (and
         cached) one by one.
         """
-        from pymaild.store.summary import fromJSON
+        from pymaild.store.summary import fromJSON, summarize
 
-        out = {}
         wanted = sorted(set(uids))
         with self.user.lock:
-            for i in range(0, len(wanted), 500):
-                chunk = wanted[i : i + 500]
-                for uid, text in self.user.db.execute(
-                    f"SELECT uid, summary FROM summaries WHERE folder=? AND uid IN ({','.join('?' * len(chunk))})",
-                    (self.id, *chunk),
-                ):
-                    out[uid] = fromJSON(text)
+            rows = self._select("SELECT uid, summary FROM summaries WHERE folder=?", (self.id,), wanted)
+        out = {}
+        for uid, text in rows:
+            try:
+                out[uid] = fromJSON(text)
+            except ValueError:
+                continue  # a broken cached summary is computed again (and replaced)
         missing = [uid for uid in wanted if uid not in out]
         if missing:
-            from pymaild.store.summary import summarize, toJSON
-
             computed = {}
             for uid in missing:
                 try:
@@ -669,39 +699,94 @@ class Folder:
                         computed[uid] = summarize(f)
                 except (StoreError, OSError):
                     continue
-            # one transaction (one fsync) for the whole batch, not one per message
-            with self.user.lock, self.user.transaction():
-                present = {r[0] for r in self.user.db.execute(
-                    "SELECT uid FROM messages WHERE folder=?", (self.id,))} if computed else set()
-                self.user.db.executemany(
-                    "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
-                    [(self.id, uid, toJSON(sm)) for uid, sm in computed.items() if uid in present],
-                )
+            self._keep(computed)
             out.update(computed)
+        return out
+
+    def _keep(self, computed: dict, summaries: bool = True) -> None:
+        """
+        Cache summaries (with C{summaries}) and their header fields (the C{fields} table: see
+        L{headerFields}) of the messages still in the index, in one transaction (one fsync) for
+        the whole batch.  Without C{summaries} only missing header fields are filled in.
+        """
+        from pymaild.store.summary import toJSON
+
+        if not computed:
+            return
+        with self.user.lock, self.user.transaction():
+            db = self.user.db
+            present = [r[0] for r in self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)]
+            if summaries:
+                db.executemany(
+                    "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
+                    [(self.id, uid, toJSON(computed[uid])) for uid in present],
+                )
+            db.executemany(
+                f"INSERT OR {'REPLACE' if summaries else 'IGNORE'} INTO fields (folder, uid, "
+                + ", ".join(FIELD_COLUMNS.values()) + f") VALUES (?, ?{', ?' * len(FIELDS)})",
+                [(self.id, uid, *map(computed[uid].headerFields.get, FIELDS)) for uid in present],
+            )
+
+    def headerFields(self, names: Iterable[str], uids: Iterable[int] | None = None) -> dict[str, dict[int, str]]:
+        """
+        The decoded header fields SEARCH reads, for every message (or those among C{uids}),
+        loaded in bulk from the C{fields} table without decoding summaries: C{{name: {uid:
+        value}}} for each of C{names} (lower-case, from L{pymaild.store.index.FIELDS}: from,
+        to, cc, bcc, subject, message-id, in-reply-to, references, date).  Values are as in
+        C{MessageSummary.headerFields} (unfolded, RFC 2047 decoded, repeated fields joined by
+        a newline; Date raw); a message without the field is left out of that field's dict.
+        Messages whose fields are not known yet get their summaries computed (and both cached)
+        first, as FETCH would.
+
+        @raise ValueError: a name that is not kept.
+        """
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in FIELD_COLUMNS]
+        if unknown:
+            raise ValueError(f"header fields not kept in the index: {unknown}")
+        with self.user.lock:
+            missing = [r[0] for r in self._select(
+                "SELECT uid FROM messages WHERE folder=? AND NOT EXISTS"
+                " (SELECT 1 FROM fields f WHERE f.folder = messages.folder AND f.uid = messages.uid)",
+                (self.id,), uids)]
+        if missing:
+            # computes (outside the lock, as FETCH does) and keeps the summaries not cached;
+            # the fields of cached ones go in here
+            self._keep(self.summaries(missing), summaries=False)
+        out: dict[str, dict[int, str]] = {name: {} for name in names}
+        if not names:
+            return out
+        with self.user.lock:
+            rows = self._select(
+                f"SELECT uid, {', '.join(FIELD_COLUMNS[n] for n in names)} FROM fields WHERE folder=?",
+                (self.id,), uids)
+        for i, name in enumerate(names, 1):
+            column = out[name]
+            for row in rows:
+                if row[i] is not None:
+                    column[row[0]] = row[i]
         return out
 
     def summary(self, uid: int):
         """
         The message's L{pymaild.store.summary.MessageSummary}, computed on first need and cached.
         """
-        from pymaild.store.summary import fromJSON, summarize, toJSON
+        from pymaild.store.summary import fromJSON, summarize
 
         with self.user.lock:
             cached = self.user.db.execute(
                 "SELECT summary FROM summaries WHERE folder=? AND uid=?", (self.id, uid)
             ).fetchone()
             if cached is not None:
-                return fromJSON(cached[0])
+                try:
+                    return fromJSON(cached[0])
+                except ValueError:
+                    pass  # broken: computed again below
             if self._row(uid) is None:
                 raise StoreError("NONEXISTENT", f"No message with UID {uid}")
         with self.open(uid) as f:
             result = summarize(f)
-        with self.user.lock, self.user.transaction():
-            if self._row(uid) is not None:  # not expunged meanwhile
-                self.user.db.execute(
-                    "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
-                    (self.id, uid, toJSON(result)),
-                )
+        self._keep({uid: result})  # unless expunged meanwhile
         return result
 
     # --- sync ------------------------------------------------------------------------------------
@@ -787,9 +872,8 @@ class Folder:
                 "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)
             ).fetchone()
             if gone or renamed:
-                modseq += 1
-            for uid in gone:
-                db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, uid))
+                modseq += 1  # one MODSEQ for this sync's removals and flag changes
+            self._forget(gone, modseq)
             changes.expunged = sorted(gone)
             for base, (uid, oldName, oldNew, oldFlags, oldKeywords) in renamed.items():
                 name, innew = onDisk[base]
@@ -876,6 +960,20 @@ class Folder:
         modseq += 1
         db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, self.id))
         return modseq
+
+    def _forget(self, uids: Iterable[int], modseq: int) -> None:
+        """
+        Remove messages from the index (their summaries and header fields go with them, by
+        trigger) and record each UID as expunged at C{modseq}, for L{vanished}.  Caller holds
+        the lock and a transaction, and has taken C{modseq} for this change.
+        """
+        rows = [(self.id, uid) for uid in uids]
+        db = self.user.db
+        db.executemany("DELETE FROM messages WHERE folder=? AND uid=?", rows)
+        db.executemany(
+            "INSERT OR REPLACE INTO expunged (folder, uid, modseq) VALUES (?, ?, ?)",
+            [(f, u, modseq) for f, u in rows],
+        )
 
     def _insert(self, name: str, flags: str, keywords: str, size: int, vsize: int, date: int) -> int:
         """
@@ -1065,15 +1163,14 @@ class Folder:
                 fsyncDirectory(dest.path / "cur")
                 fsyncDirectory(src.parent)
             with self.user.transaction():
+                if moved:
+                    self._forget([m.uid for m, _, _ in moved], self._nextModseq())
                 for m, _, newName in moved:
-                    self.user.db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (self.id, m.uid))
                     newUid = dest._insert(
                         newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
                         m.size, m.vsize, m.internalDate,
                     )
                     pairs.append((m.uid, newUid))
-                if moved:
-                    self._nextModseq()
         if pairs:
             self._notify(Changes(expunged=[o for o, _ in pairs]))
             dest._notify(Changes(added=[n for _, n in pairs]))
@@ -1105,8 +1202,7 @@ class Folder:
             if gone:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
-                    db.executemany("DELETE FROM messages WHERE folder=? AND uid=?", [(self.id, u) for u in gone])
-                    self._nextModseq()
+                    self._forget(gone, self._nextModseq())
                 self.user.quota.update(-freed, -len(gone))
         if gone:
             self._notify(Changes(expunged=sorted(gone)))

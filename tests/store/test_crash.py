@@ -24,11 +24,13 @@ MARKER = re.compile(rb"^X-Marker: (\S+)$", re.M)
 def survey(root: Path):
     """
     Open the store as a fresh process would, sync both folders, and return
-    {(folder, uidvalidity, uid): marker} plus a list of index/file disagreements.
+    {(folder, uidvalidity, uid): marker}, a list of index/file disagreements and
+    {(folder, uidvalidity): UIDs recorded as vanished}.
     """
     user = UserStore(root)
     seen = {}
     problems = []
+    vanished = {}
     try:
         for name in ("INBOX", "Other"):
             if not user.exists(name):
@@ -38,6 +40,11 @@ def survey(root: Path):
             status = folder.status()
             validity = status["uidvalidity"]
             messages = folder.messages()
+            gone = vanished[(name, validity)] = set(folder.vanished(0))
+            if gone & {m.uid for m in messages}:
+                problems.append((name, "vanished and present", sorted(gone & {m.uid for m in messages})))
+            if folder.vanished(status["highestmodseq"]) or folder.changedSince(status["highestmodseq"]):
+                problems.append((name, "MODSEQ above HIGHESTMODSEQ", status["highestmodseq"]))
             counted = (len(messages), sum("\\Seen" not in m.flags for m in messages), sum(m.vsize for m in messages))
             if counted != (status["messages"], status["unseen"], status["size"]):
                 problems.append((name, "counters", counted, status))
@@ -51,14 +58,15 @@ def survey(root: Path):
                     problems.append((name, m.uid, sorted(m.flags), path.name))
     finally:
         user.close()
-    return seen, problems
+    return seen, problems, vanished
 
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     """
     Twelve rounds of work-then-SIGKILL on one store.  After every round: each logged marker is
     present exactly once, no (uidvalidity, uid) ever names two different messages, and the
-    index's flags match the file names.
+    index's flags match the file names; every UID that went away is recorded as vanished
+    (QRESYNC), none that is there, and no MODSEQ is above the folder's HIGHESTMODSEQ.
     """
     root = tmp_path / "alice"
     log = tmp_path / "stored.log"
@@ -75,7 +83,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        seen, problems = survey(root)
+        seen, problems, vanished = survey(root)
         assert problems == [], problems
         markers = list(seen.values())
         lines = log.read_text().split() if log.exists() else []
@@ -88,3 +96,6 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         assert len(markers) == len(set(markers)), "a message appears twice"
         for key, marker in seen.items():
             assert history.setdefault(key, marker) == marker, f"UID {key} reused"
+        for name, validity, uid in history:
+            if (name, validity, uid) not in seen and (name, validity) in vanished:
+                assert uid in vanished[(name, validity)], (round_, name, uid, "gone but not vanished")
