@@ -175,6 +175,18 @@ def _headerBytes(f) -> bytes:
     return b"".join(out)
 
 
+def inSet(messageSet, uids) -> list[int]:
+    """
+    The UIDs of C{uids} inside a Twisted C{MessageSet} whose C{*} means "no upper bound" (its
+    own C{in} needs C{last}, which can be set only once).
+    """
+    ranges = []
+    for low, high in messageSet.ranges:
+        low, high = (1 << 32) if low is None else low, (1 << 32) if high is None else high
+        ranges.append((min(low, high), max(low, high)))
+    return [u for u in uids if any(low <= u <= high for low, high in ranges)]
+
+
 def listPattern(pattern: str):
     """
     A LIST pattern (RFC 3501 6.3.8) as a predicate on folder names: C{*} matches anything,
@@ -407,6 +419,7 @@ class StoreMailbox:
             messages.last = view[-1]
             out = []
             for low, high in messages.ranges:
+                low = view[-1] if low is None else low
                 high = view[-1] if high is None else high
                 if low > high:
                     low, high = high, low
@@ -478,8 +491,7 @@ class StoreMailbox:
         def numbered(result):
             gone, changed = result
             if known is not None:
-                known.last = max(self.info["uidnext"] - 1, 1)
-                gone = [u for u in gone if u in known]
+                gone = inSet(known, gone)
             out = []
             for m in changed:
                 seq = self.sequenceNumber(m.uid)
@@ -497,8 +509,7 @@ class StoreMailbox:
             return self.folder.vanished(since)
 
         def within(gone):
-            messages.last = max(self.info["uidnext"] - 1, 1)
-            return [u for u in gone if u in messages]
+            return inSet(messages, gone)
 
         return self.run(work).addCallback(within)
 

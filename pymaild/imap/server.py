@@ -736,7 +736,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
                      b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE",
-                     b"CONDSTORE", b"ESEARCH", b"LIST-EXTENDED", b"LIST-STATUS"):
+                     b"CONDSTORE", b"QRESYNC", b"ESEARCH", b"LIST-EXTENDED", b"LIST-STATUS"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks

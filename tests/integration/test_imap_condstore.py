@@ -172,3 +172,45 @@ def test_list_extended_and_list_status(inbox):
     assert b"\\Subscribed" not in answer and b'"INBOX"' in answer, answer
     assert b"n BAD" in ask(sock, b'n LIST "" "*" RETURN (STATUS (FROB))', b"n")
     sock.close()
+
+
+def test_qresync(inbox):
+    """
+    RFC 7162 QRESYNC: a client that was away learns exactly what vanished and what changed at
+    SELECT; EXPUNGE becomes VANISHED; UID FETCH ... (CHANGEDSINCE n VANISHED).
+    """
+    sock = logged_in(inbox)
+    assert b"QRESYNC" in ask(sock, b"c CAPABILITY", b"c")
+    answer = ask(sock, b"s SELECT INBOX", b"s")
+    validity = int(re.search(rb"\[UIDVALIDITY (\d+)\]", answer).group(1))
+    since = highest(answer)
+    assert b"q BAD" in ask(sock, b"q SELECT INBOX (QRESYNC (%d %d))" % (validity, since), b"q")  # not enabled
+    # another session changes things while this client is "away"
+    other = logged_in(inbox, b"INBOX")
+    ask(other, b"a STORE 2 +FLAGS (\\Deleted)", b"a")
+    ask(other, b"b STORE 4 +FLAGS (\\Deleted)", b"b")
+    ask(other, b"c EXPUNGE", b"c")
+    ask(other, b"d UID STORE 5 +FLAGS (\\Flagged)", b"d")
+    other.close()
+    assert b"u OK" in ask(sock, b"u UNSELECT", b"u")
+    assert b"* ENABLED QRESYNC" in ask(sock, b"e ENABLE QRESYNC", b"e")  # authenticated state only
+    answer = ask(sock, b"r SELECT INBOX (QRESYNC (%d %d))" % (validity, since), b"r")
+    assert b"[CLOSED]" not in answer, answer  # nothing was selected
+    assert b"* VANISHED (EARLIER) 2,4\r\n" in answer, answer
+    assert re.search(rb"\* 3 FETCH \(UID 5 FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)", answer), answer
+    assert not re.search(rb"FETCH \(UID [13] ", answer), answer  # unchanged: not sent
+    # known-uids limit the VANISHED answer
+    answer = ask(sock, b"k SELECT INBOX (QRESYNC (%d %d 1:3))" % (validity, since), b"k")
+    assert b"* VANISHED (EARLIER) 2\r\n" in answer, answer
+    assert answer.index(b"* OK [CLOSED]") < answer.index(b"FLAGS"), answer
+    # a different UIDVALIDITY: nothing but the normal SELECT answers
+    answer = ask(sock, b"w SELECT INBOX (QRESYNC (%d %d))" % (validity + 1, since), b"w")
+    assert b"VANISHED" not in answer and b"FETCH" not in answer, answer
+    # EXPUNGE is reported as VANISHED once QRESYNC is on
+    ask(sock, b"f UID STORE 3 +FLAGS (\\Deleted)", b"f")
+    answer = ask(sock, b"g EXPUNGE", b"g")
+    assert b"* VANISHED 3\r\n" in answer and b"EXPUNGE\r\n" not in answer, answer
+    answer = ask(sock, b"h UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % since, b"h")
+    assert b"* VANISHED (EARLIER) 2:4\r\n" in answer, answer
+    assert re.search(rb"\* 2 FETCH \(UID 5 FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)", answer), answer
+    sock.close()
