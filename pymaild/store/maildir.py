@@ -461,6 +461,11 @@ class Folder:
         self.id = row[0]
         self._keywordLetters: dict[str, str] = {}
         self._loadKeywords()
+        #: While sessions listen: the index's file names (base -> (name, in new/)) as of the
+        #: index state C{_namesKey}, so that a sync that finds the directories as the index
+        #: has them compares two in-memory dicts instead of reading every row (see _scan).
+        self._names: dict[str, tuple[str, bool]] | None = None
+        self._namesKey: tuple | None = None
 
     def _newUidValidity(self) -> int:
         used = {r[0] for r in self.user.db.execute("SELECT uidvalidity FROM folders")}
@@ -835,6 +840,8 @@ class Folder:
                     onDisk[base] = (name, innew)
                     if innew:
                         inNew.append(base)
+        if not (moveNew and inNew) and self._namesValid() and onDisk == self._names:
+            return Changes()  # the directories are as the index has them
         known = {
             name.partition(":")[0]: (uid, name, innew, flags, keywords)
             for uid, name, innew, flags, keywords in db.execute(
@@ -927,6 +934,12 @@ class Folder:
             db.execute(
                 "UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, self.id)
             )
+            if self.listeners:
+                goneSet = set(gone)
+                names = {b: (onDisk[b][0], bool(onDisk[b][1])) for b, k in known.items() if k[0] not in goneSet}
+                if fresh:
+                    names.update((r[2].partition(":")[0], (r[2], bool(r[3]))) for r in rows)
+                self._names, self._namesKey = names, self._indexKey()
         return changes
 
     @staticmethod
@@ -946,6 +959,9 @@ class Folder:
     def removeListener(self, listener) -> None:
         if listener in self.listeners:
             self.listeners.remove(listener)
+        if not self.listeners:
+            with self.user.lock:
+                self._names = self._namesKey = None  # memory only for folders in use
 
     def _notify(self, changes: Changes) -> None:
         for listener in list(self.listeners):
@@ -953,6 +969,36 @@ class Folder:
                 listener(self, changes)
             except Exception:
                 log.failure("folder listener failed")
+
+    def _indexKey(self) -> tuple:
+        """
+        What changes whenever anyone changes this folder's index rows (inserts move UIDNEXT,
+        expunges and flag changes HIGHESTMODSEQ and the count).
+        """
+        return tuple(self.user.db.execute(
+            "SELECT uidnext, highestmodseq, messages FROM folders WHERE id=?", (self.id,)).fetchone())
+
+    def _namesValid(self) -> bool:
+        """
+        Inside a transaction: the name cache mirrors the index as it is now.
+        """
+        return self._names is not None and self._namesKey == self._indexKey()
+
+    def _namesUpdated(self, valid: bool, updates: dict) -> None:
+        """
+        Inside the transaction of an operation that changed the index: apply its name changes
+        (base -> (name, in new/), or None for a removal) to the cache if the cache was valid
+        when the operation began; else drop the cache.
+        """
+        if not valid or self._names is None:
+            self._names = self._namesKey = None
+            return
+        for base, entry in updates.items():
+            if entry is None:
+                self._names.pop(base, None)
+            else:
+                self._names[base] = entry
+        self._namesKey = self._indexKey()
 
     def _nextModseq(self) -> int:
         db = self.user.db
@@ -1084,11 +1130,13 @@ class Folder:
             if plans:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
+                    valid = self._namesValid()
                     modseq = self._nextModseq()
                     db.executemany(
                         "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                         [(n, " ".join(sorted(f)), " ".join(sorted(k)), modseq, self.id, uid) for uid, n, f, k in plans],
                     )
+                    self._namesUpdated(valid, {n.partition(":")[0]: (n, False) for _, n, _, _ in plans})
                 for uid, _, f, k in plans:
                     changed[uid] = (frozenset(f | k), modseq)
         if changed:
@@ -1164,7 +1212,9 @@ class Folder:
                 fsyncDirectory(src.parent)
             with self.user.transaction():
                 if moved:
+                    valid = self._namesValid()
                     self._forget([m.uid for m, _, _ in moved], self._nextModseq())
+                    self._namesUpdated(valid, {base: None for _, base, _ in moved})
                 for m, _, newName in moved:
                     newUid = dest._insert(
                         newName, " ".join(sorted(m.flags)), " ".join(sorted(m.keywords)),
@@ -1202,7 +1252,9 @@ class Folder:
             if gone:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
+                    valid = self._namesValid()
                     self._forget(gone, self._nextModseq())
+                    self._namesUpdated(valid, {name.partition(":")[0]: None for _, name, _, _ in rows})
                 self.user.quota.update(-freed, -len(gone))
         if gone:
             self._notify(Changes(expunged=sorted(gone)))

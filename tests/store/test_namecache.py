@@ -1,0 +1,93 @@
+"""
+The in-process name cache that lets a sync of an unchanged folder skip reading the index: it
+must never hide a change made by another tool or another process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pymaild.store.delivery import FileName
+from pymaild.store.maildir import MaildirStore
+
+
+def msg(i: int) -> bytes:
+    return b"From: a@example.com\r\nSubject: hello %d\r\n\r\nbody %d\r\n" % (i, i)
+
+
+@pytest.fixture
+def inbox(tmp_path):
+    folder = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    for i in range(6):
+        folder.append(msg(i))
+    folder.addListener(lambda f, changes: None)  # a session has it open: the cache is kept
+    folder.sync()
+    return folder
+
+
+def valid(folder) -> bool:
+    with folder.user.lock, folder.user.transaction():
+        return folder._namesValid()
+
+
+def rename(folder, uid: int, letters: str) -> None:
+    path = folder.filePath(uid)
+    fn = FileName.parse(path.name)
+    os.rename(path, folder.path / "cur" / f"{fn.base}:2,{letters}")
+
+
+def test_own_operations_keep_the_cache_and_syncs_stay_empty(inbox):
+    assert valid(inbox)
+    inbox.store([1, 2], ["\\Seen"], "add")
+    assert valid(inbox) and not inbox.sync()
+    inbox.store([3], ["\\Deleted"], "add")
+    assert inbox.expunge() == [3]
+    assert valid(inbox) and not inbox.sync()
+    dest = inbox.user.folder("Archive") if inbox.user.exists("Archive") else inbox.user.createFolder("Archive")
+    inbox.move([4], dest)
+    assert valid(inbox) and not inbox.sync()
+    assert [m.uid for m in inbox.messages()] == [1, 2, 5, 6]
+
+
+def test_a_rename_by_another_tool_is_seen(inbox):
+    assert valid(inbox)
+    rename(inbox, 5, "F")
+    changes = inbox.sync()
+    assert changes.flagsChanged == [5]
+    assert "\\Flagged" in inbox.messages([5])[0].flags
+    # after our own change, another tool puts the old name back: still seen
+    inbox.store([6], ["\\Answered"], "add")
+    rename(inbox, 6, "")
+    assert inbox.sync().flagsChanged == [6]
+    assert inbox.messages([6])[0].flags == frozenset()
+
+
+def test_deletes_and_new_files_by_others_are_seen(inbox):
+    os.unlink(inbox.filePath(2))
+    assert inbox.sync().expunged == [2]
+    (inbox.path / "new" / "1700000000.M1P1Q1.host").write_bytes(msg(99))
+    assert len(inbox.sync().added) == 1
+
+
+def test_another_process_changing_the_index_invalidates_the_cache(inbox, tmp_path):
+    """
+    A second store object (another process: its own sqlite connection) changes flags and
+    expunges; this process's cache no longer matches the index and is not trusted.
+    """
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    other.store([1], ["\\Deleted"], "add")
+    other.expunge()
+    assert not valid(inbox)
+    inbox.sync()
+    assert [m.uid for m in inbox.messages()] == [2, 3, 4, 5, 6]
+    assert valid(inbox)  # rebuilt by the full scan
+
+
+def test_no_listener_no_cache(inbox):
+    inbox.listeners.clear()
+    inbox.removeListener(None)
+    assert inbox._names is None
+    rename(inbox, 1, "S")
+    assert inbox.sync().flagsChanged == [1]
