@@ -67,6 +67,27 @@ class FetchRequest:
         return False
 
     @property
+    def directFields(self) -> tuple[str, ...] | None:
+        """
+        When the summary is needed only for ENVELOPE, BODYSTRUCTURE or BODY: those field
+        names (the store reads them without decoding whole summaries); None when sections need
+        the MIME tree.
+        """
+        fields = []
+        for item in self.items:
+            if item.type in ("envelope", "bodystructure") and item.type not in fields:
+                fields.append(item.type)
+            elif item.type in ("rfc822header", "rfc822text"):
+                return None
+            elif item.type == "body":
+                if not (item.header or item.text or item.mime or item.empty):
+                    if "body" not in fields:
+                        fields.append("body")
+                elif item.part or not item.empty:
+                    return None
+        return tuple(fields)
+
+    @property
     def marksSeen(self) -> bool:
         """
         RFC 3501 6.4.5: BODY[...] without .PEEK, RFC822 and RFC822.TEXT set \\Seen.

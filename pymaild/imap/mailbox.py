@@ -175,6 +175,18 @@ def _headerBytes(f) -> bytes:
     return b"".join(out)
 
 
+class _Fields:
+    """
+    Stands in for a summary when a FETCH needs only some of its FETCH-ready fields.
+    """
+
+    __slots__ = ("envelope", "bodystructure", "body")
+
+    def __init__(self, names, values):
+        for name, value in zip(names, values):
+            setattr(self, name, value)
+
+
 def inSet(messageSet, uids) -> list[int]:
     """
     The UIDs of C{uids} inside a Twisted C{MessageSet} whose C{*} means "no upper bound" (its
@@ -430,24 +442,37 @@ class StoreMailbox:
 
     _resolve = resolve
 
-    def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None):
+    def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None,
+                   directFields: tuple | None = None):
         """
         A Deferred of C{[(sequence number, StoreMessage)]} for C{uids} (a slice of this view;
         messages expunged meanwhile are left out).  C{markSeen} sets \\Seen first, so that
-        the FLAGS sent show it; C{changedSince} keeps only messages with a greater MODSEQ.
+        the FLAGS sent show it; C{changedSince} keeps only messages with a greater MODSEQ;
+        C{directFields} (ENVELOPE/BODYSTRUCTURE/BODY only) reads just those summary fields.
         """
         markSeen = markSeen and self.writeable
+        wanted = set(uids)
+        # a dense slice of UIDs is read with one BETWEEN query per table instead of IN lists
+        span = range(uids[0], uids[-1] + 1) if uids and uids[-1] - uids[0] < 2 * len(uids) else uids
 
         @self._own
         def work():
             if markSeen and uids:
                 self.folder.store(uids, ["\\Seen"], "add")
-            metas = self.folder.messages(uids)
+            metas = [m for m in self.folder.messages(span) if m.uid in wanted]
             if changedSince is not None:
                 metas = [m for m in metas if m.modseq > changedSince]
             present = [m.uid for m in metas]
-            paths = self.folder.paths(present)
-            summaries = self.folder.summaries(present) if wantSummaries else {}
+            # without gaps the range itself (one BETWEEN) names exactly these messages
+            exact = span if len(present) == len(uids) == len(span) else present
+            paths = self.folder.paths(exact)
+            if not wantSummaries:
+                summaries = {}
+            elif directFields is not None:
+                summaries = {u: _Fields(directFields, values)
+                             for u, values in self.folder.summaryFields(exact, directFields).items()}
+            else:
+                summaries = self.folder.summaries(present)
             out = []
             for meta in metas:
                 path = paths.get(meta.uid)

@@ -1088,8 +1088,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
             modseq = request.modseq or (self.condstore and request.wantsFlags)
             size = self.FETCH_BATCH
+            direct = request.directFields
             load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
-                                             request.changedSince)
+                                             request.changedSince, direct)
             pending = load(0) if wanted else None
             i = 0
             while pending is not None:

@@ -91,3 +91,28 @@ def test_no_listener_no_cache(inbox):
     assert inbox._names is None
     rename(inbox, 1, "S")
     assert inbox.sync().flagsChanged == [1]
+
+
+def test_summary_fields_equal_the_decoded_summaries(tmp_path):
+    """
+    ENVELOPE/BODYSTRUCTURE/BODY read with json_extract are the same bytes as the decoded
+    summary's, for quotes, backslashes, 8-bit and UTF-8 headers, cached or not.
+    """
+    folder = MaildirStore(tmp_path / "mail").user("bob@example.com").folder("INBOX")
+    specimens = [
+        b'From: "Q \\"uote\\" \\\\ back" <a@example.com>\r\nSubject: tab\there\r\n\r\nx\r\n',
+        b"From: =?utf-8?q?J=C3=BCrgen?= <j@example.com>\r\nSubject: caf\xc3\xa9 \xe9\xff\r\n\r\nbody\r\n",
+        b"Subject: multi\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain; charset=\"iso-8859-1\"\r\n\r\n\xe9\r\n--b--\r\n",
+    ]
+    uids = [folder.append(m) for m in specimens]
+    fields = ("envelope", "bodystructure", "body")
+    computed = folder.summaryFields(uids[:1], fields)  # not cached yet: computed and kept
+    cached = folder.summaryFields(uids, fields)
+    full = folder.summaries(uids)
+    for uid in uids:
+        assert cached[uid] == tuple(getattr(full[uid], name) for name in fields)
+    assert computed[uids[0]] == cached[uids[0]]
+    assert folder.summaryFields(range(1, 10), ("envelope",))[uids[1]] == (full[uids[1]].envelope,)
+    with pytest.raises(ValueError):
+        folder.summaryFields(uids, ("parts",))
