@@ -695,3 +695,72 @@ def test_empty_mailbox_and_io():
     assert compile([b"ALL"]).matches(ctx)
     with pytest.raises(RuntimeError):
         compile([b"SUBJECT", b"x"]).matches(ctx)
+
+
+def _partHeaders(part: dict, data: bytes):
+    yield data[part["headerStart"]:part["bodyStart"]]
+    for child in part.get("parts") or ():
+        yield from _partHeaders(child, data)
+
+
+CRAFTED_HEADERS = [
+    b"Subject: x\nContent-Type: text/html;\n\tcharset=iso-8859-1\nContent-Transfer-Encoding: base64\n\n",
+    b"Subject: x\r\nCONTENT-TYPE: image/png\r\n\r\n",
+    b"X-Content-Type: image/png\nX-Original-Content-Transfer-Encoding: base64\n\n",
+    b"Content-Type: text/plain\nContent-Type: image/gif\n\n",  # the first one counts
+    b"Subject: x\nnot a field line\nContent-Type: image/png\n\n",  # the parser stops early
+    b"Subject : x\nContent-Type: image/png\n\n",  # a space before the colon: not a field
+    b" leading continuation\nContent-Type: image/png\n\n",
+    b"Subject: x\rContent-Type: image/png\r\r",  # lone CRs
+    b"Content-Type: image/png",  # no empty line
+    b"From someone Tue Jan 14\nContent-Type: image/png\n\n",
+    b"\n",
+    b"",
+]
+
+
+def test_parsed_fields_read_as_the_whole_header():
+    """
+    _decodePart hands the email parser only Content-Type and Content-Transfer-Encoding when
+    the header is plain fields: for every MIME part of every specimen and crafted headers, the
+    parser then finds the same values (and the header is parsed whole otherwise).
+    """
+    headers = list(CRAFTED_HEADERS)
+    for path in sorted(MESSAGES.glob("*.eml")):
+        data = path.read_bytes()
+        headers += _partHeaders(summaryOf(path).parts, data)
+    shortened = 0
+    for header in headers:
+        fields = S._parsedFields(header)
+        if fields is None:
+            continue
+        shortened += 1
+        whole, short = S._HEADER_PARSER.parsebytes(header), S._HEADER_PARSER.parsebytes(fields)
+        for name in ("content-type", "content-transfer-encoding"):
+            assert whole.get_all(name) == short.get_all(name), (header, name)
+        assert whole.get_content_type() == short.get_content_type()
+        assert whole.get_param("charset") == short.get_param("charset")
+    assert shortened > len(headers) // 2
+    assert [S._parsedFields(h) is None for h in CRAFTED_HEADERS] == [
+        False, False, False, False, True, True, True, True, True, True, False, True]
+
+
+def test_plain_header_blocks_decode_as_field_by_field():
+    """
+    TEXT's header text: a block with nothing to decode is unfolded whole, with the same result
+    as decoding it field by field.
+    """
+    headers = list(CRAFTED_HEADERS) + [
+        b"Subject: a\n  folded\n\tthrice \nTo:   b@example.com  \r\n:\nX-Empty:\nReceived: from x\n by y;\n\n",
+        b"Subject: caf\xc3\xa9\n\n",  # 8-bit: decoded field by field
+        b"Subject: =?utf-8?q?x?=\n\n",
+    ]
+    for path in sorted(MESSAGES.glob("*.eml")):
+        headers += _partHeaders(summaryOf(path).parts, path.read_bytes())
+    fast = 0
+    for header in headers:
+        slow = "\n".join(f"{name}: {S.decodeHeaderValue(value).strip()}"
+                         for name, value in S._headerFields(header))
+        assert S._decodeHeaderBlock(header) == slow, header
+        fast += header.isascii() and b"=?" not in header and S._plainHeader(header) is not None
+    assert fast > len(headers) // 3
