@@ -12,6 +12,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,7 +106,7 @@ def test_files_gone_behind_the_stores_back_are_recorded(user):
     paths = inbox.paths([1, 2, 3, 4])
     before = highest(inbox)
     subprocess.run(["rm", str(paths[2])], check=True)
-    subprocess.run(["mv", str(paths[4]), str(other.path / "cur" / paths[4].name)], check=True)
+    subprocess.run(["mv", str(paths[4]), str(other.path / "cur" / os.path.basename(paths[4]))], check=True)
     changes = touched(inbox).sync()
     assert changes.expunged == [2, 4]
     assert highest(inbox) > before
@@ -221,7 +222,7 @@ def test_header_fields_computed_once(user):
     assert inbox.headerFields(["from"])["from"] == {i + 1: f"a{i}@example.com" for i in range(3)}
     assert user.db.execute("SELECT count(*) FROM summaries").fetchone() == (3,)
     for path in inbox.paths([1, 2, 3]).values():
-        path.write_bytes(b"Subject: changed\n\n")  # were a file read again, this would show
+        Path(path).write_bytes(b"Subject: changed\n\n")  # were a file read again, this would show
     assert inbox.headerFields(["subject"])["subject"] == {1: "hello 0", 2: "hello 1", 3: "hello 2"}
     assert user.db.execute("SELECT count(*) FROM fields").fetchone() == (3,)
     # a summary cached without its fields (as by an older pymaild): filled in from the summary
