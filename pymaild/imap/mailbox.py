@@ -246,7 +246,7 @@ class StoreMailbox:
         self.run = run
         self.writeable = writeable
         self.info = status
-        self.uids = array("I", uids)  # 4 bytes a message, not a Python int object each
+        self.uids = uids if isinstance(uids, array) else array("I", uids)  # 4 bytes a message
         self.listeners = []
         self.wantSummaries = False
         self.markSeen = False
@@ -768,11 +768,11 @@ class StoreAccount:
             folder = self.user.folder(name)
             folder.sync(moveNew=bool(readwrite))
             mailbox = StoreMailbox(
-                folder, self.run, bool(readwrite), folder.status(), folder.uids(), self.watcher
+                folder, self.run, bool(readwrite), folder.status(), folder.uidArray(), self.watcher
             )
             unseen = folder.firstUnseen()
             if unseen is not None:
-                mailbox.firstUnseen = mailbox.uids.index(unseen) + 1
+                mailbox.firstUnseen = mailbox.sequenceNumber(unseen)
             return mailbox
 
         def missing(failure):

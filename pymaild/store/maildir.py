@@ -28,6 +28,7 @@ user's directory.
 from __future__ import annotations
 
 import os
+from array import array
 import re
 import shutil
 import threading
@@ -115,6 +116,25 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.added or self.expunged or self.flagsChanged)
+
+
+class _DirFds:
+    """
+    The folder's cur/ and new/ opened as directories, for *at() calls on many files.
+    """
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.fds = []
+        for sub in ("cur", "new"):
+            self.fds.append(os.open(os.path.join(self.path, sub), os.O_RDONLY | os.O_DIRECTORY))
+        return self.fds
+
+    def __exit__(self, *exc):
+        for fd in self.fds:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -466,6 +486,8 @@ class Folder:
         #: has them compares two in-memory dicts instead of reading every row (see _scan).
         self._names: dict[str, tuple[str, bool]] | None = None
         self._namesKey: tuple | None = None
+        self._uidArray: array | None = None
+        self._uidKey: tuple | None = None
 
     def _newUidValidity(self) -> int:
         used = {r[0] for r in self.user.db.execute("SELECT uidvalidity FROM folders")}
@@ -641,8 +663,28 @@ class Folder:
             ).fetchone()[0]
 
     def uids(self) -> list[int]:
+        return self.uidArray().tolist()
+
+    def uidArray(self) -> array:
+        """
+        Every UID, ascending, as a new C{array('I')} (4 bytes a message).  While sessions
+        listen, the array is kept between calls and copied, as long as UIDNEXT and the message
+        count say the set is the same (every insert moves UIDNEXT, so a delete and an insert
+        cannot cancel out).
+        """
         with self.user.lock:
-            return [r[0] for r in self.user.db.execute("SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))]
+            db = self.user.db
+            if self._uidArray is not None:
+                key = db.execute("SELECT uidnext, messages FROM folders WHERE id=?", (self.id,)).fetchone()
+                if tuple(key) == self._uidKey:
+                    return array("I", self._uidArray)
+            with self.user.transaction():  # the key and the rows of one moment
+                key = tuple(db.execute("SELECT uidnext, messages FROM folders WHERE id=?", (self.id,)).fetchone())
+                uids = array("I", (r[0] for r in db.execute(
+                    "SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))))
+            if self.listeners:
+                self._uidArray, self._uidKey = uids, key
+            return array("I", uids)
 
     def _row(self, uid: int):
         return self.user.db.execute(
@@ -993,6 +1035,7 @@ class Folder:
         if not self.listeners:
             with self.user.lock:
                 self._names = self._namesKey = None  # memory only for folders in use
+                self._uidArray = self._uidKey = None
 
     def _notify(self, changes: Changes) -> None:
         for listener in list(self.listeners):
@@ -1123,7 +1166,7 @@ class Folder:
         system, keywords = _splitFlags(flags)
         changed: dict[int, tuple[frozenset[str], int]] = {}
         failed: list[int] = []
-        with self.user.lock:
+        with self.user.lock, _DirFds(self.path) as (curFd, newFd):
             db = self.user.db
             rows = {
                 r[0]: r[1:]
@@ -1134,30 +1177,35 @@ class Folder:
                 )
             }
             plans = []
+            # what a flag string pair becomes: computed once per distinct pair, not per message
+            outcomes: dict[tuple[str, str], tuple | None] = {}
             for uid in sorted(rows):
                 name, innew, oldFlags, oldKeywords, modseq = rows[uid]
-                base = name.partition(":")[0]
                 if unchangedSince is not None and modseq > unchangedSince:
                     failed.append(uid)
                     continue
-                f, k = set(oldFlags.split()), set(oldKeywords.split())
-                if mode == "set":
-                    f, k = set(system), set(keywords)
-                elif mode == "add":
-                    f |= system
-                    k |= keywords
-                else:
-                    f -= system
-                    k -= keywords
-                if f == set(oldFlags.split()) and k == set(oldKeywords.split()):
+                outcome = outcomes.get((oldFlags, oldKeywords), False)
+                if outcome is False:
+                    f, k = set(oldFlags.split()), set(oldKeywords.split())
+                    if mode == "set":
+                        nf, nk = set(system), set(keywords)
+                    elif mode == "add":
+                        nf, nk = f | system, k | keywords
+                    else:
+                        nf, nk = f - system, k - keywords
+                    outcome = None if (nf, nk) == (f, k) else (
+                        ":2," + self._letters(nf, nk), " ".join(sorted(nf)), " ".join(sorted(nk)), frozenset(nf | nk))
+                    outcomes[(oldFlags, oldKeywords)] = outcome
+                if outcome is None:
                     continue
-                newName = infoName(base, self._letters(f, k))
+                newName = name.partition(":")[0] + outcome[0]
                 try:
-                    os.rename(self.path / ("new" if innew else "cur") / name, self.path / "cur" / newName)
+                    # names relative to open directories: no path walk per file
+                    os.rename(name, newName, src_dir_fd=newFd if innew else curFd, dst_dir_fd=curFd)
                 except FileNotFoundError:
                     failed.append(uid)  # renamed or expunged by another process: next sync
                     continue
-                plans.append((uid, newName, f, k))
+                plans.append((uid, newName, outcome))
             if plans:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
@@ -1165,11 +1213,11 @@ class Folder:
                     modseq = self._nextModseq()
                     db.executemany(
                         "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
-                        [(n, " ".join(sorted(f)), " ".join(sorted(k)), modseq, self.id, uid) for uid, n, f, k in plans],
+                        [(n, o[1], o[2], modseq, self.id, uid) for uid, n, o in plans],
                     )
-                    self._namesUpdated(valid, {n.partition(":")[0]: (n, False) for _, n, _, _ in plans})
-                for uid, _, f, k in plans:
-                    changed[uid] = (frozenset(f | k), modseq)
+                    self._namesUpdated(valid, {n.partition(":")[0]: (n, False) for _, n, _ in plans})
+                for uid, _, o in plans:
+                    changed[uid] = (o[3], modseq)
         if changed:
             self._notify(Changes(flagsChanged=sorted(changed)))
         return changed, failed
