@@ -116,3 +116,18 @@ def test_summary_fields_equal_the_decoded_summaries(tmp_path):
     assert folder.summaryFields(range(1, 10), ("envelope",))[uids[1]] == (full[uids[1]].envelope,)
     with pytest.raises(ValueError):
         folder.summaryFields(uids, ("parts",))
+
+
+def test_uid_array_follows_changes_by_others(inbox, tmp_path):
+    assert inbox.uidArray().tolist() == [1, 2, 3, 4, 5, 6]
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    other.store([2], ["\\Deleted"], "add")
+    other.expunge()
+    assert inbox.uidArray().tolist() == [1, 3, 4, 5, 6]
+    other.store([3], ["\\Deleted"], "add")
+    other.expunge()
+    other.append(msg(7))  # one out, one in: the count is the same, UIDNEXT is not
+    assert inbox.uidArray().tolist() == [1, 4, 5, 6, 7]
+    copy = inbox.uidArray()
+    copy.append(99)  # a copy: the cache is not the caller's
+    assert inbox.uids() == [1, 4, 5, 6, 7]
