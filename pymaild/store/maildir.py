@@ -657,7 +657,10 @@ class Folder:
                     f"SELECT uid, summary FROM summaries WHERE folder=? AND uid IN ({','.join('?' * len(chunk))})",
                     (self.id, *chunk),
                 ):
-                    out[uid] = fromJSON(text)
+                    try:
+                        out[uid] = fromJSON(text)
+                    except ValueError:
+                        pass  # from an older pymaild: computed again below and replaced
         missing = [uid for uid in wanted if uid not in out]
         if missing:
             from pymaild.store.summary import summarize, toJSON
@@ -691,7 +694,10 @@ class Folder:
                 "SELECT summary FROM summaries WHERE folder=? AND uid=?", (self.id, uid)
             ).fetchone()
             if cached is not None:
-                return fromJSON(cached[0])
+                try:
+                    return fromJSON(cached[0])
+                except ValueError:
+                    pass  # from an older pymaild: computed again and replaced
             if self._row(uid) is None:
                 raise StoreError("NONEXISTENT", f"No message with UID {uid}")
         with self.open(uid) as f:
