@@ -1630,33 +1630,30 @@ def casemap(s: str) -> str:
     return unicodedata.normalize("NFKD", "".join(out))
 
 
-def _firstAddress(addrs):
-    for a in addrs or ():
-        if a.domain is not None:  # not a group marker
-            return a
-    return None
-
-
 def _sortMailbox(addrs) -> str:
-    a = _firstAddress(addrs)
-    if a is None or a.mailbox is None or (a.invalid and a.mailbox == b"MISSING_MAILBOX"):
+    """RFC 5256 FROM, TO, CC: the addr-mailbox of the first address structure, exactly as the
+    ENVELOPE has it (a group's name for a group, RFC 5322's C{address = mailbox / group};
+    MISSING_MAILBOX where the header names no mailbox)."""
+    if not addrs or addrs[0].mailbox is None:
         return ""
-    return casemap(_text(a.mailbox))
+    return casemap(_text(addrs[0].mailbox))
 
 
 def _display(addrs) -> str:
-    """RFC 5957: the display name of the first address, else its addr-spec."""
-    a = _firstAddress(addrs)
-    if a is None:
+    """RFC 5957 DISPLAYFROM, DISPLAYTO: of the first address structure, the RFC 2047-decoded
+    addr-name if that is not empty (whitespace collapsed, as in the ENVELOPE: a name of spaces
+    is empty), else addr-mailbox@addr-host, else addr-mailbox (a group), else the empty
+    string."""
+    if not addrs:
         return ""
+    a = addrs[0]
     if a.name:
-        name = decodeHeader(a.name).strip()
+        name = _WSP_RUN.sub(" ", decodeHeader(a.name)).strip(" ")  # as the ENVELOPE shows it
         if name:
             return casemap(name)
-    mailbox = b"" if a.invalid and a.mailbox == b"MISSING_MAILBOX" else (a.mailbox or b"")
-    domain = b"" if a.invalid and a.domain in (b"MISSING_DOMAIN", b"SYNTAX_ERROR") else (
-        a.domain or b"")
-    spec = mailbox + b"@" + domain if domain else mailbox
+    if a.mailbox is None:
+        return ""
+    spec = a.mailbox if a.domain is None else a.mailbox + b"@" + a.domain
     return casemap(_text(spec))
 
 
@@ -1753,9 +1750,10 @@ class MessageSummary:
     repeated headers joined by a newline).
 
     SORT and THREAD (RFC 5256, RFC 5957): C{sortSubject} is the base subject, C{sortFrom},
-    C{sortTo} and C{sortCc} the addr-mailbox of the first address (group markers skipped),
-    C{displayFrom} and C{displayTo} the decoded display name of the first address or else its
-    addr-spec, all as L{casemap} keys (i;unicode-casemap), C{""} when absent.
+    C{sortTo} and C{sortCc} the addr-mailbox of the first address as the ENVELOPE has it (a
+    group's name, MISSING_MAILBOX), C{displayFrom} and C{displayTo} the decoded display name
+    of the first address or else its addr-spec, all as L{casemap} keys (i;unicode-casemap),
+    C{""} when absent.
     C{replyOrForward} tells whether the subject had a "Re:"/"Fwd:" leader or a "(fwd)"
     trailer.  C{sentDate} is the Date header in seconds since the epoch (None when there is
     none or it has no valid date: SORT and THREAD then use the internal date).  C{messageId}
