@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import shutil
 import sys
@@ -38,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dovecot_peer import (  # noqa: E402
     DovecotIMAP,
     dovecot_imap_path,
-    make_maildir,
     maildir_filename,
     parse_fetch,
+    scratch_maildir,
 )
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "messages"
@@ -742,10 +741,8 @@ def dovecotAnswers():
     if dovecot_imap_path() is None:
         pytest.skip("Dovecot is not installed (apt-get install dovecot-imapd); "
                     "the differential tests need /usr/lib/dovecot/imap")
-    workdir = tempfile.mkdtemp(prefix="summary-dovecot-")
-    os.chmod(workdir, 0o755)  # Dovecot runs as nobody when the tests run as root
+    root = scratch_maildir("summary-dovecot-")
     try:
-        root = make_maildir(Path(workdir) / "Maildir")
         for number, (_, data) in enumerate(DIFFERENTIAL, 1000000):
             (root / "cur" / maildir_filename(number, data)).write_bytes(data)
         with DovecotIMAP(root) as imap:
@@ -765,7 +762,7 @@ def dovecotAnswers():
         assert len(answers) == len(DIFFERENTIAL)
         return answers
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name, data", DIFFERENTIAL, ids=[m[0] for m in DIFFERENTIAL])
