@@ -1575,40 +1575,47 @@ def baseSubject(subject: str) -> str:
 def _baseSubject(subject: str) -> tuple[str, bool]:
     """L{baseSubject} and whether the subject is a reply or forward in the sense of RFC 5256
     section 4 (REFERENCES step 5): a subj-refwd leader ("Re:", "Fwd:", "Fw[x]:") or a "(fwd)"
-    trailer was removed."""
+    trailer was removed.  Linear in the subject's length (it may be a megabyte of "Re: "):
+    the text is never copied while leaders and trailers go, only C{start} and C{end} move."""
     s = _WSP_RUN.sub(" ", subject)
+    start, end = 0, len(s)
     replyOrForward = False
     while True:
         # (2) trailers
-        while True:
-            if s.endswith(" "):
-                s = s[:-1]
-            elif s[-5:].lower() == "(fwd)":
-                s = s[:-5]
+        while end > start:
+            if s[end - 1] == " ":
+                end -= 1
+            elif end - start >= 5 and s[end - 5:end].lower() == "(fwd)":
+                end -= 5
                 replyOrForward = True
             else:
                 break
-        # (3)-(5) leaders and blobs
+        # (3)-(5) leaders and blobs; s[end - 1] is no space now, so a blob may go when
+        # anything follows it
         while True:
             changed = False
-            m = _SUBJ_LEADER.match(s)
-            while m is not None and m.end() > 0:
-                if m.end() > 1:
+            m = _SUBJ_LEADER.match(s, start, end)
+            while m is not None and m.end() > start:
+                if m.end() > start + 1:
                     replyOrForward = True  # a subj-refwd, not just one WSP
-                s = s[m.end():]
+                start = m.end()
                 changed = True
-                m = _SUBJ_LEADER.match(s)
-            m = _SUBJ_BLOB.match(s)
-            if m is not None and s[m.end():].strip(" \t"):
-                s = s[m.end():]
+                m = _SUBJ_LEADER.match(s, start, end)
+            # where no leader starts at a blob, none starts at the blobs that follow it (a
+            # leader's blobs run up to its "re"/"fw"): they all go at once
+            m = _SUBJ_BLOB.match(s, start, end)
+            while m is not None and m.end() < end:
+                start = m.end()
                 changed = True
+                m = _SUBJ_BLOB.match(s, start, end)
             if not changed:
                 break
         # (6) [fwd: ...]
-        if s[:5].lower() == "[fwd:" and s.endswith("]"):
-            s = s[5:-1]
+        if end - start >= 6 and s[start:start + 5].lower() == "[fwd:" and s[end - 1] == "]":
+            start += 5
+            end -= 1
             continue
-        return s, replyOrForward
+        return s[start:end], replyOrForward
 
 
 def casemap(s: str) -> str:
