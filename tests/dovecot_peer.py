@@ -18,6 +18,7 @@ The API::
             number, items = parse_fetch(response)   # {"ENVELOPE": b"(...)"}
 
     make_maildir(root) / maildir_filename(n, data)  # lay out a maildir Dovecot accepts
+    scratch_maildir(prefix) -> Path                 # a new one in a temporary directory
 
 C{command} returns every untagged response (C{b"* ..."}, literals inlined exactly as sent, the
 final CRLF removed) and the tagged completion line; a NO/BAD completion is returned, while a
@@ -47,6 +48,7 @@ __all__ = [
     "dovecot_imap_path",
     "make_maildir",
     "maildir_filename",
+    "scratch_maildir",
     "parse_fetch",
 ]
 
@@ -68,6 +70,16 @@ def make_maildir(root: Path) -> Path:
     for sub in ("cur", "new", "tmp"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return root
+
+
+def scratch_maildir(prefix: str) -> Path:
+    """
+    A new maildir, C{Maildir/} in a new temporary directory that Dovecot can reach when it
+    runs as nobody (chmod 0755).  The caller removes it: C{shutil.rmtree(path.parent)}.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(workdir, 0o755)
+    return make_maildir(workdir / "Maildir")
 
 
 def maildir_filename(number: int, data: bytes, flags: str = "") -> str:

@@ -23,7 +23,7 @@ message/rfc822 part becomes an opaque application/octet-stream part) and at most
 
 from __future__ import annotations
 
-import email.utils
+import calendar
 import json
 import re
 import unicodedata
@@ -32,8 +32,8 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "toJSON", "fromJSON", "baseSubject", "decodeHeader",
-           "parseAddresses"]
+__all__ = ["MessageSummary", "summarize", "toJSON", "fromJSON", "baseSubject", "casemap",
+           "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
 MAX_NESTING = 100
@@ -1546,7 +1546,8 @@ def _tree(part: _Part) -> dict:
 # SEARCH, SORT and THREAD: decoded header fields and sort keys
 # --------------------------------------------------------------------------------------------
 
-_MSGID = re.compile(rb"<[^<>]*>")
+_MSGID = re.compile(rb"<([^<>]*)>")
+_MSGID_SPACE = re.compile(rb"[ \t\r\n]+")
 _text = bytesText
 
 
@@ -1567,99 +1568,172 @@ _WSP_RUN = re.compile(r"[ \t\r\n]+")
 def baseSubject(subject: str) -> str:
     """The base subject of RFC 5256 section 2.1 (of an already decoded subject): reply and
     forward prefixes, [blob]s, "(fwd)" trailers and "[fwd: ...]" wrappers removed, whitespace
-    collapsed.  Not case-folded."""
+    collapsed.  Not case-mapped."""
+    return _baseSubject(subject)[0]
+
+
+def _baseSubject(subject: str) -> tuple[str, bool]:
+    """L{baseSubject} and whether the subject is a reply or forward in the sense of RFC 5256
+    section 4 (REFERENCES step 5): a subj-refwd leader ("Re:", "Fwd:", "Fw[x]:") or a "(fwd)"
+    trailer was removed.  Linear in the subject's length (it may be a megabyte of "Re: "):
+    the text is never copied while leaders and trailers go, only C{start} and C{end} move."""
     s = _WSP_RUN.sub(" ", subject)
+    start, end = 0, len(s)
+    replyOrForward = False
     while True:
         # (2) trailers
-        while True:
-            if s.endswith(" "):
-                s = s[:-1]
-            elif s[-5:].lower() == "(fwd)":
-                s = s[:-5]
+        while end > start:
+            if s[end - 1] == " ":
+                end -= 1
+            elif end - start >= 5 and s[end - 5:end].lower() == "(fwd)":
+                end -= 5
+                replyOrForward = True
             else:
                 break
-        # (3)-(5) leaders and blobs
+        # (3)-(5) leaders and blobs; s[end - 1] is no space now, so a blob may go when
+        # anything follows it
         while True:
             changed = False
-            m = _SUBJ_LEADER.match(s)
-            while m is not None and m.end() > 0:
-                s = s[m.end():]
+            m = _SUBJ_LEADER.match(s, start, end)
+            while m is not None and m.end() > start:
+                if m.end() > start + 1:
+                    replyOrForward = True  # a subj-refwd, not just one WSP
+                start = m.end()
                 changed = True
-                m = _SUBJ_LEADER.match(s)
-            m = _SUBJ_BLOB.match(s)
-            if m is not None and s[m.end():].strip(" \t"):
-                s = s[m.end():]
+                m = _SUBJ_LEADER.match(s, start, end)
+            # where no leader starts at a blob, none starts at the blobs that follow it (a
+            # leader's blobs run up to its "re"/"fw"): they all go at once
+            m = _SUBJ_BLOB.match(s, start, end)
+            while m is not None and m.end() < end:
+                start = m.end()
                 changed = True
+                m = _SUBJ_BLOB.match(s, start, end)
             if not changed:
                 break
         # (6) [fwd: ...]
-        if s[:5].lower() == "[fwd:" and s.endswith("]"):
-            s = s[5:-1]
+        if end - start >= 6 and s[start:start + 5].lower() == "[fwd:" and s[end - 1] == "]":
+            start += 5
+            end -= 1
             continue
-        return s
+        return s[start:end], replyOrForward
 
 
-def _casemap(s: str) -> str:
-    """A comparison key in the spirit of i;unicode-casemap (RFC 5051): case-folded and
-    decomposed."""
+def casemap(s: str) -> str:
+    """
+    The i;unicode-casemap collation key (RFC 5051), which RFC 5256 SORT and THREAD compare
+    with: every character replaced by its (simple) titlecase mapping, then NFKD.  Comparing
+    two keys as Python strings compares them code point by code point, which is the UTF-8
+    octet order RFC 5051 asks for.  (Titlecase, not lower case: C{"_"} sorts after C{"A"} but
+    before C{"a"}, so the two differ in order, not only in form.)
+    """
     if s.isascii():
-        return s.lower()
-    return unicodedata.normalize("NFKD", s.casefold())
-
-
-def _firstAddress(addrs):
-    for a in addrs or ():
-        if a.domain is not None:  # not a group marker
-            return a
-    return None
+        return s.upper()
+    out = []
+    for c in s:
+        t = c.title()
+        # str.title() applies the full mappings of SpecialCasing.txt ("ß" -> "Ss"); where a
+        # character has no single-character titlecase it keeps its own (the simple mapping).
+        out.append(t if len(t) == 1 else c)
+    return unicodedata.normalize("NFKD", "".join(out))
 
 
 def _sortMailbox(addrs) -> str:
-    a = _firstAddress(addrs)
-    if a is None or a.mailbox is None or (a.invalid and a.mailbox == b"MISSING_MAILBOX"):
+    """RFC 5256 FROM, TO, CC: the addr-mailbox of the first address structure, exactly as the
+    ENVELOPE has it (a group's name for a group, RFC 5322's C{address = mailbox / group};
+    MISSING_MAILBOX where the header names no mailbox)."""
+    if not addrs or addrs[0].mailbox is None:
         return ""
-    return _casemap(_text(a.mailbox))
+    return casemap(_text(addrs[0].mailbox))
 
 
 def _display(addrs) -> str:
-    """RFC 5957: the display name of the first address, else its addr-spec."""
-    a = _firstAddress(addrs)
-    if a is None:
+    """RFC 5957 DISPLAYFROM, DISPLAYTO: of the first address structure, the RFC 2047-decoded
+    addr-name if that is not empty (whitespace collapsed, as in the ENVELOPE: a name of spaces
+    is empty), else addr-mailbox@addr-host, else addr-mailbox (a group), else the empty
+    string."""
+    if not addrs:
         return ""
+    a = addrs[0]
     if a.name:
-        name = decodeHeader(a.name).strip()
+        name = _WSP_RUN.sub(" ", decodeHeader(a.name)).strip(" ")  # as the ENVELOPE shows it
         if name:
-            return _casemap(name)
-    mailbox = b"" if a.invalid and a.mailbox == b"MISSING_MAILBOX" else (a.mailbox or b"")
-    domain = b"" if a.invalid and a.domain in (b"MISSING_DOMAIN", b"SYNTAX_ERROR") else (
-        a.domain or b"")
-    spec = mailbox + b"@" + domain if domain else mailbox
-    return _casemap(_text(spec))
+            return casemap(name)
+    if a.mailbox is None:
+        return ""
+    spec = a.mailbox if a.domain is None else a.mailbox + b"@" + a.domain
+    return casemap(_text(spec))
+
+
+# RFC 5322 date-time, obsolete forms (section 4.3) included: [day-name ","] day month year
+# [hour ":" minute [":" second] [zone]]
+_DATE = re.compile(r"\s*(?:[A-Za-z]+\s*,?\s*)?(\d{1,2})\s+([A-Za-z]{3})\s+(\d{2,4})(?:\s+(.*))?$",
+                   re.DOTALL)
+_TIME = re.compile(r"(\d{1,2})\s*:\s*(\d{1,2})(?:\s*:\s*(\d{1,2}))?(?:\s+(\S+))?")
+_NUMERIC_ZONE = re.compile(r"([+-])(\d\d)(\d\d)$")
+_MONTHS = {name: i for i, name in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+# obs-zone; the military letters and unknown names count as UTC
+_ZONES = {"edt": -4, "est": -5, "cdt": -5, "cst": -6, "mdt": -6, "mst": -7, "pdt": -7, "pst": -8}
+_COMMENT = re.compile(r"\([^()]*\)")
 
 
 def _sentDate(raw: bytes | None) -> int | None:
+    """
+    The sent date of RFC 5256 section 2.2 in seconds since the epoch: the Date header's date
+    and time in UTC.  As section 2.2 asks, an invalid or missing time zone counts as UTC and an
+    invalid or missing time as 00:00:00.  None when the header is missing or has no valid date
+    (day, month, year): SORT and THREAD then use the internal date.
+    """
     if raw is None:
         return None
-    try:
-        parsed = email.utils.parsedate_tz(decodeHeader(raw))
-        if parsed is None:
-            return None
-        if parsed[9] is None:
-            parsed = parsed[:9] + (0,)
-        return int(email.utils.mktime_tz(parsed))
-    except (TypeError, ValueError, OverflowError, IndexError):
+    text = _text(raw).replace("\r", " ").replace("\n", " ")
+    for _ in range(3):  # comments, nested ones from the inside out
+        text = _COMMENT.sub(" ", text)
+    m = _DATE.match(text)
+    if m is None:
         return None
+    day, month, year = int(m.group(1)), _MONTHS.get(m.group(2).lower()), m.group(3)
+    y = int(year)
+    if len(year) == 2:
+        y += 2000 if y < 50 else 1900
+    elif len(year) == 3:
+        y += 1900
+    if month is None or y < 1 or not 1 <= day <= calendar.monthrange(y, month)[1]:
+        return None
+    seconds = offset = 0
+    t = _TIME.match((m.group(4) or "").strip())
+    if t is not None:
+        hour, minute, second = int(t.group(1)), int(t.group(2)), int(t.group(3) or 0)
+        if hour <= 23 and minute <= 59 and second <= 60:
+            seconds = hour * 3600 + minute * 60 + second
+        zone = t.group(4) or ""
+        z = _NUMERIC_ZONE.match(zone)
+        if z is not None:
+            if int(z.group(3)) <= 59:
+                offset = (int(z.group(2)) * 60 + int(z.group(3))) * 60 * (-1 if z.group(1) == "-" else 1)
+        else:
+            offset = _ZONES.get(zone.lower(), 0) * 3600
+    return calendar.timegm((y, month, day, 0, 0, 0)) + seconds - offset
+
+
+def _messageIds(raw: bytes | None) -> list[str]:
+    """The valid message identifiers (C{<id-left@id-right>}, RFC 5322 section 3.6.4) in a
+    header value, in order, folding whitespace removed; anything else in the value is
+    skipped."""
+    if raw is None:
+        return []
+    out = []
+    for m in _MSGID.finditer(raw):
+        body = _MSGID_SPACE.sub(b"", m.group(1))
+        left, at, right = body.rpartition(b"@")
+        if left and right:
+            out.append("<" + _text(body) + ">")
+    return out
 
 
 def _firstId(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    raw = raw.replace(b"\n", b"").replace(b"\r", b"")
-    m = _MSGID.search(raw)
-    if m is not None:
-        return _text(m.group())
-    raw = raw.strip(b" \t")
-    return _text(raw) if raw else None
+    ids = _messageIds(raw)
+    return ids[0] if ids else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1680,10 +1754,18 @@ class MessageSummary:
     are its children, a message/rfc822 part's single part is the message it encapsulates.
     C{headerFields} has the decoded, unfolded From, To, Cc, Bcc, Subject, Message-ID,
     In-Reply-To, References and Date (raw) headers that are present (lower-case names;
-    repeated headers joined by a newline).  The sort keys are case-mapped (RFC 5256 SORT,
-    RFC 5957 DISPLAYFROM/DISPLAYTO); C{sentDate} is the Date header in seconds since the epoch
-    (None when it cannot be read: SORT DATE then uses the internal date); C{messageId},
-    C{inReplyTo} and C{references} feed THREAD=REFERENCES.
+    repeated headers joined by a newline).
+
+    SORT and THREAD (RFC 5256, RFC 5957): C{sortSubject} is the base subject, C{sortFrom},
+    C{sortTo} and C{sortCc} the addr-mailbox of the first address as the ENVELOPE has it (a
+    group's name, MISSING_MAILBOX), C{displayFrom} and C{displayTo} the decoded display name
+    of the first address or else its addr-spec, all as L{casemap} keys (i;unicode-casemap),
+    C{""} when absent.
+    C{replyOrForward} tells whether the subject had a "Re:"/"Fwd:" leader or a "(fwd)"
+    trailer.  C{sentDate} is the Date header in seconds since the epoch (None when there is
+    none or it has no valid date: SORT and THREAD then use the internal date).  C{messageId}
+    and C{inReplyTo} are the first valid C{<id-left@id-right>} of their headers (None if there
+    is none), C{references} all valid ones of the References headers, in order.
     """
 
     size: int
@@ -1707,6 +1789,7 @@ class MessageSummary:
     messageId: str | None = None
     inReplyTo: str | None = None
     references: tuple = field(default_factory=tuple)
+    replyOrForward: bool = False
 
     @property
     def bodySize(self) -> int:
@@ -1750,10 +1833,11 @@ def _summary(root: _Part) -> MessageSummary:
             fields.setdefault(name.decode("ascii"), []).append(decodeHeader(_headerValue(value)))
     fields = {key: "\n".join(texts) for key, texts in fields.items()}
     subject = strings.get(b"subject")
+    base, replyOrForward = _baseSubject(decodeHeader(subject)) if subject is not None else ("", False)
     references = []
     for name, value in root.headers:
         if name == b"references":
-            references.extend(_text(m) for m in _MSGID.findall(bytes(value)))
+            references.extend(_messageIds(bytes(value)))
     return MessageSummary(
         size=root.hp + root.bp,
         vsize=root.hv + root.bv,
@@ -1766,7 +1850,7 @@ def _summary(root: _Part) -> MessageSummary:
         body=body,
         parts=_tree(root),
         headerFields=fields,
-        sortSubject=_casemap(baseSubject(decodeHeader(subject))) if subject is not None else "",
+        sortSubject=casemap(base),
         sortFrom=_sortMailbox(addresses.get(b"from")),
         sortTo=_sortMailbox(addresses.get(b"to")),
         sortCc=_sortMailbox(addresses.get(b"cc")),
@@ -1776,11 +1860,13 @@ def _summary(root: _Part) -> MessageSummary:
         messageId=_firstId(strings.get(b"message-id")),
         inReplyTo=_firstId(strings.get(b"in-reply-to")),
         references=tuple(references),
+        replyOrForward=replyOrForward,
     )
 
 
 _BYTES_FIELDS = ("envelope", "bodystructure", "body")
-_JSON_VERSION = 1
+# 2: RFC 5051 titlecase sort keys, replyOrForward, only valid message-ids
+_JSON_VERSION = 2
 
 
 def toJSON(summary: MessageSummary) -> str:

@@ -298,6 +298,30 @@ def test_summary_is_computed_once(user):
     assert inbox.summary(1).envelope == first.envelope
 
 
+def test_summary_from_an_older_version_is_computed_again(user):
+    """
+    A cached summary an older pymaild wrote (another JSON version) is not used: summary() and
+    summaries() compute it again from the file and replace it.
+    """
+    import json
+
+    inbox = user.folder("INBOX")
+    inbox.append(msg(1))
+    inbox.append(msg(2))
+    inbox.summaries([1, 2])
+    with user.lock:
+        for (text,) in user.db.execute("SELECT summary FROM summaries").fetchall():
+            old = json.loads(text)
+            old.update(v=1, sortSubject="stale")
+            user.db.execute("UPDATE summaries SET summary=? WHERE summary=?", (json.dumps(old), text))
+    assert inbox.summary(1).sortSubject == "HELLO 1"
+    assert {uid: s.sortSubject for uid, s in inbox.summaries([1, 2]).items()} == {
+        1: "HELLO 1", 2: "HELLO 2"}
+    with user.lock:
+        texts = [t for (t,) in user.db.execute("SELECT summary FROM summaries")]
+    assert len(texts) == 2 and not any("stale" in t for t in texts)
+
+
 def test_quota_refuses_and_counts(tmp_path):
     """
     Over the message limit an APPEND is refused and nothing is stored; maildirsize tracks

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import shutil
 import sys
@@ -28,6 +27,7 @@ from pymaild.store.summary import (
     MAX_PARTS,
     MessageSummary,
     baseSubject,
+    casemap as casemapKey,
     fromJSON,
     summarize,
     toJSON,
@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dovecot_peer import (  # noqa: E402
     DovecotIMAP,
     dovecot_imap_path,
-    make_maildir,
     maildir_filename,
     parse_fetch,
+    scratch_maildir,
 )
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "messages"
@@ -55,8 +55,9 @@ def summary(data: bytes) -> MessageSummary:
 
 
 def casemap(s: str) -> str:
-    """What the sort keys are compared as (see summary._casemap)."""
-    return s.lower() if s.isascii() else unicodedata.normalize("NFKD", s.casefold())
+    """i;unicode-casemap for the strings used here: no character in them has a titlecase
+    different from its upper case, and none has a multi-character one."""
+    return unicodedata.normalize("NFKD", s.upper())
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,8 +282,9 @@ def test_plain_message():
         "message-id": "<20250114081500.GA1234@example.org>",
     }
     assert (s.sortSubject, s.sortFrom, s.sortTo, s.sortCc) == (
-        "lunch on thursday?", "alice", "bob", "")
-    assert (s.displayFrom, s.displayTo) == ("alice example", "bob")
+        "LUNCH ON THURSDAY?", "ALICE", "BOB", "")
+    assert (s.displayFrom, s.displayTo) == ("ALICE EXAMPLE", "BOB")
+    assert s.replyOrForward is False
     assert s.sentDate == 1736842500
     assert (s.messageId, s.inReplyTo, s.references) == (
         "<20250114081500.GA1234@example.org>", None, ())
@@ -319,12 +321,13 @@ def test_forwarded_message():
     assert message["kind"] == "message"
     assert [p["kind"] for p in message["parts"]] == ["multipart"]
     assert [p["kind"] for p in message["parts"][0]["parts"]] == ["single", "single"]
-    assert s.sortSubject == "release plan"
+    assert s.sortSubject == "RELEASE PLAN"
 
 
 def test_groups_and_routes():
-    """Group syntax becomes (NIL NIL name NIL) ... (NIL NIL NIL NIL); routes are kept; the sort
-    keys skip the group markers."""
+    """Group syntax becomes (NIL NIL name NIL) ... (NIL NIL NIL NIL); routes are kept; for the
+    sort keys a group is the first address (RFC 5322: address = mailbox / group), its
+    addr-mailbox the group's name, as in the ENVELOPE."""
     s = summary(specimen("group-addresses.eml"))
     envelope = parseImap(s.envelope)
     assert envelope[5] == [[None, None, b"undisclosed-recipients", None], [None, None, None, None]]
@@ -339,7 +342,8 @@ def test_groups_and_routes():
     ]
     assert envelope[7] == [
         [None, b"@relay1.example.net,@relay2.example.net", b"eve", b"example.com"]]
-    assert (s.sortTo, s.displayTo, s.sortCc) == ("", "", "alice")
+    assert (s.sortTo, s.displayTo, s.sortCc) == (
+        "UNDISCLOSED-RECIPIENTS", "UNDISCLOSED-RECIPIENTS", "TEAM")
 
 
 def test_broken_addresses():
@@ -394,21 +398,27 @@ def test_search_fields(name, fields):
 
 @pytest.mark.parametrize("name, keys", [
     ("quoted-printable.eml", dict(
-        sortSubject=casemap("Grüße aus München"), sortFrom="joerg", sortTo="list", sortCc="john",
-        displayFrom=casemap("Jörg Müller"), displayTo="list@example.com",
+        sortSubject=unicodedata.normalize("NFKD", "GRÜßE AUS MÜNCHEN"), sortFrom="JOERG",
+        sortTo="LIST", sortCc="JOHN", displayFrom=casemap("Jörg Müller"),
+        displayTo="LIST@EXAMPLE.COM", replyOrForward=False,
         messageId="<qp.1@example.de>", inReplyTo="<orig.0@example.com>",
         references=("<root.0@example.com>", "<orig.0@example.com>"), sentDate=1736935200)),
     ("rfc2047.eml", dict(
-        sortSubject=casemap("Übersicht – Q1 café"), sortFrom="yamada", sortTo="eloise",
-        displayFrom="山田", displayTo=casemap("Éloise"), sentDate=1737531900)),
+        sortSubject=casemap("Übersicht – Q1 café"), sortFrom="YAMADA", sortTo="ELOISE",
+        displayFrom="山田", displayTo=casemap("Éloise"), sentDate=1737531900,
+        replyOrForward=True)),
     ("alternative-in-mixed.eml", dict(
-        sortSubject="issue #42: what's new", displayFrom="newsletter")),
+        sortSubject="ISSUE #42: WHAT'S NEW", displayFrom="NEWSLETTER")),
     ("missing-headers.eml", dict(
         sortSubject="", sortFrom="", displayFrom="", sentDate=None, messageId=None,
         inReplyTo=None, references=())),
     ("broken-addresses.eml", dict(
-        sortFrom="", displayFrom="john smith", messageId="no-angle-brackets@example.com",
-        inReplyTo="<a@example.com>")),
+        # "Message-ID: no-angle-brackets@example.com" is no msg-id (RFC 5322 3.6.4): for
+        # THREAD=REFERENCES the message has none (RFC 5256 section 4, step 1)
+        # "From: John Smith" has no mailbox: the ENVELOPE's MISSING_MAILBOX is its addr-mailbox
+        sortFrom="MISSING_MAILBOX", displayFrom="JOHN SMITH", sortTo="MISSING_MAILBOX",
+        displayTo="MISSING_MAILBOX@MISSING_DOMAIN",
+        messageId=None, inReplyTo="<a@example.com>")),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_sort_and_thread_keys(name, keys):
     """The SORT (RFC 5256, RFC 5957) and THREAD keys."""
@@ -431,11 +441,87 @@ def test_sort_and_thread_keys(name, keys):
     ("Re[2]: hello", "hello"),
     ("Reply: hello", "Reply: hello"),
     ("Re: [fwd: [x] hi (fwd)]", "hi"),
-], ids=lambda v: repr(v))
+    ("[a][b]", "[b]"),
+    ("Re: " * 100000 + "[a] " * 100000 + "x" + " (fwd)" * 1000, "x"),
+], ids=lambda v: repr(v)[:40])
 def test_base_subject(subject, base):
     """RFC 5256 section 2.1: reply/forward leaders, [blob]s, (fwd) trailers and [fwd: ...]
     wrappers go."""
     assert baseSubject(subject) == base
+
+
+@pytest.mark.parametrize("subject, replyOrForward", [
+    ("hello", False),
+    ("Re: hello", True),
+    ("[list] Fwd: hello", True),
+    ("hello (fwd)", True),
+    ("  hello", False),
+    ("[list] hello", False),
+    ("[fwd: hello]", False),  # a subj-fwd is not a subj-refwd (RFC 5256 4, step 5.C.v)
+    ("Reply: hello", False),
+], ids=lambda v: repr(v))
+def test_reply_or_forward(subject, replyOrForward):
+    """replyOrForward: the subject had a subj-refwd leader or a "(fwd)" trailer."""
+    s = summary(b"Subject: " + subject.encode() + b"\n\nx\n")
+    assert s.replyOrForward is replyOrForward
+
+
+@pytest.mark.parametrize("text, key", [
+    ("abc", "ABC"),
+    ("a_b", "A_B"),
+    ("straße", "STRAßE"),  # ß has no single-character titlecase
+    ("\u01c6", "Dz\u030c"),  # dž: titlecase Dž (not upper case DŽ), then NFKD
+    ("ﬁle", "fiLE"),  # the ligature has no single-character titlecase; NFKD comes after
+    ("é", "E\u0301"),
+    ("Ａ", "A"),
+])
+def test_casemap(text, key):
+    """casemap is i;unicode-casemap (RFC 5051): titlecase each character, then NFKD."""
+    assert casemapKey(text) == key
+
+
+def test_casemap_orders_by_titlecase():
+    """Titlecase, not lower case: "_" (0x5F) sorts after "A" but before "a"."""
+    assert casemapKey("a_") > casemapKey("ab")
+    assert casemapKey("a_") < casemapKey("a|")
+
+
+@pytest.mark.parametrize("date, expected", [
+    ("Tue, 14 Jan 2025 09:15:00 +0100", "2025-01-14 08:15:00"),
+    ("14 Jan 2025 09:15 -0130", "2025-01-14 10:45:00"),
+    ("Tue, 14 Jan 2025 09:15:00 -0000 (UTC)", "2025-01-14 09:15:00"),
+    ("Tue, 14 Jan 25 09:15:00 EST", "2025-01-14 14:15:00"),
+    ("Tue, 14 Jan 99 09:15:00 GMT", "1999-01-14 09:15:00"),
+    ("Tue, 14 Jan 2025 09:15:00 XYZ", "2025-01-14 09:15:00"),  # invalid zone: UTC
+    ("Tue, 14 Jan 2025 09:15:00 +0199", "2025-01-14 09:15:00"),
+    ("Tue, 14 Jan 2025 25:99:00 +0100", "2025-01-13 23:00:00"),  # invalid time: 00:00:00
+    ("Tue, 14 Jan 2025", "2025-01-14 00:00:00"),
+    ("Tue, 14 Jan 2025 noon", "2025-01-14 00:00:00"),
+    ("Tue, 32 Jan 2025 09:15:00 +0000", None),  # no valid date: the internal date
+    ("Tue, 29 Feb 2025 09:15:00 +0000", None),
+    ("2025-01-14 09:15:00", None),
+    ("garbage", None),
+    ("", None),
+])
+def test_sent_date(date, expected):
+    """RFC 5256 section 2.2: the Date header in UTC; an invalid zone is UTC, an invalid time
+    00:00:00; no valid date at all gives None (SORT and THREAD use the internal date)."""
+    import calendar
+    import time
+
+    s = summary(b"Date: " + date.encode() + b"\n\nx\n")
+    if expected is None:
+        assert s.sentDate is None
+    else:
+        assert s.sentDate == calendar.timegm(time.strptime(expected, "%Y-%m-%d %H:%M:%S"))
+
+
+def test_message_ids():
+    """Only valid message identifiers (<left@right>) count; folding inside one is removed."""
+    s = summary(b"Message-ID: <no-at-sign> <a@b>\nIn-Reply-To: your mail of Tuesday\n"
+                b"References: <r1@x> junk <r2\n @x> <> <@x> <y@>\n\t<r3@x>\n\nx\n")
+    assert (s.messageId, s.inReplyTo, s.references) == (
+        "<a@b>", None, ("<r1@x>", "<r2@x>", "<r3@x>"))
 
 
 def test_part_offsets_stream_the_parts():
@@ -657,10 +743,8 @@ def dovecotAnswers():
     if dovecot_imap_path() is None:
         pytest.skip("Dovecot is not installed (apt-get install dovecot-imapd); "
                     "the differential tests need /usr/lib/dovecot/imap")
-    workdir = tempfile.mkdtemp(prefix="summary-dovecot-")
-    os.chmod(workdir, 0o755)  # Dovecot runs as nobody when the tests run as root
+    root = scratch_maildir("summary-dovecot-")
     try:
-        root = make_maildir(Path(workdir) / "Maildir")
         for number, (_, data) in enumerate(DIFFERENTIAL, 1000000):
             (root / "cur" / maildir_filename(number, data)).write_bytes(data)
         with DovecotIMAP(root) as imap:
@@ -680,7 +764,7 @@ def dovecotAnswers():
         assert len(answers) == len(DIFFERENTIAL)
         return answers
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(root.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name, data", DIFFERENTIAL, ids=[m[0] for m in DIFFERENTIAL])
