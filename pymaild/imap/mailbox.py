@@ -550,6 +550,26 @@ class StoreMailbox:
         view = list(self.uids)
         return self.run(lambda: searchFolder(predicate, self.folder, view))
 
+    def sortRecords(self, predicate, uid: bool):
+        """
+        SORT/THREAD: a Deferred of L{pymaild.imap.sort.SortRecord}s of the messages that match
+        C{predicate} (ids are UIDs when C{uid}), built in the store's thread.
+        """
+        from pymaild.imap.search import searchFolder
+        from pymaild.imap.sort import recordsFrom
+
+        view = list(self.uids)
+
+        def work():
+            numbers = searchFolder(predicate, self.folder, view)
+            wanted = [view[n - 1] for n in numbers]
+            metas = {m.uid: m for m in self.folder.messages(wanted)}
+            summaries = self.folder.summaries(list(metas))
+            rows = [(n, u, metas[u], summaries[u]) for n, u in zip(numbers, wanted) if u in metas and u in summaries]
+            return recordsFrom(rows, uid)
+
+        return self.run(work)
+
     def storeFlags(self, messages, uid, flags, how: str, unchangedSince: int | None = None, report: bool = True):
         """
         STORE: a Deferred of C{([(seq, (flags, uid, modseq))] for every message of the set

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from pymaild.envelope import inNetworks
 from pymaild.imap import fetch
 from pymaild.imap import search as search_
+from pymaild.imap import sort as sort_
 from pymaild.errors import TemporaryFailure
 
 log = Logger()
@@ -247,7 +248,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     _ASYNC = frozenset({
         b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE", b"UID", b"SELECT", b"EXAMINE",
         b"STATUS", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE", b"UNSUBSCRIBE",
-        b"APPEND", b"LOGIN", b"CLOSE", b"GETQUOTA", b"GETQUOTAROOT",
+        b"APPEND", b"LOGIN", b"CLOSE", b"GETQUOTA", b"GETQUOTAROOT", b"SORT", b"THREAD",
     })
     _heldTag = None
     _holdToken = 0
@@ -736,7 +737,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         cap = super().capabilities()
         for name in (b"UIDPLUS", b"MOVE", b"UNSELECT", b"ID", b"ENABLE", b"SPECIAL-USE", b"CHILDREN",
                      b"CREATE-SPECIAL-USE", b"LITERAL+", b"SASL-IR", b"QUOTA", b"QUOTA=RES-STORAGE", b"QUOTA=RES-MESSAGE", b"STATUS=SIZE",
-                     b"CONDSTORE", b"QRESYNC", b"ESEARCH", b"LIST-EXTENDED", b"LIST-STATUS"):
+                     b"CONDSTORE", b"QRESYNC", b"ESEARCH", b"LIST-EXTENDED", b"LIST-STATUS",
+                     b"SORT", b"SORT=DISPLAY", b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES"):
             cap[name] = None
         cap[b"APPENDLIMIT"] = [b"%d" % self.factory.appendLimit]
         if self.plaintextAllowed:  # [auth] plaintext_networks
@@ -916,6 +918,53 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     select_SEARCH = (do_SEARCH, opt_searchreturn, opt_charset, arg_searchkeys)
 
+    # --- SORT and THREAD (RFC 5256, SORT=DISPLAY RFC 5957): pymaild/imap/sort.py ---------------
+
+    def arg_sortcriteria(self, line):
+        line = line.lstrip()
+        end = line.find(b")")
+        if not line.startswith(b"(") or end < 0:
+            raise imap4.IllegalClientResponse("SORT needs a parenthesised list of criteria")
+        try:
+            return sort_.parseSort(imap4.parseNestedParens(line[: end + 1])[0]), line[end + 1 :].lstrip()
+        except sort_.SortError as e:
+            raise imap4.IllegalClientResponse(str(e))
+
+    def arg_threadalgorithm(self, line):
+        token, _, rest = line.lstrip().partition(b" ")
+        try:
+            return sort_.parseThreadAlgorithm(token), rest
+        except sort_.SortError as e:
+            raise imap4.IllegalClientResponse(str(e))
+
+    def arg_sortcharset(self, line):
+        charset, _, rest = line.lstrip().partition(b" ")
+        if not charset:
+            raise imap4.IllegalClientResponse("SORT and THREAD need a charset")
+        return charset, rest
+
+    def do_SORT(self, tag, criteria, charset, query, uid=0):
+        self._sortOrThread(tag, charset, query, uid, b"SORT",
+                           lambda records: b" ".join(b"%d" % i for i in sort_.sortMessages(criteria, records)))
+
+    def do_THREAD(self, tag, algorithm, charset, query, uid=0):
+        self._sortOrThread(tag, charset, query, uid, b"THREAD",
+                           lambda records: sort_.formatThreads(sort_.threadMessages(algorithm, records)))
+
+    def _sortOrThread(self, tag, charset, query, uid, name, order):
+        predicate = self._compileSearch(tag, charset, query)
+        if predicate is None:
+            return
+
+        def answer(text):
+            self.sendUntaggedResponse(name + (b" " + text if text else b""))
+            self.sendPositiveResponse(tag, name + b" completed")
+
+        self._store(self.mbox.sortRecords(predicate, bool(uid)).addCallback(order), tag, answer)
+
+    select_SORT = (do_SORT, arg_sortcriteria, arg_sortcharset, arg_searchkeys)
+    select_THREAD = (do_THREAD, arg_threadalgorithm, arg_sortcharset, arg_searchkeys)
+
     # --- UIDPLUS (RFC 4315) and MOVE (RFC 6851) -------------------------------------------------
 
     def do_UID(self, tag, command, line):
@@ -925,7 +974,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             if rest:
                 raise imap4.IllegalClientResponse("Too many arguments for UID EXPUNGE")
             return self._expunge(tag, messages)
-        if command not in (b"COPY", b"FETCH", b"STORE", b"SEARCH", b"MOVE"):
+        if command not in (b"COPY", b"FETCH", b"STORE", b"SEARCH", b"MOVE", b"SORT", b"THREAD"):
             raise imap4.IllegalClientResponse(command)
         self.dispatchCommand(tag, command, line, uid=1)
 
