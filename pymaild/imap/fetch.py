@@ -271,6 +271,8 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
             items.append(b"UID %d" % meta.uid)
         elif t == "flags":
             flags = sorted(meta.flags | meta.keywords)
+            if getattr(msg, "recent", False):
+                flags.append("\\Recent")
             items.append(b"FLAGS (" + " ".join(flags).encode() + b")")
         elif t == "internaldate":
             items.append(b"INTERNALDATE " + internalDate(meta.internalDate))

@@ -125,6 +125,8 @@ class StoreMessage:
     part offsets) from the index's cache, bytes from the file.
     """
 
+    recent = False  # \\Recent in this session (set by the mailbox)
+
     def __init__(self, meta, path, summary):
         self.meta = meta
         self.path = path
@@ -216,6 +218,7 @@ _STATUS_KEYS = {
     "MESSAGES": "messages", "UIDNEXT": "uidnext", "UIDVALIDITY": "uidvalidity", "UNSEEN": "unseen",
     "SIZE": "size",  # RFC 8438 STATUS=SIZE
     "HIGHESTMODSEQ": "highestmodseq",  # RFC 7162
+    "RECENT": "recent",
 }
 
 
@@ -226,9 +229,7 @@ def statusItems(status: dict, names) -> dict:
     out = {}
     for name in names:
         key = name.upper()
-        if key == "RECENT":
-            out[name] = 0
-        elif key in _STATUS_KEYS:
+        if key in _STATUS_KEYS:
             out[name] = status[_STATUS_KEYS[key]]
     return out
 
@@ -247,6 +248,9 @@ class StoreMailbox:
         self.writeable = writeable
         self.info = status
         self.uids = uids if isinstance(uids, array) else array("I", uids)  # 4 bytes a message
+        #: \\Recent (RFC 3501 2.3.2) for this session: UID ranges [low, high) it claimed (or,
+        #: read-only, saw unclaimed); one or two ranges in practice
+        self.recentRanges: list[tuple[int, int]] = []
         self.listeners = []
         self.wantSummaries = False
         self.markSeen = False
@@ -308,6 +312,8 @@ class StoreMailbox:
                 self.uids.extend(added)
             for listener in list(self.listeners):
                 listener.newMessages(len(self.uids), None)
+            if self.writeable:
+                self.run(self.folder.claimRecent).addCallback(self._claimed)
         gone = {u for u in changes.expunged if self.sequenceNumber(u) is not None}
         if gone:
             self.pendingExpunged |= gone
@@ -317,12 +323,19 @@ class StoreMailbox:
         if changed:
             self.run(self.folder.messages, changed).addCallback(self._announceFlags)
 
+    def _claimed(self, span):
+        low, high = span
+        if high > low:
+            self.recentRanges.append((low, high))
+            for listener in list(self.listeners):
+                listener.newMessages(None, self.getRecentCount())
+
     def _announceFlags(self, messages):
         update = {}
         for m in messages:
             seq = self.sequenceNumber(m.uid)
             if seq is not None and m.uid not in self.pendingExpunged:
-                update[seq] = (sorted(m.flags | m.keywords), m.uid, m.modseq)
+                update[seq] = (self._flagList(m), m.uid, m.modseq)
         if update:
             for listener in list(self.listeners):
                 listener.flagsChanged(update)
@@ -371,7 +384,25 @@ class StoreMailbox:
         return len(self.uids)
 
     def getRecentCount(self):
-        return 0
+        view = self.uids
+        return sum(bisect_left(view, high) - bisect_left(view, low) for low, high in self.recentRanges)
+
+    def isRecent(self, uid: int) -> bool:
+        for low, high in self.recentRanges:
+            if low <= uid < high:
+                return True
+        return False
+
+    def _recentPredicate(self):
+        """A snapshot of L{isRecent} for a store thread."""
+        ranges = list(self.recentRanges)
+        return lambda uid: any(low <= uid < high for low, high in ranges)
+
+    def _flagList(self, message) -> list[str]:
+        flags = sorted(message.flags | message.keywords)
+        if self.isRecent(message.uid):
+            flags.append("\\Recent")
+        return flags
 
     def getUnseenCount(self):
         return self.info["unseen"]
@@ -486,6 +517,7 @@ class StoreMailbox:
             for u, message in found:
                 seq = self.sequenceNumber(u)
                 if seq is not None:
+                    message.recent = self.isRecent(u)
                     out.append((seq, message))
             return out
 
@@ -521,7 +553,7 @@ class StoreMailbox:
             for m in changed:
                 seq = self.sequenceNumber(m.uid)
                 if seq is not None:
-                    out.append((seq, (sorted(m.flags | m.keywords), m.uid, m.modseq)))
+                    out.append((seq, (self._flagList(m), m.uid, m.modseq)))
             return gone, out
 
         return self.run(work).addCallback(numbered)
@@ -548,7 +580,8 @@ class StoreMailbox:
         from pymaild.imap.search import searchFolder
 
         view = list(self.uids)
-        return self.run(lambda: searchFolder(predicate, self.folder, view))
+        recent = self._recentPredicate()
+        return self.run(lambda: searchFolder(predicate, self.folder, view, recent=recent))
 
     def sortRecords(self, predicate, uid: bool):
         """
@@ -559,9 +592,10 @@ class StoreMailbox:
         from pymaild.imap.sort import recordsFrom
 
         view = list(self.uids)
+        recent = self._recentPredicate()
 
         def work():
-            numbers = searchFolder(predicate, self.folder, view)
+            numbers = searchFolder(predicate, self.folder, view, recent=recent)
             wanted = [view[n - 1] for n in numbers]
             metas = {m.uid: m for m in self.folder.messages(wanted)}
             summaries = self.folder.summaries(list(metas))
@@ -592,7 +626,7 @@ class StoreMailbox:
             for m in current:
                 seq = self.sequenceNumber(m.uid)
                 if seq is not None:
-                    out.append((seq, (sorted(m.flags | m.keywords), m.uid, m.modseq)))
+                    out.append((seq, (self._flagList(m), m.uid, m.modseq)))
             return out, sorted(failed)
 
         return self.run(work).addCallback(numbered)
@@ -793,6 +827,10 @@ class StoreAccount:
             unseen = folder.firstUnseen()
             if unseen is not None:
                 mailbox.firstUnseen = mailbox.sequenceNumber(unseen)
+            # a read-write SELECT claims the recent messages; EXAMINE only looks (RFC 3501 2.3.2)
+            span = folder.claimRecent() if readwrite else (folder.recentFrom(), mailbox.info["uidnext"])
+            if span[1] > span[0]:
+                mailbox.recentRanges.append(span)
             return mailbox
 
         def missing(failure):

@@ -420,13 +420,14 @@ class _FolderCursor:
         whatever the keys: L{searchFolder} leaves them out).
     """
 
-    __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "_folder", "_uids",
+    __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "recent", "_folder", "_uids",
                  "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text")
 
     def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
         self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
         self.lastSeq, self.lastUid = len(view), (view[-1] if view else 0)
         self.gone: set[int] = set()
+        self.recent = _never
         self._metas = self._summaries = self._paths = None
         self._fields: dict[str, dict[int, str]] = {}
         self.seq = self.uid = 0
@@ -501,7 +502,12 @@ class _FolderCursor:
         return self._text
 
 
-def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT) -> list[int]:
+def _never(uid: int) -> bool:
+    return False
+
+
+def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT,
+                 recent=None) -> list[int]:
     """
     The sequence numbers (positions in C{view}, 1-based) of the messages of C{view} (a
     session's UIDs, ascending) that match, evaluated over C{folder} in bulk (see
@@ -513,6 +519,8 @@ def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int =
     present = set(folder.uids())
     candidates = [i for i, uid in enumerate(view) if uid in present]
     cursor = _FolderCursor(folder, view, [view[i] for i in candidates], textLimit)
+    if recent is not None:
+        cursor.recent = recent
     matched = predicate.select(cursor, candidates)
     return [i + 1 for i in matched if i not in cursor.gone]
 
@@ -563,8 +571,7 @@ class _MetaKey(Predicate):
 
 @dataclass(frozen=True)
 class Const(Predicate):
-    """ALL, OLD (always true); RECENT, NEW (always false: pymaild keeps no \\Recent yet, so
-    no message is recent)."""
+    """ALL (always true)."""
 
     value: bool
 
@@ -573,6 +580,21 @@ class Const(Predicate):
 
     def select(self, cursor, candidates):
         return candidates if self.value else []
+
+
+@dataclass(frozen=True)
+class Recent(Predicate):
+    """RECENT (and OLD, C{present=False}): the session's \\Recent messages (RFC 3501 2.3.2),
+    which the server hands L{searchFolder} as C{recent}, a predicate on UIDs."""
+
+    present: bool = True
+
+    def matches(self, ctx):
+        return bool(getattr(ctx, "recent", False)) == self.present
+
+    def select(self, cursor, candidates):
+        recent, view, present = cursor.recent, cursor.view, self.present
+        return [i for i in candidates if recent(view[i]) == present]
 
 
 @dataclass(frozen=True)
@@ -872,7 +894,7 @@ _FLAG_KEYS = {
     "FLAGGED": ("\\Flagged", True), "UNFLAGGED": ("\\Flagged", False),
     "SEEN": ("\\Seen", True), "UNSEEN": ("\\Seen", False),
 }
-_CONST_KEYS = {"ALL": True, "OLD": True, "RECENT": False, "NEW": False}
+_CONST_KEYS = {"ALL": True}
 _HEADER_KEYS = {"FROM": "from", "TO": "to", "CC": "cc", "BCC": "bcc", "SUBJECT": "subject"}
 _DATE_KEYS = {"BEFORE": (InternalDate, "BEFORE"), "ON": (InternalDate, "ON"),
               "SINCE": (InternalDate, "SINCE"), "SENTBEFORE": (SentDate, "BEFORE"),
@@ -1013,6 +1035,10 @@ class _Parser:
         self.keys.add(name)
         if name in _CONST_KEYS:
             return Const(_CONST_KEYS[name]), pos
+        if name in ("RECENT", "OLD"):
+            return Recent(name == "RECENT"), pos
+        if name == "NEW":  # RFC 3501: RECENT UNSEEN
+            return And((Recent(True), Flag(*_FLAG_KEYS["UNSEEN"]))), pos
         if name in _FLAG_KEYS:
             return Flag(*_FLAG_KEYS[name]), pos
         if name in _HEADER_KEYS:

@@ -351,6 +351,7 @@ class UserStore:
                 if row:
                     self.db.execute("DELETE FROM messages WHERE folder=?", (row[0],))
                     self.db.execute("DELETE FROM folders WHERE id=?", (row[0],))
+                    self.db.execute("DELETE FROM meta WHERE key=?", (f"firstrecent:{row[0]}",))
                 self.db.execute("DELETE FROM subscriptions WHERE name=?", (name,))
             folder = self._folders.pop(name, None)
             shutil.rmtree(trash, ignore_errors=True)
@@ -546,17 +547,50 @@ class Folder:
 
     def status(self) -> dict[str, int]:
         """
-        UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, MESSAGES, UNSEEN, SIZE (without syncing).
+        UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, MESSAGES, UNSEEN, SIZE and RECENT (messages no
+        session has been told of yet, see L{claimRecent}), without syncing.
         """
         with self.user.lock:
-            uidvalidity, uidnext, highest, count, unseen, size = self.user.db.execute(
+            db = self.user.db
+            uidvalidity, uidnext, highest, count, unseen, size = db.execute(
                 "SELECT uidvalidity, uidnext, highestmodseq, messages, unseen, vsize FROM folders WHERE id=?",
                 (self.id,),
             ).fetchone()
+            (recent,) = db.execute(
+                "SELECT count(*) FROM messages WHERE folder=? AND uid>=?", (self.id, self.recentFrom())
+            ).fetchone()
             return {
                 "uidvalidity": uidvalidity, "uidnext": uidnext, "highestmodseq": highest,
-                "messages": count, "unseen": unseen, "size": size,
+                "messages": count, "unseen": unseen, "size": size, "recent": recent,
             }
+
+    # --- \Recent (RFC 3501 2.3.2): the first session told of a message has it as recent -------
+
+    def _recentKey(self) -> str:
+        return f"firstrecent:{self.id}"
+
+    def recentFrom(self) -> int:
+        """
+        The lowest UID no session has claimed as recent yet (kept in the index's meta table).
+        """
+        with self.user.lock:
+            row = self.user.db.execute("SELECT value FROM meta WHERE key=?", (self._recentKey(),)).fetchone()
+            return int(row[0]) if row else 0
+
+    def claimRecent(self) -> tuple[int, int]:
+        """
+        Claim the messages no session has seen as recent (a read-write SELECT, or new mail
+        reaching a selected folder): C{(low, high)}, the UIDs C{low <= uid < high} are recent for
+        the caller and for no one after it.
+        """
+        with self.user.lock, self.user.transaction():
+            db = self.user.db
+            row = db.execute("SELECT value FROM meta WHERE key=?", (self._recentKey(),)).fetchone()
+            low = int(row[0]) if row else 0
+            (uidnext,) = db.execute("SELECT uidnext FROM folders WHERE id=?", (self.id,)).fetchone()
+            if uidnext > low:
+                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (self._recentKey(), str(uidnext)))
+            return low, max(low, uidnext)
 
     @property
     def uidvalidity(self) -> int:

@@ -7,6 +7,7 @@ HIGHESTMODSEQ, and the FETCH writer's answers (batches, nesting limit).
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -214,3 +215,47 @@ def test_qresync(inbox):
     assert b"* VANISHED (EARLIER) 2:4\r\n" in answer, answer
     assert re.search(rb"\* 2 FETCH \(UID 5 FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)", answer), answer
     sock.close()
+
+
+def test_recent(inbox):
+    """
+    RFC 3501 2.3.2: the first session told of a message has it \\Recent; EXAMINE looks without
+    claiming; STATUS counts the unclaimed; new mail goes to the selected session; SEARCH
+    RECENT/NEW/OLD.
+    """
+    from pymaild.store.delivery import deliver as deliverTo
+
+    looker = logged_in(inbox)
+    assert b"STATUS \"INBOX\" (RECENT 5)" in ask(looker, b"s STATUS INBOX (RECENT)", b"s")
+    answer = ask(looker, b"e EXAMINE INBOX", b"e")
+    assert b"* 5 RECENT" in answer, answer
+    assert b"\\Recent" in ask(looker, b"f FETCH 1 FLAGS", b"f")
+    sock = logged_in(inbox)
+    answer = ask(sock, b"s SELECT INBOX", b"s")
+    assert b"* 5 RECENT" in answer, answer  # EXAMINE did not claim them
+    answer = ask(sock, b"f FETCH 1:2 (FLAGS)", b"f")
+    assert answer.count(b"\\Recent") == 2, answer
+    assert b"* SEARCH 1 2 3 4 5" in ask(sock, b"r SEARCH RECENT", b"r")
+    ask(sock, b"t STORE 2 +FLAGS (\\Seen \\Recent)", b"t")  # \Recent cannot be set or cleared
+    assert b"* SEARCH 1 3 4 5" in ask(sock, b"n SEARCH NEW", b"n")
+    assert b"* SEARCH\r\n" in ask(sock, b"o SEARCH OLD", b"o")
+    # a second read-write session finds nothing recent, and STATUS counts nothing unclaimed
+    other = logged_in(inbox)
+    assert b"* 0 RECENT" in ask(other, b"s SELECT INBOX", b"s")
+    assert b"\\Recent" not in ask(other, b"f FETCH 1:* (FLAGS)", b"f")
+    assert b"* SEARCH 1 2 3 4 5" in ask(other, b"o SEARCH OLD", b"o")
+    assert b"(RECENT 0)" in ask(looker, b"x STATUS INBOX (RECENT)", b"x")
+    other.close()
+    # new mail: the selected session hears EXISTS and RECENT and has it \Recent
+    home = inbox.data_dir / "mail" / "localhost" / "postmaster"
+    deliverTo(home, message(6))
+    seen = b""
+    for attempt in range(100):  # inotify -> sync -> claim: poll for up to 10 s
+        seen += ask(sock, b"i%d NOOP" % attempt, b"i%d" % attempt)
+        if b"RECENT" in seen:
+            break
+        time.sleep(0.1)
+    assert b"* 6 EXISTS" in seen and b"* 6 RECENT" in seen, seen
+    assert b"\\Recent" in ask(sock, b"g FETCH 6 (FLAGS)", b"g")
+    sock.close()
+    looker.close()
