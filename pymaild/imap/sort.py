@@ -51,8 +51,10 @@ compares the two and lists the differences): a Date header without a valid time 
 day at 00:00:00 UTC (RFC 5256 2.2; Dovecot uses the internal date); keys are fully
 NFKD-decomposed (RFC 5051; Dovecot leaves some compatibility characters such as U+01C5 whole);
 a display name of only spaces is empty, as the ENVELOPE shows it (Dovecot sorts the spaces);
-and a "[fwd: ...]" subject is not a reply or forward for THREAD=REFERENCES step 5 (RFC 5256
-counts only subj-refwd and "(fwd)"; Dovecot counts it).
+a "[fwd: ...]" subject is not a reply or forward for THREAD=REFERENCES step 5 (RFC 5256
+counts only subj-refwd and "(fwd)"; Dovecot counts it).  Where the RFCs do not say: of repeated
+Subject or Date headers the last counts, the one the ENVELOPE shows (Dovecot's SORT takes the
+first).
 
 Everything here is plain Python over in-memory records: no I/O, no Twisted, nothing from
 pymaild.store (the layer rule).  Deep reply chains are handled without recursion.
