@@ -212,8 +212,12 @@ def sortMessages(criteria: list[tuple[str, bool]], records: Iterable[SortRecord]
     one criterion in 10-60 ms, by four in under 200 ms), and C{reverse=True} keeps a sort
     stable.
     """
+    used = []  # a key repeated later cannot break a tie: at most one sort per key
+    for key, reverse in criteria:
+        if all(key != k for k, _ in used):
+            used.append((key, reverse))
     ordered = sorted(records, key=_SEQ)
-    for key, reverse in reversed(criteria):
+    for key, reverse in reversed(used):
         ordered.sort(key=attrgetter(_FIELD[key]), reverse=reverse)
     return [r.id for r in ordered]
 

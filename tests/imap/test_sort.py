@@ -209,6 +209,9 @@ def test_sort_several_criteria():
     assert order(b"(FROM SUBJECT)", recs) == [2, 4, 1, 3, 5]
     assert order(b"(FROM REVERSE SUBJECT)", recs) == [2, 4, 5, 1, 3]
     assert order(b"(SUBJECT REVERSE SIZE FROM)", recs) == [3, 1, 5, 2, 4]
+    # a key again changes nothing (and costs no sort): its ties are ties on it
+    assert order(b"(FROM SUBJECT REVERSE FROM)", recs) == [2, 4, 1, 3, 5]
+    assert order(b"(FROM" + b" REVERSE SUBJECT SUBJECT" * 5000 + b")", recs) == [2, 4, 5, 1, 3]
 
 
 def test_sort_returns_the_ids_given():
