@@ -31,9 +31,9 @@ the threads as L{Thread} trees, oldest thread first: C{id} (None for a message t
 referenced but missing, a "dummy") and C{children}, a tuple of L{Thread}s.  L{formatThreads}
 writes them as RFC 5256's thread-list, the text after C{* THREAD } (empty for no messages).
 
-Speed, 100,000 messages on one core (C{bench/sort_bench.py}): L{sortMessages} about 10-60 ms
-for one criterion and 80-180 ms for two to four; THREAD=ORDEREDSUBJECT about 0.3 s and
-THREAD=REFERENCES 0.5-0.9 s; L{recordFrom} 1-4 microseconds a message.  Much of the thread
+Speed, 100,000 messages on one (shared, noisy) core (C{bench/sort_bench.py}): L{sortMessages}
+10-110 ms for one criterion and 80-220 ms for two to four; THREAD=ORDEREDSUBJECT 0.3-0.35 s
+and THREAD=REFERENCES 0.85-1.1 s; L{recordFrom} 1-4 microseconds a message.  Much of the thread
 time is Python's garbage collector walking every live object, so build the records and let the
 summaries go before threading.
 
@@ -209,8 +209,8 @@ def sortMessages(criteria: list[tuple[str, bool]], records: Iterable[SortRecord]
     One stable sort per criterion, the last criterion first, each on one plain key (an int or
     a str), the first by sequence number: Python's sort compares such keys much faster than
     tuples, so this beats one sort on a tuple key by two to three times (100,000 messages by
-    one criterion in 10-60 ms, by four in under 200 ms), and C{reverse=True} keeps a sort
-    stable.
+    one criterion in 10-110 ms, by four in about 120-220 ms), and C{reverse=True} keeps a
+    sort stable.
     """
     used = []  # a key repeated later cannot break a tie: at most one sort per key
     for key, reverse in criteria:
