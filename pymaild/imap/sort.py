@@ -31,9 +31,9 @@ the threads as L{Thread} trees, oldest thread first: C{id} (None for a message t
 referenced but missing, a "dummy") and C{children}, a tuple of L{Thread}s.  L{formatThreads}
 writes them as RFC 5256's thread-list, the text after C{* THREAD } (empty for no messages).
 
-Speed, 100,000 messages on one core (C{bench/sort_bench.py}): L{sortMessages} about 10-60 ms
-for one criterion and 80-180 ms for two to four; THREAD=ORDEREDSUBJECT about 0.3 s and
-THREAD=REFERENCES 0.5-0.9 s; L{recordFrom} 1-4 microseconds a message.  Much of the thread
+Speed, 100,000 messages on one (shared, noisy) core (C{bench/sort_bench.py}): L{sortMessages}
+10-110 ms for one criterion and 80-220 ms for two to four; THREAD=ORDEREDSUBJECT 0.3-0.35 s
+and THREAD=REFERENCES 0.85-1.1 s; L{recordFrom} 1-4 microseconds a message.  Much of the thread
 time is Python's garbage collector walking every live object, so build the records and let the
 summaries go before threading.
 
@@ -51,8 +51,10 @@ compares the two and lists the differences): a Date header without a valid time 
 day at 00:00:00 UTC (RFC 5256 2.2; Dovecot uses the internal date); keys are fully
 NFKD-decomposed (RFC 5051; Dovecot leaves some compatibility characters such as U+01C5 whole);
 a display name of only spaces is empty, as the ENVELOPE shows it (Dovecot sorts the spaces);
-and a "[fwd: ...]" subject is not a reply or forward for THREAD=REFERENCES step 5 (RFC 5256
-counts only subj-refwd and "(fwd)"; Dovecot counts it).
+a "[fwd: ...]" subject is not a reply or forward for THREAD=REFERENCES step 5 (RFC 5256
+counts only subj-refwd and "(fwd)"; Dovecot counts it).  Where the RFCs do not say: of repeated
+Subject or Date headers the last counts, the one the ENVELOPE shows (Dovecot's SORT takes the
+first).
 
 Everything here is plain Python over in-memory records: no I/O, no Twisted, nothing from
 pymaild.store (the layer rule).  Deep reply chains are handled without recursion.
@@ -207,11 +209,15 @@ def sortMessages(criteria: list[tuple[str, bool]], records: Iterable[SortRecord]
     One stable sort per criterion, the last criterion first, each on one plain key (an int or
     a str), the first by sequence number: Python's sort compares such keys much faster than
     tuples, so this beats one sort on a tuple key by two to three times (100,000 messages by
-    one criterion in 10-60 ms, by four in under 200 ms), and C{reverse=True} keeps a sort
-    stable.
+    one criterion in 10-110 ms, by four in about 120-220 ms), and C{reverse=True} keeps a
+    sort stable.
     """
+    used = []  # a key repeated later cannot break a tie: at most one sort per key
+    for key, reverse in criteria:
+        if all(key != k for k, _ in used):
+            used.append((key, reverse))
     ordered = sorted(records, key=_SEQ)
-    for key, reverse in reversed(criteria):
+    for key, reverse in reversed(used):
         ordered.sort(key=attrgetter(_FIELD[key]), reverse=reverse)
     return [r.id for r in ordered]
 

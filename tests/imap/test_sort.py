@@ -209,6 +209,9 @@ def test_sort_several_criteria():
     assert order(b"(FROM SUBJECT)", recs) == [2, 4, 1, 3, 5]
     assert order(b"(FROM REVERSE SUBJECT)", recs) == [2, 4, 5, 1, 3]
     assert order(b"(SUBJECT REVERSE SIZE FROM)", recs) == [3, 1, 5, 2, 4]
+    # a key again changes nothing (and costs no sort): its ties are ties on it
+    assert order(b"(FROM SUBJECT REVERSE FROM)", recs) == [2, 4, 1, 3, 5]
+    assert order(b"(FROM" + b" REVERSE SUBJECT SUBJECT" * 5000 + b")", recs) == [2, 4, 5, 1, 3]
 
 
 def test_sort_returns_the_ids_given():
@@ -574,6 +577,10 @@ def corpus() -> list[tuple[bytes, int]]:
         "From: =?UTF-8?Q?=C3=9F?= <eszett@example.com>")
     add("Message-ID: <k3@ex>", "Subject: DZA", "Date: Fri, 17 Jan 2025 09:00:00 +0000",
         "From: SS <ss@example.com>")
+    # repeated Subject and Date headers (RFC 5322 allows one of each)
+    add("Message-ID: <r1@ex>", "Subject: Zz first header", "Subject: Aa last header",
+        "Date: Sat, 18 Jan 2025 09:00:00 +0000", "Date: Sun, 19 Jan 2025 09:00:00 +0000",
+        "From: repeat@example.com")
     return m
 
 
@@ -601,6 +608,11 @@ DOVECOT_RULES = {
     # RFC 5256 section 4 step 5: a reply or forward is a subject with a subj-refwd ("Re:",
     # "Fwd:") or a "(fwd)" trailer; Dovecot also counts a "[fwd: ...]" wrapper (subj-fwd)
     "<w3@ex>": lambda r: r._replace(replyOrForward=True),
+    # RFC 5256 does not say which of repeated headers counts: pymaild takes the last Subject
+    # and Date, the ones the ENVELOPE shows (Dovecot's and pymaild's alike); Dovecot's SORT and
+    # THREAD take the first
+    "<r1@ex>": lambda r: r._replace(subject="ZZ FIRST HEADER",
+                                    date=calendar.timegm((2025, 1, 18, 9, 0, 0))),
 }
 
 
@@ -613,6 +625,8 @@ def test_differences_from_dovecot(differential):
     assert byId["<k1@ex>"].subject == "Dz\u030c"
     assert byId["<k1@ex>"].displayFrom == "SPACE@EXAMPLE.COM"
     assert byId["<w3@ex>"].replyOrForward is False
+    assert byId["<r1@ex>"].subject == "AA LAST HEADER"
+    assert byId["<r1@ex>"].date == calendar.timegm((2025, 1, 19, 9, 0, 0))
     # and they do change the answers
     for algorithm in ("REFERENCES", "ORDEREDSUBJECT"):
         assert thread(algorithm, recs) != thread(algorithm, asDovecot(recs))
