@@ -28,11 +28,12 @@ user's directory.
 from __future__ import annotations
 
 import os
-from array import array
 import re
 import shutil
 import threading
 import time
+from array import array
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,37 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.added or self.expunged or self.flagsChanged)
+
+
+#: The most bytes of UID arrays (L{Folder.uidArray}) kept for the whole process.
+UID_CACHE_BYTES = 64 << 20
+
+
+class _CacheBudget:
+    """
+    Least-recently-used accounting of the folders' cached UID arrays within a byte budget.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._order: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def touch(self, folder, size: int) -> None:
+        victims = []
+        with self._lock:
+            self.used += size - self._order.pop(folder, 0)
+            self._order[folder] = size
+            while self.used > self.limit and len(self._order) > 1:
+                victim, victimSize = self._order.popitem(last=False)
+                self.used -= victimSize
+                victims.append(victim)
+        for victim in victims:
+            victim._dropUidCache()
+
+
+_uidCaches = _CacheBudget(UID_CACHE_BYTES)
 
 
 class _DirFds:
@@ -675,10 +707,10 @@ class Folder:
         directories, as Dovecot does.
         """
         dates = {}
-        for uid in uids:
+        for uid, path in self.paths(uids).items():  # one query, not one per message
             try:
-                dates[uid] = int(os.stat(self.filePath(uid)).st_mtime)
-            except (FileNotFoundError, StoreError):
+                dates[uid] = int(os.stat(path).st_mtime)
+            except FileNotFoundError:
                 continue
         with self.user.transaction():
             self.user.db.executemany(
@@ -701,24 +733,30 @@ class Folder:
 
     def uidArray(self) -> array:
         """
-        Every UID, ascending, as a new C{array('I')} (4 bytes a message).  While sessions
-        listen, the array is kept between calls and copied, as long as UIDNEXT and the message
-        count say the set is the same (every insert moves UIDNEXT, so a delete and an insert
-        cannot cancel out).
+        Every UID, ascending, as a new C{array('I')} (4 bytes a message).  The array is kept
+        between calls (within L{UID_CACHE_BYTES} for the whole process, least recently used
+        dropped first) and copied, as long as UIDNEXT and the message count say the set is the
+        same (every insert moves UIDNEXT, so a delete and an insert cannot cancel out): a
+        client that reconnects to a large folder does not wait for every row again.
         """
         with self.user.lock:
             db = self.user.db
-            if self._uidArray is not None:
+            cached, cachedKey = self._uidArray, self._uidKey
+            if cached is not None:
                 key = db.execute("SELECT uidnext, messages FROM folders WHERE id=?", (self.id,)).fetchone()
-                if tuple(key) == self._uidKey:
-                    return array("I", self._uidArray)
+                if tuple(key) == cachedKey:
+                    _uidCaches.touch(self, len(cached) * 4)
+                    return array("I", cached)
             with self.user.transaction():  # the key and the rows of one moment
                 key = tuple(db.execute("SELECT uidnext, messages FROM folders WHERE id=?", (self.id,)).fetchone())
                 uids = array("I", (r[0] for r in db.execute(
                     "SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))))
-            if self.listeners:
-                self._uidArray, self._uidKey = uids, key
+            self._uidArray, self._uidKey = uids, key
+            _uidCaches.touch(self, len(uids) * 4)
             return array("I", uids)
+
+    def _dropUidCache(self) -> None:
+        self._uidArray = self._uidKey = None
 
     def _row(self, uid: int):
         return self.user.db.execute(
@@ -1069,7 +1107,6 @@ class Folder:
         if not self.listeners:
             with self.user.lock:
                 self._names = self._namesKey = None  # memory only for folders in use
-                self._uidArray = self._uidKey = None
 
     def _notify(self, changes: Changes) -> None:
         for listener in list(self.listeners):

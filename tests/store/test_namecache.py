@@ -85,7 +85,7 @@ def test_another_process_changing_the_index_invalidates_the_cache(inbox, tmp_pat
     assert valid(inbox)  # rebuilt by the full scan
 
 
-def test_no_listener_no_cache(inbox):
+def test_no_listener_no_name_cache(inbox):
     inbox.listeners.clear()
     inbox.removeListener(None)
     assert inbox._names is None
@@ -131,3 +131,27 @@ def test_uid_array_follows_changes_by_others(inbox, tmp_path):
     copy = inbox.uidArray()
     copy.append(99)  # a copy: the cache is not the caller's
     assert inbox.uids() == [1, 4, 5, 6, 7]
+
+
+def test_uid_arrays_stay_within_the_budget(tmp_path, monkeypatch):
+    """
+    UID arrays are kept without listeners too, least recently used dropped first when the
+    process-wide budget is exceeded.
+    """
+    from pymaild.store import maildir
+
+    budget = maildir._CacheBudget(3 * 4 * 2)  # room for two folders of three messages
+    monkeypatch.setattr(maildir, "_uidCaches", budget)
+    user = MaildirStore(tmp_path / "mail").user("carol@example.com")
+    folders = [user.folder("INBOX")] + [user.createFolder(f"F{i}") for i in range(2)]
+    for folder in folders:
+        for i in range(3):
+            folder.append(msg(i))
+    for folder in folders:
+        assert folder.uidArray().tolist() == [1, 2, 3]
+    assert folders[0]._uidArray is None  # the oldest went
+    assert folders[1]._uidArray is not None and folders[2]._uidArray is not None
+    assert budget.used == 2 * 3 * 4
+    folders[1].uidArray()  # used again: now the newest
+    folders[0].uidArray()
+    assert folders[2]._uidArray is None and folders[1]._uidArray is not None
