@@ -223,9 +223,30 @@ def parseFetch(line: bytes) -> FetchRequest:
         if not parser.result:
             raise FetchError("FETCH needs attributes")
         request.items = parser.result
+        _check(request.items, attributes)
     _modifiers(rest, request)
     request.types = {item.type for item in request.items}
     return request
+
+
+_EMPTY_FIELDS = re.compile(rb"(?i)HEADER\.FIELDS(?:\.NOT)?\s*\(\s*\)")
+
+
+def _check(items, text: bytes) -> None:
+    """
+    What RFC 3501's grammar refuses and Twisted's parser lets through.
+    """
+    if _EMPTY_FIELDS.search(text):
+        raise FetchError("HEADER.FIELDS needs at least one field name")
+    for item in items:
+        if item.type != "body":
+            continue
+        if any(n < 0 for n in (item.part or ())):
+            raise FetchError("Section part numbers start at 1")
+        if item.mime and not item.part:
+            raise FetchError("MIME needs a part number")
+        if item.partialBegin is not None and not item.partialLength:
+            raise FetchError("A partial fetch needs a length of at least 1")
 
 
 def internalDate(t: float) -> bytes:
@@ -331,6 +352,27 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
     return result
 
 
+def _sectionName(item) -> bytes:
+    """
+    C{BODY[section]} as the client asked, field names in its own case (Twisted's C{getBytes}
+    title-cases them and appends a partial suffix of its own).
+    """
+    numbers = b".".join(b"%d" % (n + 1) for n in (item.part or ()))
+    if item.header:
+        text = b"HEADER"
+        if item.header.fields:
+            fields = [f if isinstance(f, bytes) else f.encode() for f in item.header.fields]
+            fields = [imap4._quote(f) if imap4._needsQuote(f) else f for f in fields]
+            text += (b".FIELDS.NOT (" if item.header.negate else b".FIELDS (") + b" ".join(fields) + b")"
+    elif item.text:
+        text = b"TEXT"
+    elif item.mime:
+        text = b"MIME"
+    else:
+        text = b""
+    return b"BODY[" + b".".join(p for p in (numbers, text) if p) + b"]"
+
+
 def readSection(path, start: int, end: int, skip: int = 0, limit: int | None = None) -> bytes:
     """
     A small section of a message file (stored with LF line ends) as IMAP sends it: with CRLF
@@ -366,8 +408,7 @@ def _section(item, msg):
         raise FetchError(f"Unsupported FETCH attribute {item.type}")
     if not (item.header or item.text or item.mime or item.empty):
         return b"BODY " + summary.body
-    name = item.getBytes()
-    name = name[: name.index(b"]") + 1]  # without Twisted's (wrong) partial suffix
+    name = _sectionName(item)
     partial = (item.partialBegin, item.partialLength) if item.partialBegin is not None else None
     if partial is not None:
         name += b"<%d>" % item.partialBegin

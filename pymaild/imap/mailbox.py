@@ -469,7 +469,12 @@ class StoreMailbox:
                 out.extend(view[bisect_left(view, low) : bisect_right(view, high)])
             return sorted(set(out)) if len(messages.ranges) > 1 else out
         messages.last = len(view)
-        return [view[n - 1] for n in sorted(set(messages)) if 1 <= n <= len(view)]
+        count, seqs = len(view), set()
+        for low, high in messages.ranges:  # ranges clipped to the view: 1:4294967295 is cheap
+            high = count if high is None else high
+            low, high = max(1, min(low, high)), min(count, max(low, high))
+            seqs.update(range(low, high + 1))
+        return [view[n - 1] for n in sorted(seqs)]
 
     _resolve = resolve
 
@@ -547,8 +552,10 @@ class StoreMailbox:
 
         def numbered(result):
             gone, changed = result
-            if known is not None:
+            if known is not None:  # RFC 7162 3.2.5.2: both limited to the client's known UIDs
                 gone = inSet(known, gone)
+                inside = set(inSet(known, [m.uid for m in changed]))
+                changed = [m for m in changed if m.uid in inside]
             out = []
             for m in changed:
                 seq = self.sequenceNumber(m.uid)
@@ -796,9 +803,14 @@ class StoreAccount:
                     attributes.append(info.special)
                 items = None
                 if status and info is not None:
-                    folder = self.user.folder(name)
-                    folder.sync(moveNew=False)
-                    items = statusItems(folder.status(), status)
+                    try:
+                        folder = self.user.folder(name)
+                        folder.sync(moveNew=False)
+                        items = statusItems(folder.status(), status)
+                    except Exception as e:  # deleted meanwhile by another session: no STATUS
+                        if getattr(e, "code", None) != "NONEXISTENT":
+                            raise
+                        continue
                 out.append((name, attributes, childinfo, items))
             return out
 

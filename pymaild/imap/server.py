@@ -96,6 +96,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             return
         challenge = self.challengers[mechanism]()
         if initial and initial.strip():
+            if mechanism == b"LOGIN":  # server-first: it has no initial response (RFC 4959 3)
+                self.sendBadResponse(tag, b"AUTHENTICATE LOGIN takes no initial response")
+                return
             # SASL-IR: the first response on the command line ("=" is an empty one)
             self._authStep(initial, challenge, tag)
         else:
@@ -117,7 +120,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         try:
             data = b"" if line == b"=" else base64.b64decode(line, validate=True)
             challenge.setResponse(data)
-        except (binascii.Error, ValueError, imap4.IllegalClientResponse):
+        except (binascii.Error, ValueError, IndexError, imap4.IllegalClientResponse):
             self.sendBadResponse(tag, b"Malformed AUTHENTICATE response")
             return
         if challenge.moreChallenges():
@@ -274,10 +277,19 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         return (held,) + tuple(entry[1:])
 
     def _hold(self, tag):
+        """
+        Stop reading commands until C{tag}'s tagged response: the input stays in
+        LineReceiver's buffer, bytes as they came (Twisted's own C{blocked} list stores later
+        input as lines, so the bytes of a LITERAL+ literal pipelined after a held command were
+        replayed as commands).  C{blocked} is still set, so that unsolicited responses wait
+        for the tagged one instead of landing inside a FETCH literal.
+        """
         if self.blocked is None:
             self.blocked = []
         self._heldTag = tag
         self._holdToken += 1
+        if not self.paused:
+            self.pauseProducing()
 
     def _respond(self, state, tag, message):
         super()._respond(state, tag, message)
@@ -286,8 +298,15 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
 
     def _releaseHold(self, token):
-        if token == self._holdToken and self._heldTag is None and self.blocked is not None:
-            self._unblock()
+        if token != self._holdToken or self._heldTag is not None or self.transport is None:
+            return
+        if self.blocked is not None:
+            self._unblock()  # lines Twisted itself queued (none while paused)
+        queued, self._queuedAsync = self._queuedAsync, []
+        for message in queued:  # what arrived since the tagged response: now, not at the next one
+            self._respond(message, None, None)
+        if self.paused and not getattr(self.transport, "disconnected", False):
+            self.resumeProducing()
 
     # --- STARTTLS: nothing sent before the handshake survives it (CVE-2011-0411 class) --------
 
@@ -800,7 +819,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         """
         ESEARCH: C{RETURN (MIN MAX COUNT ALL)}; C{RETURN ()} means ALL.
         """
-        line = line.lstrip()
+        line = (line or b"").lstrip()
+        if not line:
+            raise imap4.IllegalClientResponse("SEARCH needs search keys")
         if line[:7].upper() != b"RETURN ":
             return None, line
         rest = line[7:].lstrip()
@@ -814,7 +835,10 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         return (options or [b"ALL"]), rest[end + 1 :].lstrip()
 
     def opt_charset(self, line):
-        return super().opt_charset(line.lstrip())
+        line = (line or b"").lstrip()
+        if line[:8].upper() != b"CHARSET ":
+            return None, line
+        return self.arg_sortcharset(line[8:])
 
     _TRAILING_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
     #: literals in one SEARCH command
@@ -938,10 +962,17 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             raise imap4.IllegalClientResponse(str(e))
 
     def arg_sortcharset(self, line):
-        charset, _, rest = line.lstrip().partition(b" ")
-        if not charset:
-            raise imap4.IllegalClientResponse("SORT and THREAD need a charset")
-        return charset, rest
+        """
+        A charset: an astring, so a quoted string or a literal too (RFC 3501 9).
+        """
+        line = (line or b"").lstrip()
+        if not line:
+            raise imap4.IllegalClientResponse("A charset is needed")
+        result = self.arg_astring(line)
+        if isinstance(result, tuple):
+            charset, rest = result
+            return charset, (rest or b"").lstrip()
+        return result.addCallback(lambda r: (r[0], (r[1] or b"").lstrip()))
 
     def do_SORT(self, tag, criteria, charset, query, uid=0):
         self._sortOrThread(tag, charset, query, uid, b"SORT",
@@ -1011,7 +1042,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 log.failure("IMAP command failed", failure)
                 self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
 
-        d.addCallbacks(done, failed)
+        d.addCallback(done).addErrback(failed)  # an error in done() still gets an answer
 
     @staticmethod
     def _uidset(uids) -> bytes:
@@ -1073,6 +1104,16 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self._withTarget(tag, mailbox, move)
 
     select_MOVE = (do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+
+    def do_APPEND(self, tag, mailbox, flags, date, message):
+        # read-only open: an APPEND must not claim the folder's \Recent messages
+        d = maybeDeferred(self.account.select, self._name(mailbox), 0)
+        d.addCallback(self._cbAppendGotMailbox, tag, flags, date, message)
+        d.addErrback(self._ebAppendGotMailbox, tag)
+
+    auth_APPEND = (do_APPEND, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.opt_plist,
+                   imap4.IMAP4Server.opt_datetime, imap4.IMAP4Server.arg_literal)
+    select_APPEND = auth_APPEND
 
     def _cbAppendGotMailbox(self, mbox, tag, flags, date, message):
         if not mbox:
@@ -1145,13 +1186,21 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             while pending is not None:
                 batch = yield pending
                 i += size
-                pending = load(i) if i < len(wanted) else None
+                # The next batch loads while this one is written, except when loading sets
+                # \Seen: then only what is about to be sent is marked.
+                pending = load(i) if i < len(wanted) and not markSeen else None
                 try:
                     yield self._writeBatch(batch, request, uid, modseq, producer)
                 except BaseException:
                     if pending is not None:
                         pending.addErrback(lambda _: None)
                     raise
+                if producer.stopped or self._gone():
+                    if pending is not None:
+                        pending.addErrback(lambda _: None)
+                    return
+                if pending is None and markSeen and i < len(wanted):
+                    pending = load(i)
         finally:
             producer.unregister()
             self.setTimeout(old)
@@ -1173,10 +1222,15 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 self.transport.write(b"".join(out))
                 out, size = [], 0
                 producer.unregister()
+                stream = _SectionProducer(piece.section)
+                self._streaming = stream
                 try:
-                    yield imap4.FileProducer(piece.section).beginProducing(self.transport)
+                    yield stream.beginProducing(self.transport)
                 finally:
+                    self._streaming = None
                     piece.section.close()
+                if stream.stopped:
+                    return
             if size >= 262144:
                 self.transport.write(b"".join(out))
                 out, size = [], 0
@@ -1253,8 +1307,21 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendUntaggedResponse(b"%d FETCH (%b)" % (seq, b" ".join(items)), isAsync=True)
 
     _sessionKey = None
+    _streaming = None
+
+    def _gone(self) -> bool:
+        return self.transport is None or bool(getattr(self.transport, "disconnected", False))
 
     def connectionLost(self, reason):
+        stream, self._streaming = self._streaming, None
+        if stream is not None:
+            stream.stopProducing()  # Twisted's FileProducer never finishes then: its file leaked
+        mbox, self.mbox = self.mbox, None
+        if mbox is not None:  # stop hearing about the folder (and claiming its \Recent mail)
+            mbox.removeListener(self)
+            close = getattr(mbox, "close", None)
+            if close is not None:
+                close()
         key, self._sessionKey = self._sessionKey, None
         if key is not None:
             left = self.factory.sessions.get(key, 1) - 1
@@ -1282,12 +1349,58 @@ def _putLiterals(tokens, literals):
             out.append(_putLiterals(token, literals))
         elif isinstance(token, bytes) and token[:1] == b"\x00":
             m = re.fullmatch(rb"\x00(\d+)\x00", token)
-            if m is None:
+            if m is None or int(m.group(1)) >= len(literals):
                 raise imap4.IllegalClientResponse("Malformed SEARCH")
             out.append(literals[int(m.group(1))])
         else:
             out.append(token)
     return out
+
+
+class _SectionProducer:
+    """
+    Streams a large section as a literal (C{{size}} CRLF, then the bytes), 64 KiB at a time,
+    as Twisted's C{FileProducer} does, but ends (its Deferred fails) when the connection goes.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, section):
+        self.section = section
+        self.stopped = False
+        self._d = None
+        self._first = True
+
+    def beginProducing(self, consumer):
+        self.consumer = consumer
+        self._d = defer.Deferred()
+        consumer.registerProducer(self, False)
+        return self._d
+
+    def resumeProducing(self):
+        if self._d is None:
+            return
+        data = b""
+        if self._first:
+            self._first = False
+            data = b"{%d}\r\n" % self.section.seek(0, 2)
+            self.section.seek(0)
+        chunk = self.section.read(self.CHUNK)
+        if chunk or data:
+            self.consumer.write(data + chunk)
+        if not chunk:
+            self.consumer.unregisterProducer()
+            d, self._d = self._d, None
+            d.callback(None)
+
+    def pauseProducing(self):
+        pass
+
+    def stopProducing(self):
+        self.stopped = True
+        d, self._d = self._d, None
+        if d is not None:
+            d.callback(None)  # the writer sees C{stopped} and gives up
 
 
 @implementer(IPushProducer)

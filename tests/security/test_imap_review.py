@@ -1,0 +1,168 @@
+"""
+Regressions for the bugs a protocol review found in the IMAP server: each test failed before
+its fix.  (Pipelined LITERAL+ bytes replayed as commands, huge sequence sets enumerated, a
+dropped FETCH marking everything \\Seen, leaked files, sessions that outlived their
+connection, APPEND claiming \\Recent, AUTHENTICATE LOGIN with an initial response, literal
+charsets, server errors on malformed SEARCH/FETCH.)
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import wait_for
+from imapwire import ask, logged_in
+from pymaild.store.delivery import deliver
+
+
+def home(server):
+    path = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def message(n: int, size: int = 0) -> bytes:
+    return b"From: a@example.com\r\nSubject: number %d\r\n\r\nbody %d\r\n" % (n, n) + b"x" * size
+
+
+def test_pipelined_literal_plus_is_data_never_commands(server):
+    sock = logged_in(server)
+    ask(sock, b"c CREATE Pipe", b"c")
+    body1 = message(1)
+    body2 = b"From: b@example.com\r\nSubject: two\r\n\r\nx1 CREATE Injected\r\n"
+    sock.sendall(b"a1 APPEND Pipe {%d+}\r\n%s\r\na2 APPEND Pipe {%d+}\r\n%s\r\n" % (len(body1), body1, len(body2), body2))
+    answer = ask(sock, b"n NOOP", b"n")
+    assert re.search(rb"a1 OK \[APPENDUID", answer) and re.search(rb"a2 OK \[APPENDUID", answer), answer
+    assert b"BAD" not in answer and b"x1" not in answer, answer
+    listing = ask(sock, b'l LIST "" "*"', b"l")
+    assert b"Injected" not in listing, listing
+    ask(sock, b"s SELECT Pipe", b"s")
+    assert b"x1 CREATE Injected" in ask(sock, b"f FETCH 2 BODY.PEEK[TEXT]", b"f")
+    # and a literal pipelined behind a FETCH
+    sock.sendall(b"f2 FETCH 1 (UID)\r\nq SEARCH SUBJECT {3+}\r\ntwo\r\n")
+    answer = ask(sock, b"n2 NOOP", b"n2")
+    assert b"* SEARCH 2\r\n" in answer and b"BAD" not in answer, answer
+    sock.close()
+
+
+def test_huge_sequence_sets_cost_nothing(server):
+    for n in range(5):
+        deliver(home(server), message(n))
+    sock = logged_in(server, b"INBOX")
+    started = time.monotonic()
+    answer = ask(sock, b"f FETCH 1:4294967295 (UID)", b"f")
+    assert answer.count(b" FETCH (UID ") == 5, answer
+    answer = ask(sock, b"t STORE 1:4294967295 (UNCHANGEDSINCE 1) +FLAGS.SILENT (\\Seen)", b"t")
+    assert b"t OK" in answer, answer
+    assert b"c OK" in ask(sock, b"c COPY 3:4294967295 INBOX", b"c")
+    assert time.monotonic() - started < 10  # was: the server enumerated 4 billion numbers
+    sock.close()
+
+
+def test_a_dropped_fetch_marks_only_what_was_sent(server):
+    folder = home(server)
+    for n in range(1600):
+        deliver(folder, message(n, 3000))
+    sock = logged_in(server, b"INBOX")
+    sock.sendall(b"f FETCH 1:* (BODY[])\r\n")
+    got = b""
+    while len(got) < 100_000:
+        got += sock.recv(65536)
+    sock.close()
+    time.sleep(1)
+    other = logged_in(server, b"INBOX")
+    seen = ask(other, b"s SEARCH SEEN", b"s")
+    count = len(seen.split(b"\r\n")[0].split()) - 2
+    assert count < 1600, count  # was: every message of the set, sent or not
+    other.close()
+
+
+def open_files(server, name: str) -> int:
+    fds = f"/proc/{server.proc.pid}/fd"
+    count = 0
+    for fd in os.listdir(fds):
+        try:
+            if name in os.readlink(os.path.join(fds, fd)):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_an_aborted_large_fetch_closes_its_file(server):
+    deliver(home(server), message(1, 3_000_000))
+    for _ in range(4):
+        sock = logged_in(server, b"INBOX")
+        sock.sendall(b"f FETCH 1 BODY.PEEK[]\r\n")
+        sock.recv(1024)
+        sock.close()
+    assert wait_for(lambda: open_files(server, "/cur/") == 0, timeout=10)
+
+
+def test_a_closed_session_takes_no_recent(server):
+    folder = home(server)
+    first = logged_in(server, b"INBOX")
+    ask(first, b"o LOGOUT", b"o")
+    first.close()
+    dropped = logged_in(server, b"INBOX")
+    dropped.close()
+    time.sleep(0.5)
+    deliver(folder, message(1))
+    time.sleep(1)  # the watcher would have told the closed sessions by now
+    sock = logged_in(server)
+    assert b"* 1 RECENT" in ask(sock, b"s SELECT INBOX", b"s")
+    sock.close()
+
+
+def test_append_does_not_take_recent(server):
+    sock = logged_in(server)
+    ask(sock, b"c CREATE Rtest", b"c")
+    for n in range(3):
+        data = message(n)
+        sock.sendall(b"a%d APPEND Rtest {%d+}\r\n%s\r\n" % (n, len(data), data))
+        ask(sock, b"n%d NOOP" % n, b"n%d" % n)
+    other = logged_in(server)
+    assert b"* 3 RECENT" in ask(other, b"s SELECT Rtest", b"s")
+    sock.close()
+    other.close()
+
+
+def test_authenticate_login_with_an_initial_response_is_refused(server):
+    sock = logged_in(server)  # logged in already: try in a fresh session instead
+    sock.close()
+    from imapwire import tls_session
+
+    sock = tls_session(server)
+    answer = ask(sock, b"a AUTHENTICATE LOGIN " + base64.b64encode(b"postmaster@localhost"), b"a")
+    assert b"a BAD" in answer, answer
+    plain = base64.b64encode(b"\0postmaster@localhost\0" + server.postmaster_password().encode())
+    assert b"b OK" in ask(sock, b"b AUTHENTICATE PLAIN " + plain, b"b")
+    sock.close()
+
+
+def test_charset_as_literal_and_malformed_search_and_fetch(server):
+    for n in range(3):
+        deliver(home(server), message(n))
+    sock = logged_in(server, b"INBOX")
+    sock.sendall(b"a SEARCH CHARSET {5}\r\n")
+    assert sock.recv(4096).startswith(b"+ ")
+    assert b"* SEARCH 2\r\n" in ask(sock, b"UTF-8 SUBJECT \"number 1\"", b"a")
+    answer = ask(sock, b"b SORT (ARRIVAL) {5+}\r\nUTF-8 ALL", b"b")
+    assert b"* SORT 1 2 3\r\n" in answer, answer
+    for line, tag in ((b"c SEARCH", b"c"), (b"d SEARCH SUBJECT \x000\x00", b"d"),
+                      (b"e FETCH 1 BODY.PEEK[MIME]", b"e"), (b"f FETCH 1 (BODY[HEADER.FIELDS ()])", b"f"),
+                      (b"g FETCH 1 BODY[]<0.0>", b"g"), (b"h FETCH 1 BODY.PEEK[0]", b"h")):
+        answer = ask(sock, line, tag)
+        assert answer.startswith(tag + b" BAD") and b"Server error" not in answer, (line, answer)
+    assert b"\\Seen" not in ask(sock, b"i FETCH 1:* (FLAGS)", b"i")  # the refused ones set nothing
+    answer = ask(sock, b"j FETCH 1 (BODY.PEEK[HEADER.FIELDS (subject)])", b"j")
+    assert b"BODY[HEADER.FIELDS (SUBJECT)] {" in answer, answer
+    sock.close()
+    assert b"Traceback" not in server.log_path.read_bytes()
