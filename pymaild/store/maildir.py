@@ -791,7 +791,7 @@ class Folder:
         The summaries of many messages: cached ones in one query, the rest computed (and
         cached) one by one.
         """
-        from pymaild.store.summary import fromJSON, summarize
+        from pymaild.store.summary import fromJSON, summarize, summarizePath
 
         wanted = sorted(set(uids))
         with self.user.lock:
@@ -805,8 +805,14 @@ class Folder:
         missing = [uid for uid in wanted if uid not in out]
         if missing:
             computed = {}
+            paths = self.paths(missing)  # one query, not one per message
             for uid in missing:
                 try:
+                    computed[uid] = summarizePath(paths[uid])
+                    continue
+                except (KeyError, OSError):
+                    pass
+                try:  # renamed by another process meanwhile (open() syncs), or gone
                     with self.open(uid) as f:
                         computed[uid] = summarize(f)
                 except (StoreError, OSError):

@@ -24,7 +24,9 @@ message/rfc822 part becomes an opaque application/octet-stream part) and at most
 from __future__ import annotations
 
 import calendar
+import io
 import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "toJSON", "fromJSON", "baseSubject", "casemap",
+__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "baseSubject", "casemap",
            "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
@@ -825,6 +827,17 @@ _ENVELOPE_KEEP = frozenset(_ENVELOPE_STRINGS) | frozenset(_ENVELOPE_ADDRESSES) |
 _MIME_KEEP = frozenset(_CONTENT) | {b"mime-version"}
 
 
+def _keptHeaders(keep) -> re.Pattern:
+    """The header lines named in C{keep} (any case, blanks before the colon) with their
+    continuation lines, each after a LF: C{(name, value)}; the value runs from the colon to
+    the line end of the last continuation line (CRs and the first line's blanks still in)."""
+    names = b"|".join(re.escape(name) for name in sorted(keep))
+    return re.compile(rb"\n(" + names + rb")[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE)
+
+
+_KEPT_HEADERS = {keep: _keptHeaders(keep) for keep in (_ROOT_KEEP, _ENVELOPE_KEEP, _MIME_KEEP)}
+
+
 class _Part:
     __slots__ = ("parent", "children", "flags", "depth", "headerStart",
                  "hp", "hv", "hl", "bp", "bv", "bl",
@@ -860,12 +873,13 @@ class _Parser:
     goes to the enclosing part's body.
     """
 
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        self.buf = b""
+    def __init__(self, f: BinaryIO | bytes):
+        if isinstance(f, bytes):
+            self.f, self.buf, self.eof = None, f, True
+        else:
+            self.f, self.buf, self.eof = f, b"", False
         self.pos = 0          # index into buf
         self.base = 0         # file offset of buf[0]
-        self.eof = False
         self.lastByte = 0x0A  # the byte before buf[pos] (at the start: as after a line end)
         self.boundaries = []  # [(boundary, owner part)], innermost last
         self.total = 1        # parts so far, the root included
@@ -901,7 +915,8 @@ class _Parser:
         buf = self.buf
         lf = buf.count(b"\n", start, end)
         if lf:
-            crlf = buf.count(b"\r\n", start, end)
+            # (a CR is looked for first: much faster than counting CRLFs in LF-only mail)
+            crlf = buf.count(b"\r\n", start, end) if buf.find(b"\r", start, end) >= 0 else 0
             if buf[start] == 0x0A and self.lastByte == 0x0D:
                 crlf += 1
             n2 = n + lf - crlf
@@ -1002,7 +1017,33 @@ class _Parser:
                 self.boundaries
                 and (buf.startswith(b"--", pos) or buf.find(b"\n--", pos, eoh) >= 0)):
             block = buf[pos:eoh]
-            if b"\0" in block:
+            if (b"\0" not in block and len(block) < MAX_HEADER_VALUE
+                    and self.keptTotal + len(block) < MAX_KEPT_HEADER_BYTES
+                    and self.keptCount + block.count(b"\n") + 1 < MAX_KEPT_HEADERS):
+                # no limit can be reached inside this block: the kept headers at C speed
+                headers = part.headers
+                kept = 0
+                for m in _KEPT_HEADERS[keep].finditer(b"\n" + block):
+                    name, value = m.groups()
+                    name = name.lower()
+                    kept += m.end() - m.start() - 1 - value.count(b"\n")
+                    if b"\r" in value:
+                        value = value.replace(b"\r\n", b"\n")
+                        if value[-1:] == b"\r":
+                            value = value[:-1]
+                    if value[:1] in b" \t":
+                        # the first line's leading blanks go, or one of them if that is all
+                        nl = value.find(b"\n")
+                        first = value if nl < 0 else value[:nl]
+                        stripped = first.lstrip(b" \t")
+                        first = stripped if stripped else first[1:]
+                        value = first if nl < 0 else first + value[nl:]
+                    headers.append([name, bytearray(value)])
+                    if name == b"content-type" or name == b"mime-version":
+                        part.flags |= _IS_MIME
+                self.keptCount += len(headers)
+                self.keptTotal += kept
+            elif b"\0" in block:
                 current = None
                 for line in block.split(b"\n"):
                     if line[-1:] == b"\r":
@@ -1796,12 +1837,14 @@ class MessageSummary:
         return self.size - self.headerSize
 
 
-def summarize(f: BinaryIO) -> MessageSummary:
+def summarize(f: BinaryIO | bytes) -> MessageSummary:
     """
     Read the message in binary file C{f} from its current position to its end, once and in
-    order, and compute its L{MessageSummary}.  Never raises on malformed messages (only the
-    file's own errors, OSError, go through).
+    order, and compute its L{MessageSummary}; or the message C{f} when it is bytes.  Never
+    raises on malformed messages (only the file's own errors, OSError, go through).
     """
+    if isinstance(f, bytes) and len(f) >= _WHOLE_FILE:
+        f = io.BytesIO(f)
     parser = _Parser(f)
     try:
         return _summary(parser.run())
@@ -1811,6 +1854,29 @@ def summarize(f: BinaryIO) -> MessageSummary:
         # A message this module cannot handle is a bug to fix, but it must not stop an index
         # (re)build: count the rest of the file and describe the message as one text part.
         return _summary(parser.salvage())
+
+
+# Messages smaller than this are parsed in one buffer (a file read in one piece: one read
+# instead of a buffered reader's several), larger ones in chunks of _CHUNK.  Below the longest
+# header value kept, the answers cannot depend on where chunks end: a header line of a
+# megabyte is cut where a chunked read finds no line end.
+_WHOLE_FILE = MAX_HEADER_VALUE
+
+
+def summarizePath(path: str) -> MessageSummary:
+    """L{summarize} of the message file at C{path}."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < _WHOLE_FILE - 1:
+            data = os.read(fd, size + 1)
+            if len(data) <= size:  # a short read: the end of the file
+                return summarize(data)
+            os.lseek(fd, 0, os.SEEK_SET)  # it grew: read it in chunks
+        with open(fd, "rb", closefd=False) as f:
+            return summarize(f)
+    finally:
+        os.close(fd)
 
 
 def _summary(root: _Part) -> MessageSummary:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pymaild.store.summary import MessageSummary, summarize
+from pymaild.store.summary import MessageSummary, summarize, summarizePath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_summary import GARBAGE, SPECIMENS, damaged, specimen  # noqa: E402
@@ -246,12 +246,25 @@ def test_corpus_is_complete():
 
 @pytest.mark.parametrize("name, data", CORPUS, ids=[name for name, _ in CORPUS])
 def test_summaries_are_unchanged(name, data):
-    """Every field of the summary is the one stored, whether the message comes from a file
-    read in one piece or a few bytes at a time."""
+    """Every field of the summary is the one stored, whether the message is given as bytes or
+    comes from a file read in one piece or a few bytes at a time."""
     expected = _expected()[name]
+    assert digest(summarize(data)) == expected
     assert digest(summarize(io.BytesIO(data))) == expected
     if len(data) < 100_000:
         assert digest(summarize(ShortReads(data, 997))) == expected
+
+
+def test_files_read_whole_or_in_chunks(tmp_path):
+    """summarizePath() answers as summarize() does, for files read in one piece and for those
+    of a megabyte or more (the huge-header ones), read in chunks."""
+    path = tmp_path / "message"
+    sizes = set()
+    for name, data in CORPUS:
+        path.write_bytes(data)
+        assert digest(summarizePath(str(path))) == _expected()[name], name
+        sizes.add(len(data) >= 1 << 20)
+    assert sizes == {False, True}
 
 
 if __name__ == "__main__":
