@@ -30,6 +30,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from datetime import date as _date
 from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
@@ -774,7 +775,12 @@ def _contentType(value: bytes):
     return full, ctype, sub, params
 
 
+_MIME_TOKEN_ONLY = re.compile(rb"[A-Za-z0-9!#$%&'*+\-^_`{|}~.\x80-\xff]+")
+
+
 def _transferEncoding(value: bytes) -> bytes | None:
+    if _MIME_TOKEN_ONLY.fullmatch(value) is not None:
+        return value  # the usual "7bit", "base64": one token, no blanks or comments
     p = _Rfc822(value)
     p.skipLwsp()
     out = bytearray()
@@ -818,6 +824,8 @@ _ENVELOPE_STRINGS = {b"date": 0, b"subject": 1, b"in-reply-to": 8, b"message-id"
 _ENVELOPE_ADDRESSES = {b"from": 2, b"sender": 3, b"reply-to": 4, b"to": 5, b"cc": 6, b"bcc": 7}
 _SEARCH_HEADERS = (b"from", b"to", b"cc", b"bcc", b"subject", b"message-id", b"in-reply-to",
                    b"references", b"date")
+_SEARCH_HEADER_NAMES = {name: name.decode("ascii") for name in _SEARCH_HEADERS}
+_SUMMARY_HEADERS = frozenset(_SEARCH_HEADERS) | frozenset(_ENVELOPE_STRINGS) | frozenset(_ENVELOPE_ADDRESSES)
 _CONTENT = {b"content-type", b"content-transfer-encoding", b"content-id", b"content-md5",
             b"content-description", b"content-disposition", b"content-language",
             b"content-location"}
@@ -1448,13 +1456,15 @@ def _addressList(addrs) -> bytes:
 
 def _envelope(strings, addresses) -> bytes:
     subject = strings.get(b"subject")
-    sender = addresses.get(b"from")
+    sender = _addressList(addresses.get(b"from"))  # also Sender and Reply-To where missing
+    other = addresses.get(b"sender")
+    replyTo = addresses.get(b"reply-to")
     return b"".join((
         b"(", _nstringNoLF(strings.get(b"date")), b" ",
         b"NIL" if subject is None else _forHumans(subject), b" ",
-        _addressList(sender), b" ",
-        _addressList(addresses.get(b"sender") or sender), b" ",
-        _addressList(addresses.get(b"reply-to") or sender), b" ",
+        sender, b" ",
+        _addressList(other) if other else sender, b" ",
+        _addressList(replyTo) if replyTo else sender, b" ",
         _addressList(addresses.get(b"to")), b" ",
         _addressList(addresses.get(b"cc")), b" ",
         _addressList(addresses.get(b"bcc")), b" ",
@@ -1718,7 +1728,35 @@ _ZONES = {"edt": -4, "est": -5, "cdt": -5, "cst": -6, "mdt": -6, "mst": -7, "pdt
 _COMMENT = re.compile(r"\([^()]*\)")
 
 
+# the form almost every Date header has: the arithmetic of _sentDate() without its regexes,
+# text and comment handling; anything else (or any invalid value) goes the general way
+_USUAL_DATE = re.compile(
+    rb"(?:[A-Za-z]+, )?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)")
+_MONTHS_BYTES = {name.encode(): i for name, i in _MONTHS.items()}
+_EPOCH_DAY = _date(1970, 1, 1).toordinal()
+
+
 def _sentDate(raw: bytes | None) -> int | None:
+    """L{_anySentDate}, quicker for the usual form of the Date header."""
+    if raw is not None:
+        m = _USUAL_DATE.fullmatch(raw)
+        if m is not None:
+            day, month, year, hour, minute, second, sign, zoneHours, zoneMinutes = m.groups()
+            month = _MONTHS_BYTES.get(month.lower())
+            hour, minute, second, zoneMinutes = int(hour), int(minute), int(second), int(zoneMinutes)
+            if month is not None and hour <= 23 and minute <= 59 and second <= 60 and zoneMinutes <= 59:
+                try:
+                    days = _date(int(year), month, int(day)).toordinal() - _EPOCH_DAY
+                except ValueError:
+                    pass  # no such day
+                else:
+                    offset = (int(zoneHours) * 60 + zoneMinutes) * 60
+                    return (days * 86400 + hour * 3600 + minute * 60 + second
+                            - (offset if sign == b"+" else -offset))
+    return _anySentDate(raw)
+
+
+def _anySentDate(raw: bytes | None) -> int | None:
     """
     The sent date of RFC 5256 section 2.2 in seconds since the epoch: the Date header's date
     and time in UTC.  As section 2.2 asks, an invalid or missing time zone counts as UTC and an
@@ -1757,24 +1795,24 @@ def _sentDate(raw: bytes | None) -> int | None:
     return calendar.timegm((y, month, day, 0, 0, 0)) + seconds - offset
 
 
-def _messageIds(raw: bytes | None) -> list[str]:
-    """The valid message identifiers (C{<id-left@id-right>}, RFC 5322 section 3.6.4) in a
-    header value, in order, folding whitespace removed; anything else in the value is
-    skipped."""
-    if raw is None:
-        return []
-    out = []
+def _validIds(raw: bytes):
     for m in _MSGID.finditer(raw):
         body = _MSGID_SPACE.sub(b"", m.group(1))
         left, at, right = body.rpartition(b"@")
         if left and right:
-            out.append("<" + _text(body) + ">")
-    return out
+            yield "<" + _text(body) + ">"
+
+
+def _messageIds(raw: bytes | None) -> list[str]:
+    """The valid message identifiers (C{<id-left@id-right>}, RFC 5322 section 3.6.4) in a
+    header value, in order, folding whitespace removed; anything else in the value is
+    skipped."""
+    return [] if raw is None else list(_validIds(raw))
 
 
 def _firstId(raw: bytes | None) -> str | None:
-    ids = _messageIds(raw)
-    return ids[0] if ids else None
+    """The first of L{_messageIds}, or None (the others are not looked for)."""
+    return None if raw is None else next(_validIds(raw), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1880,7 +1918,45 @@ def summarizePath(path: str) -> MessageSummary:
 
 
 def _summary(root: _Part) -> MessageSummary:
-    strings, addresses = _envelopeData(root.headers)
+    # one pass over the root's headers: the envelope's strings and addresses (as
+    # _envelopeData), the decoded SEARCH fields, the references
+    strings = {}
+    addresses = {}
+    fields = {}
+    references = []
+    subject = None
+    for name, value in root.headers:
+        if name not in _SUMMARY_HEADERS:
+            continue  # Content-*, MIME-Version
+        raw = bytes(value)
+        text = raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw
+        if name in _ENVELOPE_ADDRESSES:
+            parsed = _addresses(raw)
+            if parsed:
+                known = addresses.get(name)
+                if known is None:
+                    addresses[name] = parsed
+                else:
+                    addresses[name] = known + parsed
+        elif name in _ENVELOPE_STRINGS:
+            strings[name] = text
+        if name in _SEARCH_HEADER_NAMES:
+            # decodeHeader(), without its work where there is nothing to decode or unfold
+            if b"=?" in text or b"\n" in text:
+                decoded = decodeHeader(text)
+            else:
+                try:
+                    decoded = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    decoded = text.decode("latin-1")
+            key = _SEARCH_HEADER_NAMES[name]
+            known = fields.get(key)
+            fields[key] = decoded if known is None else known + "\n" + decoded
+            if name == b"subject":
+                subject = decoded  # the last one is the ENVELOPE's
+            elif name == b"references":
+                references.extend(_messageIds(raw))
+
     if _isPlain7bit(root):
         body = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d)' % (root.bv, root.bl)
         bodystructure = body[:-1] + b" NIL NIL NIL NIL)"
@@ -1892,18 +1968,9 @@ def _summary(root: _Part) -> MessageSummary:
         out.append(b")")
         bodystructure = b"".join(ext)
         body = b"".join(out)
-
-    fields = {}
-    for name, value in root.headers:
-        if name in _SEARCH_HEADERS:
-            fields.setdefault(name.decode("ascii"), []).append(decodeHeader(_headerValue(value)))
-    fields = {key: "\n".join(texts) for key, texts in fields.items()}
-    subject = strings.get(b"subject")
-    base, replyOrForward = _baseSubject(decodeHeader(subject)) if subject is not None else ("", False)
-    references = []
-    for name, value in root.headers:
-        if name == b"references":
-            references.extend(_messageIds(bytes(value)))
+    base, replyOrForward = _baseSubject(subject) if subject is not None else ("", False)
+    fromAddresses = addresses.get(b"from")
+    toAddresses = addresses.get(b"to")
     return MessageSummary(
         size=root.hp + root.bp,
         vsize=root.hv + root.bv,
@@ -1917,11 +1984,11 @@ def _summary(root: _Part) -> MessageSummary:
         parts=_tree(root),
         headerFields=fields,
         sortSubject=casemap(base),
-        sortFrom=_sortMailbox(addresses.get(b"from")),
-        sortTo=_sortMailbox(addresses.get(b"to")),
+        sortFrom=_sortMailbox(fromAddresses),
+        sortTo=_sortMailbox(toAddresses),
         sortCc=_sortMailbox(addresses.get(b"cc")),
-        displayFrom=_display(addresses.get(b"from")),
-        displayTo=_display(addresses.get(b"to")),
+        displayFrom=_display(fromAddresses),
+        displayTo=_display(toAddresses),
         sentDate=_sentDate(strings.get(b"date")),
         messageId=_firstId(strings.get(b"message-id")),
         inReplyTo=_firstId(strings.get(b"in-reply-to")),
@@ -1933,20 +2000,19 @@ def _summary(root: _Part) -> MessageSummary:
 _BYTES_FIELDS = ("envelope", "bodystructure", "body")
 # 2: RFC 5051 titlecase sort keys, replyOrForward, only valid message-ids
 _JSON_VERSION = 2
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def toJSON(summary: MessageSummary) -> str:
     """The summary as one JSON text for the index (bytes as Latin-1 strings: exact and
     compact)."""
     d = {"v": _JSON_VERSION}
-    for name in MessageSummary.__dataclass_fields__:
-        value = getattr(summary, name)
-        if name in _BYTES_FIELDS:
-            value = value.decode("latin-1")
-        elif name == "references":
-            value = list(value)
-        d[name] = value
-    return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+    d.update(summary.__dict__)  # the fields, in their order
+    d["envelope"] = summary.envelope.decode("latin-1")
+    d["bodystructure"] = summary.bodystructure.decode("latin-1")
+    d["body"] = summary.body.decode("latin-1")
+    d["references"] = list(summary.references)
+    return _ENCODER.encode(d)
 
 
 def fromJSON(text: str) -> MessageSummary:

@@ -267,6 +267,30 @@ def test_files_read_whole_or_in_chunks(tmp_path):
     assert sizes == {False, True}
 
 
+def _usualDates():
+    """Dates in the usual form with every field at and around its limits."""
+    r = random.Random(7)
+    for _ in range(3000):
+        yield "%s%d %s %04d %02d:%02d:%02d %s%02d%02d" % (
+            r.choice(["", "Sun, ", "Xyz, ", "mon, "]), r.choice([1, 9, 10, 28, 29, 30, 31, 32, 0]),
+            r.choice(["Jan", "feb", "FEB", "Apr", "Dec", "Foo"]),
+            r.choice([0, 1, 1900, 1970, 1999, 2000, 2023, 2024, 2100, 9999]),
+            r.choice([0, 23, 24, 99]), r.choice([0, 59, 60]), r.choice([0, 59, 60, 61]),
+            r.choice("+-"), r.choice([0, 1, 12, 14, 99]), r.choice([0, 30, 59, 60, 99]))
+
+
+def test_usual_dates_take_the_general_way_s_answer():
+    """The quick reading of the usual Date form gives what the general one gives."""
+    from pymaild.store.summary import _anySentDate, _sentDate
+
+    answers = set()
+    for text in _usualDates():
+        raw = text.encode()
+        answers.add(_sentDate(raw) is None)
+        assert _sentDate(raw) == _anySentDate(raw), text
+    assert answers == {True, False}
+
+
 if __name__ == "__main__":
     for name, data in CORPUS:
         print(name, digest(summarize(io.BytesIO(data))))
