@@ -837,10 +837,11 @@ _MIME_KEEP = frozenset(_CONTENT) | {b"mime-version"}
 
 def _keptHeaders(keep) -> re.Pattern:
     """The header lines named in C{keep} (any case, blanks before the colon) with their
-    continuation lines, each after a LF: C{(name, value)}; the value runs from the colon to
-    the line end of the last continuation line (CRs and the first line's blanks still in)."""
+    continuation lines, each after a LF: C{(name, blanks, value)}; the blanks follow the colon,
+    the value runs from them to the line end of the last continuation line (CRs still in)."""
     names = b"|".join(re.escape(name) for name in sorted(keep))
-    return re.compile(rb"\n(" + names + rb")[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE)
+    return re.compile(rb"\n(" + names + rb")[ \t]*:([ \t]*)([^\n]*(?:\n[ \t][^\n]*)*)",
+                      re.IGNORECASE)
 
 
 _KEPT_HEADERS = {keep: _keptHeaders(keep) for keep in (_ROOT_KEEP, _ENVELOPE_KEEP, _MIME_KEEP)}
@@ -1032,21 +1033,16 @@ class _Parser:
                 headers = part.headers
                 kept = 0
                 for m in _KEPT_HEADERS[keep].finditer(b"\n" + block):
-                    name, value = m.groups()
+                    name, blanks, value = m.groups()
                     name = name.lower()
                     kept += m.end() - m.start() - 1 - value.count(b"\n")
                     if b"\r" in value:
                         value = value.replace(b"\r\n", b"\n")
                         if value[-1:] == b"\r":
                             value = value[:-1]
-                    if value[:1] in b" \t":
-                        # the first line's leading blanks go, or one of them if that is all
-                        nl = value.find(b"\n")
-                        first = value if nl < 0 else value[:nl]
-                        stripped = first.lstrip(b" \t")
-                        first = stripped if stripped else first[1:]
-                        value = first if nl < 0 else first + value[nl:]
-                    headers.append([name, bytearray(value)])
+                    if blanks and (not value or value[0] == 0x0A):
+                        value = blanks[1:] + value  # blanks only: one of them goes
+                    headers.append([name, value])  # (bytes: nothing is added to it later)
                     if name == b"content-type" or name == b"mime-version":
                         part.flags |= _IS_MIME
                 self.keptCount += len(headers)
@@ -1810,9 +1806,19 @@ def _messageIds(raw: bytes | None) -> list[str]:
     return [] if raw is None else list(_validIds(raw))
 
 
+_ONE_ID = re.compile(rb"<([^<>\s]+)>")
+
+
 def _firstId(raw: bytes | None) -> str | None:
     """The first of L{_messageIds}, or None (the others are not looked for)."""
-    return None if raw is None else next(_validIds(raw), None)
+    if raw is None:
+        return None
+    m = _ONE_ID.fullmatch(raw)  # the usual value: one identifier, no blanks
+    if m is not None:
+        left, at, right = m.group(1).rpartition(b"@")
+        if left and right:
+            return "<" + _text(m.group(1)) + ">"
+    return next(_validIds(raw), None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,10 +189,38 @@ def randomMessage(seed: int) -> bytes:
     return data
 
 
+# header lines at the edges of unfolding and blank handling, each in a root header, a part's
+# header and an encapsulated message's header, with LF and CRLF line ends
+_EDGE_HEADERS = [
+    b"Subject:", b"Subject: ", b"Subject:  \n\tfolded", b"Subject:\t\n folded", b"Subject: \r",
+    b"Subject: a\r\r", b"Subject:\ra", b"Subject \t: spaced name", b"SUBJECT:upper", b"Subject: a\n\n",
+    b"From: a@b\n  \n\tc@d", b"To:\n b@c", b"Cc: x@y\n\t", b"Date:  Tue, 14 Jan 2025 09:15:00 +0100",
+    b"Message-ID:\t<a@b>", b"Message-ID: <a b@c>", b"In-Reply-To: <x@y>\n <z@w>", b"X-Other: y\n\tz",
+    b" Subject: leading blank", b"Subject: one\nSubject: two", b"Content-Type: text/html;\n\tcharset=\"x\"",
+    b"Content-Transfer-Encoding:  base64 ", b"Content-Transfer-Encoding: (c) 8bit",
+    b"Content-Transfer-Encoding:\n\tquoted-printable", b"Content-ID:\t<i@d>\r",
+]
+
+
+def _edgeMessages():
+    for i, line in enumerate(_EDGE_HEADERS):
+        for crlf in (False, True):
+            for where in ("root", "part", "rfc822"):
+                if where == "root":
+                    m = b"From: r@s\n" + line + b"\nTo: t@u\n\nbody\n"
+                elif where == "part":
+                    m = (b"Content-Type: multipart/mixed; boundary=z\n\n--z\n" + line
+                         + b"\nX: y\n\nbody\n--z--\n")
+                else:
+                    m = b"Content-Type: message/rfc822\n\nFrom: r@s\n" + line + b"\n\nbody\n"
+                yield f"edge-{i}-{where}{'-crlf' if crlf else ''}", m.replace(b"\n", b"\r\n") if crlf else m
+
+
 def corpus():
     """(name, message) pairs, deterministic."""
     for name in SPECIMENS:
         yield name, specimen(name)
+    yield from _edgeMessages()
     for name in sorted(GARBAGE):
         yield "garbage-" + name, GARBAGE[name]
     for seed in range(1000, 1400):
