@@ -675,10 +675,11 @@ class Folder:
         directories, as Dovecot does.
         """
         dates = {}
-        for uid in uids:
+        stat = os.stat
+        for uid, path in self.paths(uids).items():  # one query, not one per message
             try:
-                dates[uid] = int(os.stat(self.filePath(uid)).st_mtime)
-            except (FileNotFoundError, StoreError):
+                dates[uid] = int(stat(path).st_mtime)
+            except FileNotFoundError:
                 continue
         with self.user.transaction():
             self.user.db.executemany(
