@@ -6,7 +6,8 @@ part (so that BODY[1.2], BODY[1.2.MIME] and BODY[HEADER] are streamed straight f
 and the decoded header fields and sort keys that SEARCH, SORT and THREAD need.
 
 L{summarize} reads the file once, sequentially, in bounded memory: it keeps header lines and
-boundary lines, and only counts bodies (a 40 MB attachment is never held in memory).  Messages
+boundary lines, and only counts bodies (a 40 MB attachment is never held in memory);
+L{summarizePath} reads a file under 1 MiB in one piece and parses it in one buffer.  Messages
 on disk may have LF or CRLF line ends; IMAP sizes are "virtual" sizes that count every line end
 as CRLF.
 
