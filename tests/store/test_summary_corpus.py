@@ -5,8 +5,9 @@ hundred randomly built MIME messages) is compared with digests stored in
 C{tests/data/summary-corpus.txt}, computed by the implementation they were taken from.
 
 The Dovecot differential tests (C{test_summary.py}) check ENVELOPE, BODY, BODYSTRUCTURE and
-RFC822.SIZE against Dovecot; this also covers what Dovecot cannot be asked for the same way (part
-offsets, header fields, sort keys) and does not need Dovecot installed.
+RFC822.SIZE against Dovecot, the generated messages of this corpus included; the digests also
+cover what Dovecot cannot be asked for the same way (part offsets, header fields, sort keys)
+and do not need Dovecot installed.
 
 Only a deliberate change of the summaries may regenerate the file::
 
@@ -28,7 +29,14 @@ import pytest
 from pymaild.store.summary import MessageSummary, summarize, summarizePath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_summary import GARBAGE, SPECIMENS, damaged, specimen  # noqa: E402
+from test_summary import (  # noqa: E402
+    GARBAGE,
+    SPECIMENS,
+    assertMatchesDovecot,
+    damaged,
+    dovecotFetch,
+    specimen,
+)
 
 EXPECTED = Path(__file__).resolve().parent.parent / "data" / "summary-corpus.txt"
 
@@ -293,6 +301,22 @@ def test_files_read_whole_or_in_chunks(tmp_path):
         assert digest(summarizePath(str(path))) == _expected()[name], name
         sizes.add(len(data) >= 1 << 20)
     assert sizes == {False, True}
+
+
+# the messages of this corpus that the Dovecot differential tests of test_summary.py lack
+GENERATED = [(name, data) for name, data in CORPUS if name.startswith(("random-", "edge-"))]
+
+
+@pytest.fixture(scope="module")
+def dovecotAnswers():
+    return dovecotFetch(GENERATED)
+
+
+@pytest.mark.parametrize("name, data", GENERATED, ids=[name for name, _ in GENERATED])
+def test_generated_messages_match_dovecot(dovecotAnswers, name, data):
+    """The random MIME messages and the header edge cases: ENVELOPE, BODYSTRUCTURE, BODY and
+    RFC822.SIZE byte for byte as Dovecot sends them (as in test_summary.test_matches_dovecot)."""
+    assertMatchesDovecot(data, dovecotAnswers[name])
 
 
 def _usualDates():
