@@ -838,10 +838,10 @@ _MIME_KEEP = frozenset(_CONTENT) | {b"mime-version"}
 
 def _keptHeaders(keep) -> re.Pattern:
     """The header lines named in C{keep} (any case, blanks before the colon) with their
-    continuation lines, each after a LF: C{(name, blanks, value)}; the blanks follow the colon,
-    the value runs from them to the line end of the last continuation line (CRs still in)."""
+    continuation lines, each after a LF: C{(name, blanks, colon, blanks, value)}; the value
+    runs to the line end of the last continuation line (CRs still in)."""
     names = b"|".join(re.escape(name) for name in sorted(keep))
-    return re.compile(rb"\n(" + names + rb")[ \t]*:([ \t]*)([^\n]*(?:\n[ \t][^\n]*)*)",
+    return re.compile(rb"\n(" + names + rb")([ \t]*:)([ \t]*)([^\n]*(?:\n[ \t][^\n]*)*)",
                       re.IGNORECASE)
 
 
@@ -1033,10 +1033,9 @@ class _Parser:
                 # no limit can be reached inside this block: the kept headers at C speed
                 headers = part.headers
                 kept = 0
-                for m in _KEPT_HEADERS[keep].finditer(b"\n" + block):
-                    name, blanks, value = m.groups()
+                for name, colon, blanks, value in _KEPT_HEADERS[keep].findall(b"\n" + block):
                     name = name.lower()
-                    kept += m.end() - m.start() - 1 - value.count(b"\n")
+                    kept += len(name) + len(colon) + len(blanks) + len(value) - value.count(b"\n")
                     if b"\r" in value:
                         value = value.replace(b"\r\n", b"\n")
                         if value[-1:] == b"\r":

@@ -224,11 +224,25 @@ def _edgeMessages():
                 yield f"edge-{i}-{where}{'-crlf' if crlf else ''}", m.replace(b"\n", b"\r\n") if crlf else m
 
 
+def _keptLimits():
+    """Messages that reach the caps on kept header bytes (8 MiB, with one 950-byte header in
+    each of 9,000 parts) and on kept header lines (10,000, two in each of 6,000 parts)."""
+    description = b"Content-Description: " + b"d" * 929 + b"\n"
+    yield "limit-kept-bytes", (
+        b"Content-Type: multipart/mixed; boundary=k\n\n"
+        + b"".join(b"--k\n" + description + b"\n%d\n" % i for i in range(9000)) + b"--k--\n")
+    yield "limit-kept-lines", (
+        b"Content-Type: multipart/mixed; boundary=k\n\n"
+        + b"".join(b"--k\nContent-Type: text/plain\nContent-ID: <%d>\n\n%d\n" % (i, i)
+                   for i in range(6000)) + b"--k--\n")
+
+
 def corpus():
     """(name, message) pairs, deterministic."""
     for name in SPECIMENS:
         yield name, specimen(name)
     yield from _edgeMessages()
+    yield from _keptLimits()
     for name in sorted(GARBAGE):
         yield "garbage-" + name, GARBAGE[name]
     for seed in range(1000, 1400):
