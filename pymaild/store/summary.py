@@ -36,8 +36,8 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "baseSubject", "casemap",
-           "decodeHeader", "parseAddresses"]
+__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "baseSubject",
+           "casemap", "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
 MAX_NESTING = 100
@@ -826,7 +826,8 @@ _ENVELOPE_ADDRESSES = {b"from": 2, b"sender": 3, b"reply-to": 4, b"to": 5, b"cc"
 _SEARCH_HEADERS = (b"from", b"to", b"cc", b"bcc", b"subject", b"message-id", b"in-reply-to",
                    b"references", b"date")
 _SEARCH_HEADER_NAMES = {name: name.decode("ascii") for name in _SEARCH_HEADERS}
-_SUMMARY_HEADERS = frozenset(_SEARCH_HEADERS) | frozenset(_ENVELOPE_STRINGS) | frozenset(_ENVELOPE_ADDRESSES)
+_SUMMARY_HEADERS = (frozenset(_SEARCH_HEADERS) | frozenset(_ENVELOPE_STRINGS)
+                    | frozenset(_ENVELOPE_ADDRESSES))
 _CONTENT = {b"content-type", b"content-transfer-encoding", b"content-id", b"content-md5",
             b"content-description", b"content-disposition", b"content-language",
             b"content-location"}
@@ -1739,8 +1740,10 @@ def _sentDate(raw: bytes | None) -> int | None:
         if m is not None:
             day, month, year, hour, minute, second, sign, zoneHours, zoneMinutes = m.groups()
             month = _MONTHS_BYTES.get(month.lower())
-            hour, minute, second, zoneMinutes = int(hour), int(minute), int(second), int(zoneMinutes)
-            if month is not None and hour <= 23 and minute <= 59 and second <= 60 and zoneMinutes <= 59:
+            hour, minute, second = int(hour), int(minute), int(second)
+            zoneMinutes = int(zoneMinutes)
+            if (month is not None and hour <= 23 and minute <= 59 and second <= 60
+                    and zoneMinutes <= 59):
                 try:
                     days = _date(int(year), month, int(day)).toordinal() - _EPOCH_DAY
                 except ValueError:
