@@ -707,9 +707,10 @@ class Folder:
         directories, as Dovecot does.
         """
         dates = {}
+        stat = os.stat
         for uid, path in self.paths(uids).items():  # one query, not one per message
             try:
-                dates[uid] = int(os.stat(path).st_mtime)
+                dates[uid] = int(stat(path).st_mtime)
             except FileNotFoundError:
                 continue
         with self.user.transaction():
@@ -829,7 +830,7 @@ class Folder:
         The summaries of many messages: cached ones in one query, the rest computed (and
         cached) one by one.
         """
-        from pymaild.store.summary import fromJSON, summarize
+        from pymaild.store.summary import fromJSON, summarize, summarizePath
 
         wanted = sorted(set(uids))
         with self.user.lock:
@@ -843,8 +844,14 @@ class Folder:
         missing = [uid for uid in wanted if uid not in out]
         if missing:
             computed = {}
+            paths = self.paths(missing)  # one query, not one per message
             for uid in missing:
                 try:
+                    computed[uid] = summarizePath(paths[uid])
+                    continue
+                except (KeyError, OSError):
+                    pass
+                try:  # renamed by another process meanwhile (open() syncs), or gone
                     with self.open(uid) as f:
                         computed[uid] = summarize(f)
                 except (StoreError, OSError):

@@ -6,7 +6,8 @@ part (so that BODY[1.2], BODY[1.2.MIME] and BODY[HEADER] are streamed straight f
 and the decoded header fields and sort keys that SEARCH, SORT and THREAD need.
 
 L{summarize} reads the file once, sequentially, in bounded memory: it keeps header lines and
-boundary lines, and only counts bodies (a 40 MB attachment is never held in memory).  Messages
+boundary lines, and only counts bodies (a 40 MB attachment is never held in memory);
+L{summarizePath} reads a file under 1 MiB in one piece and parses it in one buffer.  Messages
 on disk may have LF or CRLF line ends; IMAP sizes are "virtual" sizes that count every line end
 as CRLF.
 
@@ -24,16 +25,19 @@ message/rfc822 part becomes an opaque application/octet-stream part) and at most
 from __future__ import annotations
 
 import calendar
+import io
 import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from datetime import date as _date
 from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "toJSON", "fromJSON", "baseSubject", "casemap",
-           "decodeHeader", "parseAddresses"]
+__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "baseSubject",
+           "casemap", "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
 MAX_NESTING = 100
@@ -772,7 +776,12 @@ def _contentType(value: bytes):
     return full, ctype, sub, params
 
 
+_MIME_TOKEN_ONLY = re.compile(rb"[A-Za-z0-9!#$%&'*+\-^_`{|}~.\x80-\xff]+")
+
+
 def _transferEncoding(value: bytes) -> bytes | None:
+    if _MIME_TOKEN_ONLY.fullmatch(value) is not None:
+        return value  # the usual "7bit", "base64": one token, no blanks or comments
     p = _Rfc822(value)
     p.skipLwsp()
     out = bytearray()
@@ -816,6 +825,9 @@ _ENVELOPE_STRINGS = {b"date": 0, b"subject": 1, b"in-reply-to": 8, b"message-id"
 _ENVELOPE_ADDRESSES = {b"from": 2, b"sender": 3, b"reply-to": 4, b"to": 5, b"cc": 6, b"bcc": 7}
 _SEARCH_HEADERS = (b"from", b"to", b"cc", b"bcc", b"subject", b"message-id", b"in-reply-to",
                    b"references", b"date")
+_SEARCH_HEADER_NAMES = {name: name.decode("ascii") for name in _SEARCH_HEADERS}
+_SUMMARY_HEADERS = (frozenset(_SEARCH_HEADERS) | frozenset(_ENVELOPE_STRINGS)
+                    | frozenset(_ENVELOPE_ADDRESSES))
 _CONTENT = {b"content-type", b"content-transfer-encoding", b"content-id", b"content-md5",
             b"content-description", b"content-disposition", b"content-language",
             b"content-location"}
@@ -823,6 +835,18 @@ _ROOT_KEEP = frozenset(_SEARCH_HEADERS) | _CONTENT | {b"sender", b"reply-to", b"
 _ENVELOPE_KEEP = frozenset(_ENVELOPE_STRINGS) | frozenset(_ENVELOPE_ADDRESSES) | _CONTENT | {
     b"mime-version"}
 _MIME_KEEP = frozenset(_CONTENT) | {b"mime-version"}
+
+
+def _keptHeaders(keep) -> re.Pattern:
+    """The header lines named in C{keep} (any case, blanks before the colon) with their
+    continuation lines, each after a LF: C{(name, blanks, colon, blanks, value)}; the value
+    runs to the line end of the last continuation line (CRs still in)."""
+    names = b"|".join(re.escape(name) for name in sorted(keep))
+    return re.compile(rb"\n(" + names + rb")([ \t]*:)([ \t]*)([^\n]*(?:\n[ \t][^\n]*)*)",
+                      re.IGNORECASE)
+
+
+_KEPT_HEADERS = {keep: _keptHeaders(keep) for keep in (_ROOT_KEEP, _ENVELOPE_KEEP, _MIME_KEEP)}
 
 
 class _Part:
@@ -860,12 +884,13 @@ class _Parser:
     goes to the enclosing part's body.
     """
 
-    def __init__(self, f: BinaryIO):
-        self.f = f
-        self.buf = b""
+    def __init__(self, f: BinaryIO | bytes):
+        if isinstance(f, bytes):
+            self.f, self.buf, self.eof = None, f, True
+        else:
+            self.f, self.buf, self.eof = f, b"", False
         self.pos = 0          # index into buf
         self.base = 0         # file offset of buf[0]
-        self.eof = False
         self.lastByte = 0x0A  # the byte before buf[pos] (at the start: as after a line end)
         self.boundaries = []  # [(boundary, owner part)], innermost last
         self.total = 1        # parts so far, the root included
@@ -901,7 +926,8 @@ class _Parser:
         buf = self.buf
         lf = buf.count(b"\n", start, end)
         if lf:
-            crlf = buf.count(b"\r\n", start, end)
+            # (a CR is looked for first: much faster than counting CRLFs in LF-only mail)
+            crlf = buf.count(b"\r\n", start, end) if buf.find(b"\r", start, end) >= 0 else 0
             if buf[start] == 0x0A and self.lastByte == 0x0D:
                 crlf += 1
             n2 = n + lf - crlf
@@ -1002,7 +1028,27 @@ class _Parser:
                 self.boundaries
                 and (buf.startswith(b"--", pos) or buf.find(b"\n--", pos, eoh) >= 0)):
             block = buf[pos:eoh]
-            if b"\0" in block:
+            if (b"\0" not in block and len(block) < MAX_HEADER_VALUE
+                    and self.keptTotal + len(block) < MAX_KEPT_HEADER_BYTES
+                    and self.keptCount + block.count(b"\n") + 1 < MAX_KEPT_HEADERS):
+                # no limit can be reached inside this block: the kept headers at C speed
+                headers = part.headers
+                kept = 0
+                for name, colon, blanks, value in _KEPT_HEADERS[keep].findall(b"\n" + block):
+                    name = name.lower()
+                    kept += len(name) + len(colon) + len(blanks) + len(value) - value.count(b"\n")
+                    if b"\r" in value:
+                        value = value.replace(b"\r\n", b"\n")
+                        if value[-1:] == b"\r":
+                            value = value[:-1]
+                    if blanks and (not value or value[0] == 0x0A):
+                        value = blanks[1:] + value  # blanks only: one of them goes
+                    headers.append([name, value])  # (bytes: nothing is added to it later)
+                    if name == b"content-type" or name == b"mime-version":
+                        part.flags |= _IS_MIME
+                self.keptCount += len(headers)
+                self.keptTotal += kept
+            elif b"\0" in block:
                 current = None
                 for line in block.split(b"\n"):
                     if line[-1:] == b"\r":
@@ -1407,13 +1453,15 @@ def _addressList(addrs) -> bytes:
 
 def _envelope(strings, addresses) -> bytes:
     subject = strings.get(b"subject")
-    sender = addresses.get(b"from")
+    sender = _addressList(addresses.get(b"from"))  # also Sender and Reply-To where missing
+    other = addresses.get(b"sender")
+    replyTo = addresses.get(b"reply-to")
     return b"".join((
         b"(", _nstringNoLF(strings.get(b"date")), b" ",
         b"NIL" if subject is None else _forHumans(subject), b" ",
-        _addressList(sender), b" ",
-        _addressList(addresses.get(b"sender") or sender), b" ",
-        _addressList(addresses.get(b"reply-to") or sender), b" ",
+        sender, b" ",
+        _addressList(other) if other else sender, b" ",
+        _addressList(replyTo) if replyTo else sender, b" ",
         _addressList(addresses.get(b"to")), b" ",
         _addressList(addresses.get(b"cc")), b" ",
         _addressList(addresses.get(b"bcc")), b" ",
@@ -1677,7 +1725,37 @@ _ZONES = {"edt": -4, "est": -5, "cdt": -5, "cst": -6, "mdt": -6, "mst": -7, "pdt
 _COMMENT = re.compile(r"\([^()]*\)")
 
 
+# the form almost every Date header has: the arithmetic of _sentDate() without its regexes,
+# text and comment handling; anything else (or any invalid value) goes the general way
+_USUAL_DATE = re.compile(
+    rb"(?:[A-Za-z]+, )?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)")
+_MONTHS_BYTES = {name.encode(): i for name, i in _MONTHS.items()}
+_EPOCH_DAY = _date(1970, 1, 1).toordinal()
+
+
 def _sentDate(raw: bytes | None) -> int | None:
+    """L{_anySentDate}, quicker for the usual form of the Date header."""
+    if raw is not None:
+        m = _USUAL_DATE.fullmatch(raw)
+        if m is not None:
+            day, month, year, hour, minute, second, sign, zoneHours, zoneMinutes = m.groups()
+            month = _MONTHS_BYTES.get(month.lower())
+            hour, minute, second = int(hour), int(minute), int(second)
+            zoneMinutes = int(zoneMinutes)
+            if (month is not None and hour <= 23 and minute <= 59 and second <= 60
+                    and zoneMinutes <= 59):
+                try:
+                    days = _date(int(year), month, int(day)).toordinal() - _EPOCH_DAY
+                except ValueError:
+                    pass  # no such day
+                else:
+                    offset = (int(zoneHours) * 60 + zoneMinutes) * 60
+                    return (days * 86400 + hour * 3600 + minute * 60 + second
+                            - (offset if sign == b"+" else -offset))
+    return _anySentDate(raw)
+
+
+def _anySentDate(raw: bytes | None) -> int | None:
     """
     The sent date of RFC 5256 section 2.2 in seconds since the epoch: the Date header's date
     and time in UTC.  As section 2.2 asks, an invalid or missing time zone counts as UTC and an
@@ -1716,24 +1794,34 @@ def _sentDate(raw: bytes | None) -> int | None:
     return calendar.timegm((y, month, day, 0, 0, 0)) + seconds - offset
 
 
-def _messageIds(raw: bytes | None) -> list[str]:
-    """The valid message identifiers (C{<id-left@id-right>}, RFC 5322 section 3.6.4) in a
-    header value, in order, folding whitespace removed; anything else in the value is
-    skipped."""
-    if raw is None:
-        return []
-    out = []
+def _validIds(raw: bytes):
     for m in _MSGID.finditer(raw):
         body = _MSGID_SPACE.sub(b"", m.group(1))
         left, at, right = body.rpartition(b"@")
         if left and right:
-            out.append("<" + _text(body) + ">")
-    return out
+            yield "<" + _text(body) + ">"
+
+
+def _messageIds(raw: bytes | None) -> list[str]:
+    """The valid message identifiers (C{<id-left@id-right>}, RFC 5322 section 3.6.4) in a
+    header value, in order, folding whitespace removed; anything else in the value is
+    skipped."""
+    return [] if raw is None else list(_validIds(raw))
+
+
+_ONE_ID = re.compile(rb"<([^<>\s]+)>")
 
 
 def _firstId(raw: bytes | None) -> str | None:
-    ids = _messageIds(raw)
-    return ids[0] if ids else None
+    """The first of L{_messageIds}, or None (the others are not looked for)."""
+    if raw is None:
+        return None
+    m = _ONE_ID.fullmatch(raw)  # the usual value: one identifier, no blanks
+    if m is not None:
+        left, at, right = m.group(1).rpartition(b"@")
+        if left and right:
+            return "<" + _text(m.group(1)) + ">"
+    return next(_validIds(raw), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1796,12 +1884,14 @@ class MessageSummary:
         return self.size - self.headerSize
 
 
-def summarize(f: BinaryIO) -> MessageSummary:
+def summarize(f: BinaryIO | bytes) -> MessageSummary:
     """
     Read the message in binary file C{f} from its current position to its end, once and in
-    order, and compute its L{MessageSummary}.  Never raises on malformed messages (only the
-    file's own errors, OSError, go through).
+    order, and compute its L{MessageSummary}; or the message C{f} when it is bytes.  Never
+    raises on malformed messages (only the file's own errors, OSError, go through).
     """
+    if isinstance(f, bytes) and len(f) >= _WHOLE_FILE:
+        f = io.BytesIO(f)
     parser = _Parser(f)
     try:
         return _summary(parser.run())
@@ -1813,8 +1903,69 @@ def summarize(f: BinaryIO) -> MessageSummary:
         return _summary(parser.salvage())
 
 
+# Messages smaller than this are parsed in one buffer (a file read in one piece: one read
+# instead of a buffered reader's several), larger ones in chunks of _CHUNK.  Below the longest
+# header value kept, the answers cannot depend on where chunks end: a header line of a
+# megabyte is cut where a chunked read finds no line end.
+_WHOLE_FILE = MAX_HEADER_VALUE
+
+
+def summarizePath(path: str) -> MessageSummary:
+    """L{summarize} of the message file at C{path}."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < _WHOLE_FILE - 1:
+            data = os.read(fd, size + 1)
+            if len(data) <= size:  # a short read: the end of the file
+                return summarize(data)
+            os.lseek(fd, 0, os.SEEK_SET)  # it grew: read it in chunks
+        with open(fd, "rb", closefd=False) as f:
+            return summarize(f)
+    finally:
+        os.close(fd)
+
+
 def _summary(root: _Part) -> MessageSummary:
-    strings, addresses = _envelopeData(root.headers)
+    # one pass over the root's headers: the envelope's strings and addresses (as
+    # _envelopeData), the decoded SEARCH fields, the references
+    strings = {}
+    addresses = {}
+    fields = {}
+    references = []
+    subject = None
+    for name, value in root.headers:
+        if name not in _SUMMARY_HEADERS:
+            continue  # Content-*, MIME-Version
+        raw = bytes(value)
+        text = raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw
+        if name in _ENVELOPE_ADDRESSES:
+            parsed = _addresses(raw)
+            if parsed:
+                known = addresses.get(name)
+                if known is None:
+                    addresses[name] = parsed
+                else:
+                    addresses[name] = known + parsed
+        elif name in _ENVELOPE_STRINGS:
+            strings[name] = text
+        if name in _SEARCH_HEADER_NAMES:
+            # decodeHeader(), without its work where there is nothing to decode or unfold
+            if b"=?" in text or b"\n" in text:
+                decoded = decodeHeader(text)
+            else:
+                try:
+                    decoded = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    decoded = text.decode("latin-1")
+            key = _SEARCH_HEADER_NAMES[name]
+            known = fields.get(key)
+            fields[key] = decoded if known is None else known + "\n" + decoded
+            if name == b"subject":
+                subject = decoded  # the last one is the ENVELOPE's
+            elif name == b"references":
+                references.extend(_messageIds(raw))
+
     if _isPlain7bit(root):
         body = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d)' % (root.bv, root.bl)
         bodystructure = body[:-1] + b" NIL NIL NIL NIL)"
@@ -1826,18 +1977,9 @@ def _summary(root: _Part) -> MessageSummary:
         out.append(b")")
         bodystructure = b"".join(ext)
         body = b"".join(out)
-
-    fields = {}
-    for name, value in root.headers:
-        if name in _SEARCH_HEADERS:
-            fields.setdefault(name.decode("ascii"), []).append(decodeHeader(_headerValue(value)))
-    fields = {key: "\n".join(texts) for key, texts in fields.items()}
-    subject = strings.get(b"subject")
-    base, replyOrForward = _baseSubject(decodeHeader(subject)) if subject is not None else ("", False)
-    references = []
-    for name, value in root.headers:
-        if name == b"references":
-            references.extend(_messageIds(bytes(value)))
+    base, replyOrForward = _baseSubject(subject) if subject is not None else ("", False)
+    fromAddresses = addresses.get(b"from")
+    toAddresses = addresses.get(b"to")
     return MessageSummary(
         size=root.hp + root.bp,
         vsize=root.hv + root.bv,
@@ -1851,11 +1993,11 @@ def _summary(root: _Part) -> MessageSummary:
         parts=_tree(root),
         headerFields=fields,
         sortSubject=casemap(base),
-        sortFrom=_sortMailbox(addresses.get(b"from")),
-        sortTo=_sortMailbox(addresses.get(b"to")),
+        sortFrom=_sortMailbox(fromAddresses),
+        sortTo=_sortMailbox(toAddresses),
         sortCc=_sortMailbox(addresses.get(b"cc")),
-        displayFrom=_display(addresses.get(b"from")),
-        displayTo=_display(addresses.get(b"to")),
+        displayFrom=_display(fromAddresses),
+        displayTo=_display(toAddresses),
         sentDate=_sentDate(strings.get(b"date")),
         messageId=_firstId(strings.get(b"message-id")),
         inReplyTo=_firstId(strings.get(b"in-reply-to")),
@@ -1867,20 +2009,19 @@ def _summary(root: _Part) -> MessageSummary:
 _BYTES_FIELDS = ("envelope", "bodystructure", "body")
 # 2: RFC 5051 titlecase sort keys, replyOrForward, only valid message-ids
 _JSON_VERSION = 2
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def toJSON(summary: MessageSummary) -> str:
     """The summary as one JSON text for the index (bytes as Latin-1 strings: exact and
     compact)."""
     d = {"v": _JSON_VERSION}
-    for name in MessageSummary.__dataclass_fields__:
-        value = getattr(summary, name)
-        if name in _BYTES_FIELDS:
-            value = value.decode("latin-1")
-        elif name == "references":
-            value = list(value)
-        d[name] = value
-    return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+    d.update(summary.__dict__)  # the fields, in their order
+    d["envelope"] = summary.envelope.decode("latin-1")
+    d["bodystructure"] = summary.bodystructure.decode("latin-1")
+    d["body"] = summary.body.decode("latin-1")
+    d["references"] = list(summary.references)
+    return _ENCODER.encode(d)
 
 
 def fromJSON(text: str) -> MessageSummary:

@@ -298,6 +298,23 @@ def test_summary_is_computed_once(user):
     assert inbox.summary(1).envelope == first.envelope
 
 
+def test_summaries_follow_files_renamed_by_others(user):
+    """
+    summaries() finds a message whose file another process renamed (a flag change) since the
+    index last saw it, and leaves out one whose file is gone.
+    """
+    inbox = user.folder("INBOX")
+    for i in (1, 2, 3):
+        inbox.append(msg(i))
+    renamed = inbox.filePath(2)
+    os.rename(renamed, str(renamed) + "F")
+    os.unlink(inbox.filePath(3))
+    summaries = inbox.summaries([1, 2, 3])
+    assert sorted(summaries) == [1, 2]
+    assert b"hello 2" in summaries[2].envelope
+    assert inbox.filePath(2).name.endswith("F")
+
+
 def test_summary_from_an_older_version_is_computed_again(user):
     """
     A cached summary an older pymaild wrote (another JSON version) is not used: summary() and

@@ -737,15 +737,15 @@ DIFFERENTIAL = (
 FETCH_ITEMS = ("ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.SIZE")
 
 
-@pytest.fixture(scope="module")
-def dovecotAnswers():
-    """Dovecot's FETCH answers for every message of DIFFERENTIAL, by name."""
+def dovecotFetch(messages) -> dict:
+    """Dovecot's FETCH answers (FETCH_ITEMS) for C{messages}, (name, bytes) pairs, by name;
+    skips the test when Dovecot is not installed."""
     if dovecot_imap_path() is None:
         pytest.skip("Dovecot is not installed (apt-get install dovecot-imapd); "
                     "the differential tests need /usr/lib/dovecot/imap")
     root = scratch_maildir("summary-dovecot-")
     try:
-        for number, (_, data) in enumerate(DIFFERENTIAL, 1000000):
+        for number, (_, data) in enumerate(messages, 1000000):
             (root / "cur" / maildir_filename(number, data)).write_bytes(data)
         with DovecotIMAP(root) as imap:
             untagged, tagged = imap.command("SELECT INBOX")
@@ -760,11 +760,25 @@ def dovecotAnswers():
         for response in untagged:
             if b" FETCH " in response:
                 number, items = parse_fetch(response)
-                answers[DIFFERENTIAL[number - 1][0]] = items
-        assert len(answers) == len(DIFFERENTIAL)
+                answers[messages[number - 1][0]] = items
+        assert len(answers) == len(messages)
         return answers
     finally:
         shutil.rmtree(root.parent, ignore_errors=True)
+
+
+def assertMatchesDovecot(data: bytes, theirs: dict) -> None:
+    s = summary(data)
+    mine = {"ENVELOPE": s.envelope, "BODYSTRUCTURE": s.bodystructure, "BODY": s.body,
+            "RFC822.SIZE": b"%d" % s.vsize}
+    for item in FETCH_ITEMS:
+        assert mine[item] == theirs[item], item
+
+
+@pytest.fixture(scope="module")
+def dovecotAnswers():
+    """Dovecot's FETCH answers for every message of DIFFERENTIAL, by name."""
+    return dovecotFetch(DIFFERENTIAL)
 
 
 @pytest.mark.parametrize("name, data", DIFFERENTIAL, ids=[m[0] for m in DIFFERENTIAL])
@@ -780,12 +794,7 @@ def test_matches_dovecot(dovecotAnswers, name, data):
     header lines of a message are used (Dovecot has no such caps); and Dovecot drops the last
     continuation line of a folded header of several hundred kilobytes (100,000 lines), which
     summarize() keeps ("huge-folded-header" is therefore only in the structural tests)."""
-    s = summary(data)
-    mine = {"ENVELOPE": s.envelope, "BODYSTRUCTURE": s.bodystructure, "BODY": s.body,
-            "RFC822.SIZE": b"%d" % s.vsize}
-    theirs = dovecotAnswers[name]
-    for item in FETCH_ITEMS:
-        assert mine[item] == theirs[item], item
+    assertMatchesDovecot(data, dovecotAnswers[name])
 
 
 def test_non_text_codec_in_encoded_word_keeps_the_structure():
