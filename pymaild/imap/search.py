@@ -29,7 +29,10 @@ C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the sa
   over one column of decoded header fields (C{Folder.headerFields()}: no summary is decoded);
   NOT/AND/OR combine the lists.  Keys that read the file (HEADER on another field, TEXT, BODY)
   go one message at a time, together, through one cursor.  A search on flags, sizes, dates or
-  UIDs thus reads only the index's message rows.
+  UIDs thus reads only the index's message rows.  TEXT and BODY first screen each file's raw
+  bytes (L{excludedBy}): a plain message (ASCII, no transfer or RFC 2047 encoding, charsets
+  that decode ASCII to itself) whose lower-cased bytes lack a piece of the needle is not
+  decoded, and its summary is not read; the others are decoded as in the per-message path.
 - per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
   UID, index metadata and lazy callables for the message summary, the raw header and the
   decoded text, so that a search on flags never opens a file and one on headers never decodes
@@ -47,6 +50,7 @@ import datetime
 import email.parser
 import email.policy
 import email.utils
+import os
 import re
 import unicodedata
 from bisect import bisect_right
@@ -56,7 +60,7 @@ from typing import Any, Callable, Iterable
 from pymaild.mime import bytesText, decodeBytes, decodeHeader
 
 __all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search", "searchFolder",
-           "readHeaderBytes", "readMessageText", "SUPPORTED_CHARSETS", "MAX_TEXT"]
+           "readHeaderBytes", "readMessageText", "excludedBy", "SUPPORTED_CHARSETS", "MAX_TEXT"]
 
 #: What C{NO [BADCHARSET (...)]} lists.
 SUPPORTED_CHARSETS = ("UTF-8", "US-ASCII")
@@ -313,6 +317,109 @@ def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
 
 
 # --------------------------------------------------------------------------------------------
+# Screening raw files (the bulk path): a needle absent from the bytes cannot be in the text
+# --------------------------------------------------------------------------------------------
+
+#: charsets that decode every ASCII byte string to itself (stateless, ASCII-compatible): the
+#: lower-case spellings a screened message may name (tests check each against its codec)
+_TRANSPARENT_CHARSETS = (
+    b"us-ascii", b"ascii", b"utf-8", b"utf8", b"iso-8859-1", b"iso-8859-2", b"iso-8859-3",
+    b"iso-8859-4", b"iso-8859-5", b"iso-8859-6", b"iso-8859-7", b"iso-8859-8", b"iso-8859-9",
+    b"iso-8859-10", b"iso-8859-13", b"iso-8859-14", b"iso-8859-15", b"iso-8859-16", b"latin1",
+    b"windows-1250", b"windows-1251", b"windows-1252", b"windows-1253", b"windows-1254",
+    b"windows-1255", b"windows-1256", b"windows-1257", b"windows-1258", b"koi8-r", b"koi8-u",
+)
+#: a charset parameter whose value the header parser reads as exactly one of those names:
+#: C{charset=} at once, the name bare or in balanced quotes, then only blanks up to a C{;}
+#: or the end of the field (a line end not followed by a continuation line, or the data's end)
+_CHARSET_PARAM = re.compile(
+    rb'charset=(?:"(?:' + b"|".join(map(re.escape, _TRANSPARENT_CHARSETS)) + rb')"|(?:'
+    + b"|".join(map(re.escape, _TRANSPARENT_CHARSETS)) + rb'))[ \t]*(?:;|\r?\n(?![ \t])|\Z)')
+
+
+def _needleWords(needle: str) -> tuple[bytes, ...] | None:
+    """
+    The pieces of a L{fold}ed needle between blanks and colons, as ASCII bytes (the empty
+    tuple if there are none), or None if the needle is not ASCII.  Decoding a plain message
+    (L{_plainText}) only drops or inserts blanks, line ends and C{": "}, and lower-cases: so
+    each piece of an occurrence lies in one stretch of the file's bytes.
+    """
+    if not needle.isascii():
+        return None
+    words, word = [], []
+    for c in needle:
+        if c.isspace() or c == ":":
+            if word:
+                words.append("".join(word).encode("ascii"))
+                word = []
+        else:
+            word.append(c)
+    if word:
+        words.append("".join(word).encode("ascii"))
+    return tuple(words)
+
+
+def _plainText(data: bytes, low: bytes) -> bool:
+    """
+    Whether the message C{data} (its whole file; C{low} is C{data.lower()}) decodes for
+    TEXT/BODY (L{readMessageText}) to ASCII stretches of its own bytes: all bytes ASCII, no
+    RFC 2047 encoded-word, no base64 or quoted-printable anywhere, and every charset
+    parameter one that decodes ASCII to itself.  Then the decoded, folded text is the file's
+    lower-cased bytes less some blanks and line ends, cut where fields and parts join, with
+    C{"name: "} before each field value: no other character.
+    """
+    if not data.isascii() or b"=?" in data or b"base64" in low or b"quoted-printable" in low:
+        return False
+    count = low.count(b"charset")
+    return count == 0 or count == len(_CHARSET_PARAM.findall(low))
+
+
+def _readWhole(path: str, limit: int) -> bytes | None:
+    """The whole file at C{path}, or None if it is larger than C{limit} (or cannot be read:
+    the text path then meets the same error)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return None
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, size + 1 - total if total <= size else 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                return None
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def excludedBy(data: bytes, needles: Iterable[str]) -> set[str]:
+    """
+    The L{fold}ed needles that cannot occur in the TEXT/BODY text of the message whose
+    whole file is C{data}, as far as its bytes show without decoding: for a L{_plainText}
+    message, a non-ASCII needle and one with a piece (L{_needleWords}) missing from the
+    lower-cased bytes.  Others may occur (the text must be decoded to know).
+    """
+    low = data.lower()
+    if not _plainText(data, low):
+        return set()
+    out = set()
+    for needle in needles:
+        words = _needleWords(needle)
+        if words is None or any(w not in low for w in words):
+            out.add(needle)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The per-message context
 # --------------------------------------------------------------------------------------------
 
@@ -398,6 +505,12 @@ class SearchContext:
         if the message has no such field."""
         return self.summary().headerFields.get(name)
 
+    def excludes(self, needle: str) -> bool:
+        """Whether the message is known not to hold C{needle} (L{fold}ed) in its TEXT/BODY
+        text without decoding it: never here (the per-message path decodes every text; the
+        bulk path screens files first, L{_FolderCursor.excludes})."""
+        return False
+
 
 class _Gone(Exception):
     """The message left the folder while it was being searched: it is not a match."""
@@ -411,25 +524,29 @@ class _FolderCursor:
     it (L{each}).  What a key needs is loaded for every message at once, the first time a key
     needs it: the index rows (flags, sizes, dates, MODSEQ) with C{folder.messages()}, one
     header field with C{folder.headerFields()} (one column of the index, no summary
-    decoded), the summaries with C{folder.summaries()} (TEXT, BODY: part offsets), the file
-    names with C{folder.paths()} (HEADER on a field the index does not keep, TEXT, BODY).  So
-    a search on flags, sizes, dates or UIDs reads only the messages table; one on
-    FROM/SUBJECT/... adds one column per field and decodes no summary.
+    decoded), the file names with C{folder.paths()} (HEADER on a field the index does not
+    keep, TEXT, BODY).  So a search on flags, sizes, dates or UIDs reads only the messages
+    table; one on FROM/SUBJECT/... adds one column per field and decodes no summary.  For
+    TEXT and BODY, L{screen} reads each file once and loads with C{folder.summaries()} (part
+    offsets) only the summaries of the messages that may hold a needle.
 
     @ivar gone: indices of messages found missing from the folder while searching (no match,
         whatever the keys: L{searchFolder} leaves them out).
     """
 
     __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "recent", "_folder", "_uids",
-                 "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text")
+                 "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text",
+                 "_screened")
 
     def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
         self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
         self.lastSeq, self.lastUid = len(view), (view[-1] if view else 0)
         self.gone: set[int] = set()
         self.recent = _never
-        self._metas = self._summaries = self._paths = None
+        self._metas = self._paths = None
+        self._summaries: dict[int, Any] = {}
         self._fields: dict[str, dict[int, str]] = {}
+        self._screened: dict[str, dict[int, bool]] = {}  # needle -> {index: excluded}
         self.seq = self.uid = 0
         self._headerBytes = self._text = None
 
@@ -449,7 +566,11 @@ class _FolderCursor:
         return column
 
     def each(self, predicate: Predicate, candidates: list[int]) -> list[int]:
-        """The candidates that match C{predicate.matches}, the cursor moved to each in turn."""
+        """The candidates that match C{predicate.matches}, the cursor moved to each in turn
+        (after L{screen}ing them for the TEXT/BODY needles among its keys)."""
+        needles = _textNeedles(predicate)
+        if needles:
+            self.screen(needles, candidates)
         out = []
         view, matches = self.view, predicate.matches
         for i in candidates:
@@ -461,6 +582,35 @@ class _FolderCursor:
             except _Gone:
                 self.gone.add(i)
         return out
+
+    def screen(self, needles: set[str], candidates: list[int]) -> None:
+        """
+        Read the file of each candidate once and note which C{needles} it cannot hold
+        (L{excludedBy}: no decoding); then load, in one call, the summaries (part offsets) of
+        the candidates that may hold one, the only ones L{text} will be asked for.
+        """
+        todo = [n for n in needles if n not in self._screened]
+        for n in todo:
+            self._screened[n] = {}
+        fresh = [i for i in candidates if any(i not in self._screened[n] for n in needles)]
+        if not fresh:
+            return
+        paths = self.paths()
+        view, limit, screened, wanted = self.view, self._textLimit, self._screened, []
+        for i in fresh:
+            path = paths.get(view[i])
+            data = None if path is None else _readWhole(path, limit)
+            excluded = excludedBy(data, needles) if data is not None else ()
+            for n in needles:
+                screened[n][i] = n in excluded
+            if len(excluded) < len(needles) and view[i] not in self._summaries:
+                wanted.append(view[i])
+        if wanted:
+            self._summaries.update(self._folder.summaries(wanted))
+
+    def excludes(self, needle: str) -> bool:
+        """Whether the current message was L{screen}ed and cannot hold C{needle}."""
+        return self._screened.get(needle, {}).get(self.seq - 1, False)
 
     # -- the SearchContext interface, for the current message ------------------------------
 
@@ -475,15 +625,17 @@ class _FolderCursor:
         return self.column(name).get(self.uid)
 
     def summary(self):
-        if self._summaries is None:
-            self._summaries = self._folder.summaries(self._uids)
         found = self._summaries.get(self.uid)
         return found if found is not None else self._folder.summary(self.uid)
 
-    def _path(self):
+    def paths(self) -> dict[int, str]:
+        """C{{uid: file name}} of the messages searched (loaded once)."""
         if self._paths is None:
             self._paths = self._folder.paths(self._uids)
-        path = self._paths.get(self.uid)
+        return self._paths
+
+    def _path(self):
+        path = self.paths().get(self.uid)
         if path is None:
             raise _Gone()
         return path
@@ -504,6 +656,22 @@ class _FolderCursor:
 
 def _never(uid: int) -> bool:
     return False
+
+
+def _textNeedles(predicate: Predicate) -> set[str]:
+    """The non-empty needles of the TEXT and BODY keys in C{predicate}'s tree."""
+    out: set[str] = set()
+    stack = [predicate]
+    while stack:
+        p = stack.pop()
+        if isinstance(p, Text):
+            if p.needle:
+                out.add(p.needle)
+        elif isinstance(p, Not):
+            stack.append(p.child)
+        elif isinstance(p, (And, Or)):
+            stack.extend(p.children)
+    return out
 
 
 def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT,
@@ -787,6 +955,8 @@ class Text(Predicate):
     def matches(self, ctx):
         if not self.needle:
             return True
+        if ctx.excludes(self.needle):
+            return False
         text = ctx.text()
         if self.needle in text.folded("body"):
             return True
