@@ -50,6 +50,7 @@ import datetime
 import email.parser
 import email.policy
 import email.utils
+import io
 import os
 import re
 import unicodedata
@@ -221,19 +222,49 @@ def _parsedFields(header: bytes, plain=_UNKNOWN) -> bytes | None:
     return b"".join(out)
 
 
-def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
-    """A leaf part's content as text (transfer encoding and charset decoded), or None for a
-    non-text part (images, PDFs ...: their bytes are not searched, their MIME headers are)."""
+def _parseContent(header: bytes) -> tuple[str, str, str | None]:
+    """(main type, transfer encoding, charset) of a part, as the email package's parser
+    reads them from C{header}."""
     try:
-        fields = _parsedFields(header, plain)
-        msg = _HEADER_PARSER.parsebytes(header if fields is None else fields)
+        msg = _HEADER_PARSER.parsebytes(header)
         maintype = msg.get_content_maintype()
         cte = str(msg.get("content-transfer-encoding", "")).strip().lower()
         charset = msg.get_param("charset")
         if isinstance(charset, tuple):  # RFC 2231
             charset = email.utils.collapse_rfc2231_value(charset)
     except Exception:  # the header parser is tolerant; this is belt and braces
-        maintype, cte, charset = "text", "", None
+        return "text", "", None
+    return maintype, cte, charset
+
+
+#: L{_parseContent} of the L{_parsedFields} of plain headers: most parts of a mailbox say one
+#: of a few things (C{text/plain; charset="utf-8"} and C{7bit} ...), and parsing costs more
+#: than the rest of decoding a small part.  Cleared when full.
+_CONTENT_CACHE: dict[bytes, tuple] = {}
+_CONTENT_CACHE_SIZE = 4096
+
+
+def _contentInfo(header: bytes, plain=_UNKNOWN) -> tuple[str, str, str | None]:
+    """L{_parseContent} of a part's C{header} (from the cache when it is a plain one)."""
+    try:
+        fields = _parsedFields(header, plain)
+    except Exception:  # belt and braces, as in _parseContent
+        return "text", "", None
+    if fields is None:
+        return _parseContent(header)
+    info = _CONTENT_CACHE.get(fields)
+    if info is None:
+        info = _parseContent(fields)
+        if len(_CONTENT_CACHE) >= _CONTENT_CACHE_SIZE:
+            _CONTENT_CACHE.clear()
+        _CONTENT_CACHE[fields] = info
+    return info
+
+
+def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
+    """A leaf part's content as text (transfer encoding and charset decoded), or None for a
+    non-text part (images, PDFs ...: their bytes are not searched, their MIME headers are)."""
+    maintype, cte, charset = _contentInfo(header, plain)
     if maintype not in ("text", "message"):
         return None
     if cte == "base64":
@@ -368,7 +399,8 @@ def _plainText(data: bytes, low: bytes) -> bool:
     lower-cased bytes less some blanks and line ends, cut where fields and parts join, with
     C{"name: "} before each field value: no other character.
     """
-    if not data.isascii() or b"=?" in data or b"base64" in low or b"quoted-printable" in low:
+    if (not data.isascii() or (b"?" in data and b"=?" in data) or b"base64" in low
+            or b"quoted-printable" in low):
         return False
     count = low.count(b"charset")
     return count == 0 or count == len(_CHARSET_PARAM.findall(low))
@@ -401,21 +433,22 @@ def _readWhole(path: str, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def excludedBy(data: bytes, needles: Iterable[str]) -> set[str]:
+def excludedBy(data: bytes, needles: Iterable[str], words: dict | None = None) -> set[str]:
     """
     The L{fold}ed needles that cannot occur in the TEXT/BODY text of the message whose
     whole file is C{data}, as far as its bytes show without decoding: for a L{_plainText}
     message, a non-ASCII needle and one with a piece (L{_needleWords}) missing from the
-    lower-cased bytes.  Others may occur (the text must be decoded to know).
+    lower-cased bytes.  Others may occur (the text must be decoded to know).  C{words}:
+    C{{needle: _needleWords(needle)}} if known.
     """
     low = data.lower()
-    if not _plainText(data, low):
-        return set()
     out = set()
     for needle in needles:
-        words = _needleWords(needle)
-        if words is None or any(w not in low for w in words):
+        pieces = words[needle] if words is not None else _needleWords(needle)
+        if pieces is None or any(w not in low for w in pieces):
             out.add(needle)
+    if out and not _plainText(data, low):
+        return set()
     return out
 
 
@@ -512,6 +545,12 @@ class SearchContext:
         return False
 
 
+#: L{_FolderCursor.each} screens this many candidates at a time ...
+_SCREEN_CHUNK = 256
+#: ... and keeps at most this many bytes of their files for decoding.
+_KEPT_BYTES = 8 << 20
+
+
 class _Gone(Exception):
     """The message left the folder while it was being searched: it is not a match."""
 
@@ -536,7 +575,7 @@ class _FolderCursor:
 
     __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "recent", "_folder", "_uids",
                  "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text",
-                 "_screened")
+                 "_screened", "_kept")
 
     def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
         self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
@@ -547,6 +586,7 @@ class _FolderCursor:
         self._summaries: dict[int, Any] = {}
         self._fields: dict[str, dict[int, str]] = {}
         self._screened: dict[str, dict[int, bool]] = {}  # needle -> {index: excluded}
+        self._kept: dict[int, bytes] = {}  # index -> file bytes read by screen(), for text()
         self.seq = self.uid = 0
         self._headerBytes = self._text = None
 
@@ -567,27 +607,33 @@ class _FolderCursor:
 
     def each(self, predicate: Predicate, candidates: list[int]) -> list[int]:
         """The candidates that match C{predicate.matches}, the cursor moved to each in turn
-        (after L{screen}ing them for the TEXT/BODY needles among its keys)."""
+        (after L{screen}ing them for the TEXT/BODY needles among its keys, a chunk at a time,
+        so that the files read by the screen are kept for L{text} in bounded memory)."""
         needles = _textNeedles(predicate)
-        if needles:
-            self.screen(needles, candidates)
+        step = _SCREEN_CHUNK if needles else max(1, len(candidates))
         out = []
         view, matches = self.view, predicate.matches
-        for i in candidates:
-            self.seq, self.uid = i + 1, view[i]
-            self._headerBytes = self._text = None
-            try:
-                if matches(self):
-                    out.append(i)
-            except _Gone:
-                self.gone.add(i)
+        for start in range(0, len(candidates), step):
+            chunk = candidates[start:start + step]
+            if needles:
+                self.screen(needles, chunk)
+            for i in chunk:
+                self.seq, self.uid = i + 1, view[i]
+                self._headerBytes = self._text = None
+                try:
+                    if matches(self):
+                        out.append(i)
+                except _Gone:
+                    self.gone.add(i)
+            self._kept.clear()
         return out
 
     def screen(self, needles: set[str], candidates: list[int]) -> None:
         """
         Read the file of each candidate once and note which C{needles} it cannot hold
         (L{excludedBy}: no decoding); then load, in one call, the summaries (part offsets) of
-        the candidates that may hold one, the only ones L{text} will be asked for.
+        the candidates that may hold one, the only ones L{text} will be asked for, and keep
+        their files' bytes for it (up to L{_KEPT_BYTES}).
         """
         todo = [n for n in needles if n not in self._screened]
         for n in todo:
@@ -597,14 +643,20 @@ class _FolderCursor:
             return
         paths = self.paths()
         view, limit, screened, wanted = self.view, self._textLimit, self._screened, []
+        words = {n: _needleWords(n) for n in needles}
+        kept = sum(map(len, self._kept.values()))
         for i in fresh:
             path = paths.get(view[i])
             data = None if path is None else _readWhole(path, limit)
-            excluded = excludedBy(data, needles) if data is not None else ()
+            excluded = excludedBy(data, needles, words) if data is not None else ()
             for n in needles:
                 screened[n][i] = n in excluded
-            if len(excluded) < len(needles) and view[i] not in self._summaries:
-                wanted.append(view[i])
+            if len(excluded) < len(needles):
+                if view[i] not in self._summaries:
+                    wanted.append(view[i])
+                if data is not None and kept + len(data) <= _KEPT_BYTES:
+                    self._kept[i] = data
+                    kept += len(data)
         if wanted:
             self._summaries.update(self._folder.summaries(wanted))
 
@@ -649,8 +701,15 @@ class _FolderCursor:
     def text(self) -> MessageText:
         if self._text is None:
             parts = self.summary().parts
-            with open(self._path(), "rb") as f:
-                self._text = readMessageText(f, parts, self._textLimit)
+            path = self._path()
+            data = self._kept.pop(self.seq - 1, None)
+            if data is None:
+                data = _readWhole(path, self._textLimit)
+            if data is not None:  # the whole file, as the screen read it or in one read
+                self._text = readMessageText(io.BytesIO(data), parts, self._textLimit)
+            else:
+                with open(path, "rb") as f:
+                    self._text = readMessageText(f, parts, self._textLimit)
         return self._text
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import quopri
 import random
+from pathlib import Path
 
 import pytest
 
@@ -189,7 +190,7 @@ def test_screen_is_used_and_answers_are_not_trivial(folder):
     nor all."""
     view = folder.uids()
     paths = folder.paths(view)
-    data = {uid: open(paths[uid], "rb").read() for uid in view}
+    data = {uid: Path(paths[uid]).read_bytes() for uid in view}
     plain = [uid for uid in view if S._plainText(data[uid], data[uid].lower())]
     assert 100 < len(plain) < len(view) - 100
     for needle in ["invoice", "budget draft", "report\ndraft", "png", "end."]:
@@ -208,6 +209,41 @@ def test_screen_is_used_and_answers_are_not_trivial(folder):
     assert {9, 10, 11, 12} <= set(S.searchFolder(S.compile([b"TEXT", b"subject: quarterly"]), folder, view))
     assert [12] == S.searchFolder(S.compile([b"TEXT", b"x-b: quarterly\treport"]), folder, view)
     assert 12 in S.searchFolder(S.compile([b"BODY", b"budget quarterly\nreport"]), folder, view)
+
+
+@pytest.mark.parametrize("chunk, kept", [(1, 0), (7, 3000), (1000, 1 << 30)])
+def test_chunks_and_kept_bytes(folder, monkeypatch, chunk, kept):
+    """Screened a few candidates at a time, with few or no files kept for decoding (read
+    again), or all at once: the same answers."""
+    view = folder.uids()
+    queries = [S.compile([b"TEXT", b"quarterly"]), S.compile([b"BODY", b"budget draft"]),
+               S.compile([b"OR", b"BODY", b"invoice", b"NOT", b"TEXT", b"report"])]
+    expected = [S.searchFolder(q, folder, view) for q in queries]
+    monkeypatch.setattr(S, "_SCREEN_CHUNK", chunk)
+    monkeypatch.setattr(S, "_KEPT_BYTES", kept)
+    assert [S.searchFolder(q, folder, view) for q in queries] == expected
+    assert all(0 < len(e) < len(view) for e in expected)
+
+
+def test_content_cache(folder):
+    """A part's type, transfer encoding and charset come from the cache as the parser reads
+    them from the header (the cache is keyed by the plain header's Content-* lines)."""
+    view = folder.uids()
+    paths = folder.paths(view)
+    S._CONTENT_CACHE.clear()
+    headers = []
+    for uid in view:
+        data = Path(paths[uid]).read_bytes()
+
+        def walk(part):
+            headers.append(data[part["headerStart"]:part["bodyStart"]])
+            for child in part.get("parts") or ():
+                walk(child)
+        walk(folder.summary(uid).parts)
+    first = [S._contentInfo(h) for h in headers]
+    assert 0 < len(S._CONTENT_CACHE) < len(headers) / 2
+    assert [S._contentInfo(h) for h in headers] == first == [S._parseContent(h) for h in headers]
+    assert {cte for _, cte, _ in first} >= {"", "7bit", "base64", "quoted-printable"}
 
 
 @pytest.mark.parametrize("name", S._TRANSPARENT_CHARSETS)
