@@ -30,9 +30,10 @@ C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the sa
   NOT/AND/OR combine the lists.  Keys that read the file (HEADER on another field, TEXT, BODY)
   go one message at a time, together, through one cursor.  A search on flags, sizes, dates or
   UIDs thus reads only the index's message rows.  TEXT and BODY first screen each file's raw
-  bytes (L{excludedBy}): a plain message (ASCII, no transfer or RFC 2047 encoding, charsets
-  that decode ASCII to itself) whose lower-cased bytes lack a piece of the needle is not
-  decoded, and its summary is not read; the others are decoded as in the per-message path.
+  bytes (L{excludedBy}): a plain message (L{_plainText}: no transfer or RFC 2047 encoding,
+  ASCII in a charset that decodes ASCII to itself or 8-bit text whose characters fold apart
+  from ASCII) whose lower-cased bytes lack a piece of the needle is not decoded, and its
+  summary is not read; the others are decoded as in the per-message path.
 - per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
   UID, index metadata and lazy callables for the message summary, the raw header and the
   decoded text, so that a search on flags never opens a file and one on headers never decodes
@@ -360,12 +361,44 @@ _TRANSPARENT_CHARSETS = (
     b"windows-1250", b"windows-1251", b"windows-1252", b"windows-1253", b"windows-1254",
     b"windows-1255", b"windows-1256", b"windows-1257", b"windows-1258", b"koi8-r", b"koi8-u",
 )
-#: a charset parameter whose value the header parser reads as exactly one of those names:
-#: C{charset=} at once, the name bare or in balanced quotes, then only blanks up to a C{;}
-#: or the end of the field (a line end not followed by a continuation line, or the data's end)
-_CHARSET_PARAM = re.compile(
-    rb'charset=(?:"(?:' + b"|".join(map(re.escape, _TRANSPARENT_CHARSETS)) + rb')"|(?:'
-    + b"|".join(map(re.escape, _TRANSPARENT_CHARSETS)) + rb'))[ \t]*(?:;|\r?\n(?![ \t])|\Z)')
+#: those of them a message with 8-bit bytes may name: each decodes a byte string to the
+#: characters of its UTF-8 or Latin-1 reading, or to U+FFFD (L{_plainText} checks both)
+_EIGHT_BIT_CHARSETS = (b"us-ascii", b"ascii", b"utf-8", b"utf8", b"iso-8859-1", b"latin1")
+
+
+def _charsetParam(names: tuple[bytes, ...]) -> re.Pattern:
+    """A charset parameter whose value the header parser reads as exactly one of C{names}:
+    C{charset=} at once, the name bare or in balanced quotes, then only blanks up to a C{;}
+    or the end of the field (a line end not followed by a continuation line, or the data's
+    end)."""
+    alternatives = b"|".join(map(re.escape, names))
+    return re.compile(rb'charset=(?:"(?:' + alternatives + rb')"|(?:' + alternatives
+                      + rb'))[ \t]*(?:;|\r?\n(?![ \t])|\Z)')
+
+
+_CHARSET_PARAM = _charsetParam(_TRANSPARENT_CHARSETS)
+_CHARSET_PARAM_8BIT = _charsetParam(_EIGHT_BIT_CHARSETS)
+_SEPARATE: dict[str, bool] = {}
+
+
+def _foldsApart(c: str) -> bool:
+    """Whether the non-ASCII character C{c} stays apart from ASCII when L{fold}ed: no
+    combining mark (which NFC may compose with the letter before it), and its folded form
+    has no ASCII character (as C{"ß"} -> C{"ss"}, KELVIN SIGN -> C{"k"}, GREEK QUESTION MARK
+    -> C{";"} have)."""
+    apart = _SEPARATE.get(c)
+    if apart is None:
+        apart = not unicodedata.category(c).startswith("M") and not any(x.isascii() for x in fold(c))
+        if len(_SEPARATE) >= 1 << 16:
+            _SEPARATE.clear()
+        _SEPARATE[c] = apart
+    return apart
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+#: the bytes whose Latin-1 character does not fold apart (C{"ß"})
+_LATIN1_JOINING = re.compile(b"[" + b"".join(
+    re.escape(bytes([b])) for b in range(0x80, 0x100) if not _foldsApart(chr(b))) + b"]")
 
 
 def _needleWords(needle: str) -> tuple[bytes, ...] | None:
@@ -390,20 +423,37 @@ def _needleWords(needle: str) -> tuple[bytes, ...] | None:
     return tuple(words)
 
 
-def _plainText(data: bytes, low: bytes) -> bool:
+def _plainText(data: bytes, low: bytes) -> str | None:
     """
-    Whether the message C{data} (its whole file; C{low} is C{data.lower()}) decodes for
-    TEXT/BODY (L{readMessageText}) to ASCII stretches of its own bytes: all bytes ASCII, no
-    RFC 2047 encoded-word, no base64 or quoted-printable anywhere, and every charset
+    C{"ascii"} if the message C{data} (its whole file; C{low} is C{data.lower()}) decodes
+    for TEXT/BODY (L{readMessageText}) to ASCII stretches of its own bytes: all bytes ASCII,
+    no RFC 2047 encoded-word, no base64 or quoted-printable anywhere, and every charset
     parameter one that decodes ASCII to itself.  Then the decoded, folded text is the file's
     lower-cased bytes less some blanks and line ends, cut where fields and parts join, with
     C{"name: "} before each field value: no other character.
+
+    C{"8bit"} if, with 8-bit bytes but otherwise as above, every charset parameter is one
+    of L{_EIGHT_BIT_CHARSETS} and every non-ASCII character of the bytes read as UTF-8 (or
+    Latin-1, which is what a part that is not UTF-8 is read as) L{_foldsApart}: then each
+    ASCII stretch of the folded text is likewise in one ASCII stretch of the bytes (UTF-8,
+    Latin-1 and U+FFFD map 8-bit bytes to non-ASCII characters only).
+
+    None for any other message.
     """
-    if (not data.isascii() or (b"?" in data and b"=?" in data) or b"base64" in low
-            or b"quoted-printable" in low):
-        return False
+    if (b"?" in data and b"=?" in data) or b"base64" in low or b"quoted-printable" in low:
+        return None
+    ascii = data.isascii()
     count = low.count(b"charset")
-    return count == 0 or count == len(_CHARSET_PARAM.findall(low))
+    if count and count != len((_CHARSET_PARAM if ascii else _CHARSET_PARAM_8BIT).findall(low)):
+        return None
+    if ascii:
+        return "ascii"
+    if _LATIN1_JOINING.search(data):
+        return None
+    for c in set(_NON_ASCII.findall(data.decode("utf-8", "replace"))):
+        if not _foldsApart(c):
+            return None
+    return "8bit"
 
 
 def _readWhole(path: str, limit: int) -> bytes | None:
@@ -437,19 +487,22 @@ def excludedBy(data: bytes, needles: Iterable[str], words: dict | None = None) -
     """
     The L{fold}ed needles that cannot occur in the TEXT/BODY text of the message whose
     whole file is C{data}, as far as its bytes show without decoding: for a L{_plainText}
-    message, a non-ASCII needle and one with a piece (L{_needleWords}) missing from the
-    lower-cased bytes.  Others may occur (the text must be decoded to know).  C{words}:
-    C{{needle: _needleWords(needle)}} if known.
+    message, an ASCII needle with a piece (L{_needleWords}) missing from the lower-cased
+    bytes, and, if the message is all ASCII, a non-ASCII needle.  Others may occur (the
+    text must be decoded to know).  C{words}: C{{needle: _needleWords(needle)}} if known.
     """
     low = data.lower()
-    out = set()
+    out = {}
     for needle in needles:
         pieces = words[needle] if words is not None else _needleWords(needle)
         if pieces is None or any(w not in low for w in pieces):
-            out.add(needle)
-    if out and not _plainText(data, low):
+            out[needle] = pieces
+    if not out:
         return set()
-    return out
+    kind = _plainText(data, low)
+    if kind is None:
+        return set()
+    return {n for n, pieces in out.items() if kind == "ascii" or pieces is not None}
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ WORDS = ["quarterly", "report", "draft", "budget", "meeting", "invoice", "Straß
 #: itself, no encoded-words (the messages the screen decides on)
 PLAIN_WORDS = [w for w in WORDS if w.isascii() and w not in ("charset", "base64")]
 PLAIN_CHARSETS = [None, "utf-8", '"UTF-8"', "us-ascii", "iso-8859-1", "windows-1252"]
+#: and a quarter of 8-bit text without transfer encodings (some of it the screen decides on),
+#: with characters that fold to ASCII or compose with it
+EIGHT_BIT_WORDS = 8 * (PLAIN_WORDS + ["café", "naïve", "中文", "Ünïcode", "\u00b5m", "\u00ff",
+                          "\u00e9quipe", "\u00c9T\u00c9", "\ufffd"]) + [
+    "Straße", "\u212aelvin", "\ufb01le", "e\u0301t\u00e9", "\u0130stanbul", "\u01f0ob", "\u037e",
+    "\u1fefx"]
+EIGHT_BIT_CHARSETS = [None, "utf-8", "us-ascii", "iso-8859-1", "latin1", '"UTF-8"']
 CHARSETS = [None, "utf-8", "UTF-8", '"utf-8"', "us-ascii", "iso-8859-1", "koi8-r", "windows-1252",
             "utf-7", "unicode_escape", "hz", "cp500", "utf-16", '"utf-8', "utf-8 (x)",
             "x-unknown"]
@@ -51,8 +58,8 @@ def encode(text: str, charset: str | None) -> bytes:
     return text.encode(name, "replace")
 
 
-def body(rng: random.Random, nl: bytes, charset: str | None, plain: bool) -> bytes:
-    words = PLAIN_WORDS if plain else WORDS
+def body(rng: random.Random, nl: bytes, charset: str | None, plain) -> bytes:
+    words = {True: PLAIN_WORDS, "8bit": EIGHT_BIT_WORDS}.get(plain, WORDS)
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
              for _ in range(rng.randint(1, 6))]
     text = "\n".join(lines)
@@ -82,11 +89,12 @@ def body(rng: random.Random, nl: bytes, charset: str | None, plain: bool) -> byt
     return head + nl + raw + nl
 
 
-def header(rng: random.Random, nl: bytes, plain: bool) -> bytes:
+def header(rng: random.Random, nl: bytes, plain) -> bytes:
     fields = [b"From: Someone <s@example.com>", b"To: bench@example.com"]
-    words = PLAIN_WORDS if plain else WORDS
+    words = {True: PLAIN_WORDS, "8bit": EIGHT_BIT_WORDS}.get(plain, WORDS)
     subject = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
-    style = rng.choice(["plain", "nospace", "folded"] + ([] if plain else ["b", "q", "latin1-8bit"]))
+    style = rng.choice(["plain", "nospace", "folded"] + {True: [], "8bit": ["latin1-8bit"]}.get(
+        plain, ["b", "q", "latin1-8bit"]))
     if style == "plain":
         fields.append(("Subject: " + subject).encode("utf-8"))
     elif style == "b":
@@ -111,8 +119,8 @@ def header(rng: random.Random, nl: bytes, plain: bool) -> bytes:
 
 def message(rng: random.Random) -> bytes:
     nl = rng.choice([b"\r\n", b"\n"])
-    plain = rng.random() < 0.5
-    charsets = PLAIN_CHARSETS if plain else CHARSETS
+    plain = rng.choice([True, True, "8bit", False])
+    charsets = {True: PLAIN_CHARSETS, "8bit": EIGHT_BIT_CHARSETS}.get(plain, CHARSETS)
     top = header(rng, nl, plain) + b"MIME-Version: 1.0" + nl
     shape = rng.choice(["single", "single", "single", "mixed", "rfc822"])
     if shape == "single":
@@ -165,14 +173,15 @@ NEEDLES = ["quarterly", "QUARTERLY", "quarterly report", "quarterly\r\nreport", 
            "subject: quarterly", "subject:quarterly", "x-a: draft", "x-note: ", "invoice",
            "strasse", "STRASSE", "straße", "kelvin", "file", "café", "中文", "naïve", "png",
            "preamble", "epilogue", "charset", "utf-7", "=?utf-8?", "budget draft", "draft\n",
-           ":", " ", "\n", "e", "x:y", "a=b", "end.", "not a field", "content-type: text/plain"]
+           ":", " ", "\n", "e", "x:y", "a=b", "end.", "not a field", "content-type: text/plain",
+           "stanbul", "istanbul", "`x", ";", "ob", "ete", "equipe", "m", "ss"]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     inbox = MaildirStore(tmp_path_factory.mktemp("screen") / "mail").user("u@example.com").folder("INBOX")
     rng = random.Random(20251129)
-    for raw in FIXED + [message(rng) for _ in range(260)]:
+    for raw in FIXED + [message(rng) for _ in range(340)]:
         inbox.append(raw, ())
     return inbox
 
@@ -191,8 +200,10 @@ def test_screen_is_used_and_answers_are_not_trivial(folder):
     view = folder.uids()
     paths = folder.paths(view)
     data = {uid: Path(paths[uid]).read_bytes() for uid in view}
-    plain = [uid for uid in view if S._plainText(data[uid], data[uid].lower())]
+    kinds = {uid: S._plainText(data[uid], data[uid].lower()) for uid in view}
+    plain = [uid for uid in view if kinds[uid]]
     assert 100 < len(plain) < len(view) - 100
+    assert 30 < list(kinds.values()).count("8bit") < list(kinds.values()).count(None) - 30
     for needle in ["invoice", "budget draft", "report\ndraft", "png", "end."]:
         excluded = [uid for uid in plain if S.excludedBy(data[uid], {needle})]
         assert 20 < len(excluded) < len(plain) - 20, needle
@@ -255,24 +266,32 @@ def test_transparent_charsets_decode_ascii_to_itself(name):
 
 
 @pytest.mark.parametrize("data, plain", [
-    (b"Content-Type: text/plain; charset=utf-8\r\n\r\nx", True),
-    (b'Content-Type: text/plain; charset="ISO-8859-1"; format=flowed\n\nx', True),
-    (b"Content-Type: text/plain; charset=iso-8859-13\r\n\r\nx", True),
-    (b"Content-Type: text/plain; charset=utf-8\r\n format=flowed\r\n\r\nx", False),  # continued
-    (b"Content-Type: text/plain; charset=utf-7\r\n\r\nx", False),
-    (b"Content-Type: text/plain; charset=utf-8x\r\n\r\nx", False),
-    (b'Content-Type: text/plain; charset="utf-8\r\n\r\nx', False),
-    (b"Content-Type: text/plain; charset = utf-8\r\n\r\nx", False),
-    (b"Content-Type: text/plain; charset*=utf-8\r\n\r\nx", False),
-    (b"Subject: x\r\n\r\nwhich charset?", False),
-    (b"Subject: =?utf-8?q?x?=\r\n\r\nx", False),
-    (b"Content-Transfer-Encoding: BASE64\r\n\r\neA==", False),
-    (b"Content-Transfer-Encoding: quoted-printable\r\n\r\nx", False),
-    ("Subject: café\r\n\r\nx".encode(), False),
-    (b"Subject: x\r\n\r\nnothing to decode", True),
+    (b"Content-Type: text/plain; charset=utf-8\r\n\r\nx", "ascii"),
+    (b'Content-Type: text/plain; charset="ISO-8859-1"; format=flowed\n\nx', "ascii"),
+    (b"Content-Type: text/plain; charset=iso-8859-13\r\n\r\nx", "ascii"),
+    (b"Content-Type: text/plain; charset=utf-8\r\n format=flowed\r\n\r\nx", None),  # continued
+    (b"Content-Type: text/plain; charset=utf-7\r\n\r\nx", None),
+    (b"Content-Type: text/plain; charset=utf-8x\r\n\r\nx", None),
+    (b'Content-Type: text/plain; charset="utf-8\r\n\r\nx', None),
+    (b"Content-Type: text/plain; charset = utf-8\r\n\r\nx", None),
+    (b"Content-Type: text/plain; charset*=utf-8\r\n\r\nx", None),
+    (b"Subject: x\r\n\r\nwhich charset?", None),
+    (b"Subject: =?utf-8?q?x?=\r\n\r\nx", None),
+    (b"Content-Transfer-Encoding: BASE64\r\n\r\neA==", None),
+    (b"Content-Transfer-Encoding: quoted-printable\r\n\r\nx", None),
+    ("Subject: café\r\n\r\nx".encode(), "8bit"),
+    ("Subject: x\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nnaïve café 中文".encode(), "8bit"),
+    (b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\nna\xefve", "8bit"),
+    (b"Content-Type: text/plain; charset=windows-1252\r\n\r\nna\xefve", None),
+    (b"Content-Type: text/plain; charset=iso-8859-1\r\n\r\nStra\xdfe", None),  # ß: ss
+    ("Subject: x\r\n\r\nStraße".encode(), None),
+    ("Subject: x\r\n\r\n\u212aelvin".encode(), None),
+    ("Subject: x\r\n\r\ncafe\u0301".encode(), None),  # a combining mark
+    ("Subject: x\r\n\r\na\u037eb".encode(), None),  # GREEK QUESTION MARK: NFC ";"
+    (b"Subject: x\r\n\r\nnothing to decode", "ascii"),
 ])
 def test_plain_text(data, plain):
-    assert S._plainText(data, data.lower()) is plain
+    assert S._plainText(data, data.lower()) == plain
 
 
 def test_needle_words():
