@@ -275,18 +275,31 @@ def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
     return _decodeBytes(body, charset).replace("\r\n", "\n")
 
 
-@dataclass
 class MessageText:
     """
     A message's text for TEXT and BODY: C{header} has every header block (the message's, each
     MIME part's and each encapsulated message's) unfolded and RFC 2047 decoded, one
     C{name: value} line per field; C{body} the decoded content of the text parts, one after
-    another.  C{folded*} are the same in L{fold}ed form, computed once.
+    another.  C{folded*} are the same in L{fold}ed form, computed once.  Given raw header
+    C{blocks} (C{(bytes, L{_plainHeader} or _UNKNOWN)} pairs) instead of C{header}, the
+    header text is decoded the first time it is asked for (TEXT looks at the body first, BODY
+    only at the body).
     """
 
-    header: str
-    body: str
-    _folded: dict = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("_header", "_blocks", "body", "_folded")
+
+    def __init__(self, header: str | None, body: str, blocks: list | None = None):
+        self._header, self._blocks, self.body, self._folded = header, blocks, body, {}
+
+    @property
+    def header(self) -> str:
+        if self._header is None:
+            self._header = "\n".join(_decodeHeaderBlock(raw, plain) for raw, plain in self._blocks or ())
+            self._blocks = None
+        return self._header
+
+    def __repr__(self) -> str:
+        return f"MessageText(header={self.header!r}, body={self.body!r})"
 
     def folded(self, which: str) -> str:
         s = self._folded.get(which)
@@ -317,7 +330,7 @@ def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
     C{parts}).  At most C{limit} bytes are read; what lies beyond is not searched.
     """
     budget = [limit]
-    headers: list[str] = []
+    headers: list[tuple[bytes, Any]] = []
     bodies: list[str] = []
 
     def read(start: int, end: int) -> bytes:
@@ -333,19 +346,20 @@ def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
         if budget[0] <= 0:
             return
         header = read(part["headerStart"], part["bodyStart"])
-        plain = _plainHeader(header)
-        headers.append(_decodeHeaderBlock(header, plain))
         children = part.get("parts") or ()
         if part.get("kind") in ("multipart", "message") and children and depth < 200:
+            headers.append((header, _UNKNOWN))
             for child in children:
                 walk(child, depth + 1)
             return
+        plain = _plainHeader(header)
+        headers.append((header, plain))
         text = _decodePart(header, read(part["bodyStart"], part["bodyEnd"]), plain)
         if text is not None:
             bodies.append(text)
 
     walk(parts, 0)
-    return MessageText("\n".join(headers), "\n".join(bodies))
+    return MessageText(None, "\n".join(bodies), headers)
 
 
 # --------------------------------------------------------------------------------------------
