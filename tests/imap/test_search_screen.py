@@ -301,3 +301,22 @@ def test_needle_words():
     plain = b"Subject: quarterly\r\n report\r\n\r\nbody\r\n"
     assert S.excludedBy(plain, {"draft", "subject: quarterly report", "ß", " ", "body"}) == {"draft", "ß"}
     assert S.excludedBy(b"Subject: x\r\n\r\nStra\xdfe", {"draft"}) == set()  # not plain: decode
+
+
+def test_text_limit(folder):
+    """With a small text limit, messages over it are decoded up to the limit (not screened)
+    and the answers are the per-message evaluator's with the same limit."""
+    view = folder.uids()
+    metas = {m.uid: m for m in folder.messages()}
+    paths = folder.paths(view)
+    sizes = [Path(paths[uid]).stat().st_size for uid in view]
+    limit = sorted(sizes)[len(sizes) // 2]
+    for needle in [b"quarterly", b"report", b"budget draft", b"epilogue"]:
+        predicate = S.compile([b"TEXT", needle])
+        contexts = [S.SearchContext.fromFile(seq, metas[uid], paths[uid], lambda u=uid: folder.summary(u),
+                                             len(view), view[-1], textLimit=limit)
+                    for seq, uid in enumerate(view, 1)]
+        bounded = S.searchFolder(predicate, folder, view, textLimit=limit)
+        assert bounded == S.search(predicate, contexts)
+        if needle == b"report":
+            assert set(bounded) < set(S.searchFolder(predicate, folder, view))
