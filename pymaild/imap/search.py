@@ -29,7 +29,11 @@ C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the sa
   over one column of decoded header fields (C{Folder.headerFields()}: no summary is decoded);
   NOT/AND/OR combine the lists.  Keys that read the file (HEADER on another field, TEXT, BODY)
   go one message at a time, together, through one cursor.  A search on flags, sizes, dates or
-  UIDs thus reads only the index's message rows.
+  UIDs thus reads only the index's message rows.  TEXT and BODY first screen each file's raw
+  bytes (L{excludedBy}): a plain message (L{_plainText}: no transfer or RFC 2047 encoding,
+  ASCII in a charset that decodes ASCII to itself or 8-bit text whose characters fold apart
+  from ASCII) whose lower-cased bytes lack a piece of the needle is not decoded, and its
+  summary is not read; the others are decoded as in the per-message path.
 - per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
   UID, index metadata and lazy callables for the message summary, the raw header and the
   decoded text, so that a search on flags never opens a file and one on headers never decodes
@@ -47,6 +51,8 @@ import datetime
 import email.parser
 import email.policy
 import email.utils
+import io
+import os
 import re
 import unicodedata
 from bisect import bisect_right
@@ -56,7 +62,7 @@ from typing import Any, Callable, Iterable
 from pymaild.mime import bytesText, decodeBytes, decodeHeader
 
 __all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search", "searchFolder",
-           "readHeaderBytes", "readMessageText", "SUPPORTED_CHARSETS", "MAX_TEXT"]
+           "readHeaderBytes", "readMessageText", "excludedBy", "SUPPORTED_CHARSETS", "MAX_TEXT"]
 
 #: What C{NO [BADCHARSET (...)]} lists.
 SUPPORTED_CHARSETS = ("UTF-8", "US-ASCII")
@@ -217,19 +223,49 @@ def _parsedFields(header: bytes, plain=_UNKNOWN) -> bytes | None:
     return b"".join(out)
 
 
-def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
-    """A leaf part's content as text (transfer encoding and charset decoded), or None for a
-    non-text part (images, PDFs ...: their bytes are not searched, their MIME headers are)."""
+def _parseContent(header: bytes) -> tuple[str, str, str | None]:
+    """(main type, transfer encoding, charset) of a part, as the email package's parser
+    reads them from C{header}."""
     try:
-        fields = _parsedFields(header, plain)
-        msg = _HEADER_PARSER.parsebytes(header if fields is None else fields)
+        msg = _HEADER_PARSER.parsebytes(header)
         maintype = msg.get_content_maintype()
         cte = str(msg.get("content-transfer-encoding", "")).strip().lower()
         charset = msg.get_param("charset")
         if isinstance(charset, tuple):  # RFC 2231
             charset = email.utils.collapse_rfc2231_value(charset)
     except Exception:  # the header parser is tolerant; this is belt and braces
-        maintype, cte, charset = "text", "", None
+        return "text", "", None
+    return maintype, cte, charset
+
+
+#: L{_parseContent} of the L{_parsedFields} of plain headers: most parts of a mailbox say one
+#: of a few things (C{text/plain; charset="utf-8"} and C{7bit} ...), and parsing costs more
+#: than the rest of decoding a small part.  Cleared when full.
+_CONTENT_CACHE: dict[bytes, tuple] = {}
+_CONTENT_CACHE_SIZE = 4096
+
+
+def _contentInfo(header: bytes, plain=_UNKNOWN) -> tuple[str, str, str | None]:
+    """L{_parseContent} of a part's C{header} (from the cache when it is a plain one)."""
+    try:
+        fields = _parsedFields(header, plain)
+    except Exception:  # belt and braces, as in _parseContent
+        return "text", "", None
+    if fields is None:
+        return _parseContent(header)
+    info = _CONTENT_CACHE.get(fields)
+    if info is None:
+        info = _parseContent(fields)
+        if len(_CONTENT_CACHE) >= _CONTENT_CACHE_SIZE:
+            _CONTENT_CACHE.clear()
+        _CONTENT_CACHE[fields] = info
+    return info
+
+
+def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
+    """A leaf part's content as text (transfer encoding and charset decoded), or None for a
+    non-text part (images, PDFs ...: their bytes are not searched, their MIME headers are)."""
+    maintype, cte, charset = _contentInfo(header, plain)
     if maintype not in ("text", "message"):
         return None
     if cte == "base64":
@@ -239,18 +275,31 @@ def _decodePart(header: bytes, body: bytes, plain=_UNKNOWN) -> str | None:
     return _decodeBytes(body, charset).replace("\r\n", "\n")
 
 
-@dataclass
 class MessageText:
     """
     A message's text for TEXT and BODY: C{header} has every header block (the message's, each
     MIME part's and each encapsulated message's) unfolded and RFC 2047 decoded, one
     C{name: value} line per field; C{body} the decoded content of the text parts, one after
-    another.  C{folded*} are the same in L{fold}ed form, computed once.
+    another.  C{folded*} are the same in L{fold}ed form, computed once.  Given raw header
+    C{blocks} (C{(bytes, L{_plainHeader} or _UNKNOWN)} pairs) instead of C{header}, the
+    header text is decoded the first time it is asked for (TEXT looks at the body first, BODY
+    only at the body).
     """
 
-    header: str
-    body: str
-    _folded: dict = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("_header", "_blocks", "body", "_folded")
+
+    def __init__(self, header: str | None, body: str, blocks: list | None = None):
+        self._header, self._blocks, self.body, self._folded = header, blocks, body, {}
+
+    @property
+    def header(self) -> str:
+        if self._header is None:
+            self._header = "\n".join(_decodeHeaderBlock(raw, plain) for raw, plain in self._blocks or ())
+            self._blocks = None
+        return self._header
+
+    def __repr__(self) -> str:
+        return f"MessageText(header={self.header!r}, body={self.body!r})"
 
     def folded(self, which: str) -> str:
         s = self._folded.get(which)
@@ -281,7 +330,7 @@ def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
     C{parts}).  At most C{limit} bytes are read; what lies beyond is not searched.
     """
     budget = [limit]
-    headers: list[str] = []
+    headers: list[tuple[bytes, Any]] = []
     bodies: list[str] = []
 
     def read(start: int, end: int) -> bytes:
@@ -297,19 +346,177 @@ def readMessageText(f, parts: dict, limit: int = MAX_TEXT) -> MessageText:
         if budget[0] <= 0:
             return
         header = read(part["headerStart"], part["bodyStart"])
-        plain = _plainHeader(header)
-        headers.append(_decodeHeaderBlock(header, plain))
         children = part.get("parts") or ()
         if part.get("kind") in ("multipart", "message") and children and depth < 200:
+            headers.append((header, _UNKNOWN))
             for child in children:
                 walk(child, depth + 1)
             return
+        plain = _plainHeader(header)
+        headers.append((header, plain))
         text = _decodePart(header, read(part["bodyStart"], part["bodyEnd"]), plain)
         if text is not None:
             bodies.append(text)
 
     walk(parts, 0)
-    return MessageText("\n".join(headers), "\n".join(bodies))
+    return MessageText(None, "\n".join(bodies), headers)
+
+
+# --------------------------------------------------------------------------------------------
+# Screening raw files (the bulk path): a needle absent from the bytes cannot be in the text
+# --------------------------------------------------------------------------------------------
+
+#: charsets that decode every ASCII byte string to itself (stateless, ASCII-compatible): the
+#: lower-case spellings a screened message may name (tests check each against its codec)
+_TRANSPARENT_CHARSETS = (
+    b"us-ascii", b"ascii", b"utf-8", b"utf8", b"iso-8859-1", b"iso-8859-2", b"iso-8859-3",
+    b"iso-8859-4", b"iso-8859-5", b"iso-8859-6", b"iso-8859-7", b"iso-8859-8", b"iso-8859-9",
+    b"iso-8859-10", b"iso-8859-13", b"iso-8859-14", b"iso-8859-15", b"iso-8859-16", b"latin1",
+    b"windows-1250", b"windows-1251", b"windows-1252", b"windows-1253", b"windows-1254",
+    b"windows-1255", b"windows-1256", b"windows-1257", b"windows-1258", b"koi8-r", b"koi8-u",
+)
+#: those of them a message with 8-bit bytes may name: each decodes a byte string to the
+#: characters of its UTF-8 or Latin-1 reading, or to U+FFFD (L{_plainText} checks both)
+_EIGHT_BIT_CHARSETS = (b"us-ascii", b"ascii", b"utf-8", b"utf8", b"iso-8859-1", b"latin1")
+
+
+def _charsetParam(names: tuple[bytes, ...]) -> re.Pattern:
+    """A charset parameter whose value the header parser reads as exactly one of C{names}:
+    C{charset=} at once, the name bare or in balanced quotes, then only blanks up to a C{;}
+    or the end of the field (a line end not followed by a continuation line, or the data's
+    end)."""
+    alternatives = b"|".join(map(re.escape, names))
+    return re.compile(rb'charset=(?:"(?:' + alternatives + rb')"|(?:' + alternatives
+                      + rb'))[ \t]*(?:;|\r?\n(?![ \t])|\Z)')
+
+
+_CHARSET_PARAM = _charsetParam(_TRANSPARENT_CHARSETS)
+_CHARSET_PARAM_8BIT = _charsetParam(_EIGHT_BIT_CHARSETS)
+_SEPARATE: dict[str, bool] = {}
+
+
+def _foldsApart(c: str) -> bool:
+    """Whether the non-ASCII character C{c} stays apart from ASCII when L{fold}ed: no
+    combining mark (which NFC may compose with the letter before it), and its folded form
+    has no ASCII character (as C{"ß"} -> C{"ss"}, KELVIN SIGN -> C{"k"}, GREEK QUESTION MARK
+    -> C{";"} have)."""
+    apart = _SEPARATE.get(c)
+    if apart is None:
+        apart = not unicodedata.category(c).startswith("M") and not any(x.isascii() for x in fold(c))
+        if len(_SEPARATE) >= 1 << 16:
+            _SEPARATE.clear()
+        _SEPARATE[c] = apart
+    return apart
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+#: the bytes whose Latin-1 character does not fold apart (C{"ß"})
+_LATIN1_JOINING = re.compile(b"[" + b"".join(
+    re.escape(bytes([b])) for b in range(0x80, 0x100) if not _foldsApart(chr(b))) + b"]")
+
+
+def _needleWords(needle: str) -> tuple[bytes, ...] | None:
+    """
+    The pieces of a L{fold}ed needle between blanks and colons, as ASCII bytes (the empty
+    tuple if there are none), or None if the needle is not ASCII.  Decoding a plain message
+    (L{_plainText}) only drops or inserts blanks, line ends and C{": "}, and lower-cases: so
+    each piece of an occurrence lies in one stretch of the file's bytes.
+    """
+    if not needle.isascii():
+        return None
+    words, word = [], []
+    for c in needle:
+        if c.isspace() or c == ":":
+            if word:
+                words.append("".join(word).encode("ascii"))
+                word = []
+        else:
+            word.append(c)
+    if word:
+        words.append("".join(word).encode("ascii"))
+    return tuple(words)
+
+
+def _plainText(data: bytes, low: bytes) -> str | None:
+    """
+    C{"ascii"} if the message C{data} (its whole file; C{low} is C{data.lower()}) decodes
+    for TEXT/BODY (L{readMessageText}) to ASCII stretches of its own bytes: all bytes ASCII,
+    no RFC 2047 encoded-word, no base64 or quoted-printable anywhere, and every charset
+    parameter one that decodes ASCII to itself.  Then the decoded, folded text is the file's
+    lower-cased bytes less some blanks and line ends, cut where fields and parts join, with
+    C{"name: "} before each field value: no other character.
+
+    C{"8bit"} if, with 8-bit bytes but otherwise as above, every charset parameter is one
+    of L{_EIGHT_BIT_CHARSETS} and every non-ASCII character of the bytes read as UTF-8 (or
+    Latin-1, which is what a part that is not UTF-8 is read as) L{_foldsApart}: then each
+    ASCII stretch of the folded text is likewise in one ASCII stretch of the bytes (UTF-8,
+    Latin-1 and U+FFFD map 8-bit bytes to non-ASCII characters only).
+
+    None for any other message.
+    """
+    if (b"?" in data and b"=?" in data) or b"base64" in low or b"quoted-printable" in low:
+        return None
+    ascii = data.isascii()
+    count = low.count(b"charset")
+    if count and count != len((_CHARSET_PARAM if ascii else _CHARSET_PARAM_8BIT).findall(low)):
+        return None
+    if ascii:
+        return "ascii"
+    if _LATIN1_JOINING.search(data):
+        return None
+    for c in set(_NON_ASCII.findall(data.decode("utf-8", "replace"))):
+        if not _foldsApart(c):
+            return None
+    return "8bit"
+
+
+def _readWhole(path: str, limit: int) -> bytes | None:
+    """The whole file at C{path}, or None if it is larger than C{limit} (or cannot be read:
+    the text path then meets the same error)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return None
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, size + 1 - total if total <= size else 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                return None
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def excludedBy(data: bytes, needles: Iterable[str], words: dict | None = None) -> set[str]:
+    """
+    The L{fold}ed needles that cannot occur in the TEXT/BODY text of the message whose
+    whole file is C{data}, as far as its bytes show without decoding: for a L{_plainText}
+    message, an ASCII needle with a piece (L{_needleWords}) missing from the lower-cased
+    bytes, and, if the message is all ASCII, a non-ASCII needle.  Others may occur (the
+    text must be decoded to know).  C{words}: C{{needle: _needleWords(needle)}} if known.
+    """
+    low = data.lower()
+    out = {}
+    for needle in needles:
+        pieces = words[needle] if words is not None else _needleWords(needle)
+        if pieces is None or any(w not in low for w in pieces):
+            out[needle] = pieces
+    if not out:
+        return set()
+    kind = _plainText(data, low)
+    if kind is None:
+        return set()
+    return {n for n, pieces in out.items() if kind == "ascii" or pieces is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,6 +605,18 @@ class SearchContext:
         if the message has no such field."""
         return self.summary().headerFields.get(name)
 
+    def excludes(self, needle: str) -> bool:
+        """Whether the message is known not to hold C{needle} (L{fold}ed) in its TEXT/BODY
+        text without decoding it: never here (the per-message path decodes every text; the
+        bulk path screens files first, L{_FolderCursor.excludes})."""
+        return False
+
+
+#: L{_FolderCursor.each} screens this many candidates at a time ...
+_SCREEN_CHUNK = 256
+#: ... and keeps at most this many bytes of their files for decoding.
+_KEPT_BYTES = 8 << 20
+
 
 class _Gone(Exception):
     """The message left the folder while it was being searched: it is not a match."""
@@ -411,25 +630,30 @@ class _FolderCursor:
     it (L{each}).  What a key needs is loaded for every message at once, the first time a key
     needs it: the index rows (flags, sizes, dates, MODSEQ) with C{folder.messages()}, one
     header field with C{folder.headerFields()} (one column of the index, no summary
-    decoded), the summaries with C{folder.summaries()} (TEXT, BODY: part offsets), the file
-    names with C{folder.paths()} (HEADER on a field the index does not keep, TEXT, BODY).  So
-    a search on flags, sizes, dates or UIDs reads only the messages table; one on
-    FROM/SUBJECT/... adds one column per field and decodes no summary.
+    decoded), the file names with C{folder.paths()} (HEADER on a field the index does not
+    keep, TEXT, BODY).  So a search on flags, sizes, dates or UIDs reads only the messages
+    table; one on FROM/SUBJECT/... adds one column per field and decodes no summary.  For
+    TEXT and BODY, L{screen} reads each file once and loads with C{folder.summaries()} (part
+    offsets) only the summaries of the messages that may hold a needle.
 
     @ivar gone: indices of messages found missing from the folder while searching (no match,
         whatever the keys: L{searchFolder} leaves them out).
     """
 
     __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "recent", "_folder", "_uids",
-                 "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text")
+                 "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text",
+                 "_screened", "_kept")
 
     def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
         self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
         self.lastSeq, self.lastUid = len(view), (view[-1] if view else 0)
         self.gone: set[int] = set()
         self.recent = _never
-        self._metas = self._summaries = self._paths = None
+        self._metas = self._paths = None
+        self._summaries: dict[int, Any] = {}
         self._fields: dict[str, dict[int, str]] = {}
+        self._screened: dict[str, dict[int, bool]] = {}  # needle -> {index: excluded}
+        self._kept: dict[int, bytes] = {}  # index -> file bytes read by screen(), for text()
         self.seq = self.uid = 0
         self._headerBytes = self._text = None
 
@@ -449,18 +673,63 @@ class _FolderCursor:
         return column
 
     def each(self, predicate: Predicate, candidates: list[int]) -> list[int]:
-        """The candidates that match C{predicate.matches}, the cursor moved to each in turn."""
+        """The candidates that match C{predicate.matches}, the cursor moved to each in turn
+        (after L{screen}ing them for the TEXT/BODY needles among its keys, a chunk at a time,
+        so that the files read by the screen are kept for L{text} in bounded memory)."""
+        needles = _textNeedles(predicate)
+        step = _SCREEN_CHUNK if needles else max(1, len(candidates))
         out = []
         view, matches = self.view, predicate.matches
-        for i in candidates:
-            self.seq, self.uid = i + 1, view[i]
-            self._headerBytes = self._text = None
-            try:
-                if matches(self):
-                    out.append(i)
-            except _Gone:
-                self.gone.add(i)
+        for start in range(0, len(candidates), step):
+            chunk = candidates[start:start + step]
+            if needles:
+                self.screen(needles, chunk)
+            for i in chunk:
+                self.seq, self.uid = i + 1, view[i]
+                self._headerBytes = self._text = None
+                try:
+                    if matches(self):
+                        out.append(i)
+                except _Gone:
+                    self.gone.add(i)
+            self._kept.clear()
         return out
+
+    def screen(self, needles: set[str], candidates: list[int]) -> None:
+        """
+        Read the file of each candidate once and note which C{needles} it cannot hold
+        (L{excludedBy}: no decoding); then load, in one call, the summaries (part offsets) of
+        the candidates that may hold one, the only ones L{text} will be asked for, and keep
+        their files' bytes for it (up to L{_KEPT_BYTES}).
+        """
+        todo = [n for n in needles if n not in self._screened]
+        for n in todo:
+            self._screened[n] = {}
+        fresh = [i for i in candidates if any(i not in self._screened[n] for n in needles)]
+        if not fresh:
+            return
+        paths = self.paths()
+        view, limit, screened, wanted = self.view, self._textLimit, self._screened, []
+        words = {n: _needleWords(n) for n in needles}
+        kept = sum(map(len, self._kept.values()))
+        for i in fresh:
+            path = paths.get(view[i])
+            data = None if path is None else _readWhole(path, limit)
+            excluded = excludedBy(data, needles, words) if data is not None else ()
+            for n in needles:
+                screened[n][i] = n in excluded
+            if len(excluded) < len(needles):
+                if view[i] not in self._summaries:
+                    wanted.append(view[i])
+                if data is not None and kept + len(data) <= _KEPT_BYTES:
+                    self._kept[i] = data
+                    kept += len(data)
+        if wanted:
+            self._summaries.update(self._folder.summaries(wanted))
+
+    def excludes(self, needle: str) -> bool:
+        """Whether the current message was L{screen}ed and cannot hold C{needle}."""
+        return self._screened.get(needle, {}).get(self.seq - 1, False)
 
     # -- the SearchContext interface, for the current message ------------------------------
 
@@ -475,15 +744,17 @@ class _FolderCursor:
         return self.column(name).get(self.uid)
 
     def summary(self):
-        if self._summaries is None:
-            self._summaries = self._folder.summaries(self._uids)
         found = self._summaries.get(self.uid)
         return found if found is not None else self._folder.summary(self.uid)
 
-    def _path(self):
+    def paths(self) -> dict[int, str]:
+        """C{{uid: file name}} of the messages searched (loaded once)."""
         if self._paths is None:
             self._paths = self._folder.paths(self._uids)
-        path = self._paths.get(self.uid)
+        return self._paths
+
+    def _path(self):
+        path = self.paths().get(self.uid)
         if path is None:
             raise _Gone()
         return path
@@ -497,13 +768,36 @@ class _FolderCursor:
     def text(self) -> MessageText:
         if self._text is None:
             parts = self.summary().parts
-            with open(self._path(), "rb") as f:
-                self._text = readMessageText(f, parts, self._textLimit)
+            path = self._path()
+            data = self._kept.pop(self.seq - 1, None)
+            if data is None:
+                data = _readWhole(path, self._textLimit)
+            if data is not None:  # the whole file, as the screen read it or in one read
+                self._text = readMessageText(io.BytesIO(data), parts, self._textLimit)
+            else:
+                with open(path, "rb") as f:
+                    self._text = readMessageText(f, parts, self._textLimit)
         return self._text
 
 
 def _never(uid: int) -> bool:
     return False
+
+
+def _textNeedles(predicate: Predicate) -> set[str]:
+    """The non-empty needles of the TEXT and BODY keys in C{predicate}'s tree."""
+    out: set[str] = set()
+    stack = [predicate]
+    while stack:
+        p = stack.pop()
+        if isinstance(p, Text):
+            if p.needle:
+                out.add(p.needle)
+        elif isinstance(p, Not):
+            stack.append(p.child)
+        elif isinstance(p, (And, Or)):
+            stack.extend(p.children)
+    return out
 
 
 def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT,
@@ -787,6 +1081,8 @@ class Text(Predicate):
     def matches(self, ctx):
         if not self.needle:
             return True
+        if ctx.excludes(self.needle):
+            return False
         text = ctx.text()
         if self.needle in text.folded("body"):
             return True
