@@ -301,7 +301,8 @@ class Pymaild(Server):
         lines += [f'imap = ["{HOST}:{self.port}"]', "",
                   "[domains]", 'local = ["localhost"]', "",
                   "[auth]", 'plaintext_networks = ["127.0.0.0/8"]', "",
-                  "[limits]", "max_connections = 20000", "max_connections_per_ip = 20000", ""]
+                  "[limits]", "max_connections = 20000", "max_connections_per_ip = 20000",
+                  "max_connections_per_user = 20000", ""]
         self.config.write_text("\n".join(lines))
         r = self.ctl("user", "add", USER, "--password-stdin", input=PASSWORD + "\n")
         if r.returncode != 0:

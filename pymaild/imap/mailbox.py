@@ -259,6 +259,7 @@ class StoreMailbox:
         #: wait for a command that allows them (RFC 3501 7.4.1); sequence numbers stay
         #: stable until then.
         self.pendingExpunged: set[int] = set()
+        self._pendingFlags: set[int] = set()
         #: called (on the reactor) when expunges arrive, so an IDLE session can send them at once
         self.onExpunge = None
         self._local = threading.local()
@@ -321,7 +322,15 @@ class StoreMailbox:
                 self.onExpunge()
         changed = [u for u in changes.flagsChanged if self.sequenceNumber(u) is not None and u not in self.pendingExpunged]
         if changed:
-            self.run(self.folder.messages, changed).addCallback(self._announceFlags)
+            # changes arriving in a burst (another session's big STORE, a sync) are read once
+            if not self._pendingFlags:
+                self._reactor.callLater(0.05, self._loadFlags)
+            self._pendingFlags.update(changed)
+
+    def _loadFlags(self):
+        uids, self._pendingFlags = sorted(self._pendingFlags), set()
+        if uids and self._attached:
+            self.run(self.folder.flagRows, uids).addCallback(self._announceFlags)
 
     def _claimed(self, span):
         low, high = span

@@ -661,6 +661,26 @@ class Folder:
         with self.user.lock:
             return self._messages(self._select(self._MESSAGE_QUERY, (self.id,), uids))
 
+    def flagRows(self, uids: Iterable[int] | None = None) -> list[Message]:
+        """
+        Flags, keywords and MODSEQ of many messages (sizes and internal dates left 0): what
+        another session needs to announce a flag change, without reading files for internal
+        dates the index does not have yet.
+        """
+        with self.user.lock:
+            rows = self._select("SELECT uid, flags, keywords, modseq FROM messages WHERE folder=?", (self.id,), uids)
+        sets: dict[str, frozenset[str]] = {}
+        out = []
+        for uid, f, k, m in rows:
+            fs = sets.get(f)
+            if fs is None:
+                fs = sets[f] = frozenset(f.split())
+            ks = sets.get(k)
+            if ks is None:
+                ks = sets[k] = frozenset(k.split())
+            out.append(Message(uid, fs, ks, m, 0, 0, 0))
+        return out
+
     def changedSince(self, since: int, uids: Iterable[int] | None = None) -> list[Message]:
         """
         The messages (all, or those among C{uids}) whose MODSEQ is greater than C{since}, in
