@@ -21,6 +21,7 @@ C{MessageSummary} or None when the request did not need it).
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -352,6 +353,10 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
     return result
 
 
+#: section names by attribute object (the same few for every message of a FETCH)
+_NAMES: dict[int, tuple] = {}
+
+
 def _sectionName(item) -> bytes:
     """
     C{BODY[section]} as the client asked, field names in its own case (Twisted's C{getBytes}
@@ -378,10 +383,21 @@ def readSection(path, start: int, end: int, skip: int = 0, limit: int | None = N
     A small section of a message file (stored with LF line ends) as IMAP sends it: with CRLF
     line ends, then the partial range C{<skip.limit>} of that.
     """
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY)  # a raw descriptor: Python's buffered open costs more
+    try:
         if start:
-            f.seek(start)
-        raw = f.read(end - start) if end - start < 1 << 40 else f.read()
+            os.lseek(fd, start, os.SEEK_SET)
+        want = end - start if end - start < 1 << 40 else os.fstat(fd).st_size - start
+        chunks = []
+        while want > 0:
+            chunk = os.read(fd, want)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            want -= len(chunk)
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
     if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
     data = raw.replace(b"\n", b"\r\n")
@@ -408,7 +424,12 @@ def _section(item, msg):
         raise FetchError(f"Unsupported FETCH attribute {item.type}")
     if not (item.header or item.text or item.mime or item.empty):
         return b"BODY " + summary.body
-    name = _sectionName(item)
+    name = _NAMES.get(id(item))
+    if name is None or name[0] is not item:
+        name = _NAMES[id(item)] = (item, _sectionName(item))
+        if len(_NAMES) > 256:
+            _NAMES.clear()
+    name = name[1]
     partial = (item.partialBegin, item.partialLength) if item.partialBegin is not None else None
     if partial is not None:
         name += b"<%d>" % item.partialBegin
