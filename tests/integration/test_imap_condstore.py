@@ -7,10 +7,10 @@ HIGHESTMODSEQ, and the FETCH writer's answers (batches, nesting limit).
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
+from conftest import wait_for
 from imapwire import ask, logged_in
 from pymaild.store.delivery import deliver
 
@@ -77,12 +77,9 @@ def test_other_sessions_hear_modseq(inbox):
     answer = ask(two, b"t STORE 3 +FLAGS (\\Answered)", b"t")
     stored = int(re.search(rb"MODSEQ \((\d+)\)", answer).group(1)) if b"MODSEQ" in answer else None
     assert stored is None, answer  # session two never used CONDSTORE: no MODSEQ for it
-    seen = b""
-    for attempt in range(100):  # announcements of a burst are read together, 50 ms later
-        seen += ask(one, b"n%d NOOP" % attempt, b"n%d" % attempt)
-        if b"3 FETCH" in seen:
-            break
-        time.sleep(0.05)
+    heard = []  # announcements of a burst are read together, 50 ms later
+    wait_for(lambda: heard.append(ask(one, b"n NOOP", b"n")) or b"3 FETCH" in heard[-1], timeout=10)
+    seen = b"".join(heard)
     assert re.search(rb"\* 3 FETCH \(FLAGS \([^)]*\\Answered[^)]*\) MODSEQ \(\d+\)\)", seen), seen
     one.close()
     two.close()
@@ -250,12 +247,9 @@ def test_recent(inbox):
     # new mail: the selected session hears EXISTS and RECENT and has it \Recent
     home = inbox.data_dir / "mail" / "localhost" / "postmaster"
     deliverTo(home, message(6))
-    seen = b""
-    for attempt in range(100):  # inotify -> sync -> claim: poll for up to 10 s
-        seen += ask(sock, b"i%d NOOP" % attempt, b"i%d" % attempt)
-        if b"RECENT" in seen:
-            break
-        time.sleep(0.1)
+    heard = []  # inotify -> sync -> claim
+    wait_for(lambda: heard.append(ask(sock, b"i NOOP", b"i")) or b"RECENT" in heard[-1], timeout=10)
+    seen = b"".join(heard)
     assert b"* 6 EXISTS" in seen and b"* 6 RECENT" in seen, seen
     assert b"\\Recent" in ask(sock, b"g FETCH 6 (FLAGS)", b"g")
     sock.close()
