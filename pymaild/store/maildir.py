@@ -34,7 +34,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -118,6 +118,9 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.added or self.expunged or self.flagsChanged)
 
+
+#: STORE on this many messages or more lifts the folder's inotify watch around its renames.
+_QUIET_FROM = 64
 
 #: The most bytes of UID arrays (L{Folder.uidArray}) kept for the whole process.
 UID_CACHE_BYTES = 64 << 20
@@ -521,6 +524,9 @@ class Folder:
         self._namesKey: tuple | None = None
         self._uidArray: array | None = None
         self._uidKey: tuple | None = None
+        #: set by a watcher (L{pymaild.store.watch.FolderWatcher}) while it watches this folder:
+        #: a context manager that lifts the watch around this process's own bulk renames
+        self.quiet: Callable | None = None
 
     def _newUidValidity(self) -> int:
         used = {r[0] for r in self.user.db.execute("SELECT uidvalidity FROM folders")}
@@ -1274,36 +1280,11 @@ class Folder:
                     (self.id,),
                 )
             }
-            plans = []
-            # what a flag string pair becomes: computed once per distinct pair, not per message
-            outcomes: dict[tuple[str, str], tuple | None] = {}
-            for uid in sorted(rows):
-                name, innew, oldFlags, oldKeywords, modseq = rows[uid]
-                if unchangedSince is not None and modseq > unchangedSince:
-                    failed.append(uid)
-                    continue
-                outcome = outcomes.get((oldFlags, oldKeywords), False)
-                if outcome is False:
-                    f, k = set(oldFlags.split()), set(oldKeywords.split())
-                    if mode == "set":
-                        nf, nk = set(system), set(keywords)
-                    elif mode == "add":
-                        nf, nk = f | system, k | keywords
-                    else:
-                        nf, nk = f - system, k - keywords
-                    outcome = None if (nf, nk) == (f, k) else (
-                        ":2," + self._letters(nf, nk), " ".join(sorted(nf)), " ".join(sorted(nk)), frozenset(nf | nk))
-                    outcomes[(oldFlags, oldKeywords)] = outcome
-                if outcome is None:
-                    continue
-                newName = name.partition(":")[0] + outcome[0]
-                try:
-                    # names relative to open directories: no path walk per file
-                    os.rename(name, newName, src_dir_fd=newFd if innew else curFd, dst_dir_fd=curFd)
-                except FileNotFoundError:
-                    failed.append(uid)  # renamed or expunged by another process: next sync
-                    continue
-                plans.append((uid, newName, outcome))
+            plans: list = []
+            outcomes: dict[tuple[str, str], tuple | None] = {}  # per distinct flag pair, not per message
+            quiet = self.quiet() if self.quiet is not None and len(rows) >= _QUIET_FROM else nullcontext()
+            with quiet:
+                self._renameForStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed, curFd, newFd)
             if plans:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
@@ -1319,6 +1300,39 @@ class Folder:
         if changed:
             self._notify(Changes(flagsChanged=sorted(changed)))
         return changed, failed
+
+    def _renameForStore(self, rows, mode, system, keywords, unchangedSince, outcomes, plans, failed, curFd, newFd):
+        """
+        STORE's renames (the caller holds the lock): C{plans} gets C{(uid, new name,
+        outcome)} for each file renamed, C{failed} the UIDs skipped.
+        """
+        for uid in sorted(rows):
+            name, innew, oldFlags, oldKeywords, modseq = rows[uid]
+            if unchangedSince is not None and modseq > unchangedSince:
+                failed.append(uid)
+                continue
+            outcome = outcomes.get((oldFlags, oldKeywords), False)
+            if outcome is False:
+                f, k = set(oldFlags.split()), set(oldKeywords.split())
+                if mode == "set":
+                    nf, nk = set(system), set(keywords)
+                elif mode == "add":
+                    nf, nk = f | system, k | keywords
+                else:
+                    nf, nk = f - system, k - keywords
+                outcome = None if (nf, nk) == (f, k) else (
+                    ":2," + self._letters(nf, nk), " ".join(sorted(nf)), " ".join(sorted(nk)), frozenset(nf | nk))
+                outcomes[(oldFlags, oldKeywords)] = outcome
+            if outcome is None:
+                continue
+            newName = name.partition(":")[0] + outcome[0]
+            try:
+                # names relative to open directories: no path walk per file
+                os.rename(name, newName, src_dir_fd=newFd if innew else curFd, dst_dir_fd=curFd)
+            except FileNotFoundError:
+                failed.append(uid)  # renamed or expunged by another process: next sync
+                continue
+            plans.append((uid, newName, outcome))
 
     def copy(self, uids: Iterable[int], dest: Folder) -> list[tuple[int, int]]:
         """

@@ -12,12 +12,19 @@ process are reported.  Listeners are called in the thread that made the change: 
 hands the call to its reactor with C{callFromThread}.
 
 Changes made through this process's store are reported at once without inotify; their
-inotify events find nothing new at the sync that follows.
+inotify events find nothing new at the sync that follows.  A STORE on many messages lifts the
+watch around its renames (C{Folder.quiet}, set while a folder is watched): events for a
+directory being watched cost each rename about as much again, and one sync after the watch is
+back catches what other processes did meanwhile.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 from twisted.internet import inotify
+from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -50,10 +57,47 @@ class FolderWatcher:
             self._watched[key] = (f, count + 1)
             return
         self._watched[key] = (folder, 1)
+        self._add(folder)
+        folder.quiet = lambda: self._quiet(folder)
+
+    def _add(self, folder) -> None:
         for sub in ("new", "cur"):
             self._notifier.watch(
                 FilePath(str(folder.path / sub)), mask=_MASK, callbacks=[lambda *a, f=folder: self._changed(f)]
             )
+
+    def _remove(self, folder) -> None:
+        for sub in ("new", "cur"):
+            self._notifier.ignore(FilePath(str(folder.path / sub)))
+
+    @contextmanager
+    def _quiet(self, folder):
+        """
+        From a store thread, around this process's own renames of many files: the watch is
+        lifted (each rename in a watched directory queues two events, which about doubled the
+        cost of a rename), then put back, and one sync catches whatever another process did
+        meanwhile.
+        """
+        if threading.current_thread() is threading.main_thread():
+            yield  # on the reactor's thread: it cannot wait for itself
+            return
+        watched = blockingCallFromThread(self.reactor, self._suspend, folder)
+        try:
+            yield
+        finally:
+            if watched:
+                blockingCallFromThread(self.reactor, self._resume, folder)
+
+    def _suspend(self, folder) -> bool:
+        if id(folder) not in self._watched:
+            return False
+        self._remove(folder)
+        return True
+
+    def _resume(self, folder) -> None:
+        if id(folder) in self._watched:
+            self._add(folder)
+            self._changed(folder)
 
     def unwatch(self, folder) -> None:
         key = id(folder)
@@ -64,8 +108,8 @@ class FolderWatcher:
             self._watched[key] = (folder, entry[1] - 1)
             return
         del self._watched[key]
-        for sub in ("new", "cur"):
-            self._notifier.ignore(FilePath(str(folder.path / sub)))
+        folder.quiet = None
+        self._remove(folder)
 
     def _changed(self, folder) -> None:
         key = id(folder)

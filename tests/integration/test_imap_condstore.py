@@ -254,3 +254,34 @@ def test_recent(inbox):
     assert b"\\Recent" in ask(sock, b"g FETCH 6 (FLAGS)", b"g")
     sock.close()
     looker.close()
+
+
+def test_watch_comes_back_after_a_bulk_store(server):
+    """
+    A STORE on many messages lifts the folder's inotify watch around its renames: an IDLE
+    session still hears the flag changes (told in-process) and, afterwards, a delivery by
+    another process (the watch is back).
+    """
+    folder = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(100):
+        deliver(folder, message(n))
+    idler = logged_in(server, b"INBOX")
+    idler.sendall(b"i IDLE\r\n")
+    assert idler.recv(4096).startswith(b"+")
+    other = logged_in(server, b"INBOX")
+    assert b"t OK" in ask(other, b"t STORE 1:* +FLAGS.SILENT (\\Flagged)", b"t")
+    heard = []
+
+    def hear(marker: bytes) -> bool:
+        heard.append(idler.recv(65536))
+        return marker in b"".join(heard)
+
+    assert wait_for(lambda: hear(b"* 100 FETCH"), timeout=10)
+    deliver(folder, message(101))
+    assert wait_for(lambda: hear(b"* 101 EXISTS"), timeout=10)
+    idler.sendall(b"DONE\r\n")
+    other.close()
+    idler.close()
+    assert b"Traceback" not in server.log_path.read_bytes()
