@@ -768,7 +768,7 @@ class StoreAccount:
         return self.run(work)
 
     def listExtended(self, ref: str, patterns, *, subscribed: bool = False, recursive: bool = False,
-                     specialOnly: bool = False, status=None):
+                     specialOnly: bool = False, status=None, lsub: bool = False):
         """
         LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819): a Deferred of
         C{[(name, attributes, childinfo, status items or None)]}, INBOX first.
@@ -776,7 +776,9 @@ class StoreAccount:
         C{subscribed}: only subscribed names (those that no longer exist too, as
         C{\\NonExistent}); with C{recursive}, also matching names that are not subscribed but
         have subscribed children (C{childinfo} True).  C{specialOnly}: RFC 6154's SPECIAL-USE
-        selection.  C{status}: STATUS item names for every selectable mailbox listed.
+        selection.  C{status}: STATUS item names for every selectable mailbox listed.  C{lsub}
+        (with C{subscribed} and C{recursive}): RFC 3501 LSUB, where such a parent is listed only
+        when the pattern stops above a subscribed descendant (a C{%} match).
         """
         matchers = [listPattern(ref + p) for p in patterns]
 
@@ -796,7 +798,10 @@ class StoreAccount:
                 prefix = name + "/"
                 childinfo = False
                 if subscribed and name not in subs:
-                    if not (recursive and any(s.startswith(prefix) for s in subs)):
+                    below = [s for s in subs if s.startswith(prefix)] if recursive else []
+                    if lsub:
+                        below = [s for s in below if not any(m(s) for m in matchers)]
+                    if not below:
                         continue
                     childinfo = True
                 if specialOnly and not (info and info.special):

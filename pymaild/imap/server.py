@@ -693,18 +693,26 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     auth_LIST = (do_LIST, opt_listselect, imap4.IMAP4Server.arg_astring, arg_listpatterns, opt_listreturn)
     select_LIST = auth_LIST
 
-    # --- LSUB with subscriptions from the same listing ---------------------------------------------
+    # --- LSUB (RFC 3501 6.3.9): subscribed names, gone or not; \Noselect parents for "%" -------
 
-    def _cbListWork(self, mailboxes, tag, sub, cmdName):
-        for name, box in mailboxes:
-            if sub and not box.subscribed:
-                continue
-            flags = [flag.encode() for flag in box.getFlags()]
-            if sub and box.info is None:
-                continue
-            resp = (imap4.DontQuoteMe(cmdName), map(imap4.DontQuoteMe, flags), b"/", name.encode("imap4-utf-7"))
-            self.sendUntaggedResponse(imap4.collapseNestedLists(resp))
-        self.sendPositiveResponse(tag, cmdName + b" completed")
+    def do_LSUB(self, tag, ref, pattern):
+        d = self.account.listExtended(self._name(ref) if ref else "", [self._name(pattern) if pattern else ""],
+                                      subscribed=True, recursive=True, lsub=True)
+
+        def answer(entries):
+            for name, attributes, childinfo, _ in entries:
+                if childinfo:
+                    attributes = ["\\Noselect"]
+                else:
+                    attributes = [a for a in attributes if a not in ("\\Subscribed", "\\NonExistent")]
+                self.sendUntaggedResponse(b"LSUB (" + " ".join(attributes).encode() + b') "/" '
+                                          + imap4._quote(name.encode("imap4-utf-7")))
+            self.sendPositiveResponse(tag, b"LSUB completed")
+
+        self._store(d, tag, answer)
+
+    auth_LSUB = (do_LSUB, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_astring)
+    select_LSUB = auth_LSUB
 
     # --- QUOTA (RFC 9208), from the store's Maildir++ quota ----------------------------------------
 

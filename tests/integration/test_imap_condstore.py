@@ -285,3 +285,23 @@ def test_watch_comes_back_after_a_bulk_store(server):
     other.close()
     idler.close()
     assert b"Traceback" not in server.log_path.read_bytes()
+
+
+def test_lsub(server):
+    """
+    RFC 3501 6.3.9: LSUB lists subscribed names, also those whose folder is gone, and a parent
+    that is not subscribed as \\Noselect when "%" stops above a subscribed child.
+    """
+    sock = logged_in(server)
+    for command in (b'a CREATE "Work/Projects"', b'b SUBSCRIBE "Work/Projects"', b'c SUBSCRIBE "Gone"'):
+        assert b" OK" in ask(sock, command, command[:1])
+    answer = ask(sock, b'l LSUB "" "%"', b"l")
+    assert b'* LSUB (\\Noselect) "/" "Work"\r\n' in answer, answer
+    assert re.search(rb'\* LSUB \([^)]*\) "/" "Gone"\r\n', answer), answer
+    assert b'"Work/Projects"' not in answer, answer
+    answer = ask(sock, b'm LSUB "" "*"', b"m")
+    assert re.search(rb'\* LSUB \([^)]*\) "/" "Work/Projects"\r\n', answer), answer
+    assert b'"Work"\r\n' not in answer, answer
+    answer = ask(sock, b'n LSUB "Work/" "%"', b"n")
+    assert re.search(rb'\* LSUB \([^)]*\) "/" "Work/Projects"\r\n', answer) and b"Gone" not in answer, answer
+    sock.close()
