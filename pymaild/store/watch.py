@@ -20,11 +20,9 @@ back catches what other processes did meanwhile.
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 from twisted.internet import inotify
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -46,6 +44,7 @@ class FolderWatcher:
         self._notifier.startReading()
         self._watched: dict[int, tuple[object, int]] = {}  # id(folder) -> (folder, users)
         self._pending: dict[int, object] = {}
+        self._quieted: set[int] = set()  # folders whose watch a bulk STORE has lifted
 
     def watch(self, folder) -> None:
         """
@@ -76,28 +75,29 @@ class FolderWatcher:
         From a store thread, around this process's own renames of many files: the watch is
         lifted (each rename in a watched directory queues two events, which about doubled the
         cost of a rename), then put back, and one sync catches whatever another process did
-        meanwhile.
+        meanwhile.  Both are handed to the reactor without waiting for it (a store thread that
+        waited could deadlock a shutdown that joins the store's threads); renames made before
+        the reactor lifts the watch only cost their events.
         """
-        if threading.current_thread() is threading.main_thread():
-            yield  # on the reactor's thread: it cannot wait for itself
-            return
-        watched = blockingCallFromThread(self.reactor, self._suspend, folder)
+        self.reactor.callFromThread(self._suspend, folder)
         try:
             yield
         finally:
-            if watched:
-                blockingCallFromThread(self.reactor, self._resume, folder)
+            self.reactor.callFromThread(self._resume, folder)
 
-    def _suspend(self, folder) -> bool:
-        if id(folder) not in self._watched:
-            return False
-        self._remove(folder)
-        return True
+    def _suspend(self, folder) -> None:
+        key = id(folder)
+        if key in self._watched and key not in self._quieted:
+            self._quieted.add(key)
+            self._remove(folder)
 
     def _resume(self, folder) -> None:
-        if id(folder) in self._watched:
-            self._add(folder)
-            self._changed(folder)
+        key = id(folder)
+        if key in self._quieted:
+            self._quieted.discard(key)
+            if key in self._watched:
+                self._add(folder)
+                self._changed(folder)
 
     def unwatch(self, folder) -> None:
         key = id(folder)
@@ -109,7 +109,10 @@ class FolderWatcher:
             return
         del self._watched[key]
         folder.quiet = None
-        self._remove(folder)
+        if key in self._quieted:
+            self._quieted.discard(key)  # lifted already
+        else:
+            self._remove(folder)
 
     def _changed(self, folder) -> None:
         key = id(folder)
