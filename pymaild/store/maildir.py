@@ -1272,13 +1272,14 @@ class Folder:
         failed: list[int] = []
         with self.user.lock, _DirFds(self.path) as (curFd, newFd):
             db = self.user.db
+            wanted = set(uids)
+            span = range(min(wanted), max(wanted) + 1) if wanted else range(0)
+            # a dense set (STORE 1:*) is one BETWEEN; a sparse one goes by IN lists
             rows = {
                 r[0]: r[1:]
-                for r in db.execute(
-                    "SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
-                    f" AND uid IN ({','.join(str(int(u)) for u in set(uids)) or '0'})",
-                    (self.id,),
-                )
+                for r in self._select("SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?",
+                                      (self.id,), span if len(span) < 2 * len(wanted) else wanted)
+                if r[0] in wanted
             }
             plans: list = []
             outcomes: dict[tuple[str, str], tuple | None] = {}  # per distinct flag pair, not per message

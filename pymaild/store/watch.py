@@ -20,6 +20,7 @@ back catches what other processes did meanwhile.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 from twisted.internet import inotify
@@ -75,21 +76,27 @@ class FolderWatcher:
         From a store thread, around this process's own renames of many files: the watch is
         lifted (each rename in a watched directory queues two events, which about doubled the
         cost of a rename), then put back, and one sync catches whatever another process did
-        meanwhile.  Both are handed to the reactor without waiting for it (a store thread that
-        waited could deadlock a shutdown that joins the store's threads); renames made before
-        the reactor lifts the watch only cost their events.
+        meanwhile.  The store thread waits for the reactor to lift the watch for at most half a
+        second (waiting without a limit could deadlock a shutdown that joins the store's
+        threads; renames made before the watch is lifted only cost their events).
         """
-        self.reactor.callFromThread(self._suspend, folder)
+        lifted = threading.Event()
+        self.reactor.callFromThread(self._suspend, folder, lifted)
+        lifted.wait(0.5)
         try:
             yield
         finally:
             self.reactor.callFromThread(self._resume, folder)
 
-    def _suspend(self, folder) -> None:
-        key = id(folder)
-        if key in self._watched and key not in self._quieted:
-            self._quieted.add(key)
-            self._remove(folder)
+    def _suspend(self, folder, lifted=None) -> None:
+        try:
+            key = id(folder)
+            if key in self._watched and key not in self._quieted:
+                self._quieted.add(key)
+                self._remove(folder)
+        finally:
+            if lifted is not None:
+                lifted.set()
 
     def _resume(self, folder) -> None:
         key = id(folder)
