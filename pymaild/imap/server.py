@@ -137,8 +137,13 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
+    _lost = False  # set by connectionLost: answers arriving later must not attach anything
+
     def _loginSucceeded(self, result, tag, name):
         iface, avatar, logout = result
+        if self._lost:  # the client left while the password was checked: count nothing
+            logout()
+            return
         user = getattr(avatar, "user", None)
         key = getattr(user, "root", name)
         sessions = self.factory.sessions
@@ -457,6 +462,11 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.sendNegativeResponse(tag, b"[SERVERBUG] " + cmdName + b" failed")
 
     def _cbSelectWork(self, mbox, cmdName, tag, qresync=None):
+        if self._lost:  # the client left meanwhile: do not start listening to the folder
+            close = getattr(mbox, "close", None)
+            if close is not None:
+                close()
+            return
         if mbox is None:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -1321,6 +1331,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         return self.transport is None or bool(getattr(self.transport, "disconnected", False))
 
     def connectionLost(self, reason):
+        self._lost = True
         stream, self._streaming = self._streaming, None
         if stream is not None:
             stream.stopProducing()  # Twisted's FileProducer never finishes then: its file leaked

@@ -172,3 +172,98 @@ def test_charset_as_literal_and_malformed_search_and_fetch(server):
     assert b"BODY[HEADER.FIELDS (SUBJECT)] {" in answer, answer
     sock.close()
     assert b"Traceback" not in server.log_path.read_bytes()
+
+
+def reset(sock) -> None:
+    """Close with a TCP reset, as a client that vanishes does."""
+    import socket
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_login_that_ends_after_the_client_left_takes_no_session(make_server):
+    """
+    A LOGIN pipelined behind a failed one finishes after the client reset the connection:
+    it must not count against the per-user session limit for ever.
+    """
+    from imapwire import tls_session
+
+    server = make_server("[limits]\nmax_connections_per_user = 2\n").start()
+    password = server.postmaster_password().encode()
+    for _ in range(3):
+        sock = tls_session(server)
+        sock.sendall(b'a LOGIN postmaster@localhost "wrong"\r\nb LOGIN postmaster@localhost "%s"\r\n'
+                     b"c SELECT INBOX\r\n" % password)
+        time.sleep(0.3)  # the failed LOGIN's answer is delayed; leave before it comes
+        reset(sock)
+
+    def login() -> bool:
+        sock = tls_session(server)
+        try:
+            return b"z OK" in ask(sock, b'z LOGIN postmaster@localhost "%s"' % password, b"z")
+        finally:
+            sock.close()
+
+    # the slots of the vanished clients come back once the server has seen them go (with the
+    # bug they never did: every later login got NO [LIMIT])
+    assert wait_for(login, timeout=20, interval=0.5)
+
+
+def inotify_watches(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                count += f.read().count("inotify wd:")
+        except OSError:
+            continue
+    return count
+
+
+def test_a_select_that_ends_after_the_client_left_watches_nothing(server):
+    home(server)
+    for _ in range(5):
+        sock = logged_in(server)
+        sock.sendall(b"a NOOP\r\nb SELECT INBOX\r\n")
+        reset(sock)
+    sock = logged_in(server, b"INBOX")  # one live session: its folder is watched
+    assert wait_for(lambda: inotify_watches(server.proc.pid) == 2, timeout=10)
+    sock.close()
+    assert wait_for(lambda: inotify_watches(server.proc.pid) == 0, timeout=10)
+
+
+def test_login_and_select_answers_after_connection_lost_attach_nothing():
+    """
+    The same two races, made deterministic on the protocol object: a login or SELECT whose
+    answer arrives after connectionLost counts no session and attaches no mailbox.
+    """
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.mail import imap4
+    from twisted.python.failure import Failure
+
+    from pymaild.imap.server import IMAPFactory
+    from pymaild.throttle import LoginThrottle
+
+    factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle())
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.connectionLost(Failure(ConnectionDone()))
+    loggedOut = []
+    protocol._loginSucceeded((imap4.IAccount, object(), lambda: loggedOut.append(True)), b"b", "u")
+    assert factory.sessions == {} and loggedOut == [True]
+
+    class Mailbox:
+        closed = attached = False
+
+        def close(self):
+            self.closed = True
+
+        def attach(self):
+            self.attached = True
+
+    mailbox = Mailbox()
+    protocol._cbSelectWork(mailbox, b"SELECT", b"c")
+    assert mailbox.closed and not mailbox.attached and protocol.mbox is None
