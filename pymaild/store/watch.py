@@ -103,7 +103,12 @@ class FolderWatcher:
         if key in self._quieted:
             self._quieted.discard(key)
             if key in self._watched:
-                self._add(folder)
+                try:
+                    self._add(folder)
+                except (OSError, inotify.INotifyError):  # the folder went away: nothing to watch
+                    self._watched.pop(key, None)
+                    folder.quiet = None
+                    return
                 self._changed(folder)
 
     def unwatch(self, folder) -> None:

@@ -93,3 +93,45 @@ def deferToProcess(code, *args):
 
 def withTimeout(d, seconds):
     return d.addTimeout(seconds, reactor)
+
+
+class QuietTests(unittest.TestCase):
+    """
+    Lifting the watch around bulk renames (Folder.quiet): the watch comes back, and a folder
+    that vanished meanwhile is dropped, not an error.
+    """
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp())
+        self.user = MaildirStore(self.tmp / "mail").user("bob@example.com")
+        self.threads = StoreThreads(reactor, 2)
+        self.threads.start()
+        self.watcher = FolderWatcher(reactor, self.threads, delay=0.01)
+
+    def tearDown(self):
+        self.watcher.stop()
+        self.threads.stop()
+        self.user.close()
+
+    def test_lift_and_restore(self):
+        folder = self.user.createFolder("Work")
+        self.watcher.watch(folder)
+        self.assertIsNotNone(folder.quiet)
+        self.watcher._suspend(folder)
+        self.assertIn(id(folder), self.watcher._quieted)
+        self.watcher._resume(folder)
+        self.assertNotIn(id(folder), self.watcher._quieted)
+        self.assertIn(id(folder), self.watcher._watched)
+        self.watcher.unwatch(folder)
+        self.assertIsNone(folder.quiet)
+
+    def test_folder_gone_while_lifted(self):
+        import shutil
+
+        folder = self.user.createFolder("Gone")
+        self.watcher.watch(folder)
+        self.watcher._suspend(folder)
+        shutil.rmtree(folder.path)
+        self.watcher._resume(folder)  # was: an OSError from inotify's add_watch
+        self.assertNotIn(id(folder), self.watcher._watched)
+        self.watcher.unwatch(folder)  # and a later unwatch is a no-op, not a KeyError
