@@ -19,7 +19,7 @@ from pymaild.store.threads import StoreThreads
 from pymaild.store.watch import FolderWatcher
 
 
-class FolderWatcherTests(unittest.TestCase):
+class _WatcherCase(unittest.TestCase):
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp())
         self.user = MaildirStore(self.tmp / "mail").user("alice@example.com")
@@ -32,6 +32,9 @@ class FolderWatcherTests(unittest.TestCase):
         self.watcher.stop()
         self.threads.stop()
         self.user.close()
+
+
+class FolderWatcherTests(_WatcherCase):
 
     @defer.inlineCallbacks
     def test_delivery_by_another_process_is_heard(self):
@@ -95,23 +98,11 @@ def withTimeout(d, seconds):
     return d.addTimeout(seconds, reactor)
 
 
-class QuietTests(unittest.TestCase):
+class QuietTests(_WatcherCase):
     """
     Lifting the watch around bulk renames (Folder.quiet): the watch comes back, and a folder
     that vanished meanwhile is dropped, not an error.
     """
-
-    def setUp(self):
-        self.tmp = Path(tempfile.mkdtemp())
-        self.user = MaildirStore(self.tmp / "mail").user("bob@example.com")
-        self.threads = StoreThreads(reactor, 2)
-        self.threads.start()
-        self.watcher = FolderWatcher(reactor, self.threads, delay=0.01)
-
-    def tearDown(self):
-        self.watcher.stop()
-        self.threads.stop()
-        self.user.close()
 
     def test_lift_and_restore(self):
         folder = self.user.createFolder("Work")
