@@ -45,6 +45,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     """
 
     def connectionMade(self):
+        self._heldFlags = []
         self.peerHost = getattr(self.transport.getPeer(), "host", "")
         self.plaintextAllowed = inNetworks(self.peerHost, self.factory.plaintextNetworks)
         if self.factory.implicitTLS or self.plaintextAllowed:
@@ -307,6 +308,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             return
         if self.blocked is not None:
             self._unblock()  # lines Twisted itself queued (none while paused)
+        if self.blocked is None:
+            self._sendHeldFlags()
         queued, self._queuedAsync = self._queuedAsync, []
         for message in queued:  # what arrived since the tagged response: now, not at the next one
             self._respond(message, None, None)
@@ -1316,16 +1319,36 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         C{newFlags}: sequence number -> (flags, uid, modseq).  MODSEQ once CONDSTORE is on,
         UID once QRESYNC is (RFC 7162 3.1.4.1 and 3.2.4).
         """
+        if self.blocked is not None:
+            # a command is running (an EXPUNGE may renumber): numbered when it has answered
+            self._heldFlags.extend(newFlags.values())
+            return
         for seq, (flags, msgUid, modseq) in sorted(newFlags.items()):
             items = [b"FLAGS (" + " ".join(flags).encode() + b")"]
             if self.qresync:
                 items.insert(0, b"UID %d" % msgUid)
             if self.condstore:
                 items.append(b"MODSEQ (%d)" % modseq)
-            self.sendUntaggedResponse(b"%d FETCH (%b)" % (seq, b" ".join(items)), isAsync=True)
+            self.sendUntaggedResponse(b"%d FETCH (%b)" % (seq, b" ".join(items)))
+
+    def _sendHeldFlags(self):
+        held, self._heldFlags = self._heldFlags, []
+        mbox = self.mbox
+        if not held or mbox is None:
+            return
+        latest = {}
+        for flags, msgUid, modseq in held:  # the last word on each message
+            latest[msgUid] = (flags, msgUid, modseq)
+        numbered = {}
+        for msgUid, update in latest.items():
+            seq = mbox.sequenceNumber(msgUid)
+            if seq is not None:
+                numbered[seq] = update
+        self.flagsChanged(numbered)
 
     _sessionKey = None
     _streaming = None
+    _heldFlags: list = []  # flag updates that arrived during a command (made per session below)
 
     def _gone(self) -> bool:
         return self.transport is None or bool(getattr(self.transport, "disconnected", False))

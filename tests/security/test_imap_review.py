@@ -240,15 +240,17 @@ def test_login_and_select_answers_after_connection_lost_attach_nothing():
     answer arrives after connectionLost counts no session and attaches no mailbox.
     """
     from twisted.internet.error import ConnectionDone
-    from twisted.internet.testing import StringTransport
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
     from twisted.mail import imap4
     from twisted.python.failure import Failure
 
     from pymaild.imap.server import IMAPFactory
     from pymaild.throttle import LoginThrottle
 
-    factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle())
+    clock = MemoryReactorClock()
+    factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle(), clock=clock)
     protocol = factory.buildProtocol(None)
+    protocol.callLater = clock.callLater  # the idle timer too, not on the global reactor
     protocol.makeConnection(StringTransport())
     protocol.connectionLost(Failure(ConnectionDone()))
     loggedOut = []
@@ -267,3 +269,40 @@ def test_login_and_select_answers_after_connection_lost_attach_nothing():
     mailbox = Mailbox()
     protocol._cbSelectWork(mailbox, b"SELECT", b"c")
     assert mailbox.closed and not mailbox.attached and protocol.mbox is None
+
+
+def test_flag_updates_during_a_command_are_numbered_after_it():
+    """
+    Another session's flag change heard while this session's EXPUNGE runs is sent after the
+    EXPUNGE, numbered in the view the EXPUNGE left (not with the number it had before).
+    """
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from pymaild.imap.server import IMAPFactory
+    from pymaild.throttle import LoginThrottle
+
+    clock = MemoryReactorClock()
+    factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle(), clock=clock)
+    protocol = factory.buildProtocol(None)
+    protocol.callLater = clock.callLater  # the idle timer too, not on the global reactor
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+
+    class View:
+        uids = [10, 20, 30]
+
+        def sequenceNumber(self, uid):
+            return self.uids.index(uid) + 1 if uid in self.uids else None
+
+    protocol.mbox = View()
+    protocol._hold(b"x")  # an EXPUNGE is running
+    protocol.flagsChanged({3: (["\\Flagged"], 30, 7)})  # heard with message 30 as number 3
+    protocol.mbox.uids = [10, 30]  # the EXPUNGE removed 20
+    protocol.sendUntaggedResponse(b"2 EXPUNGE")
+    protocol.sendPositiveResponse(b"x", b"EXPUNGE completed")
+    clock.advance(0)
+    out = transport.value()
+    assert b"* 3 FETCH" not in out, out
+    assert out.index(b"x OK") < out.index(b"* 2 FETCH (FLAGS (\\Flagged))"), out
+    protocol.mbox = None
+    protocol.connectionLost(None)
