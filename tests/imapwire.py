@@ -36,3 +36,15 @@ def logged_in(server, select: bytes | None = None):
     if select is not None:
         assert b"s OK" in ask(sock, b"s SELECT " + select, b"s")
     return sock
+
+
+def read_to_close(sock) -> bytes:
+    """
+    Everything the server sends until it closes the connection.
+    """
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk

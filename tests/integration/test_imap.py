@@ -8,11 +8,11 @@ from __future__ import annotations
 import imaplib
 import re
 import socket
-import ssl
 
 import pytest
 
 from conftest import wait_for
+from imapwire import read_to_close, tls_session
 from pymaild.store.delivery import deliver
 
 PLAIN = (
@@ -385,7 +385,7 @@ def test_literal_plus(server):
     APPEND; an oversized non-synchronising literal closes the connection with BYE.
     """
     password = server.postmaster_password().encode()
-    sock = _raw(server)
+    sock = tls_session(server)
     sock.sendall(b"l LOGIN {20+}\r\npostmaster@localhost {%d+}\r\n%s\r\n" % (len(password), password))
     reply = read_until(sock, b"l OK")
     assert b"+ " not in reply
@@ -394,20 +394,8 @@ def test_literal_plus(server):
     reply = read_until(sock, b"a OK")
     assert b"+ " not in reply and b"APPENDUID" in reply
     sock.sendall(b"b APPEND INBOX {999999999999+}\r\n")
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    data = read_to_close(sock)
     assert b"* BYE [TOOBIG]" in data
-
-
-def _raw(server):
-    sock = server.tls().wrap_socket(socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=15),
-                                    server_hostname="localhost")
-    read_until(sock, b"\r\n")
-    return sock
 
 
 def test_plaintext_networks_allow_login_without_tls(make_server):
@@ -431,7 +419,7 @@ def test_sasl_ir(server):
     """
     import base64
 
-    sock = _raw(server)
+    sock = tls_session(server)
     good = base64.b64encode(b"\0postmaster@localhost\0" + server.postmaster_password().encode())
     bad = base64.b64encode(b"\0postmaster@localhost\0nope")
     sock.sendall(b"c CAPABILITY\r\n")

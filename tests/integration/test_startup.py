@@ -19,6 +19,7 @@ import subprocess
 import pytest
 
 from conftest import LISTENER_NAMES, free_ports, run_twistd, wait_for
+from imapwire import read_to_close
 
 TLS_LISTENERS = {"smtps", "imaps", "pop3s"}
 GREETINGS = {"smtp": b"220 ", "imap": b"* OK [CAPABILITY ", "pop3": b"+OK"}
@@ -236,12 +237,7 @@ def test_sigterm_exits_cleanly(server):
     imap = socket.create_connection(("127.0.0.1", server.ports["imap"]), timeout=10)
     imap.recv(4096)
     assert server.stop() == -signal.SIGTERM
-    rest = b""
-    while True:
-        chunk = imap.recv(4096)
-        if not chunk:
-            break
-        rest += chunk
+    rest = read_to_close(imap)
     assert rest.startswith(b"* BYE")
     assert "pymaild stopped" in server.log()
     for port in server.ports.values():

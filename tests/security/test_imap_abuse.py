@@ -9,7 +9,7 @@ import re
 import time
 
 from conftest import wait_for
-from imapwire import ask, logged_in, tls_session
+from imapwire import ask, logged_in, read_to_close, tls_session
 
 
 def test_huge_literal_is_refused_before_any_byte(make_server):
@@ -37,12 +37,7 @@ def test_overlong_line_gets_bye_and_others_keep_working(make_server):
     server = make_server("[imap]\nmax_line = 2048\n").start()
     sock = tls_session(server)
     sock.sendall(b"x NOOP " + b"A" * 5000 + b"\r\n")
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
+    data = read_to_close(sock)
     assert b"* BYE Line too long" in data
     again = logged_in(server)
     assert b"n OK" in ask(again, b"n NOOP", b"n")
