@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pymaild.errors import ConfigError, fileProblem
+from pymaild.uidl import checkUidlFormat
 
 # --- value objects -----------------------------------------------------------------------
 
@@ -143,6 +144,13 @@ class IMAPConfig:
 
 
 @dataclass(frozen=True)
+class POP3Config:
+    idle_timeout: float
+    uidl_format: str
+    mark_seen: bool
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
@@ -160,6 +168,7 @@ class Config:
     auth: AuthConfig
     smtp: SMTPConfig
     imap: IMAPConfig
+    pop3: POP3Config
     store: StoreConfig
     limits: LimitsConfig
 
@@ -232,6 +241,16 @@ def _seconds(value: Any) -> float:
     if not 0 <= value <= 86400:
         raise ValueError(f"must be between 0 and 86400 seconds, got {value}")
     return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _uidl_format(value: Any) -> str:
+    return checkUidlFormat(_nonempty_string(value))
 
 
 def _path(value: Any) -> str:
@@ -425,6 +444,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "autologout": Key(_seconds, 1800.0, "seconds an idle session lives (RFC 3501: at least 1800)"),
         "max_line": Key(_integer(1024, 1 << 20), 65536, "longest command line, in bytes"),
     },
+    "pop3": {
+        "idle_timeout": Key(_seconds, 600.0, "seconds an idle session lives (RFC 1939: at least 600)"),
+        "uidl_format": Key(_uidl_format, "%f", "UIDL of a message: %f Maildir base name, %u UID, %v UIDVALIDITY"),
+        "mark_seen": Key(_boolean, True, "messages retrieved with RETR get \\Seen when the session QUITs"),
+    },
     "store": {
         "quota_storage": Key(_size, 0, "bytes a user may store (0: no limit)"),
         "quota_messages": Key(_integer(0, 1 << 40), 0, "messages a user may store (0: no limit)"),
@@ -451,6 +475,7 @@ _SECTION_TYPES = {
     "auth": AuthConfig,
     "smtp": SMTPConfig,
     "imap": IMAPConfig,
+    "pop3": POP3Config,
     "store": StoreConfig,
     "limits": LimitsConfig,
 }
@@ -568,6 +593,9 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
 
     if settings["imap"]["autologout"] < 1800:
         raise fail("imap", "autologout", "RFC 3501 5.4 wants at least 1800 seconds (30 minutes)")
+
+    if settings["pop3"]["idle_timeout"] < 600:
+        raise fail("pop3", "idle_timeout", "RFC 1939 3 wants at least 600 seconds (10 minutes)")
 
     limits = settings["limits"]
     if limits["max_connections_per_ip"] > limits["max_connections"]:

@@ -290,7 +290,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             imap4.IAccount: firstLogin(
                 lambda user, mind: (StoreAccount(store.user(user), storeThreads.run, watcher), lambda: None)
             ),
-            pop3.IMailbox: firstLogin(pop3Avatar(store)),
+            pop3.IMailbox: firstLogin(
+                pop3Avatar(store, storeThreads.run, config.pop3.uidl_format, config.pop3.mark_seen)
+            ),
             IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
         }
     )
@@ -300,6 +302,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     plaintext = config.auth.plaintext_networks
     throttle = LoginThrottle(config.limits.max_login_failures)
     imapSessions: dict = {}
+    pop3InUse: set = set()
 
     def appFactory(protocol: str, implicitTLS: bool):
         if protocol == "smtp":
@@ -310,7 +313,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 config.imap.append_limit, config.imap.autologout, config.imap.max_line, reactor,
                 config.limits.max_connections_per_user, imapSessions,
             )
-        return POP3Factory(portal, plaintext, implicitTLS, throttle, reactor)
+        return POP3Factory(
+            portal, serverTLS, plaintext, implicitTLS, throttle, reactor, config.pop3.idle_timeout, pop3InUse
+        )
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
     sockets = bindAll(

@@ -61,6 +61,17 @@ def client_tls_context(cafile: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cafile))
 
 
+def postmaster_inbox(server) -> Path:
+    """
+    postmaster@localhost's Maildir (its INBOX) in a test server's data directory, created if it
+    is not there yet, for tests that deliver into it as an MDA would.
+    """
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    return home
+
+
 class PymaildProcess:
     """
     One pymaild server run by twistd in a temporary directory.

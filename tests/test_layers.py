@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent / "pymaild"
 # Lower numbers are lower layers.  A module may import its own package and strictly lower
 # layers; packages that share a layer (the front-ends; the back ends) never import each other.
 RANK = {
-    "interfaces": 0, "errors": 0, "envelope": 0,
+    "interfaces": 0, "errors": 0, "envelope": 0, "uidl": 0,
     "config": 1, "log": 1, "mime": 1,
-    "tls": 2, "listen": 2, "throttle": 2,
+    "tls": 2, "listen": 2, "throttle": 2, "flow": 2,
     "store": 3, "auth": 3, "queue": 3, "pipeline": 3, "plugins": 3,
     "smtp": 3, "imap": 3, "pop3": 3,
     "service": 4,

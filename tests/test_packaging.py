@@ -53,7 +53,7 @@ def test_wheel_holds_plugin_packages_and_script(wheel):
     assert "pymaildctl = pymaild.cli:main" in wheel.read(entry_points).decode()
     (metadata,) = [n for n in names if n.endswith("/METADATA")]
     requires = wheel.read(metadata).decode()
-    for dependency in ("twisted[tls]", "service-identity", "pyOpenSSL", "ldap3", "libpass", "argon2-cffi", "bcrypt"):
+    for dependency in ("twisted[tls]", "service-identity", "pyOpenSSL", "ldap3", "libpass", "argon2-cffi", "PyNaCl", "bcrypt"):
         assert f"Requires-Dist: {dependency}" in requires, dependency
 
 

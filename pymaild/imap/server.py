@@ -26,11 +26,10 @@ from twisted.internet import defer
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.internet.interfaces import IPushProducer
 from twisted.mail import imap4
-from zope.interface import implementer
 
 from pymaild.envelope import inNetworks
+from pymaild.flow import Backpressure as _Backpressure
 from pymaild.imap import fetch
 from pymaild.imap import search as search_
 from pymaild.imap import sort as sort_
@@ -1443,53 +1442,6 @@ class _SectionProducer:
         d, self._d = self._d, None
         if d is not None:
             d.callback(None)  # the writer sees C{stopped} and gives up
-
-
-@implementer(IPushProducer)
-class _Backpressure:
-    """
-    Registered with the transport while a FETCH writes, so that a client that reads slowly
-    pauses the writer instead of filling the server's memory.
-    """
-
-    def __init__(self, transport):
-        self.transport = transport
-        self.paused = False
-        self.stopped = False
-        self._waiting = None
-        self._registered = False
-        self.register()
-
-    def register(self):
-        if not self._registered and not self.stopped:
-            self.transport.registerProducer(self, True)
-            self._registered = True
-
-    def unregister(self):
-        if self._registered:
-            self._registered = False
-            self.transport.unregisterProducer()
-            self.paused = False
-
-    def wait(self):
-        self.register()
-        if not self.paused or self.stopped:
-            return defer.succeed(None)
-        self._waiting = defer.Deferred()
-        return self._waiting
-
-    def pauseProducing(self):
-        self.paused = True
-
-    def resumeProducing(self):
-        self.paused = False
-        d, self._waiting = self._waiting, None
-        if d is not None:
-            d.callback(None)
-
-    def stopProducing(self):
-        self.stopped = True
-        self.resumeProducing()
 
 
 class IMAPFactory(ServerFactory):

@@ -1,75 +1,341 @@
-# -*- test-case-name: tests.integration.test_startup -*-
+# -*- test-case-name: tests.integration.test_pop3 -*-
 """
-The POP3 front-end on Twisted's C{POP3}: port 110 and 995 (implicit TLS).
+The POP3 front-end on Twisted's C{POP3}: port 110 (STLS) and 995 (implicit TLS).
 
-Status: greeting, USER/PASS through the portal (refused without TLS except from
-C{[auth] plaintext_networks}), then Twisted's transaction commands over the read-only inbox of
-L{pymaild.pop3.mailbox}.  STLS, CAPA without joke tokens, SASL, and deletion at QUIT come with
-the POP3 issue.
+RFC 1939 (USER, PASS, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP, UIDL) over the INBOX of
+L{pymaild.pop3.mailbox}, RFC 2449 CAPA (exactly what works in the session's state) with
+RESP-CODES and PIPELINING, RFC 2595 STLS, RFC 5034 AUTH PLAIN and LOGIN (with an initial
+response), RFC 3206 codes ([AUTH], [SYS/TEMP], [SYS/PERM], [IN-USE]).
 
-Security: reads commands from anyone who connects; no password is accepted over a connection
-without TLS unless the client's address is in C{[auth] plaintext_networks}.  APOP is refused:
-it needs the cleartext password on the server.
+Twisted's C{POP3} answers most of this wrongly (joke CAPA tokens, no STLS, exception names
+sent to the client, QUIT not waiting for the mailbox, commands read while one is in flight
+only partly held); this subclass keeps its greeting, timeout and line framing and does the
+command handling itself.  Its line receiver is C{LineReceiver}, whose C{pauseProducing} holds
+pipelined commands (and stops reading the socket) while a command waits for the store or the
+password check.
+
+Security: reads commands from anyone who connects; no password is accepted (USER/PASS, AUTH)
+over a connection without TLS unless the client's address is in C{[auth] plaintext_networks};
+plaintext pipelined after STLS is discarded; failed logins are slowed down and limited per
+address and user (L{pymaild.throttle}); APOP is refused (it needs the cleartext password on the
+server); one session per mailbox (C{[IN-USE]}).
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
+import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
-from twisted.mail import pop3
+from twisted.mail import imap4, pop3
+from twisted.protocols import basic
 
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
+from pymaild.flow import Backpressure
+from pymaild.pop3.mailbox import Gone
 
 log = Logger()
 
+_NUMBER = re.compile(rb"[0-9]{1,10}")
 
-class PymaildPOP3(pop3.POP3):
+#: SASL mechanisms, with the challenge objects of twisted.mail (they speak IUsernamePassword)
+_MECHANISMS = {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
+
+
+class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     """
     pymaild's POP3 server protocol.
+
+    @ivar state: C{"AUTHORIZATION"}, C{"TRANSACTION"}, C{"UPDATE"} (QUIT is committing) or
+        C{"CLOSED"}.
     """
 
     magic = b"pymaild ready"
+    delimiter = b"\n"  # RFC 1939 wants CRLF; a bare LF is taken too (the CR is stripped)
+    #: RFC 2449 4 allows 255 octets a command; SASL responses (RFC 5034 4) may be longer
+    MAX_LENGTH = 8192
+    state = "AUTHORIZATION"
+
+    _user = None  # name given by USER
+    _sasl = None  # (mechanism challenge) while AUTH is exchanging
+    _lost = False
+    _lockKey = None
+    _committing = None
+    _flow = None
+    _transfer = None
+    _held = False
+
+    # --- connection ---------------------------------------------------------------------
 
     def connectionMade(self):
         self.peerHost = getattr(self.transport.getPeer(), "host", "")
         self.secure = self.factory.implicitTLS
         self.plaintextAllowed = inNetworks(self.peerHost, self.factory.plaintextNetworks)
-        self.successResponse(self.magic)
-        self.setTimeout(self.timeOut)
+        self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer, on the factory's clock
+        self._ok(self.magic)
+        self.setTimeout(self.factory.idleTimeout)
 
-    def do_APOP(self, user, digest):
-        self.failResponse(b"[AUTH] APOP is not supported")
+    def connectionLost(self, reason):
+        self._lost = True
+        self.state = "CLOSED"
+        self.setTimeout(None)
+        transfer, self._transfer = self._transfer, None
+        if transfer is not None:
+            transfer.close()
+        if self._flow is not None:
+            self._flow.stopProducing()
+        if self._committing is None:
+            self._unlock()
+        if self._onLogout is not None:
+            self._onLogout()
+            self._onLogout = None
 
-    def do_USER(self, user):
-        if not (self.secure or self.plaintextAllowed):
-            self.failResponse(b"[AUTH] Plaintext authentication disallowed on non-secure connections")
+    def timeoutConnection(self):
+        self._err(b"Disconnected for inactivity")
+        self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line):
+        self._err(b"Line too long")
+        self.transport.loseConnection()
+
+    def stopProducing(self):
+        basic.LineReceiver.stopProducing(self)
+
+    def isBusy(self) -> bool:
+        return self._committing is not None
+
+    def goodbye(self) -> None:
+        self._err(b"[SYS/TEMP] Server shutting down")
+        self.transport.loseConnection()
+
+    # --- answers --------------------------------------------------------------------------
+
+    def _ok(self, text: bytes = b"") -> None:
+        self.transport.write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+
+    def _err(self, text: bytes) -> None:
+        self.transport.write(b"-ERR " + text + b"\r\n")
+
+    def _multi(self, first: bytes, lines) -> None:
+        self.transport.write(b"".join([b"+OK ", first, b"\r\n", *(line + b"\r\n" for line in lines), b".\r\n"]))
+
+    def _hold(self) -> None:
+        """Read no further command until L{_release} (PIPELINING with asynchronous answers)."""
+        self._held = True
+        self.pauseProducing()
+
+    def _release(self, _=None) -> None:
+        if self._held and not self._lost:
+            self._held = False
+            self.resumeProducing()
+
+    # --- dispatch -----------------------------------------------------------------------
+
+    def lineReceived(self, line):
+        self.resetTimeout()
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if self.state in ("UPDATE", "CLOSED"):
+            return  # after QUIT nothing more is read
+        try:
+            self._dispatch(line)
+        except Exception:
+            log.failure("pop3 command from {peer}", peer=self.peerHost)
+            self._err(b"[SYS/TEMP] Internal error")
+            self.transport.loseConnection()
+
+    def _dispatch(self, line):
+        if self._sasl is not None:
+            self._saslStep(line)
             return
-        super().do_USER(user)
-
-    def do_PASS(self, password, *words):
-        if self._userIs is None:
-            self.failResponse(b"USER required before PASS")
+        command, _, rest = line.partition(b" ")
+        command = command.upper()
+        handler = None
+        if command.isalpha():
+            handler = getattr(self, f"{self.state}_{command.decode('ascii')}", None)
+        if handler is None:
+            if self.state == "AUTHORIZATION" and command in (b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP",
+                                                           b"RSET", b"TOP", b"UIDL", b"LAST"):
+                self._err(b"Not logged in")
+            elif self.state == "TRANSACTION" and command in (b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"):
+                self._err(b"Already logged in")
+            elif command:
+                self._err(b"Unknown command")
+            else:
+                self._err(b"Empty command")
             return
-        user, self._userIs = self._userIs, None
-        password = b" ".join((password,) + words)
+        handler(rest)
+
+    # --- AUTHORIZATION ------------------------------------------------------------------
+
+    def _capabilities(self) -> list[bytes]:
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"]
+        if self.state == "AUTHORIZATION":
+            if self._passwordsAllowed():
+                caps += [b"USER", b"SASL " + b" ".join(_MECHANISMS)]
+            caps.append(b"AUTH-RESP-CODE")
+            if not self.secure and self.factory.tls is not None:
+                caps.append(b"STLS")
+        caps.append(b"IMPLEMENTATION pymaild")
+        return caps
+
+    def AUTHORIZATION_CAPA(self, rest):
+        self._multi(b"Capability list follows", self._capabilities())
+
+    TRANSACTION_CAPA = AUTHORIZATION_CAPA
+
+    def _passwordsAllowed(self) -> bool:
+        return self.secure or self.plaintextAllowed
+
+    _CLEARTEXT = b"[AUTH] Plaintext authentication disallowed on non-secure connections: use STLS (or port 995)"
+
+    def AUTHORIZATION_STLS(self, rest):
+        if self.secure:
+            self._err(b"Already using TLS")
+            return
+        if self.factory.tls is None:
+            self._err(b"TLS is not available")
+            return
+        self._ok(b"Begin TLS negotiation")
+        self.transport.startTLS(self.factory.tls)
+        self.secure = True
+        # RFC 2595 4: what the client pipelined in plaintext after STLS is not a command in
+        # the TLS session; the session starts over (forget USER).
+        self._buffer = b""
+        self._user = None
+
+    def AUTHORIZATION_APOP(self, rest):
+        self._err(b"[AUTH] APOP is not supported")
+
+    def AUTHORIZATION_USER(self, rest):
+        if not self._passwordsAllowed():
+            self._err(self._CLEARTEXT)
+            return
+        name = rest.strip()
+        if not name or len(name) > 320:
+            self._err(b"Invalid user name")
+            return
+        self._user = name
+        self._ok(b"Send your password")
+
+    def AUTHORIZATION_PASS(self, rest):
+        if not self._passwordsAllowed():
+            self._err(self._CLEARTEXT)
+            return
+        if self._user is None:
+            self._err(b"USER first")
+            return
+        user, self._user = self._user, None
         name = user.decode("utf-8", "replace")
-        if self.factory.throttle.blocked(self.peerHost, name.lower()):
-            self.failResponse(b"[SYS/TEMP] Too many failed logins, try again later")
+        self._login(name, lambda: self.factory.portal.login(UsernamePassword(user, rest), None, pop3.IMailbox))
+
+    def AUTHORIZATION_AUTH(self, rest):
+        words = rest.split()
+        if not words:  # the mechanisms list, as Outlook and others ask for it
+            self._multi(b"Methods supported", list(_MECHANISMS) if self._passwordsAllowed() else [])
             return
-        d = maybeDeferred(self.factory.portal.login, UsernamePassword(user, password), None, pop3.IMailbox)
+        if not self._passwordsAllowed():
+            self._err(self._CLEARTEXT)
+            return
+        mechanism = words[0].upper()
+        if mechanism not in _MECHANISMS or len(words) > 2:
+            self._err(b"Unsupported authentication mechanism")
+            return
+        challenge = _MECHANISMS[mechanism]()
+        self._sasl = challenge
+        if len(words) == 2:
+            if mechanism == b"LOGIN":
+                # RFC 5034 4 lets the client send LOGIN's first answer (the user name) here
+                challenge.getChallenge()
+            self._saslStep(words[1])
+        else:
+            self._challenge(challenge)
+
+    def _challenge(self, challenge):
+        self.transport.write(b"+ " + base64.b64encode(challenge.getChallenge()) + b"\r\n")
+
+    def _saslStep(self, line):
+        challenge = self._sasl
+        line = line.strip()
+        if line == b"*":
+            self._sasl = None
+            self._err(b"Authentication cancelled")
+            return
+        try:
+            data = b"" if line == b"=" else base64.b64decode(line, validate=True)
+            challenge.setResponse(data)
+        except (binascii.Error, ValueError, IndexError, imap4.IllegalClientResponse):
+            self._sasl = None
+            self._err(b"[AUTH] Malformed authentication response")
+            return
+        if challenge.moreChallenges():
+            self._challenge(challenge)
+            return
+        self._sasl = None
+        name = challenge.username if isinstance(challenge.username, bytes) else b""
+        self._login(name.decode("utf-8", "replace"),
+                    lambda: self.factory.portal.login(challenge, None, pop3.IMailbox))
+
+    def _login(self, name: str, attempt) -> None:
+        throttle = self.factory.throttle
+        if throttle.blocked(self.peerHost, name.lower()):
+            log.info("pop3 login {user} from {peer}: blocked", event="login", protocol="pop3", user=name,
+                     peer=self.peerHost, result="blocked")
+            self._err(b"[SYS/TEMP] Too many failed logins, try again later")
+            return
+        self._hold()
+        d = maybeDeferred(attempt)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
-        # Hold pipelined commands until the answer is out (Twisted's own mechanism).
-        self._longOperation(d)
+        d.addErrback(self._bug, "login")
 
     def _loginSucceeded(self, result, name):
-        _, self.mbox, self._onLogout = result
+        _, mbox, logout = result
+        if self._lost:  # the client left while the password was checked
+            logout()
+            return
+        key = getattr(mbox, "key", name)
+        if key in self.factory.inUse:
+            logout()
+            log.info("pop3 login {user} from {peer}: in use", event="login", protocol="pop3", user=name,
+                     peer=self.peerHost, result="in-use")
+            self._err(b"[IN-USE] The mailbox is in use by another POP3 session")
+            self._release()
+            return
+        self.factory.inUse.add(key)
+        self._lockKey = key
+        self._onLogout = logout
         self.factory.throttle.succeeded(self.peerHost, name.lower())
-        log.info("pop3 login {user} from {peer}: ok", event="login", protocol="pop3", user=name, peer=self.peerHost, result="ok")
-        self.successResponse(b"Logged in")
+        d = mbox.load()
+        d.addCallbacks(self._opened, self._openFailed, (mbox, name), None, (name,))
+        d.addErrback(self._bug, "open")
+
+    def _opened(self, count, mbox, name):
+        if self._lost:
+            return
+        self.mbox = mbox
+        self.state = "TRANSACTION"
+        self._flow = Backpressure(self.transport)
+        log.info("pop3 login {user} from {peer}: ok", event="login", protocol="pop3", user=name, peer=self.peerHost,
+                 result="ok", messages=count)
+        self._ok(b"Logged in, %d messages" % count)
+        self._release()
+
+    def _openFailed(self, failure, name):
+        log.failure("pop3 {user}: opening the INBOX", failure, user=name)
+        self._unlock()
+        if self._lost:
+            return
+        logout, self._onLogout = self._onLogout, None
+        if logout is not None:
+            logout()
+        self._err(b"[SYS/TEMP] Cannot open the mailbox, try again later")
+        self._release()
 
     def _loginFailed(self, failure, name):
         if failure.check(UnauthorizedLogin):
@@ -79,28 +345,207 @@ class PymaildPOP3(pop3.POP3):
         else:
             log.failure("pop3 login {user} from {peer}", failure, user=name, peer=self.peerHost)
             result, answer = "error", b"[SYS/TEMP] Internal error, try again later"
-        log.info("pop3 login {user} from {peer}: {result}", event="login", protocol="pop3", user=name, peer=self.peerHost, result=result)
+        log.info("pop3 login {user} from {peer}: {result}", event="login", protocol="pop3", user=name,
+                 peer=self.peerHost, result=result)
         delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        # the answer waits, and so does the client's next command: guessing gets slow
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
-        return d.addCallback(lambda _: self.failResponse(answer))
+        d.addCallback(lambda _: None if self._lost else self._err(answer))
+        d.addCallback(self._release)
 
-    def goodbye(self) -> None:
-        self.failResponse(b"[SYS/TEMP] Server shutting down")
+    def _bug(self, failure, what):
+        log.failure("pop3 {what}", failure, what=what)
+        if not self._lost:
+            self._err(b"[SYS/TEMP] Internal error")
+            self.transport.loseConnection()
+
+    def _unlock(self) -> None:
+        key, self._lockKey = self._lockKey, None
+        if key is not None:
+            self.factory.inUse.discard(key)
+
+    def AUTHORIZATION_QUIT(self, rest):
+        self._ok(b"Bye")
+        self.state = "CLOSED"
+        self.pauseProducing()
         self.transport.loseConnection()
+
+    # --- TRANSACTION --------------------------------------------------------------------
+
+    def _message(self, word: bytes, allowDeleted: bool = False) -> int | None:
+        """The 0-based index of message number C{word}, or None after an -ERR."""
+        if not _NUMBER.fullmatch(word):
+            self._err(b"Invalid message number")
+            return None
+        number = int(word)
+        if not 1 <= number <= len(self.mbox.entries):
+            self._err(b"No such message")
+            return None
+        if self.mbox.entries[number - 1].deleted and not allowDeleted:
+            self._err(b"Message is deleted")
+            return None
+        return number - 1
+
+    def _live(self):
+        return [(i, e) for i, e in enumerate(self.mbox.entries, 1) if not e.deleted]
+
+    def TRANSACTION_STAT(self, rest):
+        live = self._live()
+        self._ok(b"%d %d" % (len(live), sum(e.size for _, e in live)))
+
+    def TRANSACTION_LIST(self, rest):
+        if rest.strip():
+            i = self._message(rest.strip())
+            if i is not None:
+                self._ok(b"%d %d" % (i + 1, self.mbox.entries[i].size))
+            return
+        live = self._live()
+        self._multi(b"%d messages (%d octets)" % (len(live), sum(e.size for _, e in live)),
+                    [b"%d %d" % (n, e.size) for n, e in live])
+
+    def TRANSACTION_UIDL(self, rest):
+        if rest.strip():
+            i = self._message(rest.strip())
+            if i is not None:
+                self._ok(b"%d %s" % (i + 1, self.mbox.entries[i].uidl))
+            return
+        self._multi(b"Unique-ID listing follows", [b"%d %s" % (n, e.uidl) for n, e in self._live()])
+
+    def TRANSACTION_DELE(self, rest):
+        i = self._message(rest.strip())
+        if i is not None:
+            self.mbox.entries[i].deleted = True
+            self._ok(b"Marked to be deleted")
+
+    def TRANSACTION_RSET(self, rest):
+        self.mbox.undeleteMessages()
+        self._ok(b"%d messages" % len(self.mbox.entries))
+
+    def TRANSACTION_NOOP(self, rest):
+        self._ok()
+
+    def TRANSACTION_RETR(self, rest):
+        i = self._message(rest.strip())
+        if i is None:
+            return
+        first = b"%d octets" % self.mbox.entries[i].size
+        try:
+            transfer = self.mbox.transferNow(i)
+        except OSError:
+            transfer = None  # the store's threads try again and report
+        if transfer is None:
+            self._send(i, None, first)
+        else:
+            self._sending(transfer, first)
+
+    def TRANSACTION_TOP(self, rest):
+        words = rest.split()
+        if len(words) != 2 or not _NUMBER.fullmatch(words[1]):
+            self._err(b"Usage: TOP message lines")
+            return
+        i = self._message(words[0])
+        if i is not None:
+            self._send(i, int(words[1]), b"Top of message follows")
+
+    def _send(self, index: int, lines: int | None, first: bytes) -> None:
+        self._hold()
+        d = self.mbox.transfer(index, lines)
+        d.addCallbacks(self._sending, self._notSent, (first,))
+        d.addErrback(self._bug, "RETR")
+
+    def _notSent(self, failure):
+        if self._lost:
+            return
+        if failure.check(Gone):
+            self._err(b"Message was deleted by another session")
+        elif failure.check(OSError):
+            log.failure("pop3 reading a message", failure)
+            self._err(b"[SYS/TEMP] Cannot read the message")
+        else:
+            return failure
+        self._release()
+
+    def _sending(self, transfer, first):
+        if self._lost:
+            transfer.close()
+            return
+        self.transport.write(b"+OK " + first + b"\r\n" + transfer.first)
+        self._transfer = transfer
+        self._pump()
+
+    def _pump(self, _=None):
+        """
+        Write the rest of the transfer while the client reads; a full socket buffer pauses it
+        (L{Backpressure}), its draining resumes it.
+        """
+        flow = self._flow
+        while True:
+            transfer = self._transfer
+            if transfer is None or self._lost or flow.stopped:
+                return
+            if flow.paused:
+                if not self._held:
+                    self._hold()  # no further command until this answer is out
+                flow.wait().addCallback(self._pump)
+                return
+            try:
+                chunk = next(transfer.more, None)
+            except OSError:
+                log.failure("pop3 reading a message")
+                self._transfer = None
+                transfer.close()
+                self.transport.loseConnection()  # the +OK is out: the only honest end
+                return
+            if chunk is None:
+                self._transfer = None
+                transfer.close()
+                self._release()
+                return
+            self.transport.write(chunk)
+            self.resetTimeout()
+
+    def TRANSACTION_QUIT(self, rest):
+        self.state = "UPDATE"
+        self.setTimeout(None)
+        self._hold()
+        self._committing = d = self.mbox.commit()
+        d.addCallbacks(self._committed, self._commitFailed)
+        d.addBoth(self._afterCommit)
+
+    def _committed(self, removed):
+        if not self._lost:
+            self._ok(b"Logging out, %d messages deleted" % removed)
+
+    def _commitFailed(self, failure):
+        log.failure("pop3 QUIT: deleting messages", failure)
+        if not self._lost:
+            self._err(b"[SYS/TEMP] Some deleted messages were not removed")
+
+    def _afterCommit(self, _):
+        self._committing = None
+        self._unlock()
+        self.state = "CLOSED"
+        if not self._lost:
+            self.transport.loseConnection()
 
 
 class POP3Factory(ServerFactory):
     tooManyConnections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
     noisy = False
 
-    def __init__(self, portal, plaintextNetworks=(), implicitTLS: bool = False, throttle=None, clock=None):
+    def __init__(self, portal, tls=None, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
+                 clock=None, idleTimeout: float = 600.0, inUse: set | None = None):
         from pymaild.throttle import LoginThrottle
 
         self.portal = portal
+        self.tls = tls
         self.plaintextNetworks = tuple(plaintextNetworks)
         self.implicitTLS = implicitTLS
         self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.idleTimeout = idleTimeout
+        #: mailboxes with a POP3 session, shared by the POP3 listeners (110 and 995)
+        self.inUse = inUse if inUse is not None else set()
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock

@@ -332,3 +332,19 @@ def test_needs_rehash_other(stored: str) -> None:
     Anything but a current C{{ARGON2ID}} hash needs a rehash; nothing raises.
     """
     assert needs_rehash(stored) is True
+
+
+def test_argon2_with_several_lanes_still_verifies():
+    """
+    Dovecot's Argon2 hashes (one lane) are checked by libsodium; a hash made by another tool
+    with several lanes, which libsodium cannot check, goes to argon2-cffi and still works.
+    """
+    from argon2 import PasswordHasher, Type
+
+    several = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=4, type=Type.ID).hash("s3cret")
+    assert ",p=4$" in several
+    assert verify("{ARGON2ID}" + several, "s3cret")
+    assert not verify("{ARGON2ID}" + several, "wrong")
+    one = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1, type=Type.I).hash("s3cret")
+    assert verify("{ARGON2I}" + one, "s3cret") and not verify("{ARGON2I}" + one, "s3cre")
+    assert not verify("{ARGON2ID}" + one.replace("$argon2i$", "$argon2id$"), "s3cret")

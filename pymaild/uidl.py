@@ -1,0 +1,60 @@
+"""
+POP3 UIDLs (RFC 1939 7) from C{[pop3] uidl_format}: the configuration checks the format with
+L{checkUidlFormat} when it loads, the POP3 mailbox formats each message's UIDL with
+L{formatUidl}.  The variables are Dovecot's (C{pop3_uidl_format}), so a site moving from Dovecot
+can keep its clients' UIDLs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_FORMAT = re.compile(r"%(?:(0?)(\d*)([Xx]?)([uvf%]))")
+
+
+def checkUidlFormat(fmt: str) -> str:
+    """
+    Validate a C{[pop3] uidl_format}: text with C{%u} (UID), C{%v} (UIDVALIDITY), C{%f} (the
+    Maildir base name) and C{%%}, each optionally with Dovecot's width and hex modifiers
+    (C{%08Xu}).  It must name the message: C{%u} or C{%f}.
+
+    @raise ValueError: with the reason.
+    """
+    if not isinstance(fmt, str):
+        raise ValueError("expected a string")
+    rest = _FORMAT.sub("", fmt)
+    if "%" in rest:
+        raise ValueError("unknown % sequence (known: %u, %v, %f, %%, with width and X like %08Xu)")
+    found = {m.group(4) for m in _FORMAT.finditer(fmt)}
+    if not found & {"u", "f"}:
+        raise ValueError("must contain %u (the UID) or %f (the Maildir file name)")
+    if any(not 0x21 <= ord(c) <= 0x7E for c in rest):
+        raise ValueError("may contain only printable ASCII without spaces (RFC 1939 7)")
+    return fmt
+
+
+def formatUidl(fmt: str, uid: int, uidvalidity: int, base: str) -> bytes:
+    """
+    The UIDL of one message.  A result RFC 1939 does not allow (empty, longer than 70
+    characters, or outside 0x21-0x7E) is replaced by the SHA-1 of itself in hex: still stable,
+    still unique.
+    """
+
+    def one(m: re.Match) -> str:
+        zero, width, hexa, what = m.groups()
+        if what == "%":
+            return "%"
+        if what == "f":
+            text = base
+        else:
+            value = uid if what == "u" else uidvalidity
+            text = format(value, "X" if hexa == "X" else "x" if hexa == "x" else "d")
+        if width:
+            text = text.rjust(int(width), "0" if zero else " ")
+        return text
+
+    text = _FORMAT.sub(one, fmt)
+    if 0 < len(text) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in text):
+        return text.encode("ascii")
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest().encode("ascii")
