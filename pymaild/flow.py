@@ -57,3 +57,30 @@ class Backpressure:
     def stopProducing(self):
         self.stopped = True
         self.resumeProducing()
+
+
+def sendNow(transport) -> None:
+    """
+    Send what was just written to C{transport} at once, instead of at the reactor's next turn.
+
+    Twisted's TCP transport only buffers in C{write} and sends when the reactor next finds the
+    socket writable: one more trip round the reactor (two C{epoll_ctl} and an C{epoll_wait})
+    for every answer.  A protocol whose client waits for each answer before the next command
+    (POP3 RETR, one message at a time) calls this after writing the whole answer; it calls the
+    descriptor's own C{doWrite} (L{twisted.internet.interfaces.IWriteDescriptor}), on the
+    reactor thread, as the reactor would.  What cannot be sent now stays buffered, and errors
+    are left for the reactor to find on its next turn (the descriptor is still registered for
+    writing).  Wrappers (TLS, connection tracking) are looked through by their C{transport}.
+    """
+    fd = transport
+    for _ in range(6):
+        if fd is None:
+            return
+        if hasattr(fd, "doWrite") and hasattr(fd, "fileno"):
+            break
+        fd = getattr(fd, "transport", None)
+    else:
+        return
+    if not getattr(fd, "connected", False) or getattr(fd, "disconnecting", True):
+        return
+    fd.doWrite()

@@ -28,6 +28,9 @@ class LoginThrottle:
         self.maxDelay = maxDelay
         self.clock = clock
         self._failures: dict[tuple[str, str], deque[float]] = {}
+        #: password checks under way, by address and by user: they count as failures until
+        #: they end, so that many at once (from parallel connections) cannot pass the limit
+        self._checking: dict[tuple[str, str], int] = {}
 
     def _recent(self, key) -> int:
         times = self._failures.get(key)
@@ -45,7 +48,28 @@ class LoginThrottle:
         """
         Whether this address or this user has failed too often lately.
         """
-        return self._recent(("ip", host)) >= self.maxFailures or self._recent(("user", user)) >= self.maxFailures
+        return any(self._recent(key) + self._checking.get(key, 0) >= self.maxFailures
+                   for key in (("ip", host), ("user", user)))
+
+    def checking(self, host: str, user: str, d):
+        """
+        A password check of C{user} from C{host} starts; C{d} (its Deferred) ends it.  Until
+        then it counts against both limits as if it had failed (L{blocked}).  Returns C{d}.
+        """
+        keys = (("ip", host), ("user", user))
+        for key in keys:
+            self._checking[key] = self._checking.get(key, 0) + 1
+
+        def done(result):
+            for key in keys:
+                left = self._checking.get(key, 1) - 1
+                if left > 0:
+                    self._checking[key] = left
+                else:
+                    self._checking.pop(key, None)
+            return result
+
+        return d.addBoth(done)
 
     def failed(self, host: str, user: str) -> float:
         """

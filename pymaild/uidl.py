@@ -17,7 +17,8 @@ def checkUidlFormat(fmt: str) -> str:
     """
     Validate a C{[pop3] uidl_format}: text with C{%u} (UID), C{%v} (UIDVALIDITY), C{%f} (the
     Maildir base name) and C{%%}, each optionally with Dovecot's width and hex modifiers
-    (C{%08Xu}).  It must name the message: C{%u} or C{%f}.
+    (C{%08Xu}).  It must name the message for good: C{%f}, or C{%u} with C{%v} (UIDs alone start over
+    when UIDVALIDITY changes).
 
     @raise ValueError: with the reason.
     """
@@ -27,8 +28,9 @@ def checkUidlFormat(fmt: str) -> str:
     if "%" in rest:
         raise ValueError("unknown % sequence (known: %u, %v, %f, %%, with width and X like %08Xu)")
     found = {m.group(4) for m in _FORMAT.finditer(fmt)}
-    if not found & {"u", "f"}:
-        raise ValueError("must contain %u (the UID) or %f (the Maildir file name)")
+    if "f" not in found and not {"u", "v"} <= found:
+        # a UID alone is given again after a UIDVALIDITY change (an index rebuilt)
+        raise ValueError("must contain %f (the Maildir file name), or %u (the UID) with %v (the UIDVALIDITY)")
     if any(not 0x21 <= ord(c) <= 0x7E for c in rest):
         raise ValueError("may contain only printable ASCII without spaces (RFC 1939 7)")
     return fmt

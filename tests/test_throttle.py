@@ -38,3 +38,23 @@ def test_limit_per_address_and_per_user_and_window():
     assert not t.blocked("203.0.113.9", "victim")
     clock.now += 301
     assert not t.blocked("192.0.2.1", "someone")
+
+
+def test_checks_under_way_count_until_they_end():
+    """
+    Password checks started in parallel count against the limit before their answers are in:
+    with a limit of 3, a fourth check cannot start while three run; a success frees its slot.
+    """
+    from twisted.internet.defer import Deferred
+
+    throttle = LoginThrottle(maxFailures=3)
+    running = [throttle.checking("192.0.2.1", f"u{i}", Deferred()) for i in range(3)]
+    assert throttle.blocked("192.0.2.1", "someone")
+    assert not throttle.blocked("192.0.2.2", "someone")
+    running[0].callback("ok")
+    assert not throttle.blocked("192.0.2.1", "someone")
+    running[1].addErrback(lambda f: throttle.failed("192.0.2.1", "u1"))
+    running[1].errback(ValueError("wrong password"))
+    running[2].callback("ok")
+    assert throttle._checking == {}
+    assert not throttle.blocked("192.0.2.1", "someone")

@@ -30,6 +30,7 @@ from twisted.mail import imap4
 
 from pymaild.envelope import inNetworks
 from pymaild.flow import Backpressure as _Backpressure
+from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.imap import fetch
 from pymaild.imap import search as search_
 from pymaild.imap import sort as sort_
@@ -55,8 +56,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def _allowPasswords(self):
         self.challengers = dict(self.challengers)
-        self.challengers.setdefault(b"PLAIN", imap4.PLAINCredentials)
-        self.challengers.setdefault(b"LOGIN", imap4.LOGINCredentials)
+        for name, mechanism in MECHANISMS.items():
+            self.challengers.setdefault(name, mechanism)
 
     def sendServerGreeting(self):
         msg = b"[CAPABILITY " + b" ".join(self.listCapabilities()) + b"] pymaild ready"
@@ -81,7 +82,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try again later")
             return
         self._hold(tag)  # pipelined commands wait for the answer
-        d = maybeDeferred(attempt)
+        d = throttle.checking(self.peerHost, name.lower(), maybeDeferred(attempt))
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
     # --- AUTHENTICATE (RFC 3501 6.2.2) with SASL-IR (RFC 4959), on the same path as LOGIN ------
@@ -120,6 +121,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         try:
             data = b"" if line == b"=" else base64.b64decode(line, validate=True)
             challenge.setResponse(data)
+        except AuthorizationRefused as e:
+            self.sendNegativeResponse(tag, b"[AUTHORIZATIONFAILED] " + str(e).encode("ascii", "replace"))
+            return
         except (binascii.Error, ValueError, IndexError, imap4.IllegalClientResponse):
             self.sendBadResponse(tag, b"Malformed AUTHENTICATE response")
             return

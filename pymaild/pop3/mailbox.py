@@ -127,16 +127,21 @@ class Entry:
     uidl: bytes
     path: str
     deleted: bool = False
+    #: this message's lines of the LIST and UIDL answers, made with the snapshot (off the
+    #: reactor), so that listing 100,000 messages is one join
+    listLine: bytes = b""
+    uidlLine: bytes = b""
 
 
 class Transfer:
     """
     One RETR or TOP in progress: C{first} is the encoded message when it was small enough to
-    read whole (then C{more} is empty), otherwise the first piece, and C{more} yields the rest
-    (read from the file on the caller's thread, piece by piece).  Always L{close} it.
+    read whole (then C{more} is None), otherwise the first piece, and C{more} yields the rest
+    (each C{next} reads a piece of the file: call it in the store's threads, L{StoreInbox.run}).
+    Always L{close} it.
     """
 
-    def __init__(self, first: bytes, more: Iterator[bytes] = iter(()), f=None):
+    def __init__(self, first: bytes, more: Iterator[bytes] | None = None, f=None):
         self.first = first
         self.more = more
         self._f = f
@@ -185,7 +190,10 @@ class StoreInbox:
             if path is None:
                 continue
             base = os.path.basename(path).partition(":")[0]
-            entries.append(Entry(m.uid, m.vsize, formatUidl(self.uidlFormat, m.uid, validity, base), path))
+            uidl = formatUidl(self.uidlFormat, m.uid, validity, base)
+            n = len(entries) + 1
+            entries.append(Entry(m.uid, m.vsize, uidl, path, False, b"%d %d\r\n" % (n, m.vsize),
+                                 b"%d %s\r\n" % (n, uidl)))
         self.entries = entries
         return len(entries)
 
@@ -229,14 +237,11 @@ class StoreInbox:
             size = os.fstat(fd).st_size
             if size > SMALL:
                 return None
-            chunks = [os.read(fd, size + 1)]
-            while len(chunks[-1]) > 0 and sum(map(len, chunks)) <= SMALL:
-                chunks.append(os.read(fd, SMALL))
+            raw = os.read(fd, size + 1)  # a short read of a regular file is its end
+            if len(raw) > size:
+                return None  # it grew: stream it
         finally:
             os.close(fd)
-        raw = b"".join(chunks)
-        if len(raw) > SMALL:
-            return None  # it grew: stream it
         self.retrieved.add(entry.uid)
         stuffer = DotStuffer()
         return Transfer(stuffer.feed(raw) + stuffer.end())

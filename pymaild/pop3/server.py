@@ -37,15 +37,15 @@ from twisted.protocols import basic
 
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
-from pymaild.flow import Backpressure
+from pymaild.flow import Backpressure, sendNow
+from pymaild.sasl import MECHANISMS
 from pymaild.pop3.mailbox import Gone
 
 log = Logger()
 
 _NUMBER = re.compile(rb"[0-9]{1,10}")
 
-#: SASL mechanisms, with the challenge objects of twisted.mail (they speak IUsernamePassword)
-_MECHANISMS = {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
+_MECHANISMS = MECHANISMS
 
 
 class PymaildPOP3(basic.LineReceiver, pop3.POP3):
@@ -69,7 +69,9 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     _committing = None
     _flow = None
     _transfer = None
+    _reading = False  # a store thread is reading the transfer's next piece
     _held = False
+    _closing = False
 
     # --- connection ---------------------------------------------------------------------
 
@@ -78,6 +80,10 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.secure = self.factory.implicitTLS
         self.plaintextAllowed = inNetworks(self.peerHost, self.factory.plaintextNetworks)
         self.callLater = self.factory.clock.callLater  # TimeoutMixin's timer, on the factory's clock
+        # Registered for the whole session, so that a client that does not read its answers
+        # (pipelining commands, or a RETR) stops being read (L{_answered}).  It is unregistered
+        # before the connection is closed: TLS waits for its producer to go before closing.
+        self._flow = Backpressure(self.transport)
         self._ok(self.magic)
         self.setTimeout(self.factory.idleTimeout)
 
@@ -86,8 +92,8 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.state = "CLOSED"
         self.setTimeout(None)
         transfer, self._transfer = self._transfer, None
-        if transfer is not None:
-            transfer.close()
+        if transfer is not None and not self._reading:
+            transfer.close()  # (a store thread reading it closes it when it is back)
         if self._flow is not None:
             self._flow.stopProducing()
         if self._committing is None:
@@ -97,12 +103,28 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             self._onLogout = None
 
     def timeoutConnection(self):
+        if self._transfer is not None:
+            # a client that stopped reading in the middle of a message: no -ERR can go
+            # into the message text, and what is buffered for it need not be sent
+            self._close(abort=True)
+            return
         self._err(b"Disconnected for inactivity")
-        self.transport.loseConnection()
+        self._close()
 
     def lineLengthExceeded(self, line):
         self._err(b"Line too long")
-        self.transport.loseConnection()
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        """Close the connection (after what was written, unless C{abort})."""
+        self._closing = True
+        self.pauseProducing()  # read nothing more
+        if self._flow is not None:
+            self._flow.unregister()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def stopProducing(self):
         basic.LineReceiver.stopProducing(self)
@@ -112,7 +134,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
 
     def goodbye(self) -> None:
         self._err(b"[SYS/TEMP] Server shutting down")
-        self.transport.loseConnection()
+        self._close()
 
     # --- answers --------------------------------------------------------------------------
 
@@ -123,7 +145,8 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.transport.write(b"-ERR " + text + b"\r\n")
 
     def _multi(self, first: bytes, lines) -> None:
-        self.transport.write(b"".join([b"+OK ", first, b"\r\n", *(line + b"\r\n" for line in lines), b".\r\n"]))
+        """A multi-line answer; C{lines} are CRLF-terminated (and need no dot-stuffing)."""
+        self.transport.write(b"+OK " + first + b"\r\n" + b"".join(lines) + b".\r\n")
 
     def _hold(self) -> None:
         """Read no further command until L{_release} (PIPELINING with asynchronous answers)."""
@@ -131,9 +154,23 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.pauseProducing()
 
     def _release(self, _=None) -> None:
-        if self._held and not self._lost:
+        if self._held and not self._lost and not self._closing:
             self._held = False
             self.resumeProducing()
+
+    def _answered(self, _=None) -> None:
+        """
+        An answer is complete: read the next command, unless the client has not read what it
+        was sent (the transport paused L{Backpressure}); then once it has.
+        """
+        if self._lost or self._closing:
+            return
+        if self._flow.paused:
+            if not self._held:
+                self._hold()
+            self._flow.wait().addCallback(self._release)
+        else:
+            self._release()
 
     # --- dispatch -----------------------------------------------------------------------
 
@@ -141,14 +178,17 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.resetTimeout()
         if line[-1:] == b"\r":
             line = line[:-1]
-        if self.state in ("UPDATE", "CLOSED"):
+        if self.state in ("UPDATE", "CLOSED") or self._closing:
             return  # after QUIT nothing more is read
         try:
             self._dispatch(line)
         except Exception:
             log.failure("pop3 command from {peer}", peer=self.peerHost)
             self._err(b"[SYS/TEMP] Internal error")
-            self.transport.loseConnection()
+            self._close()
+            return
+        if not self._held:
+            self._answered()  # a flood of commands whose answers are not read stops here
 
     def _dispatch(self, line):
         if self._sasl is not None:
@@ -186,7 +226,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         return caps
 
     def AUTHORIZATION_CAPA(self, rest):
-        self._multi(b"Capability list follows", self._capabilities())
+        self._multi(b"Capability list follows", [c + b"\r\n" for c in self._capabilities()])
 
     TRANSACTION_CAPA = AUTHORIZATION_CAPA
 
@@ -238,7 +278,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     def AUTHORIZATION_AUTH(self, rest):
         words = rest.split()
         if not words:  # the mechanisms list, as Outlook and others ask for it
-            self._multi(b"Methods supported", list(_MECHANISMS) if self._passwordsAllowed() else [])
+            self._multi(b"Methods supported", [m + b"\r\n" for m in _MECHANISMS] if self._passwordsAllowed() else [])
             return
         if not self._passwordsAllowed():
             self._err(self._CLEARTEXT)
@@ -270,7 +310,11 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         try:
             data = b"" if line == b"=" else base64.b64decode(line, validate=True)
             challenge.setResponse(data)
-        except (binascii.Error, ValueError, IndexError, imap4.IllegalClientResponse):
+        except imap4.IllegalClientResponse as e:
+            self._sasl = None
+            self._err(b"[AUTH] " + str(e).encode("ascii", "replace"))
+            return
+        except (binascii.Error, ValueError, IndexError):
             self._sasl = None
             self._err(b"[AUTH] Malformed authentication response")
             return
@@ -290,7 +334,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             self._err(b"[SYS/TEMP] Too many failed logins, try again later")
             return
         self._hold()
-        d = maybeDeferred(attempt)
+        d = throttle.checking(self.peerHost, name.lower(), maybeDeferred(attempt))
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
         d.addErrback(self._bug, "login")
 
@@ -305,7 +349,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             log.info("pop3 login {user} from {peer}: in use", event="login", protocol="pop3", user=name,
                      peer=self.peerHost, result="in-use")
             self._err(b"[IN-USE] The mailbox is in use by another POP3 session")
-            self._release()
+            self._answered()
             return
         self.factory.inUse.add(key)
         self._lockKey = key
@@ -320,11 +364,10 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             return
         self.mbox = mbox
         self.state = "TRANSACTION"
-        self._flow = Backpressure(self.transport)
         log.info("pop3 login {user} from {peer}: ok", event="login", protocol="pop3", user=name, peer=self.peerHost,
                  result="ok", messages=count)
         self._ok(b"Logged in, %d messages" % count)
-        self._release()
+        self._answered()
 
     def _openFailed(self, failure, name):
         log.failure("pop3 {user}: opening the INBOX", failure, user=name)
@@ -335,7 +378,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         if logout is not None:
             logout()
         self._err(b"[SYS/TEMP] Cannot open the mailbox, try again later")
-        self._release()
+        self._answered()
 
     def _loginFailed(self, failure, name):
         if failure.check(UnauthorizedLogin):
@@ -352,13 +395,13 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
         d.addCallback(lambda _: None if self._lost else self._err(answer))
-        d.addCallback(self._release)
+        d.addCallback(self._answered)
 
     def _bug(self, failure, what):
         log.failure("pop3 {what}", failure, what=what)
         if not self._lost:
             self._err(b"[SYS/TEMP] Internal error")
-            self.transport.loseConnection()
+            self._close()
 
     def _unlock(self) -> None:
         key, self._lockKey = self._lockKey, None
@@ -368,8 +411,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     def AUTHORIZATION_QUIT(self, rest):
         self._ok(b"Bye")
         self.state = "CLOSED"
-        self.pauseProducing()
-        self.transport.loseConnection()
+        self._close()
 
     # --- TRANSACTION --------------------------------------------------------------------
 
@@ -387,12 +429,9 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             return None
         return number - 1
 
-    def _live(self):
-        return [(i, e) for i, e in enumerate(self.mbox.entries, 1) if not e.deleted]
-
     def TRANSACTION_STAT(self, rest):
-        live = self._live()
-        self._ok(b"%d %d" % (len(live), sum(e.size for _, e in live)))
+        live = [e.size for e in self.mbox.entries if not e.deleted]
+        self._ok(b"%d %d" % (len(live), sum(live)))
 
     def TRANSACTION_LIST(self, rest):
         if rest.strip():
@@ -400,9 +439,8 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             if i is not None:
                 self._ok(b"%d %d" % (i + 1, self.mbox.entries[i].size))
             return
-        live = self._live()
-        self._multi(b"%d messages (%d octets)" % (len(live), sum(e.size for _, e in live)),
-                    [b"%d %d" % (n, e.size) for n, e in live])
+        live = [e for e in self.mbox.entries if not e.deleted]
+        self._multi(b"%d messages (%d octets)" % (len(live), sum(e.size for e in live)), [e.listLine for e in live])
 
     def TRANSACTION_UIDL(self, rest):
         if rest.strip():
@@ -410,7 +448,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             if i is not None:
                 self._ok(b"%d %s" % (i + 1, self.mbox.entries[i].uidl))
             return
-        self._multi(b"Unique-ID listing follows", [b"%d %s" % (n, e.uidl) for n, e in self._live()])
+        self._multi(b"Unique-ID listing follows", [e.uidlLine for e in self.mbox.entries if not e.deleted])
 
     def TRANSACTION_DELE(self, rest):
         i = self._message(rest.strip())
@@ -464,7 +502,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             self._err(b"[SYS/TEMP] Cannot read the message")
         else:
             return failure
-        self._release()
+        self._answered()
 
     def _sending(self, transfer, first):
         if self._lost:
@@ -476,34 +514,48 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
 
     def _pump(self, _=None):
         """
-        Write the rest of the transfer while the client reads; a full socket buffer pauses it
-        (L{Backpressure}), its draining resumes it.
+        Write the rest of the transfer, a piece at a time read in the store's threads, while the
+        client reads: a full socket buffer pauses it (L{Backpressure}), its draining resumes it.
         """
-        flow = self._flow
-        while True:
-            transfer = self._transfer
-            if transfer is None or self._lost or flow.stopped:
-                return
-            if flow.paused:
-                if not self._held:
-                    self._hold()  # no further command until this answer is out
-                flow.wait().addCallback(self._pump)
-                return
-            try:
-                chunk = next(transfer.more, None)
-            except OSError:
-                log.failure("pop3 reading a message")
-                self._transfer = None
-                transfer.close()
-                self.transport.loseConnection()  # the +OK is out: the only honest end
-                return
-            if chunk is None:
-                self._transfer = None
-                transfer.close()
-                self._release()
-                return
+        transfer = self._transfer
+        if transfer is None or self._lost or self._closing:
+            return
+        if transfer.more is None:
+            self._transfer = None
+            transfer.close()
+            sendNow(self.transport)  # the client waits for this answer before its next command
+            self._answered()
+            return
+        if self._flow.paused:
+            if not self._held:
+                self._hold()  # no further command until this answer is out
+            self._flow.wait().addCallback(self._pump)
+            return
+        self._reading = True
+        d = self.mbox.run(next, transfer.more, None)
+        d.addCallbacks(self._piece, self._pieceFailed, (transfer,), None, (transfer,))
+        d.addErrback(self._bug, "RETR")
+
+    def _piece(self, chunk, transfer):
+        self._reading = False
+        if self._transfer is not transfer or self._lost:
+            transfer.close()
+            return
+        if chunk is None:
+            transfer.more = None
+        else:
             self.transport.write(chunk)
             self.resetTimeout()
+        self._pump()
+
+    def _pieceFailed(self, failure, transfer):
+        self._reading = False
+        transfer.close()
+        if self._transfer is transfer:
+            self._transfer = None
+            log.failure("pop3 reading a message", failure)
+            if not self._lost:
+                self._close(abort=True)  # the +OK is out: no honest end but cutting the line
 
     def TRANSACTION_QUIT(self, rest):
         self.state = "UPDATE"
@@ -527,7 +579,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self._unlock()
         self.state = "CLOSED"
         if not self._lost:
-            self.transport.loseConnection()
+            self._close()
 
 
 class POP3Factory(ServerFactory):

@@ -1123,10 +1123,12 @@ class Folder:
     @staticmethod
     def _vsize(path: Path, size: int) -> int:
         lines = crlf = 0
+        lastCR = False  # a CRLF cut in two by the chunking counts too
         with open(path, "rb") as f:
             while chunk := f.read(1 << 16):
                 lines += chunk.count(b"\n")
-                crlf += chunk.count(b"\r\n")
+                crlf += chunk.count(b"\r\n") + (lastCR and chunk[0] == 0x0A)
+                lastCR = chunk[-1] == 0x0D
         return size + lines - crlf
 
     # --- changes -------------------------------------------------------------------------------

@@ -396,12 +396,25 @@ def test_auth_plain_and_login(server):
     assert s.ask(b"QUIT").startswith(b"+OK")
 
 
-def test_failed_logins_are_limited(make_server):
-    """After [limits] max_login_failures, even the right password is refused ([SYS/TEMP])."""
-    server = make_server("[limits]\nmax_login_failures = 2\n").start()
+def test_failed_logins_slow_down_then_are_limited(make_server):
+    """
+    Each failed PASS is answered later than the one before; after [limits] max_login_failures
+    even the right password is refused with [SYS/TEMP] (AUTH counts the same).
+    """
+    import time
+
+    server = make_server("[limits]\nmax_login_failures = 3\n").start()
     s = tls_session(server)
+    delays = []
     for _ in range(2):
+        start = time.monotonic()
         assert s.login(b"postmaster@localhost", b"wrong").startswith(b"-ERR [AUTH]")
+        delays.append(time.monotonic() - start)
+    start = time.monotonic()
+    wrong = base64.b64encode(b"\0postmaster@localhost\0wrong")
+    assert s.ask(b"AUTH PLAIN " + wrong).startswith(b"-ERR [AUTH]")
+    delays.append(time.monotonic() - start)
+    assert delays[0] < delays[1] < delays[2] and delays[2] >= 1.5, delays
     answer = s.login(b"postmaster@localhost", server.postmaster_password().encode())
     assert answer.startswith(b"-ERR [SYS/TEMP]")
     s.close()
@@ -454,4 +467,82 @@ def test_a_50_mb_message_is_streamed(server):
     assert hwm() - before < 20_000_000
     s.data.clear()
     assert s.ask(b"NOOP") == b"+OK"
+    s.close()
+
+
+# --- found in review: closing over TLS, floods, parallel guessing, proxy logins -------------
+
+
+def test_quit_closes_the_tls_connection(mailbox):
+    """After QUIT (logged in or not) the server closes the TLS connection itself."""
+    from imapwire import read_to_close
+
+    s = logged_in(mailbox)
+    assert s.ask(b"QUIT").startswith(b"+OK")
+    assert read_to_close(s.sock) == b""
+    s = tls_session(mailbox)
+    assert s.ask(b"QUIT").startswith(b"+OK")
+    assert read_to_close(s.sock) == b""
+    s = logged_in(mailbox)  # the lock went with the session
+    s.sock.sendall(b"NOOP " + b"x" * 10000 + b"\r\n")
+    assert s.line() == b"-ERR Line too long"
+    assert read_to_close(s.sock) == b""
+
+
+def test_a_client_that_does_not_read_is_not_read_either(server):
+    """
+    Commands pipelined by a client that never reads the answers stop being read once the
+    answers back up: the server does not buffer without bound (CAPA is 17 times its command).
+    """
+    def rss() -> int:
+        status = open(f"/proc/{server.proc.pid}/status").read()
+        return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+    before = rss()
+    s = plain_session(server)
+    s.sock.settimeout(3)
+    chunk = b"CAPA\r\n" * 10000
+    sent = 0
+    try:
+        while sent < 40_000_000:
+            s.sock.sendall(chunk)
+            sent += len(chunk)
+    except socket.timeout:
+        pass
+    assert sent < 20_000_000, sent  # the server stopped reading (kernel buffers hold the rest)
+    assert rss() - before < 100_000_000
+    s.close()
+    t = logged_in(server)  # and it serves others meanwhile
+    assert t.ask(b"NOOP") == b"+OK"
+    t.close()
+
+
+def test_parallel_password_guesses_are_limited_too(make_server):
+    """
+    Wrong passwords sent at once on many connections: no more of them are checked than
+    [limits] max_login_failures; the others get [SYS/TEMP] without a check.
+    """
+    server = make_server("[limits]\nmax_login_failures = 3\nmax_connections_per_ip = 50\n").start()
+    sessions = [tls_session(server) for _ in range(12)]
+    for s in sessions:
+        assert s.ask(b"USER postmaster@localhost").startswith(b"+OK")
+    for s in sessions:
+        s.sock.sendall(b"PASS wrong\r\n")
+    answers = [s.line() for s in sessions]
+    checked = [a for a in answers if a.startswith(b"-ERR [AUTH]")]
+    assert len(checked) <= 3, answers
+    assert all(a.startswith((b"-ERR [AUTH]", b"-ERR [SYS/TEMP]")) for a in answers), answers
+    for s in sessions:
+        s.close()
+
+
+def test_plain_refuses_acting_as_another_user(server):
+    """AUTH PLAIN with an authorization identity other than the login is refused (RFC 4616)."""
+    password = server.postmaster_password().encode()
+    s = tls_session(server)
+    response = base64.b64encode(b"someone@localhost\0postmaster@localhost\0" + password)
+    answer = s.ask(b"AUTH PLAIN " + response)
+    assert answer.startswith(b"-ERR [AUTH]") and b"another user" in answer
+    same = base64.b64encode(b"postmaster@localhost\0postmaster@localhost\0" + password)
+    assert s.ask(b"AUTH PLAIN " + same).startswith(b"+OK")
     s.close()

@@ -68,8 +68,8 @@ def test_uidl_formats():
     assert len(too_long) == 40 and too_long == formatUidl("%f", 1, 1, "h" * 80)
     assert formatUidl("%f", 1, 1, "with space") != formatUidl("%f", 1, 1, "with spacf")
     assert b" " not in formatUidl("%f", 1, 1, "with space")
-    for good in ("%f", "%u", "%08Xu%08Xv", "pop-%u-%v"):
+    for good in ("%f", "%f-%u", "%08Xu%08Xv", "pop-%u-%v"):
         assert checkUidlFormat(good) == good
-    for bad in ("%v", "%q", "plain", "a b%u", "%"):
+    for bad in ("%v", "%u", "%08Xu", "%q", "plain", "a b%f", "%"):
         with pytest.raises(ValueError):
             checkUidlFormat(bad)

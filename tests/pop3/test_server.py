@@ -84,3 +84,32 @@ def test_a_dropped_session_commits_nothing_and_unlocks():
     protocol.dataReceived(b"USER u\r\nPASS p\r\nDELE 1\r\n")
     protocol.connectionLost(Failure(ConnectionDone()))
     assert mailbox.commits == [] and factory.inUse == set()
+
+
+def test_an_unreachable_directory_is_a_temporary_failure():
+    """
+    When the accounts cannot be checked (the directory is down), USER/PASS and AUTH get
+    -ERR [SYS/TEMP], never [AUTH]: a client must not conclude the password is wrong.
+    """
+    import base64
+
+    from twisted.internet.defer import fail
+
+    from pymaild.errors import TemporaryFailure
+
+    clock, factory, protocol, transport, _ = session()
+
+    class Down:
+        def login(self, credentials, mind, *interfaces):
+            return fail(TemporaryFailure("directory unreachable"))
+
+    factory.portal = Down()
+    transport.clear()
+    protocol.dataReceived(b"USER u\r\nPASS p\r\n")
+    clock.advance(0)
+    assert transport.value().endswith(b"-ERR [SYS/TEMP] Temporary authentication failure, try again later\r\n")
+    transport.clear()
+    protocol.dataReceived(b"AUTH PLAIN " + base64.b64encode(b"\0u\0p") + b"\r\n")
+    clock.advance(0)
+    assert transport.value().startswith(b"-ERR [SYS/TEMP]")
+    assert factory.throttle._failures == {}  # not counted as a wrong password

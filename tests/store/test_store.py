@@ -456,3 +456,16 @@ def test_uids_follow_delivery_order_not_string_order(user):
         (inbox.path / "new" / f"1700000000.M{usecs}P1.host,S=9,W=9").write_bytes(b"Subject: " + subject)
     inbox.sync()
     assert [inbox.open(u).read() for u in inbox.uids()] == [b"Subject: first", b"Subject: second", b"Subject: third"]
+
+
+def test_vsize_counts_a_crlf_cut_by_the_reading_chunks(tmp_path):
+    """
+    The size with CRLF line ends of a file stored with CRLF, where a CRLF straddles the
+    64 KiB pieces the file is read in, is its own size (each CRLF counted once).
+    """
+    from pymaild.store.maildir import Folder
+
+    data = b"x" * 65535 + b"\r\n" + b"y" * 10 + b"\n"
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    assert Folder._vsize(path, len(data)) == len(data) + 1  # only the bare LF grows
