@@ -78,6 +78,20 @@ class DotStuffer:
         return tail + b".\r\n"
 
 
+def stuffWhole(raw: bytes) -> bytes:
+    """L{DotStuffer} over a whole message at once, terminating C{.CRLF} included."""
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n")
+    data = raw.replace(b"\n", b"\r\n")
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if data[:1] == b".":
+        data = b"." + data
+    if data[-1:] == b"\r" or (data and data[-1:] != b"\n"):
+        return data + b"\r\n.\r\n"
+    return data + b".\r\n"
+
+
 def rawChunks(f) -> Iterator[bytes]:
     """The whole file, in pieces of L{CHUNK}."""
     while True:
@@ -243,8 +257,7 @@ class StoreInbox:
         finally:
             os.close(fd)
         self.retrieved.add(entry.uid)
-        stuffer = DotStuffer()
-        return Transfer(stuffer.feed(raw) + stuffer.end())
+        return Transfer(stuffWhole(raw))
 
     def transfer(self, index: int, lines: int | None = None):
         """

@@ -196,21 +196,18 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
             return
         command, _, rest = line.partition(b" ")
         command = command.upper()
-        handler = None
-        if command.isalpha():
-            handler = getattr(self, f"{self.state}_{command.decode('ascii')}", None)
-        if handler is None:
-            if self.state == "AUTHORIZATION" and command in (b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP",
+        name = _HANDLERS.get((self.state, command))
+        if name is not None:
+            getattr(self, name)(rest)
+        elif self.state == "AUTHORIZATION" and command in (b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP",
                                                            b"RSET", b"TOP", b"UIDL", b"LAST"):
-                self._err(b"Not logged in")
-            elif self.state == "TRANSACTION" and command in (b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"):
-                self._err(b"Already logged in")
-            elif command:
-                self._err(b"Unknown command")
-            else:
-                self._err(b"Empty command")
-            return
-        handler(rest)
+            self._err(b"Not logged in")
+        elif self.state == "TRANSACTION" and command in (b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"):
+            self._err(b"Already logged in")
+        elif command:
+            self._err(b"Unknown command")
+        else:
+            self._err(b"Empty command")
 
     # --- AUTHORIZATION ------------------------------------------------------------------
 
@@ -580,6 +577,16 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
         self.state = "CLOSED"
         if not self._lost:
             self._close()
+
+
+#: (state, command) -> the name of the method answering it (AUTHORIZATION_USER answers USER
+#: before login), looked up on the instance so that subclasses can override it
+_HANDLERS = {
+    (state, name.partition("_")[2].encode("ascii")): name
+    for name in dir(PymaildPOP3)
+    for state in ("AUTHORIZATION", "TRANSACTION")
+    if name.startswith(state + "_")
+}
 
 
 class POP3Factory(ServerFactory):

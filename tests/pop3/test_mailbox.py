@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from pymaild.pop3.mailbox import DotStuffer, topChunks
+from pymaild.pop3.mailbox import DotStuffer, stuffWhole, topChunks
 from pymaild.uidl import checkUidlFormat, formatUidl
 
 SAMPLES = [
@@ -46,6 +46,7 @@ def test_dot_stuffing_is_the_same_for_every_chunking(raw):
             pos += step
         out.append(stuffer.end())
         assert b"".join(out) == expected
+    assert stuffWhole(raw) == expected  # the one-piece path of small messages
 
 
 def test_top_cuts_after_the_header_and_n_lines():
