@@ -36,6 +36,9 @@ def checkUidlFormat(fmt: str) -> str:
     return fmt
 
 
+_VALID = re.compile(r"[\x21-\x7e]{1,70}")
+
+
 def formatUidl(fmt: str, uid: int, uidvalidity: int, base: str) -> bytes:
     """
     The UIDL of one message.  A result RFC 1939 does not allow (empty, longer than 70
@@ -56,7 +59,7 @@ def formatUidl(fmt: str, uid: int, uidvalidity: int, base: str) -> bytes:
             text = text.rjust(int(width), "0" if zero else " ")
         return text
 
-    text = _FORMAT.sub(one, fmt)
-    if 0 < len(text) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in text):
+    text = base if fmt == "%f" else _FORMAT.sub(one, fmt)
+    if _VALID.fullmatch(text):
         return text.encode("ascii")
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest().encode("ascii")

@@ -195,19 +195,12 @@ class StoreInbox:
     def _load(self) -> int:
         folder = self.user.folder("INBOX")
         folder.sync()
-        messages = folder.messages()
-        paths = folder.paths([m.uid for m in messages])
         validity = folder.uidvalidity
+        fmt = self.uidlFormat
         entries = []
-        for m in sorted(messages, key=lambda m: m.uid):
-            path = paths.get(m.uid)
-            if path is None:
-                continue
-            base = os.path.basename(path).partition(":")[0]
-            uidl = formatUidl(self.uidlFormat, m.uid, validity, base)
-            n = len(entries) + 1
-            entries.append(Entry(m.uid, m.vsize, uidl, path, False, b"%d %d\r\n" % (n, m.vsize),
-                                 b"%d %s\r\n" % (n, uidl)))
+        for n, (uid, vsize, path) in enumerate(folder.listing(), 1):
+            uidl = formatUidl(fmt, uid, validity, os.path.basename(path).partition(":")[0])
+            entries.append(Entry(uid, vsize, uidl, path, False, b"%d %d\r\n" % (n, vsize), b"%d %s\r\n" % (n, uidl)))
         self.entries = entries
         return len(entries)
 

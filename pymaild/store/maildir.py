@@ -822,6 +822,18 @@ class Folder:
         cur, new = os.path.join(self.path, "cur", ""), os.path.join(self.path, "new", "")
         return {uid: (new if innew else cur) + name for uid, name, innew in rows}
 
+    def listing(self) -> list[tuple[int, int, str]]:
+        """
+        C{(uid, vsize, path)} of every message, by UID, in one query: what a POP3 session
+        needs to open the folder (sizes with CRLF line ends, files as strings).
+        """
+        with self.user.lock:
+            rows = self.user.db.execute(
+                "SELECT uid, vsize, name, innew FROM messages WHERE folder=? ORDER BY uid", (self.id,)
+            ).fetchall()
+        cur, new = os.path.join(self.path, "cur", ""), os.path.join(self.path, "new", "")
+        return [(uid, vsize, (new if innew else cur) + name) for uid, vsize, name, innew in rows]
+
     #: summary fields L{summaryFields} can read without decoding the whole summary
     DIRECT_FIELDS = ("envelope", "bodystructure", "body")
 

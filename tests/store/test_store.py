@@ -469,3 +469,17 @@ def test_vsize_counts_a_crlf_cut_by_the_reading_chunks(tmp_path):
     path = tmp_path / "m"
     path.write_bytes(data)
     assert Folder._vsize(path, len(data)) == len(data) + 1  # only the bare LF grows
+
+
+def test_listing_gives_uid_size_and_current_file(user):
+    """listing(): every message by UID with its CRLF size and its file as it is now."""
+    inbox = user.folder("INBOX")
+    for i in range(3):
+        inbox.append(msg(i))
+    inbox.store([2], ["\\Seen"], "add")  # renamed: the listing has the new name
+    rows = inbox.listing()
+    assert [r[0] for r in rows] == [1, 2, 3]
+    for uid, vsize, path in rows:
+        data = open(path, "rb").read()
+        assert vsize == len(data.replace(b"\n", b"\r\n"))
+    assert rows[1][2].endswith(":2,S")
