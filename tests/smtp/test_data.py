@@ -1,0 +1,112 @@
+"""
+The SMTP DATA reader on its own: the end of data only at CRLF.CRLF, every smuggling variant
+kept inside the message (and refused, or normalised), overlong lines and oversized messages
+read to the real end, dot-unstuffing, and the same result for any way the bytes arrive.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pymaild.smtp.data import BARE_CR, BARE_LF, LINE_TOO_LONG, TOO_BIG, DataReader
+
+#: end-of-data look-alikes an attacker puts before a second transaction (SMTP smuggling)
+FAKE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r", b"\r.\n", b"\r.\r\n",
+             b"\r\n.\r\r\n", b"\n\n.\n\n", b"\r\r\n.\r\r\n"]
+SMUGGLED = b"MAIL FROM:<ceo@victim.example>\r\nRCPT TO:<all@victim.example>\r\nDATA\r\nSubject: fake\r\n\r\npay\r\n"
+
+
+def read(data: bytes, chunks=None, **kw):
+    out = []
+    reader = DataReader(out.append, kw.pop("maxSize", 1 << 30), **kw)
+    pieces = chunks or [data]
+    rest = None
+    for i, piece in enumerate(pieces):
+        rest = reader.feed(piece)
+        if rest is not None:
+            rest += b"".join(pieces[i + 1:])
+            break
+    return reader, b"".join(out), rest
+
+
+def split_randomly(data: bytes, rng: random.Random) -> list[bytes]:
+    pieces, pos = [], 0
+    while pos < len(data):
+        step = rng.choice((1, 2, 3, 5, 64, 1000))
+        pieces.append(data[pos:pos + step])
+        pos += step
+    return pieces
+
+
+def test_plain_message_is_unstuffed_and_stored_with_lf():
+    data = b"Subject: hi\r\n\r\n..leading dot\r\nplain\r\n.\r\nNEXT COMMAND\r\n"
+    reader, stored, rest = read(data)
+    assert stored == b"Subject: hi\n\n.leading dot\nplain\n"
+    assert rest == b"NEXT COMMAND\r\n" and reader.problem is None and reader.size == len(stored)
+
+
+def test_empty_message_and_end_split_everywhere():
+    reader, stored, rest = read(b".\r\n")
+    assert stored == b"" and rest == b""
+    data = b"a\r\n..b\r\n.\r\nQUIT\r\n"
+    for cut in range(1, len(data)):
+        reader, stored, rest = read(data, [data[:cut], data[cut:]])
+        assert (stored, rest) == (b"a\n.b\n", b"QUIT\r\n"), cut
+
+
+@pytest.mark.parametrize("fake", FAKE_ENDS, ids=repr)
+def test_smuggling_variants_never_end_the_message(fake):
+    """
+    A fake end followed by a second transaction is message text: the reader runs to the real
+    CRLF.CRLF; with bare line ends refused the message is refused, normalised it is one message
+    holding the would-be commands as text.
+    """
+    data = b"Subject: first\r\n\r\nhello" + fake + SMUGGLED + b".\r\n"
+    rng = random.Random(fake)
+    for chunks in ([data], split_randomly(data, rng), split_randomly(data, rng)):
+        reader, stored, rest = read(data, chunks)
+        assert rest == b"", (fake, rest)
+        assert reader.problem in (BARE_LF, BARE_CR) and stored == b""
+        reader, stored, rest = read(data, chunks, bare="normalize")
+        assert rest == b"" and reader.problem is None
+        assert b"MAIL FROM:<ceo@victim.example>\n" in stored and stored.startswith(b"Subject: first\n")
+        assert b"\r" not in stored
+
+
+def test_random_chunking_gives_the_same_result():
+    rng = random.Random(5)
+    lines = [b"." * rng.randint(0, 3) + bytes(rng.choice(b"ab. \r\n") for _ in range(rng.randint(0, 30)))
+             for _ in range(300)]
+    lines = [line.replace(b"\r", b"").replace(b"\n", b"") for line in lines]
+    sent = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)  # stuffed
+    data = sent + b"\r\n.\r\nRSET\r\n"
+    whole = read(data)
+    assert whole[1] == b"\n".join(lines) + b"\n"
+    assert whole[2] == b"RSET\r\n" and whole[0].problem is None
+    for _ in range(50):
+        parts = read(data, split_randomly(data, rng))
+        assert (parts[1], parts[2], parts[0].problem) == (whole[1], whole[2], whole[0].problem)
+
+
+def test_overlong_line_is_read_to_the_real_end_and_refused():
+    """
+    A line over the limit does not leave DATA: its rest and everything up to CRLF.CRLF is read,
+    nothing of it runs as a command, and the message is refused.
+    """
+    data = b"Subject: x\r\n\r\n" + b"A" * 5000 + b"\r\nMAIL FROM:<evil@example>\r\n.\r\nNOOP\r\n"
+    for chunks in ([data], split_randomly(data, random.Random(1))):
+        reader, stored, rest = read(data, chunks, maxLine=1000)
+        assert reader.problem == LINE_TOO_LONG and rest == b"NOOP\r\n"
+    reader, stored, rest = read(b"x" * 998 + b"\r\n.\r\n", maxLine=1000)
+    assert reader.problem is None and stored == b"x" * 998 + b"\n"
+    reader, stored, rest = read(b"x" * 999 + b"\r\n.\r\n", maxLine=1000)
+    assert reader.problem == LINE_TOO_LONG
+
+
+def test_too_big_is_counted_to_the_end():
+    data = b"Subject: big\r\n\r\n" + b"0123456789\r\n" * 1000 + b".\r\nQUIT\r\n"
+    reader, stored, rest = read(data, split_randomly(data, random.Random(2)), maxSize=5000)
+    assert reader.problem == TOO_BIG and rest == b"QUIT\r\n"
+    assert reader.size == len(b"Subject: big\n\n") + 11 * 1000
