@@ -113,6 +113,11 @@ class AuthConfig:
 @dataclass(frozen=True)
 class SMTPConfig:
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_message_size: int
+    max_recipients: int
+    max_line_length: int
+    bare_line_ends: str
+    command_timeout: float
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "smtp": {
         "trusted_networks": Key(_networks, (), "networks that may relay without AUTH"),
+        "max_message_size": Key(_size, 50 << 20, "largest message accepted (SIZE)"),
+        "max_recipients": Key(_integer(1, 100_000), 1000, "recipients of one message"),
+        "max_line_length": Key(_integer(1000, 1 << 20), 1000, "longest line of a message, CRLF included"),
+        "bare_line_ends": Key(_choice("reject", "normalize"), "reject", "bare CR or LF in DATA: refuse, or make CRLF"),
+        "command_timeout": Key(_seconds, 300.0, "seconds a client may stay silent (RFC 5321: 5 minutes)"),
     },
     "imap": {
         "append_limit": Key(_size, 50 << 20, "largest message APPEND accepts (APPENDLIMIT)"),

@@ -41,6 +41,7 @@ from pymaild.imap.mailbox import StoreAccount
 from pymaild.imap.server import IMAPFactory
 from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
 from pymaild.pop3.mailbox import pop3Avatar
+from pymaild.store.delivery import deliverToUsers
 from pymaild.pop3.server import POP3Factory
 from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
@@ -304,9 +305,18 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     imapSessions: dict = {}
     pop3InUse: set = set()
 
-    def appFactory(protocol: str, implicitTLS: bool):
+    def appFactory(name: str, protocol: str, implicitTLS: bool):
         if protocol == "smtp":
-            return SMTPFactory(hostname, serverTLS, implicitTLS, portal)
+            smtpConfig = config.smtp
+            return SMTPFactory(
+                hostname, serverTLS, implicitTLS, portal, submission=name != "smtp", directory=directory,
+                run=storeThreads.run, spool=config.server.data_dir / "spool", throttle=throttle, clock=reactor,
+                trustedNetworks=smtpConfig.trusted_networks, localDomains=config.domains.local,
+                maxSize=smtpConfig.max_message_size, maxRecipients=smtpConfig.max_recipients,
+                maxLineLength=smtpConfig.max_line_length, bareLineEnds=smtpConfig.bare_line_ends,
+                commandTimeout=smtpConfig.command_timeout,
+                deliver=lambda path, users: deliverToUsers(store, path, users),
+            )
         if protocol == "imap":
             return IMAPFactory(
                 portal, serverTLS, plaintext, implicitTLS, throttle,
@@ -325,7 +335,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     for name, protocol, implicitTLS in LISTENERS:
         for sock in sockets[name]:
             factory = ListenerFactory(
-                name, appFactory(protocol, implicitTLS), registry, serverTLS if implicitTLS else None
+                name, appFactory(name, protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
             listeners.append(ListenerService(name, sock, factory, reactor))
     return PymaildService(config, listeners, registry, [threadpool, storeThreads.pool], [serverTLS, directory], reactor)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.pop3.test_mailbox -*-
+# -*- test-case-name: tests.pop3.test_pop3_mailbox -*-
 """
 The POP3 avatar: the user's INBOX in the store, as RFC 1939 sees it.
 

@@ -1,29 +1,73 @@
-# -*- test-case-name: tests.integration.test_startup -*-
+# -*- test-case-name: tests.integration.test_smtp -*-
 """
 The SMTP front-end: MX (port 25), submission (587, STARTTLS) and implicit-TLS submission (465),
 on Twisted's C{ESMTP}.
 
-Status: this module greets, answers EHLO/HELO, NOOP-free Twisted basics and STARTTLS, and takes
-part in graceful shutdown.  Local delivery, AUTH, SIZE, PIPELINING and the fixes for the holes
-listed in ../shared/TWISTED_MAIL.md (STARTTLS buffer, smuggling) come with the SMTP issue;
-until then every recipient gets a I{temporary} 451 so that no sender bounces mail meant for us.
+This subclass keeps Twisted's greeting, timeout and address parsing (C{smtp.Address}) and does
+the command handling itself, because Twisted's gets the dangerous parts wrong
+(../shared/TWISTED_MAIL.md): commands pipelined after STARTTLS ran inside TLS; pipelined
+commands ran while an asynchronous recipient check was pending; an overlong line inside DATA
+dropped back to command mode.  Here:
 
-Security: reads commands and data from anyone who connects.  No AUTH mechanism is offered
-(so no password crosses the wire) until the SMTP issue adds AUTH after TLS.
+  - the line receiver is C{LineReceiver}, whose C{pauseProducing} holds every pipelined command
+    while one waits for the directory or the disk (L{PymaildESMTP._hold});
+  - STARTTLS throws away whatever was pipelined in plaintext and starts the session over;
+  - DATA is read by L{pymaild.smtp.data.DataReader}: the end is only CRLF.CRLF, bare LF/CR are
+    refused (or normalised, C{[smtp] bare_line_ends}), an overlong line or an oversized message
+    is read to its real end and refused; the message streams to a spool file, once for all
+    recipients;
+  - C{250} after DATA comes only when every local copy is on disk and fsynced (the store's
+    C{deliver}); a failure gives C{451 4.3.0} and removes the copies made so far.
+
+Policy: on port 25 (MX) only the local domains receive mail: an unknown local address gets
+C{550 5.1.1}, any other domain C{554 5.7.1} (no relay), unless the client logged in or is in
+C{[smtp] trusted_networks}.  Submission ports want AUTH before MAIL (C{530 5.7.0}), TLS before
+AUTH, and a MAIL FROM address of the logged-in user (C{553 5.7.1}).  Mail for other domains
+needs the outbound queue, which comes with the queue issue: until then it gets a temporary
+C{451 4.3.2}, so that nobody's mail bounces.  Not yet: CHUNKING (BDAT), DSN, VRFY beyond 252.
+
+Security: reads commands and data from anyone who connects; AUTH is offered only over TLS;
+every reply carries an enhanced status code (RFC 2034).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import os
+import re
+import time
+import uuid
+from email.utils import formatdate
+from pathlib import Path
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import protocol
-from twisted.mail import smtp
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.mail import imap4, smtp
 from twisted.mail.interfaces import IMessageDelivery
+from twisted.protocols import basic
 from zope.interface import implementer
+
+from pymaild.envelope import inNetworks, normalizeAddress
+from pymaild.errors import TemporaryFailure
+from pymaild.flow import Backpressure
+from pymaild.sasl import MECHANISMS, AuthorizationRefused
+from pymaild.smtp.data import BARE_CR, BARE_LF, LINE_TOO_LONG, TOO_BIG, DataReader
+
+log = Logger()
+
+_PATH = re.compile(rb"^(FROM|TO):\s*(<[^<>]*>|[^\s<>]+)(.*)$", re.I)  # (brackets missing: as Postfix, taken)
+_SOURCE_ROUTE = re.compile(rb"^<@[^:]*:")
 
 
 @implementer(IMessageDelivery)
 class UnavailableDelivery:
     """
-    Accepts no recipient yet: a temporary refusal, so senders keep the message and retry.
+    The avatar submission logins get from the realm (SMTP's interface); pymaild's session does
+    its own routing, so it only says who logged in.
     """
 
     def receivedHeader(self, helo, origin, recipients):
@@ -36,33 +80,530 @@ class UnavailableDelivery:
         raise smtp.SMTPBadRcpt(user, 451, "4.3.2 Local delivery is not available yet, try again later")
 
 
-class PymaildESMTP(smtp.ESMTP):
+class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
     """
     pymaild's SMTP server protocol.
     """
 
+    delimiter = b"\n"
+    #: RFC 5321 4.5.3.1.4 wants 512 octets a command line; room for long ESMTP parameters
+    MAX_LENGTH = 4096
+
+    _held = False
+    _lost = False
+    _closing = False
+    _reader = None
+    _spool = None
+    _sasl = None
+    _helo = None
+    _from = None
+    user = None  # the logged-in account (AUTH)
+
+    # --- connection -----------------------------------------------------------------------
+
     def connectionMade(self):
-        if self.factory.implicitTLS:
-            self.startedTLS = True
-        self.delivery = UnavailableDelivery()
-        super().connectionMade()
+        self.peerHost = getattr(self.transport.getPeer(), "host", "")
+        self.secure = self.factory.implicitTLS
+        self.trusted = inNetworks(self.peerHost, self.factory.trustedNetworks)
+        self.callLater = self.factory.clock.callLater
+        self._flow = Backpressure(self.transport)
+        self._rcpts: list[tuple[str, frozenset]] = []
+        self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
+        self.setTimeout(self.factory.commandTimeout)
 
-    def greeting(self):
-        return self.host + b" ESMTP pymaild"
+    def connectionLost(self, reason):
+        self._lost = True
+        self.setTimeout(None)
+        self._dropSpool()
+        if self._flow is not None:
+            self._flow.stopProducing()
 
-    def do_NOOP(self, rest):
-        # RFC 5321 4.1.1.9: NOOP may carry a parameter, which is ignored.
-        self.sendCode(250, b"2.0.0 OK")
+    def timeoutConnection(self):
+        self._reply(421, b"Timeout, closing the connection", code="4.4.2")
+        self._close()
+
+    def lineLengthExceeded(self, line):
+        self._reply(500, b"Line too long", code="5.5.2")
+        self._close()
+
+    def stopProducing(self):
+        basic.LineReceiver.stopProducing(self)
 
     def isBusy(self) -> bool:
-        """
-        A transaction is in flight (between MAIL and the end of DATA): shutdown waits for it.
-        """
-        return self._from is not None or self.mode != smtp.COMMAND
+        """A transaction is in flight (between MAIL and the end of DATA): shutdown waits for it."""
+        return self._from is not None or self._reader is not None
 
     def goodbye(self) -> None:
-        self.sendCode(421, self.host + b" 4.3.2 Service shutting down, try again later")
+        self._reply(421, self.factory.hostname.encode() + b" Service shutting down, try again later", code="4.3.2")
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.pauseProducing()
+        self._flow.unregister()
         self.transport.loseConnection()
+
+    # --- replies and holding ----------------------------------------------------------------
+
+    def _reply(self, status: int, text: bytes, code: str | None = "2.0.0", more: list[bytes] = ()) -> None:
+        """
+        One reply.  Every reply carries an enhanced status code (RFC 2034) except the greeting
+        and the answers to EHLO and HELO (C{code=None}); C{more} makes a multi-line reply.
+        """
+        lines = [text, *more]
+        out = [b"%d-%s\r\n" % (status, line) for line in lines[:-1]]
+        prefix = b"" if code is None else code.encode() + b" "
+        out.append(b"%d %s%s\r\n" % (status, prefix, lines[-1]))
+        self.transport.write(b"".join(out))
+
+    def _hold(self) -> None:
+        self._held = True
+        self.pauseProducing()
+
+    def _release(self, _=None) -> None:
+        if self._lost or self._closing:
+            return
+        if self._flow.paused:
+            self._held = True
+            self.pauseProducing()
+            self._flow.wait().addCallback(self._release)
+            return
+        if self._held:
+            self._held = False
+            self.resumeProducing()
+
+    # --- commands -------------------------------------------------------------------------
+
+    def lineReceived(self, line):
+        self.resetTimeout()
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if self._closing:
+            return
+        if self._sasl is not None:
+            self._saslStep(line)
+            return
+        if b"\r" in line or b"\0" in line:
+            self._reply(501, b"Syntax error: CR or NUL in a command", code="5.5.2")
+            return
+        verb, _, rest = line.partition(b" ")
+        handler = getattr(self, "smtp_" + verb.upper().decode("ascii", "replace"), None) if verb.isalpha() else None
+        if handler is None:
+            self._reply(500, b"Command not recognised", code="5.5.2")
+            return
+        try:
+            handler(rest.strip())
+        except Exception:
+            log.failure("smtp command from {peer}", peer=self.peerHost)
+            self._reply(451, b"Internal error", code="4.3.0")
+            self._close()
+            return
+        if not self._held:
+            self._release()  # a client that does not read its replies stops being read
+
+    def _extensions(self) -> list[bytes]:
+        ext = [b"PIPELINING", b"SIZE %d" % self.factory.maxSize, b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8"]
+        if not self.secure and self.factory.tls is not None:
+            ext.append(b"STARTTLS")
+        if self.secure and self.factory.portal is not None:
+            ext.append(b"AUTH " + b" ".join(MECHANISMS))
+        ext.append(b"HELP")
+        return ext
+
+    def smtp_EHLO(self, rest):
+        if not rest:
+            self._reply(501, b"EHLO needs a domain or address literal", code="5.5.4")
+            return
+        self._reset()
+        self._helo = rest.decode("ascii", "replace")[:255]
+        self._esmtp = True
+        self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None, more=self._extensions())
+
+    def smtp_HELO(self, rest):
+        if not rest:
+            self._reply(501, b"HELO needs a domain", code="5.5.4")
+            return
+        self._reset()
+        self._helo = rest.decode("ascii", "replace")[:255]
+        self._esmtp = False
+        self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None)
+
+    def smtp_NOOP(self, rest):
+        self._reply(250, b"OK")
+
+    def smtp_RSET(self, rest):
+        self._reset()
+        self._reply(250, b"Reset", code="2.0.0")
+
+    def smtp_VRFY(self, rest):
+        self._reply(252, b"Cannot verify the user, but will accept the message and try", code="2.5.0")
+
+    def smtp_HELP(self, rest):
+        self._reply(214, b"Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT STARTTLS AUTH", code="2.0.0")
+
+    def smtp_QUIT(self, rest):
+        self._reply(221, self.factory.hostname.encode() + b" Bye", code="2.0.0")
+        self._close()
+
+    def smtp_STARTTLS(self, rest):
+        if self.secure:
+            self._reply(503, b"Already using TLS", code="5.5.1")
+            return
+        if self.factory.tls is None:
+            self._reply(454, b"TLS not available", code="4.7.0")
+            return
+        self._reply(220, b"Ready to start TLS", code="2.0.0")
+        self._flow.unregister()  # TLS starts with no producer registered
+        self.transport.startTLS(self.factory.tls)
+        self._flow.register()
+        self.secure = True
+        # RFC 3207 4.2: forget everything, and what was pipelined in plaintext after STARTTLS
+        self._buffer = b""
+        self._reset()
+        self._helo = None
+        self.user = None
+
+    # --- AUTH (RFC 4954) ------------------------------------------------------------------
+
+    def smtp_AUTH(self, rest):
+        if not self.secure or self.factory.portal is None:
+            self._reply(538, b"Encryption required for requested authentication mechanism", code="5.7.11")
+            return
+        if self.user is not None:
+            self._reply(503, b"Already authenticated", code="5.5.1")
+            return
+        if self._from is not None:
+            self._reply(503, b"AUTH not allowed during a mail transaction", code="5.5.1")
+            return
+        words = rest.split()
+        if not words or words[0].upper() not in MECHANISMS or len(words) > 2:
+            self._reply(504, b"Unrecognised authentication type", code="5.5.4")
+            return
+        challenge = MECHANISMS[words[0].upper()]()
+        self._sasl = challenge
+        if len(words) == 2:
+            if words[0].upper() == b"LOGIN":
+                challenge.getChallenge()
+            self._saslStep(words[1])
+        else:
+            self.transport.write(b"334 " + base64.b64encode(challenge.getChallenge()) + b"\r\n")
+
+    def _saslStep(self, line):
+        challenge = self._sasl
+        line = line.strip()
+        if line == b"*":
+            self._sasl = None
+            self._reply(501, b"Authentication cancelled", code="5.0.0")
+            return
+        try:
+            challenge.setResponse(b"" if line == b"=" else base64.b64decode(line, validate=True))
+        except AuthorizationRefused as e:
+            self._sasl = None
+            self._reply(535, str(e).encode(), code="5.7.8")
+            return
+        except (binascii.Error, ValueError, IndexError, imap4.IllegalClientResponse):
+            self._sasl = None
+            self._reply(501, b"Malformed authentication response", code="5.5.2")
+            return
+        if challenge.moreChallenges():
+            self.transport.write(b"334 " + base64.b64encode(challenge.getChallenge()) + b"\r\n")
+            return
+        self._sasl = None
+        name = (challenge.username or b"").decode("utf-8", "replace")
+        throttle = self.factory.throttle
+        if throttle.blocked(self.peerHost, name.lower()):
+            self._reply(454, b"Too many failed logins, try again later", code="4.7.0")
+            return
+        self._hold()
+        creds = UsernamePassword(challenge.username, challenge.password)
+        d = throttle.checking(self.peerHost, name.lower(),
+                              maybeDeferred(self.factory.portal.login, creds, None, IMessageDelivery))
+        d.addCallbacks(self._authOK, self._authFailed, (name,), None, (name,))
+
+    def _authOK(self, result, name):
+        _, _, logout = result
+        logout()
+        if self._lost:
+            return
+        self.user = name if "@" in name else f"{name}@{self.factory.localDomains[0]}"
+        self.factory.throttle.succeeded(self.peerHost, name.lower())
+        log.info("smtp login {user} from {peer}: ok", event="login", protocol="smtp", user=name, peer=self.peerHost,
+                 result="ok")
+        self._reply(235, b"Authentication successful", code="2.7.0")
+        self._release()
+
+    def _authFailed(self, failure, name):
+        if failure.check(UnauthorizedLogin):
+            result, status, text, code = "failed", 535, b"Authentication credentials invalid", "5.7.8"
+        elif failure.check(TemporaryFailure):
+            result, status, text, code = "tempfail", 454, b"Temporary authentication failure", "4.7.0"
+        else:
+            log.failure("smtp login {user}", failure, user=name)
+            result, status, text, code = "error", 454, b"Temporary authentication failure", "4.7.0"
+        log.info("smtp login {user} from {peer}: {result}", event="login", protocol="smtp", user=name,
+                 peer=self.peerHost, result=result)
+        delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        d = Deferred()
+        self.factory.clock.callLater(delay, d.callback, None)
+        d.addCallback(lambda _: None if self._lost else self._reply(status, text, code=code))
+        d.addCallback(self._release)
+
+    # --- the transaction ------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._from = None
+        self._rcpts = []
+        self._dropSpool()
+
+    def _path(self, rest: bytes, which: bytes):
+        """C{(address, params)} of MAIL FROM / RCPT TO, or None after a reply."""
+        m = _PATH.match(rest)
+        if m is None or m.group(1).upper() != which:
+            self._reply(501, b"Syntax: " + which + b":<address>", code="5.5.4")
+            return None
+        if _SOURCE_ROUTE.match(m.group(2)):
+            self._reply(554 if which == b"TO" else 501, b"Source routes are not accepted", code="5.7.1")
+            return None
+        address = m.group(2)[1:-1] if m.group(2)[:1] == b"<" else m.group(2)
+        try:
+            text = address.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(501, b"Address is not UTF-8", code="5.1.7" if which == b"FROM" else "5.1.3")
+            return None
+        params = {}
+        for word in m.group(3).split():
+            key, _, value = word.partition(b"=")
+            params[key.upper()] = value
+        return text, params
+
+    def smtp_MAIL(self, rest):
+        if self._helo is None:
+            self._reply(503, b"Send EHLO or HELO first", code="5.5.1")
+            return
+        if self._from is not None:
+            self._reply(503, b"Nested MAIL command", code="5.5.1")
+            return
+        if self.factory.submission and self.user is None:
+            self._reply(530, b"Authentication required", code="5.7.0")
+            return
+        parsed = self._path(rest, b"FROM")
+        if parsed is None:
+            return
+        sender, params = parsed
+        for key, value in params.items():
+            if key == b"SIZE":
+                if not value.isdigit():
+                    self._reply(501, b"Bad SIZE parameter", code="5.5.4")
+                    return
+                if int(value) > self.factory.maxSize:
+                    self._reply(552, b"Message size exceeds fixed maximum message size", code="5.3.4")
+                    return
+            elif key == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    self._reply(501, b"Bad BODY parameter", code="5.5.4")
+                    return
+            elif key == b"SMTPUTF8" and not value:
+                pass
+            else:
+                self._reply(555, b"Unsupported MAIL parameter", code="5.5.4")
+                return
+        if sender and "@" not in sender:
+            self._reply(553, b"Sender address needs a domain", code="5.1.7")
+            return
+        if self.factory.submission:
+            self._hold()
+            d = maybeDeferred(self.factory.directory.addressesOf, self.user)
+            d.addCallbacks(self._senderChecked, self._directoryDown, (sender,))
+            return
+        self._from = sender
+        self._reply(250, b"Sender OK", code="2.1.0")
+
+    def _senderChecked(self, addresses, sender):
+        if self._lost:
+            return
+        if normalizeAddress(sender) not in addresses and normalizeAddress(sender) != normalizeAddress(self.user):
+            self._reply(553, b"Sender address does not belong to you", code="5.7.1")
+        else:
+            self._from = sender
+            self._reply(250, b"Sender OK", code="2.1.0")
+        self._release()
+
+    def _directoryDown(self, failure):
+        if not failure.check(TemporaryFailure):
+            log.failure("smtp directory lookup", failure)
+        if not self._lost:
+            self._reply(451, b"Temporary lookup failure, try again later", code="4.3.0")
+        self._release()
+
+    def smtp_RCPT(self, rest):
+        if self._from is None:
+            self._reply(503, b"Need MAIL before RCPT", code="5.5.1")
+            return
+        parsed = self._path(rest, b"TO")
+        if parsed is None:
+            return
+        address, params = parsed
+        if params:
+            self._reply(555, b"Unsupported RCPT parameter", code="5.5.4")
+            return
+        if len(self._rcpts) >= self.factory.maxRecipients:
+            self._reply(452, b"Too many recipients", code="4.5.3")
+            return
+        local, at, domain = normalizeAddress(address).rpartition("@")
+        if not at and domain == "postmaster":
+            pass  # RFC 5321 4.5.1: <postmaster> without a domain is always taken
+        elif not at or not self.factory.directory.isLocalDomain(domain):
+            if self.user is not None or self.trusted:
+                self._reply(451, b"Delivery to other domains is not available yet, try again later", code="4.3.2")
+            else:
+                self._reply(554, b"Relay access denied", code="5.7.1")
+            return
+        self._hold()
+        d = maybeDeferred(self.factory.directory.lookup, address)
+        d.addCallback(self._plusAddress, address)
+        d.addCallbacks(self._recipientChecked, self._directoryDown, (address,))
+
+    def _plusAddress(self, resolution, address):
+        """user+tag@domain delivers to user@domain when nobody has the tagged address."""
+        local, _, domain = address.rpartition("@")
+        if resolution.exists or "+" not in local:
+            return resolution
+        return self.factory.directory.lookup(local.split("+", 1)[0] + "@" + domain)
+
+    def _recipientChecked(self, resolution, address):
+        if self._lost:
+            return
+        if not resolution.exists:
+            self._reply(550, b"No such user here", code="5.1.1")
+        elif resolution.remote:
+            self._reply(451, b"Forwarding to other domains is not available yet, try again later", code="4.3.2")
+        else:
+            self._rcpts.append((address, frozenset(resolution.users)))
+            self._reply(250, b"Recipient OK", code="2.1.5")
+        self._release()
+
+    # --- DATA ------------------------------------------------------------------------------
+
+    def smtp_DATA(self, rest):
+        if self._from is None:
+            self._reply(503, b"Need MAIL before DATA", code="5.5.1")
+            return
+        if not self._rcpts:
+            self._reply(554, b"No valid recipients", code="5.5.1")
+            return
+        spoolDir = self.factory.spool
+        spoolDir.mkdir(parents=True, exist_ok=True)
+        self._spoolPath = spoolDir / uuid.uuid4().hex
+        self._spool = open(self._spoolPath, "wb")
+        self._queueId = self._spoolPath.name[:12].upper()
+        self._spool.write(self._traceHeaders())
+        self._reader = DataReader(self._spool.write, self.factory.maxSize, self.factory.maxLineLength,
+                                  self.factory.bareLineEnds)
+        self._reply(354, b"End data with <CR><LF>.<CR><LF>", code=None)
+        self.setRawMode()
+        rest, self._buffer = self._buffer, b""
+        if rest:
+            self.rawDataReceived(rest)
+
+    def _traceHeaders(self) -> bytes:
+        """Return-Path and Received (RFC 5321 4.4, with TLS and login as RFC 8314 7.4 asks)."""
+        with_ = "ESMTP" if getattr(self, "_esmtp", True) else "SMTP"
+        tls = ""
+        if self.secure:
+            with_ += "S"
+            tls = self._tlsInfo()
+        if self.user is not None:
+            with_ += "A"
+        auth = f"\n\t(authenticated user {self.user})" if self.user else ""
+        forWhom = f"\n\tfor <{self._rcpts[0][0]}>" if len(self._rcpts) == 1 else ""
+        helo = re.sub(r"[^\x21-\x7e]", "?", self._helo or "unknown")
+        received = (f"Received: from {helo} ([{self.peerHost}]){tls}{auth}\n\tby {self.factory.hostname} (pymaild) with {with_}"
+                    f" id {self._queueId}{forWhom};\n\t{formatdate(time.time())}\n")
+        return f"Return-Path: <{self._from}>\n{received}".encode("utf-8", "replace")
+
+    def _tlsInfo(self) -> str:
+        try:
+            connection = self.transport.getHandle()
+            return f"\n\t(using {connection.get_protocol_version_name()} with cipher {connection.get_cipher_name()})"
+        except Exception:  # not an OpenSSL connection (tests on StringTransport)
+            return ""
+
+    def rawDataReceived(self, data):
+        self.resetTimeout()
+        reader = self._reader
+        try:
+            rest = reader.feed(data)
+        except OSError:
+            log.failure("smtp spool write")
+            reader.problem = "disk"
+            rest = None
+        if rest is None:
+            return
+        self._reader = None
+        self.setLineMode()  # (LineReceiver keeps the rest until we resume)
+        self._hold()
+        self._buffer = rest + self._buffer
+        self._endOfData(reader)
+
+    def _endOfData(self, reader):
+        problem = reader.problem
+        if problem is not None:
+            self._dropSpool()
+            status = {BARE_LF: (550, b"Message refused: bare LF in the data (RFC 5321 2.3.8)", "5.6.0"),
+                      BARE_CR: (550, b"Message refused: bare CR in the data (RFC 5321 2.3.8)", "5.6.0"),
+                      LINE_TOO_LONG: (500, b"Line too long in the data (RFC 5321 4.5.3.1.6)", "5.5.2"),
+                      TOO_BIG: (552, b"Message size exceeds fixed maximum message size", "5.3.4")}.get(
+                          problem, (451, b"Temporary local problem, try again later", "4.3.0"))
+            log.info("smtp message from {peer} refused: {problem}", peer=self.peerHost, problem=problem)
+            self._from, self._rcpts = None, []
+            self._reply(status[0], status[1], code=status[2])
+            self._release()
+            return
+        spool, self._spool = self._spool, None
+        path = self._spoolPath
+        users = sorted({user for _, us in self._rcpts for user in us})
+
+        def work():
+            try:
+                spool.close()  # (written on the reactor; the store fsyncs each copy it makes)
+                self.factory.deliver(path, users)
+            finally:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+        d = self.factory.run(work)
+        d.addCallbacks(self._delivered, self._notDelivered, (len(users),))
+
+    def _delivered(self, _, count):
+        log.info("smtp message {id} from <{sender}> delivered to {count} mailboxes", id=self._queueId,
+                 sender=self._from, count=count)
+        self._from, self._rcpts = None, []
+        if not self._lost:
+            self._reply(250, b"OK: queued as " + self._queueId.encode(), code="2.0.0")
+        self._release()
+
+    def _notDelivered(self, failure):
+        log.failure("smtp delivery of {id}", failure, id=self._queueId)
+        self._from, self._rcpts = None, []
+        if not self._lost:
+            quota = getattr(failure.value, "quota", False) or type(failure.value).__name__ == "QuotaExceeded"
+            if quota:
+                self._reply(552, b"Mailbox full", code="5.2.2")
+            else:
+                self._reply(451, b"Local delivery failed, try again later", code="4.3.0")
+        self._release()
+
+    def _dropSpool(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+            try:
+                os.unlink(self._spoolPath)
+            except OSError:
+                pass
+        self._reader = None
 
 
 class SMTPFactory(protocol.ServerFactory):
@@ -70,21 +611,45 @@ class SMTPFactory(protocol.ServerFactory):
     Builds L{PymaildESMTP} for one listener.
 
     @ivar implicitTLS: whether the listener is TLS from the first byte (465).
+    @ivar submission: a submission listener (587, 465): AUTH before MAIL.
     """
 
-    protocol = PymaildESMTP
     tooManyConnections = b"421 4.7.0 Too many connections, try again later\r\n"
-
     noisy = False
 
-    def __init__(self, hostname: str, tls, implicitTLS: bool = False, portal=None):
+    def __init__(self, hostname: str, tls, implicitTLS: bool = False, portal=None, *, submission: bool = False,
+                 directory=None, run=None, spool: Path | None = None, throttle=None, clock=None,
+                 trustedNetworks=(), localDomains=("localhost",), maxSize: int = 50 << 20,
+                 maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
+                 commandTimeout: float = 300.0, deliver=None):
+        from pymaild.throttle import LoginThrottle
+
         self.hostname = hostname
         self.tls = tls
         self.implicitTLS = implicitTLS
         self.portal = portal
+        self.submission = submission
+        self.directory = directory
+        self.run = run
+        self.spool = Path(spool) if spool is not None else Path("spool")
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.trustedNetworks = tuple(trustedNetworks)
+        self.localDomains = tuple(localDomains)
+        self.maxSize = maxSize
+        self.maxRecipients = maxRecipients
+        self.maxLineLength = maxLineLength
+        self.bareLineEnds = bareLineEnds
+        self.commandTimeout = commandTimeout
+        #: C{deliver(path, users)}, blocking (run in the store's threads): the spooled message
+        #: at C{path} into each user's INBOX, durably, all or none (the service passes the
+        #: store's L{pymaild.store.delivery.deliverToUsers})
+        self.deliver = deliver
 
     def buildProtocol(self, addr):
-        p = self.protocol(chal={}, contextFactory=self.tls)
+        p = PymaildESMTP()
         p.factory = self
         p.host = self.hostname
         p.portal = self.portal

@@ -226,3 +226,26 @@ def commitTmp(
         raise
     fsyncDirectory(final.parent)
     return Delivered(final, base, size, vsize)
+
+
+def deliverToUsers(store, path: Path | str, users) -> list[Delivered]:
+    """
+    The message in file C{path} (LF line ends, trace headers included) into the INBOX of each
+    of C{users} (account names) of C{store} (a C{MaildirStore}), each copy fsynced (file and
+    directory).  All or none: if one copy fails, those already made are removed and the error
+    goes up, so the sender is told to retry and nobody gets the message twice.
+    """
+    done: list[tuple[Path, Delivered]] = []
+    try:
+        for user in users:
+            home = Path(store.userDirectory(user))
+            with open(path, "rb") as f:
+                done.append((home, deliver(home, f)))
+    except BaseException:
+        for _, delivered in done:
+            try:
+                os.unlink(delivered.path)
+            except OSError:
+                pass
+        raise
+    return [d for _, d in done]
