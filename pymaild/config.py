@@ -118,6 +118,7 @@ class SMTPConfig:
     max_line_length: int
     bare_line_ends: str
     command_timeout: float
+    max_errors: int
 
 
 @dataclass(frozen=True)
@@ -448,6 +449,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_line_length": Key(_integer(1000, 1 << 20), 1000, "longest line of a message, CRLF included"),
         "bare_line_ends": Key(_choice("reject", "normalize"), "reject", "bare CR or LF in DATA: refuse, or make CRLF"),
         "command_timeout": Key(_seconds, 300.0, "seconds a client may stay silent (RFC 5321: 5 minutes)"),
+        "max_errors": Key(_integer(1, 1000), 20, "refused commands in one session before it is closed (421)"),
     },
     "imap": {
         "append_limit": Key(_size, 50 << 20, "largest message APPEND accepts (APPENDLIMIT)"),

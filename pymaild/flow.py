@@ -84,3 +84,46 @@ def sendNow(transport) -> None:
     if not getattr(fd, "connected", False) or getattr(fd, "disconnecting", True):
         return
     fd.doWrite()
+
+
+class Closing:
+    """
+    Closing a line-based session (a mixin for C{LineReceiver} protocols with a L{Backpressure}
+    in C{_flow} and a clock in C{factory.clock}).
+
+    The transport must go on reading while it closes: over TLS, C{loseConnection} sends the
+    TLS close and waits for the client's, and a transport that no longer reads never sees it
+    (the connection, its descriptor and its slot stayed forever).  So closing resumes reading
+    (the protocol ignores what arrives, C{_closing}), unregisters the flow control (TLS also
+    waits for its producer to go), and aborts the connection if the client has not closed its
+    side within L{CLOSE_GRACE} seconds.
+    """
+
+    CLOSE_GRACE = 10.0
+    _closing = False
+    _closeTimer = None
+
+    def _close(self, abort: bool = False) -> None:
+        if self._closing and not abort:
+            return
+        self._closing = True
+        self._held = False
+        if self._flow is not None:
+            self._flow.unregister()
+        if self.paused:
+            self.resumeProducing()  # (lines still buffered are dropped: _closing)
+        if abort:
+            self.transport.abortConnection()
+            return
+        self.transport.loseConnection()
+        self._closeTimer = self.factory.clock.callLater(self.CLOSE_GRACE, self._closeLate)
+
+    def _closeLate(self) -> None:
+        self._closeTimer = None
+        self.transport.abortConnection()
+
+    def _closed(self) -> None:
+        """Call from C{connectionLost}."""
+        timer, self._closeTimer = self._closeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()

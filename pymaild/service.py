@@ -41,7 +41,7 @@ from pymaild.imap.mailbox import StoreAccount
 from pymaild.imap.server import IMAPFactory
 from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
 from pymaild.pop3.mailbox import pop3Avatar
-from pymaild.store.delivery import deliverToUsers
+from pymaild.store.delivery import deliverToUsers, hasRoom
 from pymaild.pop3.server import POP3Factory
 from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
 from pymaild.store.maildir import MaildirStore
@@ -246,6 +246,22 @@ class PymaildService(MultiService):
         log.info("pymaild stopped")
 
 
+def _clearSpool(spool: Path) -> None:
+    """
+    Remove what SMTP sessions left in the spool when the server last stopped (a message that
+    was still arriving, never acknowledged with 250: its sender sends it again).
+    """
+    try:
+        names = os.listdir(spool)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            os.unlink(spool / name)
+        except OSError as e:
+            log.warn("cannot remove {path}: {error}", path=str(spool / name), error=e)
+
+
 def build(config: Config, reactor=None, uid: int | None = None, gid: int | None = None) -> PymaildService:
     """
     Check, prepare and bind; return the service to run.
@@ -273,6 +289,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         config.store.specialFolders,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
+    _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     def firstLogin(factory):
         """
@@ -294,7 +311,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             pop3.IMailbox: firstLogin(
                 pop3Avatar(store, storeThreads.run, config.pop3.uidl_format, config.pop3.mark_seen)
             ),
-            IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
+            IMessageDelivery: lambda user, mind: (UnavailableDelivery(user), lambda: None),
         }
     )
     portal = Portal(realm, [checker])
@@ -314,8 +331,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 trustedNetworks=smtpConfig.trusted_networks, localDomains=config.domains.local,
                 maxSize=smtpConfig.max_message_size, maxRecipients=smtpConfig.max_recipients,
                 maxLineLength=smtpConfig.max_line_length, bareLineEnds=smtpConfig.bare_line_ends,
-                commandTimeout=smtpConfig.command_timeout,
+                commandTimeout=smtpConfig.command_timeout, maxErrors=smtpConfig.max_errors,
                 deliver=lambda path, users: deliverToUsers(store, path, users),
+                hasRoom=lambda user: hasRoom(store, user),
             )
         if protocol == "imap":
             return IMAPFactory(

@@ -37,7 +37,7 @@ from twisted.protocols import basic
 
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
-from pymaild.flow import Backpressure, sendNow
+from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS
 from pymaild.pop3.mailbox import Gone
 
@@ -48,7 +48,7 @@ _NUMBER = re.compile(rb"[0-9]{1,10}")
 _MECHANISMS = MECHANISMS
 
 
-class PymaildPOP3(basic.LineReceiver, pop3.POP3):
+class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
     """
     pymaild's POP3 server protocol.
 
@@ -71,7 +71,6 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     _transfer = None
     _reading = False  # a store thread is reading the transfer's next piece
     _held = False
-    _closing = False
 
     # --- connection ---------------------------------------------------------------------
 
@@ -89,6 +88,7 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
 
     def connectionLost(self, reason):
         self._lost = True
+        self._closed()
         self.state = "CLOSED"
         self.setTimeout(None)
         transfer, self._transfer = self._transfer, None
@@ -114,17 +114,6 @@ class PymaildPOP3(basic.LineReceiver, pop3.POP3):
     def lineLengthExceeded(self, line):
         self._err(b"Line too long")
         self._close()
-
-    def _close(self, abort: bool = False) -> None:
-        """Close the connection (after what was written, unless C{abort})."""
-        self._closing = True
-        self.pauseProducing()  # read nothing more
-        if self._flow is not None:
-            self._flow.unregister()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
 
     def stopProducing(self):
         basic.LineReceiver.stopProducing(self)

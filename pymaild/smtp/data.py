@@ -29,6 +29,7 @@ BARE_LF = "bare-lf"
 BARE_CR = "bare-cr"
 LINE_TOO_LONG = "line-too-long"
 TOO_BIG = "too-big"
+DISK = "disk"  # the sink failed (OSError in C{error})
 
 
 class DataReader:
@@ -47,6 +48,7 @@ class DataReader:
         self.maxLine = maxLine  # octets of a line, its CRLF included (RFC 5321 4.5.3.1.6: 1000)
         self.bare = bare
         self.problem: str | None = None
+        self.error: OSError | None = None
         self.size = 0
         self._carry = b""  # the start of a line whose end has not arrived
         self._crlfBefore = True  # the line before the carry ended with CRLF (DATA's own did)
@@ -74,11 +76,12 @@ class DataReader:
             return None
         complete, self._carry = buf[: last + 1], buf[last + 1:]
         # the end of data: a "." line after a CRLF, itself ended by CRLF
-        probe = (b"\r\n" if self._crlfBefore else b"\n") + complete
+        prefix = b"\r\n" if self._crlfBefore else b"\n"
+        probe = prefix + complete
         end = probe.find(b"\r\n.\r\n")
         rest = None
         if end >= 0:
-            body = probe[2 : end + 2]  # its CRLF belongs to the message's last line
+            body = probe[len(prefix) : end + 2]  # its CRLF belongs to the message's last line
             rest = probe[end + 5 :] + self._carry
             self._carry = b""
         else:
@@ -119,4 +122,8 @@ class DataReader:
         if self.size > self.maxSize:
             self._fail(TOO_BIG)
         if self.problem is None:
-            self.sink(stored)
+            try:
+                self.sink(stored)
+            except OSError as e:  # the disk is full, or failing: read on to the end, then refuse
+                self.error = e
+                self._fail(DISK)

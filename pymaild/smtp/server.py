@@ -53,22 +53,26 @@ from zope.interface import implementer
 
 from pymaild.envelope import inNetworks, normalizeAddress
 from pymaild.errors import TemporaryFailure
-from pymaild.flow import Backpressure
+from pymaild.flow import Backpressure, Closing
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
-from pymaild.smtp.data import BARE_CR, BARE_LF, LINE_TOO_LONG, TOO_BIG, DataReader
+from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, DataReader
 
 log = Logger()
 
 _PATH = re.compile(rb"^(FROM|TO):\s*(<[^<>]*>|[^\s<>]+)(.*)$", re.I)  # (brackets missing: as Postfix, taken)
 _SOURCE_ROUTE = re.compile(rb"^<@[^:]*:")
+_BAD_ADDRESS = re.compile(rb"[\x00-\x20\x7f]")  # controls, DEL, unquoted space (RFC 5321 4.1.2)
 
 
 @implementer(IMessageDelivery)
 class UnavailableDelivery:
     """
     The avatar submission logins get from the realm (SMTP's interface); pymaild's session does
-    its own routing, so it only says who logged in.
+    its own routing, so it only says who logged in (the account name, as the checker found it).
     """
+
+    def __init__(self, user: str | None = None):
+        self.user = user
 
     def receivedHeader(self, helo, origin, recipients):
         return None
@@ -80,7 +84,7 @@ class UnavailableDelivery:
         raise smtp.SMTPBadRcpt(user, 451, "4.3.2 Local delivery is not available yet, try again later")
 
 
-class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
+class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
     """
     pymaild's SMTP server protocol.
     """
@@ -91,13 +95,13 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
 
     _held = False
     _lost = False
-    _closing = False
     _reader = None
     _spool = None
     _sasl = None
     _helo = None
     _from = None
     user = None  # the logged-in account (AUTH)
+    _errors = 0  # 5xx replies so far: past [smtp] max_errors the session ends
 
     # --- connection -----------------------------------------------------------------------
 
@@ -113,6 +117,7 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
 
     def connectionLost(self, reason):
         self._lost = True
+        self._closed()
         self.setTimeout(None)
         self._dropSpool()
         if self._flow is not None:
@@ -137,12 +142,6 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         self._reply(421, self.factory.hostname.encode() + b" Service shutting down, try again later", code="4.3.2")
         self._close()
 
-    def _close(self) -> None:
-        self._closing = True
-        self.pauseProducing()
-        self._flow.unregister()
-        self.transport.loseConnection()
-
     # --- replies and holding ----------------------------------------------------------------
 
     def _reply(self, status: int, text: bytes, code: str | None = "2.0.0", more: list[bytes] = ()) -> None:
@@ -152,6 +151,8 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         """
         lines = [text, *more]
         out = [b"%d-%s\r\n" % (status, line) for line in lines[:-1]]
+        if status >= 500:
+            self._errors += 1
         prefix = b"" if code is None else code.encode() + b" "
         out.append(b"%d %s%s\r\n" % (status, prefix, lines[-1]))
         self.transport.write(b"".join(out))
@@ -196,6 +197,11 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         except Exception:
             log.failure("smtp command from {peer}", peer=self.peerHost)
             self._reply(451, b"Internal error", code="4.3.0")
+            self._close()
+            return
+        if self._errors > self.factory.maxErrors and not self._closing:
+            log.info("smtp {peer}: too many errors", peer=self.peerHost)
+            self._reply(421, b"Too many errors, closing the connection", code="4.7.0")
             self._close()
             return
         if not self._held:
@@ -246,6 +252,9 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         self._close()
 
     def smtp_STARTTLS(self, rest):
+        if rest:
+            self._reply(501, b"STARTTLS takes no parameters", code="5.5.4")
+            return
         if self.secure:
             self._reply(503, b"Already using TLS", code="5.5.1")
             return
@@ -321,11 +330,11 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         d.addCallbacks(self._authOK, self._authFailed, (name,), None, (name,))
 
     def _authOK(self, result, name):
-        _, _, logout = result
+        _, avatar, logout = result
         logout()
         if self._lost:
             return
-        self.user = name if "@" in name else f"{name}@{self.factory.localDomains[0]}"
+        self.user = getattr(avatar, "user", None) or (name if "@" in name else f"{name}@{self.factory.localDomains[0]}")
         self.factory.throttle.succeeded(self.peerHost, name.lower())
         log.info("smtp login {user} from {peer}: ok", event="login", protocol="smtp", user=name, peer=self.peerHost,
                  result="ok")
@@ -365,6 +374,9 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
             self._reply(554 if which == b"TO" else 501, b"Source routes are not accepted", code="5.7.1")
             return None
         address = m.group(2)[1:-1] if m.group(2)[:1] == b"<" else m.group(2)
+        if _BAD_ADDRESS.search(address):
+            self._reply(501, b"Invalid characters in the address", code="5.1.7" if which == b"FROM" else "5.1.3")
+            return None
         try:
             text = address.decode("utf-8")
         except UnicodeDecodeError:
@@ -404,6 +416,8 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
                     return
             elif key == b"SMTPUTF8" and not value:
                 pass
+            elif key == b"AUTH" and value:
+                pass  # RFC 4954 5: the submitter's identity as a relay saw it; taken, not trusted
             else:
                 self._reply(555, b"Unsupported MAIL parameter", code="5.5.4")
                 return
@@ -421,7 +435,8 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
     def _senderChecked(self, addresses, sender):
         if self._lost:
             return
-        if normalizeAddress(sender) not in addresses and normalizeAddress(sender) != normalizeAddress(self.user):
+        mine = not sender or normalizeAddress(sender) in addresses or normalizeAddress(sender) == normalizeAddress(self.user)
+        if not mine:  # (<>, for read receipts and vacation replies, is anybody's)
             self._reply(553, b"Sender address does not belong to you", code="5.7.1")
         else:
             self._from = sender
@@ -477,10 +492,26 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
             self._reply(550, b"No such user here", code="5.1.1")
         elif resolution.remote:
             self._reply(451, b"Forwarding to other domains is not available yet, try again later", code="4.3.2")
+        elif self.factory.hasRoom is not None:
+            d = self.factory.run(lambda: all(self.factory.hasRoom(u) for u in resolution.users))
+            d.addCallbacks(self._roomChecked, self._directoryDown, (address, resolution))
+            return
         else:
-            self._rcpts.append((address, frozenset(resolution.users)))
-            self._reply(250, b"Recipient OK", code="2.1.5")
+            self._accept(address, resolution)
         self._release()
+
+    def _roomChecked(self, room, address, resolution):
+        if self._lost:
+            return
+        if room:
+            self._accept(address, resolution)
+        else:
+            self._reply(552, b"Mailbox full", code="5.2.2")
+        self._release()
+
+    def _accept(self, address, resolution):
+        self._rcpts.append((address, frozenset(resolution.users)))
+        self._reply(250, b"Recipient OK", code="2.1.5")
 
     # --- DATA ------------------------------------------------------------------------------
 
@@ -492,11 +523,17 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
             self._reply(554, b"No valid recipients", code="5.5.1")
             return
         spoolDir = self.factory.spool
-        spoolDir.mkdir(parents=True, exist_ok=True)
         self._spoolPath = spoolDir / uuid.uuid4().hex
-        self._spool = open(self._spoolPath, "wb")
         self._queueId = self._spoolPath.name[:12].upper()
-        self._spool.write(self._traceHeaders())
+        try:
+            spoolDir.mkdir(parents=True, exist_ok=True)
+            self._spool = open(self._spoolPath, "wb")
+            self._spool.write(self._traceHeaders())
+        except OSError as e:
+            log.error("smtp spool {path}: {error}", path=str(self._spoolPath), error=e)
+            self._dropSpool()
+            self._reply(452, b"Insufficient system storage, try again later", code="4.3.1")
+            return
         self._reader = DataReader(self._spool.write, self.factory.maxSize, self.factory.maxLineLength,
                                   self.factory.bareLineEnds)
         self._reply(354, b"End data with <CR><LF>.<CR><LF>", code=None)
@@ -529,6 +566,8 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
             return ""
 
     def rawDataReceived(self, data):
+        if self._closing or self._reader is None:
+            return
         self.resetTimeout()
         reader = self._reader
         try:
@@ -549,7 +588,10 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         problem = reader.problem
         if problem is not None:
             self._dropSpool()
-            status = {BARE_LF: (550, b"Message refused: bare LF in the data (RFC 5321 2.3.8)", "5.6.0"),
+            if problem == DISK:
+                log.error("smtp spool {path}: {error}", path=str(self._spoolPath), error=reader.error)
+            status = {DISK: (452, b"Insufficient system storage, try again later", "4.3.1"),
+                      BARE_LF: (550, b"Message refused: bare LF in the data (RFC 5321 2.3.8)", "5.6.0"),
                       BARE_CR: (550, b"Message refused: bare CR in the data (RFC 5321 2.3.8)", "5.6.0"),
                       LINE_TOO_LONG: (500, b"Line too long in the data (RFC 5321 4.5.3.1.6)", "5.5.2"),
                       TOO_BIG: (552, b"Message size exceeds fixed maximum message size", "5.3.4")}.get(
@@ -573,8 +615,11 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
                 except OSError:
                     pass
 
+        # no timeout while the disk works: a 421 now would make the sender send it again
+        self.setTimeout(None)
         d = self.factory.run(work)
         d.addCallbacks(self._delivered, self._notDelivered, (len(users),))
+        d.addBoth(lambda _: None if self._lost else self.setTimeout(self.factory.commandTimeout))
 
     def _delivered(self, _, count):
         log.info("smtp message {id} from <{sender}> delivered to {count} mailboxes", id=self._queueId,
@@ -588,9 +633,10 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
         log.failure("smtp delivery of {id}", failure, id=self._queueId)
         self._from, self._rcpts = None, []
         if not self._lost:
-            quota = getattr(failure.value, "quota", False) or type(failure.value).__name__ == "QuotaExceeded"
-            if quota:
-                self._reply(552, b"Mailbox full", code="5.2.2")
+            if type(failure.value).__name__ == "QuotaExceeded":
+                # a mailbox filled up since RCPT: the others must not lose the message, so all
+                # of it is refused for now (RCPT refuses that recipient for good next time)
+                self._reply(452, b"Mailbox full, try again later", code="4.2.2")
             else:
                 self._reply(451, b"Local delivery failed, try again later", code="4.3.0")
         self._release()
@@ -598,7 +644,10 @@ class PymaildESMTP(basic.LineReceiver, smtp.ESMTP):
     def _dropSpool(self) -> None:
         spool, self._spool = self._spool, None
         if spool is not None:
-            spool.close()
+            try:
+                spool.close()  # (may fail again on a full disk: what it held is thrown away anyway)
+            except OSError:
+                pass
             try:
                 os.unlink(self._spoolPath)
             except OSError:
@@ -621,7 +670,7 @@ class SMTPFactory(protocol.ServerFactory):
                  directory=None, run=None, spool: Path | None = None, throttle=None, clock=None,
                  trustedNetworks=(), localDomains=("localhost",), maxSize: int = 50 << 20,
                  maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
-                 commandTimeout: float = 300.0, deliver=None):
+                 commandTimeout: float = 300.0, deliver=None, maxErrors: int = 20, hasRoom=None):
         from pymaild.throttle import LoginThrottle
 
         self.hostname = hostname
@@ -643,6 +692,9 @@ class SMTPFactory(protocol.ServerFactory):
         self.maxLineLength = maxLineLength
         self.bareLineEnds = bareLineEnds
         self.commandTimeout = commandTimeout
+        self.maxErrors = maxErrors
+        #: C{hasRoom(user)}, blocking: whether the user's quota leaves room (RCPT checks it)
+        self.hasRoom = hasRoom
         #: C{deliver(path, users)}, blocking (run in the store's threads): the spooled message
         #: at C{path} into each user's INBOX, durably, all or none (the service passes the
         #: store's L{pymaild.store.delivery.deliverToUsers})

@@ -232,20 +232,45 @@ def deliverToUsers(store, path: Path | str, users) -> list[Delivered]:
     """
     The message in file C{path} (LF line ends, trace headers included) into the INBOX of each
     of C{users} (account names) of C{store} (a C{MaildirStore}), each copy fsynced (file and
-    directory).  All or none: if one copy fails, those already made are removed and the error
-    goes up, so the sender is told to retry and nobody gets the message twice.
+    directory) and counted in the user's quota.  All or none: if one copy fails (a quota
+    reached meanwhile, a full disk), those already made are removed and the error goes up, so
+    the sender is told to retry and nobody gets the message twice.
+
+    @raise pymaild.store.quota.QuotaExceeded: a user has no room for it (nothing is stored).
     """
-    done: list[tuple[Path, Delivered]] = []
+    done: list[tuple[object, Delivered]] = []
     try:
         for user in users:
+            userStore = store.user(user)
             home = Path(store.userDirectory(user))
-            with open(path, "rb") as f:
-                done.append((home, deliver(home, f)))
+            with userStore.lock:
+                with open(path, "rb") as f:
+                    tmp, unique, size, vsize = writeTmp(home, f)
+                try:
+                    userStore.quota.check(size, 1)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+                delivered = commitTmp(home, tmp, unique, size, vsize)
+                userStore.quota.update(delivered.size, 1)
+            done.append((userStore, delivered))
     except BaseException:
-        for _, delivered in done:
+        for userStore, delivered in done:
             try:
                 os.unlink(delivered.path)
+                userStore.quota.update(-delivered.size, -1)
             except OSError:
                 pass
         raise
     return [d for _, d in done]
+
+
+def hasRoom(store, user: str) -> bool:
+    """Whether C{user}'s quota leaves room for one more (small) message."""
+    from pymaild.store.quota import QuotaExceeded
+
+    try:
+        store.user(user).quota.check(1, 1)
+    except QuotaExceeded:
+        return False
+    return True

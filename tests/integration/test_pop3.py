@@ -16,7 +16,7 @@ import pytest
 
 from conftest import postmaster_inbox as inbox
 from conftest import wait_for
-from popwire import logged_in, plain_session, read_line, stuffed, tls_session
+from popwire import logged_in, plain_session, stuffed, tls_session
 from pymaild.store.delivery import deliver
 
 PLAIN = (
@@ -546,3 +546,29 @@ def test_plain_refuses_acting_as_another_user(server):
     same = base64.b64encode(b"postmaster@localhost\0postmaster@localhost\0" + password)
     assert s.ask(b"AUTH PLAIN " + same).startswith(b"+OK")
     s.close()
+
+
+def test_closed_tls_sessions_free_their_descriptors(mailbox):
+    """
+    After QUIT over TLS (995, and 110 after STLS) the server's side of the connection really
+    goes: its descriptors are back to where they were (a session that stopped reading after
+    QUIT never saw the client's TLS close and stayed open for ever).
+    """
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{mailbox.proc.pid}/fd"))
+
+    s = logged_in(mailbox)  # warm up (the store's files are open from here on)
+    s.ask(b"QUIT")
+    s.close()
+    wait_for(lambda: fds() == fds(), timeout=5)
+    before = fds()
+    for _ in range(4):
+        s = logged_in(mailbox)
+        assert s.ask(b"QUIT").startswith(b"+OK")
+        s.close()
+        s = plain_session(mailbox)
+        assert s.ask(b"STLS").startswith(b"+OK")
+        s.sock = mailbox.tls().wrap_socket(s.sock, server_hostname="localhost")
+        assert s.ask(b"QUIT").startswith(b"+OK")
+        s.close()
+    wait_for(lambda: fds() <= before, timeout=15, what=f"descriptors back to {before} (now {fds()})")

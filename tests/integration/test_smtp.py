@@ -11,10 +11,11 @@ import os
 import signal
 import smtplib
 import socket
+import subprocess
 
 import pytest
 
-from conftest import postmaster_inbox
+from conftest import postmaster_inbox, wait_for
 
 FAKE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r", b"\r.\n", b"\r.\r\n"]
 MESSAGE = b"From: Alice <alice@example.com>\r\nTo: postmaster@localhost\r\nSubject: Hi\r\n\r\nHello\r\n..dot\r\n"
@@ -299,3 +300,126 @@ def test_kill_right_after_250_delivers_exactly_once(server):
     assert len(stored) == 1 and stored[0].endswith(b"Subject: durable\n\nkeep me\n")
     spool = server.data_dir / "spool"
     assert not spool.exists() or os.listdir(spool) == []
+
+
+def test_closed_tls_sessions_free_their_descriptors(server):
+    """After QUIT over TLS (465, and 25 after STARTTLS) the server's descriptors are freed."""
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+    with smtp(server) as s:
+        s.noop()
+    before = fds()
+    for _ in range(4):
+        s = smtplib.SMTP_SSL("127.0.0.1", server.ports["smtps"], context=server.tls(), timeout=30)
+        s.ehlo("client.example")
+        s.quit()
+        s = smtp(server)
+        s.starttls(context=server.tls())
+        s.ehlo("client.example")
+        s.quit()
+    wait_for(lambda: fds() <= before, timeout=15, what=f"descriptors back to {before} (now {fds()})")
+
+
+def test_a_full_disk_while_a_message_arrives(server, tmp_path):
+    """
+    The spool fills up in the middle of DATA: the message is read to its end and refused with
+    a temporary 452 4.3.1 (the sender keeps it), nothing is left in the spool, and the session
+    and the server go on (a message that fits then arrives).
+    """
+    spool = server.data_dir / "spool"
+    spool.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(spool)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with smtp(server) as s:
+            s.mail("a@example.org")
+            s.rcpt("postmaster@localhost")
+            code, text = s.data(b"Subject: too big for the disk\r\n\r\n" + b"0123456789\r\n" * 200_000)
+            assert code == 452 and text.startswith(b"4.3.1"), (code, text)
+            assert os.listdir(spool) == []
+            assert s.noop()[0] == 250
+            s.mail("a@example.org")
+            s.rcpt("postmaster@localhost")
+            assert s.data(b"Subject: small\r\n\r\nfits\r\n")[0] == 250
+        assert len(inbox_messages(server)) == 1
+    finally:
+        subprocess.run(["umount", str(spool)], check=True)
+
+
+def test_spool_left_by_a_crash_is_cleared_at_start(server):
+    """A message still arriving when the server was killed (never acknowledged) leaves nothing behind."""
+    r = Raw(server)
+    r.ask(b"EHLO client.example")
+    r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
+    r.reply(), r.reply(), r.reply()
+    r.sock.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
+    spool = server.data_dir / "spool"
+    wait_for(lambda: os.listdir(spool), what="the spool file")
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(30)
+    server._log.close()
+    server.start()
+    assert os.listdir(spool) == [] and inbox_messages(server) == []
+
+
+def test_review_fixes_parameters_addresses_and_errors(make_server):
+    """
+    MAIL's AUTH= parameter is taken (RFC 4954 5); control characters and spaces in addresses
+    get 501; STARTTLS with a parameter 501; past [smtp] max_errors refused commands the
+    session ends with 421 4.7.0 (no harvesting the directory at leisure).
+    """
+    server = make_server("[smtp]\nmax_errors = 5\n").start()
+    r = Raw(server)
+    r.ask(b"EHLO client.example")
+    assert r.ask(b"STARTTLS now").startswith(b"501 5.5.4")
+    assert r.ask(b"MAIL FROM:<a@example.org> AUTH=<>").startswith(b"250 2.1.0")
+    assert r.ask(b"RCPT TO:<x\x0bX-Evil: 1@localhost>").startswith(b"501 5.1.3")
+    for name in (b"a", b"b", b"c"):
+        assert r.ask(b"RCPT TO:<%s@localhost>" % name).startswith(b"550 5.1.1")
+    assert r.ask(b"RCPT TO:<d@localhost>").startswith(b"550 5.1.1")
+    assert r.reply().startswith(b"421 4.7.0")
+    assert r.sock.recv(10) == b""
+
+
+def test_submission_null_sender_and_canonical_login(server):
+    """<> is anybody's sender (read receipts, vacation replies); Received names the account."""
+    r = Raw(server, "submission")
+    r.ask(b"EHLO client.example")
+    r.starttls()
+    r.ask(b"EHLO client.example")
+    password = server.postmaster_password().encode()
+    assert r.ask(b"AUTH PLAIN " + base64.b64encode(b"\0POSTMASTER@localhost\0" + password)).startswith(b"235")
+    assert r.ask(b"MAIL FROM:<>").startswith(b"250 2.1.0")
+    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"250")
+    assert r.ask(b"DATA").startswith(b"354")
+    assert r.ask(b"Subject: receipt\r\n\r\nread\r\n.").startswith(b"250")
+    (stored,) = inbox_messages(server)
+    assert b"(authenticated user postmaster@localhost)" in stored and stored.startswith(b"Return-Path: <>")
+
+
+def test_quota_is_counted_and_enforced_at_rcpt(make_server):
+    """
+    SMTP deliveries count in the user's quota (IMAP's GETQUOTAROOT sees them); once full, RCPT
+    gets 552 5.2.2 for that mailbox.
+    """
+    server = make_server("[store]\nquota_messages = 2\n").start()
+    for i in range(2):
+        with smtp(server) as s:
+            s.mail("a@example.org")
+            assert s.rcpt("postmaster@localhost")[0] == 250
+            assert s.data(b"Subject: %d\r\n\r\nx\r\n" % i)[0] == 250
+    with smtp(server) as s:
+        s.mail("a@example.org")
+        code, text = s.rcpt("postmaster@localhost")
+        assert code == 552 and text.startswith(b"5.2.2")
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=30)
+    try:
+        imap.login("postmaster@localhost", server.postmaster_password())
+        typ, data = imap.getquotaroot("INBOX")
+        assert b"MESSAGE 2 2" in b" ".join(x if isinstance(x, bytes) else b" ".join(x) for x in data[1]), data
+    finally:
+        imap.logout()
+    assert len(inbox_messages(server)) == 2

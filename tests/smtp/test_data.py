@@ -90,6 +90,30 @@ def test_random_chunking_gives_the_same_result():
         assert (parts[1], parts[2], parts[0].problem) == (whole[1], whole[2], whole[0].problem)
 
 
+def test_normalize_mode_is_the_same_for_every_chunking():
+    """With bare line ends normalised, a piece that starts right after a bare LF loses nothing."""
+    data = b"line1\nABCDEF\r\n\rX\n..dot\r\n.\r\nQUIT\r\n"
+    whole = read(data, bare="normalize")
+    assert whole[1] == b"line1\nABCDEF\n\nX\n.dot\n" and whole[2] == b"QUIT\r\n"
+    for cut in range(1, len(data)):
+        parts = read(data, [data[:cut], data[cut:]], bare="normalize")
+        assert (parts[1], parts[2]) == (whole[1], whole[2]), cut
+    rng = random.Random(9)
+    for _ in range(100):
+        parts = read(data, split_randomly(data, rng), bare="normalize")
+        assert (parts[1], parts[2]) == (whole[1], whole[2])
+
+
+def test_a_failing_sink_is_read_to_the_end_and_refused():
+    """A full disk while the message arrives: the data is still read to CRLF.CRLF, then refused."""
+    def full(data):
+        raise OSError(28, "No space left on device")
+
+    reader = DataReader(full, 1 << 30)
+    assert reader.feed(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert reader.problem == "disk" and reader.error.errno == 28
+
+
 def test_overlong_line_is_read_to_the_real_end_and_refused():
     """
     A line over the limit does not leave DATA: its rest and everything up to CRLF.CRLF is read,
