@@ -431,3 +431,24 @@ def test_sasl_ir(server):
     assert b"+ " not in reply
     sock.sendall(b"s SELECT INBOX\r\n")
     assert b"s OK" in read_until(sock, b"s OK")
+
+
+def test_closed_tls_sessions_free_their_descriptors(mailbox):
+    """After LOGOUT over TLS (993, and 143 after STARTTLS) the server's descriptors are freed."""
+    import os
+
+    def fds() -> int:
+        return len(os.listdir(f"/proc/{mailbox.proc.pid}/fd"))
+
+    with login(mailbox) as imap:
+        imap.select("INBOX")
+    before = fds()
+    for _ in range(4):
+        with login(mailbox) as imap:
+            imap.select("INBOX")
+            imap.fetch("1:3", "(BODY.PEEK[])")
+        imap = imaplib.IMAP4("127.0.0.1", mailbox.ports["imap"], timeout=30)
+        imap.starttls(ssl_context=mailbox.tls())
+        imap.login("postmaster@localhost", mailbox.postmaster_password())
+        imap.logout()
+    wait_for(lambda: fds() <= before, timeout=15, what=f"descriptors back to {before} (now {fds()})")
