@@ -127,3 +127,66 @@ class DataReader:
             except OSError as e:  # the disk is full, or failing: read on to the end, then refuse
                 self.error = e
                 self._fail(DISK)
+
+
+class ChunkReader:
+    """
+    One BDAT chunk (RFC 3030): exactly C{size} octets, taken as they are (no dot-stuffing, no
+    end marker, so nothing to smuggle), stored with LF line ends.  The same C{feed} contract as
+    L{DataReader}; the state that spans chunks (a CR at the end of one chunk, the size so far,
+    the first problem) lives in C{transaction}, a L{BdatTransaction}.
+    """
+
+    def __init__(self, transaction: "BdatTransaction", size: int):
+        self.transaction = transaction
+        self.left = size
+
+    @property
+    def problem(self):
+        return self.transaction.problem
+
+    @property
+    def error(self):
+        return self.transaction.error
+
+    def feed(self, data: bytes) -> bytes | None:
+        take, rest = data[: self.left], data[self.left:]
+        self.left -= len(take)
+        self.transaction.take(take)
+        return rest if self.left == 0 else None
+
+
+class BdatTransaction:
+    """What several BDAT chunks of one message share."""
+
+    def __init__(self, sink: Callable[[bytes], None] | None, maxSize: int):
+        self.sink = sink  # None: the chunks are read and thrown away (a refused transaction)
+        self.maxSize = maxSize
+        self.problem: str | None = None
+        self.error: OSError | None = None
+        self.size = 0
+        self._cr = False
+
+    def take(self, data: bytes) -> None:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data[-1:] == b"\r":
+            data, self._cr = data[:-1], True
+        self._store(data.replace(b"\r\n", b"\n") if b"\r" in data else data)
+
+    def finish(self) -> None:
+        """The last chunk is in: a CR held back is the message's own last octet."""
+        if self._cr:
+            self._cr = False
+            self._store(b"\r")
+
+    def _store(self, stored: bytes) -> None:
+        self.size += len(stored)
+        if self.size > self.maxSize and self.problem is None:
+            self.problem = TOO_BIG
+        if self.problem is None and self.sink is not None and stored:
+            try:
+                self.sink(stored)
+            except OSError as e:
+                self.error, self.problem = e, DISK

@@ -24,7 +24,8 @@ C{550 5.1.1}, any other domain C{554 5.7.1} (no relay), unless the client logged
 C{[smtp] trusted_networks}.  Submission ports want AUTH before MAIL (C{530 5.7.0}), TLS before
 AUTH, and a MAIL FROM address of the logged-in user (C{553 5.7.1}).  Mail for other domains
 needs the outbound queue, which comes with the queue issue: until then it gets a temporary
-C{451 4.3.2}, so that nobody's mail bounces.  Not yet: CHUNKING (BDAT), DSN, VRFY beyond 252.
+C{451 4.3.2}, so that nobody's mail bounces.  CHUNKING (BDAT, RFC 3030): chunks go to the same
+spool; a refused chunk is still read to its end.  Not yet: DSN, VRFY beyond 252.
 
 Security: reads commands and data from anyone who connects; AUTH is offered only over TLS;
 every reply carries an enhanced status code (RFC 2034).
@@ -55,7 +56,7 @@ from pymaild.envelope import inNetworks, normalizeAddress
 from pymaild.errors import TemporaryFailure
 from pymaild.flow import Backpressure, Closing
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
-from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, DataReader
+from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
 
 log = Logger()
 
@@ -136,7 +137,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
 
     def isBusy(self) -> bool:
         """A transaction is in flight (between MAIL and the end of DATA): shutdown waits for it."""
-        return self._from is not None or self._reader is not None
+        return self._from is not None or self._reader is not None or self._chunk is not None
 
     def goodbye(self) -> None:
         self._reply(421, self.factory.hostname.encode() + b" Service shutting down, try again later", code="4.3.2")
@@ -208,7 +209,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._release()  # a client that does not read its replies stops being read
 
     def _extensions(self) -> list[bytes]:
-        ext = [b"PIPELINING", b"SIZE %d" % self.factory.maxSize, b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8"]
+        ext = [b"PIPELINING", b"SIZE %d" % self.factory.maxSize, b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8",
+               b"CHUNKING", b"BINARYMIME"]
         if not self.secure and self.factory.tls is not None:
             ext.append(b"STARTTLS")
         if self.secure and self.factory.portal is not None:
@@ -362,6 +364,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
     def _reset(self) -> None:
         self._from = None
         self._rcpts = []
+        self._bdat = None
         self._dropSpool()
 
     def _path(self, rest: bytes, which: bytes):
@@ -411,7 +414,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                     self._reply(552, b"Message size exceeds fixed maximum message size", code="5.3.4")
                     return
             elif key == b"BODY":
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                if value.upper() not in (b"7BIT", b"8BITMIME", b"BINARYMIME"):
                     self._reply(501, b"Bad BODY parameter", code="5.5.4")
                     return
             elif key == b"SMTPUTF8" and not value:
@@ -522,6 +525,90 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if not self._rcpts:
             self._reply(554, b"No valid recipients", code="5.5.1")
             return
+        if self._bdat is not None:
+            self._reply(503, b"DATA after BDAT", code="5.5.1")
+            return
+        if not self._openSpool():
+            self._reply(452, b"Insufficient system storage, try again later", code="4.3.1")
+            return
+        self._reader = DataReader(self._spool.write, self.factory.maxSize, self.factory.maxLineLength,
+                                  self.factory.bareLineEnds)
+        self._reply(354, b"End data with <CR><LF>.<CR><LF>", code=None)
+        self.setRawMode()
+        rest, self._buffer = self._buffer, b""
+        if rest:
+            self.rawDataReceived(rest)
+
+    _bdat = None  # the BdatTransaction of a message arriving in BDAT chunks
+
+    def smtp_BDAT(self, rest):
+        """
+        CHUNKING (RFC 3030): C{BDAT size [LAST]}, then exactly C{size} octets.  The octets are
+        read even when the command is refused, so that they never run as commands.
+        """
+        words = rest.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 12 or (
+                len(words) == 2 and words[1].upper() != b"LAST"):
+            self._reply(501, b"Syntax: BDAT size [LAST]", code="5.5.4")
+            self._close()  # the chunk's length is unknown: its octets cannot be told from commands
+            return
+        size, last = int(words[0]), len(words) == 2
+        refusal = None
+        if self._from is None:
+            refusal = (503, b"Need MAIL before BDAT", "5.5.1")
+        elif not self._rcpts:
+            refusal = (554, b"No valid recipients", "5.5.1")
+        elif self._reader is not None:
+            refusal = (503, b"BDAT after DATA", "5.5.1")
+        if refusal is not None:
+            transaction = BdatTransaction(None, 0)
+            transaction.problem = "refused"
+            self._bdatRefusal = refusal
+        else:
+            if self._bdat is None:
+                if not self._openSpool():
+                    transaction = BdatTransaction(None, 0)
+                    transaction.problem = DISK
+                    self._bdat = None
+                else:
+                    self._bdat = BdatTransaction(self._spool.write, self.factory.maxSize)
+            transaction = self._bdat or transaction
+        self._chunk = (ChunkReader(transaction, size), last)
+        self._readChunk()
+
+    def _readChunk(self) -> None:
+        reader, last = self._chunk
+        if reader.left == 0:
+            self._chunkDone()  # (lineReceived releases the input unless a delivery holds it)
+            return
+        self.setRawMode()
+        rest, self._buffer = self._buffer, b""
+        if rest:
+            self.rawDataReceived(rest)
+
+    def _chunkDone(self) -> bool:
+        """A chunk is in: answer it.  True when the answer comes later (the delivery after LAST)."""
+        reader, last = self._chunk
+        self._chunk = None
+        transaction = reader.transaction
+        if transaction.problem == "refused":
+            status, text, code = self._bdatRefusal
+            self._reply(status, text, code=code)
+            return False
+        if transaction is not self._bdat or transaction.problem is not None:
+            self._bdat = None
+            self._endOfData(transaction)  # refused (too big, disk): the transaction ends
+            return False
+        if not last:
+            self._reply(250, b"%d octets received" % transaction.size, code="2.0.0")
+            return False
+        self._bdat = None
+        transaction.finish()
+        self._hold()
+        self._endOfData(transaction)
+        return transaction.problem is None
+
+    def _openSpool(self) -> bool:
         spoolDir = self.factory.spool
         self._spoolPath = spoolDir / uuid.uuid4().hex
         self._queueId = self._spoolPath.name[:12].upper()
@@ -532,15 +619,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         except OSError as e:
             log.error("smtp spool {path}: {error}", path=str(self._spoolPath), error=e)
             self._dropSpool()
-            self._reply(452, b"Insufficient system storage, try again later", code="4.3.1")
-            return
-        self._reader = DataReader(self._spool.write, self.factory.maxSize, self.factory.maxLineLength,
-                                  self.factory.bareLineEnds)
-        self._reply(354, b"End data with <CR><LF>.<CR><LF>", code=None)
-        self.setRawMode()
-        rest, self._buffer = self._buffer, b""
-        if rest:
-            self.rawDataReceived(rest)
+            return False
+        return True
 
     def _traceHeaders(self) -> bytes:
         """Return-Path and Received (RFC 5321 4.4, with TLS and login as RFC 8314 7.4 asks)."""
@@ -565,8 +645,23 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         except Exception:  # not an OpenSSL connection (tests on StringTransport)
             return ""
 
+    _chunk = None  # (ChunkReader, last) while a BDAT chunk arrives
+
     def rawDataReceived(self, data):
-        if self._closing or self._reader is None:
+        if self._closing:
+            return
+        if self._chunk is not None:
+            self.resetTimeout()
+            rest = self._chunk[0].feed(data)
+            if rest is None:
+                return
+            self.setLineMode()
+            self._buffer = rest + self._buffer
+            self._hold()  # no command before this chunk's reply (or, after LAST, the delivery)
+            if not self._chunkDone():
+                self._release()
+            return
+        if self._reader is None:
             return
         self.resetTimeout()
         reader = self._reader

@@ -423,3 +423,51 @@ def test_quota_is_counted_and_enforced_at_rcpt(make_server):
     finally:
         imap.logout()
     assert len(inbox_messages(server)) == 2
+
+
+# --- CHUNKING (RFC 3030) ---------------------------------------------------------------------
+
+
+def test_bdat_chunks_make_one_message(server):
+    """
+    BDAT chunks (a CRLF cut between two of them, a dot line that means nothing here) make one
+    message; LAST delivers it; pipelined with the transaction and QUIT in one write.
+    """
+    r = Raw(server)
+    assert b"CHUNKING" in r.ask(b"EHLO client.example")
+    first = b"Subject: chunks\r\n\r\nline one\r"
+    second = b"\n.\r\nMAIL FROM:<not-a-command@example.org>\r\n"
+    r.sock.sendall(b"MAIL FROM:<a@example.org> BODY=BINARYMIME\r\nRCPT TO:<postmaster@localhost>\r\n"
+                   b"BDAT %d\r\n" % len(first) + first + b"BDAT %d LAST\r\n" % len(second) + second + b"QUIT\r\n")
+    answers = [r.reply() for _ in range(5)]
+    assert [a[:3] for a in answers] == [b"250", b"250", b"250", b"250", b"221"], answers
+    assert b"queued as" in answers[3]
+    (stored,) = inbox_messages(server)
+    assert stored.endswith(b"Subject: chunks\n\nline one\n.\nMAIL FROM:<not-a-command@example.org>\n")
+
+
+def test_bdat_refused_chunks_are_still_read(server):
+    """A refused BDAT (no MAIL) still swallows its octets: what is in them never runs as commands."""
+    r = Raw(server)
+    r.ask(b"EHLO client.example")
+    payload = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<postmaster@localhost>\r\n"
+    r.sock.sendall(b"BDAT %d LAST\r\n" % len(payload) + payload + b"NOOP\r\n")
+    assert r.reply().startswith(b"503 5.5.1")
+    assert r.reply().startswith(b"250 2.0.0")  # the NOOP, and nothing from inside the chunk
+    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"503")
+    assert r.ask(b"BDAT x").startswith(b"501")  # a chunk of unknown size: the connection ends
+    assert r.sock.recv(10) == b""
+    assert inbox_messages(server) == []
+
+
+def test_bdat_size_limit(make_server):
+    server = make_server('[smtp]\nmax_message_size = "1K"\n').start()
+    r = Raw(server)
+    r.ask(b"EHLO client.example")
+    r.ask(b"MAIL FROM:<a@example.org>")
+    r.ask(b"RCPT TO:<postmaster@localhost>")
+    big = b"x" * 2000
+    r.sock.sendall(b"BDAT %d LAST\r\n" % len(big) + big)
+    assert r.reply().startswith(b"552 5.3.4")
+    assert r.ask(b"NOOP").startswith(b"250")
+    assert inbox_messages(server) == []

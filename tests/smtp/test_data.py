@@ -134,3 +134,17 @@ def test_too_big_is_counted_to_the_end():
     reader, stored, rest = read(data, split_randomly(data, random.Random(2)), maxSize=5000)
     assert reader.problem == TOO_BIG and rest == b"QUIT\r\n"
     assert reader.size == len(b"Subject: big\n\n") + 11 * 1000
+
+
+def test_bdat_chunks_store_lf_and_keep_a_final_cr():
+    from pymaild.smtp.data import BdatTransaction, ChunkReader
+
+    out = []
+    t = BdatTransaction(out.append, 1 << 20)
+    assert ChunkReader(t, 5).feed(b"a\r\nb\rNEXT") == b"NEXT"  # the CR is held: a CRLF may be cut
+    assert ChunkReader(t, 4).feed(b"\nc\r\r") == b""
+    t.finish()
+    assert b"".join(out) == b"a\nb\nc\r\r" and t.size == len(b"a\nb\nc\r\r") and t.problem is None
+    small = BdatTransaction(out.append, 3)
+    ChunkReader(small, 10).feed(b"0123456789")
+    assert small.problem == TOO_BIG
