@@ -57,7 +57,9 @@ def userName(i: int) -> str:
 
 
 class Server(imap_bench.Server):
-    """A server of this run (stop, restart, pid from the IMAP benchmark's), greeting with +OK."""
+    """A server of this run (stop, restart, pid from the IMAP benchmark's), greeting with GREETING."""
+
+    GREETING = b"+OK"
 
     def __init__(self, root: Path):
         super().__init__(root)
@@ -75,7 +77,7 @@ class Server(imap_bench.Server):
             try:
                 with socket.create_connection((HOST, self.port), timeout=2) as s:
                     s.settimeout(5)
-                    if s.recv(4096).startswith(b"+OK"):
+                    if s.recv(4096).startswith(self.GREETING):
                         return
             except OSError:
                 pass

@@ -119,6 +119,7 @@ class SMTPConfig:
     bare_line_ends: str
     command_timeout: float
     max_errors: int
+    max_hops: int
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "bare_line_ends": Key(_choice("reject", "normalize"), "reject", "bare CR or LF in DATA: refuse, or make CRLF"),
         "command_timeout": Key(_seconds, 300.0, "seconds a client may stay silent (RFC 5321: 5 minutes)"),
         "max_errors": Key(_integer(1, 1000), 20, "refused commands in one session before it is closed (421)"),
+        "max_hops": Key(_integer(1, 1000), 50, "Received headers a message may carry (more: a mail loop)"),
     },
     "imap": {
         "append_limit": Key(_size, 50 << 20, "largest message APPEND accepts (APPENDLIMIT)"),

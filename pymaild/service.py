@@ -332,6 +332,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxSize=smtpConfig.max_message_size, maxRecipients=smtpConfig.max_recipients,
                 maxLineLength=smtpConfig.max_line_length, bareLineEnds=smtpConfig.bare_line_ends,
                 commandTimeout=smtpConfig.command_timeout, maxErrors=smtpConfig.max_errors,
+                maxHops=smtpConfig.max_hops,
                 deliver=lambda path, users: deliverToUsers(store, path, users),
                 hasRoom=lambda user: hasRoom(store, user),
             )

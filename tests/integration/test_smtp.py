@@ -350,14 +350,17 @@ def test_a_full_disk_while_a_message_arrives(server, tmp_path):
 
 
 def test_spool_left_by_a_crash_is_cleared_at_start(server):
-    """A message still arriving when the server was killed (never acknowledged) leaves nothing behind."""
+    """
+    A large message still arriving when the server was killed (never acknowledged; beyond 1 MB
+    it is in a spool file) leaves nothing behind.
+    """
     r = Raw(server)
     r.ask(b"EHLO client.example")
     r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
     r.reply(), r.reply(), r.reply()
-    r.sock.sendall(b"Subject: half\r\n\r\n" + b"x" * 100000)
+    r.sock.sendall(b"Subject: half\r\n\r\n" + (b"x" * 998 + b"\r\n") * 1100)  # past the 1 MB kept in memory
     spool = server.data_dir / "spool"
-    wait_for(lambda: os.listdir(spool), what="the spool file")
+    wait_for(lambda: spool.exists() and os.listdir(spool), what="the spool file")
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(30)
     server._log.close()
@@ -471,3 +474,40 @@ def test_bdat_size_limit(make_server):
     assert r.reply().startswith(b"552 5.3.4")
     assert r.ask(b"NOOP").startswith(b"250")
     assert inbox_messages(server) == []
+
+
+def test_mail_loops_are_refused(make_server):
+    """A message that already carries [smtp] max_hops Received headers is refused (554 5.4.6)."""
+    server = make_server("[smtp]\nmax_hops = 5\n").start()
+    hops = b"".join(b"Received: from hop%d.example by hop%d.example;\r\n Sun, 29 Nov 2026 10:00:00 +0000\r\n" % (i, i)
+                    for i in range(5))
+    with smtp(server) as s:
+        s.mail("a@example.org")
+        s.rcpt("postmaster@localhost")
+        code, text = s.data(hops + b"Subject: looping\r\n\r\nround and round\r\n")
+        assert code == 554 and text.startswith(b"5.4.6")
+        s.mail("a@example.org")
+        s.rcpt("postmaster@localhost")
+        assert s.data(hops[: len(hops) * 3 // 5] + b"Subject: fine\r\n\r\nx\r\n")[0] == 250
+        # "Received:" in the body is not a hop
+        s.mail("a@example.org")
+        s.rcpt("postmaster@localhost")
+        assert s.data(b"Subject: quoting\r\n\r\n" + hops * 3)[0] == 250
+    assert len(inbox_messages(server)) == 2
+
+
+def test_catch_all_from_the_aliases_file(server):
+    """An '@domain' alias takes whatever else is sent to that domain."""
+    (server.data_dir / "aliases").write_text("@localhost: postmaster@localhost\n")
+    wait_for(lambda: smtp_rcpt_code(server, "anything@localhost") == 250, what="the catch-all to be read")
+    with smtp(server) as s:
+        s.mail("a@example.org")
+        assert s.rcpt("whoever@localhost")[0] == 250
+        assert s.data(b"Subject: to anyone\r\n\r\nx\r\n")[0] == 250
+    assert len(inbox_messages(server)) == 1
+
+
+def smtp_rcpt_code(server, address: str) -> int:
+    with smtp(server) as s:
+        s.mail("a@example.org")
+        return s.rcpt(address)[0]

@@ -35,7 +35,8 @@ def session(tmp_path):
     delivered = []
     factory = SMTPFactory("mx.example", None, directory=directory, clock=clock, spool=tmp_path / "spool",
                           run=lambda f, *a: succeed(f(*a)),
-                          deliver=lambda path, users: delivered.append((path.read_bytes(), users)))
+                          deliver=lambda source, users: delivered.append(
+                              (source if isinstance(source, bytes) else source.read_bytes(), users)))
     protocol = factory.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
