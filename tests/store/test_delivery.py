@@ -144,3 +144,41 @@ def test_file_name_parsing(name, base, letters, size, vsize):
     assert (fn.base, fn.letters, fn.size, fn.vsize) == (base, letters, size, vsize)
     if letters:
         assert infoName(base, letters) == f"{base}:2,{''.join(sorted(letters))}"
+
+
+def test_directory_fsyncs_are_shared_but_never_skipped(tmp_path, monkeypatch):
+    """
+    Threads that need the same directory synced share fsyncs, and each returns only after an
+    fsync that started after it asked (one already running when it asked does not count).
+    """
+    import threading
+    import time
+
+    from pymaild.store import delivery
+
+    log = []  # (start, end) of each fsync
+    lock = threading.Lock()
+
+    def slow_fsync(path):
+        start = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            log.append((start, time.monotonic()))
+
+    monkeypatch.setattr(delivery, "fsyncDirectory", slow_fsync)
+    asked, returned = {}, {}
+
+    def worker(i):
+        time.sleep(0.001 * (i % 7))
+        asked[i] = time.monotonic()
+        delivery.syncDirectory(tmp_path)
+        returned[i] = time.monotonic()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(log) < 40  # shared
+    for i in range(40):  # covered by an fsync that started after the call and ended before the return
+        assert any(asked[i] <= start and end <= returned[i] for start, end in log), i
