@@ -11,7 +11,7 @@ One alias per line, C{#} starts a comment (at the start of a line or after white
     list@example.com: alice, friend@elsewhere.example
 
 A key is C{local@domain}, a bare C{local} (the same alias in every local domain), or C{@domain}
-(whatever else is sent to that domain).  A target is C{local@domain} or a bare C{local}, which
+(whatever else is sent to that domain; C{user+tag@domain} reaches C{user@domain} before it).  A target is C{local@domain} or a bare C{local}, which
 means the domain of the address being resolved.  Keys and targets are folded to lower case,
 with the domain IDNA-encoded, the form of L{pymaild.envelope.normalizeAddress}, except
 that the local part of a full target address keeps its case for remote servers.  What the

@@ -146,7 +146,7 @@ class FileDirectory:
         kind = "alias" if count == 1 else "group"
         return Resolution(address, kind, frozenset(finalUsers), frozenset(remote))
 
-    def _aliasTargets(self, address: str, aliases: _AliasMap) -> tuple[str, ...] | None:
+    def _aliasTargets(self, address: str, aliases: _AliasMap, catchAll: bool = True) -> tuple[str, ...] | None:
         """
         The targets an address in a local domain that is not a user has, by precedence.
         """
@@ -156,7 +156,7 @@ class FileDirectory:
             targets = aliases.get(local)
         if targets is None and local == "postmaster" and address != self.postmaster:
             targets = (self.postmaster,)
-        if targets is None:
+        if targets is None and catchAll:
             targets = aliases.get("@" + domain)
         return targets
 
@@ -171,10 +171,22 @@ class FileDirectory:
         """
         if address in users:
             return {address}, set()
-        targets = self._aliasTargets(address, aliases)
+        local, _, domain = address.rpartition("@")
+        targets = self._aliasTargets(address, aliases, catchAll=False)
+        if targets is None and "+" in local:
+            # plus-addressing: user+tag@domain is user@domain (a user or an alias), unless
+            # user+tag itself exists; either comes before the domain's catch-all
+            base = local.split("+", 1)[0] + "@" + domain
+            if base in users:
+                return {base}, set()
+            targets = self._aliasTargets(base, aliases, catchAll=False)
+            if targets is not None:
+                address = base
+        if targets is None:
+            targets = aliases.get("@" + domain)
         if targets is None:
             return None
-        return self._expandTargets(address, targets, address.rpartition("@")[2], users, aliases, chain)
+        return self._expandTargets(address, targets, domain, users, aliases, chain)
 
     def _expandTargets(
         self,

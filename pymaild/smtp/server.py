@@ -553,16 +553,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                 self._reply(554, b"Relay access denied", code="5.7.1")
             return
         self._hold()
-        d = maybeDeferred(self.factory.directory.lookup, address)
-        d.addCallback(self._plusAddress, address)
+        d = maybeDeferred(self.factory.directory.lookup, address)  # (user+tag@ included)
         d.addCallbacks(self._recipientChecked, self._directoryDown, (address,))
-
-    def _plusAddress(self, resolution, address):
-        """user+tag@domain delivers to user@domain when nobody has the tagged address."""
-        local, _, domain = address.rpartition("@")
-        if resolution.exists or "+" not in local:
-            return resolution
-        return self.factory.directory.lookup(local.split("+", 1)[0] + "@" + domain)
 
     def _recipientChecked(self, resolution, address):
         if self._lost:

@@ -242,6 +242,10 @@ def users(*names: str) -> frozenset[str]:
         # Loops are cut where they close.
         ("loop1@example.com", "alias", users("bob@example.com"), ()),
         ("self@example.com", "none", users(), ()),
+        # Plus-addressing: user+tag@ is user@ (or its alias), if nobody has user+tag@ itself.
+        ("alice+news@example.com", "alias", users("alice@example.com"), ()),
+        ("sales+q4@example.com", "alias", users("alice@example.com"), ()),
+        ("ghost+x@example.com", "none", users(), ()),
         # The catch-all has the lowest precedence.
         ("whoever@example.org", "alias", users("carol@example.org"), ()),
         ("carol@example.org", "user", users("carol@example.org"), ()),
@@ -466,3 +470,14 @@ def test_interfaces(directory):
     """
     assert verifyObject(IDirectory, directory)
     assert verifyObject(IReloadable, directory)
+
+
+def test_plus_addressing_comes_before_the_catch_all(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("carol@example.org:{PLAIN}x\npostmaster@example.org:{PLAIN}x\n")
+    aliases = tmp_path / "aliases"
+    aliases.write_text("@example.org: postmaster\ncarol+vip@example.org: postmaster\n")
+    directory = FileDirectory(PasswdFile(passwd), AliasesFile(aliases), ["example.org"])
+    assert directory.resolve("carol+lists@example.org").users == users("carol@example.org")
+    assert directory.resolve("carol+vip@example.org").users == users("postmaster@example.org")
+    assert directory.resolve("dave+x@example.org").users == users("postmaster@example.org")
