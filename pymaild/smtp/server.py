@@ -179,6 +179,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
     _from = None
     user = None  # the logged-in account (AUTH)
     _errors = 0  # 5xx replies so far: past [smtp] max_errors the session ends
+    _utf8 = False  # this transaction's MAIL had SMTPUTF8 (RFC 6531)
 
     # --- connection -----------------------------------------------------------------------
 
@@ -503,6 +504,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if sender and "@" not in sender:
             self._reply(553, b"Sender address needs a domain", code="5.1.7")
             return
+        self._utf8 = b"SMTPUTF8" in params
+        if not sender.isascii() and not self._utf8:
+            self._reply(553, b"Non-ASCII address without SMTPUTF8 (RFC 6531)", code="5.6.7")
+            return
         if self.factory.submission:
             self._hold()
             d = maybeDeferred(self.factory.directory.addressesOf, self.user)
@@ -539,6 +544,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         address, params = parsed
         if params:
             self._reply(555, b"Unsupported RCPT parameter", code="5.5.4")
+            return
+        if not address.isascii() and not self._utf8:
+            self._reply(553, b"Non-ASCII address without SMTPUTF8 (RFC 6531)", code="5.6.7")
             return
         if len(self._rcpts) >= self.factory.maxRecipients:
             self._reply(452, b"Too many recipients", code="4.5.3")

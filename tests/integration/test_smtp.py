@@ -511,3 +511,15 @@ def smtp_rcpt_code(server, address: str) -> int:
     with smtp(server) as s:
         s.mail("a@example.org")
         return s.rcpt(address)[0]
+
+
+def test_non_ascii_addresses_need_smtputf8(server):
+    r = Raw(server)
+    r.ask(b"EHLO client.example")
+    assert r.ask("MAIL FROM:<jörg@example.org>".encode()).startswith(b"553 5.6.7")
+    assert r.ask(b"MAIL FROM:<a@example.org>").startswith(b"250")
+    assert r.ask("RCPT TO:<jörg@localhost>".encode()).startswith(b"553 5.6.7")
+    r.ask(b"RSET")
+    assert r.ask("MAIL FROM:<jörg@example.org> SMTPUTF8".encode()).startswith(b"250")
+    assert r.ask("RCPT TO:<jörg@localhost>".encode()).startswith(b"550 5.1.1")  # taken, then unknown
+    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"250")
