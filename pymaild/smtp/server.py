@@ -54,7 +54,7 @@ from zope.interface import implementer
 
 from pymaild.envelope import inNetworks, normalizeAddress
 from pymaild.errors import TemporaryFailure
-from pymaild.flow import Backpressure, Closing
+from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
 
@@ -247,6 +247,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self.pauseProducing()
             self._flow.wait().addCallback(self._release)
             return
+        if not self._buffer:
+            # nothing pipelined behind: the client waits for this reply, send it now rather
+            # than on the reactor's next turn (flow.sendNow)
+            sendNow(self.transport)
         if self._held:
             self._held = False
             self.resumeProducing()
