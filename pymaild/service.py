@@ -43,7 +43,7 @@ from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService,
 from pymaild.pop3.mailbox import pop3Avatar
 from pymaild.store.delivery import deliverToUsers, hasRoom
 from pymaild.pop3.server import POP3Factory
-from pymaild.smtp.server import SMTPFactory, UnavailableDelivery
+from pymaild.smtp.server import SMTPFactory, SubmissionLogin
 from pymaild.store.maildir import MaildirStore
 from pymaild.store.threads import StoreThreads
 from pymaild.store.watch import FolderWatcher
@@ -311,7 +311,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             pop3.IMailbox: firstLogin(
                 pop3Avatar(store, storeThreads.run, config.pop3.uidl_format, config.pop3.mark_seen)
             ),
-            IMessageDelivery: lambda user, mind: (UnavailableDelivery(user), lambda: None),
+            IMessageDelivery: lambda user, mind: (SubmissionLogin(user), lambda: None),
         }
     )
     portal = Portal(realm, [checker])

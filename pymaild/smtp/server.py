@@ -142,7 +142,7 @@ class Spool:
 
 
 @implementer(IMessageDelivery)
-class UnavailableDelivery:
+class SubmissionLogin:
     """
     The avatar submission logins get from the realm (SMTP's interface); pymaild's session does
     its own routing, so it only says who logged in (the account name, as the checker found it).
@@ -157,8 +157,8 @@ class UnavailableDelivery:
     def validateFrom(self, helo, origin):
         return origin
 
-    def validateTo(self, user):
-        raise smtp.SMTPBadRcpt(user, 451, "4.3.2 Local delivery is not available yet, try again later")
+    def validateTo(self, user):  # (never called: PymaildESMTP routes recipients itself)
+        raise smtp.SMTPBadRcpt(user, 451, "4.3.0 Recipients are not checked here")
 
 
 class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):

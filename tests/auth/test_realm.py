@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 from pymaild.auth.realm import MailRealm
 from pymaild.imap.mailbox import StoreAccount
 from pymaild.pop3.mailbox import StoreInbox, pop3Avatar
-from pymaild.smtp.server import UnavailableDelivery
+from pymaild.smtp.server import SubmissionLogin
 from pymaild.store.maildir import MaildirStore
 
 
@@ -26,7 +26,7 @@ def realm(tmp_path):
         {
             imap4.IAccount: lambda user, mind: (StoreAccount(store.user(user), defer.maybeDeferred), lambda: None),
             pop3.IMailbox: pop3Avatar(store, defer.maybeDeferred),
-            IMessageDelivery: lambda user, mind: (UnavailableDelivery(), lambda: None),
+            IMessageDelivery: lambda user, mind: (SubmissionLogin(), lambda: None),
         }
     )
 
@@ -40,7 +40,7 @@ def test_realm_provides_irealm(realm):
 
 @pytest.mark.parametrize(
     "interface, cls",
-    [(imap4.IAccount, StoreAccount), (pop3.IMailbox, StoreInbox), (IMessageDelivery, UnavailableDelivery)],
+    [(imap4.IAccount, StoreAccount), (pop3.IMailbox, StoreInbox), (IMessageDelivery, SubmissionLogin)],
 )
 def test_each_protocol_gets_its_avatar(realm, tmp_path, interface, cls):
     """
