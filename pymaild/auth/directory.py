@@ -179,6 +179,8 @@ class FileDirectory:
             base = local.split("+", 1)[0] + "@" + domain
             if base in users:
                 return {base}, set()
+            if base in chain:
+                return None  # an alias that points at a tagged form of itself: a loop
             targets = self._aliasTargets(base, aliases, catchAll=False)
             if targets is not None:
                 address = base

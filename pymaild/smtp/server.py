@@ -37,6 +37,7 @@ import base64
 import binascii
 import os
 import re
+import threading
 import time
 import uuid
 from email.utils import formatdate
@@ -88,6 +89,30 @@ def countReceived(source, limit: int = 1 << 20) -> int:
 _RECEIVED = re.compile(rb"\nreceived[ \t]*:", re.I)
 
 
+class MemoryBudget:
+    """
+    Bytes of arriving messages all SMTP sessions together may keep in memory (L{Spool}); past
+    it, messages go to spool files, so that many clients each sending a large message slowly
+    cannot fill the server's memory.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # (spools are given back from the store's threads)
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
 class Spool:
     """
     One arriving message (trace headers first), held in memory up to C{memoryLimit} bytes and
@@ -97,37 +122,46 @@ class Spool:
     mailboxes, by the store.  C{write} raises OSError when the file cannot be written.
     """
 
-    def __init__(self, directory: Path, memoryLimit: int = 1 << 20):
+    def __init__(self, directory: Path, memoryLimit: int = 1 << 20, budget: "MemoryBudget | None" = None):
         self.directory = directory
         self.memoryLimit = memoryLimit
-        self.chunks: list[bytes] = []
+        self.budget = budget if budget is not None else MemoryBudget(1 << 62)
+        self.buffer = bytearray()  # (one buffer: a list of tiny BDAT chunks cost 40 bytes each)
         self.size = 0
+        self.held = 0  # bytes of the budget this spool holds
         self.path: Path | None = None
         self._file = None
 
     def write(self, data: bytes) -> None:
         if self._file is None:
-            if self.size + len(data) <= self.memoryLimit:
-                self.chunks.append(data)
+            if self.size + len(data) <= self.memoryLimit and self.budget.take(len(data)):
+                self.buffer += data
                 self.size += len(data)
+                self.held += len(data)
                 return
             self.directory.mkdir(parents=True, exist_ok=True)
             self.path = self.directory / uuid.uuid4().hex
             self._file = open(self.path, "wb")
-            self._file.write(b"".join(self.chunks))
-            self.chunks = []
+            self._file.write(self.buffer)
+            self.buffer = bytearray()
+            self._giveBack()
         self._file.write(data)
         self.size += len(data)
 
     def source(self):
         """What the store delivers from (bytes, or the file's path once it is closed)."""
         if self._file is None:
-            return b"".join(self.chunks)
+            return bytes(self.buffer)
         self._file.close()
         return self.path
 
+    def _giveBack(self) -> None:
+        self.budget.give(self.held)
+        self.held = 0
+
     def discard(self) -> None:
-        self.chunks = []
+        self.buffer = bytearray()
+        self._giveBack()
         f, self._file = self._file, None
         if f is not None:
             try:
@@ -690,7 +724,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
 
     def _openSpool(self) -> bool:
         self._queueId = uuid.uuid4().hex[:12].upper()
-        self._spool = Spool(self.factory.spool)
+        self._spool = Spool(self.factory.spool, budget=self.factory.spoolMemory)
         self._spool.write(self._traceHeaders())
         return True
 
@@ -860,6 +894,8 @@ class SMTPFactory(protocol.ServerFactory):
         self.bareLineEnds = bareLineEnds
         self.commandTimeout = commandTimeout
         self.maxErrors = maxErrors
+        #: messages arriving on all of this listener's sessions keep at most this much in memory
+        self.spoolMemory = MemoryBudget(64 << 20)
         #: more Received headers than this (ours included) is a mail loop: 554 5.4.6
         self.maxHops = maxHops
         #: C{hasRoom(user)}, blocking: whether the user's quota leaves room (RCPT checks it)

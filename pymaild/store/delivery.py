@@ -131,13 +131,15 @@ class _GroupSync:
             self.running = True
             self.started += 1
             mine = self.started
+        ok = False
         try:
             fsyncDirectory(path)
+            ok = True
         finally:
             with self.cond:
                 self.running = False
-                if mine > self.finished:
-                    self.finished = mine
+                if ok and mine > self.finished:
+                    self.finished = mine  # (a failed fsync covers nobody: they try their own)
                 self.cond.notify_all()
 
 
@@ -305,14 +307,18 @@ def deliverToUsers(store, source: bytes | Path | str, users) -> list[Delivered]:
                 with open(source, "rb") as f:
                     tmp, unique, size, vsize = writeTmp(home, f)
             try:
-                with userStore.lock:
+                with userStore.lock:  # checked and counted at once: concurrent ones see it
                     userStore.quota.check(size, 1)
+                    userStore.quota.update(size, 1)
             except BaseException:
                 os.unlink(tmp)
                 raise
-            delivered = commitTmp(home, tmp, unique, size, vsize)
-            with userStore.lock:
-                userStore.quota.update(delivered.size, 1)
+            try:
+                delivered = commitTmp(home, tmp, unique, size, vsize)
+            except BaseException:
+                with userStore.lock:
+                    userStore.quota.update(-size, -1)
+                raise
             done.append((userStore, delivered))
     except BaseException:
         for userStore, delivered in done:

@@ -481,3 +481,18 @@ def test_plus_addressing_comes_before_the_catch_all(tmp_path):
     assert directory.resolve("carol+lists@example.org").users == users("carol@example.org")
     assert directory.resolve("carol+vip@example.org").users == users("postmaster@example.org")
     assert directory.resolve("dave+x@example.org").users == users("postmaster@example.org")
+
+
+def test_an_alias_of_its_own_tagged_forms_is_a_loop_not_a_hang(tmp_path, events):
+    """
+    list: list+a, ... is cut as a loop at once (it used to be expanded again and again down to
+    the depth limit: exponential in the number of tagged targets, 21 s for five).
+    """
+    passwd = tmp_path / "passwd"
+    passwd.write_text("bob@example.org:{PLAIN}x\n")
+    aliases = tmp_path / "aliases"
+    aliases.write_text("list: list+a, list+b, list+c, list+d, list+e, bob\nself: self+x\n")
+    directory = FileDirectory(PasswdFile(passwd), AliasesFile(aliases), ["example.org"])
+    assert directory.resolve("list@example.org").users == users("bob@example.org")
+    assert not directory.resolve("self@example.org").exists
+    assert not [t for t in texts(events) if "deep" in t], texts(events)

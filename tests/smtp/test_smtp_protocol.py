@@ -62,3 +62,28 @@ def test_pipelined_commands_wait_for_a_slow_recipient_check(tmp_path):
     assert out.count(b"250 2.1.0") == 0  # the line inside the data never ran as MAIL
     ((stored, users),) = delivered
     assert users == ["bob@localhost"] and stored.endswith(b"Subject: x\n\nMAIL FROM:<not-a-command@example.org>\n")
+
+
+def test_spools_share_a_memory_budget(tmp_path):
+    """
+    Messages in memory count against one budget; past it (or past a message's own limit) a
+    message goes to a file, and giving the memory back lets the next one stay in memory.
+    """
+    from pymaild.smtp.server import MemoryBudget, Spool
+
+    budget = MemoryBudget(100)
+    first, second = Spool(tmp_path, 80, budget), Spool(tmp_path, 80, budget)
+    first.write(b"a" * 60)
+    second.write(b"b" * 60)  # 120 > 100: to a file
+    assert first.path is None and second.path is not None and budget.used == 60
+    assert first.source() == b"a" * 60 and second.source().read_bytes() == b"b" * 60
+    first.write(b"a" * 30)  # past its own 80: to a file, its memory given back
+    assert first.path is not None and budget.used == 0
+    first.discard()
+    second.discard()
+    assert list(tmp_path.iterdir()) == [] and budget.used == 0
+    third = Spool(tmp_path, 80, budget)
+    third.write(b"c" * 70)
+    assert third.path is None and budget.used == 70
+    third.discard()
+    assert budget.used == 0

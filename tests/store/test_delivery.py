@@ -182,3 +182,73 @@ def test_directory_fsyncs_are_shared_but_never_skipped(tmp_path, monkeypatch):
     assert len(log) < 40  # shared
     for i in range(40):  # covered by an fsync that started after the call and ended before the return
         assert any(asked[i] <= start and end <= returned[i] for start, end in log), i
+
+
+def test_a_failed_shared_fsync_covers_nobody(tmp_path, monkeypatch):
+    """
+    When the fsync other threads waited on fails, they do not return as if it had worked: each
+    runs one of its own (here they succeed) and only the thread that ran the failed one sees it.
+    """
+    import threading
+    import time
+
+    from pymaild.store import delivery
+
+    calls = []
+    started = threading.Event()
+
+    def fsync(path):
+        calls.append(path)
+        if len(calls) == 1:
+            started.set()
+            time.sleep(0.05)  # the others arrive while this one runs
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(delivery, "fsyncDirectory", fsync)
+    errors, done = [], []
+
+    def worker():
+        try:
+            delivery.syncDirectory(tmp_path)
+            done.append(True)
+        except OSError as e:
+            errors.append(e)
+
+    first = threading.Thread(target=worker)
+    first.start()
+    started.wait(5)
+    others = [threading.Thread(target=worker) for _ in range(5)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    assert len(errors) == 1 and len(done) == 5 and len(calls) >= 2
+
+
+def test_concurrent_deliveries_never_pass_the_quota(tmp_path):
+    """Deliveries to one user at once are checked and counted together: the limit holds."""
+    import threading
+
+    from pymaild.store.delivery import deliverToUsers
+    from pymaild.store.maildir import MaildirStore
+    from pymaild.store.quota import QuotaExceeded
+
+    store = MaildirStore(tmp_path / "mail", storageLimit=10000)
+    store.user("bob@example.org")
+    results = []
+
+    def worker():
+        try:
+            deliverToUsers(store, b"x" * 6000, ["bob@example.org"])
+            results.append("ok")
+        except QuotaExceeded:
+            results.append("full")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 1, results
+    home = store.userDirectory("bob@example.org")
+    assert len(list((home / "new").iterdir())) == 1
