@@ -334,22 +334,22 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         return ext
 
     def smtp_EHLO(self, rest):
-        if not rest:
-            self._reply(501, b"EHLO needs a domain or address literal", code="5.5.4")
-            return
-        self._reset()
-        self._helo = rest.decode("ascii", "replace")[:255]
-        self._esmtp = True
-        self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None, more=self._extensions())
+        self._greet(rest, True)
 
     def smtp_HELO(self, rest):
+        self._greet(rest, False)
+
+    def _greet(self, rest: bytes, esmtp: bool) -> None:
+        """EHLO or HELO: a new session state; EHLO lists the extensions."""
         if not rest:
-            self._reply(501, b"HELO needs a domain", code="5.5.4")
+            self._reply(501, b"EHLO needs a domain or address literal" if esmtp else b"HELO needs a domain",
+                        code="5.5.4")
             return
         self._reset()
         self._helo = rest.decode("ascii", "replace")[:255]
-        self._esmtp = False
-        self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None)
+        self._esmtp = esmtp
+        self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None,
+                    more=self._extensions() if esmtp else ())
 
     def smtp_NOOP(self, rest):
         self._reply(250, b"OK")
