@@ -7,6 +7,10 @@ C{pymaildctl}: the administrator's command line.
     pymaildctl [--config FILE] [--data-dir DIR] user passwd NAME [--password-stdin]
     pymaildctl [--config FILE] [--data-dir DIR] user del NAME
     pymaildctl [--config FILE] [--data-dir DIR] user list
+    pymaildctl [--config FILE] [--data-dir DIR] queue list [--json]
+    pymaildctl [--config FILE] [--data-dir DIR] queue show ID
+    pymaildctl [--config FILE] [--data-dir DIR] queue flush
+    pymaildctl [--config FILE] [--data-dir DIR] queue retry|hold|release|delete|bounce ID
     pymaildctl --version
 
 C{--config} and C{--data-dir} are read exactly as C{twistd pymaild} reads them
@@ -16,28 +20,59 @@ server sees the change at its next lookup, without a restart or a signal.
 Passwords are asked for twice at the terminal, or read as one line from standard input with
 C{--password-stdin} (for scripts; the trailing newline is removed).
 
+The C{queue} commands read and edit the outbound queue in C{<data_dir>/queue/}
+(L{pymaild.queue.files}) the same way whether the server runs or not: a command that changes a
+message takes the message's lock (the runner holds it while it delivers the message, waiting
+at most L{LOCK_WAIT} seconds for it), reads the envelope again under the lock, changes it and
+writes it back atomically; the running server notices the new envelope by itself.
+
 Exit status: 0 on success; 2 for a mistake of the user (the configuration, a name, a password,
-an unknown or existing user), with one line C{pymaildctl: <message>} on standard error and no
-traceback; 1 when the system refuses (a file cannot be written), also as one line.
+an unknown or existing user, retrying a held message), with one line C{pymaildctl: <message>}
+on standard error and no traceback; 1 when the system refuses (a file cannot be written) or a
+queue message is not there (an unknown or malformed ID, a damaged envelope), also as one line;
+75 (C{EX_TEMPFAIL}) when the message is being delivered right now and stays locked.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import math
 import sys
-from typing import NoReturn, Sequence
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from pymaild import __version__
 from pymaild.errors import ConfigError
 
 PROGRAM = "pymaildctl"
 
+LOCK_WAIT = 10.0
+"""
+How long (seconds) a C{queue} command waits for a message's lock before it gives up with
+L{EX_TEMPFAIL}: the runner holds it for the whole of one delivery attempt.
+"""
+
+EX_TEMPFAIL = 75
+
 
 class UsageError(Exception):
     """
     A mistake on the command line; C{str(error)} is the one line to print.
     """
+
+
+class CommandFailed(Exception):
+    """
+    A command that cannot be carried out, for another reason than a mistake on the command
+    line; C{str(error)} is the one line to print, L{status} the exit status.
+    """
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -53,7 +88,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _buildParser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=PROGRAM,
-        description="Administer pymaild: check the configuration, manage passwd-file users.",
+        description="Administer pymaild: check the configuration, manage passwd-file users and the mail queue.",
     )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument("--config", metavar="FILE", help="the TOML configuration file, as for twistd pymaild")
@@ -82,6 +117,27 @@ def _buildParser() -> argparse.ArgumentParser:
     remove.set_defaults(run=_userDel)
     listing = userCommands.add_parser("list", help="print the users, one per line")
     listing.set_defaults(run=_userList)
+
+    queue = commands.add_parser("queue", help="inspect and manage the outbound mail queue")
+    queueCommands = queue.add_subparsers(dest="queueCommand", metavar="QUEUE-COMMAND", required=True)
+    queueList = queueCommands.add_parser("list", help="list the queued messages, oldest first")
+    queueList.add_argument("--json", action="store_true", help="print the envelopes as a JSON list")
+    queueList.set_defaults(run=_queueList)
+    show = queueCommands.add_parser("show", help="print a message's envelope and header")
+    show.add_argument("id", metavar="ID")
+    show.set_defaults(run=_queueShow)
+    flush = queueCommands.add_parser("flush", help="make every pending recipient of every message not held due now")
+    flush.set_defaults(run=_queueFlush)
+    for name, run, summary in [
+        ("retry", _queueRetry, "make a message's pending recipients due now"),
+        ("hold", _queueHold, "keep a message in the queue without trying it"),
+        ("release", _queueRelease, "release a held message; its pending recipients are due now"),
+        ("delete", _queueDelete, "remove a message from the queue without any report"),
+        ("bounce", _queueBounce, "fail a message's pending recipients and report it to the sender"),
+    ]:
+        command = queueCommands.add_parser(name, help=summary)
+        command.add_argument("id", metavar="ID")
+        command.set_defaults(run=run)
     return parser
 
 
@@ -187,6 +243,292 @@ def _userList(args: argparse.Namespace) -> None:
         print(user)
 
 
+def _queueFiles(args: argparse.Namespace):
+    from pymaild.queue.files import QueueFiles
+
+    return QueueFiles(_loadConfig(args).server.data_dir / "queue")
+
+
+def _noMessage(id: str) -> CommandFailed:
+    return CommandFailed(f"no message {id} in the queue (see '{PROGRAM} queue list')")
+
+
+def _badId(id: str) -> CommandFailed:
+    return CommandFailed(f"{id!r} is not a queue ID (8 to 40 letters and digits; see '{PROGRAM} queue list')")
+
+
+def _damaged(id: str, why: object) -> CommandFailed:
+    return CommandFailed(f"message {id} is damaged ({why}); the server moves it to queue/corrupt/")
+
+
+def _load(files, id: str):
+    """
+    The envelope of C{id}.
+
+    @raise CommandFailed: it is not queued, or damaged.
+    """
+    from pymaild.queue.files import CorruptEnvelope
+
+    try:
+        return files.load(id)
+    except KeyError:
+        raise _noMessage(id) from None
+    except CorruptEnvelope as e:
+        raise _damaged(id, e) from None
+
+
+@contextmanager
+def _locked(files, id: str, damagedToo: bool = False) -> Iterator:
+    """
+    Hold the lock of message C{id} (waiting at most L{LOCK_WAIT} seconds) and give its
+    envelope, read under the lock.
+
+    @param damagedToo: give C{None} instead of failing when the envelope is damaged.
+    @raise CommandFailed: the ID is malformed or not queued (1), the envelope is damaged (1),
+        the message stays locked (L{EX_TEMPFAIL}).
+    """
+    from pymaild.queue.files import Busy, CorruptEnvelope
+
+    try:
+        lock = files.lock(id, wait=LOCK_WAIT)
+    except KeyError:
+        raise _badId(id) from None
+    try:
+        lock.__enter__()
+    except FileNotFoundError:
+        if files.paths(id)[1].exists():
+            raise _damaged(id, "message file missing") from None
+        raise _noMessage(id) from None
+    except Busy:
+        raise CommandFailed(
+            f"message {id} is being delivered right now (still locked after {LOCK_WAIT:g} seconds); try again",
+            EX_TEMPFAIL,
+        ) from None
+    try:
+        try:
+            envelope = files.load(id)
+        except KeyError:
+            raise _noMessage(id) from None  # (delivered or deleted while we waited)
+        except CorruptEnvelope as e:
+            if not damagedToo:
+                raise _damaged(id, e) from None
+            envelope = None
+        yield envelope
+    finally:
+        lock.__exit__()
+
+
+def _edit(args: argparse.Namespace, change: Callable) -> None:
+    """
+    Apply C{change(envelope)} to the envelope of C{args.id} under the message's lock and write
+    the envelope back.
+    """
+    files = _queueFiles(args)
+    with _locked(files, args.id) as envelope:
+        change(envelope)
+        files.save(envelope)
+
+
+def _dueNow(envelope) -> int:
+    """
+    Make every pending recipient of C{envelope} due now; how many there are.
+    """
+    now = time.time()
+    pending = envelope.pending()
+    for recipient in pending:
+        recipient.next_attempt = now
+    return len(pending)
+
+
+def _localTime(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _oneLine(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _queueEntries(files) -> list:
+    """
+    Every message in the queue, oldest first, as C{(id, envelope)}, then the damaged ones as
+    C{(id, reason)} (left where they are: the server moves them aside).
+    """
+    from pymaild.queue.files import CorruptEnvelope
+
+    if not files.messages.is_dir():
+        return []  # (the server never ran with this data directory)
+    entries, damaged = [], []
+    for id in files.ids():
+        try:
+            entries.append((id, files.load(id)))
+        except KeyError:
+            continue  # (delivered or deleted meanwhile)
+        except CorruptEnvelope as e:
+            damaged.append((id, str(e)))
+    entries.sort(key=lambda entry: (entry[1].arrival, entry[0]))
+    return entries + damaged
+
+
+def _queueList(args: argparse.Namespace) -> None:
+    from pymaild.queue.files import DELIVERED, PENDING
+
+    entries = _queueEntries(_queueFiles(args))
+    if args.json:
+        envelopes = []
+        for id, envelope in entries:
+            if isinstance(envelope, str):
+                sys.stderr.write(f"{PROGRAM}: message {id} is damaged ({envelope}); left out\n")
+            else:
+                envelopes.append(json.loads(envelope.toJSON()))
+        sys.stderr.flush()
+        print(json.dumps(envelopes, indent=1))
+        return
+    if not entries:
+        print("Mail queue is empty")
+        return
+    now = time.time()
+    total = count = 0
+    print(f"{'-Queue ID-':<24} {'--Size--':>8}  {'---Arrival Time----':<19}  -Sender/Recipient-")
+    for id, envelope in entries:
+        if isinstance(envelope, str):
+            print(f"{id:<24} damaged: {_oneLine(envelope)} (the server moves it to queue/corrupt/)")
+            print()
+            continue
+        count += 1
+        total += envelope.size
+        marked = id + ("!" if envelope.held else "")
+        print(f"{marked:<24} {envelope.size:>8}  {_localTime(envelope.arrival)}  {envelope.sender or '<>'}")
+        for r in envelope.recipients:
+            if r.state == DELIVERED:
+                continue
+            words = [r.state, _plural(r.attempts, "attempt")]
+            if r.state == PENDING:
+                words.append("held" if envelope.held else
+                             "due now" if r.next_attempt <= now else f"next {_localTime(r.next_attempt)}")
+            else:
+                words.append("report sent" if r.reported else "report to send")
+            line = f"    {r.address}  {', '.join(words)}"
+            if r.reply:
+                line += f"  ({_oneLine(r.reply)})"
+            print(line)
+        print()
+    print(f"-- {math.ceil(total / 1024)} Kbytes in {_plural(count, 'message')}.")
+
+
+def _queueShow(args: argparse.Namespace) -> None:
+    files = _queueFiles(args)
+    try:
+        files.paths(args.id)
+    except KeyError:
+        raise _badId(args.id) from None
+    envelope = _load(files, args.id)
+    try:
+        message = files.open(args.id)
+    except FileNotFoundError:
+        raise _noMessage(args.id) from None  # (delivered or deleted meanwhile)
+    with message:
+        header = []
+        for line in message:
+            if line in (b"\n", b"\r\n"):
+                break
+            header.append(line)
+    print(json.dumps(json.loads(envelope.toJSON()), indent=2, ensure_ascii=False))
+    print()
+    sys.stdout.flush()
+    sys.stdout.buffer.write(b"".join(header))
+    sys.stdout.buffer.flush()
+
+
+def _queueFlush(args: argparse.Namespace) -> None:
+    """
+    Every message not held with a pending recipient is due now.  A message being delivered
+    right now is not waited for: it is being tried already.
+    """
+    from pymaild.queue.files import Busy, CorruptEnvelope
+
+    files = _queueFiles(args)
+    flushed = held = busy = damaged = 0
+    for id in files.ids() if files.messages.is_dir() else []:
+        try:
+            with files.lock(id):
+                envelope = files.load(id)
+                if envelope.held:
+                    held += 1
+                elif _dueNow(envelope):
+                    files.save(envelope)
+                    flushed += 1
+        except Busy:
+            busy += 1
+        except (FileNotFoundError, KeyError):
+            continue  # (delivered or deleted meanwhile)
+        except CorruptEnvelope:
+            damaged += 1
+    notes = [f"{busy} being delivered right now"] if busy else []
+    notes += [f"{held} held"] if held else []
+    notes += [f"{damaged} damaged"] if damaged else []
+    print(f"flushed {_plural(flushed, 'message')}" + (f" ({', '.join(notes)})" if notes else ""))
+
+
+def _queueRetry(args: argparse.Namespace) -> None:
+    due = []
+
+    def retry(envelope) -> None:
+        if envelope.held:
+            raise UsageError(f"message {envelope.id} is held; release it with '{PROGRAM} queue release {envelope.id}'")
+        due.append(_dueNow(envelope))
+
+    _edit(args, retry)
+    print(f"retrying {args.id} ({_plural(due[0], 'recipient')} due now)")
+
+
+def _queueHold(args: argparse.Namespace) -> None:
+    def hold(envelope) -> None:
+        envelope.held = True
+
+    _edit(args, hold)
+    print(f"held {args.id}")
+
+
+def _queueRelease(args: argparse.Namespace) -> None:
+    def release(envelope) -> None:
+        envelope.held = False
+        _dueNow(envelope)
+
+    _edit(args, release)
+    print(f"released {args.id}")
+
+
+def _queueDelete(args: argparse.Namespace) -> None:
+    files = _queueFiles(args)
+    with _locked(files, args.id, damagedToo=True):
+        files.remove(args.id)
+    print(f"deleted {args.id}")
+
+
+def _queueBounce(args: argparse.Namespace) -> None:
+    from pymaild.queue.files import FAILED
+
+    bounced = []
+
+    def bounce(envelope) -> None:
+        for recipient in envelope.pending():
+            recipient.state = FAILED
+            recipient.status = "5.0.0"
+            recipient.reply = "bounced by the administrator"
+            recipient.reported = not recipient.wants("FAILURE") or not envelope.sender
+            bounced.append(recipient)
+        envelope.held = False
+
+    _edit(args, bounce)
+    reported = sum(not r.reported for r in bounced)
+    print(f"bounced {_plural(len(bounced), 'recipient')} of {args.id} "
+          f"({reported} to report to the sender)")
+
+
 def _fail(message: str, status: int) -> int:
     sys.stderr.write(f"{PROGRAM}: {message}\n")
     sys.stderr.flush()
@@ -205,6 +547,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.run(args)
     except (UsageError, ConfigError, ValueError) as e:
         return _fail(str(e), 2)
+    except CommandFailed as e:
+        return _fail(str(e), e.status)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         return _fail(f"{where}{e.strerror or e}", 1)

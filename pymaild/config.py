@@ -158,6 +158,25 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    relay_host: ListenAddress | None
+    relay_user: str
+    relay_password_file: Path | None
+    tls: str
+    ca_file: Path | None
+    nameservers: tuple[ListenAddress, ...]
+    remote_port: int
+    min_backoff: float
+    max_backoff: float
+    max_lifetime: float
+    delay_warning: float
+    connections: int
+    connections_per_destination: int
+    connect_timeout: float
+    command_timeout: float
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
@@ -177,6 +196,7 @@ class Config:
     imap: IMAPConfig
     pop3: POP3Config
     store: StoreConfig
+    queue: QueueConfig
     limits: LimitsConfig
 
     def describe(self) -> str:
@@ -194,7 +214,7 @@ class Config:
 
 def _toml_value(value: Any) -> str:
     if value is None:
-        return '""  # none: self-signed certificate in the data directory'
+        return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -248,6 +268,58 @@ def _seconds(value: Any) -> float:
     if not 0 <= value <= 86400:
         raise ValueError(f"must be between 0 and 86400 seconds, got {value}")
     return float(value)
+
+
+def _duration(value: Any) -> float:
+    """
+    A length of time: seconds (a number), or a string with a unit: "90s", "30m", "4h", "5d".
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip()[-1:].lower() in units:
+        number = value.strip()[:-1].strip()
+        try:
+            seconds = float(number) * units[value.strip()[-1].lower()]
+        except ValueError:
+            raise ValueError(f'expected a duration such as 300, "30m", "4h" or "5d", got {value!r}') from None
+    else:
+        raise ValueError(f'expected a duration such as 300, "30m", "4h" or "5d", got {value!r}')
+    if not 0 <= seconds <= 365 * 86400:
+        raise ValueError(f"must be between 0 seconds and 365 days, got {value!r}")
+    return seconds
+
+
+def _relay(value: Any) -> ListenAddress | None:
+    """"" (deliver by MX) or "host:port" (host a name or an IP literal; port 25 if left out)."""
+    value = _string(value).strip()
+    if not value:
+        return None
+    host, port = value, "25"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "25"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{port!r} is not a port number (1-65535)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        host = _domain(host)
+    return ListenAddress(host, int(port))
+
+
+def _nameserver(value: Any) -> ListenAddress:
+    """"ip" or "ip:port" (port 53 if left out)."""
+    value = _string(value).strip()
+    if value.count(":") > 1 and not value.startswith("["):
+        value = f"[{value}]:53"
+    elif ":" not in value:
+        value = f"{value}:53"
+    return parse_listen_address(value)
 
 
 def _boolean(value: Any) -> bool:
@@ -473,6 +545,23 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "archive": Key(_folderName, "Archive", "\\Archive folder created at first login"),
         "threads": Key(_integer(1, 64), 4, "size of the thread pool for mail store work"),
     },
+    "queue": {
+        "relay_host": Key(_relay, None, '"" = deliver by MX; "host:port" = send everything through this smarthost (465: implicit TLS)'),
+        "relay_user": Key(_string, "", "user name for AUTH at the relay host (empty: no AUTH)"),
+        "relay_password_file": Key(_optional_path, None, "file holding the relay password (first line)"),
+        "tls": Key(_choice("may", "encrypt", "verify"), "may", "outbound TLS: may (opportunistic), encrypt (required), verify (required, certificate checked)"),
+        "ca_file": Key(_optional_path, None, 'CA certificates for tls = "verify" (empty: the system\'s)'),
+        "nameservers": Key(_list_of(_nameserver, '"ip:port" strings'), (), "DNS servers for MX lookups (empty: /etc/resolv.conf)"),
+        "remote_port": Key(_integer(1, 65535), 25, "port of remote mail servers"),
+        "min_backoff": Key(_duration, 300.0, "first retry after a temporary failure; doubles each time"),
+        "max_backoff": Key(_duration, 3600.0, "longest wait between retries"),
+        "max_lifetime": Key(_duration, 5 * 86400.0, "how long a message is retried before it bounces"),
+        "delay_warning": Key(_duration, 0.0, "send the sender a delay notice after this long (0: never)"),
+        "connections": Key(_integer(1, 10000), 100, "outbound connections, all destinations together"),
+        "connections_per_destination": Key(_integer(1, 1000), 20, "outbound connections to one domain"),
+        "connect_timeout": Key(_duration, 30.0, "seconds to wait for a TCP connection"),
+        "command_timeout": Key(_duration, 300.0, "seconds to wait for each reply (RFC 5321 4.5.3.2)"),
+    },
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
         "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
@@ -491,6 +580,7 @@ _SECTION_TYPES = {
     "imap": IMAPConfig,
     "pop3": POP3Config,
     "store": StoreConfig,
+    "queue": QueueConfig,
     "limits": LimitsConfig,
 }
 
@@ -610,6 +700,26 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
 
     if settings["pop3"]["idle_timeout"] < 600:
         raise fail("pop3", "idle_timeout", "RFC 1939 3 wants at least 600 seconds (10 minutes)")
+
+    queue = settings["queue"]
+    for key in ("relay_password_file", "ca_file"):
+        if queue[key] is not None:
+            queue[key] = base / Path(queue[key])
+    if queue["relay_user"] and queue["relay_password_file"] is None:
+        raise fail("queue", "relay_password_file", "relay_user needs a relay_password_file")
+    if queue["relay_password_file"] is not None and not queue["relay_user"]:
+        raise fail("queue", "relay_user", "relay_password_file is given but relay_user is empty")
+    if queue["relay_user"] and queue["relay_host"] is None:
+        raise fail("queue", "relay_user", "AUTH credentials need a relay_host")
+    if queue["min_backoff"] < 1:
+        raise fail("queue", "min_backoff", "must be at least 1 second")
+    if queue["max_backoff"] < queue["min_backoff"]:
+        raise fail("queue", "max_backoff", "must not be shorter than min_backoff")
+    if queue["connections_per_destination"] > queue["connections"]:
+        raise fail("queue", "connections_per_destination", "must not be larger than connections")
+    for key in ("connect_timeout", "command_timeout"):
+        if queue[key] <= 0:
+            raise fail("queue", key, "must be more than 0 seconds")
 
     limits = settings["limits"]
     if limits["max_connections_per_ip"] > limits["max_connections"]:

@@ -43,6 +43,9 @@ from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService,
 from pymaild.pop3.mailbox import pop3Avatar
 from pymaild.store.delivery import deliverToUsers, hasRoom
 from pymaild.pop3.server import POP3Factory
+from pymaild.queue.files import Envelope, QueueFiles, Recipient
+from pymaild.queue.mx import MXResolver, makeResolver
+from pymaild.queue.runner import Policy, Runner
 from pymaild.smtp.server import SMTPFactory, SubmissionLogin
 from pymaild.store.maildir import MaildirStore
 from pymaild.store.threads import StoreThreads
@@ -92,6 +95,15 @@ def checkFiles(config: Config) -> None:
         cert, key = tlsmod.selfSignedPaths(data)
         if cert.exists() or key.exists():
             tlsmod.loadCertificateOptions(cert, key, config.tls.min_version, where)
+    for key in ("relay_password_file", "ca_file"):
+        path = getattr(config.queue, key)
+        if path is not None:
+            _checkReadable(path, key, where, True)
+            if key == "ca_file":
+                try:
+                    tlsmod.clientTLS("check", True, path)
+                except Exception as e:
+                    raise ConfigError(f"{where}: [queue] ca_file: {path}: not a PEM certificate ({e})") from None
     _checkReadable(config.auth.passwd_file, "passwd_file", where, config.auth.passwd_file_explicit)
     if _checkReadable(config.auth.aliases_file, "aliases_file", where, config.auth.aliases_file_explicit):
         try:
@@ -262,6 +274,73 @@ def _clearSpool(spool: Path) -> None:
             log.warn("cannot remove {path}: {error}", path=str(spool / name), error=e)
 
 
+def _relayPassword(config: Config) -> str | None:
+    if config.queue.relay_password_file is None:
+        return None
+    try:
+        return config.queue.relay_password_file.read_text().splitlines()[0].strip()
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{_where(config)}: [queue] relay_password_file: {config.queue.relay_password_file}: "
+                          f"{e.strerror if isinstance(e, OSError) else 'no password in it'}") from None
+
+
+def queuePolicy(config: Config) -> Policy:
+    q = config.queue
+    return Policy(
+        relayHost=(q.relay_host.host, q.relay_host.port) if q.relay_host else None,
+        remotePort=q.remote_port, tls=q.tls, authUser=q.relay_user or None, authPassword=_relayPassword(config),
+        minBackoff=q.min_backoff, maxBackoff=q.max_backoff, maxLifetime=q.max_lifetime,
+        delayWarning=q.delay_warning, connections=q.connections, perDestination=q.connections_per_destination,
+        connectTimeout=q.connect_timeout, commandTimeout=q.command_timeout,
+    )
+
+
+class Router:
+    """
+    Delivers messages pymaild makes itself (delivery status notifications) the way a message
+    from SMTP would go: local addresses (aliases and lists expanded) into the users' INBOXes,
+    other domains into the outbound queue.  The sender is the null sender (C{<>}).
+    """
+
+    def __init__(self, directory, store, run, queueFiles: QueueFiles, runner):
+        self.directory, self.store, self.run = directory, store, run
+        self.queueFiles, self.runner = queueFiles, runner
+
+    @defer.inlineCallbacks
+    def bounce(self, path, recipient: str):
+        domain = recipient.rpartition("@")[2]
+        users, remote = (), [recipient]
+        if self.directory.isLocalDomain(domain):
+            resolution = yield self.directory.lookup(recipient)
+            if not resolution.exists:
+                log.warn("report for <{rcpt}> dropped: no such local address", rcpt=recipient)
+                return
+            users, remote = sorted(resolution.users), sorted(resolution.remote)
+
+        def work():
+            data = open(path, "rb").read()
+            if users:
+                deliverToUsers(self.store, b"Return-Path: <>\n" + data, users)
+            if remote:
+                envelope = Envelope(id="", sender="", recipients=[Recipient(r) for r in remote])
+                return self.queueFiles.enqueue(data, envelope)
+
+        id = yield self.run(work)
+        if id is not None:
+            self.runner.add(id)
+
+    def prepare(self, source, transaction: dict):
+        """SMTP's C{enqueue}: into the queue's tmp/, fsynced (in a store thread)."""
+        envelope = Envelope(
+            id=transaction["client"].get("id") or "", sender=transaction["sender"],
+            recipients=[Recipient(address, orcpt=orcpt, notify=notify)
+                        for address, notify, orcpt in transaction["recipients"]],
+            body=transaction["body"], smtputf8=transaction["smtputf8"], ret=transaction["ret"],
+            envid=transaction["envid"], client=transaction["client"],
+        )
+        return self.queueFiles.prepare(source, envelope, skip=transaction.get("skip", 0))
+
+
 def build(config: Config, reactor=None, uid: int | None = None, gid: int | None = None) -> PymaildService:
     """
     Check, prepare and bind; return the service to run.
@@ -291,6 +370,14 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     storeThreads = StoreThreads(reactor, config.store.threads)
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
+    queueFiles = QueueFiles(config.server.data_dir / "queue")
+    resolver = MXResolver(makeResolver([(a.host, a.port) for a in config.queue.nameservers], reactor=reactor))
+    caFile = config.queue.ca_file
+    router = Router(directory, store, storeThreads.run, queueFiles, None)
+    runner = Runner(queueFiles, resolver, storeThreads.run, reactor, queuePolicy(config), config.server.hostname,
+                    router.bounce, tlsOptions=lambda host, verify: tlsmod.clientTLS(host, verify, caFile),
+                    stopTimeout=config.server.shutdown_timeout)
+    router.runner = runner
     def firstLogin(factory):
         """
         Before handing out a mailbox avatar, make sure the user's special-use folders exist
@@ -335,6 +422,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxHops=smtpConfig.max_hops,
                 deliver=lambda path, users: deliverToUsers(store, path, users),
                 hasRoom=lambda user: hasRoom(store, user),
+                enqueue=router.prepare, queued=runner.add,
             )
         if protocol == "imap":
             return IMAPFactory(
@@ -357,4 +445,6 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 name, appFactory(name, protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
             listeners.append(ListenerService(name, sock, factory, reactor))
-    return PymaildService(config, listeners, registry, [threadpool, storeThreads.pool], [serverTLS, directory], reactor)
+    service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool], [serverTLS, directory], reactor)
+    runner.setServiceParent(service)
+    return service

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -166,3 +166,37 @@ class ServerTLS:
             log.error("TLS reload failed, keeping the old certificate: {error}", error=str(e))
         else:
             log.info("TLS certificate reloaded from {cert}", cert=str(self.certPath))
+
+
+def clientTLS(hostname: str, verify: bool, caFile: Path | None = None):
+    """
+    Client TLS for outbound SMTP.  C{verify}: the server's certificate must chain to the
+    system's trust store (or C{caFile}) and name C{hostname} (service_identity).  Otherwise
+    any certificate is taken (opportunistic TLS, RFC 7435: encryption against passive
+    eavesdroppers, and a self-signed certificate does not stop mail); SNI is sent either way.
+    """
+    if verify:
+        trust = ssl.Certificate.loadPEM(Path(caFile).read_bytes()) if caFile else None
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+    return _OpportunisticTLS(hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _OpportunisticTLS:
+    """An C{IOpenSSLClientConnectionCreator} that encrypts but does not authenticate."""
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+        self.options = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+    def getContext(self):
+        return self.options.getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        try:
+            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        except (UnicodeError, ValueError):
+            pass
+        return connection

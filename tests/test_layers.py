@@ -18,6 +18,7 @@ RANK = {
     "interfaces": 0, "errors": 0, "envelope": 0, "uidl": 0,
     "config": 1, "log": 1, "mime": 1,
     "tls": 2, "listen": 2, "throttle": 2, "flow": 2, "sasl": 2,
+    "durable": 1,
     "store": 3, "auth": 3, "queue": 3, "pipeline": 3, "plugins": 3,
     "smtp": 3, "imap": 3, "pop3": 3,
     "service": 4,

@@ -22,10 +22,13 @@ dropped back to command mode.  Here:
 Policy: on port 25 (MX) only the local domains receive mail: an unknown local address gets
 C{550 5.1.1}, any other domain C{554 5.7.1} (no relay), unless the client logged in or is in
 C{[smtp] trusted_networks}.  Submission ports want AUTH before MAIL (C{530 5.7.0}), TLS before
-AUTH, and a MAIL FROM address of the logged-in user (C{553 5.7.1}).  Mail for other domains
-needs the outbound queue, which comes with the queue issue: until then it gets a temporary
-C{451 4.3.2}, so that nobody's mail bounces.  CHUNKING (BDAT, RFC 3030): chunks go to the same
-spool; a refused chunk is still read to its end.  Not yet: DSN, VRFY beyond 252.
+AUTH, and a MAIL FROM address of the logged-in user (C{553 5.7.1}).  Mail for other domains (from
+logged-in users and trusted networks) and aliases forwarding to other domains go into the
+outbound queue (C{factory.enqueue}), with the DSN parameters (RFC 3461: RET, ENVID at MAIL;
+NOTIFY, ORCPT at RCPT; a forwarded recipient's ORCPT is the address the sender used): the queue
+copy is fsynced first, the local copies next, and the queue copy is committed last, so that
+C{250} means all of it is stored and a failure stores none of it.  CHUNKING (BDAT, RFC 3030):
+chunks go to the same spool; a refused chunk is still read to its end.  Not yet: VRFY beyond 252.
 
 Security: reads commands and data from anyone who connects; AUTH is offered only over TLS;
 every reply carries an enhanced status code (RFC 2034).
@@ -64,6 +67,41 @@ log = Logger()
 _PATH = re.compile(rb"^(FROM|TO):\s*(<[^<>]*>|[^\s<>]+)(.*)$", re.I)  # (brackets missing: as Postfix, taken)
 _SOURCE_ROUTE = re.compile(rb"^<@[^:]*:")
 _BAD_ADDRESS = re.compile(rb"[\x00-\x20\x7f]")  # controls, DEL, unquoted space (RFC 5321 4.1.2)
+
+
+def _xtextValid(value: bytes) -> bool:
+    """RFC 3461 4: printable ASCII except '+' and '=', which appear only as +XX."""
+    return re.fullmatch(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*", value) is not None
+
+
+def _xtextDecode(value: bytes) -> str:
+    return re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value).decode("utf-8", "replace")
+
+
+def _rcptDSN(params: dict):
+    """
+    C{(notify, orcpt)} from RCPT's DSN parameters (RFC 3461 4.1, 4.2): C{notify} a list of
+    C{NEVER} or C{SUCCESS}/C{FAILURE}/C{DELAY} (None when not given), C{orcpt} C{"type;address"}
+    with the xtext decoded (None when not given); None when a parameter is unknown or invalid.
+    """
+    notify = orcpt = None
+    for key, value in params.items():
+        if key == b"NOTIFY":
+            words = value.upper().split(b",")
+            if words == [b"NEVER"]:
+                notify = ["NEVER"]
+            elif words and set(words) <= {b"SUCCESS", b"FAILURE", b"DELAY"} and len(set(words)) == len(words):
+                notify = [w.decode("ascii") for w in words]
+            else:
+                return None
+        elif key == b"ORCPT":
+            kind, semicolon, address = value.partition(b";")
+            if not semicolon or not kind or not address or len(value) > 500 or not _xtextValid(address) or not re.fullmatch(rb"[A-Za-z0-9-]+", kind):
+                return None
+            orcpt = kind.decode("ascii").lower() + ";" + _xtextDecode(address)
+        else:
+            return None
+    return notify, orcpt
 
 
 class MailLoop(Exception):
@@ -214,6 +252,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
     user = None  # the logged-in account (AUTH)
     _errors = 0  # 5xx replies so far: past [smtp] max_errors the session ends
     _utf8 = False  # this transaction's MAIL had SMTPUTF8 (RFC 6531)
+    _mailParams: dict = {}  # this transaction's MAIL parameters (RET, ENVID, BODY ...)
 
     # --- connection -----------------------------------------------------------------------
 
@@ -223,7 +262,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self.trusted = inNetworks(self.peerHost, self.factory.trustedNetworks)
         self.callLater = self.factory.clock.callLater
         self._flow = Backpressure(self.transport)
-        self._rcpts: list[tuple[str, frozenset]] = []
+        #: (address, local accounts, ((remote address, (NOTIFY, ORCPT)), ...)) per RCPT taken
+        self._rcpts: list[tuple[str, frozenset, tuple]] = []
         self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
         self.setTimeout(self.factory.commandTimeout)
 
@@ -325,7 +365,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
 
     def _extensions(self) -> list[bytes]:
         ext = [b"PIPELINING", b"SIZE %d" % self.factory.maxSize, b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8",
-               b"CHUNKING", b"BINARYMIME"]
+               b"CHUNKING", b"BINARYMIME", b"DSN"]
         if not self.secure and self.factory.tls is not None:
             ext.append(b"STARTTLS")
         if self.secure and self.factory.portal is not None:
@@ -536,6 +576,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                 pass
             elif key == b"AUTH" and value:
                 pass  # RFC 4954 5: the submitter's identity as a relay saw it; taken, not trusted
+            elif key == b"RET" and value.upper() in (b"FULL", b"HDRS"):
+                pass  # (RFC 3461 4.3)
+            elif key == b"ENVID" and value and len(value) <= 100 and _xtextValid(value):
+                pass  # (RFC 3461 4.4: kept as received, xtext)
             else:
                 self._reply(555, b"Unsupported MAIL parameter", code="5.5.4")
                 return
@@ -543,6 +587,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._reply(553, b"Sender address needs a domain", code="5.1.7")
             return
         self._utf8 = b"SMTPUTF8" in params
+        self._mailParams = params
         if not sender.isascii() and not self._utf8:
             self._reply(553, b"Non-ASCII address without SMTPUTF8 (RFC 6531)", code="5.6.7")
             return
@@ -580,7 +625,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if parsed is None:
             return
         address, params = parsed
-        if params:
+        dsn = _rcptDSN(params)
+        if dsn is None:
             self._reply(555, b"Unsupported RCPT parameter", code="5.5.4")
             return
         if not address.isascii() and not self._utf8:
@@ -593,41 +639,49 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if not at and domain == "postmaster":
             pass  # RFC 5321 4.5.1: <postmaster> without a domain is always taken
         elif not at or not self.factory.directory.isLocalDomain(domain):
-            if self.user is not None or self.trusted:
-                self._reply(451, b"Delivery to other domains is not available yet, try again later", code="4.3.2")
-            else:
+            if not at:
+                self._reply(550, b"Recipient address needs a domain", code="5.1.3")
+            elif self.user is None and not self.trusted:
                 self._reply(554, b"Relay access denied", code="5.7.1")
+            elif self.factory.enqueue is None:
+                self._reply(451, b"Delivery to other domains is not available, try again later", code="4.3.2")
+            else:
+                self._rcpts.append((address, frozenset(), ((address, dsn),)))
+                self._reply(250, b"Recipient OK", code="2.1.5")
             return
         self._hold()
         d = maybeDeferred(self.factory.directory.lookup, address)  # (user+tag@ included)
-        d.addCallbacks(self._recipientChecked, self._directoryDown, (address,))
+        d.addCallbacks(self._recipientChecked, self._directoryDown, (address, dsn))
 
-    def _recipientChecked(self, resolution, address):
+    def _recipientChecked(self, resolution, address, dsn):
         if self._lost:
             return
         if not resolution.exists:
             self._reply(550, b"No such user here", code="5.1.1")
-        elif resolution.remote:
-            self._reply(451, b"Forwarding to other domains is not available yet, try again later", code="4.3.2")
-        elif self.factory.hasRoom is not None:
+        elif resolution.remote and self.factory.enqueue is None:
+            self._reply(451, b"Forwarding to other domains is not available, try again later", code="4.3.2")
+        elif self.factory.hasRoom is not None and resolution.users:
             d = self.factory.run(lambda: all(self.factory.hasRoom(u) for u in resolution.users))
-            d.addCallbacks(self._roomChecked, self._directoryDown, (address, resolution))
+            d.addCallbacks(self._roomChecked, self._directoryDown, (address, resolution, dsn))
             return
         else:
-            self._accept(address, resolution)
+            self._accept(address, resolution, dsn)
         self._release()
 
-    def _roomChecked(self, room, address, resolution):
+    def _roomChecked(self, room, address, resolution, dsn):
         if self._lost:
             return
         if room:
-            self._accept(address, resolution)
+            self._accept(address, resolution, dsn)
         else:
             self._reply(552, b"Mailbox full", code="5.2.2")
         self._release()
 
-    def _accept(self, address, resolution):
-        self._rcpts.append((address, frozenset(resolution.users)))
+    def _accept(self, address, resolution, dsn):
+        # forwarded to other domains: queued, with the address the sender used as ORCPT
+        orcpt = dsn[1] or f"rfc822;{address}"
+        forwards = tuple((remote, (dsn[0], orcpt)) for remote in sorted(resolution.remote))
+        self._rcpts.append((address, frozenset(resolution.users), forwards))
         self._reply(250, b"Recipient OK", code="2.1.5")
 
     # --- DATA ------------------------------------------------------------------------------
@@ -742,7 +796,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         helo = re.sub(r"[^\x21-\x7e]", "?", self._helo or "unknown")
         received = (f"Received: from {helo} ([{self.peerHost}]){tls}{auth}\n\tby {self.factory.hostname} (pymaild) with {with_}"
                     f" id {self._queueId}{forWhom};\n\t{formatdate(time.time())}\n")
-        return f"Return-Path: <{self._from}>\n{received}".encode("utf-8", "replace")
+        returnPath = f"Return-Path: <{self._from}>\n".encode("utf-8", "replace")
+        self._returnPathLength = len(returnPath)  # (the queue's copy goes without it: RFC 5321 4.4)
+        return returnPath + received.encode("utf-8", "replace")
 
     def _tlsInfo(self) -> str:
         try:
@@ -803,23 +859,58 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._release()
             return
         spool, self._spool = self._spool, None
-        users = sorted({user for _, us in self._rcpts for user in us})
+        users = sorted({user for _, us, _ in self._rcpts for user in us})
+        remote = {}
+        for _, _, forwards in self._rcpts:
+            for address, dsn in forwards:
+                remote.setdefault(normalizeAddress(address), (address, dsn))
+        params = self._mailParams
+        transaction = {
+            "sender": self._from,
+            "recipients": [(address, notify, orcpt) for address, (notify, orcpt) in remote.values()],
+            "ret": params.get(b"RET", b"").upper().decode("ascii") or None,
+            "envid": params.get(b"ENVID", b"").decode("ascii") or None,
+            "body": params.get(b"BODY", b"").upper().decode("ascii") or None,
+            "smtputf8": self._utf8,
+            "client": {"helo": self._helo, "address": self.peerHost, "user": self.user, "id": self._queueId},
+            "skip": self._returnPathLength,
+        }
 
         def work():
+            queued = None
             try:
                 source = spool.source()
                 hops = countReceived(source)
                 if hops > self.factory.maxHops:
                     raise MailLoop(hops)
-                self.factory.deliver(source, users)
+                if transaction["recipients"]:
+                    # fsynced in the queue's tmp/ first; in the queue (and so to be sent)
+                    # only once every local copy is stored too: all or none
+                    queued = self.factory.enqueue(source, transaction)
+                if users:
+                    self.factory.deliver(source, users)
+                if queued is not None:
+                    queued.commit()
+                    return queued.id
+            except BaseException:
+                if queued is not None:
+                    queued.abort()
+                raise
             finally:
                 spool.discard()
 
         # no timeout while the disk works: a 421 now would make the sender send it again
         self.setTimeout(None)
         d = self.factory.run(work)
+        d.addCallback(self._queued)
         d.addCallbacks(self._delivered, self._notDelivered, (len(users),))
         d.addBoth(lambda _: None if self._lost else self.setTimeout(self.factory.commandTimeout))
+
+    def _queued(self, queueId):
+        if queueId is not None:
+            log.info("smtp message {id} from <{sender}> queued as {queueId}", id=self._queueId,
+                     sender=self._from, queueId=queueId)
+            self.factory.queued(queueId)
 
     def _delivered(self, _, count):
         log.info("smtp message {id} from <{sender}> delivered to {count} mailboxes", id=self._queueId,
@@ -871,7 +962,7 @@ class SMTPFactory(protocol.ServerFactory):
                  trustedNetworks=(), localDomains=("localhost",), maxSize: int = 50 << 20,
                  maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
                  commandTimeout: float = 300.0, deliver=None, maxErrors: int = 20, hasRoom=None,
-                 maxHops: int = 50):
+                 maxHops: int = 50, enqueue=None, queued=None):
         from pymaild.throttle import LoginThrottle
 
         self.hostname = hostname
@@ -904,6 +995,13 @@ class SMTPFactory(protocol.ServerFactory):
         #: at C{path} into each user's INBOX, durably, all or none (the service passes the
         #: store's L{pymaild.store.delivery.deliverToUsers})
         self.deliver = deliver
+        #: C{enqueue(source, transaction)}, blocking: the message into the outbound queue's
+        #: C{tmp/}, fsynced; returns a handle with C{commit()}, C{abort()} and C{id}.  None:
+        #: no queue (mail for other domains gets 451 4.3.2).  C{transaction} is a dict with
+        #: sender, recipients [(address, notify, orcpt)], ret, envid, body, smtputf8, client.
+        self.enqueue = enqueue
+        #: C{queued(id)}, on the reactor: a message was committed to the queue
+        self.queued = queued or (lambda id: None)
 
     def buildProtocol(self, addr):
         p = PymaildESMTP()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, NamedTuple
 
+from pymaild.durable import fsyncDirectory, syncDirectory  # noqa: F401  (the store's modules import them from here)
+
 #: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
@@ -96,67 +98,6 @@ def infoName(base: str, letters: Iterable[str]) -> str:
     The file name in C{cur/} for C{base} with these flag letters (sorted, as the spec wants).
     """
     return f"{base}:2,{''.join(sorted(set(letters)))}"
-
-
-def fsyncDirectory(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _GroupSync:
-    """
-    Group commit for one directory's fsync: threads that need the directory synced after their
-    rename share one fsync.  A caller needs an fsync that I{starts} after its call; while one is
-    running (it may have started before the caller's rename) the caller waits for it, then
-    either finds that a later one covered it or runs the next one itself, for everybody waiting.
-    Ten deliveries into one INBOX at once cost one or two directory fsyncs instead of ten.
-    """
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.running = False
-        self.started = 0  # fsyncs begun
-        self.finished = 0  # the number of the last fsync that completed
-
-    def sync(self, path: Path | str) -> None:
-        with self.cond:
-            need = self.started + 1
-            while self.running:
-                self.cond.wait()
-            if self.finished >= need:
-                return
-            self.running = True
-            self.started += 1
-            mine = self.started
-        ok = False
-        try:
-            fsyncDirectory(path)
-            ok = True
-        finally:
-            with self.cond:
-                self.running = False
-                if ok and mine > self.finished:
-                    self.finished = mine  # (a failed fsync covers nobody: they try their own)
-                self.cond.notify_all()
-
-
-_groupSyncs: dict[str, _GroupSync] = {}
-_groupSyncsLock = threading.Lock()
-
-
-def syncDirectory(path: Path | str) -> None:
-    """L{fsyncDirectory}, shared with the other threads syncing the same directory now."""
-    key = os.fspath(path)
-    with _groupSyncsLock:
-        group = _groupSyncs.get(key)
-        if group is None:
-            if len(_groupSyncs) > 10000:
-                _groupSyncs.clear()  # (idle groups hold nothing: any thread may start a new one)
-            group = _groupSyncs[key] = _GroupSync()
-    group.sync(path)
 
 
 @dataclass(frozen=True)

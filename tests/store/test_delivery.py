@@ -154,6 +154,7 @@ def test_directory_fsyncs_are_shared_but_never_skipped(tmp_path, monkeypatch):
     import threading
     import time
 
+    from pymaild import durable
     from pymaild.store import delivery
 
     log = []  # (start, end) of each fsync
@@ -165,7 +166,7 @@ def test_directory_fsyncs_are_shared_but_never_skipped(tmp_path, monkeypatch):
         with lock:
             log.append((start, time.monotonic()))
 
-    monkeypatch.setattr(delivery, "fsyncDirectory", slow_fsync)
+    monkeypatch.setattr(durable, "fsyncDirectory", slow_fsync)
     asked, returned = {}, {}
 
     def worker(i):  # (all at once: 40 threads start within a few ms of one 20 ms fsync)
@@ -191,6 +192,7 @@ def test_a_failed_shared_fsync_covers_nobody(tmp_path, monkeypatch):
     import threading
     import time
 
+    from pymaild import durable
     from pymaild.store import delivery
 
     calls = []
@@ -203,7 +205,7 @@ def test_a_failed_shared_fsync_covers_nobody(tmp_path, monkeypatch):
             time.sleep(0.05)  # the others arrive while this one runs
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(delivery, "fsyncDirectory", fsync)
+    monkeypatch.setattr(durable, "fsyncDirectory", fsync)
     errors, done = [], []
 
     def worker():

@@ -1,0 +1,641 @@
+# -*- test-case-name: tests.queue.test_queue_runner -*-
+"""
+The queue runner: takes due messages from L{pymaild.queue.files.QueueFiles}, sends them, and
+records what happened to each recipient.  Everything is driven by Deferreds and an injected
+clock (C{IReactorTime}), so tests run retries and expiry without waiting.
+
+How one message is tried (L{Runner._attempt}):
+
+  1. its lock and envelope are taken in a thread (a message C{pymaildctl} is editing waits);
+  2. its due recipients are grouped by destination (the domain, or the relay host) into
+     L{pymaild.queue.client.Job}s, each added to its L{Destination};
+  3. a destination runs up to C{connections_per_destination} connections (and all of them
+     together at most C{connections}); a connection resolves the MX hosts (all of them, by
+     preference, equal ones shuffled; L{pymaild.queue.mx}), tries their addresses in order
+     until one talks, and carries the destination's jobs one after another (several messages
+     per connection);
+  4. each job's result is written to the envelope at once (so a crash after a remote C{250}
+     re-sends at most the recipients of that one transaction): C{2xx} delivered, C{5xx}
+     failed, C{4xx} or no answer retried later with backoff (C{min_backoff}, doubling, at most
+     C{max_backoff}) until C{max_lifetime} after arrival, then failed;
+  5. failures the sender wants to hear of (DSN C{NOTIFY}, by default failures and delays) are
+     reported in one RFC 3464 DSN (L{pymaild.queue.dsn}) handed to C{bounce} (which delivers
+     it like any other message, to a local mailbox or back into this queue), never for a
+     message from the null sender; an optional delay warning goes out once after
+     C{delay_warning};
+  6. a message with nothing left to do is removed; otherwise it is scheduled for its next
+     due recipient.
+
+Idle cost: one heap entry per queued message and one timer for the earliest; nothing is
+read from disk until a message is due.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, endpoints, error
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+
+from pymaild.durable import atomicWrite
+from pymaild.queue import dsn as dsnmod
+from pymaild.queue.client import Job, QueueClient
+from pymaild.queue.files import DELIVERED, FAILED, PENDING, Busy, CorruptEnvelope, Envelope, QueueFiles
+from pymaild.queue.mx import DNSProblem, Host
+
+log = Logger()
+
+#: the reply given to jobs put back because pymaild is stopping (not counted as an attempt)
+STOPPING = "pymaild is stopping"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The C{[queue]} settings the runner uses."""
+
+    relayHost: tuple[str, int] | None = None
+    remotePort: int = 25
+    tls: str = "may"  # "may", "encrypt" or "verify"
+    authUser: str | None = None
+    authPassword: str | None = None
+    minBackoff: float = 300.0
+    maxBackoff: float = 3600.0
+    maxLifetime: float = 5 * 86400.0
+    delayWarning: float = 0.0
+    connections: int = 100
+    perDestination: int = 20
+    connectTimeout: float = 30.0
+    commandTimeout: float = 300.0
+
+    def backoff(self, attempts: int) -> float:
+        return min(self.minBackoff * (2 ** max(0, attempts - 1)), self.maxBackoff)
+
+
+def _status(code: int, reply: str, temporary: bool) -> str:
+    """The enhanced status code in a reply, or one made from its basic code."""
+    first = reply.split(None, 1)[0] if reply else ""
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in "245":
+        return first
+    if code < 0:
+        return "4.4.1" if temporary else "5.4.4"
+    return f"{str(code)[0]}.0.0"
+
+
+class Destination:
+    """The jobs waiting for one domain (or the relay host), and its connections."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.jobs: deque[Job] = deque()
+        self.workers = 0
+
+
+class _Session:
+    """What a L{QueueClient} reports to the connection attempt that made it."""
+
+    def __init__(self, destination: Destination, hostName: str):
+        self.destination = destination
+        self.hostName = hostName
+        self.failure: tuple[int, str] | None = None
+        self.ended = Deferred()
+
+    def nextJob(self) -> Job | None:
+        jobs = self.destination.jobs
+        while jobs:
+            job = jobs.popleft()
+            if not job.finished.called:
+                return job
+        return None
+
+    def sessionFailed(self, code: int, reply: str) -> None:
+        self.failure = (code, reply)
+
+    def sessionEnded(self) -> None:
+        if not self.ended.called:
+            self.ended.callback(None)
+
+
+class Runner(service.Service):
+    """
+    @param files: the L{QueueFiles}.
+    @param resolver: has C{resolve(domain)} -> Deferred of a list of L{Host}.
+    @param run: C{run(f, *args)} -> Deferred: calls C{f} in a bounded thread pool.
+    @param bounce: C{bounce(path, recipient)} -> Deferred: deliver the DSN at C{path} to
+        C{recipient} through the normal routing (the message comes from the null sender).
+    @param connect: C{connect(host, address, port, protocol)} -> Deferred, for tests; by
+        default a TCP connection with C{connectTimeout} (implicit TLS on a relay port 465).
+    """
+
+    name = "queue"
+
+    def __init__(self, files: QueueFiles, resolver, run, clock, policy: Policy, hostname: str, bounce,
+                 tlsOptions=None, connect=None, shuffle=random.shuffle, stopTimeout: float = 30.0):
+        self.files = files
+        self.resolver = resolver
+        self.run = run
+        self.clock = clock
+        self.policy = policy
+        self.hostname = hostname
+        self.bounce = bounce
+        self.tlsOptions = tlsOptions  # callable(hostname) -> client TLS options, or None
+        self._connect = connect or self._tcpConnect
+        self.shuffle = shuffle
+        self.stopTimeout = stopTimeout
+        self.due: dict[str, float] = {}  # id -> when it is due next (the heap may hold stale entries)
+        self.heap: list[tuple[float, str]] = []
+        self.busy: set[str] = set()
+        self.destinations: dict[str, Destination] = {}
+        self.active = 0  # connections, all destinations
+        self.waiting: deque[Destination] = deque()
+        self._timer = None
+        self.maxInFlight = max(100, policy.connections * 10)
+        self.attempts: dict[str, Deferred] = {}
+        self.working: set[Deferred] = set()  # the connection loops (L{_work}) running
+        self.clients: set[QueueClient] = set()
+        self._started = False
+        self.stopping = False
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._started = True
+        self.ready = self.run(self._loadAll)
+        self.ready.addCallback(self._loaded)
+        self.ready.addErrback(lambda f: log.failure("queue: reading the queue failed", f))
+
+    @inlineCallbacks
+    def stopService(self):
+        """
+        Stop taking messages: jobs not yet on a connection are put back untouched (still due,
+        no attempt counted); transactions under way may finish for C{stopTimeout}, then their
+        connections are cut (those messages were not acknowledged, so they stay queued and go
+        at the next start: nothing is lost, nothing sent twice).
+        """
+        super().stopService()
+        self._started = False
+        self.stopping = True
+        if getattr(self, "_notifier", None) is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for destination in list(self.destinations.values()):
+            self._failQueued(destination, -1, STOPPING)
+        from twisted.internet import reactor
+
+        cut = reactor.callLater(self.stopTimeout, self._abortAll)
+        try:
+            yield defer.DeferredList(list(self.attempts.values()))
+            # (connections QUIT after their last job; connection loops still waiting for DNS
+            # or a TCP connect are left to time out on their own)
+            closing = defer.DeferredList([d for d in self.working])
+            closing.addTimeout(self.stopTimeout + 1, reactor, onTimeoutCancel=lambda *a: None)
+            yield closing
+        finally:
+            if cut.active():
+                cut.cancel()
+
+    def _abortAll(self) -> None:
+        for destination in list(self.destinations.values()):
+            self._failQueued(destination, -1, STOPPING)
+        for client in list(self.clients):
+            if client.transport is not None:
+                client.transport.abortConnection()
+
+    def _loadAll(self):
+        count = self.files.recover()
+        out = []
+        for envelope in self.files.scan():
+            out.append((envelope.id, None if envelope.held else (envelope.due() or 0.0)))
+        log.info("queue: {count} messages queued", count=count)
+        return out
+
+    def _loaded(self, entries):
+        for id, due in entries:
+            if due is not None:
+                self.schedule(id, due)
+        self._watch()
+
+    # --- changes made by pymaildctl -------------------------------------------------------
+
+    def _watch(self) -> None:
+        """
+        Hear envelopes replaced by C{pymaildctl queue} (retry, hold, release, bounce, flush)
+        through inotify on C{messages/}: each is re-read and rescheduled.  The runner's own
+        writes happen while it holds the message (L{busy}) and are ignored.
+        """
+        try:
+            from twisted.internet import inotify
+
+            self._notifier = inotify.INotify(self._reactor())
+            self._notifier.startReading()
+            self._notifier.watch(FilePath(os.fsencode(self.files.messages)), inotify.IN_MOVED_TO | inotify.IN_CLOSE_WRITE,
+                                 callbacks=[self._heard])
+        except Exception as e:  # (no inotify: changes are seen at the next start)
+            log.warn("queue: cannot watch {path} ({error}); pymaildctl changes take effect at restart",
+                     path=str(self.files.messages), error=e)
+            self._notifier = None
+
+    def _reactor(self):
+        from twisted.internet import reactor
+
+        return reactor
+
+    def _heard(self, watch, path, mask) -> None:
+        name = path.basename()
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if not name.endswith(".json") or not self._started:
+            return
+        id = name[:-5]
+        if id in self.busy:
+            return
+        d = self.run(self.files.load, id)
+
+        def reread(envelope):
+            if id in self.busy:
+                return
+            if envelope.held:
+                self.forget(id)
+            else:
+                due = envelope.due()
+                self.schedule(id, min(due, self.due.get(id, due)) if due is not None else self.clock.seconds())
+
+        d.addCallbacks(reread, lambda f: f.trap(KeyError, CorruptEnvelope, FileNotFoundError))
+        d.addErrback(lambda f: log.failure("queue: re-reading {id}", f, id=id))
+
+    # --- scheduling -----------------------------------------------------------------------
+
+    def add(self, id: str, due: float | None = None) -> None:
+        """A message just queued (or changed): try it at C{due} (now by default)."""
+        self.schedule(id, self.clock.seconds() if due is None else due)
+
+    def schedule(self, id: str, due: float) -> None:
+        self.due[id] = due
+        heapq.heappush(self.heap, (due, id))
+        self._arm()
+
+    def forget(self, id: str) -> None:
+        self.due.pop(id, None)
+
+    def _arm(self) -> None:
+        if not self._started:
+            return
+        while self.heap and self.due.get(self.heap[0][1]) != self.heap[0][0]:
+            heapq.heappop(self.heap)  # stale
+        if not self.heap:
+            return
+        delay = max(0.0, self.heap[0][0] - self.clock.seconds())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.clock.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self.heap and self.heap[0][0] <= now and len(self.busy) < self.maxInFlight:
+            due, id = heapq.heappop(self.heap)
+            if self.due.get(id) != due or id in self.busy:
+                continue  # stale, or being tried (it is rescheduled when that ends)
+            del self.due[id]
+            self.attempts[id] = d = self._attempt(id)
+            d.addBoth(lambda _, id=id: self.attempts.pop(id, None) and None)
+        if self.heap and len(self.busy) >= self.maxInFlight:
+            return  # (an attempt that ends re-arms)
+        self._arm()
+
+    def flush(self) -> None:
+        """Everything queued (and not held) is due now."""
+        now = self.clock.seconds()
+        for id in list(self.due):
+            self.schedule(id, now)
+
+    # --- one message ----------------------------------------------------------------------
+
+    def _open(self, id):
+        lock = self.files.lock(id)
+        lock.__enter__()
+        try:
+            return lock, self.files.load(id)
+        except BaseException:
+            lock.__exit__()
+            raise
+
+    @inlineCallbacks
+    def _attempt(self, id: str):
+        self.busy.add(id)
+        try:
+            try:
+                lock, envelope = yield self.run(self._open, id)
+            except Busy:
+                self.schedule(id, self.clock.seconds() + 30)  # pymaildctl edits it
+                return
+            except (KeyError, FileNotFoundError):
+                return  # delivered, deleted meanwhile
+            except CorruptEnvelope as e:
+                yield self.run(self.files.quarantine, id, str(e))
+                return
+            try:
+                yield self._deliver(envelope)
+            finally:
+                lock.__exit__()
+        except Exception:
+            log.failure("queue: attempt on {id}", id=id)
+            self.schedule(id, self.clock.seconds() + self.policy.minBackoff)
+        finally:
+            self.busy.discard(id)
+            self._arm()
+
+    @inlineCallbacks
+    def _deliver(self, envelope: Envelope):
+        if envelope.held:
+            return
+        now = self.clock.seconds()
+        groups: dict[str, list] = {}
+        for recipient in envelope.pending():
+            if recipient.next_attempt <= now:
+                key = "[relay]" if self.policy.relayHost else recipient.domain
+                groups.setdefault(key, []).append(recipient)
+        saving = DeferredLock()
+        waits = []
+        for key, recipients in groups.items():
+            job = Job(envelope.id, envelope.sender, recipients, str(self.files.paths(envelope.id)[0]),
+                      envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid)
+            d = job.finished
+            d.addCallback(self._results, envelope, job)
+            d.addCallback(lambda _: saving.run(self._save, envelope))
+            d.addErrback(lambda f: log.failure("queue: recording a result of {id}", f, id=envelope.id))
+            waits.append(d)
+            self._addJob(key, job)
+        if waits:
+            yield defer.DeferredList(waits)
+        yield self._report(envelope)
+        if envelope.finished():
+            yield self.run(self.files.remove, envelope.id)
+            log.info("queue: {id} done", id=envelope.id)
+            return
+        yield saving.run(self._save, envelope)
+        due = envelope.due()
+        if due is None:  # only a report is owed (its delivery failed): try that again later
+            due = self.clock.seconds() + self.policy.minBackoff
+        self.schedule(envelope.id, due)
+
+    def _save(self, envelope: Envelope):
+        data = envelope.toJSON()  # (here, on the reactor: the thread only writes)
+        return self.run(atomicWrite, self.files.paths(envelope.id)[1], data, self.files.tmp)
+
+    def _results(self, results, envelope: Envelope, job: Job) -> None:
+        now = self.clock.seconds()
+        byAddress = {}
+        for address, code, reply in results:
+            byAddress.setdefault(address, (code, reply))
+        for recipient in job.recipients:
+            code, reply = byAddress.get(recipient.address, (-1, "no result"))
+            if code < 0 and self.stopping:
+                continue  # (not tried, or cut off: still due at the next start)
+            recipient.last_attempt = now
+            recipient.attempts += 1
+            recipient.remote_mta = job.remoteMta
+            recipient.reply = reply if code < 0 else f"{code} {reply}"
+            if 200 <= code < 300:
+                recipient.state = DELIVERED
+                recipient.status = _status(code, reply, False)
+                # NOTIFY=SUCCESS: a server with DSN got the request and reports itself
+                recipient.reported = not (recipient.wants("SUCCESS") and not job.remoteDSN)
+                log.info("queue: {id} to <{rcpt}> delivered via {mta}: {reply}", id=envelope.id,
+                         rcpt=recipient.address, mta=job.remoteMta, reply=recipient.reply)
+            elif code >= 500:
+                recipient.state = FAILED
+                recipient.status = _status(code, reply, False)
+                recipient.reported = not recipient.wants("FAILURE") or not envelope.sender
+                log.info("queue: {id} to <{rcpt}> failed: {reply}", id=envelope.id, rcpt=recipient.address,
+                         reply=recipient.reply)
+            else:
+                recipient.status = _status(code, reply, True)
+                retry = now + self.policy.backoff(recipient.attempts)
+                if retry > envelope.arrival + self.policy.maxLifetime:
+                    recipient.state = FAILED
+                    recipient.reply = f"message expired after {_days(now - envelope.arrival)}: {recipient.reply}"
+                    recipient.reported = not recipient.wants("FAILURE") or not envelope.sender
+                    log.info("queue: {id} to <{rcpt}> expired: {reply}", id=envelope.id, rcpt=recipient.address,
+                             reply=recipient.reply)
+                else:
+                    recipient.next_attempt = retry
+                    log.info("queue: {id} to <{rcpt}> deferred until {when}: {reply}", id=envelope.id,
+                             rcpt=recipient.address, when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(retry)),
+                             reply=recipient.reply)
+
+    # --- DSNs -----------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _report(self, envelope: Envelope):
+        """Send the DSNs that are owed: failures (and successes asked for), then a delay warning."""
+        now = self.clock.seconds()
+        owed = [r for r in envelope.recipients if r.state != PENDING and not r.reported]
+        if owed and envelope.sender:
+            try:
+                yield self._sendDSN(envelope, owed, now)
+            except Exception:
+                log.failure("queue: DSN for {id} not delivered (tried again later)", id=envelope.id)
+                return
+        for r in owed:
+            r.reported = True
+        warn = self.policy.delayWarning
+        if (warn and not envelope.warned and envelope.sender and now - envelope.arrival >= warn):
+            delayed = [r for r in envelope.pending() if r.wants("DELAY")]
+            if delayed:
+                try:
+                    yield self._sendDSN(envelope, delayed, now, delayed=True)
+                except Exception:
+                    log.failure("queue: delay warning for {id} not delivered", id=envelope.id)
+                    return
+            envelope.warned = True
+
+    @inlineCallbacks
+    def _sendDSN(self, envelope: Envelope, recipients, now: float, delayed: bool = False):
+        reports = []
+        for r in recipients:
+            if delayed:
+                action = "delayed"
+            elif r.state == DELIVERED:
+                action = "relayed"
+            else:
+                action = "failed"
+            reports.append(dsnmod.RecipientReport(
+                address=r.address, action=action, status=r.status or ("4.0.0" if delayed else "5.0.0"),
+                original=r.orcpt, remoteMta=r.remote_mta, diagnostic=r.reply, lastAttempt=r.last_attempt,
+                willRetryUntil=envelope.arrival + self.policy.maxLifetime if delayed else None))
+        path = self.files.tmp / f"{envelope.id}.dsn.{int(now)}"
+        messageId = f"{envelope.id}.{int(now)}.dsn@{self.hostname}"
+
+        def write():
+            with open(path, "wb") as out, self.files.open(envelope.id) as original:
+                dsnmod.writeDSN(out, reportingMta=self.hostname, sender=envelope.sender, recipients=reports,
+                                original=original, ret=envelope.ret, envid=envelope.envid,
+                                arrival=envelope.arrival, now=now, messageId=messageId)
+
+        yield self.run(write)
+        try:
+            yield self.bounce(path, envelope.sender)
+            log.info("queue: {id}: {kind} report sent to <{sender}>", id=envelope.id,
+                     kind="delay" if delayed else "delivery", sender=envelope.sender)
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # --- destinations and connections -----------------------------------------------------
+
+    def _addJob(self, key: str, job: Job) -> None:
+        destination = self.destinations.get(key)
+        if destination is None:
+            destination = self.destinations[key] = Destination(key)
+        destination.jobs.append(job)
+        self._startWorkers(destination)
+
+    def _startWorkers(self, destination: Destination) -> None:
+        while (destination.jobs and destination.workers < self.policy.perDestination
+               and destination.workers < len(destination.jobs)):
+            if self.active >= self.policy.connections:
+                if destination not in self.waiting:
+                    self.waiting.append(destination)
+                return
+            destination.workers += 1
+            self.active += 1
+            d = self._work(destination)
+            if not d.called:
+                self.working.add(d)
+                d.addBoth(lambda _, d=d: self.working.discard(d))
+
+    def _route(self, destination: Destination):
+        if self.policy.relayHost:
+            host, port = self.policy.relayHost
+            return self.resolver.resolve(host if not _isAddress(host) else f"[{host}]").addCallback(
+                lambda hosts: [(h, port) for h in hosts])
+        return self.resolver.resolve(destination.key).addCallback(
+            lambda hosts: [(h, self.policy.remotePort) for h in hosts])
+
+    @inlineCallbacks
+    def _work(self, destination: Destination):
+        try:
+            try:
+                hosts = yield self._route(destination)
+            except DNSProblem as problem:
+                code = 450 if problem.temporary else 550
+                self._failQueued(destination, code, f"{problem.status} {problem.text}")
+                return
+            last = (-1, f"no mail host for {destination.key} answered")
+            tried = 0
+            for host, port in hosts:
+                for address in host.addresses:
+                    if not destination.jobs:
+                        return
+                    tried += 1
+                    session = _Session(destination, host.name)
+                    client = QueueClient(session, self.hostname, self._tlsFor(host.name), self._requireTLS(),
+                                         *self._credentials(), timeout=self.policy.commandTimeout)
+                    try:
+                        yield self._connect(host.name, address, port, client)
+                    except Exception as e:
+                        last = (-1, f"connect to {host.name}[{address}]:{port}: {_reason(e)}")
+                        log.info("queue: {what}", what=last[1])
+                        continue
+                    self.clients.add(client)
+                    try:
+                        yield session.ended
+                    finally:
+                        self.clients.discard(client)
+                    if session.failure is not None:
+                        # (refused before any transaction - greeting, EHLO, STARTTLS, AUTH -:
+                        # temporary whatever the code, as Postfix has it; the next host may do)
+                        code, reply = session.failure
+                        last = (-1, f"{host.name}[{address}] said: {code} {reply}" if code > 0 else reply)
+                        log.info("queue: session with {host}[{address}] failed: {reply}", host=host.name,
+                                 address=address, reply=reply)
+            if destination.jobs and destination.workers == 1:
+                self._failQueued(destination, *last)
+        except Exception:
+            log.failure("queue: connection to {key}", key=destination.key)
+            if destination.workers == 1:
+                self._failQueued(destination, -1, "internal error")
+        finally:
+            destination.workers -= 1
+            self.active -= 1
+            if not destination.jobs and not destination.workers:
+                self.destinations.pop(destination.key, None)
+            elif destination.jobs:
+                self._startWorkers(destination)
+            while self.waiting and self.active < self.policy.connections:
+                self._startWorkers(self.waiting.popleft())
+
+    def _failQueued(self, destination: Destination, code: int, reply: str) -> None:
+        """Every job waiting for C{destination} gets C{code} (temporary unless 5xx)."""
+        jobs, destination.jobs = destination.jobs, deque()
+        for job in jobs:
+            job.failAll(code, reply)
+
+    def _requireTLS(self) -> bool:
+        # (credentials never go over plain text: AUTH needs TLS whatever the policy)
+        return self.policy.tls in ("encrypt", "verify") or self.policy.authUser is not None
+
+    def _tlsFor(self, hostName: str):
+        if self.tlsOptions is None:
+            return None
+        return self.tlsOptions(hostName, self.policy.tls == "verify")
+
+    def _credentials(self):
+        if self.policy.authUser is None:
+            return (None, None)
+        return (self.policy.authPassword.encode("utf-8"), self.policy.authUser.encode("utf-8"))
+
+    def _tcpConnect(self, hostName: str, address: str, port: int, protocol):
+        from twisted.internet import reactor
+
+        if ":" in address:
+            endpoint = endpoints.TCP6ClientEndpoint(reactor, address, port, timeout=self.policy.connectTimeout)
+        else:
+            endpoint = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=self.policy.connectTimeout)
+        if self.policy.relayHost and port == 465 and self.tlsOptions is not None:
+            endpoint = endpoints.wrapClientTLS(self.tlsOptions(hostName, self.policy.tls == "verify"), endpoint)
+            protocol._tlsMode = True
+        return endpoints.connectProtocol(endpoint, protocol)
+
+
+def _isAddress(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except OSError:
+        return False
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, (error.TimeoutError, defer.TimeoutError)):
+        return "connection timed out"
+    return str(e) or type(e).__name__
+
+
+def _days(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{int(seconds)} seconds"

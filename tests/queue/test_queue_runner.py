@@ -1,0 +1,360 @@
+"""
+The queue runner over real sockets: a twisted.names server (tests/queue/fakedns.py) answers MX
+and address queries for test domains, pointing at small SMTP sinks (tests/queue/sinks.py) on
+127.0.0.x that accept, defer, reject, hang or offer STARTTLS.  The runner's schedule runs on a
+C{task.Clock}, so retries and expiry happen without waiting; the network is real.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from pymaild import tls
+from pymaild.queue.files import DELIVERED, FAILED, PENDING, Envelope, QueueFiles, Recipient
+from pymaild.queue.mx import MXResolver, makeResolver
+from pymaild.queue.runner import Policy, Runner
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakedns import startDNSServer  # noqa: E402
+from sinks import Sink  # noqa: E402
+
+
+def commonPort(hosts) -> int:
+    """A port free on every one of C{hosts} (127.0.0.x)."""
+    for _ in range(50):
+        s = socket.socket()
+        s.bind((hosts[0], 0))
+        port = s.getsockname()[1]
+        s.close()
+        ok = True
+        for host in hosts:
+            t = socket.socket()
+            try:
+                t.bind((host, port))
+            except OSError:
+                ok = False
+            finally:
+                t.close()
+        if ok:
+            return port
+    raise RuntimeError("no common port")
+
+
+MESSAGE = b"From: alice@here.test\nTo: someone\nSubject: hello\n\nHello.\n.leading dot\n"
+
+
+class _Base(unittest.TestCase):
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    zones = {
+        "accept.test": [("MX", 10, "mx-a.test")],
+        "defer.test": [("MX", 10, "mx-b.test")],
+        "reject.test": [("MX", 10, "mx-c.test")],
+        "mx-a.test": [("A", "127.0.0.2")],
+        "mx-b.test": [("A", "127.0.0.3")],
+        "mx-c.test": [("A", "127.0.0.4")],
+        "dead.test": [("A", "127.0.0.9")],
+        "twomx.test": [("MX", 10, "dead.test"), ("MX", 20, "mx-a.test")],
+        "equal.test": [("MX", 10, "mx-a.test"), ("MX", 10, "mx-b.test")],
+        "nullmx.test": [("MX", 0, ".")],
+        "servfail.test": "SERVFAIL",
+    }
+    behaviours = {
+        "127.0.0.2": {},
+        "127.0.0.3": {"defer_first": 1},
+        "127.0.0.4": {"rcpt_default": "550 5.1.1 no such user here"},
+        "127.0.0.5": {},
+    }
+    policy = {}
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="queue-runner-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.files = QueueFiles(self.tmp / "queue")
+        self.files.create()
+        self.clock = task.Clock()
+        self.clock.advance(1_000_000)
+        self.port = commonPort(self.hosts)
+        self.sinks = {}
+        for host in self.hosts:
+            behaviour = dict(self.behaviours.get(host, {}))
+            if behaviour.get("starttls"):
+                cert, key = self.tmp / "cert.pem", self.tmp / "key.pem"
+                if not cert.exists():
+                    tls.generateSelfSigned(cert, key, "sink.test")
+                behaviour.update(tls_cert=str(cert), tls_key=str(key))
+            sink = self.sinks[host] = Sink(behaviour)
+            listening = reactor.listenTCP(self.port, sink, interface=host)
+            self.addCleanup(listening.stopListening)
+        dnsPort, stop = startDNSServer(self.zones)
+        self.addCleanup(stop)
+        self.resolver = MXResolver(makeResolver([("127.0.0.1", dnsPort)], timeout=2.0), shuffle=self.shuffle)
+        self.bounces = []
+        self.runner = self.makeRunner()
+
+    def shuffle(self, items):
+        pass
+
+    def makeRunner(self, **policy):
+        settings = dict(remotePort=self.port, minBackoff=300, maxBackoff=3600, maxLifetime=5 * 86400,
+                        connectTimeout=2, commandTimeout=2)
+        settings.update(self.policy)
+        settings.update(policy)
+
+        def bounce(path, recipient):
+            self.bounces.append((recipient, Path(path).read_bytes()))
+            return defer.succeed(None)
+
+        runner = Runner(self.files, self.resolver, lambda f, *a: defer.maybeDeferred(f, *a), self.clock,
+                        Policy(**settings), "queue.test", bounce, tlsOptions=tls.clientTLS)
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        return runner
+
+    def enqueue(self, recipients, sender="alice@here.test", message=MESSAGE, **kw) -> str:
+        envelope = Envelope(id="", sender=sender, arrival=self.clock.seconds(),
+                            recipients=[Recipient(r) if isinstance(r, str) else r for r in recipients], **kw)
+        id = self.files.enqueue(message, envelope)
+        self.runner.add(id)
+        return id
+
+    @defer.inlineCallbacks
+    def runDue(self, advance: float = 0):
+        """Advance the runner's clock and wait for every attempt that starts."""
+        self.clock.advance(advance)
+        while self.runner.attempts:
+            yield defer.DeferredList(list(self.runner.attempts.values()))
+
+    def envelope(self, id) -> Envelope:
+        return self.files.load(id)
+
+
+
+class RunnerCase(_Base):
+    @defer.inlineCallbacks
+    def test_three_domains_accept_defer_reject(self):
+        """
+        One message to a domain that accepts, one that defers once, one that rejects: the first
+        gets it at once, the third fails with one DSN to the sender, the second gets it at the
+        retry 5 minutes later, and then the message leaves the queue.
+        """
+        id = self.enqueue(["bob@accept.test", "carol@defer.test", "dave@reject.test"])
+        yield self.runDue()
+        state = {r.address: r for r in self.envelope(id).recipients}
+        self.assertEqual(state["bob@accept.test"].state, DELIVERED)
+        self.assertEqual(state["carol@defer.test"].state, PENDING)
+        self.assertEqual(state["carol@defer.test"].attempts, 1)
+        self.assertEqual(state["carol@defer.test"].next_attempt, self.clock.seconds() + 300)
+        self.assertIn("451", state["carol@defer.test"].reply)
+        self.assertEqual(state["dave@reject.test"].state, FAILED)
+        self.assertEqual(state["dave@reject.test"].status, "5.1.1")
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
+        self.assertEqual(self.sinks["127.0.0.2"].received[0]["rcpts"][0][0], "bob@accept.test")
+        self.assertEqual(len(self.bounces), 1)
+        to, dsn = self.bounces[0]
+        self.assertEqual(to, "alice@here.test")
+        self.assertIn(b"dave@reject.test", dsn)
+        self.assertIn(b"550 5.1.1 no such user here", dsn)
+        self.assertNotIn(b"Final-Recipient: rfc822; carol@defer.test", dsn)
+
+        yield self.runDue(299)
+        self.assertEqual(self.sinks["127.0.0.3"].transactions, 1)  # not yet
+        yield self.runDue(1)
+        self.assertEqual(len(self.sinks["127.0.0.3"].received), 1)
+        self.assertEqual(self.sinks["127.0.0.3"].transactions, 2)
+        self.assertEqual(self.files.ids(), [])  # done
+        self.assertEqual(len(self.bounces), 1)
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)  # never twice
+
+    @defer.inlineCallbacks
+    def test_message_arrives_intact_with_dots(self):
+        """Lines starting with a dot, one exactly at 16 KiB, arrive as they were."""
+        body = b"x" * (16384 - 40) + b"\n"
+        message = b"Subject: dots\n\n" + body
+        message += b"." * (16384 - len(message) % 16384 - 1) + b"\n" if len(message) % 16384 else b""
+        message = b"Subject: dots\n\n" + b"a" * 16368 + b"\n.at the boundary\n..two\n.\nend\n"
+        self.assertEqual(message.index(b"\n.at") + 1, 16384)
+        self.enqueue(["bob@accept.test"], message=message)
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.2"].received
+        self.assertEqual(got["message"], message.replace(b"\n", b"\r\n"))
+        self.assertEqual(self.sinks["127.0.0.2"].transactions, 1)
+
+    @defer.inlineCallbacks
+    def test_several_messages_over_one_connection(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
+        for i in range(5):
+            self.enqueue([f"u{i}@accept.test"])
+        yield self.runDue()
+        sink = self.sinks["127.0.0.2"]
+        self.assertEqual(len(sink.received), 5)
+        self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_unreachable_first_mx_falls_back_to_the_next(self):
+        id = self.enqueue(["bob@twomx.test"])
+        yield self.runDue()
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_equal_preference_follows_the_resolvers_order(self):
+        self.resolver.shuffle = lambda items: items.reverse()
+        self.enqueue(["bob@equal.test"])
+        yield self.runDue()
+        self.assertEqual(len(self.sinks["127.0.0.3"].received) + self.sinks["127.0.0.3"].transactions, 1)
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 0)
+
+    @defer.inlineCallbacks
+    def test_null_mx_fails_at_once(self):
+        id = self.enqueue(["bob@nullmx.test"])
+        yield self.runDue()
+        self.assertEqual(self.files.ids(), [])
+        [(to, dsn)] = self.bounces
+        self.assertIn(b"Status: 5.1.10", dsn)
+
+    @defer.inlineCallbacks
+    def test_dns_failure_is_temporary(self):
+        id = self.enqueue(["bob@servfail.test"])
+        yield self.runDue()
+        [r] = self.envelope(id).recipients
+        self.assertEqual((r.state, r.status), (PENDING, "4.4.3"))
+        self.assertEqual(self.bounces, [])
+
+    @defer.inlineCallbacks
+    def test_expiry_fails_with_a_dsn(self):
+        """Deferred again and again until the lifetime is over: then failed, and reported once."""
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, maxLifetime=1000))
+        id = self.enqueue(["carol@reject.test"])
+        self.sinks["127.0.0.4"].behaviour["rcpt_default"] = "452 4.2.2 mailbox full"
+        yield self.runDue()
+        self.assertEqual(self.envelope(id).recipients[0].next_attempt, self.clock.seconds() + 300)
+        yield self.runDue(300)
+        self.assertEqual(self.envelope(id).recipients[0].next_attempt, self.clock.seconds() + 600)
+        self.assertEqual(self.bounces, [])
+        yield self.runDue(600)  # the next retry would be after the lifetime
+        self.assertEqual(self.files.ids(), [])
+        [(to, dsn)] = self.bounces
+        self.assertIn(b"expired", dsn)
+        self.assertIn(b"Status: 4.2.2", dsn)
+        self.assertIn(b"Action: failed", dsn)
+
+    @defer.inlineCallbacks
+    def test_no_bounce_for_a_bounce(self):
+        self.enqueue(["dave@reject.test"], sender="")
+        yield self.runDue()
+        self.assertEqual(self.files.ids(), [])
+        self.assertEqual(self.bounces, [])
+
+    @defer.inlineCallbacks
+    def test_notify_never_and_orcpt(self):
+        self.enqueue([Recipient("dave@reject.test", notify=["NEVER"]),
+                      Recipient("erin@reject.test", orcpt="rfc822;erin@alias.test")])
+        yield self.runDue()
+        [(to, dsn)] = self.bounces
+        self.assertNotIn(b"dave@reject.test", dsn)
+        self.assertIn(b"Original-Recipient: rfc822; erin@alias.test", dsn)
+
+    @defer.inlineCallbacks
+    def test_corrupt_envelope_is_set_aside(self):
+        bad = self.enqueue(["bob@accept.test"])
+        self.files.paths(bad)[1].write_text("{not json")
+        good = self.enqueue(["carl@accept.test"])
+        yield self.runDue()
+        self.assertEqual(self.files.ids(), [])
+        self.assertTrue((self.files.corrupt / f"{bad}.json").exists())
+        self.assertEqual([r["rcpts"][0][0] for r in self.sinks["127.0.0.2"].received], ["carl@accept.test"])
+
+    @defer.inlineCallbacks
+    def test_restart_picks_up_the_queue(self):
+        """A new runner over the same directory finds the deferred message and sends it when due."""
+        id = self.enqueue(["carol@defer.test"])
+        yield self.runDue()
+        yield self.runner.stopService()
+        self.runner = self.makeRunner()
+        yield self.runner.ready
+        yield self.runDue(300)
+        self.assertEqual(len(self.sinks["127.0.0.3"].received), 1)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_held_message_waits(self):
+        id = self.enqueue(["bob@accept.test"], held=True)
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.2"].received, [])
+        self.assertEqual(self.files.ids(), [id])
+
+
+class TLSCase(_Base):
+    behaviours = {"127.0.0.2": {"starttls": True}}
+
+    @defer.inlineCallbacks
+    def test_opportunistic_tls_takes_a_self_signed_certificate(self):
+        self.enqueue(["bob@accept.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.2"].received
+        self.assertTrue(got["tls"])
+
+    @defer.inlineCallbacks
+    def test_verify_policy_refuses_an_untrusted_certificate(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, tls="verify"))
+        id = self.enqueue(["bob@accept.test"])
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.2"].received, [])
+        [r] = self.envelope(id).recipients
+        self.assertEqual(r.state, PENDING)
+
+    @defer.inlineCallbacks
+    def test_encrypt_policy_refuses_a_server_without_starttls(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, tls="encrypt"))
+        id = self.enqueue(["carol@defer.test"])
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.3"].transactions, 0)
+        self.assertEqual(self.envelope(id).recipients[0].state, PENDING)
+
+
+class ChangesCase(_Base):
+    """Envelopes changed on disk by someone else (pymaildctl) are heard through inotify."""
+
+    @defer.inlineCallbacks
+    def waitFor(self, condition, timeout=10.0):
+        for _ in range(int(timeout / 0.02)):
+            if condition():
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail("timed out")
+
+    @defer.inlineCallbacks
+    def test_release_by_another_process_is_heard(self):
+        yield self.runner.ready
+        id = self.enqueue(["bob@accept.test"], held=True)
+        yield self.runDue()
+        envelope = self.files.load(id)
+        envelope.held = False
+        envelope.recipients[0].next_attempt = 0
+        with self.files.lock(id):
+            self.files.save(envelope)
+        yield self.waitFor(lambda: self.runner.due.get(id) is not None)
+        yield self.runDue()
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_a_locked_message_waits_and_is_tried_later(self):
+        id = self.enqueue(["bob@accept.test"])
+        lock = self.files.lock(id).__enter__()
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.2"].received, [])
+        lock.__exit__()
+        yield self.runDue(30)
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
