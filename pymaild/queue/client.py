@@ -105,7 +105,7 @@ class QueueClient(smtp.ESMTPClient):
         self._failed = False
         self._quitting = False
         if secret is not None:
-            self.registerAuthenticator(smtp.PLAINAuthenticator(authUser))
+            self.registerAuthenticator(_Plain(authUser))
             self.registerAuthenticator(smtp.LOGINAuthenticator(authUser))
 
     # --- session set-up -------------------------------------------------------------------
@@ -269,6 +269,22 @@ class QueueClient(smtp.ESMTPClient):
             else:
                 results.append((recipient.address, code, final))
         job.report(results)
+
+
+class _Plain:
+    """
+    SASL PLAIN with an empty authorisation identity (RFC 4616): Twisted's repeats the user
+    name there, which some servers take as a request to act as another user and refuse.
+    """
+
+    def __init__(self, user: bytes):
+        self.user = user
+
+    def getName(self) -> bytes:
+        return b"PLAIN"
+
+    def challengeResponse(self, secret: bytes, chal) -> bytes:
+        return b"\0" + self.user + b"\0" + secret
 
 
 def _text(value) -> str:

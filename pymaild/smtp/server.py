@@ -82,7 +82,9 @@ def _rcptDSN(params: dict):
     """
     C{(notify, orcpt)} from RCPT's DSN parameters (RFC 3461 4.1, 4.2): C{notify} a list of
     C{NEVER} or C{SUCCESS}/C{FAILURE}/C{DELAY} (None when not given), C{orcpt} C{"type;address"}
-    with the xtext decoded (None when not given); None when a parameter is unknown or invalid.
+    with the xtext decoded (None when not given); None when a parameter is unknown.
+
+    @raise ValueError: a DSN parameter with an invalid value.
     """
     notify = orcpt = None
     for key, value in params.items():
@@ -93,11 +95,11 @@ def _rcptDSN(params: dict):
             elif words and set(words) <= {b"SUCCESS", b"FAILURE", b"DELAY"} and len(set(words)) == len(words):
                 notify = [w.decode("ascii") for w in words]
             else:
-                return None
+                raise ValueError("NOTIFY")
         elif key == b"ORCPT":
             kind, semicolon, address = value.partition(b";")
             if not semicolon or not kind or not address or len(value) > 500 or not _xtextValid(address) or not re.fullmatch(rb"[A-Za-z0-9-]+", kind):
-                return None
+                raise ValueError("ORCPT")
             orcpt = kind.decode("ascii").lower() + ";" + _xtextDecode(address)
         else:
             return None
@@ -576,10 +578,11 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                 pass
             elif key == b"AUTH" and value:
                 pass  # RFC 4954 5: the submitter's identity as a relay saw it; taken, not trusted
-            elif key == b"RET" and value.upper() in (b"FULL", b"HDRS"):
-                pass  # (RFC 3461 4.3)
-            elif key == b"ENVID" and value and len(value) <= 100 and _xtextValid(value):
-                pass  # (RFC 3461 4.4: kept as received, xtext)
+            elif key in (b"RET", b"ENVID"):  # (RFC 3461 4.3, 4.4; ENVID kept as received, xtext)
+                if (key == b"RET" and value.upper() not in (b"FULL", b"HDRS")) or (
+                        key == b"ENVID" and not (value and len(value) <= 100 and _xtextValid(value))):
+                    self._reply(501, b"Bad %s parameter (RFC 3461)" % key, code="5.5.4")
+                    return
             else:
                 self._reply(555, b"Unsupported MAIL parameter", code="5.5.4")
                 return
@@ -625,7 +628,11 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if parsed is None:
             return
         address, params = parsed
-        dsn = _rcptDSN(params)
+        try:
+            dsn = _rcptDSN(params)
+        except ValueError as e:
+            self._reply(501, b"Bad %s parameter (RFC 3461)" % str(e).encode(), code="5.5.4")
+            return
         if dsn is None:
             self._reply(555, b"Unsupported RCPT parameter", code="5.5.4")
             return

@@ -182,3 +182,37 @@ def test_kill_9_during_deliveries_loses_nothing(make_server, world):
     got = [r["rcpts"][0][0] for r in w.received("127.0.0.2")]
     assert sorted(set(got)) == sorted(f"user{i}@accept.test" for i in range(20))
     assert len(got) - len(set(got)) <= 2
+
+
+def test_dsn_parameters_are_kept_with_the_message(make_server, world):
+    """
+    RET and ENVID (MAIL), NOTIFY and ORCPT (RCPT) given at submission land in the envelope and
+    are passed on to a server that offers DSN; bad values are refused.
+    """
+    w = world({"127.0.0.2": {"dsn": True}})
+    server = make_server(w.config()).start()
+    s = smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30)
+    try:
+        s.starttls(context=server.tls())
+        s.login("postmaster@localhost", server.postmaster_password())
+        assert "dsn" in s.esmtp_features
+        assert s.mail("postmaster@localhost", ["RET=ALL"])[0] == 501
+        assert s.mail("postmaster@localhost", ["ENVID=a=b"])[0] == 501
+        s.mail("postmaster@localhost")
+        assert s.rcpt("x@accept.test", ["NOTIFY=SOMETIMES"])[0] == 501
+        assert s.rcpt("x@accept.test", ["ORCPT=rfc822"])[0] == 501
+        assert s.rcpt("x@accept.test", ["NOTIFY=NEVER,FAILURE"])[0] == 501
+        assert s.rcpt("x@accept.test", ["FOO=BAR"])[0] == 555
+        s.rset()
+        s.sendmail("postmaster@localhost", ["bob@accept.test"], b"Subject: dsn\r\n\r\nx\r\n",
+                   mail_options=["RET=HDRS", "ENVID=abc+2Bdef"],
+                   rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b+2Bo@accept.test"])
+    finally:
+        s.quit()
+    wait_for(lambda: w.received("127.0.0.2"), what="delivery")
+    [got] = w.received("127.0.0.2")
+    assert "RET=HDRS" in got["mail_params"] and "ENVID=abc+2Bdef" in got["mail_params"]
+    [(address, params)] = got["rcpts"]
+    assert address == "bob@accept.test"
+    assert "NOTIFY=SUCCESS,FAILURE" in params and "ORCPT=rfc822;b+2Bo@accept.test" in params
+    assert inbox(server) == []  # (the server offered DSN: it reports success itself)

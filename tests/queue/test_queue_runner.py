@@ -68,6 +68,8 @@ class _Base(unittest.TestCase):
         "equal.test": [("MX", 10, "mx-a.test"), ("MX", 10, "mx-b.test")],
         "nullmx.test": [("MX", 0, ".")],
         "servfail.test": "SERVFAIL",
+        "hang.test": [("MX", 10, "mx-e.test"), ("MX", 20, "mx-a.test")],
+        "mx-e.test": [("A", "127.0.0.5")],
     }
     behaviours = {
         "127.0.0.2": {},
@@ -358,3 +360,59 @@ class ChangesCase(_Base):
         lock.__exit__()
         yield self.runDue(30)
         self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
+
+
+class RelayCase(_Base):
+    """[queue] relay_host: everything goes to one smarthost, with AUTH only over TLS."""
+
+    behaviours = {"127.0.0.2": {"starttls": True, "auth": True}, "127.0.0.3": {"auth": True}}
+
+    @defer.inlineCallbacks
+    def test_smarthost_with_auth_over_starttls(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, relayHost=("127.0.0.2", self.port),
+                                           authUser="relay@provider.test", authPassword="s3cret"))
+        self.enqueue(["bob@nowhere-in-dns.test", "carol@also-not.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.2"].received
+        self.assertTrue(got["tls"])
+        self.assertEqual(sorted(r[0] for r in got["rcpts"]), ["bob@nowhere-in-dns.test", "carol@also-not.test"])
+        [auth] = self.sinks["127.0.0.2"].auth
+        import base64
+
+        mechanism, _, response = auth.partition(" ")
+        self.assertEqual(mechanism, "PLAIN")
+        self.assertEqual(base64.b64decode(response), b"\0relay@provider.test\0s3cret")
+
+    @defer.inlineCallbacks
+    def test_credentials_never_go_over_plain_text(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, relayHost=("127.0.0.3", self.port),
+                                           authUser="relay@provider.test", authPassword="s3cret"))
+        id = self.enqueue(["bob@nowhere-in-dns.test"])
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.3"].auth, [])
+        self.assertEqual(self.sinks["127.0.0.3"].received, [])
+        [r] = self.envelope(id).recipients
+        self.assertEqual(r.state, PENDING)
+
+
+class BadServersCase(_Base):
+    """Servers that never greet, or drop the connection in the middle of the data."""
+
+    behaviours = {"127.0.0.5": {"greeting": ""}, "127.0.0.4": {"drop_in_data": 10}}
+    policy = {"commandTimeout": 1}
+
+    @defer.inlineCallbacks
+    def test_a_server_that_never_greets_times_out_and_the_next_mx_gets_it(self):
+        id = self.enqueue(["bob@hang.test"])
+        yield self.runDue()
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_a_connection_lost_in_the_data_defers(self):
+        id = self.enqueue(["dave@reject.test"])
+        yield self.runDue()
+        [r] = self.envelope(id).recipients
+        self.assertEqual((r.state, r.attempts), (PENDING, 1))
+        self.assertIn("lost connection", r.reply)
+        self.assertEqual(self.bounces, [])
