@@ -117,9 +117,16 @@ class QueueClient(smtp.ESMTPClient):
             if words:
                 items[words[0].upper()] = words[1] if len(words) > 1 else None
         self.extensionsOffered = items
+        self._tlsStarted = False  # (EHLO answered over TLS: the handshake worked)
         self.tryTLS(code, resp, items)
 
+    #: STARTTLS was accepted but the session never got to EHLO over TLS (a failed handshake):
+    #: with opportunistic TLS the owner tries the same address again in plain text
+    tlsFailed = False
+    _tlsStarted = False
+
     def esmtpState_starttls(self, code, resp):
+        self._tlsStarted = True
         self.transport.startTLS(self.context)
         self._tlsMode = True
         self.esmtpState_ehlo(code, resp)
@@ -139,6 +146,7 @@ class QueueClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason=None):
         super().connectionLost(reason)
+        self.tlsFailed = self._tlsStarted
         if self.job is not None:
             job, self.job = self.job, None
             job.failAll(-1, f"lost connection with {self.owner.hostName} while sending message {job.id}")

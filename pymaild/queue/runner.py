@@ -547,27 +547,38 @@ class Runner(service.Service):
                     if not destination.jobs:
                         return
                     tried += 1
-                    session = _Session(destination, host.name)
-                    client = QueueClient(session, self.hostname, self._tlsFor(host.name), self._requireTLS(),
-                                         *self._credentials(), timeout=self.policy.commandTimeout)
-                    try:
-                        yield self._connect(host.name, address, port, client)
-                    except Exception as e:
-                        last = (-1, f"connect to {host.name}[{address}]:{port}: {_reason(e)}")
-                        log.info("queue: {what}", what=last[1])
-                        continue
-                    self.clients.add(client)
-                    try:
-                        yield session.ended
-                    finally:
-                        self.clients.discard(client)
-                    if session.failure is not None:
+                    tls = self._tlsFor(host.name)
+                    while True:
+                        session = _Session(destination, host.name)
+                        client = QueueClient(session, self.hostname, tls, self._requireTLS(),
+                                             *self._credentials(), timeout=self.policy.commandTimeout)
+                        try:
+                            yield self._connect(host.name, address, port, client)
+                        except Exception as e:
+                            last = (-1, f"connect to {host.name}[{address}]:{port}: {_reason(e)}")
+                            log.info("queue: {what}", what=last[1])
+                            break
+                        self.clients.add(client)
+                        try:
+                            yield session.ended
+                        finally:
+                            self.clients.discard(client)
+                        if session.failure is None:
+                            break
                         # (refused before any transaction - greeting, EHLO, STARTTLS, AUTH -:
                         # temporary whatever the code, as Postfix has it; the next host may do)
                         code, reply = session.failure
                         last = (-1, f"{host.name}[{address}] said: {code} {reply}" if code > 0 else reply)
                         log.info("queue: session with {host}[{address}] failed: {reply}", host=host.name,
                                  address=address, reply=reply)
+                        if not (client.tlsFailed and tls is not None and not self._requireTLS()
+                                and destination.jobs):
+                            break
+                        # opportunistic TLS whose handshake failed: the same server in plain
+                        # text (RFC 7435 3; as Postfix does at its "may" level)
+                        log.info("queue: TLS with {host}[{address}] failed; trying again without TLS",
+                                 host=host.name, address=address)
+                        tls = None
             if destination.jobs and destination.workers == 1:
                 self._failQueued(destination, *last)
         except Exception:

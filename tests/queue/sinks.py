@@ -5,7 +5,8 @@ without STARTTLS, and see exactly what arrived.
 
 Behaviour keys (all optional):
   greeting      the greeting line (default "220 sink ESMTP"); "" = never greet (hang)
-  starttls      offer STARTTLS (needs tls_cert/tls_key, PEM paths)
+  starttls      offer STARTTLS (needs tls_cert/tls_key, PEM paths); "broken": offer it, then
+                answer the handshake with garbage
   dsn           offer DSN
   smtputf8      offer SMTPUTF8 (default true)
   rcpt          {address: "reply"} replies to RCPT for some recipients (default "250 2.1.5 ok")
@@ -79,6 +80,10 @@ class SinkProtocol(basic.LineReceiver):
                 lines.append("AUTH PLAIN LOGIN")
             for i, text in enumerate(lines):
                 self.sendLine(("250-" if i < len(lines) - 1 else "250 ").encode() + text.encode())
+        elif word == "STARTTLS" and self.b.get("starttls") == "broken":
+            self.sendLine(b"220 2.0.0 go ahead")
+            self.transport.write(b"this is not a TLS server hello\r\n")
+            self.transport.loseConnection()
         elif word == "STARTTLS" and self.b.get("starttls"):
             self.sendLine(b"220 2.0.0 go ahead")
             from twisted.internet import ssl

@@ -70,6 +70,10 @@ class _Base(unittest.TestCase):
         "servfail.test": "SERVFAIL",
         "hang.test": [("MX", 10, "mx-e.test"), ("MX", 20, "mx-a.test")],
         "mx-e.test": [("A", "127.0.0.5")],
+        "v6.test": [("MX", 10, "mx-v6.test")],
+        "mx-v6.test": [("AAAA", "::1")],
+        "both.test": [("MX", 10, "mx-both.test")],
+        "mx-both.test": [("A", "127.0.0.9"), ("AAAA", "::1")],
     }
     behaviours = {
         "127.0.0.2": {},
@@ -90,7 +94,7 @@ class _Base(unittest.TestCase):
         self.sinks = {}
         for host in self.hosts:
             behaviour = dict(self.behaviours.get(host, {}))
-            if behaviour.get("starttls"):
+            if behaviour.get("starttls") is True:
                 cert, key = self.tmp / "cert.pem", self.tmp / "key.pem"
                 if not cert.exists():
                     tls.generateSelfSigned(cert, key, "sink.test")
@@ -218,6 +222,21 @@ class RunnerCase(_Base):
         self.assertEqual(len(self.sinks["127.0.0.2"].received), 0)
 
     @defer.inlineCallbacks
+    def test_ipv6_and_falling_back_from_ipv4_to_ipv6(self):
+        """An MX with only an AAAA record; an MX whose IPv4 address refuses, then its IPv6 one."""
+        sink = Sink({})
+        try:
+            listening = reactor.listenTCP(self.port, sink, interface="::1")
+        except Exception as e:
+            raise unittest.SkipTest(f"no IPv6 loopback here: {e}")
+        self.addCleanup(listening.stopListening)
+        self.enqueue(["bob@v6.test"])
+        self.enqueue(["carol@both.test"])
+        yield self.runDue()
+        self.assertEqual(sorted(r["rcpts"][0][0] for r in sink.received), ["bob@v6.test", "carol@both.test"])
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
     def test_null_mx_fails_at_once(self):
         id = self.enqueue(["bob@nullmx.test"])
         yield self.runDue()
@@ -298,7 +317,24 @@ class RunnerCase(_Base):
 
 
 class TLSCase(_Base):
-    behaviours = {"127.0.0.2": {"starttls": True}}
+    behaviours = {"127.0.0.2": {"starttls": True}, "127.0.0.3": {"starttls": "broken"}}
+
+    @defer.inlineCallbacks
+    def test_a_failed_handshake_falls_back_to_plain_text(self):
+        self.enqueue(["carol@defer.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.3"].received
+        self.assertFalse(got["tls"])
+        self.assertEqual(self.sinks["127.0.0.3"].connections, 2)
+
+    @defer.inlineCallbacks
+    def test_a_failed_handshake_is_not_retried_in_plain_text_when_tls_is_required(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, tls="encrypt"))
+        id = self.enqueue(["carol@defer.test"])
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.3"].received, [])
+        self.assertEqual(self.sinks["127.0.0.3"].connections, 1)
+        self.assertEqual(self.envelope(id).recipients[0].state, PENDING)
 
     @defer.inlineCallbacks
     def test_opportunistic_tls_takes_a_self_signed_certificate(self):
