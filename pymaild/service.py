@@ -15,9 +15,11 @@ drops privileges.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import signal
+import time
 from pathlib import Path
 
 from twisted.application.service import MultiService
@@ -43,6 +45,7 @@ from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService,
 from pymaild.pop3.mailbox import pop3Avatar
 from pymaild.store.delivery import deliverToUsers, hasRoom
 from pymaild.pop3.server import POP3Factory
+from pymaild.queue import dsn as dsnmod
 from pymaild.queue.files import Envelope, QueueFiles, Recipient
 from pymaild.queue.mx import MXResolver, makeResolver
 from pymaild.queue.runner import Policy, Runner
@@ -284,6 +287,24 @@ def _relayPassword(config: Config) -> str | None:
                           f"{e.strerror if isinstance(e, OSError) else 'no password in it'}") from None
 
 
+def _needsUTF8(source, transaction: dict) -> bool:
+    """
+    Whether a message sent with SMTPUTF8 really needs it on the way out (RFC 6531 3.4): a
+    non-ASCII address in the envelope, or non-ASCII bytes in its header.  An all-ASCII one is
+    sent to servers without SMTPUTF8 too.
+    """
+    addresses = [transaction["sender"]] + [address for address, _, _ in transaction["recipients"]]
+    if not all(a.isascii() for a in addresses):
+        return True
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[: 1 << 16])
+    else:
+        with open(source, "rb") as f:
+            head = f.read(1 << 16)
+    end = head.find(b"\n\n")
+    return not (head[: end if end >= 0 else len(head)]).isascii()
+
+
 def queuePolicy(config: Config) -> Policy:
     q = config.queue
     return Policy(
@@ -302,9 +323,10 @@ class Router:
     other domains into the outbound queue.  The sender is the null sender (C{<>}).
     """
 
-    def __init__(self, directory, store, run, queueFiles: QueueFiles, runner):
+    def __init__(self, directory, store, run, queueFiles: QueueFiles, runner, hostname: str = "localhost"):
         self.directory, self.store, self.run = directory, store, run
         self.queueFiles, self.runner = queueFiles, runner
+        self.hostname = hostname
 
     @defer.inlineCallbacks
     def bounce(self, path, recipient: str):
@@ -329,13 +351,41 @@ class Router:
         if id is not None:
             self.runner.add(id)
 
+    def reportDelivered(self, source, transaction: dict) -> None:
+        """
+        SMTP's C{reportDelivered} (in a store thread): a "delivered" DSN (RFC 3461 6.2) for the
+        local recipients that asked NOTIFY=SUCCESS, written to the queue's tmp/ and routed from
+        the reactor.
+        """
+        now = time.time()
+        path = self.queueFiles.tmp / f"{transaction['client'].get('id') or 'report'}.{os.getpid()}.delivered"
+        reports = [dsnmod.RecipientReport(address=address, action="delivered", status="2.0.0", original=orcpt,
+                                          diagnostic="250 2.0.0 delivered to the mailbox", lastAttempt=now)
+                   for address, orcpt in transaction["delivered"]]
+        original = open(source, "rb") if not isinstance(source, (bytes, bytearray)) else io.BytesIO(bytes(source))
+        with original, open(path, "wb") as out:
+            original.seek(transaction.get("skip", 0))  # (without our Return-Path)
+            dsnmod.writeDSN(out, reportingMta=self.hostname, sender=transaction["sender"], recipients=reports,
+                            original=original, ret=transaction["ret"], envid=transaction["envid"],
+                            arrival=now, now=now, messageId=f"{transaction['client'].get('id')}.{int(now)}.dsn@{self.hostname}")
+
+        def route():
+            d = self.bounce(path, transaction["sender"])
+            d.addErrback(lambda f: log.failure("delivery report to <{sender}>", f, sender=transaction["sender"]))
+            d.addBoth(lambda _: path.unlink(missing_ok=True))
+
+        from twisted.internet import reactor
+
+        reactor.callFromThread(route)
+
     def prepare(self, source, transaction: dict):
         """SMTP's C{enqueue}: into the queue's tmp/, fsynced (in a store thread)."""
+        smtputf8 = transaction["smtputf8"] and _needsUTF8(source, transaction)
         envelope = Envelope(
             id=transaction["client"].get("id") or "", sender=transaction["sender"],
             recipients=[Recipient(address, orcpt=orcpt, notify=notify)
                         for address, notify, orcpt in transaction["recipients"]],
-            body=transaction["body"], smtputf8=transaction["smtputf8"], ret=transaction["ret"],
+            body=transaction["body"], smtputf8=smtputf8, ret=transaction["ret"],
             envid=transaction["envid"], client=transaction["client"],
         )
         return self.queueFiles.prepare(source, envelope, skip=transaction.get("skip", 0))
@@ -371,9 +421,16 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")
+    try:  # (here, before any listener can queue a message: see QueueFiles.recover)
+        queueFiles.recover()
+        own(queueFiles.root)
+        for sub in (queueFiles.tmp, queueFiles.messages, queueFiles.corrupt):
+            own(sub)
+    except OSError as e:
+        raise ConfigError(f"{where}: [server] data_dir: {queueFiles.root}: {e.strerror}") from None
     resolver = MXResolver(makeResolver([(a.host, a.port) for a in config.queue.nameservers], reactor=reactor))
     caFile = config.queue.ca_file
-    router = Router(directory, store, storeThreads.run, queueFiles, None)
+    router = Router(directory, store, storeThreads.run, queueFiles, None, config.server.hostname)
     runner = Runner(queueFiles, resolver, storeThreads.run, reactor, queuePolicy(config), config.server.hostname,
                     router.bounce, tlsOptions=lambda host, verify: tlsmod.clientTLS(host, verify, caFile),
                     stopTimeout=config.server.shutdown_timeout)
@@ -422,7 +479,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxHops=smtpConfig.max_hops,
                 deliver=lambda path, users: deliverToUsers(store, path, users),
                 hasRoom=lambda user: hasRoom(store, user),
-                enqueue=router.prepare, queued=runner.add,
+                enqueue=router.prepare, queued=runner.add, reportDelivered=router.reportDelivered,
             )
         if protocol == "imap":
             return IMAPFactory(

@@ -14,6 +14,7 @@ C{[tls] min_version} raises it.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 from pathlib import Path
@@ -176,9 +177,16 @@ def clientTLS(hostname: str, verify: bool, caFile: Path | None = None):
     eavesdroppers, and a self-signed certificate does not stop mail); SNI is sent either way.
     """
     if verify:
-        trust = ssl.Certificate.loadPEM(Path(caFile).read_bytes()) if caFile else None
-        return ssl.optionsForClientTLS(hostname, trustRoot=trust)
+        return ssl.optionsForClientTLS(hostname, trustRoot=_trustRoot(str(caFile)) if caFile else None)
     return _OpportunisticTLS(hostname)
+
+
+@functools.lru_cache(maxsize=8)
+def _trustRoot(caFile: str):
+    """Every certificate of a PEM bundle, read once (not on each connection)."""
+    certificates = x509.load_pem_x509_certificates(Path(caFile).read_bytes())
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates])
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -124,10 +124,10 @@ def test_list(files, setup):
     assert_ok(result)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("-Queue ID-")
-    assert lines[1].split() == [f"{older}!", str(len(MESSAGE)), *local(1_900_000_000.0).split(), "<>"]
+    assert lines[1].split() == [f"{older}!", str(len(MESSAGE) + MESSAGE.count(b"\n")), *local(1_900_000_000.0).split(), "<>"]
     assert lines[2].split()[0] == "erin@example.org" and "pending" in lines[2] and "0 attempts" in lines[2]
     assert lines[3] == ""
-    assert lines[4].split() == [newer, str(len(MESSAGE)), *local(2_000_000_000.0).split(), "alice@example.com"]
+    assert lines[4].split() == [newer, str(len(MESSAGE) + MESSAGE.count(b"\n")), *local(2_000_000_000.0).split(), "alice@example.com"]
     assert lines[5].startswith("    bob@example.net  pending, 3 attempts")
     assert f"next {local(later)}" in lines[5] and lines[5].endswith("(451 4.3.0 try again later)")
     assert lines[6].startswith("    dave@example.net  failed, 1 attempt")

@@ -98,7 +98,7 @@ class QueueClient(smtp.ESMTPClient):
         self.owner = owner
         self.requireTransportSecurity = requireTLS
         self.requireAuthentication = secret is not None
-        self.timeout = timeout
+        self.timeout = self.commandTimeout = timeout
         self.extensionsOffered: dict[bytes, bytes | None] = {}
         self.job: Job | None = None
         self.transactions = 0
@@ -124,6 +124,21 @@ class QueueClient(smtp.ESMTPClient):
     #: with opportunistic TLS the owner tries the same address again in plain text
     tlsFailed = False
     _tlsStarted = False
+
+    def esmtpTLSFailed(self, code=-1, resp=None):
+        self._tlsStarted = True  # (STARTTLS refused, e.g. 454: also worth a plain-text try)
+        super().esmtpTLSFailed(code, resp)
+
+    #: a reply longer than this many lines is an attack or a broken server
+    MAX_REPLY_LINES = 100
+
+    def lineReceived(self, line):
+        if len(self.resp) >= self.MAX_REPLY_LINES:
+            self.sendError(smtp.SMTPProtocolError(-1, b"reply of more than %d lines" % self.MAX_REPLY_LINES,
+                                                  self.log.str()))
+            self.transport.abortConnection()
+            return
+        return super().lineReceived(line)
 
     def esmtpState_starttls(self, code, resp):
         self._tlsStarted = True
@@ -241,6 +256,8 @@ class QueueClient(smtp.ESMTPClient):
         def done(_):
             self._file.close()
             self.transport.write(encoder.finish())
+            # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot (content checks)
+            self.setTimeout(max(self.timeout or 0, 600.0))
 
         def failed(reason):
             self._file.close()
@@ -251,6 +268,7 @@ class QueueClient(smtp.ESMTPClient):
         self._okresponse = self.smtpState_msgSent
 
     def smtpState_msgSent(self, code, resp):
+        self.setTimeout(self.commandTimeout)
         if self._from is not None:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         self.toAddressesResult = []

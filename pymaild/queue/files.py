@@ -23,7 +23,7 @@ delivers and updates it, C{pymaildctl queue} while it edits it), so the server a
 tool never overwrite each other's changes.
 
 Envelope fields (C{version} 1): C{id}, C{sender} (C{""} for the null sender), C{arrival},
-C{size}, C{body} (C{"7BIT"}, C{"8BITMIME"}, C{"BINARYMIME"} or null), C{smtputf8}, C{ret}
+C{size} (octets as sent, with CRLF line ends), C{body} (C{"7BIT"}, C{"8BITMIME"}, C{"BINARYMIME"} or null), C{smtputf8}, C{ret}
 (C{"FULL"}, C{"HDRS"} or null), C{envid}, C{held}, C{warned} (delay warning sent), C{client}
 (who handed it to us, for logs), and C{recipients}: a list of objects with C{address},
 C{orcpt}, C{notify} (a list of C{"SUCCESS"}, C{"FAILURE"}, C{"DELAY"}, or C{["NEVER"]}; null
@@ -139,8 +139,9 @@ class Envelope:
                     raise CorruptEnvelope(f"bad state {recipient.state!r}")
                 if recipient.notify is not None and not set(recipient.notify) <= _NOTIFY:
                     raise CorruptEnvelope(f"bad NOTIFY {recipient.notify!r}")
-                if not isinstance(recipient.next_attempt, (int, float)):
-                    raise CorruptEnvelope("bad next_attempt")
+                if not isinstance(recipient.next_attempt, (int, float)) or not isinstance(recipient.attempts, int) \
+                        or not isinstance(recipient.reported, bool):
+                    raise CorruptEnvelope("bad next_attempt, attempts or reported")
                 recipients.append(recipient)
             known = {f.name for f in fields(cls)} - {"recipients"}
             if set(raw) - known:
@@ -148,6 +149,9 @@ class Envelope:
             envelope = cls(recipients=recipients, **raw)
             if not isinstance(envelope.id, str) or not isinstance(envelope.sender, str) or not recipients:
                 raise CorruptEnvelope("id, sender or recipients missing")
+            if not isinstance(envelope.arrival, (int, float)) or not isinstance(envelope.size, int) \
+                    or not isinstance(envelope.held, bool) or not isinstance(envelope.client, dict):
+                raise CorruptEnvelope("bad arrival, size, held or client")
             return envelope
         except CorruptEnvelope:
             raise
@@ -280,7 +284,7 @@ class QueueFiles:
                 if skip:
                     dropped = min(skip, len(view))
                     view, skip = view[dropped:], skip - dropped
-                size += len(view)
+                size += len(view) + view.tobytes().count(b"\n")  # (as sent: CRLF line ends)
                 while view:
                     view = view[os.write(fd, view):]
             os.fsync(fd)
@@ -380,29 +384,49 @@ class QueueFiles:
 
     def recover(self) -> int:
         """
-        At start-up: empty C{tmp/}, remove message files that never got their envelope (their
-        sender was never told they were accepted), quarantine envelopes without their message.
-        The number of messages queued.
+        At start-up, before anything can be queued: empty C{tmp/}, remove message files that
+        never got their envelope (their sender was never told they were accepted), move
+        anything else that is not a message and its envelope to C{corrupt/}.  The number of
+        messages queued.
         """
         self.create()
         for name in os.listdir(self.tmp):
-            os.unlink(self.tmp / name)
+            _removeQuietly(self.tmp / name)
         names = set(os.listdir(self.messages))
         count = 0
         for name in names:
             stem, dot, ext = name.rpartition(".")
-            if ext == "eml" and f"{stem}.json" not in names:
+            path = self.messages / name
+            if ext == "eml" and _validId(stem) and f"{stem}.json" not in names and path.is_file():
                 log.info("queue: removing {name}, which never got its envelope", name=name)
-                os.unlink(self.messages / name)
-            elif ext == "json":
+                _removeQuietly(path)
+            elif ext == "json" and _validId(stem) and path.is_file():
                 if f"{stem}.eml" not in names:
                     self.quarantine(stem, "message file missing")
                 else:
                     count += 1
-            elif ext != "eml":
-                os.rename(self.messages / name, self.corrupt / name)
+            elif not (ext == "eml" and _validId(stem) and path.is_file()):
+                log.error("queue: {name} is not a queue file; moved to {where}", name=name, where=str(self.corrupt))
+                try:
+                    os.rename(path, self.corrupt / name)
+                except OSError as e:
+                    log.error("queue: cannot move {name}: {error}", name=name, error=e)
         fsyncDirectory(self.messages)
         return count
+
+
+def _removeQuietly(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.error("queue: cannot remove {path}: {error}", path=str(path), error=e)
 
 
 def _chunks(source, size: int = 1 << 16):

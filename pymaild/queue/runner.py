@@ -39,24 +39,30 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, error
-from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from pymaild.durable import atomicWrite
 from pymaild.queue import dsn as dsnmod
 from pymaild.queue.client import Job, QueueClient
 from pymaild.queue.files import DELIVERED, FAILED, PENDING, Busy, CorruptEnvelope, Envelope, QueueFiles
-from pymaild.queue.mx import DNSProblem, Host
+from pymaild.queue.mx import DNSProblem
 
 log = Logger()
 
 #: the reply given to jobs put back because pymaild is stopping (not counted as an attempt)
 STOPPING = "pymaild is stopping"
+#: a destination with more than C{SATURATED} x its connection limit jobs waiting takes no more:
+#: further recipients for it wait C{SATURATED_WAIT} seconds (not counted as an attempt)
+SATURATED = 20
+SATURATED_WAIT = 60.0
+#: a message locked by pymaildctl (which holds the lock for a moment) is tried again this soon
+BUSY_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ class Policy:
     commandTimeout: float = 300.0
 
     def backoff(self, attempts: int) -> float:
-        return min(self.minBackoff * (2 ** max(0, attempts - 1)), self.maxBackoff)
+        return min(self.minBackoff * (2 ** min(max(0, attempts - 1), 40)), self.maxBackoff)
 
 
 def _status(code: int, reply: str, temporary: bool) -> str:
@@ -163,6 +169,7 @@ class Runner(service.Service):
         self.attempts: dict[str, Deferred] = {}
         self.working: set[Deferred] = set()  # the connection loops (L{_work}) running
         self.clients: set[QueueClient] = set()
+        self._rereads: dict[str, Deferred] = {}  # the last re-read of each message heard changed
         self._started = False
         self.stopping = False
 
@@ -216,11 +223,11 @@ class Runner(service.Service):
                 client.transport.abortConnection()
 
     def _loadAll(self):
-        count = self.files.recover()
+        """(L{QueueFiles.recover} has run before anything could be queued: L{service.build}.)"""
         out = []
         for envelope in self.files.scan():
             out.append((envelope.id, None if envelope.held else (envelope.due() or 0.0)))
-        log.info("queue: {count} messages queued", count=count)
+        log.info("queue: {count} messages queued", count=len(out))
         return out
 
     def _loaded(self, entries):
@@ -263,7 +270,17 @@ class Runner(service.Service):
         id = name[:-5]
         if id in self.busy:
             return
-        d = self.run(self.files.load, id)
+        # re-read one at a time per message, in the order heard (a hold then a release must
+        # not be applied the other way round)
+        previous = self._rereads.get(id)
+        d = Deferred()
+        self._rereads[id] = d
+        d.addBoth(lambda _: self.run(self.files.load, id))
+        d.addBoth(self._rereadDone, id, d)
+        if previous is None:
+            d.callback(None)
+        else:
+            previous.addBoth(lambda _: d.callback(None))
 
         def reread(envelope):
             if id in self.busy:
@@ -276,6 +293,11 @@ class Runner(service.Service):
 
         d.addCallbacks(reread, lambda f: f.trap(KeyError, CorruptEnvelope, FileNotFoundError))
         d.addErrback(lambda f: log.failure("queue: re-reading {id}", f, id=id))
+
+    def _rereadDone(self, result, id, d):
+        if self._rereads.get(id) is d:
+            del self._rereads[id]
+        return result
 
     # --- scheduling -----------------------------------------------------------------------
 
@@ -343,7 +365,7 @@ class Runner(service.Service):
             try:
                 lock, envelope = yield self.run(self._open, id)
             except Busy:
-                self.schedule(id, self.clock.seconds() + 30)  # pymaildctl edits it
+                self.schedule(id, self.clock.seconds() + BUSY_WAIT)  # pymaildctl is editing it (briefly)
                 return
             except (KeyError, FileNotFoundError):
                 return  # delivered, deleted meanwhile
@@ -367,18 +389,28 @@ class Runner(service.Service):
             return
         now = self.clock.seconds()
         groups: dict[str, list] = {}
+        postponed = False
         for recipient in envelope.pending():
             if recipient.next_attempt <= now:
                 key = "[relay]" if self.policy.relayHost else recipient.domain
+                destination = self.destinations.get(key)
+                if destination is not None and len(destination.jobs) >= self.policy.perDestination * SATURATED:
+                    # a slow destination with a long line already: this message does not wait
+                    # in it holding one of the in-flight places (no attempt counted)
+                    recipient.next_attempt = now + SATURATED_WAIT
+                    postponed = True
+                    continue
                 groups.setdefault(key, []).append(recipient)
-        saving = DeferredLock()
+        saving = _Saver(self, envelope)
+        if postponed:
+            saving.save()
         waits = []
         for key, recipients in groups.items():
             job = Job(envelope.id, envelope.sender, recipients, str(self.files.paths(envelope.id)[0]),
                       envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid)
             d = job.finished
             d.addCallback(self._results, envelope, job)
-            d.addCallback(lambda _: saving.run(self._save, envelope))
+            d.addCallback(lambda _: saving.save())
             d.addErrback(lambda f: log.failure("queue: recording a result of {id}", f, id=envelope.id))
             waits.append(d)
             self._addJob(key, job)
@@ -389,7 +421,7 @@ class Runner(service.Service):
             yield self.run(self.files.remove, envelope.id)
             log.info("queue: {id} done", id=envelope.id)
             return
-        yield saving.run(self._save, envelope)
+        yield saving.save()
         due = envelope.due()
         if due is None:  # only a report is owed (its delivery failed): try that again later
             due = self.clock.seconds() + self.policy.minBackoff
@@ -398,6 +430,7 @@ class Runner(service.Service):
     def _save(self, envelope: Envelope):
         data = envelope.toJSON()  # (here, on the reactor: the thread only writes)
         return self.run(atomicWrite, self.files.paths(envelope.id)[1], data, self.files.tmp)
+
 
     def _results(self, results, envelope: Envelope, job: Job) -> None:
         now = self.clock.seconds()
@@ -542,6 +575,7 @@ class Runner(service.Service):
                 return
             last = (-1, f"no mail host for {destination.key} answered")
             tried = 0
+            worked = False  # a session carried a transaction: the destination is alive
             for host, port in hosts:
                 for address in host.addresses:
                     if not destination.jobs:
@@ -563,8 +597,9 @@ class Runner(service.Service):
                             yield session.ended
                         finally:
                             self.clients.discard(client)
-                        if session.failure is None:
-                            break
+                        if session.failure is None or client.transactions:
+                            worked = True
+                            return  # (done; if jobs came meanwhile, the finally starts a loop for them)
                         # (refused before any transaction - greeting, EHLO, STARTTLS, AUTH -:
                         # temporary whatever the code, as Postfix has it; the next host may do)
                         code, reply = session.failure
@@ -579,18 +614,19 @@ class Runner(service.Service):
                         log.info("queue: TLS with {host}[{address}] failed; trying again without TLS",
                                  host=host.name, address=address)
                         tls = None
-            if destination.jobs and destination.workers == 1:
-                self._failQueued(destination, *last)
+            # every address tried and none took a message: the destination is down for now;
+            # what waits for it is deferred (not handed to another loop, which would try the
+            # same dead hosts again at once)
+            self._failQueued(destination, *last)
         except Exception:
             log.failure("queue: connection to {key}", key=destination.key)
-            if destination.workers == 1:
-                self._failQueued(destination, -1, "internal error")
+            self._failQueued(destination, -1, "internal error")
         finally:
             destination.workers -= 1
             self.active -= 1
             if not destination.jobs and not destination.workers:
                 self.destinations.pop(destination.key, None)
-            elif destination.jobs:
+            elif destination.jobs and worked:
                 self._startWorkers(destination)
             while self.waiting and self.active < self.policy.connections:
                 self._startWorkers(self.waiting.popleft())
@@ -650,3 +686,41 @@ def _days(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} hours"
     return f"{int(seconds)} seconds"
+
+
+class _Saver:
+    """
+    The envelope of one attempt written after each result, in order, and coalesced: results
+    that come while a write runs are covered by one more write after it (a message to 1,000
+    domains is not rewritten 1,000 times).
+    """
+
+    def __init__(self, runner: Runner, envelope: Envelope):
+        self.runner = runner
+        self.envelope = envelope
+        self.running = False
+        self.current: list[Deferred] = []  # waiting for the write that runs now
+        self.next: list[Deferred] = []  # waiting for the write after it
+
+    def save(self) -> Deferred:
+        """A Deferred that fires once a write that began after this call has finished."""
+        d = Deferred()
+        if self.running:
+            self.next.append(d)
+        else:
+            self.current.append(d)
+            self._start()
+        return d
+
+    def _start(self) -> None:
+        self.running = True
+        self.runner._save(self.envelope).addBoth(self._done)
+
+    def _done(self, result) -> None:
+        waiters, self.current = self.current, []
+        self.running = False
+        if self.next:
+            self.current, self.next = self.next, []
+            self._start()
+        for d in waiters:
+            d.callback(None) if not isinstance(result, Failure) else d.errback(result)

@@ -265,7 +265,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self.callLater = self.factory.clock.callLater
         self._flow = Backpressure(self.transport)
         #: (address, local accounts, ((remote address, (NOTIFY, ORCPT)), ...)) per RCPT taken
-        self._rcpts: list[tuple[str, frozenset, tuple]] = []
+        self._rcpts: list[tuple[str, frozenset, tuple, tuple]] = []  # (..., (NOTIFY, ORCPT))
         self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
         self.setTimeout(self.factory.commandTimeout)
 
@@ -653,7 +653,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             elif self.factory.enqueue is None:
                 self._reply(451, b"Delivery to other domains is not available, try again later", code="4.3.2")
             else:
-                self._rcpts.append((address, frozenset(), ((address, dsn),)))
+                self._rcpts.append((address, frozenset(), ((address, dsn),), dsn))
                 self._reply(250, b"Recipient OK", code="2.1.5")
             return
         self._hold()
@@ -688,7 +688,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         # forwarded to other domains: queued, with the address the sender used as ORCPT
         orcpt = dsn[1] or f"rfc822;{address}"
         forwards = tuple((remote, (dsn[0], orcpt)) for remote in sorted(resolution.remote))
-        self._rcpts.append((address, frozenset(resolution.users), forwards))
+        self._rcpts.append((address, frozenset(resolution.users), forwards, dsn))
         self._reply(250, b"Recipient OK", code="2.1.5")
 
     # --- DATA ------------------------------------------------------------------------------
@@ -866,9 +866,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._release()
             return
         spool, self._spool = self._spool, None
-        users = sorted({user for _, us, _ in self._rcpts for user in us})
+        users = sorted({user for _, us, _, _ in self._rcpts for user in us})
         remote = {}
-        for _, _, forwards in self._rcpts:
+        for _, _, forwards, _ in self._rcpts:
             for address, dsn in forwards:
                 remote.setdefault(normalizeAddress(address), (address, dsn))
         params = self._mailParams
@@ -881,6 +881,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             "smtputf8": self._utf8,
             "client": {"helo": self._helo, "address": self.peerHost, "user": self.user, "id": self._queueId},
             "skip": self._returnPathLength,
+            # RFC 3461 6.2: local recipients whose sender asked NOTIFY=SUCCESS get a report
+            "delivered": [(address, dsn[1]) for address, us, _, dsn in self._rcpts
+                          if us and dsn[0] and "SUCCESS" in dsn[0]] if self._from else [],
         }
 
         def work():
@@ -898,6 +901,12 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                     self.factory.deliver(source, users)
                 if queued is not None:
                     queued.commit()
+                if transaction["delivered"] and self.factory.reportDelivered is not None:
+                    try:  # (advice to the sender: a failure here does not undo the delivery)
+                        self.factory.reportDelivered(source, transaction)
+                    except Exception:
+                        log.failure("smtp: delivery report for {id}", id=self._queueId)
+                if queued is not None:
                     return queued.id
             except BaseException:
                 if queued is not None:
@@ -969,7 +978,7 @@ class SMTPFactory(protocol.ServerFactory):
                  trustedNetworks=(), localDomains=("localhost",), maxSize: int = 50 << 20,
                  maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
                  commandTimeout: float = 300.0, deliver=None, maxErrors: int = 20, hasRoom=None,
-                 maxHops: int = 50, enqueue=None, queued=None):
+                 maxHops: int = 50, enqueue=None, queued=None, reportDelivered=None):
         from pymaild.throttle import LoginThrottle
 
         self.hostname = hostname
@@ -1009,6 +1018,9 @@ class SMTPFactory(protocol.ServerFactory):
         self.enqueue = enqueue
         #: C{queued(id)}, on the reactor: a message was committed to the queue
         self.queued = queued or (lambda id: None)
+        #: C{reportDelivered(source, transaction)}, blocking: send the sender a "delivered"
+        #: DSN for C{transaction["delivered"]} (local recipients with NOTIFY=SUCCESS)
+        self.reportDelivered = reportDelivered
 
     def buildProtocol(self, addr):
         p = PymaildESMTP()

@@ -216,3 +216,22 @@ def test_dsn_parameters_are_kept_with_the_message(make_server, world):
     assert address == "bob@accept.test"
     assert "NOTIFY=SUCCESS,FAILURE" in params and "ORCPT=rfc822;b+2Bo@accept.test" in params
     assert inbox(server) == []  # (the server offered DSN: it reports success itself)
+
+
+def test_notify_success_for_a_local_recipient(make_server, world):
+    """RFC 3461 6.2: a local delivery with NOTIFY=SUCCESS sends the sender a "delivered" report."""
+    w = world()
+    server = make_server(w.config()).start()
+    s = smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30)
+    try:
+        s.starttls(context=server.tls())
+        s.login("postmaster@localhost", server.postmaster_password())
+        s.sendmail("postmaster@localhost", ["postmaster@localhost"], b"Subject: note\r\n\r\nx\r\n",
+                   mail_options=["ENVID=track1"], rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;postmaster@localhost"])
+    finally:
+        s.quit()
+    wait_for(lambda: len(inbox(server)) == 2, what="the message and its delivery report")
+    report = [m for m in inbox(server) if b"multipart/report" in m]
+    [dsn] = report
+    assert b"Action: delivered" in dsn and b"Status: 2.0.0" in dsn and b"Original-Envelope-Id: track1" in dsn
+    assert b"Subject: note" in dsn and b"Return-Path: <>" in dsn

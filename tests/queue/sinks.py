@@ -6,12 +6,13 @@ without STARTTLS, and see exactly what arrived.
 Behaviour keys (all optional):
   greeting      the greeting line (default "220 sink ESMTP"); "" = never greet (hang)
   starttls      offer STARTTLS (needs tls_cert/tls_key, PEM paths); "broken": offer it, then
-                answer the handshake with garbage
+                answer the handshake with garbage; "refuse": offer it, then answer 454
   dsn           offer DSN
   smtputf8      offer SMTPUTF8 (default true)
   rcpt          {address: "reply"} replies to RCPT for some recipients (default "250 2.1.5 ok")
   rcpt_default  the reply to any other RCPT
   mail          the reply to MAIL
+  rset          the reply to RSET
   data_end      the reply after the data (default "250 2.0.0 queued as N")
   drop_in_data  close the connection after this many bytes of data
   defer_first   answer "451 4.3.0 try later" to the first N transactions' end of data, then data_end
@@ -80,6 +81,8 @@ class SinkProtocol(basic.LineReceiver):
                 lines.append("AUTH PLAIN LOGIN")
             for i, text in enumerate(lines):
                 self.sendLine(("250-" if i < len(lines) - 1 else "250 ").encode() + text.encode())
+        elif word == "STARTTLS" and self.b.get("starttls") == "refuse":
+            self.sendLine(b"454 4.7.0 TLS not available due to temporary reason")
         elif word == "STARTTLS" and self.b.get("starttls") == "broken":
             self.sendLine(b"220 2.0.0 go ahead")
             self.transport.write(b"this is not a TLS server hello\r\n")
@@ -114,7 +117,7 @@ class SinkProtocol(basic.LineReceiver):
             self.sendLine(b"354 go")
         elif word == "RSET":
             self.reset()
-            self.sendLine(b"250 2.0.0 ok")
+            self.sendLine(self.b.get("rset", "250 2.0.0 ok").encode())
         elif word == "NOOP":
             self.sendLine(b"250 2.0.0 ok")
         elif word == "QUIT":

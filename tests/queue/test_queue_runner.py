@@ -97,7 +97,7 @@ class _Base(unittest.TestCase):
             if behaviour.get("starttls") is True:
                 cert, key = self.tmp / "cert.pem", self.tmp / "key.pem"
                 if not cert.exists():
-                    tls.generateSelfSigned(cert, key, "sink.test")
+                    tls.generateSelfSigned(cert, key, "mx-a.test")
                 behaviour.update(tls_cert=str(cert), tls_key=str(key))
             sink = self.sinks[host] = Sink(behaviour)
             listening = reactor.listenTCP(self.port, sink, interface=host)
@@ -123,6 +123,7 @@ class _Base(unittest.TestCase):
 
         runner = Runner(self.files, self.resolver, lambda f, *a: defer.maybeDeferred(f, *a), self.clock,
                         Policy(**settings), "queue.test", bounce, tlsOptions=tls.clientTLS)
+        self.files.recover()  # (as service.build does before anything can be queued)
         runner.startService()
         self.addCleanup(runner.stopService)
         return runner
@@ -317,7 +318,15 @@ class RunnerCase(_Base):
 
 
 class TLSCase(_Base):
-    behaviours = {"127.0.0.2": {"starttls": True}, "127.0.0.3": {"starttls": "broken"}}
+    behaviours = {"127.0.0.2": {"starttls": True}, "127.0.0.3": {"starttls": "broken"},
+                  "127.0.0.4": {"starttls": "refuse"}}
+
+    @defer.inlineCallbacks
+    def test_starttls_refused_falls_back_to_plain_text(self):
+        self.enqueue(["dave@reject.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.4"].received
+        self.assertFalse(got["tls"])
 
     @defer.inlineCallbacks
     def test_a_failed_handshake_falls_back_to_plain_text(self):
@@ -338,6 +347,16 @@ class TLSCase(_Base):
 
     @defer.inlineCallbacks
     def test_opportunistic_tls_takes_a_self_signed_certificate(self):
+        self.enqueue(["bob@accept.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.2"].received
+        self.assertTrue(got["tls"])
+
+    @defer.inlineCallbacks
+    def test_verify_policy_with_the_ca_file_delivers(self):
+        cert = self.tmp / "cert.pem"
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, tls="verify"))
+        self.runner.tlsOptions = lambda host, verify: tls.clientTLS(host, verify, cert)
         self.enqueue(["bob@accept.test"])
         yield self.runDue()
         [got] = self.sinks["127.0.0.2"].received
@@ -394,7 +413,7 @@ class ChangesCase(_Base):
         yield self.runDue()
         self.assertEqual(self.sinks["127.0.0.2"].received, [])
         lock.__exit__()
-        yield self.runDue(30)
+        yield self.runDue(2)
         self.assertEqual(len(self.sinks["127.0.0.2"].received), 1)
 
 
@@ -452,3 +471,60 @@ class BadServersCase(_Base):
         self.assertEqual((r.state, r.attempts), (PENDING, 1))
         self.assertIn("lost connection", r.reply)
         self.assertEqual(self.bounces, [])
+
+
+class ConnectionReuseCase(_Base):
+    """The connection loops of one destination: dead hosts, and jobs that come as one QUITs."""
+
+    @defer.inlineCallbacks
+    def test_a_dead_destination_defers_each_message_once(self):
+        connects = []
+        connect = self.runner._connect
+        self.runner._connect = lambda *a: (connects.append(a[:3]), connect(*a))[1]
+        ids = [self.enqueue([f"u{i}@dead.test"]) for i in range(3)]
+        yield self.runDue()
+        self.assertLessEqual(len(connects), 3)
+        for id in ids:
+            [r] = self.envelope(id).recipients
+            self.assertEqual((r.state, r.attempts), (PENDING, 1))
+            self.assertIn("connection refused", r.reply)
+
+    @defer.inlineCallbacks
+    def test_a_message_queued_while_the_connection_quits_is_sent(self):
+        from pymaild.queue import client as clientmod
+
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
+        added = []
+        quit = clientmod.QueueClient._disconnectFromServer
+
+        def hooked(client):
+            quit(client)
+            if client._quitting and not added:
+                added.append(self.enqueue(["b@accept.test"]))
+                self.clock.advance(0)
+
+        self.patch(clientmod.QueueClient, "_disconnectFromServer", hooked)
+        self.enqueue(["a@accept.test"])
+        yield self.runDue()
+        while not added or self.runner.attempts or self.runner.working:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield self.runDue()
+        self.assertEqual(self.files.ids(), [])
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 2)
+
+    @defer.inlineCallbacks
+    def test_a_server_refusing_rset_gets_each_message_on_a_new_connection(self):
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
+        self.sinks["127.0.0.2"].behaviour["rset"] = "500 5.5.1 no RSET here"
+        for i in range(3):
+            self.enqueue([f"u{i}@accept.test"])
+        yield self.runDue()
+        while self.runner.working or self.runner.attempts:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+            yield self.runDue()
+        self.assertEqual(self.files.ids(), [])
+        self.assertEqual(len(self.sinks["127.0.0.2"].received), 3)
+        self.assertEqual(self.sinks["127.0.0.2"].connections, 3)
+
+    def test_backoff_does_not_overflow(self):
+        self.assertEqual(Policy(minBackoff=1.0, maxBackoff=3600.0).backoff(5000), 3600.0)
