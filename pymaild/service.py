@@ -316,6 +316,19 @@ def queuePolicy(config: Config) -> Policy:
     )
 
 
+class QueueSettings:
+    """Re-reads the relay password on SIGHUP (the rest of [queue] needs a restart)."""
+
+    def __init__(self, runner, config: Config):
+        self.runner, self.config = runner, config
+
+    def reload(self) -> None:
+        self.runner.policy = queuePolicy(self.config)
+
+    def __repr__(self) -> str:
+        return "the relay password"
+
+
 class Router:
     """
     Delivers messages pymaild makes itself (delivery status notifications) the way a message
@@ -502,6 +515,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 name, appFactory(name, protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
             listeners.append(ListenerService(name, sock, factory, reactor))
-    service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool], [serverTLS, directory], reactor)
+    service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool],
+                             [serverTLS, directory, QueueSettings(runner, config)], reactor)
     runner.setServiceParent(service)
     return service

@@ -644,7 +644,7 @@ class Runner(service.Service):
     def _tlsFor(self, hostName: str):
         if self.tlsOptions is None:
             return None
-        return self.tlsOptions(hostName, self.policy.tls == "verify")
+        return self.tlsOptions(_tlsName(hostName), self.policy.tls == "verify")
 
     def _credentials(self):
         if self.policy.authUser is None:
@@ -659,9 +659,18 @@ class Runner(service.Service):
         else:
             endpoint = endpoints.TCP4ClientEndpoint(reactor, address, port, timeout=self.policy.connectTimeout)
         if self.policy.relayHost and port == 465 and self.tlsOptions is not None:
-            endpoint = endpoints.wrapClientTLS(self.tlsOptions(hostName, self.policy.tls == "verify"), endpoint)
+            endpoint = endpoints.wrapClientTLS(self._tlsFor(hostName), endpoint)
             protocol._tlsMode = True
         return endpoints.connectProtocol(endpoint, protocol)
+
+
+def _tlsName(hostName: str) -> str:
+    """The name a certificate must carry: a domain literal's address without its brackets."""
+    if hostName.startswith("[") and hostName.endswith("]"):
+        hostName = hostName[1:-1]
+        if hostName[:5].lower() == "ipv6:":
+            hostName = hostName[5:]
+    return hostName
 
 
 def _isAddress(host: str) -> bool:

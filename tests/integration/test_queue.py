@@ -235,3 +235,31 @@ def test_notify_success_for_a_local_recipient(make_server, world):
     [dsn] = report
     assert b"Action: delivered" in dsn and b"Status: 2.0.0" in dsn and b"Original-Envelope-Id: track1" in dsn
     assert b"Subject: note" in dsn and b"Return-Path: <>" in dsn
+
+
+def test_smarthost_password_is_reread_on_sighup(make_server, world, tmp_path):
+    """[queue] relay_host with AUTH over STARTTLS; SIGHUP picks up a new relay password."""
+    import base64
+
+    from pymaild import tls
+
+    cert, key = tmp_path / "relay-cert.pem", tmp_path / "relay-key.pem"
+    tls.generateSelfSigned(cert, key, "127.0.0.2")
+    w = world({"127.0.0.2": {"starttls": True, "auth": True, "tls_cert": str(cert), "tls_key": str(key)}})
+    password = tmp_path / "relay.password"
+    password.write_text("first\n")
+    server = make_server(w.config(
+        f'relay_host = "127.0.0.2:{w.port}"\nrelay_user = "me@provider.test"\nrelay_password_file = "{password}"\n'
+        f'tls = "verify"\nca_file = "{cert}"\n')).start()
+    submit(server, ["someone@anywhere.example"])
+    wait_for(lambda: len(w.received("127.0.0.2")) == 1, what="delivery through the relay")
+    password.write_text("second\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP" in server.log(), what="the reload")
+    submit(server, ["other@anywhere.example"])
+    wait_for(lambda: len(w.received("127.0.0.2")) == 2, what="the second delivery")
+    [first, second] = w.received("127.0.0.2")
+    assert first["tls"] and second["tls"]
+    assert [base64.b64decode(r["auth"].split()[1]) for r in (first, second)] == [
+        b"\0me@provider.test\0first", b"\0me@provider.test\0second"]
+    assert queued(server) == []

@@ -21,7 +21,7 @@ Behaviour keys (all optional):
 
 Messages received are appended to C{sink.received}: dicts with mail_from, mail_params,
 rcpts (accepted ones with their parameters), data (the raw DATA bytes, dot-stuffed as sent),
-message (unstuffed, CRLF), tls (bool), helo.
+message (unstuffed, CRLF), tls (bool), helo, auth (the AUTH command's arguments, if any).
 
 Run as a program (C{python sinks.py spec.json}) it serves the sinks the JSON spec lists
 (C{[{"host": "127.0.0.2", "port": 0, ...behaviour}]}), prints one line of JSON with the ports
@@ -46,6 +46,8 @@ class SinkProtocol(basic.LineReceiver):
         self.sink.connections += 1
         self.b = self.factory.behaviour
         self.tls = False
+        self.authed = None
+        self.helo = None
         self.reset()
         greeting = self.b.get("greeting", "220 sink ESMTP")
         if greeting:
@@ -98,6 +100,7 @@ class SinkProtocol(basic.LineReceiver):
             self.reset()
         elif word == "AUTH":
             self.sink.auth.append(rest)
+            self.authed = rest
             self.sendLine(self.b.get("auth_reply", "235 2.7.0 ok").encode())
         elif word == "MAIL":
             self.mailFrom = rest[5:].split(">")[0].lstrip("<")
@@ -151,7 +154,8 @@ class SinkProtocol(basic.LineReceiver):
                 self.sendLine(b"451 4.3.0 try again later")
             else:
                 record = {"mail_from": self.mailFrom, "mail_params": self.mailParams, "rcpts": self.rcpts,
-                          "data": raw, "message": message, "tls": self.tls, "helo": self.helo}
+                          "data": raw, "message": message, "tls": self.tls, "helo": self.helo,
+                          "auth": self.authed}
                 reply = self.b.get("data_end", "250 2.0.0 queued as %d" % n).encode()
                 delay = self.b.get("data_end_delay")
                 if delay:
