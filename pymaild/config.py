@@ -120,6 +120,8 @@ class SMTPConfig:
     command_timeout: float
     max_errors: int
     max_hops: int
+    data_timeout: float
+    vrfy: str
 
 
 @dataclass(frozen=True)
@@ -524,6 +526,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "command_timeout": Key(_seconds, 300.0, "seconds a client may stay silent (RFC 5321: 5 minutes)"),
         "max_errors": Key(_integer(1, 1000), 20, "refused commands in one session before it is closed (421)"),
         "max_hops": Key(_integer(1, 1000), 50, "Received headers a message may carry (more: a mail loop)"),
+        "data_timeout": Key(_seconds, 300.0, "seconds a client may stay silent inside DATA or a BDAT chunk"),
+        "vrfy": Key(_choice("off", "trusted", "on"), "off", "VRFY answers: off (always 252), trusted (logged-in clients and trusted_networks), on"),
     },
     "imap": {
         "append_limit": Key(_size, 50 << 20, "largest message APPEND accepts (APPENDLIMIT)"),
@@ -694,6 +698,9 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
         if name and name.lower() in special:
             raise fail("store", key, f"{name!r} is also the [store] {special[name.lower()]} folder")
         special[name.lower()] = key
+
+    if settings["smtp"]["data_timeout"] < 1:
+        raise fail("smtp", "data_timeout", "must be at least 1 second")
 
     if settings["imap"]["autologout"] < 1800:
         raise fail("imap", "autologout", "RFC 3501 5.4 wants at least 1800 seconds (30 minutes)")

@@ -170,6 +170,8 @@ def _firstAccount(config: Config, passwd: PasswdFile, own: _Owner) -> None:
         return
     user = f"postmaster@{config.domains.local[0]}"
     password = secrets.token_urlsafe(15)
+    while password[0] == "-":  # (a leading dash reads as an option to swaks, mutt's -e ...)
+        password = secrets.token_urlsafe(15)
     passwordFile = config.server.data_dir / "postmaster.password"
     try:
         passwd.add(user, passwords.hash_password(password))
@@ -489,7 +491,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxSize=smtpConfig.max_message_size, maxRecipients=smtpConfig.max_recipients,
                 maxLineLength=smtpConfig.max_line_length, bareLineEnds=smtpConfig.bare_line_ends,
                 commandTimeout=smtpConfig.command_timeout, maxErrors=smtpConfig.max_errors,
-                maxHops=smtpConfig.max_hops,
+                maxHops=smtpConfig.max_hops, dataTimeout=smtpConfig.data_timeout, vrfy=smtpConfig.vrfy,
                 deliver=lambda path, users: deliverToUsers(store, path, users),
                 hasRoom=lambda user: hasRoom(store, user),
                 enqueue=router.prepare, queued=runner.add, reportDelivered=router.reportDelivered,

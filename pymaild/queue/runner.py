@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,6 +63,8 @@ SATURATED = 20
 SATURATED_WAIT = 60.0
 #: a message locked by pymaildctl (which holds the lock for a moment) is tried again this soon
 BUSY_WAIT = 2.0
+#: seconds an MX answer is reused by further connections (far below usual TTLs)
+ROUTE_CACHE = 30.0
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ class Runner(service.Service):
         self.attempts: dict[str, Deferred] = {}
         self.working: set[Deferred] = set()  # the connection loops (L{_work}) running
         self.clients: set[QueueClient] = set()
-        self._rereads: dict[str, Deferred] = {}  # the last re-read of each message heard changed
+        self._rereads: dict[str, Deferred] = {}
+        self._routes: dict[str, tuple[float, list]] = {}  # name -> (until, MX hosts)  # the last re-read of each message heard changed
         self._started = False
         self.stopping = False
 
@@ -375,7 +378,8 @@ class Runner(service.Service):
             try:
                 yield self._deliver(envelope)
             finally:
-                lock.__exit__()
+                # (in a thread: closing the last descriptor of a removed file frees its inode)
+                yield self.run(lock.__exit__)
         except Exception:
             log.failure("queue: attempt on {id}", id=id)
             self.schedule(id, self.clock.seconds() + self.policy.minBackoff)
@@ -410,7 +414,8 @@ class Runner(service.Service):
                       envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid)
             d = job.finished
             d.addCallback(self._results, envelope, job)
-            d.addCallback(lambda _: saving.save())
+            # (a message that is now done is removed instead: that records the result)
+            d.addCallback(lambda _: None if envelope.finished() else saving.save())
             d.addErrback(lambda f: log.failure("queue: recording a result of {id}", f, id=envelope.id))
             waits.append(d)
             self._addJob(key, job)
@@ -559,10 +564,22 @@ class Runner(service.Service):
     def _route(self, destination: Destination):
         if self.policy.relayHost:
             host, port = self.policy.relayHost
-            return self.resolver.resolve(host if not _isAddress(host) else f"[{host}]").addCallback(
-                lambda hosts: [(h, port) for h in hosts])
-        return self.resolver.resolve(destination.key).addCallback(
-            lambda hosts: [(h, self.policy.remotePort) for h in hosts])
+            name = host if not _isAddress(host) else f"[{host}]"
+        else:
+            name, port = destination.key, self.policy.remotePort
+        cached = self._routes.get(name)
+        now = self.clock.seconds()
+        if cached is not None and cached[0] > now:
+            return defer.succeed([(h, port) for h in _reshuffle(cached[1], getattr(self.resolver, "shuffle", None))])
+
+        def found(hosts):
+            # (kept briefly: the connection loops of a busy destination do not each ask DNS)
+            if len(self._routes) > 10000:
+                self._routes.clear()
+            self._routes[name] = (self.clock.seconds() + ROUTE_CACHE, hosts)
+            return [(h, port) for h in hosts]
+
+        return self.resolver.resolve(name).addCallback(found)
 
     @inlineCallbacks
     def _work(self, destination: Destination):
@@ -661,7 +678,23 @@ class Runner(service.Service):
         if self.policy.relayHost and port == 465 and self.tlsOptions is not None:
             endpoint = endpoints.wrapClientTLS(self._tlsFor(hostName), endpoint)
             protocol._tlsMode = True
-        return endpoints.connectProtocol(endpoint, protocol)
+        factory = _OneProtocol(protocol)
+        return endpoint.connect(factory)
+
+
+def _reshuffle(hosts: list, shuffle) -> list:
+    """A cached MX list with each run of equal preferences put in a new random order."""
+    if shuffle is None:
+        return list(hosts)
+    out, run = [], []
+    for host in hosts:
+        if run and run[0].preference != host.preference:
+            shuffle(run)
+            out += run
+            run = []
+        run.append(host)
+    shuffle(run)
+    return out + run
 
 
 def _tlsName(hostName: str) -> str:
@@ -733,3 +766,15 @@ class _Saver:
             self._start()
         for d in waiters:
             d.callback(None) if not isinstance(result, Failure) else d.errback(result)
+
+
+class _OneProtocol(protocol.Factory):
+    """The factory of one outbound connection, without Twisted's start/stop log lines."""
+
+    noisy = False
+
+    def __init__(self, proto):
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto

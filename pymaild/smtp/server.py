@@ -401,7 +401,40 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._reply(250, b"Reset", code="2.0.0")
 
     def smtp_VRFY(self, rest):
-        self._reply(252, b"Cannot verify the user, but will accept the message and try", code="2.5.0")
+        """
+        RFC 5321 3.5.3: C{252} (neither yes nor no) unless C{[smtp] vrfy} lets this client ask:
+        then C{250} for a local address that exists, C{550 5.1.1} for one that does not.
+        """
+        mode = self.factory.vrfy
+        if mode == "off" or (mode == "trusted" and self.user is None and not self.trusted):
+            self._reply(252, b"Cannot verify the user, but will accept the message and try", code="2.5.0")
+            return
+        text = rest.strip()
+        if text[:1] == b"<" and text[-1:] == b">":
+            text = text[1:-1]
+        try:
+            address = text.decode("utf-8")
+        except UnicodeDecodeError:
+            address = ""
+        local, at, domain = normalizeAddress(address).rpartition("@")
+        if not address or _BAD_ADDRESS.search(text) or not at or not local:
+            self._reply(501, b"Syntax: VRFY <address>", code="5.5.4")
+            return
+        if not self.factory.directory.isLocalDomain(domain):
+            self._reply(252, b"Not a local address; will accept the message and try", code="2.5.0")
+            return
+        self._hold()
+        d = maybeDeferred(self.factory.directory.lookup, address)
+        d.addCallbacks(self._verified, self._directoryDown, (address,))
+
+    def _verified(self, resolution, address):
+        if self._lost:
+            return
+        if resolution.exists:
+            self._reply(250, b"<" + address.encode("utf-8") + b">", code="2.1.5")
+        else:
+            self._reply(550, b"No such user here", code="5.1.1")
+        self._release()
 
     def smtp_HELP(self, rest):
         self._reply(214, b"Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT STARTTLS AUTH", code="2.0.0")
@@ -709,6 +742,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._reader = DataReader(self._spool.write, self.factory.maxSize, self.factory.maxLineLength,
                                   self.factory.bareLineEnds)
         self._reply(354, b"End data with <CR><LF>.<CR><LF>", code=None)
+        self.setTimeout(self.factory.dataTimeout)
         self.setRawMode()
         rest, self._buffer = self._buffer, b""
         if rest:
@@ -756,6 +790,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if reader.left == 0:
             self._chunkDone()  # (lineReceived releases the input unless a delivery holds it)
             return
+        self.setTimeout(self.factory.dataTimeout)
         self.setRawMode()
         rest, self._buffer = self._buffer, b""
         if rest:
@@ -825,6 +860,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             if rest is None:
                 return
             self.setLineMode()
+            self.setTimeout(self.factory.commandTimeout)
             self._buffer = rest + self._buffer
             self._hold()  # no command before this chunk's reply (or, after LAST, the delivery)
             if not self._chunkDone():
@@ -844,6 +880,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             return
         self._reader = None
         self.setLineMode()  # (LineReceiver keeps the rest until we resume)
+        self.setTimeout(self.factory.commandTimeout)
         self._hold()
         self._buffer = rest + self._buffer
         self._endOfData(reader)
@@ -978,7 +1015,8 @@ class SMTPFactory(protocol.ServerFactory):
                  trustedNetworks=(), localDomains=("localhost",), maxSize: int = 50 << 20,
                  maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
                  commandTimeout: float = 300.0, deliver=None, maxErrors: int = 20, hasRoom=None,
-                 maxHops: int = 50, enqueue=None, queued=None, reportDelivered=None):
+                 maxHops: int = 50, enqueue=None, queued=None, reportDelivered=None, vrfy: str = "off",
+                 dataTimeout: float = 300.0):
         from pymaild.throttle import LoginThrottle
 
         self.hostname = hostname
@@ -1000,6 +1038,11 @@ class SMTPFactory(protocol.ServerFactory):
         self.maxLineLength = maxLineLength
         self.bareLineEnds = bareLineEnds
         self.commandTimeout = commandTimeout
+        #: seconds a client may stay silent in the middle of DATA or a BDAT chunk
+        self.dataTimeout = dataTimeout
+        #: C{[smtp] vrfy}: "off" (always 252), "trusted" (answers to logged-in clients and
+        #: trusted networks), "on" (answers to anyone)
+        self.vrfy = vrfy
         self.maxErrors = maxErrors
         #: messages arriving on all of this listener's sessions keep at most this much in memory
         self.spoolMemory = MemoryBudget(64 << 20)

@@ -525,3 +525,38 @@ def test_non_ascii_addresses_need_smtputf8(server):
     assert r.ask("MAIL FROM:<jörg@example.org> SMTPUTF8".encode()).startswith(b"250")
     assert r.ask("RCPT TO:<jörg@localhost>".encode()).startswith(b"550 5.1.1")  # taken, then unknown
     assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"250")
+
+
+def test_vrfy_off_trusted_and_on(make_server):
+    """[smtp] vrfy: 252 by default; real answers for trusted clients or everyone when set."""
+    off = make_server().start()
+    r = Raw(off, "smtp")
+    r.ask(b"EHLO client.example")
+    assert r.ask(b"VRFY <postmaster@localhost>").startswith(b"252 2.5.0")
+    assert r.ask(b"VRFY <nobody@localhost>").startswith(b"252 2.5.0")
+    trusted = make_server('[smtp]\nvrfy = "trusted"\ntrusted_networks = ["127.0.0.1/32"]\n').start()
+    r = Raw(trusted, "smtp")
+    r.ask(b"EHLO client.example")
+    assert r.ask(b"VRFY <postmaster@localhost>").startswith(b"250 2.1.5 <postmaster@localhost>")
+    assert r.ask(b"VRFY nobody@localhost").startswith(b"550 5.1.1")
+    assert r.ask(b"VRFY <someone@example.net>").startswith(b"252 2.5.0")
+    assert r.ask(b"VRFY").startswith(b"501 5.5.4")
+    untrusted = make_server('[smtp]\nvrfy = "trusted"\n').start()
+    r = Raw(untrusted, "smtp")
+    r.ask(b"EHLO client.example")
+    assert r.ask(b"VRFY <postmaster@localhost>").startswith(b"252 2.5.0")
+    anyone = make_server('[smtp]\nvrfy = "on"\n').start()
+    r = Raw(anyone, "smtp")
+    r.ask(b"EHLO client.example")
+    assert r.ask(b"VRFY <postmaster+tag@localhost>").startswith(b"250 2.1.5")
+
+
+def test_data_timeout_closes_a_silent_client_mid_data(make_server):
+    server = make_server('[smtp]\ndata_timeout = 1\n').start()
+    r = Raw(server, "smtp")
+    r.ask(b"EHLO client.example")
+    r.ask(b"MAIL FROM:<a@example.org>")
+    r.ask(b"RCPT TO:<postmaster@localhost>")
+    assert r.ask(b"DATA").startswith(b"354")
+    r.sock.sendall(b"Subject: slow\r\n")
+    assert r.reply().startswith(b"421 4.4.2")  # (after a second of silence; commands get 300 s)

@@ -40,7 +40,7 @@ def test_swaks_submission_starttls_auth(server):
     r = swaks(server, "submission", "--to", "postmaster@localhost", "--from", "postmaster@localhost", "--tls",
               "--tls-ca-path", str(server.cert_path), "--tls-verify", "--tls-sni", "localhost",
               "--auth", "PLAIN", "--auth-user", "postmaster@localhost",
-              "--auth-password=" + server.postmaster_password())  # (a password may start with "-")
+              "--auth-password=" + server.postmaster_password())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "235 2.7.0" in r.stdout
     (message,) = delivered(server)
