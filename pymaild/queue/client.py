@@ -210,9 +210,67 @@ class QueueClient(smtp.ESMTPClient):
                 words.append(b"RET=" + job.ret.encode("ascii"))
             if job.envid:
                 words.append(b"ENVID=" + job.envid.encode("ascii"))
+        if b"PIPELINING" not in offered:
+            self.sendLine(b" ".join(words))
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+            return
+        # RFC 2920: MAIL, every RCPT and DATA in one write; the replies come back in order
         self.sendLine(b" ".join(words))
-        self._expected = [250]
-        self._okresponse = self.smtpState_to
+        for recipient in job.recipients:
+            self.sendLine(self._rcptLine(recipient))
+        self.sendLine(b"DATA")
+        self._replies = []
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._pipelinedReply
+
+    def _pipelinedReply(self, code, resp):
+        self._replies.append((code, resp))
+        job = self.job
+        if len(self._replies) < len(job.recipients) + 2:
+            return
+        (mailCode, mailResp), rcpts, (dataCode, dataResp) = self._replies[0], self._replies[1:-1], self._replies[-1]
+        self._replies = []
+        self.toAddressesResult, self.successAddresses = [], []
+        if 200 <= mailCode < 300:
+            for recipient, (rcptCode, rcptResp) in zip(job.recipients, rcpts):
+                self.toAddressesResult.append((recipient, rcptCode, rcptResp))
+                if 200 <= rcptCode < 300:
+                    self.successAddresses.append(recipient)
+        if dataCode == 354 and self.successAddresses:
+            self._failresponse = self.smtpTransferFailed
+            return self.smtpState_data(dataCode, dataResp)
+        if not 200 <= mailCode < 300:
+            self.sentMail(mailCode, mailResp, 0, [], self.log)
+        elif not self.successAddresses:
+            self.sentMail(rcpts[-1][0] if rcpts else dataCode, b"No recipients accepted", 0,
+                          self.toAddressesResult, self.log)
+        else:
+            self.sentMail(dataCode, dataResp, len(self.successAddresses), self.toAddressesResult, self.log)
+        self._from = None
+        if dataCode == 354:
+            # (a server that took DATA with nothing to deliver: end it empty, then start over)
+            self.transport.write(b".\r\n")
+            self._expected = range(0, 1000)
+            self._okresponse = self._failresponse = lambda code, resp: self._rset()
+            return
+        self._rset()
+
+    def _rset(self):
+        self.sendLine(b"RSET")
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_from
+        self._failresponse = lambda code, resp: self._disconnectFromServer()
+
+    def _rcptLine(self, recipient) -> bytes:
+        line = b"RCPT TO:<" + recipient.address.encode("utf-8") + b">"
+        if b"DSN" in self.extensionsOffered:
+            if recipient.notify:
+                line += b" NOTIFY=" + ",".join(recipient.notify).encode("ascii")
+            if recipient.orcpt:
+                kind, _, address = recipient.orcpt.partition(";")
+                line += b" ORCPT=" + kind.strip().encode("ascii", "replace") + b";" + xtext(address.strip())
+        return line
 
     def getMailTo(self):
         return list(self.job.recipients)
@@ -232,15 +290,7 @@ class QueueClient(smtp.ESMTPClient):
             else:
                 return self.smtpState_msgSent(code, b"No recipients accepted")
         else:
-            recipient = self.lastAddress
-            line = b"RCPT TO:<" + recipient.address.encode("utf-8") + b">"
-            if b"DSN" in self.extensionsOffered:
-                if recipient.notify:
-                    line += b" NOTIFY=" + ",".join(recipient.notify).encode("ascii")
-                if recipient.orcpt:
-                    kind, _, address = recipient.orcpt.partition(";")
-                    line += b" ORCPT=" + kind.strip().encode("ascii", "replace") + b";" + xtext(address.strip())
-            self.sendLine(line)
+            self.sendLine(self._rcptLine(self.lastAddress))
 
     def smtpState_data(self, code, resp):
         encoder = DataEncoder()
@@ -256,6 +306,7 @@ class QueueClient(smtp.ESMTPClient):
         def done(_):
             self._file.close()
             self.transport.write(encoder.finish())
+            self._dataSent = True
             # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot (content checks)
             self.setTimeout(max(self.timeout or 0, 600.0))
 
@@ -267,16 +318,21 @@ class QueueClient(smtp.ESMTPClient):
         self._expected = smtp.SUCCESS
         self._okresponse = self.smtpState_msgSent
 
+    _dataSent = False
+
     def smtpState_msgSent(self, code, resp):
         self.setTimeout(self.commandTimeout)
         if self._from is not None:
             self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         self.toAddressesResult = []
         self._from = None
-        self.sendLine(b"RSET")
-        self._expected = smtp.SUCCESS
-        self._okresponse = self.smtpState_from
-        self._failresponse = lambda code, resp: self._disconnectFromServer()
+        if self._dataSent:
+            # the reply to the final dot ends the transaction, whatever it says: the next MAIL
+            # needs no RSET (RFC 5321 4.1.1.4)
+            self._dataSent = False
+            self.smtpState_from(code, resp)
+            return
+        self._rset()
 
     def sentMail(self, code, resp, numOk, addresses, log):
         job, self.job = self.job, None

@@ -376,10 +376,11 @@ class Runner(service.Service):
                 yield self.run(self.files.quarantine, id, str(e))
                 return
             try:
-                yield self._deliver(envelope)
+                yield self._deliver(envelope, lock)
             finally:
-                # (in a thread: closing the last descriptor of a removed file frees its inode)
-                yield self.run(lock.__exit__)
+                if lock.fd is not None:
+                    # (in a thread: closing the last descriptor of a removed file frees its inode)
+                    yield self.run(lock.__exit__)
         except Exception:
             log.failure("queue: attempt on {id}", id=id)
             self.schedule(id, self.clock.seconds() + self.policy.minBackoff)
@@ -388,7 +389,7 @@ class Runner(service.Service):
             self._arm()
 
     @inlineCallbacks
-    def _deliver(self, envelope: Envelope):
+    def _deliver(self, envelope: Envelope, lock=None):
         if envelope.held:
             return
         now = self.clock.seconds()
@@ -423,7 +424,12 @@ class Runner(service.Service):
             yield defer.DeferredList(waits)
         yield self._report(envelope)
         if envelope.finished():
-            yield self.run(self.files.remove, envelope.id)
+            def finish():
+                self.files.remove(envelope.id)
+                if lock is not None:
+                    lock.__exit__()
+
+            yield self.run(finish)
             log.info("queue: {id} done", id=envelope.id)
             return
         yield saving.save()

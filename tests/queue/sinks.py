@@ -9,6 +9,7 @@ Behaviour keys (all optional):
                 answer the handshake with garbage; "refuse": offer it, then answer 454
   dsn           offer DSN
   smtputf8      offer SMTPUTF8 (default true)
+  pipelining    offer PIPELINING (default true)
   rcpt          {address: "reply"} replies to RCPT for some recipients (default "250 2.1.5 ok")
   rcpt_default  the reply to any other RCPT
   mail          the reply to MAIL
@@ -72,7 +73,9 @@ class SinkProtocol(basic.LineReceiver):
             if word == "HELO":
                 self.sendLine(b"250 sink")
                 return
-            lines = ["sink", "PIPELINING", "SIZE 100000000", "8BITMIME"]
+            lines = ["sink", "SIZE 100000000", "8BITMIME"]
+            if self.b.get("pipelining", True):
+                lines.append("PIPELINING")
             if self.b.get("starttls") and not self.tls:
                 lines.append("STARTTLS")
             if self.b.get("dsn"):

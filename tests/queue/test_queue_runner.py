@@ -70,6 +70,7 @@ class _Base(unittest.TestCase):
         "servfail.test": "SERVFAIL",
         "hang.test": [("MX", 10, "mx-e.test"), ("MX", 20, "mx-a.test")],
         "mx-e.test": [("A", "127.0.0.5")],
+        "nopipe.test": [("MX", 10, "mx-e.test")],
         "v6.test": [("MX", 10, "mx-v6.test")],
         "mx-v6.test": [("AAAA", "::1")],
         "both.test": [("MX", 10, "mx-both.test")],
@@ -79,7 +80,7 @@ class _Base(unittest.TestCase):
         "127.0.0.2": {},
         "127.0.0.3": {"defer_first": 1},
         "127.0.0.4": {"rcpt_default": "550 5.1.1 no such user here"},
-        "127.0.0.5": {},
+        "127.0.0.5": {"pipelining": False, "rcpt": {"no@nopipe.test": "550 5.1.1 no such user"}},
     }
     policy = {}
 
@@ -206,6 +207,35 @@ class RunnerCase(_Base):
         sink = self.sinks["127.0.0.2"]
         self.assertEqual(len(sink.received), 5)
         self.assertEqual(sink.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_a_server_without_pipelining_gets_one_command_at_a_time(self):
+        id = self.enqueue(["yes@nopipe.test", "no@nopipe.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.5"].received
+        self.assertEqual([r[0] for r in got["rcpts"]], ["yes@nopipe.test"])
+        self.assertEqual(self.files.ids(), [])
+        [(to, dsn)] = self.bounces
+        self.assertIn(b"no@nopipe.test", dsn)
+
+    @defer.inlineCallbacks
+    def test_pipelined_transaction_with_some_recipients_refused(self):
+        self.sinks["127.0.0.2"].behaviour["rcpt"] = {"b@accept.test": "550 5.1.1 no such user"}
+        id = self.enqueue(["a@accept.test", "b@accept.test", "c@accept.test"])
+        yield self.runDue()
+        [got] = self.sinks["127.0.0.2"].received
+        self.assertEqual([r[0] for r in got["rcpts"]], ["a@accept.test", "c@accept.test"])
+        self.assertEqual(len(self.bounces), 1)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_mail_refused_in_a_pipeline(self):
+        self.sinks["127.0.0.2"].behaviour["mail"] = "550 5.7.1 sender refused"
+        self.enqueue(["a@accept.test", "b@accept.test"])
+        yield self.runDue()
+        self.assertEqual(self.sinks["127.0.0.2"].received, [])
+        [(to, dsn)] = self.bounces
+        self.assertIn(b"5.7.1 sender refused", dsn)
 
     @defer.inlineCallbacks
     def test_unreachable_first_mx_falls_back_to_the_next(self):
@@ -513,18 +543,25 @@ class ConnectionReuseCase(_Base):
         self.assertEqual(len(self.sinks["127.0.0.2"].received), 2)
 
     @defer.inlineCallbacks
-    def test_a_server_refusing_rset_gets_each_message_on_a_new_connection(self):
+    def test_no_rset_after_a_message_and_a_refused_rset_ends_the_session(self):
+        """
+        After the reply to the final dot the next MAIL follows at once (no RSET); after a
+        transaction that ended early (all recipients refused) RSET is sent, and a server that
+        refuses it gets a new connection for the rest.
+        """
         self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
-        self.sinks["127.0.0.2"].behaviour["rset"] = "500 5.5.1 no RSET here"
-        for i in range(3):
-            self.enqueue([f"u{i}@accept.test"])
+        sink = self.sinks["127.0.0.2"]
+        sink.behaviour.update(rset="500 5.5.1 no RSET here", rcpt={"u1@accept.test": "550 5.1.1 no such user"})
+        ids = [self.enqueue([f"u{i}@accept.test"]) for i in range(4)]
         yield self.runDue()
         while self.runner.working or self.runner.attempts:
             yield task.deferLater(reactor, 0.01, lambda: None)
             yield self.runDue()
         self.assertEqual(self.files.ids(), [])
-        self.assertEqual(len(self.sinks["127.0.0.2"].received), 3)
-        self.assertEqual(self.sinks["127.0.0.2"].connections, 3)
+        self.assertEqual(sorted(r["rcpts"][0][0] for r in sink.received), ["u0@accept.test", "u2@accept.test", "u3@accept.test"])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual(sum(1 for line in sink.log if line.upper() == b"RSET"), 1)
+        self.assertEqual(len(self.bounces), 1)
 
     def test_backoff_does_not_overflow(self):
         self.assertEqual(Policy(minBackoff=1.0, maxBackoff=3600.0).backoff(5000), 3600.0)

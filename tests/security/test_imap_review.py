@@ -224,7 +224,8 @@ def inotify_watches(pid: int) -> int:
 
 def test_a_select_that_ends_after_the_client_left_watches_nothing(server):
     home(server)
-    base = inotify_watches(server.proc.pid)  # (the outbound queue's directory is watched)
+    # (the outbound queue's directory is watched once the queue is loaded, just after start)
+    base = wait_for(lambda: inotify_watches(server.proc.pid), timeout=10)
     for _ in range(5):
         sock = logged_in(server)
         sock.sendall(b"a NOOP\r\nb SELECT INBOX\r\n")
