@@ -227,10 +227,9 @@ class Runner(service.Service):
 
     def _loadAll(self):
         """(L{QueueFiles.recover} has run before anything could be queued: L{service.build}.)"""
-        out = []
-        for envelope in self.files.scan():
-            out.append((envelope.id, None if envelope.held else (envelope.due() or 0.0)))
+        out = list(self.files.schedule())
         log.info("queue: {count} messages queued", count=len(out))
+        _trim()  # (the parsing's garbage back to the system: the queue may be large)
         return out
 
     def _loaded(self, entries):
@@ -686,6 +685,16 @@ class Runner(service.Service):
             protocol._tlsMode = True
         factory = _OneProtocol(protocol)
         return endpoint.connect(factory)
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim), where there is one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reshuffle(hosts: list, shuffle) -> list:
