@@ -210,7 +210,11 @@ strports.service("tcp:{self.port}:interface={HOST}", factory).setServiceParent(s
 # --- the client ------------------------------------------------------------------------------
 
 
-async def _client(port: int, queue: asyncio.Queue, timeout: float) -> int:
+async def _client(port: int, queue: asyncio.Queue, timeout: float, sender: str = "sender@localhost") -> int:
+    """
+    One SMTP client sending what C{queue} holds: C{data} (to RECIPIENT) or C{(recipient,
+    data)}, C{data} with CRLF line ends and without the final dot; the number sent.
+    """
     reader, writer = await asyncio.open_connection(HOST, port)
 
     async def reply() -> bytes:
@@ -232,11 +236,12 @@ async def _client(port: int, queue: asyncio.Queue, timeout: float) -> int:
     await ask(b"EHLO client.example", b"250")
     while True:
         try:
-            data = queue.get_nowait()
+            item = queue.get_nowait()
         except asyncio.QueueEmpty:
             break
-        await ask(b"MAIL FROM:<sender@localhost>", b"250")
-        await ask(f"RCPT TO:<{RECIPIENT}>".encode(), b"250")
+        rcpt, data = item if isinstance(item, tuple) else (RECIPIENT, item)
+        await ask(f"MAIL FROM:<{sender}>".encode(), b"250")
+        await ask(f"RCPT TO:<{rcpt}>".encode(), b"250")
         await ask(b"DATA", b"354")
         writer.write(data + b".\r\n")
         answer = await reply()
