@@ -263,3 +263,38 @@ def test_smarthost_password_is_reread_on_sighup(make_server, world, tmp_path):
     assert [base64.b64decode(r["auth"].split()[1]) for r in (first, second)] == [
         b"\0me@provider.test\0first", b"\0me@provider.test\0second"]
     assert queued(server) == []
+
+
+def test_kill_9_while_messages_are_being_accepted(make_server, world):
+    """
+    Remote mail submitted while pymaild is killed with SIGKILL: every message that got its 250
+    arrives after a restart; nothing half-written is ever sent (tmp/ is emptied at start).
+    """
+    import threading
+
+    w = world()
+    server = make_server(w.config()).start()
+    accepted, stop = [], threading.Event()
+
+    def client():
+        for i in range(200):
+            if stop.is_set():
+                return
+            try:
+                submit(server, [f"k{i}@accept.test"], body=b"Subject: k%d\r\n\r\n" % i + (b"x" * 70 + b"\r\n") * 300)
+            except (OSError, smtplib.SMTPException):
+                return
+            accepted.append(f"k{i}@accept.test")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_for(lambda: len(accepted) >= 5, what="some accepted messages")
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    stop.set()
+    thread.join(60)
+    server.start()
+    wait_for(lambda: not queued(server) and set(accepted) <= {r["rcpts"][0][0] for r in w.received("127.0.0.2")},
+             timeout=60, what="every accepted message delivered after the restart")
+    assert not list((server.data_dir / "queue" / "tmp").iterdir())
+    assert not list((server.data_dir / "queue" / "corrupt").iterdir())

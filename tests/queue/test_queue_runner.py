@@ -565,3 +565,27 @@ class ConnectionReuseCase(_Base):
 
     def test_backoff_does_not_overflow(self):
         self.assertEqual(Policy(minBackoff=1.0, maxBackoff=3600.0).backoff(5000), 3600.0)
+
+
+class DelayWarningCase(_Base):
+    behaviours = {"127.0.0.4": {"rcpt_default": "451 4.2.1 mailbox busy"}}
+    policy = {"delayWarning": 600, "minBackoff": 300, "maxBackoff": 300}
+
+    @defer.inlineCallbacks
+    def test_one_delay_warning_for_those_who_want_it(self):
+        id = self.enqueue([Recipient("a@reject.test"), Recipient("b@reject.test", notify=["FAILURE"]),
+                           Recipient("c@reject.test", notify=["DELAY"])])
+        yield self.runDue()
+        self.assertEqual(self.bounces, [])  # (not yet 10 minutes)
+        yield self.runDue(300)
+        self.assertEqual(self.bounces, [])
+        yield self.runDue(300)
+        [(to, dsn)] = self.bounces
+        self.assertIn(b"Action: delayed", dsn)
+        self.assertIn(b"Final-Recipient: rfc822; a@reject.test", dsn)
+        self.assertIn(b"Final-Recipient: rfc822; c@reject.test", dsn)
+        self.assertNotIn(b"b@reject.test", dsn)
+        self.assertIn(b"Will-Retry-Until:", dsn)
+        self.assertTrue(self.envelope(id).warned)
+        yield self.runDue(300)
+        self.assertEqual(len(self.bounces), 1)  # once only
