@@ -6,62 +6,18 @@ mail delivered into the store and read back from the maildir and over IMAP.
 from __future__ import annotations
 
 import base64
-import json
 import imaplib
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 
 import pytest
 
-from conftest import postmaster_inbox, wait_for
+from conftest import wait_for
+from smtpwire import Raw, inbox_messages, smtp
 
-FAKE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r", b"\r.\n", b"\r.\r\n"]
 MESSAGE = b"From: Alice <alice@example.com>\r\nTo: postmaster@localhost\r\nSubject: Hi\r\n\r\nHello\r\n..dot\r\n"
-
-
-def inbox_messages(server) -> list[bytes]:
-    home = postmaster_inbox(server)
-    return [(home / sub / name).read_bytes() for sub in ("new", "cur") for name in sorted(os.listdir(home / sub))]
-
-
-def smtp(server, port="smtp") -> smtplib.SMTP:
-    s = smtplib.SMTP("127.0.0.1", server.ports[port], timeout=30)
-    s.ehlo("client.example")
-    return s
-
-
-class Raw:
-    """A raw SMTP session: send bytes, read whole replies."""
-
-    def __init__(self, server, port="smtp"):
-        self.sock = socket.create_connection(("127.0.0.1", server.ports[port]), timeout=20)
-        self.data = b""
-        self.server = server
-        self.greeting = self.reply()
-
-    def reply(self) -> bytes:
-        while True:
-            lines = self.data.split(b"\r\n")
-            for i, line in enumerate(lines[:-1]):
-                if line[3:4] == b" ":
-                    out = b"\r\n".join(lines[: i + 1])
-                    self.data = b"\r\n".join(lines[i + 1:])
-                    return out
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; had {self.data!r}")
-            self.data += chunk
-
-    def ask(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
-
-    def starttls(self):
-        assert self.ask(b"STARTTLS").startswith(b"220 ")
-        self.sock = self.server.tls().wrap_socket(self.sock, server_hostname="localhost")
 
 
 def test_ehlo_advertises_the_extensions(server):
@@ -103,21 +59,15 @@ def test_mx_delivers_to_a_local_user(server):
         imap.logout()
 
 
-def test_recipients_plus_addressing_and_relay_refusal(server):
+def test_recipients_and_plus_addressing(server):
     """
-    Unknown local addresses get 550 5.1.1, other domains 554 5.7.1 (also with the % hack and
-    source routes), user+tag reaches user; the session goes on.
+    Unknown local addresses get 550 5.1.1, user+tag reaches user; the session goes on.  (Relay
+    refusal: tests/security/test_smtp_open_relay.py.)
     """
     with smtp(server) as s:
         s.mail("sender@example.org")
         code, text = s.rcpt("nobody@localhost")
         assert code == 550 and text.startswith(b"5.1.1")
-        code, text = s.rcpt("victim@example.net")
-        assert code == 554 and text.startswith(b"5.7.1")
-        code, _ = s.rcpt("victim%example.net@localhost")
-        assert code == 550
-        code, text = s.docmd("RCPT TO:<@localhost:victim@example.net>")
-        assert code == 554 and text.startswith(b"5.7.1")
         assert s.rcpt("postmaster+lists@localhost")[0] == 250
         assert s.docmd("RCPT TO:<Postmaster>")[0] == 250  # RFC 5321 4.5.1, no domain
         assert s.docmd("RCPT TO: postmaster@localhost")[0] == 250  # no brackets: taken, as Postfix does
@@ -142,78 +92,6 @@ def test_order_of_commands(server):
     assert r.ask(b"QUIT").startswith(b"221 2.0.0")
 
 
-@pytest.mark.parametrize("fake", FAKE_ENDS, ids=repr)
-def test_smuggling_never_makes_a_second_message(server, fake):
-    """
-    A fake end of data followed by a second transaction (SMTP smuggling): one reply for the
-    whole DATA (the message is refused for its bare line ends), no message delivered at all,
-    and the session goes on.
-    """
-    r = Raw(server)
-    r.ask(b"EHLO client.example")
-    r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-    assert r.reply().startswith(b"250") and r.reply().startswith(b"250") and r.reply().startswith(b"354")
-    r.sock.sendall(b"Subject: one\r\n\r\nfirst" + fake + b"MAIL FROM:<ceo@localhost>\r\nRCPT TO:<postmaster@localhost>\r\n"
-                   b"DATA\r\nSubject: smuggled\r\n\r\nsecond\r\n.\r\n")
-    answer = r.reply()
-    assert answer.startswith(b"550 5.6.0"), answer
-    assert r.ask(b"NOOP").startswith(b"250 2.0.0")
-    assert r.data == b""  # nothing more was answered: no smuggled command ran
-    assert inbox_messages(server) == []
-
-
-def test_bare_line_ends_normalised_when_configured(make_server):
-    server = make_server('[smtp]\nbare_line_ends = "normalize"\n').start()
-    r = Raw(server)
-    r.ask(b"EHLO client.example")
-    r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-    r.reply(), r.reply(), r.reply()
-    r.sock.sendall(b"Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<ceo@localhost>\r\n.\r\n")
-    assert r.reply().startswith(b"250 2.0.0")
-    (stored,) = inbox_messages(server)
-    assert stored.endswith(b"Subject: one\n\nfirst\n\nMAIL FROM:<ceo@localhost>\n")
-
-
-def test_pipelining_holds_commands_while_recipients_are_checked(server):
-    """
-    A whole transaction in one write (RFC 2920): every reply in order, the bad recipient
-    refused, the message delivered to the good one, the next transaction after it too.
-    """
-    r = Raw(server)
-    r.ask(b"EHLO client.example")
-    r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<nobody@localhost>\r\nRCPT TO:<postmaster@localhost>\r\n"
-                   b"DATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\nMAIL FROM:<b@example.org>\r\n"
-                   b"RCPT TO:<postmaster@localhost>\r\nDATA\r\nSubject: second\r\n\r\nx\r\n.\r\nQUIT\r\n")
-    answers = [r.reply() for _ in range(9)]
-    assert [a[:3] for a in answers] == [b"250", b"550", b"250", b"354", b"250", b"250", b"250", b"354", b"250"], answers
-    assert r.reply().startswith(b"221")
-    assert len(inbox_messages(server)) == 2
-
-
-def test_starttls_discards_pipelined_plaintext(server):
-    r = Raw(server)
-    r.ask(b"EHLO client.example")
-    r.sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
-    assert r.reply().startswith(b"220 ")
-    assert r.data == b""
-    r.sock = server.tls().wrap_socket(r.sock, server_hostname="localhost")
-    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"503 5.5.1")  # no MAIL survived
-    assert r.ask(b"MAIL FROM:<a@example.org>").startswith(b"503 5.5.1")  # EHLO again first
-    assert r.ask(b"EHLO client.example").startswith(b"250-")
-
-
-def test_overlong_line_in_data_stays_data(server):
-    r = Raw(server)
-    r.ask(b"EHLO client.example")
-    r.sock.sendall(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\nDATA\r\n")
-    r.reply(), r.reply(), r.reply()
-    r.sock.sendall(b"Subject: x\r\n\r\n" + b"A" * 20000 + b"\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n.\r\nNOOP\r\n")
-    assert r.reply().startswith(b"500 5.5.2")
-    assert r.reply().startswith(b"250 2.0.0")  # the NOOP after the real end, and nothing else
-    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"503")  # no MAIL from inside the data
-    assert inbox_messages(server) == []
-
-
 def test_size_limit_while_streaming(make_server):
     server = make_server('[smtp]\nmax_message_size = "64K"\n').start()
     with smtp(server) as s:
@@ -233,33 +111,6 @@ def test_recipient_limit(make_server):
         assert s.rcpt("postmaster+a@localhost")[0] == 250
         code, text = s.rcpt("postmaster+b@localhost")
         assert code == 452 and text.startswith(b"4.5.3")
-
-
-def test_submission_wants_tls_auth_and_own_sender(server):
-    """
-    On submission: MAIL before AUTH gets 530 5.7.0, AUTH before TLS 538, a wrong password 535,
-    a MAIL FROM of someone else 553 5.7.1; the logged-in user's own address sends.
-    """
-    r = Raw(server, "submission")
-    r.ask(b"EHLO client.example")
-    assert r.ask(b"MAIL FROM:<postmaster@localhost>").startswith(b"530 5.7.0")
-    assert r.ask(b"AUTH PLAIN " + base64.b64encode(b"\0postmaster@localhost\0x")).startswith(b"538 5.7.11")
-    r.starttls()
-    assert r.ask(b"EHLO client.example").startswith(b"250-")
-    assert r.ask(b"AUTH PLAIN " + base64.b64encode(b"\0postmaster@localhost\0wrong")).startswith(b"535 5.7.8")
-    password = server.postmaster_password().encode()
-    assert r.ask(b"AUTH PLAIN " + base64.b64encode(b"\0postmaster@localhost\0" + password)).startswith(b"235 2.7.0")
-    assert r.ask(b"MAIL FROM:<ceo@example.com>").startswith(b"553 5.7.1")
-    assert r.ask(b"MAIL FROM:<postmaster@localhost>").startswith(b"250 2.1.0")
-    assert r.ask(b"RCPT TO:<postmaster@localhost>").startswith(b"250 2.1.5")
-    assert r.ask(b"RCPT TO:<friend@example.net>").startswith(b"250 2.1.5")  # (into the outbound queue)
-    assert r.ask(b"DATA").startswith(b"354")
-    assert r.ask(b"Subject: sent\r\n\r\nhi\r\n.").startswith(b"250 2.0.0")
-    (stored,) = inbox_messages(server)
-    (envelope,) = (server.data_dir / "queue" / "messages").glob("*.json")
-    assert [r["address"] for r in json.loads(envelope.read_text())["recipients"]] == ["friend@example.net"]
-    assert b"with ESMTPSA" in stored and b"(authenticated user postmaster@localhost)" in stored
-    assert b"(using TLSv1.3 with cipher " in stored or b"(using TLSv1.2 with cipher " in stored
 
 
 def test_smtps_is_tls_from_the_first_byte(server):
