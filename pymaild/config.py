@@ -179,6 +179,28 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class LdapConfig:
+    urls: tuple[str, ...]
+    start_tls: bool
+    ca_file: Path | None
+    bind_dn: str
+    bind_password: str
+    bind_password_file: Path | None
+    base_dn: str
+    user_filter: str
+    address_attributes: tuple[str, ...]
+    active_filter: str
+    group_filter: str
+    member_attribute: str
+    group_address_attribute: str
+    quota_attribute: str
+    timeout: float
+    pool_size: int
+    cache_ttl: float
+    negative_cache_ttl: float
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_connections: int
     max_connections_per_ip: int
@@ -199,6 +221,7 @@ class Config:
     pop3: POP3Config
     store: StoreConfig
     queue: QueueConfig
+    ldap: LdapConfig
     limits: LimitsConfig
 
     def describe(self) -> str:
@@ -322,6 +345,35 @@ def _nameserver(value: Any) -> ListenAddress:
     elif ":" not in value:
         value = f"{value}:53"
     return parse_listen_address(value)
+
+
+def _ldapUrl(value: Any) -> str:
+    value = _nonempty_string(value).strip()
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in ("ldap", "ldaps") or not rest.strip("/"):
+        raise ValueError(f'{value!r} is not an LDAP URL (ldap://host[:port] or ldaps://host[:port])')
+    return value
+
+
+def _ldapFilter(value: Any) -> str:
+    value = _string(value).strip()
+    if not value:
+        return value
+    depth = 0
+    for c in value:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            break
+    if not (value.startswith("(") and value.endswith(")")) or depth != 0:
+        raise ValueError(f"{value!r} is not an LDAP filter (parenthesised, balanced)")
+    return value
+
+
+def _attribute(value: Any) -> str:
+    value = _string(value).strip()
+    if value and not all(c.isalnum() or c in "-;" for c in value):
+        raise ValueError(f"{value!r} is not an attribute name")
+    return value
 
 
 def _boolean(value: Any) -> bool:
@@ -566,6 +618,29 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "connect_timeout": Key(_duration, 30.0, "seconds to wait for a TCP connection"),
         "command_timeout": Key(_duration, 300.0, "seconds to wait for each reply (RFC 5321 4.5.3.2)"),
     },
+    "ldap": {
+        "urls": Key(_list_of(_ldapUrl, "LDAP URLs"), (), "directory servers, tried in order (failover)"),
+        "start_tls": Key(_boolean, False, "StartTLS on ldap:// URLs"),
+        "ca_file": Key(_optional_path, None, "CA certificates the servers' certificates must chain to (empty: the system's)"),
+        "bind_dn": Key(_string, "", "the service account that searches (empty: anonymous)"),
+        "bind_password": Key(_string, "", "its password (or bind_password_file)"),
+        "bind_password_file": Key(_optional_path, None, "a file whose first line is its password"),
+        "base_dn": Key(_string, "", "where users and groups are searched"),
+        "user_filter": Key(_ldapFilter, "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))",
+                           "finds the user of a login; {login} is replaced by the login, escaped"),
+        "address_attributes": Key(_list_of(_attribute, "attribute names"), ("mail", "mailLocalAddress"),
+                                  "attributes holding a user's addresses, the primary one first"),
+        "active_filter": Key(_ldapFilter, "", "only users matching it log in and receive mail (empty: all)"),
+        "group_filter": Key(_ldapFilter, "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames))",
+                            "what a distribution list is"),
+        "member_attribute": Key(_attribute, "member", "a group's members (member, uniqueMember, memberUid)"),
+        "group_address_attribute": Key(_attribute, "mail", "a group's address"),
+        "quota_attribute": Key(_attribute, "", "a user's storage quota in bytes (empty: [store] quota_storage)"),
+        "timeout": Key(_seconds, 5.0, "seconds to connect, and to wait for each answer"),
+        "pool_size": Key(_integer(1, 64), 4, "threads (each with its own connections) for LDAP calls"),
+        "cache_ttl": Key(_seconds, 60.0, "seconds an answer about an existing user or group is reused"),
+        "negative_cache_ttl": Key(_seconds, 10.0, "seconds an answer of nobody is reused"),
+    },
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
         "max_connections_per_ip": Key(_integer(1, 1_000_000), 100, "open connections from one client address"),
@@ -585,6 +660,7 @@ _SECTION_TYPES = {
     "pop3": POP3Config,
     "store": StoreConfig,
     "queue": QueueConfig,
+    "ldap": LdapConfig,
     "limits": LimitsConfig,
 }
 
@@ -661,13 +737,23 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
     auth["aliases_file_explicit"] = "aliases_file" in given_auth
     auth["passwd_file"] = (base if auth["passwd_file_explicit"] else data) / Path(auth["passwd_file"])
     auth["aliases_file"] = (base if auth["aliases_file_explicit"] else data) / Path(auth["aliases_file"])
+    ldap = settings["ldap"]
+    for key in ("ca_file", "bind_password_file"):
+        if ldap[key] is not None:
+            ldap[key] = base / Path(ldap[key])
+    if ldap["bind_password"] and ldap["bind_password_file"] is not None:
+        raise fail("ldap", "bind_password_file", "give bind_password or bind_password_file, not both")
     if auth["backend"] == "ldap":
-        raise fail(
-            "auth",
-            "backend",
-            '"ldap" is not available in this version of pymaild (the [ldap] table comes with '
-            'LDAP support); use "passwd-file"',
-        )
+        if not ldap["urls"]:
+            raise fail("ldap", "urls", 'at least one server is needed with [auth] backend = "ldap"')
+        if not ldap["base_dn"]:
+            raise fail("ldap", "base_dn", 'needed with [auth] backend = "ldap"')
+        if "{login}" not in ldap["user_filter"]:
+            raise fail("ldap", "user_filter", "must contain {login}")
+        if not ldap["address_attributes"]:
+            raise fail("ldap", "address_attributes", "at least one attribute is needed")
+    if ldap["timeout"] <= 0:
+        raise fail("ldap", "timeout", "must be more than 0 seconds")
 
     tls = settings["tls"]
     if (tls["cert"] is None) != (tls["key"] is None):

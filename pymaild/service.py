@@ -34,6 +34,7 @@ from pymaild import tls as tlsmod
 from pymaild.auth import passwords
 from pymaild.auth.aliases import AliasesError, AliasesFile
 from pymaild.auth.checkers import PasswdFileChecker
+from pymaild.auth.ldap import LdapChecker, LdapClient, LdapDirectory, LdapSettings
 from pymaild.auth.directory import FileDirectory
 from pymaild.auth.passwdfile import PasswdFile
 from pymaild.auth.realm import MailRealm
@@ -62,7 +63,7 @@ def _where(config: Config) -> str:
     return str(config.source) if config.source else "embedded default"
 
 
-def _checkReadable(path: Path, name: str, where: str, mustExist: bool) -> bool:
+def _checkReadable(path: Path, name: str, where: str, mustExist: bool, table: str = "auth") -> bool:
     """
     @return: whether the file exists (and is readable).
     @raise ConfigError: missing although named in the file, unreadable, or not a file.
@@ -72,10 +73,10 @@ def _checkReadable(path: Path, name: str, where: str, mustExist: bool) -> bool:
             return True
     except FileNotFoundError:
         if mustExist:
-            raise ConfigError(f"{where}: [auth] {name}: {path}: no such file") from None
+            raise ConfigError(f"{where}: [{table}] {name}: {path}: no such file") from None
         return False
     except OSError as e:
-        raise ConfigError(f"{where}: [auth] {name}: {path}: {fileProblem(e)}") from None
+        raise ConfigError(f"{where}: [{table}] {name}: {path}: {fileProblem(e)}") from None
 
 
 def checkFiles(config: Config) -> None:
@@ -101,12 +102,18 @@ def checkFiles(config: Config) -> None:
     for key in ("relay_password_file", "ca_file"):
         path = getattr(config.queue, key)
         if path is not None:
-            _checkReadable(path, key, where, True)
+            _checkReadable(path, key, where, True, "queue")
             if key == "ca_file":
                 try:
                     tlsmod.clientTLS("check", True, path)
                 except Exception as e:
                     raise ConfigError(f"{where}: [queue] ca_file: {path}: not a PEM certificate ({e})") from None
+    for key in ("bind_password_file", "ca_file"):
+        path = getattr(config.ldap, key)
+        if path is not None and config.auth.backend == "ldap":
+            _checkReadable(path, key, where, True, "ldap")
+    if config.auth.backend == "ldap":
+        return  # (no passwd-file or aliases file: the directory holds the accounts)
     _checkReadable(config.auth.passwd_file, "passwd_file", where, config.auth.passwd_file_explicit)
     if _checkReadable(config.auth.aliases_file, "aliases_file", where, config.auth.aliases_file_explicit):
         try:
@@ -307,6 +314,25 @@ def _needsUTF8(source, transaction: dict) -> bool:
     return not (head[: end if end >= 0 else len(head)]).isascii()
 
 
+def ldapSettings(config: Config) -> LdapSettings:
+    l = config.ldap
+    password = l.bind_password
+    if l.bind_password_file is not None:
+        try:
+            password = l.bind_password_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{_where(config)}: [ldap] bind_password_file: {l.bind_password_file}: "
+                              f"{e.strerror if isinstance(e, OSError) else 'no password in it'}") from None
+    return LdapSettings(
+        urls=l.urls, base_dn=l.base_dn, bind_dn=l.bind_dn, bind_password=password, start_tls=l.start_tls,
+        ca_file=str(l.ca_file) if l.ca_file else None, user_filter=l.user_filter,
+        address_attributes=l.address_attributes, active_filter=l.active_filter, group_filter=l.group_filter,
+        member_attribute=l.member_attribute, group_address_attribute=l.group_address_attribute,
+        quota_attribute=l.quota_attribute, timeout=l.timeout, pool_size=l.pool_size, cache_ttl=l.cache_ttl,
+        negative_cache_ttl=l.negative_cache_ttl,
+    )
+
+
 def queuePolicy(config: Config) -> Policy:
     q = config.queue
     return Policy(
@@ -420,12 +446,18 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     _prepareDataDir(config, own)
     serverTLS = _serverTLS(config, own)
 
-    passwd = PasswdFile(config.auth.passwd_file)
-    _firstAccount(config, passwd, own)
-    aliases = AliasesFile(config.auth.aliases_file)
-    directory = FileDirectory(passwd, aliases, config.domains.local)
-    threadpool = ThreadPool(minthreads=0, maxthreads=config.auth.threads, name="pymaild-auth")
-    checker = PasswdFileChecker(passwd, config.domains.local[0], threadpool, reactor)
+    if config.auth.backend == "ldap":
+        threadpool = ThreadPool(minthreads=0, maxthreads=config.ldap.pool_size, name="pymaild-ldap")
+        client = LdapClient(ldapSettings(config))
+        directory = LdapDirectory(client, threadpool, reactor, config.domains.local)
+        checker = LdapChecker(client, threadpool, reactor)
+    else:
+        passwd = PasswdFile(config.auth.passwd_file)
+        _firstAccount(config, passwd, own)
+        aliases = AliasesFile(config.auth.aliases_file)
+        directory = FileDirectory(passwd, aliases, config.domains.local)
+        threadpool = ThreadPool(minthreads=0, maxthreads=config.auth.threads, name="pymaild-auth")
+        checker = PasswdFileChecker(passwd, config.domains.local[0], threadpool, reactor)
     store = MaildirStore(
         config.server.data_dir / "mail",
         config.store.quota_storage,

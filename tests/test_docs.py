@@ -71,3 +71,10 @@ def test_readme_quick_start_has_two_commands_and_ci_runs_the_second():
     assert len(commands) == 2, commands
     ci = (TOP / ".ci" / "run").read_text()
     assert commands[1].strip() in ci
+
+
+@pytest.mark.parametrize("name", ["ldap-openldap.toml.example", "ldap-activedirectory.toml.example"])
+def test_ldap_examples_load(name):
+    """The OpenLDAP and Active Directory examples of etc/ are valid configurations."""
+    c = config.load(TOP / "etc" / name)
+    assert c.auth.backend == "ldap" and c.ldap.urls and "{login}" in c.ldap.user_filter

@@ -650,7 +650,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if not failure.check(TemporaryFailure):
             log.failure("smtp directory lookup", failure)
         if not self._lost:
-            self._reply(451, b"Temporary lookup failure, try again later", code="4.3.0")
+            self._reply(451, b"Temporary lookup failure, try again later", code="4.4.3")  # (RFC 3463: directory server failure)
         self._release()
 
     def smtp_RCPT(self, rest):

@@ -1,0 +1,515 @@
+# -*- test-case-name: tests.auth.test_ldap -*-
+"""
+The company's LDAP directory (OpenLDAP, Active Directory) as pymaild's user database, through
+C{ldap3}: L{LdapChecker} checks logins (SMTP AUTH, IMAP, POP3 alike, as a twisted.cred checker),
+L{LdapDirectory} answers recipient lookups, a user's sender addresses and group expansion.
+
+Interfaces implemented: C{ICredentialsChecker} (C{IUsernamePassword}), L{IDirectory},
+L{IReloadable}.
+
+Implementation summary:
+
+  - every ldap3 call runs in a dedicated, bounded thread pool (C{[ldap] pool_size} threads),
+    never on the reactor; each thread keeps its own connections (one bound as the service
+    account for searches, one for checking users' passwords by binding as them), so no
+    connection is ever shared between threads;
+  - the servers of C{[ldap] urls} are tried in order (failover): a connection that fails is
+    dropped and the call is tried once more from the first server; ldap3 connections do not
+    recover by themselves after a server restart, this does;
+  - a directory that cannot answer (down, timing out, refusing the service account) is a
+    L{TemporaryFailure}: mail is deferred (SMTP 451, AUTH 454), logins get "try later", never a
+    permanent "no such user";
+  - a login or an address is only ever data in a filter: C{escape_filter_chars} for every value
+    put into C{user_filter}, the address filters and the group filter;
+  - answers are cached for C{cache_ttl} seconds (positive) and C{negative_cache_ttl} (nobody
+    there); passwords are never cached.
+
+Account names: a user's account (the avatar ID, and the key of its mailbox under
+C{<data_dir>/mail/<domain>/<local>/}) is its primary address: the first value of the first
+attribute of C{[ldap] address_attributes} (for Active Directory, the C{SMTP:} value of
+C{proxyAddresses}, or C{mail}), folded to lower case.
+
+Security: the service account needs read access to the users' address attributes and the
+groups, never to passwords; users' passwords are checked by binding as the user's DN (found
+with the service account), over TLS when C{start_tls} or an C{ldaps://} URL is configured. An
+empty password is refused before any bind (an empty-password bind is an anonymous bind and
+"succeeds").
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pymaild.envelope import Resolution, normalizeAddress
+from pymaild.errors import TemporaryFailure
+from pymaild.interfaces import IDirectory, IReloadable
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class LdapSettings:
+    urls: tuple[str, ...]
+    base_dn: str
+    bind_dn: str = ""
+    bind_password: str = ""
+    start_tls: bool = False
+    ca_file: str | None = None
+    user_filter: str = "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))"
+    address_attributes: tuple[str, ...] = ("mail", "mailLocalAddress")
+    active_filter: str = ""
+    group_filter: str = "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))"
+    member_attribute: str = "member"
+    group_address_attribute: str = "mail"
+    quota_attribute: str = ""
+    timeout: float = 5.0
+    pool_size: int = 4
+    cache_ttl: float = 60.0
+    negative_cache_ttl: float = 10.0
+    max_depth: int = 10
+
+
+class LdapUnavailable(TemporaryFailure):
+    """No LDAP server answered (or the service account was refused)."""
+
+
+def _escape(value: str) -> str:
+    from ldap3.utils.conv import escape_filter_chars
+
+    return escape_filter_chars(value)
+
+
+def _and(*filters: str) -> str:
+    filters = [f for f in filters if f]
+    if len(filters) == 1:
+        return filters[0]
+    return "(&" + "".join(filters) + ")"
+
+
+class LdapClient:
+    """
+    Blocking LDAP operations for the pool's threads.  Each thread has its own connections
+    (C{threading.local}); a connection that fails is thrown away and the operation is tried
+    once more, from the first URL.
+    """
+
+    def __init__(self, settings: LdapSettings):
+        self.settings = settings
+        self._local = threading.local()
+        self._tls = None
+        if settings.start_tls or any(u.lower().startswith("ldaps:") for u in settings.urls):
+            from ldap3 import Tls
+
+            self._tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=settings.ca_file,
+                            version=ssl.PROTOCOL_TLS_CLIENT)
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _servers(self):
+        from ldap3 import NONE, Server
+
+        s = self.settings
+        return [Server(url, get_info=NONE, connect_timeout=s.timeout, tls=self._tls) for url in s.urls]
+
+    def _open(self, user: str | None, password: str | None):
+        """A new bound connection to the first server that answers; raises on none."""
+        from ldap3 import SYNC, Connection
+        from ldap3.core.exceptions import LDAPException
+
+        last = None
+        for server in self._servers():
+            connection = Connection(server, user=user or None, password=password or None, client_strategy=SYNC,
+                                    receive_timeout=max(1, int(round(self.settings.timeout))), raise_exceptions=False,
+                                    auto_referrals=False)
+            try:
+                connection.open()
+                if self.settings.start_tls and not server.ssl:
+                    if not connection.start_tls():
+                        raise LdapUnavailable(f"StartTLS refused by {server}")
+                if user is not None and not connection.bind():
+                    result = connection.result.get("description")
+                    connection.unbind()
+                    raise LdapUnavailable(f"{server} refused the service account ({result})")
+                return connection
+            except (LDAPException, OSError, LdapUnavailable) as e:
+                last = e
+                log.warn("ldap: {server}: {error}", server=str(server), error=str(e))
+                try:
+                    connection.unbind()
+                except Exception:
+                    pass
+        raise LdapUnavailable(f"no LDAP server answered: {last}")
+
+    def _service(self):
+        connection = getattr(self._local, "service", None)
+        if connection is None or connection.closed:
+            connection = self._local.service = self._open(self.settings.bind_dn or "", self.settings.bind_password)
+        return connection
+
+    def _drop(self, name: str) -> None:
+        connection = getattr(self._local, name, None)
+        setattr(self._local, name, None)
+        if connection is not None:
+            try:
+                connection.unbind()
+            except Exception:
+                pass
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def search(self, ldapFilter: str, attributes, base: str | None = None, scope: str = "SUBTREE"):
+        """
+        C{[(dn, {attribute: [values]})]} of the entries C{ldapFilter} finds.
+
+        @raise LdapUnavailable: no server could answer.
+        """
+        from ldap3 import BASE, SUBTREE
+        from ldap3.core.exceptions import LDAPException
+
+        for attempt in (1, 2):
+            try:
+                connection = self._service()
+                ok = connection.search(base or self.settings.base_dn, ldapFilter,
+                                       search_scope=BASE if scope == "BASE" else SUBTREE,
+                                       attributes=list(attributes), size_limit=100,
+                                       time_limit=max(1, int(self.settings.timeout)))
+                result = connection.result.get("result")
+                if not ok and result not in (0, 4, 32):  # success, size limit, no such object
+                    raise LdapUnavailable(f"search failed: {connection.result.get('description')}")
+                return [(e["dn"], {k: _values(v) for k, v in e["attributes"].items()})
+                        for e in connection.response or () if e.get("type") == "searchResEntry"]
+            except (LDAPException, OSError, LdapUnavailable) as e:
+                self._drop("service")
+                if attempt == 2:
+                    raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
+        raise AssertionError("unreachable")
+
+    def checkPassword(self, dn: str, password: str) -> bool:
+        """
+        Whether C{password} is C{dn}'s (by binding as it on this thread's own connection).
+
+        @raise LdapUnavailable: no server could answer.
+        """
+        from ldap3.core.exceptions import LDAPException
+
+        if not password:
+            return False  # (an empty password would be an anonymous bind, which "succeeds")
+        for attempt in (1, 2):
+            try:
+                connection = getattr(self._local, "auth", None)
+                if connection is None or connection.closed:
+                    connection = self._local.auth = self._open(None, None)
+                if connection.rebind(user=dn, password=password):
+                    return True
+                result = connection.result.get("result")
+                if result == 49:  # invalidCredentials
+                    return False
+                raise LdapUnavailable(f"bind as {dn}: {connection.result.get('description')}")
+            except (LDAPException, OSError, LdapUnavailable) as e:
+                self._drop("auth")
+                if attempt == 2:
+                    raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
+        raise AssertionError("unreachable")
+
+
+def _values(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value]
+    if value is None:
+        return []
+    return [value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)]
+
+
+@dataclass
+class _Cache:
+    ttl: float
+    negativeTtl: float
+    entries: dict = field(default_factory=dict)
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def put(self, key, value, negative: bool = False) -> None:
+        if len(self.entries) > 50_000:
+            self.entries.clear()
+        self.entries[key] = (time.monotonic() + (self.negativeTtl if negative else self.ttl), value)
+
+
+class _Lookups:
+    """The blocking lookups both the checker and the directory use (in pool threads)."""
+
+    def __init__(self, client: LdapClient):
+        self.client = client
+        self.settings = client.settings
+
+    def addressesOf(self, attributes: dict) -> list[str]:
+        """An entry's addresses, primary first (AD's proxyAddresses: only smtp: values)."""
+        out = []
+        for name in self.settings.address_attributes:
+            values = _get(attributes, name)
+            if name.lower() == "proxyaddresses":
+                primary = [v[5:] for v in values if v.startswith("SMTP:")]
+                others = [v[5:] for v in values if v[:5].lower() == "smtp:" and not v.startswith("SMTP:")]
+                values = primary + others
+            for value in values:
+                address = normalizeAddress(value)
+                if "@" in address and address not in out:
+                    out.append(address)
+        return out
+
+    def addressFilter(self, address: str) -> str:
+        value = _escape(address)
+        parts = []
+        for name in self.settings.address_attributes:
+            parts.append(f"({name}=smtp:{value})" if name.lower() == "proxyaddresses" else f"({name}={value})")
+        return parts[0] if len(parts) == 1 else "(|" + "".join(parts) + ")"
+
+    def attributes(self) -> list[str]:
+        names = list(self.settings.address_attributes)
+        if self.settings.quota_attribute:
+            names.append(self.settings.quota_attribute)
+        return names
+
+    def findUserByLogin(self, login: str):
+        s = self.settings
+        ldapFilter = _and(s.user_filter.replace("{login}", _escape(login)), s.active_filter)
+        return self.client.search(ldapFilter, self.attributes())
+
+    def findUserByAddress(self, address: str):
+        s = self.settings
+        return self.client.search(_and(self.addressFilter(address), s.active_filter, _userClass(s)), self.attributes())
+
+
+def _userClass(settings: LdapSettings) -> str:
+    """(Groups carry addresses too: a user is what the user filter's object classes say.)"""
+    f = settings.user_filter
+    start = f.find("(objectClass=")
+    if start < 0:
+        return ""
+    end = f.find(")", start)
+    return f[start:end + 1]
+
+
+def _get(attributes: dict, name: str) -> list:
+    for key, values in attributes.items():
+        if key.lower() == name.lower():
+            return values
+    return []
+
+
+@implementer(ICredentialsChecker)
+class LdapChecker:
+    """
+    Logins against the directory: the user is searched with the service account (C{user_filter}
+    with the login escaped, and C{active_filter}), then the password is checked by binding as
+    the entry found.  The avatar ID is the user's primary address.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, client: LdapClient, threadpool, reactor):
+        self.lookups = _Lookups(client)
+        self._threadpool = threadpool
+        self._reactor = reactor
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        try:
+            login = credentials.username
+            login = login.decode("utf-8") if isinstance(login, bytes) else login
+            password = credentials.password
+            password = password.decode("utf-8") if isinstance(password, bytes) else password
+        except UnicodeDecodeError:
+            return defer.fail(UnauthorizedLogin())
+        login = login.strip()
+        if not login or not password or "\0" in login:
+            log.debug("login {user}: {result}", user=login, result="empty-password" if login else "bad-login")
+            return defer.fail(UnauthorizedLogin())
+        d = deferToThreadPool(self._reactor, self._threadpool, self._check, login, password)
+        d.addErrback(self._failed, login)
+        return d
+
+    def _check(self, login: str, password: str) -> str:
+        entries = self.lookups.findUserByLogin(login)
+        if len(entries) != 1:
+            log.debug("login {user}: {result}", user=login, result="unknown-user" if not entries else "ambiguous")
+            raise UnauthorizedLogin()
+        dn, attributes = entries[0]
+        addresses = self.lookups.addressesOf(attributes)
+        if not addresses:
+            log.warn("ldap: {dn} has no address in {attributes}; it cannot log in", dn=dn,
+                     attributes=", ".join(self.lookups.settings.address_attributes))
+            raise UnauthorizedLogin()
+        if not self.lookups.client.checkPassword(dn, password):
+            log.debug("login {user}: {result}", user=login, result="bad-password")
+            raise UnauthorizedLogin()
+        log.debug("login {user}: {result}", user=addresses[0], result="ok")
+        return addresses[0]
+
+    def _failed(self, failure, login):
+        if failure.check(UnauthorizedLogin):
+            return failure
+        failure.trap(TemporaryFailure)
+        log.warn("ldap: login {user} could not be checked: {error}", user=login, error=str(failure.value))
+        return failure
+
+
+@implementer(IDirectory, IReloadable)
+class LdapDirectory:
+    """
+    Recipient lookups in the directory: an address of a user (any of its address attributes,
+    C{user+tag@} as C{user@}), or of a group (C{group_address_attribute} on an entry matching
+    C{group_filter}), whose members are expanded: users (active ones only), nested groups (loops
+    and depth beyond C{max_depth} cut and logged), and other entries with an address outside the
+    local domains (external members).  C{postmaster@} any local domain falls back to
+    C{postmaster@} the first one.
+    """
+
+    def __init__(self, client: LdapClient, threadpool, reactor, localDomains):
+        self.lookups = _Lookups(client)
+        self.settings = client.settings
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self.localDomains = tuple(d.lower() for d in localDomains)
+        self._cache = _Cache(self.settings.cache_ttl, self.settings.negative_cache_ttl)
+
+    def isLocalDomain(self, domain) -> bool:
+        if isinstance(domain, bytes):
+            domain = domain.decode("utf-8", "replace")
+        domain = domain.strip().rstrip(".").lower()
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+        return domain in self.localDomains
+
+    def _run(self, f, *args):
+        return deferToThreadPool(self._reactor, self._threadpool, f, *args)
+
+    def lookup(self, address: str) -> defer.Deferred:
+        address = normalizeAddress(address)
+        cached = self._cache.get(("lookup", address))
+        if cached is not None:
+            return defer.succeed(cached)
+        d = self._run(self._resolve, address)
+
+        def store(resolution):
+            self._cache.put(("lookup", address), resolution, negative=not resolution.exists)
+            return resolution
+
+        return d.addCallback(store)
+
+    def addressesOf(self, user: str) -> defer.Deferred:
+        user = normalizeAddress(user)
+        cached = self._cache.get(("addresses", user))
+        if cached is not None:
+            return defer.succeed(cached)
+
+        def find():
+            entries = self.lookups.findUserByAddress(user)
+            if len(entries) != 1:
+                return frozenset()
+            return frozenset(self.lookups.addressesOf(entries[0][1]))
+
+        d = self._run(find)
+
+        def store(addresses):
+            self._cache.put(("addresses", user), addresses, negative=not addresses)
+            return addresses
+
+        return d.addCallback(store)
+
+    def reload(self) -> None:
+        self._cache.entries.clear()
+
+    # --- in the pool's threads ------------------------------------------------------------
+
+    def _resolve(self, address: str) -> Resolution:
+        local, _, domain = address.rpartition("@")
+        if not self.isLocalDomain(domain):
+            return Resolution(address, "none")
+        for candidate in self._candidates(address):
+            users = self.lookups.findUserByAddress(candidate)
+            if len(users) == 1:
+                primary = self.lookups.addressesOf(users[0][1])
+                if primary:
+                    return Resolution(address, "user", frozenset([primary[0]]))
+            elif len(users) > 1:
+                log.warn("ldap: {address} belongs to {n} entries; refused", address=candidate, n=len(users))
+                return Resolution(address, "none")
+            groups = self.lookups.client.search(
+                _and(self.settings.group_filter, f"({self.settings.group_address_attribute}={_escape(candidate)})"),
+                [self.settings.member_attribute])
+            if groups:
+                users, remote = self._expand(groups[0][0], groups[0][1], {groups[0][0].lower()}, 0)
+                if users or remote:
+                    return Resolution(address, "group", frozenset(users), frozenset(remote))
+                log.warn("ldap: group {dn} ({address}) has no member mail can reach", dn=groups[0][0], address=candidate)
+                return Resolution(address, "none")
+        return Resolution(address, "none")
+
+    def _candidates(self, address: str) -> list[str]:
+        local, _, domain = address.rpartition("@")
+        out = [address]
+        if "+" in local:
+            out.append(f"{local.split('+', 1)[0]}@{domain}")
+        if local == "postmaster" and domain != self.localDomains[0]:
+            out.append(f"postmaster@{self.localDomains[0]}")
+        return out
+
+    def _expand(self, dn: str, attributes: dict, seen: set, depth: int):
+        users, remote = set(), set()
+        if depth >= self.settings.max_depth:
+            log.warn("ldap: group {dn} nested deeper than {n}; not expanded further", dn=dn, n=self.settings.max_depth)
+            return users, remote
+        memberAttribute = self.settings.member_attribute
+        for member in _get(attributes, memberAttribute):
+            if memberAttribute.lower() == "memberuid":  # (posixGroup: user names, not DNs)
+                found = self.lookups.findUserByLogin(member)
+                if len(found) == 1:
+                    addresses = self.lookups.addressesOf(found[0][1])
+                    if addresses:
+                        users.add(addresses[0])
+                continue
+            if member.lower() in seen:
+                log.warn("ldap: group loop at {dn}; cut", dn=member)
+                continue
+            seen.add(member.lower())
+            entries = self.lookups.client.search(
+                "(objectClass=*)", self.lookups.attributes() + [memberAttribute, "objectClass"], base=member, scope="BASE")
+            if not entries:
+                continue  # (a member that does not exist any more)
+            entryDn, entry = entries[0]
+            isGroup = any(self._matches(entryDn, self.settings.group_filter) for _ in (0,)) if _get(entry, memberAttribute) else False
+            if isGroup:
+                u, r = self._expand(entryDn, entry, seen, depth + 1)
+                users |= u
+                remote |= r
+                continue
+            addresses = self.lookups.addressesOf(entry)
+            if not addresses:
+                continue
+            primary = addresses[0]
+            if self.isLocalDomain(primary.rpartition("@")[2]):
+                active = self.lookups.findUserByAddress(primary)
+                if len(active) == 1:
+                    users.add(self.lookups.addressesOf(active[0][1])[0])
+            else:
+                remote.add(primary)
+        return users, remote
+
+    def _matches(self, dn: str, ldapFilter: str) -> bool:
+        return bool(self.lookups.client.search(ldapFilter, ["objectClass"], base=dn, scope="BASE"))

@@ -1,0 +1,163 @@
+"""
+The LDAP checker and directory against a real OpenLDAP slapd (tests/ldapserver.py) with a
+corporate fixture: logins (uid, address, wrong and empty passwords, a disabled account, filter
+injection), address and group lookups (aliases, nested groups, an external contact, a loop),
+a server stopped and started again (temporary failures, then recovery without a restart),
+failover to a second server, LDAPS and StartTLS.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from pymaild.auth.ldap import LdapChecker, LdapClient, LdapDirectory, LdapSettings
+from pymaild.errors import TemporaryFailure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ldapserver  # noqa: E402
+
+if not ldapserver.slapd_available():
+    raise unittest.SkipTest("slapd is not installed (scripts/test installs it)")
+
+
+def settings(*urls, **kw) -> LdapSettings:
+    values = dict(urls=tuple(urls), base_dn=ldapserver.BASE_DN, bind_dn=ldapserver.SERVICE_DN,
+                  bind_password=ldapserver.SERVICE_PASSWORD, active_filter=ldapserver.ACTIVE_USER_FILTER,
+                  timeout=2.0, cache_ttl=0, negative_cache_ttl=0)
+    values.update(kw)
+    return LdapSettings(**values)
+
+
+class _LdapCase(unittest.TestCase):
+    servers = 1
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="pymaild-ldap-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        if self.servers == 2:
+            self.slapd, self.slapd2 = ldapserver.twoServers(self.tmp)
+            self.addCleanup(self.slapd2.close)
+        else:
+            self.slapd = ldapserver.Slapd(self.tmp / "slapd")
+            self.slapd.start()
+        self.addCleanup(self.slapd.close)
+        self.pool = ThreadPool(minthreads=0, maxthreads=2, name="test-ldap")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.use(settings(self.slapd.url))
+
+    def use(self, s: LdapSettings) -> None:
+        self.client = LdapClient(s)
+        self.checker = LdapChecker(self.client, self.pool, reactor)
+        self.directory = LdapDirectory(self.client, self.pool, reactor, ["example.com", "example.org"])
+
+    def login(self, user, password):
+        return self.checker.requestAvatarId(UsernamePassword(user, password))
+
+
+class LoginCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_logins_by_uid_and_by_address_give_the_primary_address(self):
+        self.assertEqual((yield self.login(b"alice", ldapserver.PASSWORDS["alice"].encode())), "alice@example.com")
+        self.assertEqual((yield self.login(b"Alice@Example.com", ldapserver.PASSWORDS["alice"].encode())),
+                         "alice@example.com")
+        # (the default user_filter matches uid and mail; a site may add any address attribute)
+        yield self.assertFailure(self.login(b"a.smith@example.com", ldapserver.PASSWORDS["alice"].encode()),
+                                 UnauthorizedLogin)
+        self.use(settings(self.slapd.url, user_filter="(&(objectClass=inetOrgPerson)"
+                                                      "(|(uid={login})(mail={login})(mailLocalAddress={login})))"))
+        self.assertEqual((yield self.login(b"a.smith@example.com", ldapserver.PASSWORDS["alice"].encode())),
+                         "alice@example.com")
+        self.assertEqual((yield self.login("dave", ldapserver.PASSWORDS["dave"])), "dave@example.com")
+
+    @defer.inlineCallbacks
+    def test_refusals(self):
+        for user, password in [(b"alice", b"wrong"), (b"alice", b""), (b"nobody", b"x"),
+                               (b"carol", ldapserver.PASSWORDS["carol"].encode()),  # disabled
+                               (b"*", b"x"), (b"*)(uid=*", b"x"), (b"al*", ldapserver.PASSWORDS["alice"].encode()),
+                               (b"alice)(|(uid=*", ldapserver.PASSWORDS["alice"].encode()), (b"alice\\2a", b"x"),
+                               (b"\x00alice", ldapserver.PASSWORDS["alice"].encode())]:
+            with self.subTest(user=user):
+                yield self.assertFailure(self.login(user, password), UnauthorizedLogin)
+
+
+class LookupCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_users_aliases_and_tags(self):
+        for address, user in [("alice@example.com", "alice@example.com"), ("A.Smith@Example.COM", "alice@example.com"),
+                              ("sales-lead@example.com", "alice@example.com"), ("alice+news@example.com", "alice@example.com"),
+                              ("dave@example.org", "dave@example.com")]:
+            r = yield self.directory.lookup(address)
+            self.assertEqual((r.kind, r.users), ("user", frozenset([user])), address)
+        for address in ["carol@example.com", "nobody@example.com", "*@example.com", "alice@elsewhere.example"]:
+            r = yield self.directory.lookup(address)
+            self.assertEqual(r.kind, "none", address)
+
+    @defer.inlineCallbacks
+    def test_nested_groups_external_members_and_loops(self):
+        r = yield self.directory.lookup("staff@example.com")
+        self.assertEqual(r.kind, "group")
+        self.assertEqual(r.users, frozenset({"alice@example.com", "bob@example.com", "dave@example.com"}))
+        self.assertEqual(r.remote, frozenset({"partner@partner.example"}))
+        r = yield self.directory.lookup("loop@example.com")
+        self.assertEqual(r.users, frozenset({"alice@example.com", "bob@example.com"}))
+
+    @defer.inlineCallbacks
+    def test_addresses_of_a_user(self):
+        addresses = yield self.directory.addressesOf("alice@example.com")
+        self.assertEqual(addresses, frozenset({"alice@example.com", "a.smith@example.com", "sales-lead@example.com"}))
+
+
+class OutageCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_a_stopped_directory_is_a_temporary_failure_then_recovers(self):
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+        self.slapd.stop()
+        yield self.assertFailure(self.login(b"bob", ldapserver.PASSWORDS["bob"].encode()), TemporaryFailure)
+        yield self.assertFailure(self.directory.lookup("bob@example.com"), TemporaryFailure)
+        self.slapd.start()
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+        r = yield self.directory.lookup("bob@example.com")
+        self.assertEqual(r.kind, "user")
+
+    @defer.inlineCallbacks
+    def test_a_wrong_service_password_is_temporary_not_unknown_user(self):
+        self.use(settings(self.slapd.url, bind_password="wrong"))
+        yield self.assertFailure(self.login(b"bob", ldapserver.PASSWORDS["bob"].encode()), TemporaryFailure)
+        yield self.assertFailure(self.directory.lookup("bob@example.com"), TemporaryFailure)
+
+
+class FailoverCase(_LdapCase):
+    servers = 2
+
+    @defer.inlineCallbacks
+    def test_the_second_server_answers_when_the_first_is_down(self):
+        self.use(settings(self.slapd.url, self.slapd2.url))
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+        self.slapd.stop()
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+        r = yield self.directory.lookup("eng@example.com")
+        self.assertEqual(r.users, frozenset({"dave@example.com"}))
+
+
+class TLSCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_ldaps_and_starttls(self):
+        for s in (settings(self.slapd.ldapsUrl, ca_file=str(self.slapd.certPath)),
+                  settings(self.slapd.url, start_tls=True, ca_file=str(self.slapd.certPath))):
+            self.use(s)
+            self.assertEqual((yield self.login(b"alice", ldapserver.PASSWORDS["alice"].encode())), "alice@example.com")
+
+    @defer.inlineCallbacks
+    def test_an_untrusted_certificate_is_a_temporary_failure(self):
+        self.use(settings(self.slapd.ldapsUrl))  # (the system's CAs do not know the test certificate)
+        yield self.assertFailure(self.login(b"alice", ldapserver.PASSWORDS["alice"].encode()), TemporaryFailure)

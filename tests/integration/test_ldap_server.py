@@ -1,0 +1,126 @@
+"""
+pymaild with [auth] backend = "ldap" end to end (twistd subprocess, real slapd): logins over
+SMTP submission, IMAP and POP3; delivery to a user's alias address and to a nested group with
+an external member (queued); a disabled user; a stopped directory gives temporary answers and
+pymaild recovers when it comes back, without a restart.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import poplib
+import smtplib
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ldapserver  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ldapserver.slapd_available(), reason="slapd is not installed")
+
+
+@pytest.fixture
+def slapd(tmp_path):
+    server = ldapserver.Slapd(tmp_path / "slapd")
+    server.start()
+    yield server
+    server.close()
+
+
+def config(slapd) -> str:
+    return f"""
+[auth]
+backend = "ldap"
+plaintext_networks = ["127.0.0.0/8"]
+
+[domains]
+local = ["example.com", "example.org"]
+
+[ldap]
+urls = ["{slapd.url}"]
+start_tls = true
+ca_file = "{slapd.certPath}"
+bind_dn = "{ldapserver.SERVICE_DN}"
+bind_password = "{ldapserver.SERVICE_PASSWORD}"
+base_dn = "{ldapserver.BASE_DN}"
+active_filter = "{ldapserver.ACTIVE_USER_FILTER}"
+timeout = 2
+cache_ttl = 0
+negative_cache_ttl = 0
+"""
+
+
+def inbox(server, user: str) -> list[bytes]:
+    local, _, domain = user.partition("@")
+    home = server.data_dir / "mail" / domain / local
+    return [(home / sub / name).read_bytes() for sub in ("new", "cur") if (home / sub).is_dir()
+            for name in sorted(os.listdir(home / sub))]
+
+
+def test_ldap_logins_and_deliveries(make_server, slapd):
+    server = make_server(config(slapd)).start()
+    assert not (server.data_dir / "passwd").exists()  # (no passwd-file, no first account)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("mx.partner.example")
+        s.sendmail("someone@partner.example", ["a.smith@example.com"], b"Subject: to an alias\r\n\r\nhi\r\n")
+        s.sendmail("someone@partner.example", ["staff@example.com"], b"Subject: to all staff\r\n\r\nhi\r\n")
+        code, _ = s.rcpt("carol@example.com") if s.mail("x@partner.example") else (None, None)
+        assert code == 550  # (disabled)
+        s.rset()
+    assert len(inbox(server, "alice@example.com")) == 2
+    assert len(inbox(server, "bob@example.com")) == 1 and len(inbox(server, "dave@example.com")) == 1
+    queued = list((server.data_dir / "queue" / "messages").glob("*.json"))
+    assert len(queued) == 1 and "partner@partner.example" in queued[0].read_text()
+
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("alice", ldapserver.PASSWORDS["alice"])
+    assert imap.select("INBOX")[1] == [b"2"]
+    imap.logout()
+    pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=server.tls())
+    pop.user("dave@example.com")
+    pop.pass_(ldapserver.PASSWORDS["dave"])
+    assert pop.stat()[0] == 1
+    pop.quit()
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+        s.starttls(context=server.tls())
+        s.login("bob", ldapserver.PASSWORDS["bob"])
+        s.sendmail("bob@example.com", ["alice@example.com"], b"Subject: from bob\r\n\r\nhi\r\n")
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+        s.starttls(context=server.tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("carol", ldapserver.PASSWORDS["carol"])  # (disabled)
+        assert e.value.smtp_code == 535
+    assert len(inbox(server, "alice@example.com")) == 3
+
+
+def test_a_stopped_directory_is_temporary_and_pymaild_recovers(make_server, slapd):
+    server = make_server(config(slapd)).start()
+    slapd.stop()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("mx.partner.example")
+        s.mail("someone@partner.example")
+        code, text = s.rcpt("bob@example.com")
+        assert (code, text[:5]) == (451, b"4.4.3")
+        s.rset()
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+        s.starttls(context=server.tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("bob", ldapserver.PASSWORDS["bob"])
+        assert e.value.smtp_code == 454
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    with pytest.raises(imaplib.IMAP4.error) as e:
+        imap.login("bob", ldapserver.PASSWORDS["bob"])
+    assert "UNAVAILABLE" in str(e.value)
+    slapd.start()
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("bob", ldapserver.PASSWORDS["bob"])
+    imap.logout()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("mx.partner.example")
+        s.sendmail("someone@partner.example", ["bob@example.com"], b"Subject: back\r\n\r\nhi\r\n")
+    wait_for(lambda: inbox(server, "bob@example.com"), what="delivery after recovery")
