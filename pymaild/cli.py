@@ -150,7 +150,16 @@ def _loadConfig(args: argparse.Namespace):
 def _passwdFile(args: argparse.Namespace):
     from pymaild.auth.passwdfile import PasswdFile
 
-    return PasswdFile(_loadConfig(args).auth.passwd_file)
+    return PasswdFile(_accountsConfig(args).auth.passwd_file)
+
+
+def _accountsConfig(args: argparse.Namespace):
+    """The configuration, if its accounts are in the passwd-file (not in LDAP)."""
+    config = _loadConfig(args)
+    if config.auth.backend == "ldap":
+        raise UsageError('the accounts are in the LDAP directory ([auth] backend = "ldap"): '
+                         "add, change and remove them there")
+    return config
 
 
 def _userName(args: argparse.Namespace) -> str:
@@ -204,7 +213,7 @@ def _userAdd(args: argparse.Namespace) -> None:
     from pymaild.auth import passwords
     from pymaild.auth.passwdfile import PasswdFile, UserExists
 
-    config = _loadConfig(args)
+    config = _accountsConfig(args)
     user = _userName(args)
     domain = user.rpartition("@")[2]
     if domain not in config.domains.local:

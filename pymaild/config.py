@@ -198,6 +198,8 @@ class LdapConfig:
     pool_size: int
     cache_ttl: float
     negative_cache_ttl: float
+    bind_dn_template: str
+    balance: str
 
 
 @dataclass(frozen=True)
@@ -640,6 +642,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pool_size": Key(_integer(1, 64), 4, "threads (each with its own connections) for LDAP calls"),
         "cache_ttl": Key(_seconds, 60.0, "seconds an answer about an existing user or group is reused"),
         "negative_cache_ttl": Key(_seconds, 10.0, "seconds an answer of nobody is reused"),
+        "bind_dn_template": Key(_string, "", "the user's DN made from the login ({login}), instead of searching it"),
+        "balance": Key(_choice("failover", "round-robin"), "failover", "servers in order, or each new connection at the next one"),
     },
     "limits": {
         "max_connections": Key(_integer(1, 1_000_000), 2000, "open connections, all listeners together"),
@@ -750,6 +754,8 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
             raise fail("ldap", "base_dn", 'needed with [auth] backend = "ldap"')
         if "{login}" not in ldap["user_filter"]:
             raise fail("ldap", "user_filter", "must contain {login}")
+        if ldap["bind_dn_template"] and "{login}" not in ldap["bind_dn_template"]:
+            raise fail("ldap", "bind_dn_template", "must contain {login}")
         if not ldap["address_attributes"]:
             raise fail("ldap", "address_attributes", "at least one attribute is needed")
     if ldap["timeout"] <= 0:

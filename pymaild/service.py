@@ -329,7 +329,7 @@ def ldapSettings(config: Config) -> LdapSettings:
         address_attributes=l.address_attributes, active_filter=l.active_filter, group_filter=l.group_filter,
         member_attribute=l.member_attribute, group_address_attribute=l.group_address_attribute,
         quota_attribute=l.quota_attribute, timeout=l.timeout, pool_size=l.pool_size, cache_ttl=l.cache_ttl,
-        negative_cache_ttl=l.negative_cache_ttl,
+        negative_cache_ttl=l.negative_cache_ttl, bind_dn_template=l.bind_dn_template, balance=l.balance,
     )
 
 

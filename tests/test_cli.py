@@ -248,3 +248,13 @@ def test_password_prompt(setup, monkeypatch, capsys, answers, status, message):
         assert passwords.verify(entry.password, "s3cret")
     else:
         assert entry is None
+
+
+def test_user_commands_refuse_an_ldap_installation(tmp_path):
+    """With [auth] backend = "ldap" the accounts are the directory's: user add/passwd/del/list say so."""
+    config = tmp_path / "pymaild.toml"
+    config.write_text(CONFIG + '[auth]\nbackend = "ldap"\n[ldap]\nurls = ["ldap://127.0.0.1:1"]\nbase_dn = "dc=example,dc=com"\n')
+    for args in (("user", "add", "x@example.com", "--password-stdin"), ("user", "list"), ("user", "del", "x")):
+        result = ctl((config, tmp_path / "data"), *args, input="secret\n")
+        assert result.returncode == 2, result
+        assert "LDAP directory" in result.stderr and "Traceback" not in result.stderr

@@ -52,6 +52,8 @@ BAD_CONFIGS = [
     ("[ldap]\nmember_attribute = 'mem ber'\n", "[ldap] member_attribute: 'mem ber' is not an attribute name"),
     ("[ldap]\nbind_password = 'x'\nbind_password_file = 'f'\n", "[ldap] bind_password_file: give bind_password or bind_password_file, not both"),
     ("[ldap]\npool_size = 0\n", "[ldap] pool_size: must be between 1 and 64"),
+    ("[auth]\nbackend = 'ldap'\n[ldap]\nurls = ['ldap://127.0.0.1']\nbase_dn = 'dc=x'\nbind_dn_template = 'uid=x'\n", "[ldap] bind_dn_template: must contain {login}"),
+    ("[ldap]\nbalance = 'random'\n", "[ldap] balance: must be one of 'failover', 'round-robin'"),
     ("[auth]\nplaintext_networks = ['10.0.0.0/33']\n", "[auth] plaintext_networks: item 1 ('10.0.0.0/33'): not an IP network"),
     ("[auth]\nthreads = 0\n", "[auth] threads: must be between 1 and 64, got 0"),
     ("[smtp]\ntrusted_networks = 'any'\n", "[smtp] trusted_networks: expected a list of IP networks, got a string"),

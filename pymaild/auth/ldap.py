@@ -78,6 +78,8 @@ class LdapSettings:
     cache_ttl: float = 60.0
     negative_cache_ttl: float = 10.0
     max_depth: int = 10
+    bind_dn_template: str = ""
+    balance: str = "failover"
 
 
 class LdapUnavailable(TemporaryFailure):
@@ -107,6 +109,11 @@ class LdapClient:
     def __init__(self, settings: LdapSettings):
         self.settings = settings
         self._local = threading.local()
+        self._lock = threading.Lock()
+        #: until when (time.monotonic) calls fail at once: set when the directory did not answer
+        #: within the timeout (hung, unreachable network), so that logins and lookups queued
+        #: behind the pool's threads do not each wait out the timeout again
+        self._downUntil = 0.0
         self._tls = None
         if settings.start_tls or any(u.lower().startswith("ldaps:") for u in settings.urls):
             from ldap3 import Tls
@@ -116,11 +123,20 @@ class LdapClient:
 
     # --- connections ------------------------------------------------------------------------
 
+    _next = 0
+
     def _servers(self):
         from ldap3 import NONE, Server
 
         s = self.settings
-        return [Server(url, get_info=NONE, connect_timeout=s.timeout, tls=self._tls) for url in s.urls]
+        urls = list(s.urls)
+        if s.balance == "round-robin" and len(urls) > 1:
+            # each new connection starts at the next server (the others remain the fallback)
+            with self._lock:
+                start = self._next % len(urls)
+                self._next += 1
+            urls = urls[start:] + urls[:start]
+        return [Server(url, get_info=NONE, connect_timeout=s.timeout, tls=self._tls) for url in urls]
 
     def _open(self, user: str | None, password: str | None):
         """A new bound connection to the first server that answers; raises on none."""
@@ -166,6 +182,19 @@ class LdapClient:
             except Exception:
                 pass
 
+    #: seconds calls fail at once after the directory timed out
+    DOWN_FOR = 5.0
+
+    def _checkDown(self) -> None:
+        if time.monotonic() < self._downUntil:
+            raise LdapUnavailable("the directory did not answer a moment ago")
+
+    def _failedAfter(self, started: float) -> None:
+        if time.monotonic() - started >= self.settings.timeout:  # (a refusal is quick: no pause)
+            self._downUntil = time.monotonic() + self.DOWN_FOR
+            log.warn("ldap: no answer within {timeout}s; failing at once for {pause}s",
+                     timeout=self.settings.timeout, pause=self.DOWN_FOR)
+
     # --- operations ---------------------------------------------------------------------------
 
     def search(self, ldapFilter: str, attributes, base: str | None = None, scope: str = "SUBTREE"):
@@ -177,6 +206,8 @@ class LdapClient:
         from ldap3 import BASE, SUBTREE
         from ldap3.core.exceptions import LDAPException
 
+        self._checkDown()
+        started = time.monotonic()
         for attempt in (1, 2):
             try:
                 connection = self._service()
@@ -192,6 +223,7 @@ class LdapClient:
             except (LDAPException, OSError, LdapUnavailable) as e:
                 self._drop("service")
                 if attempt == 2:
+                    self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
 
@@ -205,6 +237,8 @@ class LdapClient:
 
         if not password:
             return False  # (an empty password would be an anonymous bind, which "succeeds")
+        self._checkDown()
+        started = time.monotonic()
         for attempt in (1, 2):
             try:
                 connection = getattr(self._local, "auth", None)
@@ -219,6 +253,7 @@ class LdapClient:
             except (LDAPException, OSError, LdapUnavailable) as e:
                 self._drop("auth")
                 if attempt == 2:
+                    self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
 
@@ -286,6 +321,13 @@ class _Lookups:
 
     def findUserByLogin(self, login: str):
         s = self.settings
+        if s.bind_dn_template:
+            # the user's DN is made from the login (its RDN value escaped, RFC 4514); read it
+            # there (as the service account) for its addresses and the active filter
+            from ldap3.utils.dn import escape_rdn
+
+            dn = s.bind_dn_template.replace("{login}", escape_rdn(login))
+            return self.client.search(s.active_filter or "(objectClass=*)", self.attributes(), base=dn, scope="BASE")
         ldapFilter = _and(s.user_filter.replace("{login}", _escape(login)), s.active_filter)
         return self.client.search(ldapFilter, self.attributes())
 

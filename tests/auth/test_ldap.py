@@ -161,3 +161,60 @@ class TLSCase(_LdapCase):
     def test_an_untrusted_certificate_is_a_temporary_failure(self):
         self.use(settings(self.slapd.ldapsUrl))  # (the system's CAs do not know the test certificate)
         yield self.assertFailure(self.login(b"alice", ldapserver.PASSWORDS["alice"].encode()), TemporaryFailure)
+
+
+class TemplateAndBalanceCase(_LdapCase):
+    servers = 2
+
+    @defer.inlineCallbacks
+    def test_bind_dn_template(self):
+        self.use(settings(self.slapd.url, bind_dn_template=f"uid={{login}},{ldapserver.PEOPLE_DN}"))
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+        for user in (b"carol", b"bob,ou=people", b"*", b"nobody"):
+            yield self.assertFailure(self.login(user, ldapserver.PASSWORDS["carol"].encode()), UnauthorizedLogin)
+
+    def test_round_robin_starts_each_connection_at_the_next_server(self):
+        client = LdapClient(settings(self.slapd.url, self.slapd2.url, balance="round-robin"))
+        firsts = [str(client._servers()[0]) for _ in range(4)]
+        self.assertEqual(len(set(firsts)), 2)
+        self.assertNotEqual(firsts[0], firsts[1])
+
+
+class HungDirectoryCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_a_hung_directory_does_not_stall_the_reactor(self):
+        """
+        slapd stopped with SIGSTOP (connections accepted, nothing answered): 20 logins at once
+        fail temporarily (the first ones after the timeout, the rest at once: the client stops
+        waiting on a directory that just timed out), and meanwhile the reactor keeps turning
+        (its worst lateness is measured with a 10 ms LoopingCall).  When slapd answers again,
+        logins work after the pause.
+        """
+        import os
+        import signal
+        import time
+
+        from twisted.internet import task
+
+        self.use(settings(self.slapd.url, timeout=1.0))
+        yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())  # (connections open)
+        os.kill(self.slapd.process.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(self.slapd.process.pid, signal.SIGCONT))
+        late = []
+        last = [time.monotonic()]
+
+        def tick():
+            now = time.monotonic()
+            late.append(now - last[0] - 0.01)
+            last[0] = now
+
+        loop = task.LoopingCall(tick)
+        loop.start(0.01)
+        results = yield defer.DeferredList([self.login(b"bob", ldapserver.PASSWORDS["bob"].encode()) for _ in range(20)],
+                                           consumeErrors=True)
+        loop.stop()
+        self.assertTrue(all(not ok and f.check(TemporaryFailure) for ok, f in results))
+        self.assertLess(max(late), 0.5, f"the reactor stalled {max(late):.3f} s")
+        os.kill(self.slapd.process.pid, signal.SIGCONT)
+        self.client._downUntil = 0  # (the pause over)
+        self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
