@@ -465,6 +465,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         config.store.specialFolders,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
+    if config.auth.backend == "ldap" and config.ldap.quota_attribute:
+        quotaSink = store.setStorageLimit  # (the directory's per-user quota, as entries are read)
+        directory.lookups.quotaSink = checker.lookups.quotaSink = quotaSink
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")

@@ -319,6 +319,28 @@ class _Lookups:
             names.append(self.settings.quota_attribute)
         return names
 
+    def quotaOf(self, attributes: dict) -> int | None:
+        """The entry's storage quota in bytes (a number, or with K/M/G/T), None when it has none."""
+        name = self.settings.quota_attribute
+        if not name:
+            return None
+        for value in _get(attributes, name):
+            text = value.strip().upper().removesuffix("B")
+            factor = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1:], 1)
+            digits = text[:-1] if factor != 1 else text
+            if digits.isdigit():
+                return int(digits) * factor
+            log.warn("ldap: quota {value!r} in {name} is not a size; ignored", value=value, name=name)
+        return None
+
+    def noteQuota(self, attributes: dict, primary: str) -> None:
+        if self.quotaSink is not None and self.settings.quota_attribute:
+            self.quotaSink(primary, self.quotaOf(attributes))
+
+    #: C{quotaSink(user, bytes or None)}, called in the pool's threads whenever a user's entry
+    #: is read (login, lookup): the store applies it (L{pymaild.store.maildir.MaildirStore.setStorageLimit})
+    quotaSink = None
+
     def findUserByLogin(self, login: str):
         s = self.settings
         if s.bind_dn_template:
@@ -398,6 +420,7 @@ class LdapChecker:
         if not self.lookups.client.checkPassword(dn, password):
             log.debug("login {user}: {result}", user=login, result="bad-password")
             raise UnauthorizedLogin()
+        self.lookups.noteQuota(attributes, addresses[0])
         log.debug("login {user}: {result}", user=addresses[0], result="ok")
         return addresses[0]
 
@@ -488,6 +511,7 @@ class LdapDirectory:
             if len(users) == 1:
                 primary = self.lookups.addressesOf(users[0][1])
                 if primary:
+                    self.lookups.noteQuota(users[0][1], primary[0])
                     return Resolution(address, "user", frozenset([primary[0]]))
             elif len(users) > 1:
                 log.warn("ldap: {address} belongs to {n} entries; refused", address=candidate, n=len(users))
@@ -548,7 +572,9 @@ class LdapDirectory:
             if self.isLocalDomain(primary.rpartition("@")[2]):
                 active = self.lookups.findUserByAddress(primary)
                 if len(active) == 1:
-                    users.add(self.lookups.addressesOf(active[0][1])[0])
+                    account = self.lookups.addressesOf(active[0][1])[0]
+                    self.lookups.noteQuota(active[0][1], account)
+                    users.add(account)
             else:
                 remote.add(primary)
         return users, remote

@@ -227,6 +227,7 @@ class MaildirStore:
             "\\Junk": "Junk", "\\Archive": "Archive",
         })
         self._users: dict[str, UserStore] = {}
+        self._limits: dict[str, int] = {}  # per-user storage limits (the directory's quota)
         self._lock = threading.Lock()
 
     def userDirectory(self, user: str) -> Path:
@@ -242,9 +243,25 @@ class MaildirStore:
         with self._lock:
             store = self._users.get(user)
             if store is None:
-                store = UserStore(self.userDirectory(user), self.storageLimit, self.messageLimit, self.specialFolders)
+                store = UserStore(self.userDirectory(user), self._limits.get(user, self.storageLimit),
+                                  self.messageLimit, self.specialFolders)
                 self._users[user] = store
             return store
+
+    def setStorageLimit(self, user: str, limit: int | None) -> None:
+        """
+        The user's own storage limit in bytes (from the directory; None: the store's default),
+        taken at once by an open user store (its maildirsize is rewritten at the next use).
+        """
+        limit = self.storageLimit if limit is None else limit
+        with self._lock:
+            if self._limits.get(user, self.storageLimit) == limit:
+                return
+            self._limits[user] = limit
+            store = self._users.get(user)
+        if store is not None:
+            with store.quota._lock:
+                store.quota.storageLimit = limit
 
 
 class UserStore:

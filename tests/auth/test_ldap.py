@@ -218,3 +218,36 @@ class HungDirectoryCase(_LdapCase):
         os.kill(self.slapd.process.pid, signal.SIGCONT)
         self.client._downUntil = 0  # (the pause over)
         self.assertEqual((yield self.login(b"bob", ldapserver.PASSWORDS["bob"].encode())), "bob@example.com")
+
+
+class QuotaCase(_LdapCase):
+    @defer.inlineCallbacks
+    def test_quota_attribute_reaches_the_store(self):
+        """A user's quota attribute (bytes, or with K/M/G) is handed to the store as entries are read."""
+        import ldap3
+
+        admin = ldap3.Connection(self.slapd.url, ldapserver.ROOT_DN, ldapserver.ROOT_PASSWORD, auto_bind=True)
+        admin.modify(ldapserver.userDn("bob"), {"roomNumber": [(ldap3.MODIFY_REPLACE, ["2K"])]})
+        admin.unbind()
+        self.use(settings(self.slapd.url, quota_attribute="roomNumber"))
+        seen = []
+        self.directory.lookups.quotaSink = self.checker.lookups.quotaSink = lambda user, q: seen.append((user, q))
+        yield self.directory.lookup("bob@example.com")
+        yield self.login(b"alice", ldapserver.PASSWORDS["alice"].encode())
+        yield self.directory.lookup("staff@example.com")
+        self.assertIn(("bob@example.com", 2048), seen)
+        self.assertIn(("alice@example.com", None), seen)
+
+    def test_the_store_takes_a_per_user_limit(self):
+        from pymaild.store.maildir import MaildirStore
+        from pymaild.store.quota import QuotaExceeded
+
+        store = MaildirStore(self.tmp / "mail", storageLimit=0)
+        user = store.user("bob@example.com")
+        user.quota.check(10_000)  # (no limit)
+        store.setStorageLimit("bob@example.com", 1000)
+        self.assertRaises(QuotaExceeded, user.quota.check, 10_000)
+        store.setStorageLimit("bob@example.com", None)
+        user.quota.check(10_000)
+        store.setStorageLimit("carl@example.com", 500)
+        self.assertEqual(store.user("carl@example.com").quota.storageLimit, 500)

@@ -124,3 +124,25 @@ def test_a_stopped_directory_is_temporary_and_pymaild_recovers(make_server, slap
         s.ehlo("mx.partner.example")
         s.sendmail("someone@partner.example", ["bob@example.com"], b"Subject: back\r\n\r\nhi\r\n")
     wait_for(lambda: inbox(server, "bob@example.com"), what="delivery after recovery")
+
+
+def test_quota_from_the_directory(make_server, slapd):
+    """[ldap] quota_attribute: bob's 2K quota refuses a larger message and shows in IMAP QUOTA."""
+    import ldap3
+
+    admin = ldap3.Connection(slapd.url, ldapserver.ROOT_DN, ldapserver.ROOT_PASSWORD, auto_bind=True)
+    admin.modify(ldapserver.userDn("bob"), {"roomNumber": [(ldap3.MODIFY_REPLACE, ["2K"])]})
+    admin.unbind()
+    server = make_server(config(slapd) + 'quota_attribute = "roomNumber"\n').start()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("mx.partner.example")
+        s.sendmail("someone@partner.example", ["bob@example.com"], b"Subject: small\r\n\r\nhi\r\n")
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            s.sendmail("someone@partner.example", ["bob@example.com"], b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 60)
+        assert e.value.smtp_code == 452 and b"4.2.2" in e.value.smtp_error
+    assert len(inbox(server, "bob@example.com")) == 1
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("bob", ldapserver.PASSWORDS["bob"])
+    typ, data = imap.getquotaroot("INBOX")
+    assert typ == "OK" and b"STORAGE" in data[1][0] and b" 2)" in data[1][0], data
+    imap.logout()
