@@ -251,3 +251,15 @@ class QuotaCase(_LdapCase):
         user.quota.check(10_000)
         store.setStorageLimit("carl@example.com", 500)
         self.assertEqual(store.user("carl@example.com").quota.storageLimit, 500)
+
+
+def test_active_directory_proxy_addresses_and_filters():
+    """AD's proxyAddresses: SMTP: is the primary address, smtp: the others, X500: etc. ignored."""
+    from pymaild.auth.ldap import _Lookups
+
+    lookups = _Lookups(LdapClient(settings("ldap://127.0.0.1:1", address_attributes=("proxyAddresses", "mail"))))
+    entry = {"proxyAddresses": ["smtp:old@corp.example.com", "X500:/o=Corp/cn=alice", "SMTP:Alice@Corp.example.com"],
+             "mail": ["alice@corp.example.com"]}
+    assert lookups.addressesOf(entry) == ["alice@corp.example.com", "old@corp.example.com"]
+    assert lookups.addressFilter("a*b@corp.example.com") == (
+        "(|(proxyAddresses=smtp:a\\2ab@corp.example.com)(mail=a\\2ab@corp.example.com))")
