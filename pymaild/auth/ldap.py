@@ -222,7 +222,9 @@ class LdapClient:
                         for e in connection.response or () if e.get("type") == "searchResEntry"]
             except (LDAPException, OSError, LdapUnavailable) as e:
                 self._drop("service")
-                if attempt == 2:
+                # (one more try only for a connection that broke: after a timeout, a second
+                # round would double the wait for an answer that is not coming)
+                if attempt == 2 or time.monotonic() - started >= self.settings.timeout:
                     self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
@@ -252,7 +254,7 @@ class LdapClient:
                 raise LdapUnavailable(f"bind as {dn}: {connection.result.get('description')}")
             except (LDAPException, OSError, LdapUnavailable) as e:
                 self._drop("auth")
-                if attempt == 2:
+                if attempt == 2 or time.monotonic() - started >= self.settings.timeout:
                     self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
