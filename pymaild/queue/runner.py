@@ -596,13 +596,11 @@ class Runner(service.Service):
                 self._failQueued(destination, code, f"{problem.status} {problem.text}")
                 return
             last = (-1, f"no mail host for {destination.key} answered")
-            tried = 0
             worked = False  # a session carried a transaction: the destination is alive
             for host, port in hosts:
                 for address in host.addresses:
                     if not destination.jobs:
                         return
-                    tried += 1
                     tls = self._tlsFor(host.name)
                     while True:
                         session = _Session(destination, host.name)
