@@ -7,6 +7,7 @@ it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from pymaild import cli
 from pymaild.queue.files import DELIVERED, FAILED, PENDING, Envelope, QueueFiles, Recipient
 
@@ -398,8 +400,16 @@ def test_waits_for_the_lock(files, setup):
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(0.5)  # (long enough for it to start and wait; the outcome is the same if not)
-        assert proc.poll() is None
+        eml = str(files.paths(id)[0])
+
+        def waiting():  # (it has the message file open: it is trying to lock it)
+            assert proc.poll() is None, proc.communicate()
+            try:
+                return any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == eml for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+            except OSError:
+                return False
+
+        wait_for(waiting, timeout=30, what="pymaildctl to wait for the lock")
         envelope = files.load(id)
         envelope.recipients[0].state = DELIVERED
         files.save(envelope)

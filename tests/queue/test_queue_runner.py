@@ -7,9 +7,6 @@ C{task.Clock}, so retries and expiry happen without waiting; the network is real
 
 from __future__ import annotations
 
-import email
-import email.policy
-import json
 import shutil
 import socket
 import tempfile
@@ -142,6 +139,14 @@ class _Base(unittest.TestCase):
         self.clock.advance(advance)
         while self.runner.attempts:
             yield defer.DeferredList(list(self.runner.attempts.values()))
+
+    @defer.inlineCallbacks
+    def settle(self):
+        """Start what is due, and wait until no attempt and no connection is under way."""
+        self.clock.advance(0)
+        while self.runner.attempts or self.runner.working:
+            yield defer.DeferredList(list(self.runner.attempts.values()) + list(self.runner.working))
+            self.clock.advance(0)
 
     def envelope(self, id) -> Envelope:
         return self.files.load(id)
@@ -536,9 +541,8 @@ class ConnectionReuseCase(_Base):
         self.patch(clientmod.QueueClient, "_disconnectFromServer", hooked)
         self.enqueue(["a@accept.test"])
         yield self.runDue()
-        while not added or self.runner.attempts or self.runner.working:
-            yield task.deferLater(reactor, 0.01, lambda: None)
-            yield self.runDue()
+        yield self.settle()
+        self.assertTrue(added)
         self.assertEqual(self.files.ids(), [])
         self.assertEqual(len(self.sinks["127.0.0.2"].received), 2)
 
@@ -553,10 +557,7 @@ class ConnectionReuseCase(_Base):
         sink = self.sinks["127.0.0.2"]
         sink.behaviour.update(rset="500 5.5.1 no RSET here", rcpt={"u1@accept.test": "550 5.1.1 no such user"})
         ids = [self.enqueue([f"u{i}@accept.test"]) for i in range(4)]
-        yield self.runDue()
-        while self.runner.working or self.runner.attempts:
-            yield task.deferLater(reactor, 0.01, lambda: None)
-            yield self.runDue()
+        yield self.settle()
         self.assertEqual(self.files.ids(), [])
         self.assertEqual(sorted(r["rcpts"][0][0] for r in sink.received), ["u0@accept.test", "u2@accept.test", "u3@accept.test"])
         self.assertEqual(sink.connections, 2)
