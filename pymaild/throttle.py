@@ -13,6 +13,13 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+
+class LoginBlocked(Exception):
+    """Too many failed logins from this address or for this user lately."""
+
 
 class LoginThrottle:
     """
@@ -29,8 +36,11 @@ class LoginThrottle:
         self.clock = clock
         self._failures: dict[tuple[str, str], deque[float]] = {}
         #: password checks under way, by address and by user: they count as failures until
-        #: they end, so that many at once (from parallel connections) cannot pass the limit
+        #: they end (L{checking}), so that many at once (from parallel connections) cannot
+        #: pass the limit
         self._checking: dict[tuple[str, str], int] = {}
+        #: checks waiting for a slot, in arrival order: C{(keys, attempt, Deferred)}
+        self._waiting: list = []
 
     def _recent(self, key) -> int:
         times = self._failures.get(key)
@@ -48,28 +58,53 @@ class LoginThrottle:
         """
         Whether this address or this user has failed too often lately.
         """
-        return any(self._recent(key) + self._checking.get(key, 0) >= self.maxFailures
-                   for key in (("ip", host), ("user", user)))
+        return any(self._recent(key) >= self.maxFailures for key in (("ip", host), ("user", user)))
 
-    def checking(self, host: str, user: str, d):
+    def checking(self, host: str, user: str, attempt):
         """
-        A password check of C{user} from C{host} starts; C{d} (its Deferred) ends it.  Until
-        then it counts against both limits as if it had failed (L{blocked}).  Returns C{d}.
+        Run the password check C{attempt()} (which returns a value or a Deferred) of C{user}
+        from C{host}; a Deferred of its result.
+
+        Until it ends it counts against both limits as if it had failed (L{blocked}), so that
+        many checks at once (parallel connections) cannot pass the limit.  A check that would
+        take the last slots waits for one of the checks under way to end (a mail client opening
+        several connections at once, or an office behind one address, all with the right
+        password, only wait their turn); if the checks it waited for failed and the limit is
+        reached, it fails with L{LoginBlocked} without being tried.
         """
         keys = (("ip", host), ("user", user))
+        d = defer.Deferred()
+        self._waiting.append((keys, attempt, d))
+        self._admit()
+        return d
+
+    def _admit(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for keys, attempt, d in waiting:
+            if any(self._recent(key) >= self.maxFailures for key in keys):
+                d.errback(LoginBlocked())
+            elif any(self._recent(key) + self._checking.get(key, 0) >= self.maxFailures for key in keys):
+                self._waiting.append((keys, attempt, d))  # (a check under way holds the last slot)
+            else:
+                for key in keys:
+                    self._checking[key] = self._checking.get(key, 0) + 1
+                defer.maybeDeferred(attempt).addBoth(self._ended, keys, d)
+
+    def _ended(self, result, keys, d) -> None:
         for key in keys:
-            self._checking[key] = self._checking.get(key, 0) + 1
-
-        def done(result):
-            for key in keys:
-                left = self._checking.get(key, 1) - 1
-                if left > 0:
-                    self._checking[key] = left
-                else:
-                    self._checking.pop(key, None)
-            return result
-
-        return d.addBoth(done)
+            left = self._checking.get(key, 1) - 1
+            if left > 0:
+                self._checking[key] = left
+            else:
+                self._checking.pop(key, None)
+        # the caller's callbacks run now, and count a failure (L{failed}) before the checks
+        # that waited are looked at again
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+        if self._waiting:
+            self._admit()
 
     def failed(self, host: str, user: str) -> float:
         """

@@ -21,6 +21,11 @@ def ask(sock, line: bytes, tag: bytes) -> bytes:
     Send C{line}; return every byte received up to and including C{tag}'s completion line.
     """
     sock.sendall(line + b"\r\n")
+    return read_tagged(sock, tag)
+
+
+def read_tagged(sock, tag: bytes) -> bytes:
+    """Every byte received up to and including C{tag}'s completion line (or the close)."""
     data = b""
     while not re.search(rb"(^|\n)" + re.escape(tag) + rb" (OK|NO|BAD)[^\n]*\n", data):
         chunk = sock.recv(65536)

@@ -43,18 +43,50 @@ def test_limit_per_address_and_per_user_and_window():
 def test_checks_under_way_count_until_they_end():
     """
     Password checks started in parallel count against the limit before their answers are in:
-    with a limit of 3, a fourth check cannot start while three run; a success frees its slot.
+    with a limit of 3, a fourth check does not start while three run; a success frees its slot.
     """
     from twisted.internet.defer import Deferred
 
     throttle = LoginThrottle(maxFailures=3)
-    running = [throttle.checking("192.0.2.1", f"u{i}", Deferred()) for i in range(3)]
-    assert throttle.blocked("192.0.2.1", "someone")
-    assert not throttle.blocked("192.0.2.2", "someone")
-    running[0].callback("ok")
+    answers = [Deferred() for _ in range(4)]
+    started = []
+
+    def attempt(i):
+        started.append(i)
+        return answers[i]
+
+    results = []
+    for i in range(4):
+        throttle.checking("192.0.2.1", f"u{i}", lambda i=i: attempt(i)).addBoth(results.append)
+    assert started == [0, 1, 2]
+    assert not throttle.blocked("192.0.2.1", "someone")  # (it waits; only failures refuse at once)
+    answers[0].callback("ok")
+    assert started == [0, 1, 2, 3] and results == ["ok"]
+    for i in (1, 2, 3):
+        answers[i].callback("ok")
+    assert throttle._checking == {} and throttle._waiting == []
     assert not throttle.blocked("192.0.2.1", "someone")
-    running[1].addErrback(lambda f: throttle.failed("192.0.2.1", "u1"))
-    running[1].errback(ValueError("wrong password"))
-    running[2].callback("ok")
-    assert throttle._checking == {}
-    assert not throttle.blocked("192.0.2.1", "someone")
+
+
+def test_a_waiting_check_is_refused_when_the_checks_before_it_fail():
+    """
+    The checks a waiting one waited for failed (and were counted as failures by the caller, in
+    its errback): the limit is reached, so the waiting check is refused without being tried.
+    """
+    from twisted.internet.defer import Deferred, fail
+
+    from pymaild.throttle import LoginBlocked
+
+    throttle = LoginThrottle(maxFailures=2)
+    answers = [Deferred(), Deferred()]
+    started, results = [], []
+    for i in range(2):
+        d = throttle.checking("192.0.2.1", "guess", lambda i=i: (started.append(i), answers[i])[1])
+        d.addErrback(lambda f: (throttle.failed("192.0.2.1", "guess"), f)[1]).addErrback(results.append)
+    waiting = throttle.checking("192.0.2.1", "guess", lambda: started.append("third") or fail(ValueError()))
+    waiting.addErrback(lambda f: results.append(f.type))
+    answers[0].errback(ValueError("wrong password"))
+    assert started == [0, 1]  # (one failure + one under way: still full)
+    answers[1].errback(ValueError("wrong password"))
+    assert started == [0, 1] and results[-1] is LoginBlocked
+    assert throttle._waiting == [] and throttle._checking == {}

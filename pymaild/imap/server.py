@@ -35,6 +35,7 @@ from pymaild.imap import fetch
 from pymaild.imap import search as search_
 from pymaild.imap import sort as sort_
 from pymaild.errors import TemporaryFailure
+from pymaild.throttle import LoginBlocked
 
 log = Logger()
 
@@ -82,7 +83,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try again later")
             return
         self._hold(tag)  # pipelined commands wait for the answer
-        d = throttle.checking(self.peerHost, name.lower(), maybeDeferred(attempt))
+        d = throttle.checking(self.peerHost, name.lower(), attempt)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
 
     # --- AUTHENTICATE (RFC 3501 6.2.2) with SASL-IR (RFC 4959), on the same path as LOGIN ------
@@ -168,7 +169,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.sendPositiveResponse(tag, b"Logged in")
 
     def _loginFailed(self, failure, tag, name):
-        if failure.check(UnauthorizedLogin):
+        if failure.check(LoginBlocked):  # (it waited for checks under way, and they failed)
+            result, answer = "blocked", b"[UNAVAILABLE] Too many failed logins, try again later"
+        elif failure.check(UnauthorizedLogin):
             result, answer = "failed", b"[AUTHENTICATIONFAILED] Authentication failed"
         elif failure.check(TemporaryFailure):
             result, answer = "tempfail", b"[UNAVAILABLE] Temporary authentication failure, try again later"

@@ -29,7 +29,7 @@ import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import imap4, pop3
@@ -37,6 +37,7 @@ from twisted.protocols import basic
 
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
+from pymaild.throttle import LoginBlocked
 from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS
 from pymaild.pop3.mailbox import Gone
@@ -320,7 +321,7 @@ class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
             self._err(b"[SYS/TEMP] Too many failed logins, try again later")
             return
         self._hold()
-        d = throttle.checking(self.peerHost, name.lower(), maybeDeferred(attempt))
+        d = throttle.checking(self.peerHost, name.lower(), attempt)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
         d.addErrback(self._bug, "login")
 
@@ -367,7 +368,9 @@ class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
         self._answered()
 
     def _loginFailed(self, failure, name):
-        if failure.check(UnauthorizedLogin):
+        if failure.check(LoginBlocked):  # (it waited for checks under way, and they failed)
+            result, answer = "blocked", b"[SYS/TEMP] Too many failed logins, try again later"
+        elif failure.check(UnauthorizedLogin):
             result, answer = "failed", b"[AUTH] Authentication failed"
         elif failure.check(TemporaryFailure):
             result, answer = "tempfail", b"[SYS/TEMP] Temporary authentication failure, try again later"

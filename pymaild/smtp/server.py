@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from pymaild.envelope import inNetworks, normalizeAddress
 from pymaild.errors import TemporaryFailure
+from pymaild.throttle import LoginBlocked
 from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
@@ -518,7 +519,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._hold()
         creds = UsernamePassword(challenge.username, challenge.password)
         d = throttle.checking(self.peerHost, name.lower(),
-                              maybeDeferred(self.factory.portal.login, creds, None, IMessageDelivery))
+                              lambda: self.factory.portal.login(creds, None, IMessageDelivery))
         d.addCallbacks(self._authOK, self._authFailed, (name,), None, (name,))
 
     def _authOK(self, result, name):
@@ -534,7 +535,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._release()
 
     def _authFailed(self, failure, name):
-        if failure.check(UnauthorizedLogin):
+        if failure.check(LoginBlocked):  # (it waited for checks under way, and they failed)
+            result, status, text, code = "blocked", 454, b"Too many failed logins, try again later", "4.7.0"
+        elif failure.check(UnauthorizedLogin):
             result, status, text, code = "failed", 535, b"Authentication credentials invalid", "5.7.8"
         elif failure.check(TemporaryFailure):
             result, status, text, code = "tempfail", 454, b"Temporary authentication failure", "4.7.0"

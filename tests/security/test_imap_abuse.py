@@ -9,7 +9,7 @@ import re
 import time
 
 from conftest import wait_for
-from imapwire import ask, logged_in, read_to_close, tls_session
+from imapwire import ask, logged_in, read_tagged, read_to_close, tls_session
 
 
 def test_huge_literal_is_refused_before_any_byte(make_server):
@@ -77,6 +77,30 @@ def test_failed_logins_slow_down_then_block(make_server):
     answer = ask(sock, b'y LOGIN postmaster@localhost "%s"' % server.postmaster_password().encode(), b"y")
     assert b"y NO [UNAVAILABLE]" in answer
     assert "result=blocked" in server.log() or "blocked" in server.log()
+
+
+def test_many_right_passwords_at_once_all_get_in(make_server):
+    """
+    More correct logins at once from one address than [limits] max_login_failures (a mail
+    client's parallel connections, an office behind one NAT address): each waits its turn for a
+    password-check slot and none is refused; then wrong passwords sent at once are still
+    checked no more than the limit allows.
+    """
+    server = make_server("[limits]\nmax_login_failures = 3\nmax_connections_per_user = 50\n").start()
+    password = server.postmaster_password().encode()
+    sessions = [tls_session(server) for _ in range(12)]
+    for i, sock in enumerate(sessions):
+        sock.sendall(b'p%d LOGIN postmaster@localhost "%s"\r\n' % (i, password))
+    answers = [read_tagged(sock, b"p%d" % i) for i, sock in enumerate(sessions)]
+    assert all(b"p%d OK" % i in a for i, a in enumerate(answers)), answers
+    for sock in sessions:
+        sock.close()
+    guesses = [tls_session(server) for _ in range(8)]
+    for i, sock in enumerate(guesses):
+        sock.sendall(b'g%d LOGIN postmaster@localhost "wrong"\r\n' % i)
+    answers = [read_tagged(sock, b"g%d" % i) for i, sock in enumerate(guesses)]
+    assert sum(b"AUTHENTICATIONFAILED" in a for a in answers) <= 3, answers
+    assert all(b"AUTHENTICATIONFAILED" in a or b"[UNAVAILABLE]" in a for a in answers), answers
 
 
 def test_sessions_per_user_are_limited(make_server):
