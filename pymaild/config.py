@@ -194,6 +194,7 @@ class LdapConfig:
     member_attribute: str
     group_address_attribute: str
     quota_attribute: str
+    mailbox_attribute: str
     timeout: float
     pool_size: int
     cache_ttl: float
@@ -638,6 +639,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "member_attribute": Key(_attribute, "member", "a group's members (member, uniqueMember, memberUid)"),
         "group_address_attribute": Key(_attribute, "mail", "a group's address"),
         "quota_attribute": Key(_attribute, "", "a user's storage quota in bytes (empty: [store] quota_storage)"),
+        "mailbox_attribute": Key(_attribute, "entryUUID",
+                                 "a user's stable key: its mailbox survives address and uid changes (empty: the address)"),
         "timeout": Key(_seconds, 5.0, "seconds to connect, and to wait for each answer"),
         "pool_size": Key(_integer(1, 64), 4, "threads (each with its own connections) for LDAP calls"),
         "cache_ttl": Key(_seconds, 60.0, "seconds an answer about an existing user or group is reused"),

@@ -328,7 +328,7 @@ def ldapSettings(config: Config) -> LdapSettings:
         ca_file=str(l.ca_file) if l.ca_file else None, user_filter=l.user_filter,
         address_attributes=l.address_attributes, active_filter=l.active_filter, group_filter=l.group_filter,
         member_attribute=l.member_attribute, group_address_attribute=l.group_address_attribute,
-        quota_attribute=l.quota_attribute, timeout=l.timeout, pool_size=l.pool_size, cache_ttl=l.cache_ttl,
+        quota_attribute=l.quota_attribute, mailbox_attribute=l.mailbox_attribute, timeout=l.timeout, pool_size=l.pool_size, cache_ttl=l.cache_ttl,
         negative_cache_ttl=l.negative_cache_ttl, bind_dn_template=l.bind_dn_template, balance=l.balance,
     )
 
@@ -465,9 +465,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         config.store.specialFolders,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
-    if config.auth.backend == "ldap" and config.ldap.quota_attribute:
-        quotaSink = store.setStorageLimit  # (the directory's per-user quota, as entries are read)
-        directory.lookups.quotaSink = checker.lookups.quotaSink = quotaSink
+    if config.auth.backend == "ldap":  # (what users' entries say about their mailboxes, as they are read)
+        directory.lookups.quotaSink = checker.lookups.quotaSink = store.setStorageLimit
+        directory.lookups.keySink = checker.lookups.keySink = store.setMailboxKey
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")

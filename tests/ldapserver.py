@@ -354,8 +354,13 @@ class Slapd:
         *,
         certPath: Path | None = None,
         keyPath: Path | None = None,
+        databaseConfig: str = "",
     ) -> None:
+        """
+        @param databaseConfig: more slapd.conf lines for the database (C{limits}, ...).
+        """
         self.workdir = Path(workdir)
+        self.databaseConfig = databaseConfig
         self.ldif = CORPORATE_LDIF if ldif is None else ldif
         self._certPath = Path(certPath) if certPath else self.workdir / "cert.pem"
         self._keyPath = Path(keyPath) if keyPath else self.workdir / "key.pem"
@@ -553,6 +558,7 @@ index objectClass eq
 index uid,mail,mailLocalAddress eq
 index member eq
 index employeeType eq
+{self.databaseConfig}
 
 # Passwords: anyone may bind with them (anonymous and self: auth), nobody may read them.
 access to attrs=userPassword

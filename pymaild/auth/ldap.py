@@ -24,10 +24,12 @@ Implementation summary:
   - answers are cached for C{cache_ttl} seconds (positive) and C{negative_cache_ttl} (nobody
     there); passwords are never cached.
 
-Account names: a user's account (the avatar ID, and the key of its mailbox under
-C{<data_dir>/mail/<domain>/<local>/}) is its primary address: the first value of the first
-attribute of C{[ldap] address_attributes} (for Active Directory, the C{SMTP:} value of
-C{proxyAddresses}, or C{mail}), folded to lower case.
+Account names: a user's account (the avatar ID) is its primary address: the first value of the
+first attribute of C{[ldap] address_attributes} (for Active Directory, the C{SMTP:} value of
+C{proxyAddresses}, or C{mail}), folded to lower case.  Its mailbox is keyed by the entry's
+C{[ldap] mailbox_attribute} (C{entryUUID}; AD: C{objectGUID}) through
+L{pymaild.store.keys.MailboxKeys}, so a changed address or a renamed C{uid} keeps its mail, and
+an address given to someone new does not hand them the old owner's.
 
 Security: the service account needs read access to the users' address attributes and the
 groups, never to passwords; users' passwords are checked by binding as the user's DN (found
@@ -73,6 +75,7 @@ class LdapSettings:
     member_attribute: str = "member"
     group_address_attribute: str = "mail"
     quota_attribute: str = ""
+    mailbox_attribute: str = "entryUUID"
     timeout: float = 5.0
     pool_size: int = 4
     cache_ttl: float = 60.0
@@ -84,6 +87,15 @@ class LdapSettings:
 
 class LdapUnavailable(TemporaryFailure):
     """No LDAP server answered (or the service account was refused)."""
+
+
+class _Refused(LdapUnavailable):
+    """The server answered a search with an error (not a broken connection)."""
+
+
+#: results after which another connection (maybe to another server) may do better: busy,
+#: unavailable, other, and the client-side ones ldap3 reports when the connection broke
+_TRY_ELSEWHERE = frozenset({51, 52, 80, 81, 85, 91})
 
 
 def _escape(value: str) -> str:
@@ -217,9 +229,17 @@ class LdapClient:
                                        time_limit=max(1, int(self.settings.timeout)))
                 result = connection.result.get("result")
                 if not ok and result not in (0, 4, 32):  # success, size limit, no such object
-                    raise LdapUnavailable(f"search failed: {connection.result.get('description')}")
-                return [(e["dn"], {k: _values(v) for k, v in e["attributes"].items()})
+                    error = f"search failed: {connection.result.get('description')} ({result})"
+                    if result in _TRY_ELSEWHERE:
+                        raise LdapUnavailable(error)
+                    # (the server answered, refusing: an admin or time limit, the service
+                    # account's rights; the connection is sound, and asking again is no use)
+                    log.warn("ldap: {filter}: {error}", filter=ldapFilter, error=error)
+                    raise _Refused(error)
+                return [(e["dn"], self._attributes(e))
                         for e in connection.response or () if e.get("type") == "searchResEntry"]
+            except _Refused:
+                raise
             except (LDAPException, OSError, LdapUnavailable) as e:
                 self._drop("service")
                 # (one more try only for a connection that broke: after a timeout, a second
@@ -228,6 +248,15 @@ class LdapClient:
                     self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
+
+    def _attributes(self, entry) -> dict:
+        out = {k: _values(v) for k, v in entry["attributes"].items()}
+        key = self.settings.mailbox_attribute.lower()
+        if key:  # (binary, e.g. objectGUID: its raw bytes, not a lossy decoding)
+            for name, raw in (entry.get("raw_attributes") or {}).items():
+                if name.lower() == key:
+                    out[name] = [_keyText(v) for v in raw]
+        return out
 
     def checkPassword(self, dn: str, password: str) -> bool:
         """
@@ -258,6 +287,13 @@ class LdapClient:
                     self._failedAfter(started)
                     raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
         raise AssertionError("unreachable")
+
+
+def _keyText(raw: bytes) -> str:
+    """A stable key's value as text: itself when printable ASCII (entryUUID), else hex (objectGUID)."""
+    if raw and all(32 <= b < 127 for b in raw):
+        return raw.decode("ascii")
+    return "x" + raw.hex()
 
 
 def _values(value) -> list:
@@ -317,8 +353,9 @@ class _Lookups:
 
     def attributes(self) -> list[str]:
         names = list(self.settings.address_attributes)
-        if self.settings.quota_attribute:
-            names.append(self.settings.quota_attribute)
+        for extra in (self.settings.quota_attribute, self.settings.mailbox_attribute):
+            if extra:
+                names.append(extra)
         return names
 
     def quotaOf(self, attributes: dict) -> int | None:
@@ -335,13 +372,26 @@ class _Lookups:
             log.warn("ldap: quota {value!r} in {name} is not a size; ignored", value=value, name=name)
         return None
 
-    def noteQuota(self, attributes: dict, primary: str) -> None:
+    def noteEntry(self, attributes: dict, primary: str) -> None:
+        """Tell the store what a user's entry says about its mailbox: its quota, its stable key."""
         if self.quotaSink is not None and self.settings.quota_attribute:
             self.quotaSink(primary, self.quotaOf(attributes))
+        if self.keySink is not None and self.settings.mailbox_attribute:
+            values = _get(attributes, self.settings.mailbox_attribute)
+            if not values and not self._warnedNoKey:
+                self._warnedNoKey = True
+                log.warn("ldap: the entry of {user} has no {name} (or the service account cannot read it): "
+                         "its mailbox is keyed by its address", user=primary, name=self.settings.mailbox_attribute)
+            self.keySink(primary, values[0] if values else None)
+
+    _warnedNoKey = False
 
     #: C{quotaSink(user, bytes or None)}, called in the pool's threads whenever a user's entry
     #: is read (login, lookup): the store applies it (L{pymaild.store.maildir.MaildirStore.setStorageLimit})
     quotaSink = None
+    #: C{keySink(user, key or None)}, likewise with the entry's C{mailbox_attribute}
+    #: (L{pymaild.store.maildir.MaildirStore.setMailboxKey})
+    keySink = None
 
     def findUserByLogin(self, login: str):
         s = self.settings
@@ -422,7 +472,7 @@ class LdapChecker:
         if not self.lookups.client.checkPassword(dn, password):
             log.debug("login {user}: {result}", user=login, result="bad-password")
             raise UnauthorizedLogin()
-        self.lookups.noteQuota(attributes, addresses[0])
+        self.lookups.noteEntry(attributes, addresses[0])
         log.debug("login {user}: {result}", user=addresses[0], result="ok")
         return addresses[0]
 
@@ -513,7 +563,7 @@ class LdapDirectory:
             if len(users) == 1:
                 primary = self.lookups.addressesOf(users[0][1])
                 if primary:
-                    self.lookups.noteQuota(users[0][1], primary[0])
+                    self.lookups.noteEntry(users[0][1], primary[0])
                     return Resolution(address, "user", frozenset([primary[0]]))
             elif len(users) > 1:
                 log.warn("ldap: {address} belongs to {n} entries; refused", address=candidate, n=len(users))
@@ -550,6 +600,7 @@ class LdapDirectory:
                 if len(found) == 1:
                     addresses = self.lookups.addressesOf(found[0][1])
                     if addresses:
+                        self.lookups.noteEntry(found[0][1], addresses[0])
                         users.add(addresses[0])
                 continue
             if member.lower() in seen:
@@ -575,7 +626,7 @@ class LdapDirectory:
                 active = self.lookups.findUserByAddress(primary)
                 if len(active) == 1:
                     account = self.lookups.addressesOf(active[0][1])[0]
-                    self.lookups.noteQuota(active[0][1], account)
+                    self.lookups.noteEntry(active[0][1], account)
                     users.add(account)
             else:
                 remote.add(primary)

@@ -228,25 +228,60 @@ class MaildirStore:
         })
         self._users: dict[str, UserStore] = {}
         self._limits: dict[str, int] = {}  # per-user storage limits (the directory's quota)
+        self._places: dict[str, str] = {}  # account -> directory where a stable key moved it
+        self._keys = None  # the MailboxKeys map, opened at the first setMailboxKey
         self._lock = threading.Lock()
 
     def userDirectory(self, user: str) -> Path:
-        local, _, domain = user.rpartition("@")
-        path = self.root / _safePart(domain, "domain") / _safePart(local, "local part")
+        path = self.root / self._relative(user)
         _makeMaildir(path, folderMarker=False)
         return path
 
+    def _relative(self, user: str) -> str:
+        """The user's directory relative to the root: its stable key's, else its address's."""
+        place = self._places.get(user)
+        if place is not None:
+            return place
+        local, _, domain = user.rpartition("@")
+        return f"{_safePart(domain, 'domain')}/{_safePart(local, 'local part')}"
+
     def user(self, user: str) -> UserStore:
         """
-        The user's store (opened once per process; blocking).
+        The user's store (opened once per process and directory; blocking).
         """
         with self._lock:
-            store = self._users.get(user)
+            relative = self._relative(user)
+            store = self._users.get(relative)
             if store is None:
                 store = UserStore(self.userDirectory(user), self._limits.get(user, self.storageLimit),
                                   self.messageLimit, self.specialFolders)
-                self._users[user] = store
+                self._users[relative] = store
             return store
+
+    def setMailboxKey(self, user: str, key: str | None) -> None:
+        """
+        The stable key of the directory entry whose account is C{user} now (C{[ldap]
+        mailbox_attribute}; see L{pymaild.store.keys}): from now on C{user}'s mail is in the
+        directory that key was given, whatever C{user}'s address was then.  C{None} (an entry
+        without the attribute): the address's directory.
+        """
+        if key is None:
+            return
+        local, _, domain = user.rpartition("@")
+        natural = f"{_safePart(domain, 'domain')}/{_safePart(local, 'local part')}"
+        with self._lock:
+            if self._keys is None:
+                from pymaild.store.keys import MailboxKeys
+
+                self._keys = MailboxKeys(self.root)
+        place = self._keys.place(key, natural)
+        with self._lock:
+            if self._places.get(user, natural) != place:
+                log.info("mailbox of {user}: {place}", user=user, place=place)
+            if place == natural:
+                self._places.pop(user, None)
+            else:
+                self._places[user] = place
 
     def setStorageLimit(self, user: str, limit: int | None) -> None:
         """
@@ -258,7 +293,7 @@ class MaildirStore:
             if self._limits.get(user, self.storageLimit) == limit:
                 return
             self._limits[user] = limit
-            store = self._users.get(user)
+            store = self._users.get(self._relative(user))
         if store is not None:
             with store.quota._lock:
                 store.quota.storageLimit = limit

@@ -263,3 +263,41 @@ def test_active_directory_proxy_addresses_and_filters():
     assert lookups.addressesOf(entry) == ["alice@corp.example.com", "old@corp.example.com"]
     assert lookups.addressFilter("a*b@corp.example.com") == (
         "(|(proxyAddresses=smtp:a\\2ab@corp.example.com)(mail=a\\2ab@corp.example.com))")
+
+
+def test_binary_mailbox_keys_are_hex_and_text_keys_are_kept():
+    """objectGUID (16 raw bytes) is keyed by its hex form, entryUUID by its text."""
+    from pymaild.auth.ldap import _keyText
+
+    guid = bytes.fromhex("4f2e9a1c00ff7b44a1d3e5f600112233")
+    assert _keyText(guid) == "x4f2e9a1c00ff7b44a1d3e5f600112233"
+    assert _keyText(b"6b1d2a3e-1c2f-103f-8d4e-0b1c2d3e4f50") == "6b1d2a3e-1c2f-103f-8d4e-0b1c2d3e4f50"
+    assert _keyText(b"ABCDEFGHIJKLMNOP") != _keyText(b"\x00BCDEFGHIJKLMNOP")
+
+
+class RefusalCase(unittest.TestCase):
+    """
+    A server that answers a search with an error (here slapd's adminLimitExceeded for an
+    unindexed search of more candidates than the service account's limit) is a temporary
+    failure, and the connection is kept: it was not broken, and asking again elsewhere would
+    not help.
+    """
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="pymaild-ldap-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.slapd = ldapserver.Slapd(self.tmp / "slapd", databaseConfig=(
+            f'limits dn.exact="{ldapserver.SERVICE_DN}" size.unchecked=2'))
+        self.slapd.start()
+        self.addCleanup(self.slapd.close)
+
+    def test_an_admin_limit_is_temporary_and_the_connection_stays(self):
+        client = LdapClient(settings(self.slapd.url))
+        self.assertEqual(len(client.search("(uid=bob)", ["mail"])), 1)
+        connection = client._local.service
+        with self.assertRaises(TemporaryFailure) as e:
+            client.search("(description=*)", ["mail"])  # (unindexed: every entry a candidate)
+        self.assertIn("11", str(e.exception))
+        self.assertIs(client._local.service, connection)
+        self.assertEqual(len(client.search("(uid=alice)", ["mail"])), 1)
+        self.assertIs(client._local.service, connection)

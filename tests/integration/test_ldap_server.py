@@ -146,3 +146,42 @@ def test_quota_from_the_directory(make_server, slapd):
     typ, data = imap.getquotaroot("INBOX")
     assert typ == "OK" and b"STORAGE" in data[1][0] and b" 2)" in data[1][0], data
     imap.logout()
+
+
+def test_mailboxes_follow_the_entry_not_the_address(make_server, slapd):
+    """
+    [ldap] mailbox_attribute (entryUUID by default): alice's uid renamed and her primary address
+    changed, she logs in under the new name and finds her mail, and mail to the new address
+    joins it; bob leaves and a new person gets bob@, who starts with an empty mailbox.
+    """
+    import ldap3
+
+    server = make_server(config(slapd)).start()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.sendmail("someone@partner.example", ["alice@example.com", "bob@example.com"], b"Subject: before\r\n\r\nhi\r\n")
+    admin = ldap3.Connection(slapd.url, ldapserver.ROOT_DN, ldapserver.ROOT_PASSWORD, auto_bind=True)
+    assert admin.modify_dn(ldapserver.userDn("alice"), "uid=alison")
+    assert admin.modify(ldapserver.userDn("alison"), {"mail": [(ldap3.MODIFY_REPLACE, ["alison.smith@example.com"])]})
+    assert admin.delete(ldapserver.userDn("bob"))
+    assert admin.add(ldapserver.userDn("robert"), ["inetOrgPerson"], {
+        "cn": "Robert New", "sn": "New", "uid": "robert", "mail": "bob@example.com", "userPassword": "robert-password"})
+    admin.unbind()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.sendmail("someone@partner.example", ["alison.smith@example.com", "bob@example.com"], b"Subject: after\r\n\r\nhi\r\n")
+
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("alison", ldapserver.PASSWORDS["alice"])
+    assert imap.select("INBOX")[1] == [b"2"]
+    imap.logout()
+    assert len(inbox(server, "alice@example.com")) == 2
+    assert not (server.data_dir / "mail" / "example.com" / "alison.smith").exists()
+
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("robert", "robert-password")
+    assert imap.select("INBOX")[1] == [b"1"]
+    typ, data = imap.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert b"after" in data[0][1]
+    imap.logout()
+    assert len(inbox(server, "bob@example.com")) == 1  # (the old bob's mail, untouched and not handed over)
+    fresh = [p.name for p in (server.data_dir / "mail" / "example.com").iterdir() if p.name.startswith("bob~")]
+    assert len(fresh) == 1
