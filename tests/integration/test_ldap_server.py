@@ -98,6 +98,43 @@ def test_ldap_logins_and_deliveries(make_server, slapd):
     assert len(inbox(server, "alice@example.com")) == 3
 
 
+def test_filter_characters_are_only_data(make_server, slapd):
+    """
+    Logins and recipients with LDAP filter characters (* ( ) \\; NUL: tests/auth/test_ldap.py) match nobody, over IMAP,
+    POP3, SMTP AUTH and RCPT, even with a real user's password; the server keeps serving.
+    """
+    server = make_server(config(slapd)).start()
+    password = ldapserver.PASSWORDS["alice"]
+    # (each failure from 127.0.0.1 doubles the wait for the next answer: a few cover it)
+    for login in ("*)(|(uid=*", "alice\\2a"):
+        imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+        with pytest.raises(imaplib.IMAP4.error) as e:
+            imap.login(login, password)
+        assert "AUTHENTICATIONFAILED" in str(e.value) or "BAD" in str(e.value), (login, e.value)
+        imap.shutdown()
+    pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=server.tls())
+    pop.user("*")
+    with pytest.raises(poplib.error_proto) as e:
+        pop.pass_(password)
+    assert e.value.args[0].startswith(b"-ERR [AUTH]")
+    pop.quit()
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+        s.starttls(context=server.tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("al*", password)
+        assert e.value.smtp_code == 535
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("mx.partner.example")
+        s.mail("someone@partner.example")
+        for address in ("*@example.com", "alice*@example.com", "al(ice@example.com", "staff)(mail=*@example.com"):
+            code, _ = s.rcpt(address)
+            assert code in (550, 553, 501), (address, code)
+        s.rset()
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    imap.login("alice", password)
+    imap.logout()
+
+
 def test_a_stopped_directory_is_temporary_and_pymaild_recovers(make_server, slapd):
     server = make_server(config(slapd)).start()
     slapd.stop()
@@ -116,6 +153,13 @@ def test_a_stopped_directory_is_temporary_and_pymaild_recovers(make_server, slap
     with pytest.raises(imaplib.IMAP4.error) as e:
         imap.login("bob", ldapserver.PASSWORDS["bob"])
     assert "UNAVAILABLE" in str(e.value)
+    pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=server.tls())
+    pop.user("bob")
+    with pytest.raises(poplib.error_proto) as e:
+        pop.pass_(ldapserver.PASSWORDS["bob"])
+    assert e.value.args[0].startswith(b"-ERR [SYS/TEMP]")
+    pop.quit()
+    assert not list((server.data_dir / "queue" / "messages").iterdir())  # (nothing bounced)
     slapd.start()
     imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
     imap.login("bob", ldapserver.PASSWORDS["bob"])
