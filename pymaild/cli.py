@@ -203,9 +203,12 @@ def _readPassword(args: argparse.Namespace) -> str:
 
 def _checkConfig(args: argparse.Namespace) -> None:
     config = _loadConfig(args)
+    import pymaild.plugins
+    from pymaild.pipeline.plugin import load
     from pymaild.service import checkFiles
 
     checkFiles(config)
+    load(config, pymaild.plugins)  # (the plugins are found and their tables checked, not started)
     sys.stdout.write(config.describe())
 
 

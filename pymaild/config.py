@@ -21,7 +21,7 @@ import ipaddress
 import os
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -212,6 +212,17 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class PluginsConfig:
+    enabled: tuple[str, ...]
+    paths: tuple[Path, ...]
+    timeout: float
+    threads: int
+    #: C{{name: {key: raw TOML value}}}: the C{[plugins.NAME]} tables, validated against each
+    #: plugin's declared keys by L{pymaild.pipeline.plugin.load}
+    tables: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path | None
     server: ServerConfig
@@ -226,6 +237,7 @@ class Config:
     queue: QueueConfig
     ldap: LdapConfig
     limits: LimitsConfig
+    plugins: PluginsConfig
 
     def describe(self) -> str:
         """
@@ -237,6 +249,10 @@ class Config:
             lines.append(f"\n[{table}]")
             for key in SCHEMA[table]:
                 lines.append(f"{key} = {_toml_value(getattr(section, key))}")
+        for name, table in self.plugins.tables.items():
+            lines.append(f"\n[plugins.{name}]")
+            for key, value in table.items():
+                lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -506,6 +522,13 @@ def _domain(value: Any) -> str:
     return ascii_name
 
 
+def _pluginName(value: Any) -> str:
+    value = _nonempty_string(value)
+    if not all(c.isalnum() or c in "-_" for c in value):
+        raise ValueError(f"{value!r} is not a plugin name (letters, digits, - and _)")
+    return value
+
+
 def _hostname(value: Any) -> str:
     return _domain(value)
 
@@ -654,6 +677,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_connections_per_user": Key(_integer(1, 1_000_000), 50, "logged-in IMAP/POP3 sessions of one user"),
         "max_login_failures": Key(_integer(1, 1_000_000), 10, "failed logins per address or user in 5 minutes"),
     },
+    "plugins": {
+        "enabled": Key(_list_of(_pluginName, "plugin names"), (), "the plugins to run, in this order"),
+        "paths": Key(_list_of(_path, "directories"), (), "more directories to find plugin modules in"),
+        "timeout": Key(_seconds, 10.0, "seconds a hook call may take (each plugin's own timeout overrides it)"),
+        "threads": Key(_integer(1, 256), 4, "threads for plugins' blocking work"),
+    },
 }
 
 _SECTION_TYPES = {
@@ -669,6 +698,7 @@ _SECTION_TYPES = {
     "queue": QueueConfig,
     "ldap": LdapConfig,
     "limits": LimitsConfig,
+    "plugins": PluginsConfig,
 }
 
 
@@ -714,6 +744,8 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {table}: expected a table [{table}], got {_type_name(value)}")
         for key in value:
+            if table == "plugins" and isinstance(value[key], dict):
+                continue  # ([plugins.NAME]: checked against the plugin's keys when it is loaded)
             if key not in SCHEMA[table]:
                 raise fail(table, key, _unknown("key", key, SCHEMA[table]))
 
@@ -822,6 +854,12 @@ def load(path: str | os.PathLike | None = None, data_dir: str | os.PathLike | No
     for key in ("connect_timeout", "command_timeout"):
         if queue[key] <= 0:
             raise fail("queue", key, "must be more than 0 seconds")
+
+    plugins = settings["plugins"]
+    plugins["paths"] = tuple(base / Path(p) for p in plugins["paths"])
+    plugins["tables"] = {k: v for k, v in raw.get("plugins", {}).items() if isinstance(v, dict)}
+    if len(set(plugins["enabled"])) != len(plugins["enabled"]):
+        raise fail("plugins", "enabled", "a plugin is named twice")
 
     limits = settings["limits"]
     if limits["max_connections_per_ip"] > limits["max_connections"]:

@@ -75,3 +75,79 @@ class IReloadable(Interface):
         """
         Re-read now.  Raise nothing: log errors and keep the old state.
         """
+
+
+# --- plugins (see pymaild.pipeline.stages for the order and meaning of each stage) -----------
+
+
+class IPymaildPlugin(Interface):
+    """
+    What C{twisted.plugin.getPlugins} finds in the C{pymaild.plugins} namespace: a named,
+    configurable maker of hooks (L{pymaild.pipeline.Plugin} is the one implementation a plugin
+    module needs).
+    """
+
+    name = Attribute("The name [plugins] enabled uses, and the name of its [plugins.NAME] table.")
+    keys = Attribute("C{{key: pymaild.config.Key}}: the keys its table may have, with their defaults.")
+    description = Attribute("One line for pymaildctl plugins.")
+
+    def create(settings, context):
+        """
+        @param settings: a dict of the validated keys of its table (defaults filled in).
+        @param context: a L{pymaild.pipeline.PluginContext}.
+        @return: the hook object: provides one or more of the I*Hook interfaces below; may
+            have C{close()} (called at shutdown and when SIGHUP replaces it), which may
+            return a Deferred.
+        @raise ValueError: the settings make no sense together (start-up stops, naming it).
+        """
+
+
+class IConnectHook(Interface):
+    def connect(session):
+        """A client connected (SMTP), before the greeting.  @return: a verdict (or a Deferred of one)."""
+
+
+class IHeloHook(Interface):
+    def helo(session):
+        """EHLO or HELO was accepted; C{session.helo} is the name given."""
+
+
+class IAuthHook(Interface):
+    def auth(session, login, succeeded):
+        """
+        SMTP AUTH was checked.  C{succeeded}: the password was right (a reject or tempfail
+        refuses the login all the same); not succeeded: a report (the verdict is ignored).
+        """
+
+
+class IMailHook(Interface):
+    def mailFrom(session, transaction):
+        """MAIL FROM passed pymaild's own checks; C{transaction.sender} is the address."""
+
+
+class IRcptHook(Interface):
+    def rcptTo(session, transaction, recipient):
+        """RCPT TO passed pymaild's own checks (the directory knows it, relaying is allowed)."""
+
+
+class IDataHook(Interface):
+    def endOfData(session, transaction, message):
+        """The whole message is in (a L{pymaild.pipeline.Message}), before the reply."""
+
+
+class IDeliveryHook(Interface):
+    def deliver(session, transaction, delivery):
+        """
+        A local mailbox is about to get its copy: C{fileInto} chooses its folder and flags,
+        C{addHeaders} adds fields to that copy.
+        """
+
+
+class IQueueHook(Interface):
+    def queueEvent(event):
+        """A queued recipient was deferred, delivered or bounced (a report)."""
+
+
+class ILoginHook(Interface):
+    def login(session, login, succeeded):
+        """An IMAP or POP3 login was checked (as L{IAuthHook.auth})."""

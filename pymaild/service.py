@@ -30,6 +30,7 @@ from twisted.mail import imap4, pop3
 from twisted.mail.interfaces import IMessageDelivery
 from twisted.python.threadpool import ThreadPool
 
+import pymaild.plugins
 from pymaild import tls as tlsmod
 from pymaild.auth import passwords
 from pymaild.auth.aliases import AliasesError, AliasesFile
@@ -44,7 +45,10 @@ from pymaild.imap.mailbox import StoreAccount
 from pymaild.imap.server import IMAPFactory
 from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
 from pymaild.pop3.mailbox import pop3Avatar
-from pymaild.store.delivery import deliverToUsers, hasRoom
+from pymaild.pipeline import plugin as pluginmod
+from pymaild.pipeline.runner import Pipeline
+from pymaild.queue.quarantine import Quarantine
+from pymaild.store.delivery import Placement, deliverToUsers, hasRoom
 from pymaild.pop3.server import POP3Factory
 from pymaild.queue import dsn as dsnmod
 from pymaild.queue.files import Envelope, QueueFiles, Recipient
@@ -219,6 +223,7 @@ class PymaildService(MultiService):
             from twisted.internet import reactor
         self._reactor = reactor
         self._previousHUP = None
+        self.plugins = None  # (the Plugins, closed at the end of stopService)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -265,9 +270,71 @@ class PymaildService(MultiService):
         )
         yield self.registry.drain(self.config.server.shutdown_timeout)
         yield defer.maybeDeferred(super().stopService)
+        if self.plugins is not None:
+            yield self.plugins.close()
         for pool in self.threadpools:
             pool.stop()
         log.info("pymaild stopped")
+
+
+class Plugins:
+    """
+    The enabled plugins: made at start-up from C{[plugins]}, made again from the re-read file on
+    SIGHUP (new settings, plugins enabled or disabled; plugin code is not re-imported: that
+    needs a restart), closed at shutdown.
+    """
+
+    def __init__(self, config: Config, reactor, threadpool, resolver, own):
+        from twisted.internet.threads import deferToThreadPool
+
+        self.config, self.reactor, self.resolver, self.own = config, reactor, resolver, own
+        self._run = lambda f, *args, **kw: deferToThreadPool(reactor, threadpool, f, *args, **kw)
+        self.pipeline = Pipeline(pluginmod.load(config, pymaild.plugins, self.contextFor), reactor)
+        if self.pipeline.entries:
+            log.info("plugins: {names}", names=", ".join(e.name for e in self.pipeline.entries))
+
+    def contextFor(self, name: str) -> pluginmod.PluginContext:
+        state = self.config.server.data_dir / "plugins" / name
+        state.mkdir(parents=True, exist_ok=True)
+        try:
+            self.own(state.parent)
+            self.own(state)
+        except OSError:  # (SIGHUP after privileges were dropped: made by the right user anyway)
+            pass
+        return pluginmod.PluginContext(name, self.reactor, self._run, state, self.resolver, self.config.server.hostname,
+                                       self.config.domains.local)
+
+    def reload(self) -> None:
+        from pymaild.config import load
+
+        if self.config.source is None:
+            return
+        try:
+            config = load(self.config.source, self.config.server.data_dir)
+            self.config = config
+            entries = pluginmod.load(config, pymaild.plugins, self.contextFor)
+        except ConfigError as e:
+            log.error("SIGHUP: the plugins keep their settings: {error}", error=str(e))
+            return
+        old = self.pipeline.replace(entries)
+        log.info("SIGHUP: plugins {names}", names=", ".join(e.name for e in entries) or "none")
+        self._close(old)
+
+    def _close(self, entries):
+        ds = []
+        for entry in entries:
+            close = getattr(entry.hooks, "close", None)
+            if close is not None:
+                d = defer.maybeDeferred(close)
+                d.addErrback(lambda f, name=entry.name: log.failure("plugin {plugin}: close", f, plugin=name))
+                ds.append(d)
+        return defer.gatherResults(ds)
+
+    def close(self):
+        return self._close(self.pipeline.replace([]))
+
+    def __repr__(self) -> str:
+        return "the plugins"
 
 
 def _clearSpool(spool: Path) -> None:
@@ -478,7 +545,12 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             own(sub)
     except OSError as e:
         raise ConfigError(f"{where}: [server] data_dir: {queueFiles.root}: {e.strerror}") from None
-    resolver = MXResolver(makeResolver([(a.host, a.port) for a in config.queue.nameservers], reactor=reactor))
+    dnsResolver = makeResolver([(a.host, a.port) for a in config.queue.nameservers], reactor=reactor)
+    resolver = MXResolver(dnsResolver)
+    pluginThreads = ThreadPool(minthreads=0, maxthreads=config.plugins.threads, name="pymaild-plugins")
+    plugins = Plugins(config, reactor, pluginThreads, dnsResolver, own)
+    pipeline = plugins.pipeline if config.plugins.enabled or config.plugins.tables else None
+    quarantine = Quarantine(config.server.data_dir / "quarantine")
     caFile = config.queue.ca_file
     router = Router(directory, store, storeThreads.run, queueFiles, None, config.server.hostname)
     runner = Runner(queueFiles, resolver, storeThreads.run, reactor, queuePolicy(config), config.server.hostname,
@@ -527,7 +599,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxLineLength=smtpConfig.max_line_length, bareLineEnds=smtpConfig.bare_line_ends,
                 commandTimeout=smtpConfig.command_timeout, maxErrors=smtpConfig.max_errors,
                 maxHops=smtpConfig.max_hops, dataTimeout=smtpConfig.data_timeout, vrfy=smtpConfig.vrfy,
-                deliver=lambda path, users: deliverToUsers(store, path, users),
+                deliver=lambda path, users, placements=None: deliverToUsers(
+                    store, path, users, {u: Placement(*p) for u, p in (placements or {}).items()}),
+                pipeline=pipeline, quarantine=quarantine.hold,
                 hasRoom=lambda user: hasRoom(store, user),
                 enqueue=router.prepare, queued=runner.add, reportDelivered=router.reportDelivered,
             )
@@ -552,7 +626,8 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 name, appFactory(name, protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
             listeners.append(ListenerService(name, sock, factory, reactor))
-    service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool],
-                             [serverTLS, directory, QueueSettings(runner, config)], reactor)
+    service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool, pluginThreads],
+                             [serverTLS, directory, QueueSettings(runner, config), plugins], reactor)
+    service.plugins = plugins
     runner.setServiceParent(service)
     return service

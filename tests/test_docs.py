@@ -78,3 +78,35 @@ def test_ldap_examples_load(name):
     """The OpenLDAP and Active Directory examples of etc/ are valid configurations."""
     c = config.load(TOP / "etc" / name)
     assert c.auth.backend == "ldap" and c.ldap.urls and "{login}" in c.ldap.user_filter
+
+
+def _builtinKeys():
+    import pymaild.plugins
+    from pymaild.pipeline.plugin import discover
+
+    found, _ = discover(pymaild.plugins)
+    return [(name, key) for name in ("dnsbl", "greylist", "ratelimit", "headers") for key in found[name].keys]
+
+
+@pytest.mark.parametrize("plugin, key", _builtinKeys())
+def test_builtin_plugin_keys_are_documented(plugin, key):
+    """Each built-in plugin's keys are under .SS [plugins.NAME] in the man page and in the example."""
+    text = (TOP / "man" / "pymaild.toml.5").read_text()
+    section = text.split(f".SS [plugins.{plugin}]\n", 1)[1].split("\n.S", 1)[0]
+    assert re.search(rf"^\.TP\n\.B {re.escape(key)}\b", section, flags=re.M), f"[plugins.{plugin}] {key}"
+    example = (TOP / "etc" / "pymaild.toml.example").read_text()
+    block = example.split(f"# [plugins.{plugin}]\n", 1)[1].split("\n#\n", 1)[0]
+    assert re.search(rf"^# {re.escape(key)} =", block, flags=re.M), f"example [plugins.{plugin}] {key}"
+
+
+def test_the_example_plugin_tables_load(tmp_path):
+    """The commented plugin tables of the example, uncommented, are valid for the built-ins."""
+    import pymaild.plugins
+    from pymaild.pipeline.plugin import load
+
+    example = (TOP / "etc" / "pymaild.toml.example").read_text()
+    tables = example.split("# Each enabled plugin's own table", 1)[1].split("\n", 1)[1]
+    text = "\n".join(line[2:] if line.startswith("# ") else "" for line in tables.splitlines())
+    path = tmp_path / "plugins-example.toml"
+    path.write_text('[domains]\nlocal = ["example.com"]\n[plugins]\nenabled = ["dnsbl", "greylist", "ratelimit", "headers"]\n' + text)
+    load(config.load(path), pymaild.plugins)

@@ -38,18 +38,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import re
 import threading
 import time
 import uuid
+from email import policy as emailPolicy
+from email.parser import BytesHeaderParser
 from email.utils import formatdate
 from pathlib import Path
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.mail import imap4, smtp
 from twisted.mail.interfaces import IMessageDelivery
@@ -59,6 +62,8 @@ from zope.interface import implementer
 from pymaild.envelope import inNetworks, normalizeAddress
 from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
+from pymaild.pipeline.edit import edit, fieldLines, readHead
+from pymaild.pipeline.stages import Delivery, Message, Recipient, Session, Transaction
 from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
@@ -267,8 +272,42 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._flow = Backpressure(self.transport)
         #: (address, local accounts, ((remote address, (NOTIFY, ORCPT)), ...)) per RCPT taken
         self._rcpts: list[tuple[str, frozenset, tuple, tuple]] = []  # (..., (NOTIFY, ORCPT))
-        self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
         self.setTimeout(self.factory.commandTimeout)
+        pipeline = self.factory.pipeline
+        if pipeline is not None:
+            peer, local = self.transport.getPeer(), self.transport.getHost()
+            self.session = Session(uuid.uuid4().hex[:10].upper(), "submission" if self.factory.submission else "smtp",
+                                   self.peerHost, getattr(peer, "port", 0), getattr(local, "port", 0), self.secure,
+                                   self.trusted)
+            if pipeline.has("connect"):
+                self._hold()  # (a client talking before the greeting waits for it)
+                pipeline.run("connect", self.session).addCallback(self._connectDecided)
+                return
+        self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
+
+    session = None  # the plugins' view of this connection (when plugins are enabled)
+    _transaction = None  # the plugins' view of the message being received
+    _pluginHeaders: list = []  # header fields plugins added for this message
+    _pluginRemove: list = []  # header field names plugins removed
+    _quarantine = None  # the text of a plugin's quarantine verdict for this message
+
+    def _refused(self, outcome, code: int, status: str, text: str, stage: str) -> None:
+        """A plugin's reject or tempfail as this command's reply."""
+        code, status, text = outcome.reply(code, status, text)
+        log.info("smtp {stage} from {peer}: refused by plugin {plugin}: {code} {status} {text}", stage=stage,
+                 peer=self.peerHost, plugin=outcome.plugin, code=code, status=status, text=text)
+        self._reply(code, text.encode("ascii", "replace"), code=status)
+
+    def _connectDecided(self, outcome):
+        if self._lost:
+            return
+        if outcome.verdict.refuses:
+            self._refused(outcome, 554, "5.7.1", "Connection refused by policy", "connect")
+            self._close()
+            return
+        self.session.data.setdefault("_headers", []).extend(outcome.headers)
+        self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
+        self._release()
 
     def connectionLost(self, reason):
         self._lost = True
@@ -389,10 +428,34 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                         code="5.5.4")
             return
         self._reset()
-        self._helo = rest.decode("ascii", "replace")[:255]
+        helo = rest.decode("ascii", "replace")[:255]
+        pipeline = self.factory.pipeline
+        if pipeline is not None and pipeline.has("helo"):
+            self._helo = None
+            self.session.helo = helo
+            self._hold()
+            pipeline.run("helo", self.session).addCallback(self._heloDecided, helo, rest, esmtp)
+            return
+        self._heloOK(helo, rest, esmtp)
+
+    def _heloOK(self, helo: str, rest: bytes, esmtp: bool) -> None:
+        self._helo = helo
         self._esmtp = esmtp
+        if self.session is not None:
+            self.session.helo = helo
         self._reply(250, self.factory.hostname.encode() + b" Hello " + rest[:255], code=None,
                     more=self._extensions() if esmtp else ())
+
+    def _heloDecided(self, outcome, helo, rest, esmtp):
+        if self._lost:
+            return
+        if outcome.verdict.refuses:
+            self.session.helo = None
+            self._refused(outcome, 550, "5.7.1", "Refused by policy", "helo")
+        else:
+            self.session.data["_heloHeaders"] = list(outcome.headers)
+            self._heloOK(helo, rest, esmtp)
+        self._release()
 
     def smtp_NOOP(self, rest):
         self._reply(250, b"OK")
@@ -464,6 +527,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._reset()
         self._helo = None
         self.user = None
+        if self.session is not None:
+            self.session.tls, self.session.helo, self.session.user = True, None, None
 
     # --- AUTH (RFC 4954) ------------------------------------------------------------------
 
@@ -527,7 +592,33 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         logout()
         if self._lost:
             return
-        self.user = getattr(avatar, "user", None) or (name if "@" in name else f"{name}@{self.factory.localDomains[0]}")
+        user = getattr(avatar, "user", None) or (name if "@" in name else f"{name}@{self.factory.localDomains[0]}")
+        pipeline = self.factory.pipeline
+        if pipeline is not None and pipeline.has("auth"):
+            self.session.user = user
+            pipeline.run("auth", self.session, name, True).addCallback(self._authDecided, user, name)
+            return
+        self._loggedIn(user, name)
+
+    def _authDecided(self, outcome, user, name):
+        if self._lost:
+            return
+        if outcome.verdict.refuses:
+            self.session.user = None
+            log.info("smtp login {user} from {peer}: refused by plugin {plugin}", event="login", protocol="smtp",
+                     user=name, peer=self.peerHost, result="refused", plugin=outcome.plugin)
+            if outcome.action == "tempfail":
+                self._reply(454, b"Temporary authentication failure", code="4.7.0")
+            else:
+                self._reply(535, b"Authentication credentials invalid", code="5.7.8")
+            self._release()
+            return
+        self._loggedIn(user, name)
+
+    def _loggedIn(self, user, name):
+        self.user = user
+        if self.session is not None:
+            self.session.user = user
         self.factory.throttle.succeeded(self.peerHost, name.lower())
         log.info("smtp login {user} from {peer}: ok", event="login", protocol="smtp", user=name, peer=self.peerHost,
                  result="ok")
@@ -547,6 +638,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         log.info("smtp login {user} from {peer}: {result}", event="login", protocol="smtp", user=name,
                  peer=self.peerHost, result=result)
         delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        if result == "failed" and self.factory.pipeline is not None:
+            self.factory.pipeline.notify("auth", self.session, name, False)
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
         d.addCallback(lambda _: None if self._lost else self._reply(status, text, code=code))
@@ -558,6 +651,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._from = None
         self._rcpts = []
         self._bdat = None
+        self._transaction = None
+        self._pluginHeaders = []
+        self._pluginRemove = []
+        self._quarantine = None
         self._dropSpool()
 
     def _path(self, rest: bytes, which: bytes):
@@ -635,8 +732,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             d = maybeDeferred(self.factory.directory.addressesOf, self.user)
             d.addCallbacks(self._senderChecked, self._directoryDown, (sender,))
             return
-        self._from = sender
-        self._reply(250, b"Sender OK", code="2.1.0")
+        if not self._senderOK(sender):
+            self._release()
 
     def _senderChecked(self, addresses, sender):
         if self._lost:
@@ -644,10 +741,50 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         mine = not sender or normalizeAddress(sender) in addresses or normalizeAddress(sender) == normalizeAddress(self.user)
         if not mine:  # (<>, for read receipts and vacation replies, is anybody's)
             self._reply(553, b"Sender address does not belong to you", code="5.7.1")
+        elif self._senderOK(sender):
+            return
+        self._release()
+
+    def _senderOK(self, sender: str) -> bool:
+        """
+        MAIL passed pymaild's checks: ask the plugins, then 250.  True when the answer comes
+        later (a plugin is asked; the input stays held until then).
+        """
+        pipeline = self.factory.pipeline
+        if pipeline is None:
+            self._from = sender
+            self._reply(250, b"Sender OK", code="2.1.0")
+            return False
+        self._transaction = Transaction(uuid.uuid4().hex[:12].upper(), sender,
+                                        {k.decode("ascii", "replace"): v.decode("utf-8", "replace")
+                                         for k, v in self._mailParams.items()})
+        self._pluginHeaders = list(self.session.data.get("_headers", ())) + list(self.session.data.get("_heloHeaders", ()))
+        if not pipeline.has("mail"):
+            self._from = sender
+            self._reply(250, b"Sender OK", code="2.1.0")
+            return False
+        self._hold()
+        pipeline.run("mail", self.session, self._transaction).addCallback(self._mailDecided, sender)
+        return True
+
+    def _mailDecided(self, outcome, sender):
+        if self._lost:
+            return
+        if outcome.verdict.refuses:
+            self._transaction = None
+            self._refused(outcome, 550, "5.7.1", "Sender refused by policy", "mail")
         else:
+            self._take(outcome)
             self._from = sender
             self._reply(250, b"Sender OK", code="2.1.0")
         self._release()
+
+    def _take(self, outcome) -> None:
+        """A stage's header changes and quarantine verdict, for this message."""
+        self._pluginHeaders.extend(outcome.headers)
+        self._pluginRemove.extend(outcome.remove)
+        if outcome.action == "quarantine" and self._quarantine is None:
+            self._quarantine = f"{outcome.plugin}: {outcome.verdict.text}"
 
     def _directoryDown(self, failure):
         if not failure.check(TemporaryFailure):
@@ -689,8 +826,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             elif self.factory.enqueue is None:
                 self._reply(451, b"Delivery to other domains is not available, try again later", code="4.3.2")
             else:
-                self._rcpts.append((address, frozenset(), ((address, dsn),), dsn))
-                self._reply(250, b"Recipient OK", code="2.1.5")
+                self._recipientOK(address, frozenset(), ((address, dsn),), dsn, "remote")
             return
         self._hold()
         d = maybeDeferred(self.factory.directory.lookup, address)  # (user+tag@ included)
@@ -707,25 +843,54 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             d = self.factory.run(lambda: all(self.factory.hasRoom(u) for u in resolution.users))
             d.addCallbacks(self._roomChecked, self._directoryDown, (address, resolution, dsn))
             return
-        else:
-            self._accept(address, resolution, dsn)
+        elif self._accept(address, resolution, dsn):
+            return
         self._release()
 
     def _roomChecked(self, room, address, resolution, dsn):
         if self._lost:
             return
         if room:
-            self._accept(address, resolution, dsn)
+            if self._accept(address, resolution, dsn):
+                return
         else:
             self._reply(552, b"Mailbox full", code="5.2.2")
         self._release()
 
-    def _accept(self, address, resolution, dsn):
+    def _accept(self, address, resolution, dsn) -> bool:
+        """True when the answer comes later (see L{_recipientOK})."""
         # forwarded to other domains: queued, with the address the sender used as ORCPT
         orcpt = dsn[1] or f"rfc822;{address}"
         forwards = tuple((remote, (dsn[0], orcpt)) for remote in sorted(resolution.remote))
-        self._rcpts.append((address, frozenset(resolution.users), forwards, dsn))
-        self._reply(250, b"Recipient OK", code="2.1.5")
+        return self._recipientOK(address, frozenset(resolution.users), forwards, dsn, resolution.kind)
+
+    def _recipientOK(self, address, users, forwards, dsn, kind) -> bool:
+        """
+        RCPT passed pymaild's checks: ask the plugins, then take it and 250.  True when the
+        answer comes later (a plugin is asked; the caller leaves the input held).
+        """
+        pipeline = self.factory.pipeline
+        if pipeline is None or not pipeline.has("rcpt"):
+            self._rcpts.append((address, users, forwards, dsn))
+            self._reply(250, b"Recipient OK", code="2.1.5")
+            return False
+        recipient = Recipient(address, kind, users, tuple(a for a, _ in forwards))
+        self._hold()
+        d = pipeline.run("rcpt", self.session, self._transaction, recipient)
+        d.addCallback(self._rcptDecided, recipient, (address, users, forwards, dsn))
+        return True
+
+    def _rcptDecided(self, outcome, recipient, taken):
+        if self._lost:
+            return
+        if outcome.verdict.refuses:
+            self._refused(outcome, 550, "5.7.1", "Recipient refused by policy", "rcpt")
+        elif self._transaction is not None:  # (not RSET meanwhile)
+            self._take(outcome)
+            self._transaction.recipients.append(recipient)
+            self._rcpts.append(taken)
+            self._reply(250, b"Recipient OK", code="2.1.5")
+        self._release()
 
     # --- DATA ------------------------------------------------------------------------------
 
@@ -822,7 +987,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         return transaction.problem is None
 
     def _openSpool(self) -> bool:
-        self._queueId = uuid.uuid4().hex[:12].upper()
+        self._queueId = self._transaction.id if self._transaction is not None else uuid.uuid4().hex[:12].upper()
         self._spool = Spool(self.factory.spool, budget=self.factory.spoolMemory)
         self._spool.write(self._traceHeaders())
         return True
@@ -843,7 +1008,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                     f" id {self._queueId}{forWhom};\n\t{formatdate(time.time())}\n")
         returnPath = f"Return-Path: <{self._from}>\n".encode("utf-8", "replace")
         self._returnPathLength = len(returnPath)  # (the queue's copy goes without it: RFC 5321 4.4)
-        return returnPath + received.encode("utf-8", "replace")
+        trace = returnPath + received.encode("utf-8", "replace")
+        self._traceLength = len(trace)  # (plugins' header fields go after it)
+        return trace
 
     def _tlsInfo(self) -> str:
         try:
@@ -906,7 +1073,62 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._release()
             return
         spool, self._spool = self._spool, None
-        users = sorted({user for _, us, _, _ in self._rcpts for user in us})
+        pipeline = self.factory.pipeline
+        if pipeline is not None and (pipeline.has("data") or pipeline.has("delivery")):
+            d = self._pluginStages(spool)
+            d.addErrback(self._notDelivered)  # (a bug of ours: 451, never a lost message)
+            return
+        self._store(spool)
+
+    @inlineCallbacks
+    def _pluginStages(self, spool):
+        """The data stage, then the delivery stage per local mailbox, then L{_store}."""
+        pipeline = self.factory.pipeline
+        source = spool.source()
+        if pipeline.has("data"):
+            head = readHead(source) if isinstance(source, bytes) else (yield self.factory.run(readHead, source))
+            headers = BytesHeaderParser(policy=emailPolicy.default).parsebytes(head)
+            opener = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: open(source, "rb"))
+            outcome = yield pipeline.run("data", self.session, self._transaction, Message(headers, spool.size, opener))
+            if self._lost:
+                spool.discard()
+                return
+            if outcome.verdict.refuses:
+                spool.discard()
+                self._from, self._rcpts = None, []
+                self._refused(outcome, 550, "5.7.1", "Message refused by policy", "data")
+                self._release()
+                return
+            self._take(outcome)
+        placements, dropped = {}, set()
+        if pipeline.has("delivery"):
+            first = {}
+            for address, users, _, _ in self._rcpts:
+                for user in sorted(users):
+                    first.setdefault(user, address)
+            for user, address in first.items():
+                outcome = yield pipeline.run("delivery", self.session, self._transaction, Delivery(user, address))
+                if self._lost:
+                    spool.discard()
+                    return
+                if outcome.action == "tempfail":
+                    spool.discard()
+                    self._from, self._rcpts = None, []
+                    self._refused(outcome, 451, "4.7.1", "Try again later", "delivery")
+                    self._release()
+                    return
+                if outcome.action == "reject":
+                    log.info("smtp message {id}: the copy for {user} dropped by plugin {plugin}", id=self._queueId,
+                             user=user, plugin=outcome.plugin)
+                    dropped.add(user)
+                elif outcome.folder or outcome.flags or outcome.headers:
+                    placements[user] = (outcome.folder, tuple(outcome.flags), fieldLines(outcome.headers),
+                                        self._traceLength)
+        self._store(spool, placements, dropped)
+
+    def _store(self, spool, placements=None, dropped=frozenset()):
+        """Every local copy and the queue's, durably, then 250 (or a 4xx/5xx and nothing stored)."""
+        users = sorted({user for _, us, _, _ in self._rcpts for user in us} - set(dropped))
         remote = {}
         for _, _, forwards, _ in self._rcpts:
             for address, dsn in forwards:
@@ -926,19 +1148,30 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                           if us and dsn[0] and "SUCCESS" in dsn[0]] if self._from else [],
         }
 
+        headers, remove, quarantined = self._pluginHeaders, self._pluginRemove, self._quarantine
+        traceLength = self._traceLength
+
         def work():
             queued = None
+            cleanup = None
             try:
                 source = spool.source()
                 hops = countReceived(source)
                 if hops > self.factory.maxHops:
                     raise MailLoop(hops)
+                if headers or remove:
+                    source, cleanup = edit(source, traceLength, headers, remove, self.factory.spool)
+                if quarantined is not None:
+                    return "quarantine:" + self.factory.quarantine(source, transaction, users, quarantined)
                 if transaction["recipients"]:
                     # fsynced in the queue's tmp/ first; in the queue (and so to be sent)
                     # only once every local copy is stored too: all or none
                     queued = self.factory.enqueue(source, transaction)
                 if users:
-                    self.factory.deliver(source, users)
+                    if placements:
+                        self.factory.deliver(source, users, placements)
+                    else:
+                        self.factory.deliver(source, users)
                 if queued is not None:
                     queued.commit()
                 if transaction["delivered"] and self.factory.reportDelivered is not None:
@@ -954,6 +1187,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
                 raise
             finally:
                 spool.discard()
+                if cleanup is not None:
+                    cleanup()
 
         # no timeout while the disk works: a 421 now would make the sender send it again
         self.setTimeout(None)
@@ -963,7 +1198,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         d.addBoth(lambda _: None if self._lost else self.setTimeout(self.factory.commandTimeout))
 
     def _queued(self, queueId):
-        if queueId is not None:
+        if queueId is not None and queueId.startswith("quarantine:"):
+            log.info("smtp message {id} from <{sender}> quarantined as {quarantineId}: {reason}", id=self._queueId,
+                     sender=self._from, quarantineId=queueId[11:], reason=self._quarantine)
+        elif queueId is not None:
             log.info("smtp message {id} from <{sender}> queued as {queueId}", id=self._queueId,
                      sender=self._from, queueId=queueId)
             self.factory.queued(queueId)
@@ -1019,7 +1257,7 @@ class SMTPFactory(protocol.ServerFactory):
                  maxRecipients: int = 1000, maxLineLength: int = 1000, bareLineEnds: str = "reject",
                  commandTimeout: float = 300.0, deliver=None, maxErrors: int = 20, hasRoom=None,
                  maxHops: int = 50, enqueue=None, queued=None, reportDelivered=None, vrfy: str = "off",
-                 dataTimeout: float = 300.0):
+                 dataTimeout: float = 300.0, pipeline=None, quarantine=None):
         from pymaild.throttle import LoginThrottle
 
         self.hostname = hostname
@@ -1067,6 +1305,11 @@ class SMTPFactory(protocol.ServerFactory):
         #: C{reportDelivered(source, transaction)}, blocking: send the sender a "delivered"
         #: DSN for C{transaction["delivered"]} (local recipients with NOTIFY=SUCCESS)
         self.reportDelivered = reportDelivered
+        #: the plugins (a L{pymaild.pipeline.runner.Pipeline}), or None: no plugin is asked
+        self.pipeline = pipeline
+        #: C{quarantine(source, transaction, users, reason)}, blocking: hold a message a plugin
+        #: quarantined (durably); returns its quarantine id
+        self.quarantine = quarantine
 
     def buildProtocol(self, addr):
         p = PymaildESMTP()

@@ -17,6 +17,7 @@ File names follow Dovecot: C{<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<vsize>
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import re
@@ -27,9 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, NamedTuple
 
+from twisted.logger import Logger
+
 from pymaild.durable import fsyncDirectory, syncDirectory  # noqa: F401  (the store's modules import them from here)
+from pymaild.store import names
 
 #: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
+log = Logger()
+
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
 
@@ -223,7 +229,60 @@ def commitTmp(
     return Delivered(final, base, size, vsize)
 
 
-def deliverToUsers(store, source: bytes | Path | str, users) -> list[Delivered]:
+@dataclass(frozen=True)
+class Placement:
+    """
+    Where one user's copy goes, as a delivery plugin chose (L{deliverToUsers}).
+
+    @ivar folder: the folder's name (C{None} or a folder that does not exist: INBOX).
+    @ivar flags: IMAP system flags (C{\\Seen} ...) the copy starts with.
+    @ivar headers: header lines (LF ends) inserted into this copy at byte C{at} of the message.
+    """
+
+    folder: str | None = None
+    flags: tuple = ()
+    headers: bytes = b""
+    at: int = 0
+
+
+class _Spliced:
+    """A message with C{insert} put in at byte C{at}, read in chunks (never all in memory)."""
+
+    def __init__(self, source, at: int, insert: bytes):
+        self._parts = [source, insert]
+        self._before = at
+        self._source = source
+
+    def read(self, n: int) -> bytes:
+        if self._before:
+            chunk = self._source.read(min(n, self._before))
+            self._before -= len(chunk)
+            if not chunk:
+                self._before = 0
+            return chunk
+        if self._parts[1]:
+            chunk, self._parts[1] = self._parts[1], b""
+            return chunk
+        return self._source.read(n)
+
+
+def _placed(userStore, home: Path, placement: Placement | None):
+    """(the maildir to write into, the flag letters) of one copy."""
+    if placement is None:
+        return home, ""
+    letters = "".join(sorted(FLAG_LETTERS[f] for f in placement.flags if f in FLAG_LETTERS))
+    if placement.folder and placement.folder.upper() != "INBOX":
+        try:
+            path = userStore._path(names.validate(placement.folder))
+        except Exception:
+            path = None
+        if path is not None and (path / "cur").is_dir():
+            return path, letters
+        log.info("delivery into {folder}: no such folder, INBOX instead", folder=placement.folder)
+    return home, letters
+
+
+def deliverToUsers(store, source: bytes | Path | str, users, placements: dict | None = None) -> list[Delivered]:
     """
     The message (bytes, or the file at that path; LF line ends, trace headers included) into
     the INBOX of each
@@ -232,17 +291,24 @@ def deliverToUsers(store, source: bytes | Path | str, users) -> list[Delivered]:
     reached meanwhile, a full disk), those already made are removed and the error goes up, so
     the sender is told to retry and nobody gets the message twice.
 
+    @param placements: C{{user: L{Placement}}} for copies that go elsewhere than INBOX, with
+        flags, or with header fields of their own (delivery plugins).
     @raise pymaild.store.quota.QuotaExceeded: a user has no room for it (nothing is stored).
     """
     done: list[tuple[object, Delivered]] = []
+    placements = placements or {}
     try:
         for user in users:
             userStore = store.user(user)
-            home = Path(store.userDirectory(user))
+            placement = placements.get(user)
+            home, letters = _placed(userStore, Path(store.userDirectory(user)), placement)
             # the file and its fsync outside the user's lock: deliveries to one mailbox run side
             # by side (the lock serialised them: 10 SMTP clients to one user went at 1 fsync at
             # a time); the quota is checked and counted under it
-            if isinstance(source, bytes):
+            if placement is not None and placement.headers:
+                with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
+                    tmp, unique, size, vsize = writeTmp(home, _Spliced(f, placement.at, placement.headers))
+            elif isinstance(source, bytes):
                 tmp, unique, size, vsize = writeTmp(home, source)
             else:
                 with open(source, "rb") as f:
@@ -255,7 +321,7 @@ def deliverToUsers(store, source: bytes | Path | str, users) -> list[Delivered]:
                 os.unlink(tmp)
                 raise
             try:
-                delivered = commitTmp(home, tmp, unique, size, vsize)
+                delivered = commitTmp(home, tmp, unique, size, vsize, letters=letters)
             except BaseException:
                 with userStore.lock:
                     userStore.quota.update(-size, -1)
