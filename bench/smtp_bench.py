@@ -276,17 +276,23 @@ def send(server: Server, size: int, count: int, clients: int, timeout: float) ->
             "bytes": sum(map(len, payloads))}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options this benchmark and bench/plugins_bench.py share."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=1000, help="4 KB messages per run (1000; a tenth of it at 100 KB)")
     p.add_argument("--clients", type=int, default=10, help="concurrent connections (10)")
     p.add_argument("--repeat", type=int, default=3, help="runs per server and size (3)")
     p.add_argument("--smoke", action="store_true", help="100 messages, repeat 1")
-    p.add_argument("--no-twisted", action="store_true", help="leave twistd mail out")
-    p.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     p.add_argument("--timeout", type=float, default=120, help="seconds a run may take (120)")
     p.add_argument("--pymaild-source", choices=("worktree", "HEAD"), default="worktree")
     p.add_argument("--json", type=Path, help="also write every sample as JSON")
+    return p
+
+
+def main() -> None:
+    p = arguments(__doc__)
+    p.add_argument("--no-twisted", action="store_true", help="leave twistd mail out")
+    p.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     a = p.parse_args()
     if a.smoke:
         a.messages, a.repeat = 100, 1

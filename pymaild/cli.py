@@ -135,10 +135,102 @@ def _buildParser() -> argparse.ArgumentParser:
         ("delete", _queueDelete, "remove a message from the queue without any report"),
         ("bounce", _queueBounce, "fail a message's pending recipients and report it to the sender"),
     ]:
-        command = queueCommands.add_parser(name, help=summary)
-        command.add_argument("id", metavar="ID")
-        command.set_defaults(run=run)
+        _idCommand(queueCommands, name, run, summary)
+    quarantine = commands.add_parser("quarantine", help="messages plugins held instead of delivering")
+    quarantineCommands = quarantine.add_subparsers(dest="quarantineCommand", metavar="QUARANTINE-COMMAND",
+                                                   required=True)
+    quarantineList = quarantineCommands.add_parser("list", help="list the held messages, oldest first")
+    quarantineList.set_defaults(run=_quarantineList)
+    for name, run, summary in [
+        ("show", _quarantineShow, "print a held message's envelope and header"),
+        ("release", _quarantineRelease, "deliver a held message to the recipients it was for"),
+        ("delete", _quarantineDelete, "throw a held message away"),
+    ]:
+        _idCommand(quarantineCommands, name, run, summary)
     return parser
+
+
+def _idCommand(commands, name: str, run: Callable, summary: str) -> None:
+    """A subcommand taking one message ID."""
+    command = commands.add_parser(name, help=summary)
+    command.add_argument("id", metavar="ID")
+    command.set_defaults(run=run)
+
+
+def _quarantine(args: argparse.Namespace):
+    from pymaild.queue.quarantine import Quarantine
+
+    config = _loadConfig(args)
+    return config, Quarantine(config.server.data_dir / "quarantine")
+
+
+def _quarantineRecord(quarantine, id: str) -> dict:
+    try:
+        return quarantine.record(id)
+    except (KeyError, FileNotFoundError):
+        raise CommandFailed(f"no message {id} in the quarantine (see '{PROGRAM} quarantine list')") from None
+
+
+def _quarantineList(args: argparse.Namespace) -> None:
+    _, quarantine = _quarantine(args)
+    records = sorted((quarantine.record(id) for id in quarantine.ids()), key=lambda r: r["held"])
+    for r in records:
+        held = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["held"]))
+        recipients = list(r["users"]) + [address for address, _, _ in r.get("recipients") or ()]
+        print(f"{r['id']}  {held}  <{r['sender']}> -> {', '.join(recipients)}  ({r['reason']})")
+    print(f"-- {_plural(len(records), 'message')} held")
+
+
+def _quarantineShow(args: argparse.Namespace) -> None:
+    _, quarantine = _quarantine(args)
+    record = _quarantineRecord(quarantine, args.id)
+    print(json.dumps(record, indent=2, ensure_ascii=False))
+    print()
+    sys.stdout.flush()
+    with open(quarantine.messagePath(args.id), "rb") as message:
+        for line in message:
+            if line in (b"\n", b"\r\n"):
+                break
+            sys.stdout.buffer.write(line)
+    sys.stdout.buffer.flush()
+
+
+def _quarantineRelease(args: argparse.Namespace) -> None:
+    """
+    The local copies into the mailboxes the message was for, the rest into the outbound queue
+    (a running server sends it at once), then the quarantine's copy goes.
+    """
+    from pymaild.queue.files import Envelope, QueueFiles, Recipient
+    from pymaild.store.delivery import deliverToUsers
+    from pymaild.store.maildir import MaildirStore
+
+    config, quarantine = _quarantine(args)
+    record = _quarantineRecord(quarantine, args.id)
+    path = quarantine.messagePath(args.id)
+    users = record["users"]
+    if users:
+        store = MaildirStore(config.server.data_dir / "mail", config.store.quota_storage, config.store.quota_messages,
+                             config.store.specialFolders)
+        for user, home in (record.get("homes") or {}).items():
+            store.place(user, home)
+        deliverToUsers(store, path, users)
+    recipients = record.get("recipients") or []
+    if recipients:
+        envelope = Envelope(id="", sender=record["sender"],
+                            recipients=[Recipient(address, orcpt=orcpt, notify=notify)
+                                        for address, notify, orcpt in recipients],
+                            body=record.get("body"), smtputf8=bool(record.get("smtputf8")), ret=record.get("ret"),
+                            envid=record.get("envid"), client=record.get("client") or {})
+        QueueFiles(config.server.data_dir / "queue").prepare(path, envelope, skip=record.get("skip") or 0).commit()
+    quarantine.delete(args.id)
+    print(f"released {args.id}: {len(users)} local, {_plural(len(recipients), 'queued recipient')}")
+
+
+def _quarantineDelete(args: argparse.Namespace) -> None:
+    _, quarantine = _quarantine(args)
+    _quarantineRecord(quarantine, args.id)
+    quarantine.delete(args.id)
+    print(f"deleted {args.id}")
 
 
 def _loadConfig(args: argparse.Namespace):

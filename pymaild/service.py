@@ -248,7 +248,7 @@ class PymaildService(MultiService):
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        log.info("SIGHUP: re-reading the certificate, the passwd-file and the aliases")
+        log.info("SIGHUP: re-reading the certificate, the passwd-file, the aliases and the plugins' settings")
         for reloadable in self.reloadables:
             try:
                 reloadable.reload()
@@ -557,6 +557,8 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                     router.bounce, tlsOptions=lambda host, verify: tlsmod.clientTLS(host, verify, caFile),
                     stopTimeout=config.server.shutdown_timeout)
     router.runner = runner
+    if pipeline is not None:
+        runner.onEvent = lambda event: pipeline.notify("queue", event)
     def firstLogin(factory):
         """
         Before handing out a mailbox avatar, make sure the user's special-use folders exist
@@ -601,7 +603,10 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 maxHops=smtpConfig.max_hops, dataTimeout=smtpConfig.data_timeout, vrfy=smtpConfig.vrfy,
                 deliver=lambda path, users, placements=None: deliverToUsers(
                     store, path, users, {u: Placement(*p) for u, p in (placements or {}).items()}),
-                pipeline=pipeline, quarantine=quarantine.hold,
+                pipeline=pipeline,
+                quarantine=lambda source, transaction, users, reason: quarantine.hold(
+                    source, transaction, users, reason,
+                    {u: str(store.userDirectory(u).relative_to(store.root)) for u in users}),
                 hasRoom=lambda user: hasRoom(store, user),
                 enqueue=router.prepare, queued=runner.add, reportDelivered=router.reportDelivered,
             )
@@ -609,10 +614,11 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             return IMAPFactory(
                 portal, serverTLS, plaintext, implicitTLS, throttle,
                 config.imap.append_limit, config.imap.autologout, config.imap.max_line, reactor,
-                config.limits.max_connections_per_user, imapSessions,
+                config.limits.max_connections_per_user, imapSessions, pipeline,
             )
         return POP3Factory(
-            portal, serverTLS, plaintext, implicitTLS, throttle, reactor, config.pop3.idle_timeout, pop3InUse
+            portal, serverTLS, plaintext, implicitTLS, throttle, reactor, config.pop3.idle_timeout, pop3InUse,
+            pipeline,
         )
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)

@@ -36,6 +36,8 @@ from pymaild.imap import search as search_
 from pymaild.imap import sort as sort_
 from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
+from pymaild.pipeline.runner import RefusedByPlugin, checkedLogin
+from pymaild.pipeline.stages import Session
 
 log = Logger()
 
@@ -83,8 +85,18 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins, try again later")
             return
         self._hold(tag)  # pipelined commands wait for the answer
-        d = throttle.checking(self.peerHost, name.lower(), attempt)
+        d = throttle.checking(self.peerHost, name.lower(),
+                              lambda: checkedLogin(self.factory.pipeline, self._session(), name, attempt))
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (tag, name), None, (tag, name))
+
+    _pluginSession = None
+
+    def _session(self) -> Session:
+        """The plugins' view of this connection (login hooks)."""
+        if self._pluginSession is None:
+            self._pluginSession = Session.of(self.transport, "imap", self.peerHost)
+        self._pluginSession.tls = bool(self.startedTLS)
+        return self._pluginSession
 
     # --- AUTHENTICATE (RFC 3501 6.2.2) with SASL-IR (RFC 4959), on the same path as LOGIN ------
 
@@ -180,6 +192,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             result, answer = "error", b"[SERVERBUG] Internal error, try again later"
         log.info("imap login {user} from {peer}: {result}", event="login", protocol="imap", user=name, peer=self.peerHost, result=result)
         delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        if result == "failed" and self.factory.pipeline is not None and not failure.check(RefusedByPlugin):
+            self.factory.pipeline.notify("login", self._session(), name, False)
         # the answer waits (and so does the client's next command): guessing gets slow
         self.blocked = self.blocked if self.blocked is not None else []
         self.factory.clock.callLater(delay, self._answerLater, tag, answer)
@@ -1458,8 +1472,11 @@ class IMAPFactory(ServerFactory):
 
     def __init__(self, portal, tls, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
                  appendLimit: int = 50 << 20, autologout: float = 1800.0, maxLine: int = 65536, clock=None,
-                 maxPerUser: int = 50, sessions: dict | None = None):
+                 maxPerUser: int = 50, sessions: dict | None = None, pipeline=None):
         from pymaild.throttle import LoginThrottle
+
+        #: the plugins (login hooks), or None
+        self.pipeline = pipeline
 
         self.portal = portal
         self.tls = tls

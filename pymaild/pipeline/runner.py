@@ -172,3 +172,45 @@ class Pipeline:
             return _ERROR if entry.onError == "tempfail" else v.CONTINUE
 
         return d.addErrback(failed)
+
+
+class RefusedByPlugin(Exception):
+    """A plugin's login hook refused a login whose password was right."""
+
+
+def checkedLogin(pipeline, session, login: str, attempt):
+    """
+    C{attempt} (a portal login: a Deferred of C{(interface, avatar, logout)}), then, when it
+    succeeded, the plugins' login hooks.  A reject fails it with
+    C{twisted.cred.error.UnauthorizedLogin} (the client sees a wrong password), a tempfail with
+    L{pymaild.errors.TemporaryFailure}; the avatar is logged out.  Without login hooks this is
+    C{attempt()} itself.
+    """
+    if pipeline is None or not pipeline.has("login"):
+        return defer.maybeDeferred(attempt)
+    from twisted.cred.error import UnauthorizedLogin
+
+    from pymaild.errors import TemporaryFailure
+
+    class Refused(UnauthorizedLogin, RefusedByPlugin):
+        pass
+
+    class Later(TemporaryFailure, RefusedByPlugin):
+        pass
+
+    def loggedIn(result):
+        session.user = login
+        return pipeline.run("login", session, login, True).addCallback(decided, result)
+
+    def decided(outcome, result):
+        if not outcome.verdict.refuses:
+            return result
+        result[2]()  # (logout)
+        session.user = None
+        log.info("{protocol} login {user} from {peer}: refused by plugin {plugin}", protocol=session.protocol,
+                 user=login, peer=session.peer, plugin=outcome.plugin)
+        if outcome.action == "tempfail":
+            raise Later("Temporary authentication failure, try again later")
+        raise Refused()
+
+    return defer.maybeDeferred(attempt).addCallback(loggedIn)

@@ -95,6 +95,15 @@ class Session:
     user: str | None = None
     data: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, transport, protocol: str, peer: str, **kw) -> "Session":
+        """A new session for a connection (a new id; the ports from the transport)."""
+        import uuid
+
+        remote, local = transport.getPeer(), transport.getHost()
+        return cls(uuid.uuid4().hex[:10].upper(), protocol, peer, getattr(remote, "port", 0),
+                   getattr(local, "port", 0), **kw)
+
 
 @dataclass
 class Recipient:

@@ -38,6 +38,8 @@ from twisted.protocols import basic
 from pymaild.envelope import inNetworks
 from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
+from pymaild.pipeline.runner import RefusedByPlugin, checkedLogin
+from pymaild.pipeline.stages import Session
 from pymaild.flow import Backpressure, Closing, sendNow
 from pymaild.sasl import MECHANISMS
 from pymaild.pop3.mailbox import Gone
@@ -74,6 +76,15 @@ class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
     _held = False
 
     # --- connection ---------------------------------------------------------------------
+
+    _pluginSession = None
+
+    def _session(self) -> Session:
+        """The plugins' view of this connection (login hooks)."""
+        if self._pluginSession is None:
+            self._pluginSession = Session.of(self.transport, "pop3", self.peerHost)
+        self._pluginSession.tls = bool(self.secure)
+        return self._pluginSession
 
     def connectionMade(self):
         self.peerHost = getattr(self.transport.getPeer(), "host", "")
@@ -321,7 +332,8 @@ class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
             self._err(b"[SYS/TEMP] Too many failed logins, try again later")
             return
         self._hold()
-        d = throttle.checking(self.peerHost, name.lower(), attempt)
+        d = throttle.checking(self.peerHost, name.lower(),
+                              lambda: checkedLogin(self.factory.pipeline, self._session(), name, attempt))
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
         d.addErrback(self._bug, "login")
 
@@ -380,6 +392,8 @@ class PymaildPOP3(Closing, basic.LineReceiver, pop3.POP3):
         log.info("pop3 login {user} from {peer}: {result}", event="login", protocol="pop3", user=name,
                  peer=self.peerHost, result=result)
         delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
+        if result == "failed" and self.factory.pipeline is not None and not failure.check(RefusedByPlugin):
+            self.factory.pipeline.notify("login", self._session(), name, False)
         # the answer waits, and so does the client's next command: guessing gets slow
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
@@ -586,8 +600,11 @@ class POP3Factory(ServerFactory):
     noisy = False
 
     def __init__(self, portal, tls=None, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
-                 clock=None, idleTimeout: float = 600.0, inUse: set | None = None):
+                 clock=None, idleTimeout: float = 600.0, inUse: set | None = None, pipeline=None):
         from pymaild.throttle import LoginThrottle
+
+        #: the plugins (login hooks), or None
+        self.pipeline = pipeline
 
         self.portal = portal
         self.tls = tls

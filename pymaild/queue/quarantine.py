@@ -29,8 +29,14 @@ class Quarantine:
             raise KeyError(id)
         return self.root / f"{id}.eml", self.root / f"{id}.json"
 
-    def hold(self, source, transaction: dict, users, reason: str) -> str:
-        """Keep the message (bytes or a path) and its envelope; returns its id.  Blocking."""
+    def hold(self, source, transaction: dict, users, reason: str, homes: dict | None = None) -> str:
+        """
+        Keep the message (bytes or a path) and its envelope; returns its id.  Blocking.
+
+        @param homes: C{{user: its mail directory relative to the store's root}}, so that a
+            release finds the mailbox without asking the directory (an LDAP user's mailbox
+            keeps its first address's name).
+        """
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         id = uuid.uuid4().hex[:16].upper()
         message, record = self._paths(id)
@@ -45,7 +51,7 @@ class Quarantine:
                             out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            data = {"id": id, "held": time.time(), "reason": reason, "users": sorted(users),
+            data = {"id": id, "held": time.time(), "reason": reason, "users": sorted(users), "homes": homes or {},
                     **{k: transaction.get(k) for k in ("sender", "recipients", "ret", "envid", "body", "smtputf8",
                                                           "client", "skip")}}
             with open(tmpRecord, "w") as out:

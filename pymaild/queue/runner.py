@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from pymaild.durable import atomicWrite
+from pymaild.pipeline.stages import QueueEvent
 from pymaild.queue import dsn as dsnmod
 from pymaild.queue.client import Job, QueueClient
 from pymaild.queue.files import DELIVERED, FAILED, PENDING, Busy, CorruptEnvelope, Envelope, QueueFiles
@@ -462,12 +463,14 @@ class Runner(service.Service):
                 recipient.reported = not (recipient.wants("SUCCESS") and not job.remoteDSN)
                 log.info("queue: {id} to <{rcpt}> delivered via {mta}: {reply}", id=envelope.id,
                          rcpt=recipient.address, mta=job.remoteMta, reply=recipient.reply)
+                self._event("delivered", envelope, recipient)
             elif code >= 500:
                 recipient.state = FAILED
                 recipient.status = _status(code, reply, False)
                 recipient.reported = not recipient.wants("FAILURE") or not envelope.sender
                 log.info("queue: {id} to <{rcpt}> failed: {reply}", id=envelope.id, rcpt=recipient.address,
                          reply=recipient.reply)
+                self._event("bounced", envelope, recipient)
             else:
                 recipient.status = _status(code, reply, True)
                 retry = now + self.policy.backoff(recipient.attempts)
@@ -477,11 +480,23 @@ class Runner(service.Service):
                     recipient.reported = not recipient.wants("FAILURE") or not envelope.sender
                     log.info("queue: {id} to <{rcpt}> expired: {reply}", id=envelope.id, rcpt=recipient.address,
                              reply=recipient.reply)
+                    self._event("bounced", envelope, recipient)
                 else:
                     recipient.next_attempt = retry
                     log.info("queue: {id} to <{rcpt}> deferred until {when}: {reply}", id=envelope.id,
                              rcpt=recipient.address, when=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(retry)),
                              reply=recipient.reply)
+                    self._event("deferred", envelope, recipient)
+
+    #: C{onEvent(QueueEvent)}: told of each recipient's result (the plugins' queue stage)
+    onEvent = None
+
+    def _event(self, kind: str, envelope: Envelope, recipient) -> None:
+        if self.onEvent is not None:
+            try:
+                self.onEvent(QueueEvent(kind, envelope.id, envelope.sender, recipient.address, recipient.reply or ""))
+            except Exception:
+                log.failure("queue: reporting a {kind} event", kind=kind)
 
     # --- DSNs -----------------------------------------------------------------------------
 

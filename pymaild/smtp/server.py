@@ -275,10 +275,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self.setTimeout(self.factory.commandTimeout)
         pipeline = self.factory.pipeline
         if pipeline is not None:
-            peer, local = self.transport.getPeer(), self.transport.getHost()
-            self.session = Session(uuid.uuid4().hex[:10].upper(), "submission" if self.factory.submission else "smtp",
-                                   self.peerHost, getattr(peer, "port", 0), getattr(local, "port", 0), self.secure,
-                                   self.trusted)
+            self.session = Session.of(self.transport, "submission" if self.factory.submission else "smtp",
+                                      self.peerHost, tls=self.secure, trusted=self.trusted)
             if pipeline.has("connect"):
                 self._hold()  # (a client talking before the greeting waits for it)
                 pipeline.run("connect", self.session).addCallback(self._connectDecided)

@@ -283,6 +283,18 @@ class MaildirStore:
             else:
                 self._places[user] = place
 
+    def place(self, user: str, relative: str) -> None:
+        """
+        Use C{<root>/relative} as C{user}'s directory (as the server found it: a quarantine
+        release in pymaildctl, which does not ask the directory).
+        """
+        parts = relative.split("/")
+        if len(parts) != 2:
+            raise ValueError(f"not a mailbox directory: {relative!r}")
+        relative = f"{_safePart(parts[0], 'domain')}/{_safePart(parts[1], 'local part')}"
+        with self._lock:
+            self._places[user] = relative
+
     def setStorageLimit(self, user: str, limit: int | None) -> None:
         """
         The user's own storage limit in bytes (from the directory; None: the store's default),

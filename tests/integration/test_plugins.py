@@ -168,3 +168,170 @@ def test_a_broken_plugin_configuration_stops_start_up(tmp_path):
         assert result.returncode != 0
         assert message in result.stdout + result.stderr, result.stdout + result.stderr
         assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_imap_and_pop3_logins(make_server, tmp_path):
+    """The login stage: a right password refused by a plugin is a failed login; failures are reported."""
+    import poplib
+
+    server = probe(make_server, tmp_path, 'refuse_login = ["postmaster@localhost"]\n')
+    imap = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls())
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap.login("postmaster@localhost", server.postmaster_password())
+    imap.shutdown()
+    pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=server.tls())
+    pop.user("postmaster@localhost")
+    with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+        pop.pass_(server.postmaster_password())
+    pop.close()
+    pop = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=server.tls())
+    pop.user("nobody@localhost")
+    with pytest.raises(poplib.error_proto):
+        pop.pass_("wrong")
+    pop.close()
+    logins = [" ".join(c.split()[2:]) for c in server.calls() if c.startswith("login ")]
+    assert logins == ["imap postmaster@localhost True", "pop3 postmaster@localhost True", "pop3 nobody@localhost False"]
+    assert "imap login postmaster@localhost from 127.0.0.1: refused by plugin probe" in server.log()
+
+
+def test_queue_events(make_server, tmp_path):
+    """A queued message that cannot be delivered (its domain does not exist) is a bounced event."""
+    import json
+    import subprocess
+    import sys
+
+    zones = tmp_path / "zones.json"
+    zones.write_text(json.dumps({}))
+    dns = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "queue" / "fakedns.py"),
+                            str(zones), "127.0.0.1"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(dns.stdout.readline())
+        server = probe(make_server, tmp_path, head=f'[queue]\nnameservers = ["127.0.0.1:{port}"]\n')
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+            s.starttls(context=server.tls())
+            s.login("postmaster@localhost", server.postmaster_password())
+            s.sendmail("postmaster@localhost", ["someone@nowhere.test"], MESSAGE)
+        event = wait_for(lambda: [c for c in server.calls() if c.startswith("queue ")], what="a queue event")
+        assert event == ["queue - bounced someone@nowhere.test"], event
+    finally:
+        dns.kill()
+        dns.wait()
+
+
+def test_pymaildctl_quarantine_release_and_delete(make_server, tmp_path):
+    """A quarantined message is listed, shown, and released into the mailbox (or deleted)."""
+    server = probe(make_server, tmp_path, 'quarantine_subject = "hello"\n')
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.sendmail("someone@example.net", ["postmaster@localhost"], MESSAGE)
+        s.sendmail("someone@example.net", ["postmaster@localhost"], MESSAGE.replace(b"hello", b"hello again"))
+    listing = server.ctl("quarantine", "list")
+    assert listing.returncode == 0 and "-- 2 messages held" in listing.stdout, listing
+    first, second = [line.split()[0] for line in listing.stdout.splitlines()[:2]]
+    assert "someone@example.net> -> postmaster@localhost  (probe: probe: suspicious subject)" in listing.stdout
+    shown = server.ctl("quarantine", "show", first)
+    assert shown.returncode == 0 and '"reason": "probe: probe: suspicious subject"' in shown.stdout
+    assert "Subject: hello" in shown.stdout and "body" not in shown.stdout.split("\n\n", 1)[1]
+    released = server.ctl("quarantine", "release", first)
+    assert released.returncode == 0 and f"released {first}: 1 local" in released.stdout, released
+    [path] = inbox(server)
+    assert path.read_bytes().startswith(b"Return-Path: <someone@example.net>\n")
+    assert server.ctl("quarantine", "delete", second).returncode == 0
+    assert "-- 0 messages held" in server.ctl("quarantine", "list").stdout
+    missing = server.ctl("quarantine", "release", first)
+    assert missing.returncode != 0 and "no message" in missing.stderr
+
+
+def test_sighup_reloads_the_plugins_settings(make_server, tmp_path):
+    import signal
+
+    server = probe(make_server, tmp_path)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.sendmail("someone@example.net", ["postmaster@localhost"], MESSAGE)
+    text = server.config_path.read_text()
+    server.config_path.write_text(text + 'reject_rcpt = ["postmaster@localhost"]\n')
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: plugins probe" in server.log(), what="the plugins to be made again")
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("client.example.net")
+        s.mail("someone@example.net")
+        assert s.rcpt("postmaster@localhost") == (553, b"5.7.1 probe says no")
+    server.config_path.write_text(text + 'reject_rcpt = "not a list"\n')  # (a mistake: the old settings stay)
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "the plugins keep their settings" in server.log(), what="the refused reload")
+    assert "[plugins.probe] reject_rcpt: expected a list" in server.log()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("client.example.net")
+        s.mail("someone@example.net")
+        assert s.rcpt("postmaster@localhost")[0] == 553
+
+
+def test_the_four_built_ins_in_a_running_server(make_server, tmp_path):
+    """
+    dnsbl (its own DNS server), greylist, ratelimit and headers together, as an administrator
+    would enable them: a listed sender domain is refused, a new triplet waits, then passes with
+    its header fields; logged-in users skip the blocklists and greylisting but are rate limited.
+    """
+    import json
+    import subprocess
+    import sys
+
+    zones = tmp_path / "zones.json"
+    zones.write_text(json.dumps({"spammer.test.dbl.test": [["A", "127.0.1.2"]]}))
+    dns = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "queue" / "fakedns.py"),
+                            str(zones), "127.0.0.1"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(dns.stdout.readline())
+        server = make_server(f"""
+[queue]
+nameservers = ["127.0.0.1:{port}"]
+[plugins]
+enabled = ["dnsbl", "greylist", "ratelimit", "headers"]
+[plugins.dnsbl]
+zones = [{{zone = "zen.test"}}]
+domain_zones = [{{zone = "dbl.test"}}]
+[plugins.greylist]
+delay = 1
+whitelist_recipients = []  # (postmaster@ is exempt by default; it is the only user here)
+[plugins.ratelimit]
+messages_per_user = 2
+[plugins.headers]
+add = [{{name = "X-External", value = "yes", when = "external"}}]
+rewrite = [{{name = "Subject", match = "^", replace = "[EXT] ", when = "external"}}]
+""").start()
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+            s.ehlo("mx.spammer.test")
+            s.mail("offers@spammer.test")
+            code, text = s.rcpt("postmaster@localhost")
+            assert code == 554 and b"blocked using dbl.test" in text
+            s.rset()
+            s.mail("friend@example.net")
+            code, text = s.rcpt("postmaster@localhost")
+            assert (code, text[:5]) == (451, b"4.7.1") and b"Greylisted" in text
+            s.rset()
+
+        def retried():
+            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+                try:
+                    s.sendmail("friend@example.net", ["postmaster@localhost"], MESSAGE)
+                    return True
+                except smtplib.SMTPRecipientsRefused:
+                    return False
+
+        wait_for(retried, timeout=20, interval=0.5, what="the greylisted triplet to pass")
+        [path] = inbox(server)
+        head = path.read_bytes().split(b"\n\n", 1)[0]
+        assert b"\nX-Greylist: delayed " in head and b"\nX-External: yes" in head
+        assert b"\nSubject: [EXT] hello" in head and head.count(b"Subject:") == 1
+        with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=30) as s:
+            s.starttls(context=server.tls())
+            s.login("postmaster@localhost", server.postmaster_password())
+            for _ in range(2):
+                s.sendmail("postmaster@localhost", ["postmaster@localhost"], MESSAGE)
+            with pytest.raises(smtplib.SMTPSenderRefused) as e:
+                s.sendmail("postmaster@localhost", ["postmaster@localhost"], MESSAGE)
+            assert e.value.smtp_code == 451 and b"Rate limit" in e.value.smtp_error
+        internal = [p for p in inbox(server) if p != path]
+        assert len(internal) == 2 and all(b"X-External" not in p.read_bytes() for p in internal)
+    finally:
+        dns.kill()
+        dns.wait()
