@@ -120,58 +120,110 @@ class Pipeline:
     def names(self, stage: str) -> list[str]:
         return [e.name for e in self._byStage.get(stage, ())]
 
-    @defer.inlineCallbacks
-    def run(self, stage: str, *args):
+    def run(self, stage: str, *args) -> defer.Deferred:
         """
         Ask each plugin hooking C{stage}, in order, until one ends the stage.
 
-        @return: a Deferred firing with an L{Outcome} (never failing).
+        Hooks that answer at once are folded at once (no Deferred, no timer per call); a hook
+        that returns a Deferred or a coroutine gets its plugin's timeout.
+
+        @return: a Deferred firing with an L{Outcome} (never failing; already fired when every
+            hook answered at once).
+        """
+        outcome = self.ask(stage, *args)
+        return outcome if isinstance(outcome, defer.Deferred) else defer.succeed(outcome)
+
+    def ask(self, stage: str, *args):
+        """
+        L{run}, but the L{Outcome} itself when every hook answered at once (a front-end then
+        answers its client without holding its input), else a Deferred of it.
         """
         _, method = _BY_STAGE[stage]
-        outcome = Outcome()
-        for entry in list(self._byStage.get(stage, ())):
-            verdict = yield self._call(entry, stage, method, args)
-            if verdict.action not in _ALLOWED[stage] and verdict.action != v.CONTINUE_:
-                log.warn("plugin {plugin}: {action} means nothing at the {stage} stage; taken as continue",
-                         plugin=entry.name, action=verdict.action, stage=stage)
-                verdict = v.CONTINUE
-            outcome.headers.extend(verdict.headers)
-            outcome.remove.extend(verdict.remove)
-            if verdict.folder is not None:
-                outcome.folder = verdict.folder
-            outcome.flags.extend(f for f in verdict.flags if f not in outcome.flags)
-            if verdict.ends:
-                outcome.verdict, outcome.plugin = verdict, entry.name
+        return self._from(list(self._byStage.get(stage, ())), 0, stage, method, args, Outcome())
+
+    def _from(self, entries, i, stage, method, args, outcome):
+        while i < len(entries):
+            entry = entries[i]
+            verdict = self._call(entry, stage, method, args)
+            if isinstance(verdict, defer.Deferred):
+                return verdict.addCallback(self._later, entries, i, stage, method, args, outcome)
+            if self._fold(outcome, entry, stage, verdict):
                 break
+            i += 1
         return outcome
+
+    def _later(self, verdict, entries, i, stage, method, args, outcome):
+        if self._fold(outcome, entries[i], stage, verdict):
+            return outcome
+        return self._from(entries, i + 1, stage, method, args, outcome)
+
+    @staticmethod
+    def _fold(outcome: Outcome, entry: Entry, stage: str, verdict: v.Verdict) -> bool:
+        """Add a verdict to the outcome; True when it ends the stage."""
+        if verdict.action not in _ALLOWED[stage] and verdict.action != v.CONTINUE_:
+            log.warn("plugin {plugin}: {action} means nothing at the {stage} stage; taken as continue",
+                     plugin=entry.name, action=verdict.action, stage=stage)
+            verdict = v.CONTINUE
+        if verdict is v.CONTINUE:
+            return False
+        outcome.headers.extend(verdict.headers)
+        outcome.remove.extend(verdict.remove)
+        if verdict.folder is not None:
+            outcome.folder = verdict.folder
+        outcome.flags.extend(f for f in verdict.flags if f not in outcome.flags)
+        if verdict.ends:
+            outcome.verdict, outcome.plugin = verdict, entry.name
+            return True
+        return False
 
     def notify(self, stage: str, *args) -> None:
         """Run a report stage (queue events, failed logins) without waiting for it."""
         if self.has(stage):
             self.run(stage, *args)
 
-    def _call(self, entry: Entry, stage: str, method: str, args) -> defer.Deferred:
-        def call():
+    def _failed(self, failure, entry: Entry, stage: str) -> v.Verdict:
+        if failure.check(defer.TimeoutError):
+            log.error("plugin {plugin}: {stage} hook did not answer within {timeout}s; {policy}",
+                      plugin=entry.name, stage=stage, timeout=entry.timeout, policy=entry.onError)
+        else:
+            log.failure("plugin {plugin}: {stage} hook failed; {policy}", failure,
+                        plugin=entry.name, stage=stage, policy=entry.onError)
+        return _ERROR if entry.onError == "tempfail" else v.CONTINUE
+
+    def _call(self, entry: Entry, stage: str, method: str, args):
+        """The hook's verdict now, or a Deferred of it (with the timeout); never an exception."""
+        from twisted.python.failure import Failure
+
+        try:
             result = getattr(entry.hooks, method)(*args)
             if inspect.iscoroutine(result):
-                return defer.Deferred.fromCoroutine(result)
-            return result
+                result = defer.Deferred.fromCoroutine(result)
+            if not isinstance(result, defer.Deferred):
+                return v.coerce(result)
+        except Exception:
+            return self._failed(Failure(), entry, stage)
+        box, waiting = [], []
 
-        d = defer.maybeDeferred(call)
+        def relay(r):
+            if waiting:
+                waiting[0].callback(r)  # (a Failure runs the errbacks)
+            else:
+                box.append(r)
+
+        result.addBoth(relay)
+        if box:  # (it had fired already: its verdict now, without a Deferred or a timer)
+            if isinstance(box[0], Failure):
+                return self._failed(box[0], entry, stage)
+            try:
+                return v.coerce(box[0])
+            except TypeError:
+                return self._failed(Failure(), entry, stage)
+        d = defer.Deferred(lambda _: result.cancel())
+        waiting.append(d)
         if entry.timeout:
             d.addTimeout(entry.timeout, self.clock)
         d.addCallback(v.coerce)
-
-        def failed(failure):
-            if failure.check(defer.TimeoutError):
-                log.error("plugin {plugin}: {stage} hook did not answer within {timeout}s; {policy}",
-                          plugin=entry.name, stage=stage, timeout=entry.timeout, policy=entry.onError)
-            else:
-                log.failure("plugin {plugin}: {stage} hook failed; {policy}", failure,
-                            plugin=entry.name, stage=stage, policy=entry.onError)
-            return _ERROR if entry.onError == "tempfail" else v.CONTINUE
-
-        return d.addErrback(failed)
+        return d.addErrback(self._failed, entry, stage)
 
 
 class RefusedByPlugin(Exception):

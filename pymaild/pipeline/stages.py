@@ -139,21 +139,47 @@ class Transaction:
     recipients: list = field(default_factory=list)
 
 
-@dataclass
 class Message:
     """
     The message at end of data.
 
-    @ivar headers: its header fields, parsed (an C{email.message.EmailMessage} with headers
-        only; pymaild's Return-Path and Received first).
+    @ivar head: its header block as bytes (LF line ends; pymaild's Return-Path and Received
+        first).
+    @ivar headers: the same, parsed (an C{email.message.EmailMessage} with headers only),
+        parsed the first time it is read; L{get} reads one field without parsing the rest.
     @ivar size: its size in bytes.
     @ivar open: C{open()} gives a new binary file object positioned at the first byte of the
         message (its header), never the whole message in memory.
     """
 
-    headers: object
-    size: int
-    open: Callable[[], BinaryIO]
+    def __init__(self, head: bytes, size: int, open: Callable[[], BinaryIO]):
+        self.head = head
+        self.size = size
+        self.open = open
+        self._headers = None
+
+    def get(self, name: str, default=None):
+        """
+        The first field called C{name}, unfolded and decoded (RFC 2047), or C{default}: quicker
+        than C{headers[name]}, which parses every field.
+        """
+        import re
+
+        from pymaild.mime import decodeHeader
+
+        m = re.search(rb"(?im)^" + re.escape(name.encode("ascii")) + rb"[ \t]*:(.*(?:\n[ \t].*)*)", self.head)
+        if m is None:
+            return default
+        return decodeHeader(re.sub(rb"\n(?=[ \t])", b"", m.group(1)).strip())
+
+    @property
+    def headers(self):
+        if self._headers is None:
+            from email import policy
+            from email.parser import BytesHeaderParser
+
+            self._headers = BytesHeaderParser(policy=policy.default).parsebytes(self.head)
+        return self._headers
 
 
 @dataclass

@@ -110,15 +110,30 @@ class Blocklists:
         return d.addCallbacks(answered, failed)
 
     def _state(self, session) -> dict:
+        """Per session: the client's lookups, and the sender domains', each a Deferred until answered."""
         return session.data.setdefault(self.name, {"client": None, "sender": {}})
+
+    @staticmethod
+    def _keep(state: dict, key, domain=None):
+        """Replace a lookup's Deferred by its list of zones once it answers (read without waiting)."""
+        def done(result):
+            listed = [z for z in result if z is not None]
+            if domain is None:
+                state["client"] = listed
+            else:
+                state["sender"][domain] = listed
+            return listed
+
+        return done
 
     def connect(self, session):
         if self._skip(session) or not self.zones:
             return None
         name = reversedName(session.peer)
         if name is not None:
-            lookups = [self._listed(name, zone) for zone in self.zones]
-            self._state(session)["client"] = defer.gatherResults(lookups)  # (waited for at RCPT)
+            state = self._state(session)
+            state["client"] = defer.gatherResults([self._listed(name, zone) for zone in self.zones])
+            state["client"].addCallback(self._keep(state, "client"))
         return None
 
     def mailFrom(self, session, transaction):
@@ -128,43 +143,52 @@ class Blocklists:
         state = self._state(session)
         if domain and domain not in state["sender"]:
             state["sender"] = {domain: defer.gatherResults([self._listed(domain, zone) for zone in self.domainZones])}
+            state["sender"][domain].addCallback(self._keep(state, "sender", domain))
         return None
 
-    @defer.inlineCallbacks
     def _score(self, session, transaction):
+        """C{(score, zones)}, or a Deferred of it while a lookup is still under way."""
         state = self._state(session)
-        listed = []
-        client = state.get("client")
-        if client is not None:
-            result = yield client
-            state["client"] = defer.succeed(result)  # (a Deferred gives its result once)
-            listed += [z for z in result if z is not None]
         domain = transaction.sender.rpartition("@")[2].lower()
-        pending = state["sender"].get(domain)
-        if pending is not None:
-            result = yield pending
-            state["sender"][domain] = defer.succeed(result)
-            listed += [z for z in result if z is not None]
+        parts = [state.get("client") or [], state["sender"].get(domain) or []]
+        pending = [p for p in parts if isinstance(p, defer.Deferred)]
+        if pending:
+            # (the Deferred's own callback replaced it in the state; ask again when it has)
+            waits = [defer.Deferred() for _ in pending]
+            for p, w in zip(pending, waits):
+                p.addBoth(lambda r, w=w: (w.callback(None), r)[1])
+            return defer.gatherResults(waits).addCallback(lambda _: self._score(session, transaction))
+        listed = parts[0] + parts[1]
         return sum(z["weight"] for z in listed), [z["zone"] for z in listed]
 
-    @defer.inlineCallbacks
+    @staticmethod
+    def _then(value, f):
+        return value.addCallback(f) if isinstance(value, defer.Deferred) else f(value)
+
     def rcptTo(self, session, transaction, recipient):
         if self._skip(session):
             return None
-        score, zones = yield self._score(session, transaction)
-        if zones and score >= self.threshold and self.action == "reject":
-            return reject(554, "5.7.1", f"Service unavailable; client [{session.peer}] blocked using {zones[0]}")
-        return None
 
-    @defer.inlineCallbacks
+        def decide(scored):
+            score, zones = scored
+            if zones and score >= self.threshold and self.action == "reject":
+                return reject(554, "5.7.1", f"Service unavailable; client [{session.peer}] blocked using {zones[0]}")
+            return None
+
+        return self._then(self._score(session, transaction), decide)
+
     def endOfData(self, session, transaction, message):
         if self._skip(session) or self.action != "tag":
             return None
-        score, zones = yield self._score(session, transaction)
-        if zones:
-            return addHeaders(("X-DNSBL", f"score={score:g} listed in {', '.join(zones)}"
-                                          f"{' (over the threshold)' if score >= self.threshold else ''}"))
-        return None
+
+        def decide(scored):
+            score, zones = scored
+            if zones:
+                return addHeaders(("X-DNSBL", f"score={score:g} listed in {', '.join(zones)}"
+                                              f"{' (over the threshold)' if score >= self.threshold else ''}"))
+            return None
+
+        return self._then(self._score(session, transaction), decide)
 
 
 dnsbl = Plugin("dnsbl", Blocklists, keys={

@@ -85,7 +85,7 @@ class HeaderRules:
         add = [(r["name"], r["value"]) for r in self.add if self._applies(r["when"], session)]
         remove = [r["name"] for r in self.remove if self._applies(r["when"], session)]
         for rule in self.rewrite:
-            value = message.headers.get(rule["name"]) if self._applies(rule["when"], session) else None
+            value = message.get(rule["name"]) if self._applies(rule["when"], session) else None
             if value is None:
                 continue
             remove.append(rule["name"])

@@ -4,7 +4,9 @@ C{ratelimit}: at most so many messages and recipients per client address, per se
 and per logged-in user, in any C{window} seconds (a sliding window).
 
 A message counts at MAIL FROM, a recipient at RCPT TO; past a limit the command gets
-C{451 4.7.1} (the client tries again later, when older ones have left the window).  A limit of
+C{451 4.7.1} (the client tries again later, when older ones have left the window).  The window
+is kept as 60 counts (one per sixtieth of it), so a key costs the same memory at any limit and
+an event leaves the window up to a sixtieth of it early.  A limit of
 0 is no limit.  Clients in C{exempt_networks} are not counted.  What was counted is kept in
 C{<data_dir>/plugins/ratelimit/ratelimit.sqlite}, so a restart does not reset the limits.
 
@@ -45,14 +47,19 @@ class RateLimit:
             return False
         return any(ip in network for network in self.exempt)
 
+    #: the window is counted in this many slots: exact to a sixtieth of it, in constant memory
+    SLOTS = 60
+
     def _take(self, counters) -> str | None:
         """Count one event against each C{(limit name, key)}; the name of a limit it would pass."""
         now = self.clock.seconds()
-        cutoff = now - self.window
+        width = self.window / self.SLOTS
+        slot = int(now // width)
+        oldest = slot - self.SLOTS + 1  # (the slots still in the window)
         if now >= self._nextSweep:  # (forget whoever has nothing left in the window)
             self._nextSweep = now + self.window
-            for key, times in list(self.table.data.items()):
-                if not times or times[-1] <= cutoff:
+            for key, slots in list(self.table.data.items()):
+                if not slots or slots[-1][0] < oldest:
                     del self.table.data[key]
                     self.table.changed(key)
         checked = []
@@ -61,13 +68,16 @@ class RateLimit:
             if not limit or not who:
                 continue
             key = f"{name}\0{who}"
-            times = [t for t in self.table.data.get(key, ()) if t > cutoff]
-            if len(times) >= limit:
+            slots = [pair for pair in self.table.data.get(key, ()) if pair[0] >= oldest]
+            if sum(count for _, count in slots) >= limit:
                 return name
-            checked.append((key, times))
-        for key, times in checked:  # (counted only when no limit refuses it)
-            times.append(now)
-            self.table.data[key] = times
+            checked.append((key, slots))
+        for key, slots in checked:  # (counted only when no limit refuses it)
+            if slots and slots[-1][0] == slot:
+                slots[-1] = [slot, slots[-1][1] + 1]
+            else:
+                slots.append([slot, 1])
+            self.table.data[key] = slots
             self.table.changed(key)
         return None
 

@@ -44,8 +44,6 @@ import re
 import threading
 import time
 import uuid
-from email import policy as emailPolicy
-from email.parser import BytesHeaderParser
 from email.utils import formatdate
 from pathlib import Path
 
@@ -730,8 +728,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             d = maybeDeferred(self.factory.directory.addressesOf, self.user)
             d.addCallbacks(self._senderChecked, self._directoryDown, (sender,))
             return
-        if not self._senderOK(sender):
-            self._release()
+        self._senderOK(sender)  # (held until the plugins answer, if they answer later)
 
     def _senderChecked(self, addresses, sender):
         if self._lost:
@@ -761,11 +758,15 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._from = sender
             self._reply(250, b"Sender OK", code="2.1.0")
             return False
-        self._hold()
-        pipeline.run("mail", self.session, self._transaction).addCallback(self._mailDecided, sender)
-        return True
+        outcome = pipeline.ask("mail", self.session, self._transaction)
+        if isinstance(outcome, Deferred):
+            self._hold()
+            outcome.addCallback(self._mailDecided, sender, True)
+            return True
+        self._mailDecided(outcome, sender, False)
+        return False
 
-    def _mailDecided(self, outcome, sender):
+    def _mailDecided(self, outcome, sender, release):
         if self._lost:
             return
         if outcome.verdict.refuses:
@@ -775,7 +776,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._take(outcome)
             self._from = sender
             self._reply(250, b"Sender OK", code="2.1.0")
-        self._release()
+        if release:
+            self._release()
 
     def _take(self, outcome) -> None:
         """A stage's header changes and quarantine verdict, for this message."""
@@ -869,16 +871,21 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         """
         pipeline = self.factory.pipeline
         if pipeline is None or not pipeline.has("rcpt"):
+            if self._transaction is not None:  # (for the data and delivery stages)
+                self._transaction.recipients.append(Recipient(address, kind, users, tuple(a for a, _ in forwards)))
             self._rcpts.append((address, users, forwards, dsn))
             self._reply(250, b"Recipient OK", code="2.1.5")
             return False
         recipient = Recipient(address, kind, users, tuple(a for a, _ in forwards))
+        outcome = pipeline.ask("rcpt", self.session, self._transaction, recipient)
+        if not isinstance(outcome, Deferred):
+            self._rcptDecided(outcome, recipient, (address, users, forwards, dsn), False)
+            return False
         self._hold()
-        d = pipeline.run("rcpt", self.session, self._transaction, recipient)
-        d.addCallback(self._rcptDecided, recipient, (address, users, forwards, dsn))
+        outcome.addCallback(self._rcptDecided, recipient, (address, users, forwards, dsn))
         return True
 
-    def _rcptDecided(self, outcome, recipient, taken):
+    def _rcptDecided(self, outcome, recipient, taken, release=True):
         if self._lost:
             return
         if outcome.verdict.refuses:
@@ -888,7 +895,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._transaction.recipients.append(recipient)
             self._rcpts.append(taken)
             self._reply(250, b"Recipient OK", code="2.1.5")
-        self._release()
+        if release:
+            self._release()
 
     # --- DATA ------------------------------------------------------------------------------
 
@@ -1074,6 +1082,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         pipeline = self.factory.pipeline
         if pipeline is not None and (pipeline.has("data") or pipeline.has("delivery")):
             d = self._pluginStages(spool)
+            d.addErrback(lambda f: (spool.discard(), f)[1])
             d.addErrback(self._notDelivered)  # (a bug of ours: 451, never a lost message)
             return
         self._store(spool)
@@ -1085,9 +1094,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         source = spool.source()
         if pipeline.has("data"):
             head = readHead(source) if isinstance(source, bytes) else (yield self.factory.run(readHead, source))
-            headers = BytesHeaderParser(policy=emailPolicy.default).parsebytes(head)
             opener = (lambda: io.BytesIO(source)) if isinstance(source, bytes) else (lambda: open(source, "rb"))
-            outcome = yield pipeline.run("data", self.session, self._transaction, Message(headers, spool.size, opener))
+            outcome = yield pipeline.run("data", self.session, self._transaction, Message(head, spool.size, opener))
             if self._lost:
                 spool.discard()
                 return

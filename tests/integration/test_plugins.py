@@ -335,3 +335,53 @@ rewrite = [{{name = "Subject", match = "^", replace = "[EXT] ", when = "external
     finally:
         dns.kill()
         dns.wait()
+
+
+def test_plugin_order_accept_and_an_auth_refusal(make_server, tmp_path):
+    """
+    Plugins are asked in [plugins] enabled order: the probe's accept at end of data means the
+    headers plugin after it is not asked; the same plugins the other way round both are.  A
+    right SMTP AUTH password refused by a plugin gets 535.
+    """
+    record = tmp_path / "calls.txt"
+    tables = (f'[plugins.probe]\nrecord = "{record}"\naccept_data = true\nrefuse_login = ["postmaster@localhost"]\n'
+              '[plugins.headers]\nadd = [{name = "X-Headers", value = "asked"}]\n')
+    first = make_server(f'[plugins]\nenabled = ["probe", "headers"]\npaths = ["{PLUGINS}"]\n' + tables).start()
+    second = make_server(f'[plugins]\nenabled = ["headers", "probe"]\npaths = ["{PLUGINS}"]\n' + tables).start()
+    for server in (first, second):
+        with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+            s.sendmail("someone@example.net", ["postmaster@localhost"], MESSAGE)
+    assert b"X-Headers" not in inbox(first)[0].read_bytes()
+    assert b"X-Headers: asked" in inbox(second)[0].read_bytes()
+    with smtplib.SMTP("127.0.0.1", first.ports["submission"], timeout=30) as s:
+        s.starttls(context=first.tls())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("postmaster@localhost", first.postmaster_password())
+        assert e.value.smtp_code == 535
+    assert "smtp login postmaster@localhost from 127.0.0.1: refused by plugin probe" in first.log()
+
+
+def test_a_plugin_from_an_installed_distribution(tmp_path):
+    """
+    A distribution that installs pymaild/plugins/NAME.py (no __init__.py) on sys.path joins the
+    namespace: pymaildctl check-config finds it without [plugins] paths.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    site = tmp_path / "site" / "pymaild" / "plugins"
+    site.mkdir(parents=True)
+    shutil.copy(PLUGINS / "probe.py", site / "installed_probe.py")
+    config = tmp_path / "pymaild.toml"
+    config.write_text(f'[plugins]\nenabled = ["probe"]\n[plugins.probe]\nrecord = "{tmp_path / "calls.txt"}"\n')
+    ctl = Path(sys.executable).parent / "pymaildctl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    found = subprocess.run([str(ctl), "--config", str(config), "--data-dir", str(tmp_path / "data"), "check-config"],
+                           capture_output=True, text=True, timeout=60, env=env)
+    assert found.returncode == 0, found.stderr
+    assert "[plugins.probe]" in found.stdout
+    env.pop("PYTHONPATH")
+    missing = subprocess.run([str(ctl), "--config", str(config), "--data-dir", str(tmp_path / "data"), "check-config"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode != 0 and "no plugin named 'probe'" in missing.stderr

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from pymaild import interfaces as i
-from pymaild.pipeline import (Plugin, addHeaders, fileInto, keys, quarantine, reject, removeHeaders,
+from pymaild.pipeline import (Plugin, accept, addHeaders, fileInto, keys, quarantine, reject, removeHeaders,
                               tempfail)
 
 
@@ -68,6 +68,8 @@ class Probe:
         special = self._special("data")
         if special is not None:
             return special
+        if self.s["accept_data"]:
+            return accept()
         if self.s["quarantine_subject"] and self.s["quarantine_subject"] in (message.headers["Subject"] or ""):
             return quarantine("probe: suspicious subject")
         if self.s["remove"]:
@@ -105,6 +107,7 @@ probe = Plugin("probe", Probe, keys={
     "tempfail_helo": keys.Key(keys.listOf(keys.string), (), "HELO names to tempfail"),
     "refuse_login": keys.Key(keys.listOf(keys.string), (), "logins to refuse after a right password"),
     "header": keys.Key(keys.boolean, False, "add X-Probe fields at end of data"),
+    "accept_data": keys.Key(keys.boolean, False, "accept at end of data (the later plugins are not asked)"),
     "remove": keys.Key(keys.listOf(keys.string), (), "header fields to remove at end of data"),
     "quarantine_subject": keys.Key(keys.string, "", "quarantine messages whose subject has this"),
     "folders": keys.Key(keys.listOf(keys.string), (), "user:folder:flag delivery rules"),
