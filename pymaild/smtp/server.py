@@ -753,7 +753,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._transaction = Transaction(uuid.uuid4().hex[:12].upper(), sender,
                                         {k.decode("ascii", "replace"): v.decode("utf-8", "replace")
                                          for k, v in self._mailParams.items()})
+        # (a new message: nothing of the last one's plugin verdicts carries over)
         self._pluginHeaders = list(self.session.data.get("_headers", ())) + list(self.session.data.get("_heloHeaders", ()))
+        self._pluginRemove, self._quarantine = [], None
         if not pipeline.has("mail"):
             self._from = sender
             self._reply(250, b"Sender OK", code="2.1.0")
