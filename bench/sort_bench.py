@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import random
 import sys
 import time
@@ -48,12 +49,15 @@ def mailingList(n: int, seed: int) -> list[bytes]:
     return out
 
 
-def best(function, runs: int) -> float:
+def best(function, runs: int, samples: list[float] | None = None) -> float:
+    """The best of C{runs} calls, in ms; every run's ms also go to C{samples} if given."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
+    if samples is not None:
+        samples.extend(t * 1000 for t in times)
     return min(times) * 1000
 
 
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("--keep-summaries", action="store_true",
                         help="keep the summaries alive while sorting (as a caller that holds "
                              "them would): the garbage collector then has more to walk")
+    parser.add_argument("--json", metavar="FILE", help="also write every sample (ms) as JSON")
     args = parser.parse_args()
 
     print(f"generating and summarising {args.messages:,} messages ...", file=sys.stderr)
@@ -76,17 +81,26 @@ def main() -> None:
         del summaries
     gc.collect()
 
+    #: label as printed -> the ms of every run
+    samples: dict[str, list[float]] = {"recordFrom for all": [building]}
     print(f"{args.messages:,} messages, best of {args.runs} (ms)")
     print(f"  {'recordFrom for all':34} {building:8.1f}  (one run)")
     for criteria in SORTS:
         parsed = parseSort(criteria[1:-1].split())
-        print(f"  {'SORT ' + criteria.decode():34} {best(lambda: sortMessages(parsed, records), args.runs):8.1f}")
+        label = "SORT " + criteria.decode()
+        ms = best(lambda: sortMessages(parsed, records), args.runs, samples.setdefault(label, []))
+        print(f"  {label:34} {ms:8.1f}")
     for algorithm in ("ORDEREDSUBJECT", "REFERENCES"):
-        ms = best(lambda: threadMessages(algorithm, records), args.runs)
-        print(f"  {'THREAD ' + algorithm:34} {ms:8.1f}")
+        label = "THREAD " + algorithm
+        ms = best(lambda: threadMessages(algorithm, records), args.runs, samples.setdefault(label, []))
+        print(f"  {label:34} {ms:8.1f}")
     trees = threadMessages("REFERENCES", records)
-    ms = best(lambda: formatThreads(trees), args.runs)
+    ms = best(lambda: formatThreads(trees), args.runs, samples.setdefault("formatThreads (REFERENCES)", []))
     print(f"  {'formatThreads (REFERENCES)':34} {ms:8.1f}  ({len(trees):,} threads)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"messages": args.messages, "runs": args.runs,
+                                               "keepSummaries": args.keep_summaries, "threads": len(trees),
+                                               "unit": "ms", "samples": samples}, indent=2))
 
 
 if __name__ == "__main__":
