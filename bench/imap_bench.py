@@ -1129,6 +1129,7 @@ def prepareMaildir(work: Path, messages: int) -> tuple[Path, int]:
     if marker.exists():
         info = json.loads(marker.read_text())
         if info.get("messages") == messages and info.get("seed") == maildir_gen.SEED \
+                and info.get("mix", "plain") == maildir_gen.DEFAULT_MIX \
                 and len(os.listdir(maildir / "cur")) == messages:
             log(f"reusing the generated maildir in {maildir}")
             return maildir, info["bytes"]

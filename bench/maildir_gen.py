@@ -1,9 +1,14 @@
 """
 Generate a realistic maildir for the store benchmark, deterministically (a fixed seed).
 
-Every message is 2-4 KB with the headers a real mailbox has (Return-Path, Received chains, a
-DKIM signature, Message-ID, threading headers, MIME headers) and a plain-text body, stored
-with LF line ends as Dovecot and pymaild store them.  Files go straight into C{cur/} with the
+Every message has the headers a real mailbox has (Return-Path, Received chains, a DKIM
+signature, Message-ID, threading headers, MIME headers), stored with LF line ends as Dovecot and
+pymaild store them.  The default mix (C{mix="mixed"}) has the sizes and MIME structures of an
+office mailbox: 62% plain text of 2-4 KB, 20% multipart/alternative (text and quoted-printable
+HTML, 4-12 KB), 11% multipart/mixed with a base64 attachment of 8-40 KB, 5% forwards (a
+message/rfc822 part inside multipart/mixed), 2% with an attachment of 150-300 KB: about 13 KB
+on average.  C{mix="plain"} is the corpus of the figures before 2026-11-29: every message
+2-4 KB of plain text.  Files go straight into C{cur/} with the
 names Dovecot's own delivery gives them::
 
     <secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>:2,<flags>
@@ -81,7 +86,70 @@ class MessageFactory:
     def _b64(self, n: int) -> str:
         return "".join(self.rng.choice(_B64) for _ in range(n))
 
-    def message(self, n: int, t: int, size: int) -> bytes:
+    def _text(self, want: int) -> str:
+        body, blen = [], 0
+        i = self.rng.randrange(len(self.lines))
+        while blen < want:
+            line = self.lines[i % len(self.lines)]
+            body.append(line)
+            blen += len(line)
+            i += 1
+        return "".join(body)
+
+    def _base64(self, size: int) -> str:
+        """C{size} bytes of attachment as base64 lines of 76 (random, so incompressible)."""
+        import base64
+
+        return base64.encodebytes(self.rng.randbytes(size)).decode("ascii").replace("\n", "\n")
+
+    def _html(self, text: str) -> str:
+        paragraphs = [p for p in text.split("\n\n") if p.strip()]
+        html = "<html><head><meta http-equiv=3D\"Content-Type\" content=3D\"text/html; charset=3Dutf-8\"></head>\n<body>\n"
+        for p in paragraphs:
+            html += "<p style=3D\"margin:0\">" + p.replace("\n", " ").strip()[:900] + "</p>\n"
+        lines = []
+        for line in (html + "</body></html>\n").splitlines():
+            while len(line) > 75:  # (quoted-printable soft line breaks)
+                lines.append(line[:75] + "=")
+                line = line[75:]
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    def structured(self, n: int, t: int, kind: str) -> bytes:
+        """A MIME message: C{kind} is alternative, attachment, forward or large."""
+        rng = self.rng
+        boundary = f"----=_Part_{n}_{self._b64(12).replace('/', 'a').replace('+', 'b')}"
+        plain = self.message(n, t, 0, headOnly=True)
+        head = plain.decode("ascii").replace(
+            'Content-Type: text/plain; charset="utf-8"; format=flowed\nContent-Transfer-Encoding: 7bit\n', "")
+        text = self._text(rng.randint(1500, 4000))
+        parts = []
+        if kind == "alternative":
+            ctype = "multipart/alternative"
+            parts.append('Content-Type: text/plain; charset="utf-8"\nContent-Transfer-Encoding: 7bit\n\n' + text)
+            parts.append('Content-Type: text/html; charset="utf-8"\nContent-Transfer-Encoding: quoted-printable\n\n'
+                         + self._html(text))
+        else:
+            ctype = "multipart/mixed"
+            parts.append('Content-Type: text/plain; charset="utf-8"\nContent-Transfer-Encoding: 7bit\n\n' + text)
+            if kind == "forward":
+                inner = self.message(n + 1_000_000, t - rng.randint(3600, 86400 * 30), rng.randint(2048, 6000))
+                parts.append("Content-Type: message/rfc822\nContent-Disposition: inline\n\n" + inner.decode("ascii"))
+            else:
+                size = rng.randint(150_000, 300_000) if kind == "large" else rng.randint(8_000, 40_000)
+                name, mime = rng.choice([("report.pdf", "application/pdf"), ("photo.jpg", "image/jpeg"),
+                                         ("figures.xlsx", "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"),
+                                         ("notes.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document")])
+                parts.append(f'Content-Type: {mime}; name="{name}"\nContent-Transfer-Encoding: base64\n'
+                             f'Content-Disposition: attachment; filename="{name}"\n\n' + self._base64(size))
+        head = head.replace("MIME-Version: 1.0\n", f'MIME-Version: 1.0\nContent-Type: {ctype};\n\tboundary="{boundary}"\n')
+        body = "This is a multi-part message in MIME format.\n"
+        for part in parts:
+            body += f"\n--{boundary}\n" + part
+        body += f"\n--{boundary}--\n"
+        return (head + body).encode("ascii")
+
+    def message(self, n: int, t: int, size: int, headOnly: bool = False) -> bytes:
         rng = self.rng
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
         domain = rng.choice(_DOMAINS)
@@ -123,6 +191,8 @@ class MessageFactory:
             f"User-Agent: {rng.choice(_MAILERS)}",
         ]
         head = "\n".join(h) + "\n\n"
+        if headOnly:
+            return head.encode("ascii")
         body = []
         blen = 0
         want = max(200, size - len(head))
@@ -156,9 +226,17 @@ def _flags(rng: random.Random) -> str:
     return letters
 
 
-def generate(maildir: Path, count: int, seed: int = SEED, progress=None) -> dict:
+#: the default mix: (share, kind); kinds other than plain are L{MessageFactory.structured}'s
+MIX = ((0.62, "plain"), (0.20, "alternative"), (0.11, "attachment"), (0.05, "forward"), (0.02, "large"))
+
+
+DEFAULT_MIX = "mixed"
+
+
+def generate(maildir: Path, count: int, seed: int = SEED, progress=None, mix: str = DEFAULT_MIX) -> dict:
     """
-    Write C{count} messages into C{maildir/cur} (creating C{cur new tmp}).
+    Write C{count} messages into C{maildir/cur} (creating C{cur new tmp}); C{mix} is "mixed"
+    (sizes and MIME structures of an office mailbox) or "plain" (2-4 KB of plain text).
 
     @return: C{{"messages": n, "bytes": total}}.
     """
@@ -173,7 +251,14 @@ def generate(maildir: Path, count: int, seed: int = SEED, progress=None) -> dict
     for n in range(1, count + 1):
         t += rng.randint(30, 600)
         size = rng.randint(2048, 4096)
-        data = factory.message(n, t, size)
+        kind = "plain"
+        if mix == "mixed":
+            r, acc = rng.random(), 0.0
+            for share, kind in MIX:
+                acc += share
+                if r < acc:
+                    break
+        data = factory.message(n, t, size) if kind == "plain" else factory.structured(n, t, kind)
         vsize = len(data) + data.count(b"\n")
         name = (f"{t}.M{rng.randint(0, 999999)}P{rng.randint(1000, 99999)}Q{n}.mail.example.com"
                 f",S={len(data)},W={vsize}:2,{_flags(rng)}")
@@ -187,7 +272,7 @@ def generate(maildir: Path, count: int, seed: int = SEED, progress=None) -> dict
         total += len(data)
         if progress is not None and n % 10000 == 0:
             progress(n)
-    return {"messages": count, "bytes": total}
+    return {"messages": count, "bytes": total, "mix": mix}
 
 
 def linkCopy(src: Path, dst: Path) -> None:

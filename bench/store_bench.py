@@ -378,6 +378,7 @@ def prepareMaildirs(work: Path, messages: int) -> tuple[Path, Path, int]:
     if marker.exists():
         info = json.loads(marker.read_text())
         if info.get("messages") == messages and info.get("seed") == maildir_gen.SEED \
+                and info.get("mix", "plain") == maildir_gen.DEFAULT_MIX \
                 and countFiles(pym) == messages and countFiles(dov) == messages:
             log(f"reusing the generated maildirs in {work}")
             return pym, dov, info["bytes"]

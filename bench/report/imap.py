@@ -80,6 +80,13 @@ def _sizeRows(size: int, res: dict) -> list[Row]:
                 rowNotes.append(f"{server}: {row[key + 'Note']}")
         prefixes = _notePrefixes(name)
         rowNotes += [n for n in notes if prefixes and n.startswith(prefixes)]
+        if name.startswith("mixed") and name.endswith("p50 latency"):
+            # (each session sends its next command when the last is answered: the mean latency
+            # is sessions / ops per second for every server; the p50 shows only how it spreads)
+            rowNotes.append("a closed loop: every session waits for its answer, so the mean latency is "
+                            "sessions / (ops/s) for both servers (Little's law); Dovecot's median is low "
+                            "because a few of its operations wait up to its p99 (index locks), pymaild's "
+                            "one event loop spreads the same wait over all of them: read it with ops/s and p99")
         if name.startswith("UID FETCH") and name.endswith("first"):
             rowNotes += [n for n in notes if n.startswith("UID FETCH ENVELOPE:") and "FETCH responses" in n]
             rowNotes.append("one sample: the first FETCH after the index was built")
