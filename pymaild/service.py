@@ -549,7 +549,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     resolver = MXResolver(dnsResolver)
     pluginThreads = ThreadPool(minthreads=0, maxthreads=config.plugins.threads, name="pymaild-plugins")
     plugins = Plugins(config, reactor, pluginThreads, dnsResolver, own)
-    pipeline = plugins.pipeline if config.plugins.enabled or config.plugins.tables else None
+    pipeline = plugins.pipeline  # (empty until plugins are enabled: the protocols then skip it)
     quarantine = Quarantine(config.server.data_dir / "quarantine")
     caFile = config.queue.ca_file
     router = Router(directory, store, storeThreads.run, queueFiles, None, config.server.hostname)
@@ -557,8 +557,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                     router.bounce, tlsOptions=lambda host, verify: tlsmod.clientTLS(host, verify, caFile),
                     stopTimeout=config.server.shutdown_timeout)
     router.runner = runner
-    if pipeline is not None:
-        runner.onEvent = lambda event: pipeline.notify("queue", event)
+    runner.onEvent = lambda event: pipeline.notify("queue", event)
     def firstLogin(factory):
         """
         Before handing out a mailbox avatar, make sure the user's special-use folders exist

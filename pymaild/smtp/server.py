@@ -272,6 +272,9 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._rcpts: list[tuple[str, frozenset, tuple, tuple]] = []  # (..., (NOTIFY, ORCPT))
         self.setTimeout(self.factory.commandTimeout)
         pipeline = self.factory.pipeline
+        # (the plugins enabled when the client connected serve the whole connection: a SIGHUP
+        # that enables the first ones reaches the next connections)
+        self._pipeline = pipeline = pipeline if pipeline is not None and pipeline.entries else None
         if pipeline is not None:
             self.session = Session.of(self.transport, "submission" if self.factory.submission else "smtp",
                                       self.peerHost, tls=self.secure, trusted=self.trusted)
@@ -282,6 +285,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         self._reply(220, self.factory.hostname.encode() + b" ESMTP pymaild", code=None)
 
     session = None  # the plugins' view of this connection (when plugins are enabled)
+    _pipeline = None  # the plugins, when any was enabled as the connection was made
     _transaction = None  # the plugins' view of the message being received
     _pluginHeaders: list = []  # header fields plugins added for this message
     _pluginRemove: list = []  # header field names plugins removed
@@ -425,7 +429,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             return
         self._reset()
         helo = rest.decode("ascii", "replace")[:255]
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         if pipeline is not None and pipeline.has("helo"):
             self._helo = None
             self.session.helo = helo
@@ -589,7 +593,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         if self._lost:
             return
         user = getattr(avatar, "user", None) or (name if "@" in name else f"{name}@{self.factory.localDomains[0]}")
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         if pipeline is not None and pipeline.has("auth"):
             self.session.user = user
             pipeline.run("auth", self.session, name, True).addCallback(self._authDecided, user, name)
@@ -634,8 +638,8 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         log.info("smtp login {user} from {peer}: {result}", event="login", protocol="smtp", user=name,
                  peer=self.peerHost, result=result)
         delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
-        if result == "failed" and self.factory.pipeline is not None:
-            self.factory.pipeline.notify("auth", self.session, name, False)
+        if result == "failed" and self._pipeline is not None:
+            self._pipeline.notify("auth", self.session, name, False)
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
         d.addCallback(lambda _: None if self._lost else self._reply(status, text, code=code))
@@ -745,7 +749,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         MAIL passed pymaild's checks: ask the plugins, then 250.  True when the answer comes
         later (a plugin is asked; the input stays held until then).
         """
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         if pipeline is None:
             self._from = sender
             self._reply(250, b"Sender OK", code="2.1.0")
@@ -871,7 +875,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
         RCPT passed pymaild's checks: ask the plugins, then take it and 250.  True when the
         answer comes later (a plugin is asked; the caller leaves the input held).
         """
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         if pipeline is None or not pipeline.has("rcpt"):
             if self._transaction is not None:  # (for the data and delivery stages)
                 self._transaction.recipients.append(Recipient(address, kind, users, tuple(a for a, _ in forwards)))
@@ -1081,7 +1085,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._release()
             return
         spool, self._spool = self._spool, None
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         if pipeline is not None and (pipeline.has("data") or pipeline.has("delivery")):
             d = self._pluginStages(spool)
             d.addErrback(lambda f: (spool.discard(), f)[1])
@@ -1092,7 +1096,7 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
     @inlineCallbacks
     def _pluginStages(self, spool):
         """The data stage, then the delivery stage per local mailbox, then L{_store}."""
-        pipeline = self.factory.pipeline
+        pipeline = self._pipeline
         source = spool.source()
         if pipeline.has("data"):
             head = readHead(source) if isinstance(source, bytes) else (yield self.factory.run(readHead, source))

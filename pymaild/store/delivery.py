@@ -33,9 +33,9 @@ from twisted.logger import Logger
 from pymaild.durable import fsyncDirectory, syncDirectory  # noqa: F401  (the store's modules import them from here)
 from pymaild.store import names
 
-#: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
 log = Logger()
 
+#: maildir flag letters <-> IMAP system flags (Maildir spec, as Dovecot maps them)
 FLAG_LETTERS = {"\\Draft": "D", "\\Flagged": "F", "\\Answered": "R", "\\Seen": "S", "\\Deleted": "T"}
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
 
@@ -249,19 +249,17 @@ class _Spliced:
     """A message with C{insert} put in at byte C{at}, read in chunks (never all in memory)."""
 
     def __init__(self, source, at: int, insert: bytes):
-        self._parts = [source, insert]
-        self._before = at
         self._source = source
+        self._before = at  # (bytes of the source still to give before the insert)
+        self._insert = insert
 
     def read(self, n: int) -> bytes:
         if self._before:
             chunk = self._source.read(min(n, self._before))
-            self._before -= len(chunk)
-            if not chunk:
-                self._before = 0
+            self._before = self._before - len(chunk) if chunk else 0
             return chunk
-        if self._parts[1]:
-            chunk, self._parts[1] = self._parts[1], b""
+        if self._insert:
+            chunk, self._insert = self._insert, b""
             return chunk
         return self._source.read(n)
 

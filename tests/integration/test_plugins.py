@@ -28,6 +28,14 @@ def probe(make_server, tmp_path, extra: str = "", head: str = "", onError: str =
     return server
 
 
+def rcpt(server, address: str):
+    """The answer to RCPT TO:<address> in a new port 25 session (EHLO and MAIL first)."""
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.ehlo("client.example.net")
+        s.mail("someone@example.net")
+        return s.rcpt(address)
+
+
 def inbox(server, folder: str = "") -> list[Path]:
     home = server.data_dir / "mail" / "localhost" / "postmaster" / (f".{folder}" if folder else "")
     return sorted(p for sub in ("new", "cur") if (home / sub).is_dir() for p in (home / sub).iterdir())
@@ -253,18 +261,12 @@ def test_sighup_reloads_the_plugins_settings(make_server, tmp_path):
     server.config_path.write_text(text + 'reject_rcpt = ["postmaster@localhost"]\n')
     server.signal(signal.SIGHUP)
     wait_for(lambda: "SIGHUP: plugins probe" in server.log(), what="the plugins to be made again")
-    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
-        s.ehlo("client.example.net")
-        s.mail("someone@example.net")
-        assert s.rcpt("postmaster@localhost") == (553, b"5.7.1 probe says no")
+    assert rcpt(server, "postmaster@localhost") == (553, b"5.7.1 probe says no")
     server.config_path.write_text(text + 'reject_rcpt = "not a list"\n')  # (a mistake: the old settings stay)
     server.signal(signal.SIGHUP)
     wait_for(lambda: "the plugins keep their settings" in server.log(), what="the refused reload")
     assert "[plugins.probe] reject_rcpt: expected a list" in server.log()
-    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
-        s.ehlo("client.example.net")
-        s.mail("someone@example.net")
-        assert s.rcpt("postmaster@localhost")[0] == 553
+    assert rcpt(server, "postmaster@localhost")[0] == 553
 
 
 def test_the_four_built_ins_in_a_running_server(make_server, tmp_path):
@@ -387,3 +389,19 @@ def test_a_plugin_from_an_installed_distribution(tmp_path):
     missing = subprocess.run([str(ctl), "--config", str(config), "--data-dir", str(tmp_path / "data"), "check-config"],
                              capture_output=True, text=True, timeout=60, env=env)
     assert missing.returncode != 0 and "no plugin named 'probe'" in missing.stderr
+
+
+def test_sighup_enables_the_first_plugins(make_server, tmp_path):
+    """A server started without plugins asks the ones a SIGHUP enables, from the next connection on."""
+    import signal
+
+    record = tmp_path / "calls.txt"
+    server = make_server(f'[plugins]\npaths = ["{PLUGINS}"]\n').start()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:
+        s.sendmail("someone@example.net", ["postmaster@localhost"], MESSAGE)
+    server.config_path.write_text(server.config_text + f'enabled = ["probe"]\n[plugins.probe]\nrecord = "{record}"\n'
+                                  'reject_rcpt = ["postmaster@localhost"]\n')
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: plugins probe" in server.log(), what="the plugins to be made")
+    assert rcpt(server, "postmaster@localhost") == (553, b"5.7.1 probe says no")
+    assert len(inbox(server)) == 1
