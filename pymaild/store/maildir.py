@@ -658,9 +658,18 @@ class Folder:
                 "SELECT uidvalidity, uidnext, highestmodseq, messages, unseen, vsize FROM folders WHERE id=?",
                 (self.id,),
             ).fetchone()
-            (recent,) = db.execute(
-                "SELECT count(*) FROM messages WHERE folder=? AND uid>=?", (self.id, self.recentFrom())
-            ).fetchone()
+            recentFrom = self.recentFrom()
+            if recentFrom * 2 < uidnext:
+                # (most are recent, e.g. a large folder no session has opened yet: count the
+                # others, fewer rows to walk; 100,000 recent took 15 ms the other way)
+                (older,) = db.execute(
+                    "SELECT count(*) FROM messages WHERE folder=? AND uid<?", (self.id, recentFrom)
+                ).fetchone()
+                recent = count - older
+            else:
+                (recent,) = db.execute(
+                    "SELECT count(*) FROM messages WHERE folder=? AND uid>=?", (self.id, recentFrom)
+                ).fetchone()
             return {
                 "uidvalidity": uidvalidity, "uidnext": uidnext, "highestmodseq": highest,
                 "messages": count, "unseen": unseen, "size": size, "recent": recent,

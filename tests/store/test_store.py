@@ -484,3 +484,29 @@ def test_listing_gives_uid_size_and_current_file(user):
         data = open(path, "rb").read()
         assert vsize == len(data.replace(b"\n", b"\r\n"))
     assert rows[1][2].endswith(":2,S")
+
+
+def test_recent_count_from_either_side(user):
+    """
+    RECENT in status() is right whether most messages are recent (counted from the older side)
+    or few are, with expunged messages on both sides of the first recent UID.
+    """
+    folder = user.folder("INBOX")
+    for i in range(10):
+        folder.append(msg(i))
+    assert folder.status()["recent"] == 10  # (no session has claimed any)
+    folder.claimRecent()
+    for i in range(10, 13):
+        folder.append(msg(i))
+    status = folder.status()
+    assert (status["messages"], status["recent"]) == (13, 3)
+    uids = [m.uid for m in folder.messages()]
+    folder.store([uids[0], uids[11]], ["\\Deleted"], "add")
+    folder.expunge()
+    assert folder.status()["recent"] == 2
+    for i in range(13, 40):  # (now most are recent again: the other way of counting)
+        folder.append(msg(i))
+    status = folder.status()
+    assert (status["messages"], status["recent"]) == (38, 29)
+    folder.claimRecent()
+    assert folder.status()["recent"] == 0
