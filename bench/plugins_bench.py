@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import smtplib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,17 +157,13 @@ def main() -> None:
     for label, slots in results.items():
         row, rates = [], {}
         for name in names:
-            xs = [s["arrived"] / s["seconds"] for s in slots[name]["samples"]]
-            rates[name] = statistics.median(xs)
-            row.append(f"{rates[name]:,.0f} msg/s ({min(xs):,.0f}-{max(xs):,.0f})")
+            rates[name], text = smtp_bench.rateCell(slots[name]["samples"])
+            row.append(text)
         print(f"| {label} | " + " | ".join(row) + f" | {fmtRatio(rates[names[1]] / rates[names[0]])} "
               f"| {fmtRatio(rates[names[2]] / rates[names[0]])} |")
     print("\nRatios: the rate with a plugin that hooks every SMTP stage and does nothing (the pipeline's own cost),"
           " and with the four built-in plugins, over the rate without plugins (1.0: no cost).")
-    for note in notes:
-        print(f"- {note}")
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+    smtp_bench.finish(a, results, notes)
 
 
 if __name__ == "__main__":

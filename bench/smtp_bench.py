@@ -350,13 +350,24 @@ def main() -> None:
             if slot is None or slot["error"] or not slot["samples"]:
                 row.append(f"failed: {slot['error'][:50]}" if slot and slot["error"] else "-")
                 continue
-            xs = [s["arrived"] / s["seconds"] for s in slot["samples"]]
+            rates[name], text = rateCell(slot["samples"])
             mb = statistics.median(s["bytes"] / s["seconds"] / 1e6 for s in slot["samples"])
-            rates[name] = statistics.median(xs)
-            row.append(f"{rates[name]:,.0f} msg/s ({min(xs):,.0f}-{max(xs):,.0f}), {mb:.1f} MB/s")
+            row.append(f"{text}, {mb:.1f} MB/s")
         r = rates["Postfix"] / rates["pymaild"] if "Postfix" in rates and "pymaild" in rates else None
         print(f"| {label} | " + " | ".join(row) + f" | {fmtRatio(r)} |")
     print("\nRatio: Postfix's rate / pymaild's (below 1: pymaild faster).")
+    finish(a, results, notes)
+
+
+def rateCell(samples: list[dict]) -> tuple[float, str]:
+    """The median rate of C{send}'s samples and its table cell (median and min-max)."""
+    xs = [s["arrived"] / s["seconds"] for s in samples]
+    median = statistics.median(xs)
+    return median, f"{median:,.0f} msg/s ({min(xs):,.0f}-{max(xs):,.0f})"
+
+
+def finish(a, results: dict, notes: list[str]) -> None:
+    """The notes under the table, and the samples into --json."""
     for note in notes:
         print(f"- {note}")
     if a.json:
