@@ -13,8 +13,11 @@ survives a power cut.
 
 Schema versions: 4 added C{expunged} (every UID removed from a folder, with the MODSEQ of its
 removal, for QRESYNC's VANISHED) and C{fields} (the decoded header fields SEARCH reads, apart
-from the JSON summary).  A version-3 index is migrated in place by L{_MIGRATE_3}, never
-rebuilt: a rebuild would renumber UIDs and change every folder's UIDVALIDITY.
+from the JSON summary); 5 dropped the per-row trigger that counted unseen messages on flag
+changes (the code counts them in bulk) and added C{wire} (the FETCH-ready ENVELOPE,
+BODYSTRUCTURE and BODY, out of the JSON summary).  Older indexes are migrated in place (L{_MIGRATE_3},
+L{_MIGRATE_4}), never rebuilt: a rebuild would renumber UIDs and change every folder's
+UIDVALIDITY.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: The header fields kept in the C{fields} table (decoded and unfolded as in
 #: C{MessageSummary.headerFields}; repeated fields joined by a newline; NULL when absent), and
@@ -63,7 +66,17 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS summaries (
     folder INTEGER NOT NULL,
     uid INTEGER NOT NULL,
-    summary TEXT NOT NULL,              -- JSON MessageSummary
+    summary TEXT NOT NULL,              -- JSON MessageSummary (since schema 5 without the
+    PRIMARY KEY (folder, uid)           -- three FETCH-ready fields, which are in wire)
+) WITHOUT ROWID;
+-- The FETCH-ready ENVELOPE, BODYSTRUCTURE and BODY of a summary, written with it: a warm
+-- FETCH 1:* (ENVELOPE) reads one short column per message instead of extracting it from JSON.
+CREATE TABLE IF NOT EXISTS wire (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    bodystructure BLOB NOT NULL,
+    body BLOB NOT NULL,
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
 -- The header fields SEARCH reads (see FIELDS), written with the summary in one transaction, so
@@ -91,20 +104,18 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq INTEGER NOT NULL,
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
--- Inserts update the counters themselves, in bulk (a trigger per row doubled the cost of
--- indexing a large folder): see Folder._countAdded.
+-- Inserts and flag changes update the counters themselves, in bulk (a trigger per row doubled
+-- the cost of indexing a large folder, and was half the index's cost of STORE 1:* -FLAGS):
+-- see Folder._countAdded and Folder._countUnseen.
 CREATE TRIGGER IF NOT EXISTS messages_delete AFTER DELETE ON messages BEGIN
     UPDATE folders SET messages = messages - 1, unseen = unseen - (instr(OLD.flags, '\\Seen') = 0),
         vsize = vsize - OLD.vsize WHERE id = OLD.folder;
     DELETE FROM summaries WHERE folder = OLD.folder AND uid = OLD.uid;
+    DELETE FROM wire WHERE folder = OLD.folder AND uid = OLD.uid;
     DELETE FROM fields WHERE folder = OLD.folder AND uid = OLD.uid;
 END;
 CREATE TRIGGER IF NOT EXISTS folders_delete AFTER DELETE ON folders BEGIN
     DELETE FROM expunged WHERE folder = OLD.id;
-END;
-CREATE TRIGGER IF NOT EXISTS messages_flags AFTER UPDATE OF flags ON messages BEGIN
-    UPDATE folders SET unseen = unseen - (instr(OLD.flags, '\\Seen') = 0) + (instr(NEW.flags, '\\Seen') = 0)
-        WHERE id = NEW.folder;
 END;
 CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
 """
@@ -118,6 +129,13 @@ _MIGRATE_3 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA + (
     " SELECT folder, uid, " + ", ".join(f"json_extract(summary, '$.headerFields.\"{n}\"')" for n in FIELDS)
     + " FROM summaries WHERE json_valid(summary);"  # a broken one must not fail the migration
 )
+
+#: Version 4 -> 5, idempotent: the per-row trigger that kept C{folders.unseen} on flag changes
+#: goes (the code that changes flags counts them itself: L{pymaild.store.maildir.Folder}); the
+#: C{wire} table comes, and the delete trigger that empties it.  Summaries cached before keep
+#: their FETCH-ready fields in their JSON (read from there until the message is summarized
+#: again).
+_MIGRATE_4 = "DROP TRIGGER IF EXISTS messages_flags; DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA
 
 
 class IndexError_(Exception):
@@ -159,11 +177,12 @@ def _open(path: Path) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version == 3:
+        elif version in (3, 4):
+            steps = (_MIGRATE_3 if version == 3 else "") + _MIGRATE_4
             try:
-                db.executescript("BEGIN IMMEDIATE;" + _MIGRATE_3 + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                db.executescript("BEGIN IMMEDIATE;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             except sqlite3.OperationalError as e:
-                raise MigrationFailed(f"cannot migrate {path} from schema 3 to {SCHEMA_VERSION}: {e}") from e
+                raise MigrationFailed(f"cannot migrate {path} from schema {version} to {SCHEMA_VERSION}: {e}") from e
         elif version != SCHEMA_VERSION:
             raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
     except BaseException:

@@ -194,6 +194,31 @@ def _deliveryOrder(base: str):
     return (int(secs), int(usecs or 0), int(counter or 0), base)
 
 
+def _mayChange(mode: str, system: frozenset[str], keywords: frozenset[str]) -> tuple[str, tuple]:
+    """
+    For STORE: an SQL condition (" AND ...", parameters) that keeps the index rows whose flags
+    the change may alter.  It may keep rows the change leaves alone (they are skipped later),
+    never drop one it alters: C{flags} and C{keywords} are space-separated names.
+    """
+    if mode == "set":
+        return " AND (flags != ? OR keywords != ?)", (" ".join(sorted(system)), " ".join(sorted(keywords)))
+    tests = [(column, " " + name + " ") for column, names in (("flags", system), ("keywords", keywords))
+             for name in sorted(names)]
+    if not tests:
+        return " AND 0", ()
+    op = "= 0" if mode == "add" else "> 0"
+    return " AND (" + " OR ".join(f"instr(' ' || {column} || ' ', ?) {op}" for column, _ in tests) + ")", \
+        tuple(value for _, value in tests)
+
+
+def _unseenChange(oldFlags: str, newFlags: str) -> int:
+    """
+    How a message's flag change (the index's space-separated system flags, before and after)
+    moves its folder's unseen counter: -1, 0 or +1.
+    """
+    return ("\\Seen" not in newFlags) - ("\\Seen" not in oldFlags)
+
+
 def _splitFlags(imapFlags: Iterable[str]) -> tuple[frozenset[str], frozenset[str]]:
     """
     IMAP flags -> (system flags with maildir letters, keywords).  \\Recent is session state and
@@ -920,17 +945,21 @@ class Folder:
         fields = tuple(fields)
         if not set(fields) <= set(self.DIRECT_FIELDS):
             raise ValueError(f"not a direct summary field: {fields}")
-        columns = ", ".join(f"json_extract(summary, '$.{name}')" for name in fields)
         wanted = sorted(set(uids)) if not isinstance(uids, range) else uids
         with self.user.lock:
-            rows = self._select(f"SELECT uid, {columns} FROM summaries WHERE folder=?", (self.id,), wanted)
-        out = {}
-        for row in rows:
-            try:
-                out[row[0]] = tuple(value.encode("latin-1") for value in row[1:])
-            except (AttributeError, UnicodeEncodeError):
-                continue  # damaged: computed again below
+            rows = self._select(f"SELECT uid, {', '.join(fields)} FROM wire WHERE folder=?", (self.id,), wanted)
+        out = {row[0]: row[1:] for row in rows}
         missing = [u for u in wanted if u not in out]
+        if missing:  # summaries cached before schema 5 have these fields in their JSON
+            columns = ", ".join(f"json_extract(summary, '$.{name}')" for name in fields)
+            with self.user.lock:
+                rows = self._select(f"SELECT uid, {columns} FROM summaries WHERE folder=?", (self.id,), missing)
+            for row in rows:
+                try:
+                    out[row[0]] = tuple(value.encode("latin-1") for value in row[1:])
+                except (AttributeError, UnicodeEncodeError):
+                    continue  # damaged (or without them: not found in wire): computed again below
+            missing = [u for u in missing if u not in out]
         if missing:
             for uid, summary in self.summaries(missing).items():
                 out[uid] = tuple(getattr(summary, name) for name in fields)
@@ -946,10 +975,12 @@ class Folder:
         wanted = sorted(set(uids))
         with self.user.lock:
             rows = self._select("SELECT uid, summary FROM summaries WHERE folder=?", (self.id,), wanted)
+            wire = {r[0]: r[1:] for r in self._select("SELECT uid, envelope, bodystructure, body FROM wire WHERE folder=?",
+                                                      (self.id,), wanted)}
         out = {}
         for uid, text in rows:
             try:
-                out[uid] = fromJSON(text)
+                out[uid] = fromJSON(text, wire.get(uid))
             except ValueError:
                 continue  # a broken cached summary is computed again (and replaced)
         missing = [uid for uid in wanted if uid not in out]
@@ -977,7 +1008,7 @@ class Folder:
         L{headerFields}) of the messages still in the index, in one transaction (one fsync) for
         the whole batch.  Without C{summaries} only missing header fields are filled in.
         """
-        from pymaild.store.summary import toJSON
+        from pymaild.store.summary import toJSON, wireFields
 
         if not computed:
             return
@@ -987,7 +1018,11 @@ class Folder:
             if summaries:
                 db.executemany(
                     "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
-                    [(self.id, uid, toJSON(computed[uid])) for uid in present],
+                    [(self.id, uid, toJSON(computed[uid], wire=False)) for uid in present],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO wire (folder, uid, envelope, bodystructure, body) VALUES (?, ?, ?, ?, ?)",
+                    [(self.id, uid, *wireFields(computed[uid])) for uid in present],
                 )
             db.executemany(
                 f"INSERT OR {'REPLACE' if summaries else 'IGNORE'} INTO fields (folder, uid, "
@@ -1045,9 +1080,12 @@ class Folder:
             cached = self.user.db.execute(
                 "SELECT summary FROM summaries WHERE folder=? AND uid=?", (self.id, uid)
             ).fetchone()
+            wire = self.user.db.execute(
+                "SELECT envelope, bodystructure, body FROM wire WHERE folder=? AND uid=?", (self.id, uid)
+            ).fetchone()
             if cached is not None:
                 try:
-                    return fromJSON(cached[0])
+                    return fromJSON(cached[0], wire)
                 except ValueError:
                     pass  # broken: computed again below
             if self._row(uid) is None:
@@ -1145,12 +1183,14 @@ class Folder:
                 modseq += 1  # one MODSEQ for this sync's removals and flag changes
             self._forget(gone, modseq)
             changes.expunged = sorted(gone)
+            unseen = 0
             for base, (uid, oldName, oldNew, oldFlags, oldKeywords) in renamed.items():
                 name, innew = onDisk[base]
                 fn = FileName.parse(name)
                 flags, keywords = self._flagsFromName(fn, frozenset(oldKeywords.split()))
                 if (flags, keywords) != (oldFlags, oldKeywords):
                     changes.flagsChanged.append(uid)
+                    unseen += _unseenChange(oldFlags, flags)
                     db.execute(
                         "UPDATE messages SET name=?, innew=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                         (name, innew, flags, keywords, modseq, self.id, uid),
@@ -1159,6 +1199,7 @@ class Folder:
                     db.execute(
                         "UPDATE messages SET name=?, innew=? WHERE folder=? AND uid=?", (name, innew, self.id, uid)
                     )
+            self._countUnseen(unseen)
             if fresh:
                 modseq += 1
                 imported = self._imported
@@ -1313,6 +1354,14 @@ class Folder:
             (messages, int(unseen), vsize, self.id),
         )
 
+    def _countUnseen(self, change: int) -> None:
+        """
+        Add a flag change's effect on the unseen counter (see L{_unseenChange}).  Caller holds
+        a transaction.
+        """
+        if change:
+            self.user.db.execute("UPDATE folders SET unseen = unseen + ? WHERE id=?", (change, self.id))
+
     # --- operations ----------------------------------------------------------------------------
 
     def append(self, source: bytes | BinaryIO, flags: Iterable[str] = (), internalDate: float | None = None) -> int:
@@ -1361,11 +1410,14 @@ class Folder:
             db = self.user.db
             wanted = set(uids)
             span = range(min(wanted), max(wanted) + 1) if wanted else range(0)
-            # a dense set (STORE 1:*) is one BETWEEN; a sparse one goes by IN lists
+            # a dense set (STORE 1:*) is one BETWEEN; a sparse one goes by IN lists; only the
+            # rows the change can affect are read (all of them for UNCHANGEDSINCE, which fails
+            # a message modified since even when the change would leave it as it is)
+            where, params = ("", ()) if unchangedSince is not None else _mayChange(mode, system, keywords)
             rows = {
                 r[0]: r[1:]
-                for r in self._select("SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?",
-                                      (self.id,), span if len(span) < 2 * len(wanted) else wanted)
+                for r in self._select("SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
+                                      + where, (self.id, *params), span if len(span) < 2 * len(wanted) else wanted)
                 if r[0] in wanted
             }
             plans: list = []
@@ -1382,6 +1434,7 @@ class Folder:
                         "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                         [(n, o[1], o[2], modseq, self.id, uid) for uid, n, o in plans],
                     )
+                    self._countUnseen(sum(o[4] for _, _, o in plans))
                     self._namesUpdated(valid, {n.partition(":")[0]: (n, False) for _, n, _ in plans})
                 for uid, _, o in plans:
                     changed[uid] = (o[3], modseq)
@@ -1408,8 +1461,10 @@ class Folder:
                     nf, nk = f | system, k | keywords
                 else:
                     nf, nk = f - system, k - keywords
+                newFlags = " ".join(sorted(nf))
                 outcome = None if (nf, nk) == (f, k) else (
-                    ":2," + self._letters(nf, nk), " ".join(sorted(nf)), " ".join(sorted(nk)), frozenset(nf | nk))
+                    ":2," + self._letters(nf, nk), newFlags, " ".join(sorted(nk)), frozenset(nf | nk),
+                    _unseenChange(oldFlags, newFlags))
                 outcomes[(oldFlags, oldKeywords)] = outcome
             if outcome is None:
                 continue

@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "baseSubject",
+__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "wireFields", "baseSubject",
            "casemap", "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
@@ -2012,26 +2012,43 @@ _JSON_VERSION = 2
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
-def toJSON(summary: MessageSummary) -> str:
+def toJSON(summary: MessageSummary, wire: bool = True) -> str:
     """The summary as one JSON text for the index (bytes as Latin-1 strings: exact and
-    compact)."""
+    compact); without C{wire}, leaving out the FETCH-ready C{envelope}, C{bodystructure} and
+    C{body} (the index keeps those apart: L{wireFields})."""
     d = {"v": _JSON_VERSION}
     d.update(summary.__dict__)  # the fields, in their order
-    d["envelope"] = summary.envelope.decode("latin-1")
-    d["bodystructure"] = summary.bodystructure.decode("latin-1")
-    d["body"] = summary.body.decode("latin-1")
+    if wire:
+        d["envelope"] = summary.envelope.decode("latin-1")
+        d["bodystructure"] = summary.bodystructure.decode("latin-1")
+        d["body"] = summary.body.decode("latin-1")
+    else:
+        del d["envelope"], d["bodystructure"], d["body"]
     d["references"] = list(summary.references)
     return _ENCODER.encode(d)
 
 
-def fromJSON(text: str) -> MessageSummary:
-    """The inverse of L{toJSON}.  Raises ValueError for a text that is not a summary."""
+def wireFields(summary: MessageSummary) -> tuple[bytes, bytes, bytes]:
+    """The summary's C{(envelope, bodystructure, body)}: what L{toJSON} leaves out without
+    C{wire}."""
+    return summary.envelope, summary.bodystructure, summary.body
+
+
+def fromJSON(text: str, wire: tuple | None = None) -> MessageSummary:
+    """
+    The inverse of L{toJSON}; C{wire} gives the L{wireFields} of a JSON text that lacks them.
+    Raises ValueError for a text that is not a summary (or lacks fields C{wire} does not give).
+    """
     d = json.loads(text)
     if not isinstance(d, dict) or d.pop("v", None) != _JSON_VERSION:
         raise ValueError("not a pymaild message summary")
     try:
-        for name in _BYTES_FIELDS:
-            d[name] = d[name].encode("latin-1")
+        for i, name in enumerate(_BYTES_FIELDS):
+            value = d.get(name)
+            if value is None and wire is not None:
+                d[name] = bytes(wire[i])
+            else:
+                d[name] = value.encode("latin-1")
         d["references"] = tuple(d["references"])
         return MessageSummary(**d)
     except (KeyError, TypeError, AttributeError, UnicodeEncodeError) as e:

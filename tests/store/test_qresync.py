@@ -313,7 +313,7 @@ def test_migration_from_schema_3(tmp_path):
     root = tmp_path / "alice"
     v3Index(root)
     user = UserStore(root)
-    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (4,)
+    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (5,)
     inbox = user.folder("INBOX")
     status = inbox.status()
     assert (status["uidvalidity"], status["uidnext"], status["highestmodseq"]) == (UIDVALIDITY, 13, 40)
@@ -350,4 +350,4 @@ def test_migration_is_idempotent(tmp_path):
     assert inbox.uids() == [10, 11, 12] and inbox.uidvalidity == UIDVALIDITY
     assert user.db.execute("SELECT count(*) FROM fields").fetchone() == (2,)
     triggers = [r[0] for r in user.db.execute("SELECT name FROM sqlite_master WHERE type='trigger' ORDER BY name")]
-    assert triggers == ["folders_delete", "messages_delete", "messages_flags"]
+    assert triggers == ["folders_delete", "messages_delete"]
