@@ -275,7 +275,8 @@ class LdapClient:
                 connection = getattr(self._local, "auth", None)
                 if connection is None or connection.closed:
                     connection = self._local.auth = self._open(None, None)
-                if connection.rebind(user=dn, password=password):
+                # (read_server_info: with get_info=NONE there is none to read; False skips the call)
+                if connection.rebind(user=dn, password=password, read_server_info=False):
                     return True
                 result = connection.result.get("result")
                 if result == 49:  # invalidCredentials
@@ -291,8 +292,10 @@ class LdapClient:
 
 def _keyText(raw: bytes) -> str:
     """A stable key's value as text: itself when printable ASCII (entryUUID), else hex (objectGUID)."""
-    if raw and all(32 <= b < 127 for b in raw):
-        return raw.decode("ascii")
+    if raw.isascii():
+        text = raw.decode("ascii")
+        if text and text.isprintable():  # (for ASCII: bytes 32 to 126)
+            return text
     return "x" + raw.hex()
 
 
