@@ -134,6 +134,7 @@ class StoreConfig:
     junk: str
     archive: str
     threads: int
+    summary_processes: int
 
     @property
     def specialFolders(self) -> dict[str, str]:
@@ -626,6 +627,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "junk": Key(_folderName, "Junk", "\\Junk folder created at first login"),
         "archive": Key(_folderName, "Archive", "\\Archive folder created at first login"),
         "threads": Key(_integer(1, 64), 4, "size of the thread pool for mail store work"),
+        "summary_processes": Key(_integer(0, 64), 2, "worker processes that parse messages in bulk for FETCH, SEARCH and SORT (0: none, parse in the server)"),
     },
     "queue": {
         "relay_host": Key(_relay, None, '"" = deliver by MX; "host:port" = send everything through this smarthost (465: implicit TLS)'),

@@ -56,6 +56,7 @@ from pymaild.queue.mx import MXResolver, makeResolver
 from pymaild.queue.runner import Policy, Runner
 from pymaild.smtp.server import SMTPFactory, SubmissionLogin
 from pymaild.store.maildir import MaildirStore
+from pymaild.store.summarizer import Summarizer
 from pymaild.store.threads import StoreThreads
 from pymaild.store.watch import FolderWatcher
 from pymaild.throttle import LoginThrottle
@@ -224,6 +225,7 @@ class PymaildService(MultiService):
         self._reactor = reactor
         self._previousHUP = None
         self.plugins = None  # (the Plugins, closed at the end of stopService)
+        self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -274,6 +276,8 @@ class PymaildService(MultiService):
             yield self.plugins.close()
         for pool in self.threadpools:
             pool.stop()
+        if self.summarizer is not None:
+            self.summarizer.close()
         log.info("pymaild stopped")
 
 
@@ -525,11 +529,13 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         directory = FileDirectory(passwd, aliases, config.domains.local)
         threadpool = ThreadPool(minthreads=0, maxthreads=config.auth.threads, name="pymaild-auth")
         checker = PasswdFileChecker(passwd, config.domains.local[0], threadpool, reactor)
+    summarizer = Summarizer(config.store.summary_processes)
     store = MaildirStore(
         config.server.data_dir / "mail",
         config.store.quota_storage,
         config.store.quota_messages,
         config.store.specialFolders,
+        summarizer,
     )
     storeThreads = StoreThreads(reactor, config.store.threads)
     if config.auth.backend == "ldap":  # (what users' entries say about their mailboxes, as they are read)
@@ -634,5 +640,6 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool, pluginThreads],
                              [serverTLS, directory, QueueSettings(runner, config), plugins], reactor)
     service.plugins = plugins
+    service.summarizer = summarizer
     runner.setServiceParent(service)
     return service

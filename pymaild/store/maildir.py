@@ -243,8 +243,9 @@ class MaildirStore:
     """
 
     def __init__(self, root: Path, storageLimit: int = 0, messageLimit: int = 0,
-                 specialFolders: dict[str, str] | None = None):
+                 specialFolders: dict[str, str] | None = None, summarizer=None):
         self.root = Path(root)
+        self.summarizer = summarizer  # a pymaild.store.summarizer.Summarizer for bulk summaries, or None
         self.storageLimit = storageLimit
         self.messageLimit = messageLimit
         self.specialFolders = dict(specialFolders or {
@@ -279,7 +280,7 @@ class MaildirStore:
             store = self._users.get(relative)
             if store is None:
                 store = UserStore(self.userDirectory(user), self._limits.get(user, self.storageLimit),
-                                  self.messageLimit, self.specialFolders)
+                                  self.messageLimit, self.specialFolders, self.summarizer)
                 self._users[relative] = store
             return store
 
@@ -342,8 +343,9 @@ class UserStore:
     """
 
     def __init__(self, root: Path, storageLimit: int = 0, messageLimit: int = 0,
-                 specialFolders: dict[str, str] | None = None):
+                 specialFolders: dict[str, str] | None = None, summarizer=None):
         self.root = Path(root)
+        self.summarizer = summarizer
         _makeMaildir(self.root, folderMarker=False)
         self.lock = threading.RLock()
         self._depth = 0
@@ -985,28 +987,36 @@ class Folder:
                 continue  # a broken cached summary is computed again (and replaced)
         missing = [uid for uid in wanted if uid not in out]
         if missing:
-            computed = {}
             paths = self.paths(missing)  # one query, not one per message
+            computed, texts = {}, {}
+            if self.user.summarizer is not None:
+                for uid, result in self.user.summarizer.summarize(paths).items():
+                    if result is not None:
+                        computed[uid], texts[uid] = result
+            else:
+                for uid, path in paths.items():
+                    try:
+                        computed[uid] = summarizePath(path)
+                    except OSError:
+                        pass
             for uid in missing:
-                try:
-                    computed[uid] = summarizePath(paths[uid])
+                if uid in computed:
                     continue
-                except (KeyError, OSError):
-                    pass
                 try:  # renamed by another process meanwhile (open() syncs), or gone
                     with self.open(uid) as f:
                         computed[uid] = summarize(f)
                 except (StoreError, OSError):
                     continue
-            self._keep(computed)
+            self._keep(computed, texts=texts)
             out.update(computed)
         return out
 
-    def _keep(self, computed: dict, summaries: bool = True) -> None:
+    def _keep(self, computed: dict, summaries: bool = True, texts: dict | None = None) -> None:
         """
         Cache summaries (with C{summaries}) and their header fields (the C{fields} table: see
         L{headerFields}) of the messages still in the index, in one transaction (one fsync) for
         the whole batch.  Without C{summaries} only missing header fields are filled in.
+        C{texts} has the JSON texts of some of them, already encoded.
         """
         from pymaild.store.summary import toJSON, wireFields
 
@@ -1018,7 +1028,7 @@ class Folder:
             if summaries:
                 db.executemany(
                     "INSERT OR REPLACE INTO summaries (folder, uid, summary) VALUES (?, ?, ?)",
-                    [(self.id, uid, toJSON(computed[uid], wire=False)) for uid in present],
+                    [(self.id, uid, (texts or {}).get(uid) or toJSON(computed[uid], wire=False)) for uid in present],
                 )
                 db.executemany(
                     "INSERT OR REPLACE INTO wire (folder, uid, envelope, bodystructure, body) VALUES (?, ?, ?, ?, ?)",

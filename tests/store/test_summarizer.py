@@ -1,0 +1,119 @@
+"""
+Bulk summaries in worker processes (L{pymaild.store.summarizer}): the same summaries as the
+server's own parse, from other processes, and nothing lost when a worker dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from pymaild.store import summarizer as summarizermod
+from pymaild.store.maildir import MaildirStore
+from pymaild.store.summarizer import Summarizer
+from pymaild.store.summary import summarizePath, toJSON
+
+
+def expected(paths: dict) -> dict:
+    out = {}
+    for uid, path in paths.items():
+        s = summarizePath(path)
+        out[uid] = (s, toJSON(s, wire=False))
+    return out
+
+
+def message(i: int) -> bytes:
+    parts = [
+        b"From: Sender %d <s%d@example.com>\nTo: r@example.org\nSubject: message %d\n" % (i, i, i),
+        b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b%d\n\n" % i,
+        b"--b%d\nContent-Type: text/plain\n\nhello %d\n" % (i, i),
+        b"--b%d\nContent-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\nAAAA\n" % i,
+        b"--b%d--\n" % i,
+    ]
+    return b"".join(parts)
+
+
+@pytest.fixture
+def files(tmp_path):
+    out = {}
+    for i in range(150):
+        path = tmp_path / f"m{i}"
+        path.write_bytes(message(i))
+        out[i + 1] = path
+    return out
+
+
+@pytest.fixture
+def summarizer():
+    s = Summarizer(2)
+    yield s
+    s.close()
+
+
+def test_workers_give_the_servers_own_summaries(files, summarizer):
+    calls = []
+    real = summarizermod._summarizeAll
+    summarizermod._summarizeAll = lambda piece: calls.append(len(piece)) or real(piece)
+    try:
+        got = summarizer.summarize(files)
+    finally:
+        summarizermod._summarizeAll = real
+    assert got == expected(files)
+    pids = summarizer.pids()
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert calls == [50]  # this process parsed its third; the workers the rest
+
+
+def test_small_batches_stay_in_the_server(files, summarizer):
+    few = dict(list(files.items())[: summarizermod.MIN_BATCH - 1])
+    assert summarizer.summarize(few) == expected(few)
+    assert summarizer.pids() == []
+
+
+def test_a_file_gone_meanwhile_is_none(files, summarizer):
+    os.unlink(files[7])
+    got = summarizer.summarize(files)
+    assert got[7] is None and got[8] == expected({8: files[8]})[8] and len(got) == len(files)
+
+
+def test_a_dead_worker_loses_nothing(files, summarizer):
+    summarizer.summarize(files)
+    dead = summarizer.pids()
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
+    got = summarizer.summarize(files)  # their pieces are parsed here instead
+    assert got == expected(files)
+    assert summarizer.pids() == []
+    again = summarizer.summarize(files)  # and fresh workers take the next batch
+    assert again == got and len(summarizer.pids()) == 2 and not set(summarizer.pids()) & set(dead)
+
+
+def test_workers_stop_at_close(files):
+    summarizer = Summarizer(2)
+    summarizer.summarize(files)
+    pids = summarizer.pids()
+    summarizer.close()
+    for pid in pids:
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped: gone
+    assert summarizer.summarize(files) == expected(files)
+    assert summarizer.pids() == []
+
+
+def test_a_folder_first_fetch_through_workers(tmp_path, summarizer):
+    """The store's bulk path: cached once, equal to what a store without workers computes."""
+    plain = MaildirStore(tmp_path / "a").user("alice@example.com")
+    pooled = MaildirStore(tmp_path / "b", summarizer=summarizer).user("alice@example.com")
+    for user in (plain, pooled):
+        inbox = user.folder("INBOX")
+        for i in range(100):
+            inbox.append(message(i))
+    a, b = plain.folder("INBOX"), pooled.folder("INBOX")
+    assert b.summaryFields(b.uids(), ("envelope", "bodystructure")) == a.summaryFields(a.uids(), ("envelope", "bodystructure"))
+    assert len(summarizer.pids()) == 2
+    assert b.summaries(b.uids()) == a.summaries(a.uids())
+    assert pooled.db.execute("SELECT count(*) FROM wire").fetchone() == (100,)
+    plain.close()
+    pooled.close()
