@@ -98,6 +98,13 @@ class _Refused(LdapUnavailable):
 _TRY_ELSEWHERE = frozenset({51, 52, 80, 81, 85, 91})
 
 
+def LDAPExceptionTypes():
+    """ldap3's exceptions (imported when needed)."""
+    from ldap3.core.exceptions import LDAPException
+
+    return LDAPException
+
+
 def _escape(value: str) -> str:
     from ldap3.utils.conv import escape_filter_chars
 
@@ -441,9 +448,17 @@ class LdapChecker:
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, client: LdapClient, threadpool, reactor):
+        from pymaild.auth.ldapwire import WireLogin
+
         self.lookups = _Lookups(client)
-        self._threadpool = threadpool
+        self._threadpool = threadpool  # (the directory's; logins do not use it)
         self._reactor = reactor
+        self.wire = WireLogin(client, reactor)
+        self._userFilter = None
+
+    def close(self) -> None:
+        """Unbind and close the login connections (they open again at the next login)."""
+        self.wire.close()
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         try:
@@ -457,12 +472,53 @@ class LdapChecker:
         if not login or not password or "\0" in login:
             log.debug("login {user}: {result}", user=login, result="empty-password" if login else "bad-login")
             return defer.fail(UnauthorizedLogin())
-        d = deferToThreadPool(self._reactor, self._threadpool, self._check, login, password)
+        d = defer.ensureDeferred(self._check(login, password))
         d.addErrback(self._failed, login)
         return d
 
-    def _check(self, login: str, password: str) -> str:
-        entries = self.lookups.findUserByLogin(login)
+    def _findUserByLogin(self, login: str):
+        """L{_Lookups.findUserByLogin}'s search, on the reactor's connections (L{pymaild.auth.ldapwire})."""
+        from pymaild.auth.ldapwire import SCOPE_BASE, SCOPE_SUBTREE, FilterError, FilterTemplate, attributeList
+
+        s = self.lookups.settings
+        try:
+            if self._userFilter is None:
+                if s.bind_dn_template:
+                    template = s.active_filter or "(objectClass=*)"
+                elif "{login}" in s.active_filter:  # (left as it is: only user_filter's {login} is the login)
+                    template = None
+                else:
+                    template = _and(s.user_filter, s.active_filter)
+                self._userFilter = (FilterTemplate(template) if template else None, attributeList(self.lookups.attributes()))
+            userFilter, attributes = self._userFilter
+            if s.bind_dn_template:
+                from ldap3.utils.dn import escape_rdn, safe_dn
+
+                base = safe_dn(s.bind_dn_template.replace("{login}", escape_rdn(login)))
+                return self.wire.search(userFilter.encode(login), attributes, base, SCOPE_BASE)
+            if userFilter is None:
+                from pymaild.auth.ldapwire import encodeFilter
+
+                filterBer = encodeFilter(_and(s.user_filter.replace("{login}", _escape(login)), s.active_filter))
+            else:
+                filterBer = userFilter.encode(login)
+            return self.wire.search(filterBer, attributes, self._base(), SCOPE_SUBTREE)
+        except (FilterError, ValueError, LDAPExceptionTypes()) as e:
+            # (ldap3 refused the filter or the DN: as the threads' client, a temporary failure)
+            return defer.fail(LdapUnavailable(f"search for {login!r}: {e}"))
+
+    _safeBase = None
+
+    def _base(self) -> str:
+        if self._safeBase is None:
+            from ldap3.utils.dn import safe_dn
+
+            base = self.lookups.settings.base_dn
+            self._safeBase = safe_dn(base) if base else base
+        return self._safeBase
+
+    async def _check(self, login: str, password: str) -> str:
+        entries = await self._findUserByLogin(login)
         if len(entries) != 1:
             log.debug("login {user}: {result}", user=login, result="unknown-user" if not entries else "ambiguous")
             raise UnauthorizedLogin()
@@ -472,7 +528,7 @@ class LdapChecker:
             log.warn("ldap: {dn} has no address in {attributes}; it cannot log in", dn=dn,
                      attributes=", ".join(self.lookups.settings.address_attributes))
             raise UnauthorizedLogin()
-        if not self.lookups.client.checkPassword(dn, password):
+        if not await self.wire.checkPassword(dn, password):
             log.debug("login {user}: {result}", user=login, result="bad-password")
             raise UnauthorizedLogin()
         self.lookups.noteEntry(attributes, addresses[0])
