@@ -262,11 +262,14 @@ def _encodeNode(node, value) -> bytes:
             items += _tlv(0x81, value(a))
         if final:
             items += _tlv(0x82, value(final))
+        if not items:  # ((cn=**): ldap3's encoder refuses an empty SEQUENCE OF substrings too)
+            raise FilterError("a substring filter without a substring")
         return _tlv(tag, _tlv(0x04, attr.encode("utf-8")) + _tlv(0x30, items))
     if tag == _EXTENSIBLE:
         _, attr, rule, dn, text = node
         body = (_tlv(0x81, rule.encode("utf-8")) if rule else b"") + (_tlv(0x82, attr.encode("utf-8")) if attr else b"")
-        return _tlv(tag, body + _tlv(0x83, value(text)) + (b"\x84\x01\x01" if dn else b"\x84\x01\x00"))
+        # (dnAttributes BOOLEAN DEFAULT FALSE: left out when false, TRUE as 0xFF, as ldap3 sends them)
+        return _tlv(tag, body + _tlv(0x83, value(text)) + (b"\x84\x01\xff" if dn else b""))
     return _tlv(tag, _tlv(0x04, node[1].encode("utf-8")) + _tlv(0x04, value(node[2])))
 
 
