@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.auth.test_ldap -*-
 """
 The company's LDAP directory (OpenLDAP, Active Directory) as pymaild's user database, through
-C{ldap3}: L{LdapChecker} checks logins (SMTP AUTH, IMAP, POP3 alike, as a twisted.cred checker),
+C{ldap3} and L{pymaild.auth.ldapwire}: L{LdapChecker} checks logins (SMTP AUTH, IMAP, POP3 alike, as a twisted.cred checker),
 L{LdapDirectory} answers recipient lookups, a user's sender addresses and group expansion.
 
 Interfaces implemented: C{ICredentialsChecker} (C{IUsernamePassword}), L{IDirectory},
@@ -9,10 +9,15 @@ L{IReloadable}.
 
 Implementation summary:
 
-  - every ldap3 call runs in a dedicated, bounded thread pool (C{[ldap] pool_size} threads),
-    never on the reactor; each thread keeps its own connections (one bound as the service
-    account for searches, one for checking users' passwords by binding as them), so no
-    connection is ever shared between threads;
+  - logins (L{LdapChecker}) run on the reactor, through L{pymaild.auth.ldapwire}: one
+    connection bound as the service account carries the users' searches, pipelined, and up to
+    C{[ldap] pool_size} more the binds as users, one at a time each; the rules below (servers,
+    retry, pause, temporary failures, escaping) are the same there;
+  - every other call (L{LdapDirectory}'s lookups: recipients, addresses, groups) is ldap3's, in
+    a dedicated, bounded thread pool (C{[ldap] pool_size} threads), never on the reactor; each
+    thread keeps its own connections (one bound as the service account for searches, one for
+    checking users' passwords by binding as them), so no connection is ever shared between
+    threads;
   - the servers of C{[ldap] urls} are tried in order (failover): a connection that fails is
     dropped and the call is tried once more from the first server; ldap3 connections do not
     recover by themselves after a server restart, this does;
@@ -443,6 +448,10 @@ class LdapChecker:
     Logins against the directory: the user is searched with the service account (C{user_filter}
     with the login escaped, and C{active_filter}), then the password is checked by binding as
     the entry found.  The avatar ID is the user's primary address.
+
+    Both run on the reactor (L{pymaild.auth.ldapwire.WireLogin}); the client's settings and its
+    "directory down" pause are shared with the directory's threads.  The entry's quota and
+    mailbox key reach the store's sinks on the reactor, before the avatar ID is returned.
     """
 
     credentialInterfaces = (IUsernamePassword,)

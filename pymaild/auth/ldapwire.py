@@ -659,10 +659,17 @@ class WireLogin:
 
     @defer.inlineCallbacks
     def _openOne(self, url: str, user: str | None, password: str | None):
-        from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+        from twisted.internet.abstract import isIPAddress, isIPv6Address
+        from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
+                                                connectProtocol, wrapClientTLS)
 
         host, port, ldaps = _hostPort(url)
-        endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.settings.timeout)
+        if isIPAddress(host):  # (an address: no name resolution, which would take a thread)
+            endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=self.settings.timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self.settings.timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.settings.timeout)
         if ldaps:
             endpoint = wrapClientTLS(self._tls(host), endpoint)
         protocol = LdapProtocol(self._reactor, self.operationTimeout, url)
@@ -845,6 +852,11 @@ class WireLogin:
             started = time.monotonic()
             try:
                 protocol = yield self._acquire()
+                try:  # (the directory may have timed out while this login waited for a connection)
+                    self.client._checkDown()
+                except LdapUnavailable:
+                    self._release(protocol, False)
+                    raise
                 if attempt == 1:
                     started = time.monotonic()  # (the wait for a free connection is not the server's)
                 broken = True

@@ -364,3 +364,24 @@ class TLSWireCase(_WireCase):
         for s in (settings(other.ldapsUrl, ca_file=str(cert)), settings(other.url, start_tls=True, ca_file=str(cert))):
             self.use(s)
             yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
+
+
+class BalanceCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_round_robin_opens_each_connection_at_the_next_server_and_failover_uses_the_other(self):
+        first, second = ldapserver.twoServers(self.tmp / "two")
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.use(settings(first.url, second.url, balance="round-robin", pool_size=3))
+        results = yield defer.gatherResults([self.login("bob", ldapserver.PASSWORDS["bob"]) for _ in range(6)])
+        self.assertEqual(set(results), {"bob@example.com"})
+        wire = self.checker.wire
+        names = [p.name for p in [wire._service] + wire._idle]
+        self.assertEqual(len(names), 4)
+        self.assertEqual(set(names), {first.url, second.url})
+        self.use(settings(first.url, second.url))  # (failover: the first server while it answers)
+        self.assertEqual((yield self.login("bob", ldapserver.PASSWORDS["bob"])), "bob@example.com")
+        self.assertEqual(self.checker.wire._service.name, first.url)
+        first.stop()
+        self.assertEqual((yield self.login("bob", ldapserver.PASSWORDS["bob"])), "bob@example.com")
+        self.assertEqual(self.checker.wire._service.name, second.url)
