@@ -487,7 +487,7 @@ class LdapChecker:
 
     def _findUserByLogin(self, login: str):
         """L{_Lookups.findUserByLogin}'s search, on the reactor's connections (L{pymaild.auth.ldapwire})."""
-        from pymaild.auth.ldapwire import SCOPE_BASE, SCOPE_SUBTREE, FilterError, FilterTemplate, attributeList
+        from pymaild.auth.ldapwire import SCOPE_BASE, SCOPE_SUBTREE, FilterError, FilterTemplate
 
         s = self.lookups.settings
         try:
@@ -498,7 +498,7 @@ class LdapChecker:
                     template = None
                 else:
                     template = _and(s.user_filter, s.active_filter)
-                self._userFilter = (FilterTemplate(template) if template else None, attributeList(self.lookups.attributes()))
+                self._userFilter = (FilterTemplate(template) if template else None, tuple(self.lookups.attributes()))
             userFilter, attributes = self._userFilter
             if s.bind_dn_template:
                 from ldap3.utils.dn import escape_rdn, safe_dn

@@ -543,7 +543,8 @@ class LdapProtocol(Protocol):
         if op == 4:  # searchResEntry
             from ldap3.operation.search import search_result_entry_response_to_dict_fast
 
-            entry = search_result_entry_response_to_dict_fast(m["payload"], None, None, False)
+            # (check_names as an ldap3 connection has it by default: values through its standard formatters)
+            entry = search_result_entry_response_to_dict_fast(m["payload"], None, None, True)
             entry["type"] = "searchResEntry"
             pending[1].append(entry)
             return
@@ -635,6 +636,7 @@ class WireLogin:
         self._next = 0
         self._all: set[LdapProtocol] = set()
         self.bindConnections = max(1, s.pool_size)
+        self._selections: dict[tuple, bytes] = {}
 
     # --- connections ------------------------------------------------------------------------
 
@@ -800,23 +802,27 @@ class WireLogin:
         return time.monotonic() - started >= self.settings.timeout
 
     @defer.inlineCallbacks
-    def search(self, filterBer: bytes, attributes: bytes, base: str, scope: int):
+    def search(self, filterBer: bytes, attributes, base: str, scope: int):
         """
         C{[(dn, {attribute: [values]})]} of the entries found, as L{LdapClient.search} gives
-        them (its C{_attributes} applied).
+        them (its C{_attributes} applied; a requested attribute the entry lacks as C{[]}, as
+        ldap3's C{return_empty_attributes} has it).  C{attributes}: a tuple of names.
 
         @raise LdapUnavailable: no server could answer (L{_Refused}: one refused).
         """
         from pymaild.auth.ldap import _TRY_ELSEWHERE, LdapUnavailable, _Refused
 
         self.client._checkDown()
+        selection = self._selections.get(attributes)
+        if selection is None:
+            selection = self._selections[attributes] = attributeList(attributes)
         started = time.monotonic()
         for attempt in (1, 2):
             protocol = None
             try:
                 protocol = yield self._serviceConnection()
                 done, entries, references = yield protocol.request(
-                    searchRequest, base, scope, filterBer, attributes, 100, self.timeLimit)
+                    searchRequest, base, scope, filterBer, selection, 100, self.timeLimit)
                 result = done.get("result")
                 if not (entries or references) and result not in (0, 4, 32):  # (ldap3: ok when anything came)
                     message = f"search failed: {done.get('description')} ({result})"
@@ -824,6 +830,11 @@ class WireLogin:
                         raise LdapUnavailable(message)
                     log.warn("ldap: search: {error}", error=message)
                     raise _Refused(message)
+                for e in entries:
+                    for name in attributes:
+                        if name not in e["raw_attributes"] and name not in ("*", "+", "1.1"):
+                            e["raw_attributes"][name] = []
+                            e["attributes"][name] = []
                 return [(e["dn"], self.client._attributes(e)) for e in entries]
             except _Refused:
                 raise

@@ -385,3 +385,21 @@ class BalanceCase(_WireCase):
         first.stop()
         self.assertEqual((yield self.login("bob", ldapserver.PASSWORDS["bob"])), "bob@example.com")
         self.assertEqual(self.checker.wire._service.name, second.url)
+
+
+class SameAnswersCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_entries_are_what_the_threads_ldap3_client_gives(self):
+        """The wire's search gives the entries LdapClient.search (ldap3) gives, attribute values and keys alike."""
+        self.use(settings(self.slapd.url, quota_attribute="roomNumber"))
+        attributes = self.checker.lookups.attributes() + ["objectClass", "cn", "uidNumber", "createTimestamp"]
+        for text in ("(uid=alice)", "(|(uid=bob)(uid=dave)(mail=carol@example.com))", "(objectClass=*)", "(uid=nobody)"):
+            expected = yield self.pool_call(self.client.search, text, attributes)
+            got = yield self.checker.wire.search(ldapwire.encodeFilter(text), tuple(attributes),
+                                                 ldapserver.BASE_DN, ldapwire.SCOPE_SUBTREE)
+            self.assertEqual(got, expected, text)
+
+    def pool_call(self, f, *args):
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(reactor, self.pool, f, *args)
