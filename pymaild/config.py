@@ -667,7 +667,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mailbox_attribute": Key(_attribute, "entryUUID",
                                  "a user's stable key: its mailbox survives address and uid changes (empty: the address)"),
         "timeout": Key(_seconds, 5.0, "seconds to connect, and to wait for each answer"),
-        "pool_size": Key(_integer(1, 64), 4, "threads (each with its own connections) for LDAP calls"),
+        "pool_size": Key(_integer(1, 64), 4, "threads (each with its own connections) for LDAP lookups; connections for logins' binds"),
         "cache_ttl": Key(_seconds, 60.0, "seconds an answer about an existing user or group is reused"),
         "negative_cache_ttl": Key(_seconds, 10.0, "seconds an answer of nobody is reused"),
         "bind_dn_template": Key(_string, "", "the user's DN made from the login ({login}), instead of searching it"),

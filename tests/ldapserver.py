@@ -574,6 +574,16 @@ access to *
 """
 
 
+def checkerSettings(*urls: str, **kw):
+    """C{LdapSettings} for pymaild's checker and directory on this fixture (the service account, the active filter, no cache)."""
+    from pymaild.auth.ldap import LdapSettings
+
+    values = dict(urls=tuple(urls), base_dn=BASE_DN, bind_dn=SERVICE_DN, bind_password=SERVICE_PASSWORD,
+                  active_filter=ACTIVE_USER_FILTER, timeout=2.0, cache_ttl=0, negative_cache_ttl=0)
+    values.update(kw)
+    return LdapSettings(**values)
+
+
 def twoServers(tmp: Path, ldif: str | None = None) -> tuple[Slapd, Slapd]:
     """
     Two started slapds for failover tests, in C{tmp/primary} and C{tmp/secondary}, loaded

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.auth.test_ldap -*-
 """
 The company's LDAP directory (OpenLDAP, Active Directory) as pymaild's user database, through
-C{ldap3}: L{LdapChecker} checks logins (SMTP AUTH, IMAP, POP3 alike, as a twisted.cred checker),
+C{ldap3} and L{pymaild.auth.ldapwire}: L{LdapChecker} checks logins (SMTP AUTH, IMAP, POP3 alike, as a twisted.cred checker),
 L{LdapDirectory} answers recipient lookups, a user's sender addresses and group expansion.
 
 Interfaces implemented: C{ICredentialsChecker} (C{IUsernamePassword}), L{IDirectory},
@@ -9,10 +9,15 @@ L{IReloadable}.
 
 Implementation summary:
 
-  - every ldap3 call runs in a dedicated, bounded thread pool (C{[ldap] pool_size} threads),
-    never on the reactor; each thread keeps its own connections (one bound as the service
-    account for searches, one for checking users' passwords by binding as them), so no
-    connection is ever shared between threads;
+  - logins (L{LdapChecker}) run on the reactor, through L{pymaild.auth.ldapwire}: one
+    connection bound as the service account carries the users' searches, pipelined, and up to
+    C{[ldap] pool_size} more the binds as users, one at a time each; the rules below (servers,
+    retry, pause, temporary failures, escaping) are the same there;
+  - every other call (L{LdapDirectory}'s lookups: recipients, addresses, groups) is ldap3's, in
+    a dedicated, bounded thread pool (C{[ldap] pool_size} threads), never on the reactor; each
+    thread keeps its own connections (one bound as the service account for searches, one for
+    checking users' passwords by binding as them), so no connection is ever shared between
+    threads;
   - the servers of C{[ldap] urls} are tried in order (failover): a connection that fails is
     dropped and the call is tried once more from the first server; ldap3 connections do not
     recover by themselves after a server restart, this does;
@@ -96,6 +101,13 @@ class _Refused(LdapUnavailable):
 #: results after which another connection (maybe to another server) may do better: busy,
 #: unavailable, other, and the client-side ones ldap3 reports when the connection broke
 _TRY_ELSEWHERE = frozenset({51, 52, 80, 81, 85, 91})
+
+
+def LDAPExceptionTypes():
+    """ldap3's exceptions (imported when needed)."""
+    from ldap3.core.exceptions import LDAPException
+
+    return LDAPException
 
 
 def _escape(value: str) -> str:
@@ -436,14 +448,26 @@ class LdapChecker:
     Logins against the directory: the user is searched with the service account (C{user_filter}
     with the login escaped, and C{active_filter}), then the password is checked by binding as
     the entry found.  The avatar ID is the user's primary address.
+
+    Both run on the reactor (L{pymaild.auth.ldapwire.WireLogin}); the client's settings and its
+    "directory down" pause are shared with the directory's threads.  The entry's quota and
+    mailbox key reach the store's sinks on the reactor, before the avatar ID is returned.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(self, client: LdapClient, threadpool, reactor):
+        from pymaild.auth.ldapwire import WireLogin
+
         self.lookups = _Lookups(client)
-        self._threadpool = threadpool
+        self._threadpool = threadpool  # (the directory's; logins do not use it)
         self._reactor = reactor
+        self.wire = WireLogin(client, reactor)
+        self._userFilter = None
+
+    def close(self) -> None:
+        """Unbind and close the login connections (they open again at the next login)."""
+        self.wire.close()
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
         try:
@@ -457,12 +481,53 @@ class LdapChecker:
         if not login or not password or "\0" in login:
             log.debug("login {user}: {result}", user=login, result="empty-password" if login else "bad-login")
             return defer.fail(UnauthorizedLogin())
-        d = deferToThreadPool(self._reactor, self._threadpool, self._check, login, password)
+        d = defer.ensureDeferred(self._check(login, password))
         d.addErrback(self._failed, login)
         return d
 
-    def _check(self, login: str, password: str) -> str:
-        entries = self.lookups.findUserByLogin(login)
+    def _findUserByLogin(self, login: str):
+        """L{_Lookups.findUserByLogin}'s search, on the reactor's connections (L{pymaild.auth.ldapwire})."""
+        from pymaild.auth.ldapwire import SCOPE_BASE, SCOPE_SUBTREE, FilterError, FilterTemplate
+
+        s = self.lookups.settings
+        try:
+            if self._userFilter is None:
+                if s.bind_dn_template:
+                    template = s.active_filter or "(objectClass=*)"
+                elif "{login}" in s.active_filter:  # (left as it is: only user_filter's {login} is the login)
+                    template = None
+                else:
+                    template = _and(s.user_filter, s.active_filter)
+                self._userFilter = (FilterTemplate(template) if template else None, tuple(self.lookups.attributes()))
+            userFilter, attributes = self._userFilter
+            if s.bind_dn_template:
+                from ldap3.utils.dn import escape_rdn, safe_dn
+
+                base = safe_dn(s.bind_dn_template.replace("{login}", escape_rdn(login)))
+                return self.wire.search(userFilter.encode(login), attributes, base, SCOPE_BASE)
+            if userFilter is None:
+                from pymaild.auth.ldapwire import encodeFilter
+
+                filterBer = encodeFilter(_and(s.user_filter.replace("{login}", _escape(login)), s.active_filter))
+            else:
+                filterBer = userFilter.encode(login)
+            return self.wire.search(filterBer, attributes, self._base(), SCOPE_SUBTREE)
+        except (FilterError, ValueError, LDAPExceptionTypes()) as e:
+            # (ldap3 refused the filter or the DN: as the threads' client, a temporary failure)
+            return defer.fail(LdapUnavailable(f"search for {login!r}: {e}"))
+
+    _safeBase = None
+
+    def _base(self) -> str:
+        if self._safeBase is None:
+            from ldap3.utils.dn import safe_dn
+
+            base = self.lookups.settings.base_dn
+            self._safeBase = safe_dn(base) if base else base
+        return self._safeBase
+
+    async def _check(self, login: str, password: str) -> str:
+        entries = await self._findUserByLogin(login)
         if len(entries) != 1:
             log.debug("login {user}: {result}", user=login, result="unknown-user" if not entries else "ambiguous")
             raise UnauthorizedLogin()
@@ -472,7 +537,7 @@ class LdapChecker:
             log.warn("ldap: {dn} has no address in {attributes}; it cannot log in", dn=dn,
                      attributes=", ".join(self.lookups.settings.address_attributes))
             raise UnauthorizedLogin()
-        if not self.lookups.client.checkPassword(dn, password):
+        if not await self.wire.checkPassword(dn, password):
             log.debug("login {user}: {result}", user=login, result="bad-password")
             raise UnauthorizedLogin()
         self.lookups.noteEntry(attributes, addresses[0])

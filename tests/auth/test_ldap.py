@@ -29,12 +29,7 @@ if not ldapserver.slapd_available():
     raise unittest.SkipTest("slapd is not installed (scripts/test installs it)")
 
 
-def settings(*urls, **kw) -> LdapSettings:
-    values = dict(urls=tuple(urls), base_dn=ldapserver.BASE_DN, bind_dn=ldapserver.SERVICE_DN,
-                  bind_password=ldapserver.SERVICE_PASSWORD, active_filter=ldapserver.ACTIVE_USER_FILTER,
-                  timeout=2.0, cache_ttl=0, negative_cache_ttl=0)
-    values.update(kw)
-    return LdapSettings(**values)
+settings = ldapserver.checkerSettings
 
 
 class _LdapCase(unittest.TestCase):

@@ -1,0 +1,405 @@
+"""
+The reactor's LDAP login (pymaild/auth/ldapwire.py): its requests byte for byte against ldap3's
+own encoder (binds, searches over a corpus of RFC 4515 filters and filter templates with hostile
+logins, message IDs across the BER length boundaries, StartTLS, Unbind, Abandon), and against a
+real slapd (tests/ldapserver.py): 50 logins at once pipelined, a connection dropped mid-request
+by a proxy, a notice of disconnection, a SIGSTOPped slapd, LDAPS and StartTLS with the
+certificate's names checked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor
+from twisted.protocols import portforward
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from ldap3 import DEREF_ALWAYS, SIMPLE, SUBTREE, BASE
+from ldap3.core.exceptions import LDAPException
+from ldap3.operation.abandon import abandon_operation
+from ldap3.operation.bind import bind_operation
+from ldap3.operation.extended import extended_operation
+from ldap3.operation.search import compile_filter, parse_filter, search_operation
+from ldap3.operation.unbind import unbind_operation
+from ldap3.protocol.rfc4511 import LDAPMessage, MessageID, ProtocolOp
+from ldap3.utils.asn1 import encode
+from ldap3.utils.conv import escape_filter_chars
+
+from pymaild.auth import ldapwire
+from pymaild.auth.ldap import LdapChecker, LdapClient, LdapSettings
+from pymaild.errors import TemporaryFailure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ldapserver  # noqa: E402
+
+
+# --- byte for byte against ldap3 ------------------------------------------------------------------
+
+
+def ldap3Message(messageId: int, name: str, request) -> bytes:
+    m = LDAPMessage()
+    m["messageID"] = MessageID(messageId)
+    m["protocolOp"] = ProtocolOp().setComponentByName(name, request)
+    return encode(m)
+
+
+def ldap3Filter(text: str) -> bytes:
+    return encode(compile_filter(parse_filter(text, None, True, True, None, True).elements[0]))
+
+
+MESSAGE_IDS = [1, 2, 127, 128, 255, 256, 32767, 32768, 65535, 65536, 8388607, 8388608, 2 ** 24, 2 ** 31 - 1]
+
+LONG = "x" * 200
+LONGER = "é" * 40000  # (80,000 bytes: a 3-byte length)
+
+FILTERS = [
+    "(uid=alice)", "(objectClass=*)", "( uid = alice )", "(uid=al ice)", "(&(objectClass=inetOrgPerson)(uid=a))",
+    "(|(uid=a)(mail=a@example.com)(mailLocalAddress=a@example.com))", "(!(employeeType=disabled))",
+    "(&(objectClass=inetOrgPerson)(|(uid=bob)(mail=bob))(!(employeeType=disabled)))",
+    "( & ( uid=a ) ( mail=b ) )", "(&(a=1)\n  (b=2))",
+    "(cn=ab*)", "(cn=*ab)", "(cn=*ab*)", "(cn=a*b*c*d)", "(cn=a**b)", "(cn=*\\2a*)",
+    "(uidNumber>=1000)", "(uidNumber<=2000)", "(cn~=smith)", "(cn >= a)", "(cn<= b )",
+    "(cn:=Alice)", "(cn:dn:=Alice)", "(cn:caseExactMatch:=Alice)", "(cn:dn:2.5.13.5:=Alice)", "(:caseExactMatch:=x)",
+    "(:dn:2.5.13.5:=x)", "(o:dn:=Example)", "(userAccountControl:1.2.840.113556.1.4.803:=2)",
+    "(cn=\\28x\\29)", "(cn=a\\5cb)", "(cn=a\\zzb)", "(cn=a\\)", "(cn=a\\4)", "(cn=\\e9t\\c3\\a9)", "(cn=été)",
+    "(cn=日本語)", f"(cn={LONG})", f"(description={LONGER})", "(cn=a\\5)", "(cn=\\41\\42)",
+    "(&(cn=a)(|(sn=b)(!(sn=c))(sn=d*e)))", "(proxyAddresses=smtp:a\\2ab@corp.example.com)",
+    "(objectGUID=\\4f\\2e\\9a\\1c)", "(member=cn=x,ou=groups,dc=example,dc=com)",
+]
+
+BAD_FILTERS = ["", "uid=a", "(uid=a", "(&)", "(!(a=b)(c=d))", "(a=b)(c=d)", "((a=b))", "(uid)", "(:=x)", "(a:b:c:d:=x)",
+               "(cn=a(b)", "(&(a=b)", "(a=b))"]
+
+TEMPLATES = [
+    "(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))",
+    "(&(&(objectClass=inetOrgPerson)(|(uid={login})(mail={login})))(!(employeeType=disabled)))",
+    "(uid={login})", "(mail={login}@example.com)", "(cn={login}*)", "(cn=*{login}*)", "(cn:dn:={login})",
+    "(sAMAccountName={login})", "(uid=\\2a{login})", "(uid=a\\zz{login})", "(uid={login}\\4)", "(uid= {login} )",
+    "(uid={login}{login})",
+]
+
+LOGINS = ["alice", "Alice@Example.com", "*", "*)(uid=*", "al*", "alice)(|(uid=*", "alice\\2a", "a\\b", "\\5c", "é",
+          "日本語", "a b", "x" * 130, "y" * 70000, "a=b", "(", ")", "\\", "~", ":dn:", "a\x01b"]
+
+
+@pytest.mark.parametrize("messageId", MESSAGE_IDS)
+def test_bind_bytes_are_ldap3s(messageId):
+    for dn, password in [("uid=alice,ou=people,dc=example,dc=com", "secret"), ("cn=é,dc=example", "pässwörd"),
+                         ("uid=" + "x" * 300, "p" * 200), ("", "x"), ("cn=a", "ℌ\u00adx")]:
+        expected = ldap3Message(messageId, "bindRequest", bind_operation(3, SIMPLE, dn or "x", password, auto_encode=True))
+        if not dn:
+            continue
+        assert ldapwire.bindRequest(messageId, dn, ldapwire.simplePassword(password)) == expected
+
+
+@pytest.mark.parametrize("messageId", MESSAGE_IDS)
+def test_search_bytes_are_ldap3s(messageId):
+    for text in FILTERS[:8] + [f"(cn={LONGER})"]:
+        for base, scope, attributes in [("dc=example,dc=com", SUBTREE, ["mail", "mailLocalAddress", "entryUUID"]),
+                                        ("uid=é,ou=people,dc=example,dc=com", BASE, ["objectGUID"])]:
+            expected = ldap3Message(messageId, "searchRequest", search_operation(
+                base, text, scope, DEREF_ALWAYS, attributes, 100, 5, False, True, True, None, None, True))
+            ours = ldapwire.searchRequest(messageId, base, 2 if scope == SUBTREE else 0, ldapwire.encodeFilter(text),
+                                          ldapwire.attributeList(attributes), 100, 5)
+            assert ours == expected, text
+
+
+@pytest.mark.parametrize("text", FILTERS)
+def test_filters_are_encoded_as_ldap3_encodes_them(text):
+    assert ldapwire.encodeFilter(text) == ldap3Filter(text)
+
+
+@pytest.mark.parametrize("text", BAD_FILTERS)
+def test_filters_ldap3_refuses_are_refused(text):
+    with pytest.raises(LDAPException):
+        ldap3Filter(text)
+    with pytest.raises(ldapwire.FilterError):
+        ldapwire.encodeFilter(text)
+
+
+def test_empty_substring_filters_are_refused_as_ldap3_refuses_them():
+    from pyasn1.error import PyAsn1Error
+
+    for text in ("(cn=**)", "(cn= *)", "(cn=***)"):
+        with pytest.raises(PyAsn1Error):
+            ldap3Filter(text)
+        with pytest.raises(ldapwire.FilterError):
+            ldapwire.encodeFilter(text)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_templates_with_hostile_logins_are_ldap3s_filters(template):
+    compiled = ldapwire.FilterTemplate(template)
+    for login in LOGINS:
+        assert compiled.encode(login) == ldap3Filter(template.replace("{login}", escape_filter_chars(login))), login
+
+
+def test_templates_parsed_once_only_when_a_login_cannot_change_them():
+    assert ldapwire.FilterTemplate("(uid={login})")._tree is not None
+    assert ldapwire.FilterTemplate("(uid=a\\zz{login})")._tree is None  # (ldap3 re-escapes such a value)
+    assert ldapwire.FilterTemplate("({login}=x)")._tree is None
+
+
+@pytest.mark.parametrize("messageId", MESSAGE_IDS)
+def test_starttls_unbind_and_abandon_bytes_are_ldap3s(messageId):
+    assert ldapwire.startTlsRequest(messageId) == ldap3Message(
+        messageId, "extendedReq", extended_operation("1.3.6.1.4.1.1466.20037"))
+    assert ldapwire.unbindRequest(messageId) == ldap3Message(messageId, "unbindRequest", unbind_operation())
+    assert ldapwire.abandonRequest(1, messageId) == ldap3Message(1, "abandonRequest", abandon_operation(messageId))
+
+
+def test_certificate_names_are_checked_as_ldap3_checks_them(tmp_path):
+    from OpenSSL import crypto
+
+    cert = _certificate(tmp_path, "ldap.other.example")
+    x509 = crypto.load_certificate(crypto.FILETYPE_PEM, cert.read_bytes())
+    ldapwire.checkHostname(x509, "ldap.other.example")
+    for host in ("127.0.0.1", "localhost", "other.example", "x.ldap.other.example"):
+        with pytest.raises(ValueError):
+            ldapwire.checkHostname(x509, host)
+
+
+def _certificate(directory: Path, name: str) -> Path:
+    """A self-signed certificate (and key) naming only C{name}."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / "other-key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    path = directory / "other-cert.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+# --- against slapd -------------------------------------------------------------------------------
+
+
+settings = ldapserver.checkerSettings
+
+
+class _Proxy(portforward.ProxyServer):
+    """A TCP proxy to slapd that can drop a connection when a request comes, or send a notice of disconnection."""
+
+    def dataReceived(self, data):
+        if self.factory.dropNext > 0:
+            self.factory.dropNext -= 1
+            self.factory.dropped += 1
+            self.transport.abortConnection()
+            return
+        if self.factory.notice:
+            self.factory.notice = False
+            # (extendedResp, messageID 0, unavailable (52), responseName 1.3.6.1.4.1.1466.20036)
+            oid = b"1.3.6.1.4.1.1466.20036"
+            body = b"\x0a\x01\x34\x04\x00\x04\x00" + bytes((0x8A, len(oid))) + oid
+            op = bytes((0x78, len(body))) + body
+            self.transport.write(bytes((0x30, len(op) + 3)) + b"\x02\x01\x00" + op)
+            return
+        super().dataReceived(data)
+
+
+class _ProxyFactory(portforward.ProxyFactory):
+    protocol = _Proxy
+    dropNext = 0
+    dropped = 0
+    notice = False
+
+
+class _WireCase(unittest.TestCase):
+    def setUp(self):
+        if not ldapserver.slapd_available():
+            raise unittest.SkipTest("slapd is not installed (scripts/test installs it)")
+        self.tmp = Path(tempfile.mkdtemp(prefix="pymaild-ldapwire-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.slapd = ldapserver.Slapd(self.tmp / "slapd")
+        self.slapd.start()
+        self.addCleanup(self.slapd.close)
+        self.pool = ThreadPool(minthreads=0, maxthreads=2, name="test-ldapwire")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def use(self, s: LdapSettings) -> None:
+        self.client = LdapClient(s)
+        self.checker = LdapChecker(self.client, self.pool, reactor)
+        self.addCleanup(self.checker.close)
+
+    def login(self, user, password):
+        return self.checker.requestAvatarId(UsernamePassword(user, password))
+
+    def proxy(self) -> _ProxyFactory:
+        factory = _ProxyFactory("127.0.0.1", int(self.slapd.url.rsplit(":", 1)[1]))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        factory.url = f"ldap://127.0.0.1:{port.getHost().port}"
+        return factory
+
+
+USERS = [("alice", "alice@example.com"), ("bob", "bob@example.com"), ("dave", "dave@example.com"),
+         ("a.smith@example.com", None), ("carol", None), ("nobody", None)]
+
+
+class PipelineCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_fifty_logins_at_once_are_pipelined_and_all_answered_right(self):
+        self.use(settings(self.slapd.url, pool_size=4))
+        most = [0]
+        request = ldapwire.LdapProtocol.request
+
+        def counting(protocol, *args):
+            d = request(protocol, *args)
+            most[0] = max(most[0], protocol.outstanding)
+            return d
+
+        self.patch(ldapwire.LdapProtocol, "request", counting)
+        asked = []
+        for i in range(50):
+            user, primary = USERS[i % len(USERS)]
+            uid = user.split("@")[0] if primary else "alice"
+            right = i % 3 != 0
+            password = ldapserver.PASSWORDS.get(uid, "x") if right else "wrong"
+            asked.append(((primary if right else None), self.login(user, password)))
+        results = yield defer.DeferredList([d for _, d in asked], consumeErrors=True)
+        for (expected, _), (ok, value) in zip(asked, results):
+            if expected:
+                self.assertEqual((ok, value), (True, expected))
+            else:
+                self.assertFalse(ok)
+                self.assertTrue(value.check(UnauthorizedLogin), value)
+        self.assertGreater(most[0], 10)  # (the searches outstanding together on the service connection)
+        self.assertLessEqual(self.checker.wire._binders, 4)
+
+
+class BrokenConnectionCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_a_connection_dropped_mid_request_is_tried_once_more(self):
+        proxy = self.proxy()
+        self.use(settings(proxy.url))
+        alice = ldapserver.PASSWORDS["alice"]
+        self.assertEqual((yield self.login("alice", alice)), "alice@example.com")
+        proxy.dropNext = 1  # (the search's connection: the second try, on a new one, answers)
+        self.assertEqual((yield self.login("alice", alice)), "alice@example.com")
+        self.assertEqual(proxy.dropped, 1)
+        proxy.dropNext = 2  # (the search, then its second try: a temporary failure)
+        yield self.assertFailure(self.login("alice", alice), TemporaryFailure)
+        self.assertEqual(proxy.dropped, 3)
+        self.assertEqual((yield self.login("alice", alice)), "alice@example.com")
+        yield self.assertFailure(self.login("alice", "wrong"), UnauthorizedLogin)
+
+    @defer.inlineCallbacks
+    def test_a_notice_of_disconnection_drops_the_connection(self):
+        proxy = self.proxy()
+        self.use(settings(proxy.url))
+        alice = ldapserver.PASSWORDS["alice"]
+        self.assertEqual((yield self.login("alice", alice)), "alice@example.com")
+        first = self.checker.wire._service
+        proxy.notice = True
+        self.assertEqual((yield self.login("alice", alice)), "alice@example.com")
+        self.assertTrue(first.closed)
+        self.assertIsNot(self.checker.wire._service, first)
+
+    @defer.inlineCallbacks
+    def test_an_unreachable_directory_is_a_temporary_failure(self):
+        self.use(settings("ldap://127.0.0.1:1"))
+        yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
+
+
+class StoppedCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_a_sigstopped_directory_fails_temporarily_within_the_timeout(self):
+        self.use(settings(self.slapd.url, timeout=1.0))
+        bob = ldapserver.PASSWORDS["bob"]
+        self.assertEqual((yield self.login("bob", bob)), "bob@example.com")
+        os.kill(self.slapd.process.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: os.kill(self.slapd.process.pid, signal.SIGCONT))
+        started = time.monotonic()
+        yield self.assertFailure(self.login("bob", bob), TemporaryFailure)
+        self.assertLess(time.monotonic() - started, 1.8)
+        started = time.monotonic()
+        yield self.assertFailure(self.login("bob", bob), TemporaryFailure)  # (the pause: at once)
+        self.assertLess(time.monotonic() - started, 0.2)
+        os.kill(self.slapd.process.pid, signal.SIGCONT)
+        self.client._downUntil = 0
+        self.assertEqual((yield self.login("bob", bob)), "bob@example.com")
+
+
+class TLSWireCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_ldaps_and_starttls_connections_are_tls(self):
+        for s in (settings(self.slapd.ldapsUrl, ca_file=str(self.slapd.certPath)),
+                  settings(self.slapd.url, start_tls=True, ca_file=str(self.slapd.certPath))):
+            self.use(s)
+            self.assertEqual((yield self.login("alice", ldapserver.PASSWORDS["alice"])), "alice@example.com")
+            yield self.assertFailure(self.login("alice", "wrong"), UnauthorizedLogin)
+            for protocol in [self.checker.wire._service] + self.checker.wire._idle:
+                self.assertIsNotNone(protocol.transport.getPeerCertificate())
+
+    @defer.inlineCallbacks
+    def test_a_certificate_for_another_name_is_a_temporary_failure(self):
+        cert = _certificate(self.tmp, "ldap.other.example")
+        other = ldapserver.Slapd(self.tmp / "other", certPath=cert, keyPath=self.tmp / "other-key.pem")
+        other.start()
+        self.addCleanup(other.close)
+        for s in (settings(other.ldapsUrl, ca_file=str(cert)), settings(other.url, start_tls=True, ca_file=str(cert))):
+            self.use(s)
+            yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
+
+
+class BalanceCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_round_robin_opens_each_connection_at_the_next_server_and_failover_uses_the_other(self):
+        first, second = ldapserver.twoServers(self.tmp / "two")
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        self.use(settings(first.url, second.url, balance="round-robin", pool_size=3))
+        results = yield defer.gatherResults([self.login("bob", ldapserver.PASSWORDS["bob"]) for _ in range(6)])
+        self.assertEqual(set(results), {"bob@example.com"})
+        wire = self.checker.wire
+        names = [p.name for p in [wire._service] + wire._idle]
+        self.assertEqual(len(names), 4)
+        self.assertEqual(set(names), {first.url, second.url})
+        self.use(settings(first.url, second.url))  # (failover: the first server while it answers)
+        self.assertEqual((yield self.login("bob", ldapserver.PASSWORDS["bob"])), "bob@example.com")
+        self.assertEqual(self.checker.wire._service.name, first.url)
+        first.stop()
+        self.assertEqual((yield self.login("bob", ldapserver.PASSWORDS["bob"])), "bob@example.com")
+        self.assertEqual(self.checker.wire._service.name, second.url)
+
+
+class SameAnswersCase(_WireCase):
+    @defer.inlineCallbacks
+    def test_entries_are_what_the_threads_ldap3_client_gives(self):
+        """The wire's search gives the entries LdapClient.search (ldap3) gives, attribute values and keys alike."""
+        self.use(settings(self.slapd.url, quota_attribute="roomNumber"))
+        attributes = self.checker.lookups.attributes() + ["objectClass", "cn", "uidNumber", "createTimestamp"]
+        for text in ("(uid=alice)", "(|(uid=bob)(uid=dave)(mail=carol@example.com))", "(objectClass=*)", "(uid=nobody)"):
+            expected = yield self.pool_call(self.client.search, text, attributes)
+            got = yield self.checker.wire.search(ldapwire.encodeFilter(text), tuple(attributes),
+                                                 ldapserver.BASE_DN, ldapwire.SCOPE_SUBTREE)
+            self.assertEqual(got, expected, text)
+
+    def pool_call(self, f, *args):
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(reactor, self.pool, f, *args)
