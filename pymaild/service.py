@@ -226,6 +226,7 @@ class PymaildService(MultiService):
         self._previousHUP = None
         self.plugins = None  # (the Plugins, closed at the end of stopService)
         self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
+        self.checker = None  # (the LDAP checker: its login connections are unbound at the end)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -278,6 +279,8 @@ class PymaildService(MultiService):
             pool.stop()
         if self.summarizer is not None:
             self.summarizer.close()
+        if self.checker is not None and hasattr(self.checker, "close"):
+            self.checker.close()
         log.info("pymaild stopped")
 
 
@@ -541,6 +544,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     if config.auth.backend == "ldap":  # (what users' entries say about their mailboxes, as they are read)
         directory.lookups.quotaSink = checker.lookups.quotaSink = store.setStorageLimit
         directory.lookups.keySink = checker.lookups.keySink = store.setMailboxKey
+        checker.keyKnown = store.mailboxKeyKnown  # (a new key is recorded off the reactor)
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")
@@ -641,5 +645,6 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                              [serverTLS, directory, QueueSettings(runner, config), plugins], reactor)
     service.plugins = plugins
     service.summarizer = summarizer
+    service.checker = checker
     runner.setServiceParent(service)
     return service

@@ -403,3 +403,27 @@ class SameAnswersCase(_WireCase):
         from twisted.internet.threads import deferToThreadPool
 
         return deferToThreadPool(reactor, self.pool, f, *args)
+
+
+class StoreSinkCase(_WireCase):
+    """
+    What a login tells the store: a mailbox key the store has not recorded yet goes through the
+    thread pool (recording it writes sqlite); a known one, and the quota, on the reactor.
+    """
+
+    @defer.inlineCallbacks
+    def test_a_new_mailbox_key_is_recorded_off_the_reactor(self):
+        import threading
+
+        self.use(ldapserver.checkerSettings(self.slapd.url, mailbox_attribute="entryUUID"))
+        seen, known = [], set()
+        self.checker.lookups.keySink = lambda user, key: (seen.append((user, key, threading.current_thread())),
+                                                          known.add(key))
+        self.checker.keyKnown = lambda key: key in known
+        self.assertEqual((yield self.login("alice", ldapserver.PASSWORDS["alice"])), "alice@example.com")
+        self.assertEqual((yield self.login("alice", ldapserver.PASSWORDS["alice"])), "alice@example.com")
+        self.assertEqual(len(seen), 2)
+        (_, key1, first), (_, key2, second) = seen
+        self.assertTrue(key1 and key1 == key2)
+        self.assertIsNot(first, threading.main_thread())  # new: in the pool
+        self.assertIs(second, threading.main_thread())  # known: on the reactor
