@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 
@@ -76,26 +77,38 @@ def syncDirectory(path: Path | str) -> None:
     group.sync(path)
 
 
-def atomicWrite(path: Path | str, data: bytes, tmpDir: Path | str | None = None) -> None:
+def writeNew(path: Path | str, data: bytes, mtimeNs: int | None = None) -> None:
     """
-    Replace the file at C{path} with C{data}, durably: write a temporary file (in C{tmpDir}, on
-    the same file system, or next to C{path}), fsync it, rename it over C{path}, fsync
-    C{path}'s directory.  Readers see the old content or the new, never a mix.
+    A new file at C{path} (mode 0600) holding C{data}, fsynced; with C{mtimeNs}, dated so
+    (nanoseconds) before the fsync, which makes the date durable too.  Removed if any of it
+    fails.
     """
-    path = Path(path)
-    directory = Path(tmpDir) if tmpDir is not None else path.parent
-    tmp = directory / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if mtimeNs is not None:
+            os.utime(fd, ns=(time.time_ns(), mtimeNs))
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(tmp)
+        os.unlink(path)
         raise
     os.close(fd)
+
+
+def atomicWrite(path: Path | str, data: bytes, tmpDir: Path | str | None = None, mtimeNs: int | None = None) -> None:
+    """
+    Replace the file at C{path} with C{data} (dated C{mtimeNs}, if given: L{writeNew}),
+    durably: write a temporary file (in C{tmpDir}, on the same file system, or next to
+    C{path}), fsync it, rename it over C{path}, fsync C{path}'s directory.  Readers see the old
+    content or the new, never a mix.
+    """
+    path = Path(path)
+    directory = Path(tmpDir) if tmpDir is not None else path.parent
+    tmp = directory / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    writeNew(tmp, data, mtimeNs)
     try:
         os.rename(tmp, path)
     except BaseException:

@@ -54,7 +54,6 @@ import json
 import math
 import os
 import secrets
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,7 +61,7 @@ from typing import BinaryIO, Iterator
 
 from twisted.logger import Logger
 
-from pymaild.durable import fsyncDirectory, syncDirectory
+from pymaild.durable import atomicWrite, fsyncDirectory, syncDirectory, writeNew
 
 log = Logger()
 
@@ -330,7 +329,7 @@ class QueueFiles:
                     view = view[os.write(fd, view):]
             os.fsync(fd)
             envelope.size = size
-            _writeStamped(envelopeFile, envelope.toJSON(), dueStamp(envelope))
+            writeNew(envelopeFile, envelope.toJSON(), dueStamp(envelope))
         except BaseException:
             os.close(fd)
             for path in (message, envelopeFile):
@@ -364,15 +363,7 @@ class QueueFiles:
         each with its own date.  (The runner makes C{data} and C{stamp} on the reactor and
         calls this in a thread.)
         """
-        path = self.paths(id)[1]
-        tmp = self.tmp / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        _writeStamped(tmp, data, stamp)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            _removeQuietly(tmp)
-            raise
-        syncDirectory(self.messages)
+        atomicWrite(self.paths(id)[1], data, self.tmp, mtimeNs=stamp)
 
     def remove(self, id: str) -> None:
         """The message is done: envelope first (then it is no longer queued), then the file."""
@@ -490,22 +481,6 @@ class QueueFiles:
                     log.error("queue: cannot move {name}: {error}", name=name, error=e)
         fsyncDirectory(self.messages)
         return count
-
-
-def _writeStamped(path: Path, data: bytes, stamp: int) -> None:
-    """A new file at C{path} holding C{data}, its mtime C{stamp} (nanoseconds), fsynced."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.utime(fd, ns=(time.time_ns(), stamp))  # (before the fsync, which makes it durable too)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _removeQuietly(path)
-        raise
-    os.close(fd)
 
 
 def _removeQuietly(path: Path) -> None:

@@ -484,13 +484,12 @@ def test_threads_read_while_editing(tmp_path):
 
 
 ADDER = """
-import sys, time
-from pathlib import Path
+import sys
 from pymaild.auth.passwdfile import PasswdFile
-path, worker, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-(go.parent / f"ready-{worker}").touch()
-while not go.exists():
-    time.sleep(0.001)
+path, worker = sys.argv[1], sys.argv[2]
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+sys.stdin.read(1)  # the go: every worker is ready
 passwd = PasswdFile(path)
 for i in range(5):
     passwd.add(f"w{worker}u{i}@example.com", "{PLAIN}x")
@@ -504,16 +503,17 @@ def test_concurrent_processes_lose_nothing(tmp_path):
     """
     path = tmp_path / "passwd"
     write(path, "# shared\nfirst@example.com:{PLAIN}f\n")
-    go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     workers = [
-        subprocess.Popen([sys.executable, "-c", ADDER, str(path), str(n), str(go)], env=env)
+        subprocess.Popen([sys.executable, "-c", ADDER, str(path), str(n)], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         for n in range(8)
     ]
-    from conftest import wait_for
-
-    wait_for(lambda: all((tmp_path / f"ready-{n}").exists() for n in range(8)), what="all workers to start")
-    go.touch()
+    for worker in workers:  # each says when it is ready (blocking reads, no polling)
+        assert worker.stdout.readline() == b"ready\n"
+    for worker in workers:
+        worker.stdin.write(b"g")
+        worker.stdin.close()
     for worker in workers:
         assert worker.wait(timeout=60) == 0
     expected = {"first@example.com"} | {f"w{n}u{i}@example.com" for n in range(8) for i in range(5)}
