@@ -544,7 +544,6 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     if config.auth.backend == "ldap":  # (what users' entries say about their mailboxes, as they are read)
         directory.lookups.quotaSink = checker.lookups.quotaSink = store.setStorageLimit
         directory.lookups.keySink = checker.lookups.keySink = store.setMailboxKey
-        checker.keyKnown = store.mailboxKeyKnown  # (a new key is recorded off the reactor)
     _clearSpool(config.server.data_dir / "spool")
     watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")

@@ -451,9 +451,8 @@ class LdapChecker:
 
     Both run on the reactor (L{pymaild.auth.ldapwire.WireLogin}); the client's settings and its
     "directory down" pause are shared with the directory's threads.  The entry's quota and
-    mailbox key reach the store's sinks before the avatar ID is returned: on the reactor, except
-    a mailbox key the store has not seen yet (recording it writes the key database), which goes
-    through the directory's thread pool.
+    mailbox key reach the store's sinks in the directory's thread pool (they take the store's
+    locks and may write its key database), before the avatar ID is returned.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -542,24 +541,11 @@ class LdapChecker:
         if not await self.wire.checkPassword(dn, password):
             log.debug("login {user}: {result}", user=login, result="bad-password")
             raise UnauthorizedLogin()
-        if self._blocksStore(attributes):
-            # a mailbox key the store has not seen: recording it writes (and fsyncs) sqlite
+        if self.lookups.quotaSink is not None or self.lookups.keySink is not None:
+            # (the store's sinks take its locks and may write the key database: never on the reactor)
             await deferToThreadPool(self._reactor, self._threadpool, self.lookups.noteEntry, attributes, addresses[0])
-        else:
-            self.lookups.noteEntry(attributes, addresses[0])
         log.debug("login {user}: {result}", user=addresses[0], result="ok")
         return addresses[0]
-
-    #: C{keyKnown(key) -> bool}, without blocking: whether the store has the mailbox key
-    #: already (L{pymaild.store.maildir.MaildirStore.mailboxKeyKnown}); None: keys never block
-    keyKnown = None
-
-    def _blocksStore(self, attributes: dict) -> bool:
-        s = self.lookups.settings
-        if self.keyKnown is None or self.lookups.keySink is None or not s.mailbox_attribute:
-            return False
-        values = _get(attributes, s.mailbox_attribute)
-        return bool(values) and not self.keyKnown(values[0])
 
     def _failed(self, failure, login):
         if failure.check(UnauthorizedLogin):

@@ -119,6 +119,15 @@ def searchRequest(messageId: int, base: str, scope: int, filterBer: bytes, attri
     return _message(messageId, _tlv(0x63, body))
 
 
+#: the protocolOp that ends the answer to each request: bindResponse, searchResDone, extendedResp
+_ANSWERS = {bindRequest: 1, searchRequest: 5, startTlsRequest: 24}
+#: the largest answer (one LDAP message) accepted: a login's entry is a few KB; more is a
+#: broken or hostile server, and its connection is dropped (a temporary failure)
+MAX_MESSAGE = 1 << 20
+#: entries (and referrals) kept of one search's answer: the same as the size limit it asks
+MAX_ENTRIES = 100
+
+
 # --- RFC 4515 filters, as ldap3 reads them ------------------------------------------------------
 
 
@@ -429,7 +438,7 @@ class LdapProtocol(Protocol):
         self._reactor = reactor
         self.timeout = timeout
         self.name = name
-        self._buffer = b""
+        self._buffer = bytearray()
         self._pending: dict[int, list] = {}
         self._nextId = 0
         self.closed = False
@@ -470,7 +479,7 @@ class LdapProtocol(Protocol):
         messageId = self.nextId()
         d = defer.Deferred()
         timer = self._reactor.callLater(self.timeout, self._timedOut, messageId)
-        self._pending[messageId] = [d, [], [], timer]
+        self._pending[messageId] = [d, [], [], timer, _ANSWERS[encode]]
         self.transport.write(encode(messageId, *args))
         return d
 
@@ -498,7 +507,8 @@ class LdapProtocol(Protocol):
                 self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self._buffer + data if self._buffer else data
+        buf = self._buffer
+        buf += data  # (a bytearray: a large answer in many pieces is not copied again per piece)
         pos, n = 0, len(buf)
         try:
             while n - pos >= 2:
@@ -512,18 +522,20 @@ class LdapProtocol(Protocol):
                     if n - pos < 2 + k:
                         break
                     end = pos + 2 + k + int.from_bytes(buf[pos + 2:pos + 2 + k], "big")
+                if end - pos > MAX_MESSAGE:
+                    raise ValueError(f"an answer of {end - pos:,} bytes (at most {MAX_MESSAGE:,})")
                 if end > n:
                     break
-                self._answer(buf[pos:end])
+                self._answer(bytes(buf[pos:end]))
                 pos = end
                 if self.closed:
                     return
         except Exception as e:
             log.warn("ldap: {name}: undecodable answer ({error}); connection dropped", name=self.name, error=repr(e))
-            self._buffer = b""
-            self.drop()
+            self._buffer = bytearray()
+            self.drop()  # (what is outstanding fails as broken: connectionLost)
             return
-        self._buffer = buf[pos:]
+        del buf[:pos]
 
     def _answer(self, message: bytes) -> None:
         from ldap3.utils.asn1 import decode_message_fast
@@ -539,36 +551,42 @@ class LdapProtocol(Protocol):
             return
         pending = self._pending.get(messageId)
         if pending is None:
-            return  # (an answer to an abandoned request)
+            return  # (an answer to a request that timed out and was failed)
         if op == 4:  # searchResEntry
             from ldap3.operation.search import search_result_entry_response_to_dict_fast
 
-            # (check_names as an ldap3 connection has it by default: values through its standard formatters)
-            entry = search_result_entry_response_to_dict_fast(m["payload"], None, None, True)
-            entry["type"] = "searchResEntry"
-            pending[1].append(entry)
+            if len(pending[1]) < MAX_ENTRIES:  # (more than one already makes a login ambiguous)
+                # (check_names as an ldap3 connection has it by default: values through its standard formatters)
+                entry = search_result_entry_response_to_dict_fast(m["payload"], None, None, True)
+                entry["type"] = "searchResEntry"
+                pending[1].append(entry)
             return
         if op == 19:  # searchResRef (pymaild does not chase referrals)
-            pending[2].append(m["payload"])
+            if len(pending[2]) < MAX_ENTRIES:
+                pending[2].append(m["payload"])
             return
-        del self._pending[messageId]
-        if pending[3] is not None:
-            pending[3].cancel()
+        if op != pending[4]:
+            # (the wrong kind of answer for this request: a broken server; dataReceived drops
+            # the connection and connectionLost fails what is outstanding, this one included)
+            raise ValueError(f"protocolOp {op} in answer to a request expecting {pending[4]}")
         if op == 5:  # searchResDone
             from ldap3.utils.asn1 import ldap_result_to_dict_fast
 
-            pending[0].callback((ldap_result_to_dict_fast(m["payload"]), pending[1], pending[2]))
+            result = (ldap_result_to_dict_fast(m["payload"]), pending[1], pending[2])
         elif op == 1:  # bindResponse
             from ldap3.operation.bind import bind_response_to_dict_fast
 
-            pending[0].callback(bind_response_to_dict_fast(m["payload"]))
-        elif op == 24:  # extendedResp
+            result = bind_response_to_dict_fast(m["payload"])
+        else:  # extendedResp
             from ldap3.utils.asn1 import ldap_result_to_dict_fast
 
-            pending[0].callback(ldap_result_to_dict_fast(m["payload"]))
-        else:
-            pending[0].errback(ConnectionBroken(f"{self.name}: unexpected answer (protocolOp {op})"))
-            self.drop()
+            result = ldap_result_to_dict_fast(m["payload"])
+        # (decoded: only now is the request answered; a decoding error above leaves it to
+        # connectionLost, which fails it)
+        del self._pending[messageId]
+        if pending[3] is not None:
+            pending[3].cancel()
+        pending[0].callback(result)
 
     def connectionLost(self, reason) -> None:
         self.closed = True
@@ -576,7 +594,7 @@ class LdapProtocol(Protocol):
         if d is not None:
             d.errback(ConnectionBroken(f"{self.name}: TLS: {reason.getErrorMessage()}"))
         pending, self._pending = self._pending, {}
-        for d, _, _, timer in pending.values():
+        for d, _, _, timer, _ in pending.values():
             if timer is not None and timer.active():
                 timer.cancel()
             d.errback(ConnectionBroken(f"{self.name}: connection lost ({reason.getErrorMessage()})"))
@@ -856,8 +874,13 @@ class WireLogin:
 
         if not password:
             return False  # (an empty password would be an anonymous bind, which "succeeds")
+        from ldap3.core.exceptions import LDAPException
+
+        try:
+            secret = simplePassword(password)
+        except LDAPException:  # (SASLprep refuses it, e.g. a control character: no password is it)
+            return False
         self.client._checkDown()
-        secret = simplePassword(password)
         for attempt in (1, 2):
             protocol = None
             started = time.monotonic()

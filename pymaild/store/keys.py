@@ -73,11 +73,6 @@ class MailboxKeys:
             self._taken.add(directory)
             return directory
 
-    def known(self, key: str) -> bool:
-        """Whether C{key} has its directory already (L{place} then does no I/O)."""
-        with self._lock:
-            return key in self._byKey
-
     def directories(self) -> dict[str, str]:
         """Every key's directory (for pymaildctl and tests)."""
         with self._lock:

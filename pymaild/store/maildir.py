@@ -309,14 +309,6 @@ class MaildirStore:
             else:
                 self._places[user] = place
 
-    def mailboxKeyKnown(self, key: str) -> bool:
-        """
-        Whether L{setMailboxKey} with C{key} would find it recorded already (then it neither
-        reads nor writes anything and may be called on the reactor).  Does not block.
-        """
-        keys = self._keys
-        return keys is not None and keys.known(key)
-
     def place(self, user: str, relative: str) -> None:
         """
         Use C{<root>/relative} as C{user}'s directory (as the server found it: a quarantine

@@ -407,23 +407,99 @@ class SameAnswersCase(_WireCase):
 
 class StoreSinkCase(_WireCase):
     """
-    What a login tells the store: a mailbox key the store has not recorded yet goes through the
-    thread pool (recording it writes sqlite); a known one, and the quota, on the reactor.
+    What a login tells the store (its quota, its mailbox key) goes through the thread pool: the
+    store's sinks take its locks and may write its key database.
     """
 
     @defer.inlineCallbacks
-    def test_a_new_mailbox_key_is_recorded_off_the_reactor(self):
+    def test_the_store_hears_of_the_entry_off_the_reactor(self):
         import threading
 
         self.use(ldapserver.checkerSettings(self.slapd.url, mailbox_attribute="entryUUID"))
-        seen, known = [], set()
-        self.checker.lookups.keySink = lambda user, key: (seen.append((user, key, threading.current_thread())),
-                                                          known.add(key))
-        self.checker.keyKnown = lambda key: key in known
+        seen = []
+        self.checker.lookups.keySink = lambda user, key: seen.append((user, key, threading.current_thread()))
         self.assertEqual((yield self.login("alice", ldapserver.PASSWORDS["alice"])), "alice@example.com")
         self.assertEqual((yield self.login("alice", ldapserver.PASSWORDS["alice"])), "alice@example.com")
         self.assertEqual(len(seen), 2)
         (_, key1, first), (_, key2, second) = seen
         self.assertTrue(key1 and key1 == key2)
-        self.assertIsNot(first, threading.main_thread())  # new: in the pool
-        self.assertIs(second, threading.main_thread())  # known: on the reactor
+        self.assertIsNot(first, threading.main_thread())
+        self.assertIsNot(second, threading.main_thread())
+
+
+# --- a broken or hostile server's answers (no slapd: bytes fed to the protocol) -----------------
+
+
+def _wired():
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    protocol = ldapwire.LdapProtocol(Clock(), timeout=5.0, name="test")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def _failureOf(d):
+    failures = []
+    d.addErrback(failures.append)
+    return failures
+
+
+def _lose(protocol):
+    from twisted.internet.error import ConnectionAborted
+    from twisted.python.failure import Failure
+
+    protocol.connectionLost(Failure(ConnectionAborted()))
+
+
+def test_a_good_bind_answer_is_the_requests():
+    protocol, transport = _wired()
+    answers = []
+    protocol.request(ldapwire.bindRequest, "cn=a", b"x").addCallback(answers.append)
+    protocol.dataReceived(bytes.fromhex("300c02010161070a010004000400"))  # bindResponse, success
+    assert answers and answers[0]["result"] == 0 and not protocol.closed
+
+
+@pytest.mark.parametrize("answer", [
+    bytes.fromhex("30050201016100"),  # a bindResponse with nothing in it
+    bytes.fromhex("300c02010165070a010004000400"),  # a searchResDone for a bind
+    bytes.fromhex("300c02010178070a010004000400"),  # an extendedResp for a bind
+])
+def test_a_broken_answer_fails_its_request_and_drops_the_connection(answer):
+    """Never a login left waiting for ever: the connection goes, its requests fail temporarily."""
+    protocol, transport = _wired()
+    failures = _failureOf(protocol.request(ldapwire.bindRequest, "cn=a", b"x"))
+    protocol.dataReceived(answer)
+    assert protocol.closed and transport.disconnecting
+    _lose(protocol)  # (what the reactor does next)
+    assert len(failures) == 1 and failures[0].check(ldapwire.ConnectionBroken)
+
+
+def test_an_oversized_answer_is_refused_from_its_length_alone():
+    protocol, transport = _wired()
+    failures = _failureOf(protocol.request(ldapwire.searchRequest, "dc=x", 2, b"\x87\x01a", b"\x30\x00"))
+    protocol.dataReceived(b"\x30\x84" + (ldapwire.MAX_MESSAGE + 1).to_bytes(4, "big") + b"\x02\x01")
+    assert protocol.closed
+    _lose(protocol)
+    assert failures and failures[0].check(ldapwire.ConnectionBroken)
+
+
+def test_a_large_answer_in_many_pieces_is_taken_whole():
+    protocol, transport = _wired()
+    answers = []
+    protocol.request(ldapwire.bindRequest, "cn=a", b"x").addCallback(answers.append)
+    message = bytes.fromhex("30840000000c02010161070a010004000400")  # (a four-byte length form)
+    for i in range(len(message)):
+        protocol.dataReceived(message[i:i + 1])
+    assert answers and answers[0]["result"] == 0 and not protocol.closed
+
+
+@pytest.mark.parametrize("password", ["a\x01b", "\u00ad", "\u0627a"])
+def test_a_password_saslprep_refuses_is_a_wrong_password(password):
+    """(Checked before any connection: this directory URL is not even reachable.)"""
+    login = ldapwire.WireLogin(LdapClient(settings("ldap://127.0.0.1:1")), reactor)
+    d = login.checkPassword("uid=alice,dc=example,dc=com", password)
+    results = []
+    d.addBoth(results.append)
+    assert results == [False]
