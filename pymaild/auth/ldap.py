@@ -15,9 +15,9 @@ Implementation summary:
     retry, pause, temporary failures, escaping) are the same there;
   - every other call (L{LdapDirectory}'s lookups: recipients, addresses, groups) is ldap3's, in
     a dedicated, bounded thread pool (C{[ldap] pool_size} threads), never on the reactor; each
-    thread keeps its own connections (one bound as the service account for searches, one for
-    checking users' passwords by binding as them), so no connection is ever shared between
-    threads;
+    thread keeps its own connection, bound as the service account, so no connection is ever
+    shared between threads (the store's sinks that hear of an entry's quota and mailbox key
+    run there too);
   - the servers of C{[ldap] urls} are tried in order (failover): a connection that fails is
     dropped and the call is tried once more from the first server; ldap3 connections do not
     recover by themselves after a server restart, this does;
@@ -269,37 +269,6 @@ class LdapClient:
                 if name.lower() == key:
                     out[name] = [_keyText(v) for v in raw]
         return out
-
-    def checkPassword(self, dn: str, password: str) -> bool:
-        """
-        Whether C{password} is C{dn}'s (by binding as it on this thread's own connection).
-
-        @raise LdapUnavailable: no server could answer.
-        """
-        from ldap3.core.exceptions import LDAPException
-
-        if not password:
-            return False  # (an empty password would be an anonymous bind, which "succeeds")
-        self._checkDown()
-        started = time.monotonic()
-        for attempt in (1, 2):
-            try:
-                connection = getattr(self._local, "auth", None)
-                if connection is None or connection.closed:
-                    connection = self._local.auth = self._open(None, None)
-                # (read_server_info: with get_info=NONE there is none to read; False skips the call)
-                if connection.rebind(user=dn, password=password, read_server_info=False):
-                    return True
-                result = connection.result.get("result")
-                if result == 49:  # invalidCredentials
-                    return False
-                raise LdapUnavailable(f"bind as {dn}: {connection.result.get('description')}")
-            except (LDAPException, OSError, LdapUnavailable) as e:
-                self._drop("auth")
-                if attempt == 2 or time.monotonic() - started >= self.settings.timeout:
-                    self._failedAfter(started)
-                    raise e if isinstance(e, LdapUnavailable) else LdapUnavailable(str(e), cause=e)
-        raise AssertionError("unreachable")
 
 
 def _keyText(raw: bytes) -> str:

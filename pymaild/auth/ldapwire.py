@@ -621,7 +621,8 @@ def _hostPort(url: str):
 def _readCertificates(path: str):
     from twisted.internet import ssl
 
-    text = open(path, "rb").read()
+    with open(path, "rb") as f:
+        text = f.read()
     marker = b"-----BEGIN CERTIFICATE-----"
     out = []
     for part in text.split(marker)[1:]:
@@ -645,7 +646,7 @@ class WireLogin:
         #: seconds an operation waits for its answer (ldap3's receive_timeout, as the threads have it)
         self.operationTimeout = float(max(1, int(round(s.timeout))))
         self.timeLimit = max(1, int(s.timeout))
-        self._tlsOptions = {}
+        self._tlsOptions = None
         self._service = None
         self._serviceWaiters: list[defer.Deferred] = []
         self._idle: list[LdapProtocol] = []
@@ -667,15 +668,15 @@ class WireLogin:
         return urls
 
     def _tls(self, host: str):
-        options = self._tlsOptions.get(host)
-        if options is None:
+        """The TLS options of every connection (the same for every host: the names are checked
+        by L{checkHostname} once the handshake is over); made, and C{ca_file} read, once."""
+        if self._tlsOptions is None:
             from twisted.internet import ssl
 
             ca = self.settings.ca_file
             trust = ssl.trustRootFromCertificates(_readCertificates(ca)) if ca else ssl.platformTrust()
-            # (the chain verified by OpenSSL, the names by checkHostname once the handshake is over)
-            options = self._tlsOptions[host] = ssl.CertificateOptions(trustRoot=trust)
-        return options
+            self._tlsOptions = ssl.CertificateOptions(trustRoot=trust)
+        return self._tlsOptions
 
     @defer.inlineCallbacks
     def _openOne(self, url: str, user: str | None, password: str | None):
