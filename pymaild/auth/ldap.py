@@ -462,10 +462,10 @@ class LdapChecker:
         s = self.lookups.settings
         try:
             if self._userFilter is None:
-                if s.bind_dn_template:
-                    template = s.active_filter or "(objectClass=*)"
-                elif "{login}" in s.active_filter:  # (left as it is: only user_filter's {login} is the login)
+                if "{login}" in s.active_filter:  # (left as it is: only user_filter's {login} is the login)
                     template = None
+                elif s.bind_dn_template:
+                    template = s.active_filter or "(objectClass=*)"
                 else:
                     template = _and(s.user_filter, s.active_filter)
                 self._userFilter = (FilterTemplate(template) if template else None, tuple(self.lookups.attributes()))
@@ -474,6 +474,10 @@ class LdapChecker:
                 from ldap3.utils.dn import escape_rdn, safe_dn
 
                 base = safe_dn(s.bind_dn_template.replace("{login}", escape_rdn(login)))
+                if userFilter is None:
+                    from pymaild.auth.ldapwire import encodeFilter
+
+                    return self.wire.search(encodeFilter(s.active_filter), attributes, base, SCOPE_BASE)
                 return self.wire.search(userFilter.encode(login), attributes, base, SCOPE_BASE)
             if userFilter is None:
                 from pymaild.auth.ldapwire import encodeFilter

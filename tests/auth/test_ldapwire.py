@@ -503,3 +503,30 @@ def test_a_password_saslprep_refuses_is_a_wrong_password(password):
     results = []
     d.addBoth(results.append)
     assert results == [False]
+
+
+@pytest.mark.parametrize("template", ["", "uid={login},ou=people,dc=example,dc=com"])
+def test_the_login_search_is_the_threads_search(template):
+    """
+    The wire's login search has the filter, base and scope of L{_Lookups.findUserByLogin} (the
+    threads' search): only C{user_filter}'s C{{login}} is the login, whatever C{active_filter}
+    holds, with or without C{bind_dn_template}.
+    """
+    from pymaild.auth.ldap import _Lookups
+
+    s = settings("ldap://127.0.0.1:1", bind_dn_template=template,
+                 active_filter="(&(objectClass=inetOrgPerson)(description={login}))")
+    checker = LdapChecker(LdapClient(s), None, reactor)
+    sent, asked = [], []
+    checker.wire.search = lambda filterBer, attributes, base, scope: sent.append((filterBer, base, scope))
+    lookups = _Lookups(LdapClient(s))
+    lookups.client.search = lambda ldapFilter, attributes, base=None, scope="SUBTREE": asked.append(
+        (ldapFilter, base, scope))
+    for login in ("alice", "a*b(c)\\d"):
+        checker._findUserByLogin(login)
+        lookups.findUserByLogin(login)
+    for (filterBer, base, scope), (text, threadBase, threadScope) in zip(sent, asked):
+        assert filterBer == ldap3Filter(text)
+        assert scope == {"BASE": ldapwire.SCOPE_BASE, "SUBTREE": ldapwire.SCOPE_SUBTREE}[threadScope]
+        if template:
+            assert base == threadBase
