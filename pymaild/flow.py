@@ -1,15 +1,26 @@
 """
-Flow control shared by the protocols that write much more than they read (IMAP FETCH, POP3 RETR).
+Flow control shared by the protocols that write much more than they read (IMAP FETCH, POP3 RETR)
+and by the line protocols that answer one command at a time (SMTP, POP3).
 
 L{Backpressure} is registered with a transport as a streaming producer, so a client that reads
-slowly pauses the writer instead of filling the server's memory.
+slowly pauses the writer instead of filling the server's memory.  L{writeNow} and L{sendNow}
+send an answer the client waits for at once; L{LazyPause} holds pipelined commands without
+stopping the socket's reading.  These two spare the system calls Twisted's transports make for
+every answer and every held command (registering the socket for writing, then for reading
+again): with one reactor thread and the store's threads wanting the same interpreter lock,
+each system call on the reactor thread is also a chance to wait for the lock.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IPushProducer
+from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
+
+#: the most pipelined input a held protocol (L{LazyPause}) keeps before its transport stops
+#: reading
+HELD_INPUT = 64 << 10
 
 
 @implementer(IPushProducer)
@@ -83,7 +94,84 @@ def sendNow(transport) -> None:
         return
     if not getattr(fd, "connected", False) or getattr(fd, "disconnecting", True):
         return
+    if not getattr(fd, "_tempDataBuffer", True) and len(getattr(fd, "dataBuffer", b"x")) <= getattr(fd, "offset", 0):
+        return  # nothing buffered (L{writeNow} sent it)
     fd.doWrite()
+
+
+def _plainConnection(transport):
+    """
+    The TCP connection under C{transport} when the bytes written reach it unchanged: no TLS,
+    and only wrappers that pass writes on as they are (L{ProtocolWrapper}s that do not
+    override C{write}, as the listener's connection tracking).  C{None} otherwise.
+    """
+    t = transport
+    for _ in range(4):
+        if isinstance(t, tcp.Connection):
+            return None if t.TLS else t
+        if not isinstance(t, ProtocolWrapper) or type(t).write is not ProtocolWrapper.write:
+            return None
+        t = t.transport
+    return None
+
+
+def writeNow(transport, data: bytes) -> None:
+    """
+    C{transport.write(data)}, sent with one C{send} right away when nothing is waiting to go out
+    before it: the answer a client waits for, without Twisted's registering the socket for
+    writing and unregistering it after the next turn (two C{epoll_ctl} per answer, and a turn of
+    the reactor; these are most of the system calls of a POP3 RETR or an SMTP transaction).
+    What the socket does not take now is written the usual way, and so is everything over TLS
+    and everything behind data already buffered (order is kept).  An error from C{send} is
+    left for the reactor to find: the data goes to C{transport.write}, which registers the
+    socket, and its C{doWrite} meets the error as it would have.
+    """
+    conn = _plainConnection(transport)
+    if (conn is None or not conn.connected or conn.disconnecting or conn._writeDisconnected
+            or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not data):
+        transport.write(data)
+        return
+    try:
+        sent = conn.socket.send(data)
+    except OSError:  # EAGAIN, or an error the reactor reports on its next turn
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
+
+
+class LazyPause:
+    """
+    C{pauseProducing} for a C{LineReceiver} that holds its input while an answer is pending
+    (pipelining with asynchronous answers), without stopping the transport's reading: what
+    arrives meanwhile waits in the receiver's buffer, as it would in the kernel's.  Stopping
+    and restarting the reading cost two C{epoll_ctl} for every held command; here the
+    transport stops reading only when L{HELD_INPUT} bytes wait, so a client that pipelines
+    without end is still bounded.  Put it before C{LineReceiver} in the bases.
+    """
+
+    _readingStopped = False
+
+    def pauseProducing(self):
+        self.paused = True
+        if len(self._buffer) >= HELD_INPUT:
+            self._stopReading()
+
+    def _stopReading(self):
+        if not self._readingStopped:
+            self._readingStopped = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self.paused = False
+        if self._readingStopped:
+            self._readingStopped = False
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
+
+    def dataReceived(self, data):
+        if self.paused and len(self._buffer) + len(data) >= HELD_INPUT:
+            self._stopReading()
+        return super().dataReceived(data)
 
 
 class Closing:

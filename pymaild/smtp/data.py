@@ -22,6 +22,7 @@ C{replace} over each piece), not line by line in Python.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 #: L{DataReader.problem} values
@@ -74,19 +75,21 @@ class DataReader:
             if len(buf) >= self.maxLine:
                 self._overlong()
             return None
-        complete, self._carry = buf[: last + 1], buf[last + 1:]
-        # the end of data: a "." line after a CRLF, itself ended by CRLF
-        prefix = b"\r\n" if self._crlfBefore else b"\n"
-        probe = prefix + complete
-        end = probe.find(b"\r\n.\r\n")
+        # the end of data: a "." line after a CRLF, itself ended by CRLF (searched in buf
+        # itself: the line before buf's first one ended with CRLF when _crlfBefore)
+        if self._crlfBefore and buf.startswith(b".\r\n"):
+            end = -2
+        else:
+            end = buf.find(b"\r\n.\r\n", 0, last + 1)
         rest = None
-        if end >= 0:
-            body = probe[len(prefix) : end + 2]  # its CRLF belongs to the message's last line
-            rest = probe[end + 5 :] + self._carry
+        if end >= 0 or end == -2:
+            body = buf[: end + 2]  # its CRLF belongs to the message's last line
+            rest = buf[end + 5:]
             self._carry = b""
         else:
-            body = complete
-            self._crlfBefore = complete[-2:-1] == b"\r"
+            body = buf[: last + 1]  # (buf itself when it ends a line: no copy)
+            self._carry = buf[last + 1:]
+            self._crlfBefore = last > 0 and buf[last - 1] == 0x0D
         if body:
             self._take(body)
         if rest is None and len(self._carry) >= self.maxLine:
@@ -99,25 +102,29 @@ class DataReader:
         self._carry = b"\r" if self._carry[-1:] == b"\r" else b""
 
     def _take(self, body: bytes) -> None:
-        """Complete lines of the message (dot-stuffed, as sent): check, unstuff, store."""
+        """Complete lines of the message (dot-stuffed, as sent): check, unstuff, store.  Four
+        passes of C{bytes} methods over the piece: count the LFs, make every CRLF an LF (the
+        store's line end; how many it replaced tells whether every LF had its CR), look for a
+        CR left over (a bare CR), look for a line too long."""
         lines = body.count(b"\n")
-        crlf = body.count(b"\r\n")
-        if lines != crlf:
+        stored = body.replace(b"\r\n", b"\n")
+        crlf = len(body) - len(stored)
+        if crlf != lines or b"\r" in stored:
             if self.bare == "reject":
-                self._fail(BARE_LF)
-            body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # every line end CRLF
-            crlf = lines
-        if body.count(b"\r") != crlf:
-            if self.bare == "reject":
-                self._fail(BARE_CR)
-            body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        if self.problem is None and len(body) >= self.maxLine and max(map(len, body.split(b"\n"))) >= self.maxLine:
-            self._fail(LINE_TOO_LONG)  # (a line's length here counts its CR, not its LF)
+                self._fail(BARE_LF if crlf != lines else BARE_CR)  # (a bare LF first, if both)
+            stored = stored.replace(b"\r", b"\n")  # every bare CR a line end too (normalised)
+        if self.problem is None and len(stored) >= self.maxLine - 1:
+            # a line's length as the limit counts it: with its CR, without its LF
+            first = stored.find(b"\n")
+            if first >= self.maxLine - 1 or self._longLine.search(stored, first) is not None:
+                self._fail(LINE_TOO_LONG)
         # dot-unstuffing: a line's leading dot goes (the first line's too)
-        body = b"\r\n" + body
-        if b"\n." in body:
-            body = body.replace(b"\r\n.", b"\r\n")
-        stored = body[2:].replace(b"\r\n", b"\n")
+        if stored[:1] == b".":
+            stored = stored[1:]
+            if b"\n." in stored:
+                stored = stored.replace(b"\n.", b"\n")
+        elif b"\n." in stored:
+            stored = stored.replace(b"\n.", b"\n")
         self.size += len(stored)
         if self.size > self.maxSize:
             self._fail(TOO_BIG)
@@ -127,6 +134,17 @@ class DataReader:
             except OSError as e:  # the disk is full, or failing: read on to the end, then refuse
                 self.error = e
                 self._fail(DISK)
+
+    @property
+    def _longLine(self) -> re.Pattern:
+        """A line end followed by a line of maxLine - 1 octets or more (without its LF)."""
+        pattern = _LONG_LINES.get(self.maxLine)
+        if pattern is None:
+            pattern = _LONG_LINES[self.maxLine] = re.compile(rb"\n[^\n]{%d}" % max(self.maxLine - 1, 0))
+        return pattern
+
+
+_LONG_LINES: dict[int, re.Pattern] = {}
 
 
 class ChunkReader:

@@ -10,7 +10,9 @@ commands ran while an asynchronous recipient check was pending; an overlong line
 dropped back to command mode.  Here:
 
   - the line receiver is C{LineReceiver}, whose C{pauseProducing} holds every pipelined command
-    while one waits for the directory or the disk (L{PymaildESMTP._hold});
+    while one waits for the directory or the disk (L{PymaildESMTP._hold}; with
+    L{pymaild.flow.LazyPause} the held commands wait in its buffer, and the socket stops being
+    read only when 64 KiB of them wait);
   - STARTTLS throws away whatever was pipelined in plaintext and starts the session over;
   - DATA is read by L{pymaild.smtp.data.DataReader}: the end is only CRLF.CRLF, bare LF/CR are
     refused (or normalised, C{[smtp] bare_line_ends}), an overlong line or an oversized message
@@ -62,7 +64,7 @@ from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
 from pymaild.pipeline.edit import edit, fieldLines, readHead
 from pymaild.pipeline.stages import Delivery, Message, Recipient, Session, Transaction
-from pymaild.flow import Backpressure, Closing, sendNow
+from pymaild.flow import Backpressure, Closing, LazyPause, sendNow, writeNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
 
@@ -239,7 +241,7 @@ class SubmissionLogin:
         raise smtp.SMTPBadRcpt(user, 451, "4.3.0 Recipients are not checked here")
 
 
-class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
+class PymaildESMTP(Closing, LazyPause, basic.LineReceiver, smtp.ESMTP):
     """
     pymaild's SMTP server protocol.
     """
@@ -349,7 +351,10 @@ class PymaildESMTP(Closing, basic.LineReceiver, smtp.ESMTP):
             self._errors += 1
         prefix = b"" if code is None else code.encode() + b" "
         out.append(b"%d %s%s\r\n" % (status, prefix, lines[-1]))
-        self.transport.write(b"".join(out))
+        if self._buffer:
+            self.transport.write(b"".join(out))  # more commands pipelined: their replies go together
+        else:
+            writeNow(self.transport, b"".join(out))
 
     def _hold(self) -> None:
         self._held = True

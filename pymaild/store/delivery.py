@@ -280,6 +280,39 @@ def _placed(userStore, home: Path, placement: Placement | None):
     return home, letters
 
 
+def _writeCopy(home: Path, source, placement: Placement | None):
+    """L{writeTmp} of the message (bytes or a file's path) into C{home}, with the placement's
+    header fields if it has any."""
+    if placement is not None and placement.headers:
+        with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
+            return writeTmp(home, _Spliced(f, placement.at, placement.headers))
+    if isinstance(source, bytes):
+        return writeTmp(home, source)
+    with open(source, "rb") as f:
+        return writeTmp(home, f)
+
+
+def _deliverCopy(userStore, home: Path, source, placement: Placement | None, letters: str) -> Delivered:
+    """One user's copy, fsynced and counted in the quota; nothing left behind if it fails."""
+    # the file and its fsync outside the user's lock: deliveries to one mailbox run side by
+    # side (the lock serialised them: 10 SMTP clients to one user went at 1 fsync at a time);
+    # the quota is checked and counted under it
+    tmp, unique, size, vsize = _writeCopy(home, source, placement)
+    try:
+        with userStore.lock:  # checked and counted at once: concurrent ones see it
+            userStore.quota.check(size, 1)
+            userStore.quota.update(size, 1)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    try:
+        return commitTmp(home, tmp, unique, size, vsize, letters=letters)
+    except BaseException:
+        with userStore.lock:
+            userStore.quota.update(-size, -1)
+        raise
+
+
 def deliverToUsers(store, source: bytes | Path | str, users, placements: dict | None = None) -> list[Delivered]:
     """
     The message (bytes, or the file at that path; LF line ends, trace headers included) into
@@ -299,31 +332,16 @@ def deliverToUsers(store, source: bytes | Path | str, users, placements: dict | 
         for user in users:
             userStore = store.user(user)
             placement = placements.get(user)
-            home, letters = _placed(userStore, Path(store.userDirectory(user)), placement)
-            # the file and its fsync outside the user's lock: deliveries to one mailbox run side
-            # by side (the lock serialised them: 10 SMTP clients to one user went at 1 fsync at
-            # a time); the quota is checked and counted under it
-            if placement is not None and placement.headers:
-                with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
-                    tmp, unique, size, vsize = writeTmp(home, _Spliced(f, placement.at, placement.headers))
-            elif isinstance(source, bytes):
-                tmp, unique, size, vsize = writeTmp(home, source)
-            else:
-                with open(source, "rb") as f:
-                    tmp, unique, size, vsize = writeTmp(home, f)
+            inbox = store.userDirectory(user)
+            home, letters = _placed(userStore, inbox, placement)
             try:
-                with userStore.lock:  # checked and counted at once: concurrent ones see it
-                    userStore.quota.check(size, 1)
-                    userStore.quota.update(size, 1)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-            try:
-                delivered = commitTmp(home, tmp, unique, size, vsize, letters=letters)
-            except BaseException:
-                with userStore.lock:
-                    userStore.quota.update(-size, -1)
-                raise
+                delivered = _deliverCopy(userStore, home, source, placement, letters)
+            except FileNotFoundError:
+                if home != inbox:
+                    raise
+                # the maildir (or a directory of it) went since it was made: make it again
+                home = store.userDirectory(user, check=True)
+                delivered = _deliverCopy(userStore, home, source, placement, letters)
             done.append((userStore, delivered))
     except BaseException:
         for userStore, delivered in done:

@@ -257,10 +257,19 @@ class MaildirStore:
         self._places: dict[str, str] = {}  # account -> directory where a stable key moved it
         self._keys = None  # the MailboxKeys map, opened at the first setMailboxKey
         self._lock = threading.Lock()
+        self._made: set[str] = set()  # user maildirs made or found (userDirectory)
 
-    def userDirectory(self, user: str) -> Path:
+    def userDirectory(self, user: str, check: bool = False) -> Path:
+        """
+        The user's maildir, made if missing.  Once made (or found) it is not looked at again
+        on every delivery unless C{check}: a delivery that finds it gone asks again with
+        C{check} (L{pymaild.store.delivery.deliverToUsers}).
+        """
         path = self.root / self._relative(user)
-        _makeMaildir(path, folderMarker=False)
+        key = str(path)
+        if check or key not in self._made:
+            _makeMaildir(path, folderMarker=False)
+            self._made.add(key)
         return path
 
     def _relative(self, user: str) -> str:

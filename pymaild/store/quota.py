@@ -114,6 +114,7 @@ class Quota:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{what} must be a whole number, 0 for none: {value!r}")
         self.root = Path(root)
+        self._file = os.path.join(os.fspath(self.root), FILENAME)  # (a str: a delivery opens it)
         self.storageLimit = storageLimit
         self.messageLimit = messageLimit
         self._lock = threading.RLock()
@@ -143,7 +144,7 @@ class Quota:
         The usage the file records, or C{None} if it must be recalculated.
         """
         try:
-            with open(self.path, "rb") as f:
+            with open(self._file, "rb") as f:
                 if os.fstat(f.fileno()).st_size > MAX_FILE_SIZE:
                     return None
                 data = f.read(MAX_FILE_SIZE + 1)
@@ -231,14 +232,14 @@ class Quota:
         """
         while True:
             try:
-                fd = os.open(self.path, flags | os.O_CLOEXEC)
+                fd = os.open(self._file, flags | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
             try:
                 fcntl.flock(fd, operation)
                 opened = os.fstat(fd)
                 try:
-                    current = os.stat(self.path)
+                    current = os.stat(self._file)
                 except FileNotFoundError:
                     current = None
             except BaseException:

@@ -18,9 +18,9 @@ FAKE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\n.\r", b"\n.\r", b
 SMUGGLED = b"MAIL FROM:<ceo@victim.example>\r\nRCPT TO:<all@victim.example>\r\nDATA\r\nSubject: fake\r\n\r\npay\r\n"
 
 
-def read(data: bytes, chunks=None, **kw):
+def read(data: bytes, chunks=None, cls=DataReader, **kw):
     out = []
-    reader = DataReader(out.append, kw.pop("maxSize", 1 << 30), **kw)
+    reader = cls(out.append, kw.pop("maxSize", 1 << 30), **kw)
     pieces = chunks or [data]
     rest = None
     for i, piece in enumerate(pieces):
@@ -148,3 +148,126 @@ def test_bdat_chunks_store_lf_and_keep_a_final_cr():
     small = BdatTransaction(out.append, 3)
     ChunkReader(small, 10).feed(b"0123456789")
     assert small.problem == TOO_BIG
+
+
+# --- the reader of commit 7ab4532 (before its passes were merged), kept as the oracle ---------
+
+class _ReferenceReader:
+    """
+    Feed it what arrives after C{354} (L{feed}) until it returns the bytes that follow the end
+    of data (C{b""} when nothing does).
+
+    @ivar problem: C{None}, or why the message must be refused (the first reason found).
+    @ivar size: octets of the message as stored (LF line ends), counted even past the limit.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], maxSize: int, maxLine: int = 1000,
+                 bare: str = "reject"):
+        self.sink = sink
+        self.maxSize = maxSize
+        self.maxLine = maxLine  # octets of a line, its CRLF included (RFC 5321 4.5.3.1.6: 1000)
+        self.bare = bare
+        self.problem: str | None = None
+        self.error: OSError | None = None
+        self.size = 0
+        self._carry = b""  # the start of a line whose end has not arrived
+        self._crlfBefore = True  # the line before the carry ended with CRLF (DATA's own did)
+        self._discarding = False  # inside an overlong line, thrown away up to its LF
+
+    def _fail(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+
+    def feed(self, data: bytes) -> bytes | None:
+        buf = self._carry + data if self._carry else data
+        if self._discarding:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self._carry = b"\r" if buf[-1:] == b"\r" else b""
+                return None
+            self._discarding = False
+            self._crlfBefore = nl > 0 and buf[nl - 1] == 0x0D
+            buf = buf[nl + 1:]
+        last = buf.rfind(b"\n")
+        if last < 0:
+            self._carry = buf
+            if len(buf) >= self.maxLine:
+                self._overlong()
+            return None
+        complete, self._carry = buf[: last + 1], buf[last + 1:]
+        # the end of data: a "." line after a CRLF, itself ended by CRLF
+        prefix = b"\r\n" if self._crlfBefore else b"\n"
+        probe = prefix + complete
+        end = probe.find(b"\r\n.\r\n")
+        rest = None
+        if end >= 0:
+            body = probe[len(prefix) : end + 2]  # its CRLF belongs to the message's last line
+            rest = probe[end + 5 :] + self._carry
+            self._carry = b""
+        else:
+            body = complete
+            self._crlfBefore = complete[-2:-1] == b"\r"
+        if body:
+            self._take(body)
+        if rest is None and len(self._carry) >= self.maxLine:
+            self._overlong()
+        return rest
+
+    def _overlong(self) -> None:
+        self._fail(LINE_TOO_LONG)
+        self._discarding = True
+        self._carry = b"\r" if self._carry[-1:] == b"\r" else b""
+
+    def _take(self, body: bytes) -> None:
+        """Complete lines of the message (dot-stuffed, as sent): check, unstuff, store."""
+        lines = body.count(b"\n")
+        crlf = body.count(b"\r\n")
+        if lines != crlf:
+            if self.bare == "reject":
+                self._fail(BARE_LF)
+            body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # every line end CRLF
+            crlf = lines
+        if body.count(b"\r") != crlf:
+            if self.bare == "reject":
+                self._fail(BARE_CR)
+            body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if self.problem is None and len(body) >= self.maxLine and max(map(len, body.split(b"\n"))) >= self.maxLine:
+            self._fail(LINE_TOO_LONG)  # (a line's length here counts its CR, not its LF)
+        # dot-unstuffing: a line's leading dot goes (the first line's too)
+        body = b"\r\n" + body
+        if b"\n." in body:
+            body = body.replace(b"\r\n.", b"\r\n")
+        stored = body[2:].replace(b"\r\n", b"\n")
+        self.size += len(stored)
+        if self.size > self.maxSize:
+            self._fail(TOO_BIG)
+        if self.problem is None:
+            try:
+                self.sink(stored)
+            except OSError as e:  # the disk is full, or failing: read on to the end, then refuse
+                self.error = e
+                self._fail(DISK)
+
+
+
+def _readWith(cls, pieces, **kw):
+    reader, stored, rest = read(b"", pieces, cls, **kw)
+    return reader.problem, reader.size, stored, rest
+
+
+_ALPHABET = [b"a", b"b", b" ", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"\n.\n", b"x" * 40]
+
+
+@pytest.mark.parametrize("bare", ["reject", "normalize"])
+def test_same_answers_as_the_reference_reader(bare):
+    """The merged passes give what the straightforward reader gave: the same problem, size,
+    stored bytes and rest, for random messages full of dots, bare CRs and LFs, long lines and
+    fake ends, cut at random places."""
+    rng = random.Random(20261129)
+    for _ in range(3000):
+        data = b"".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 60)))
+        if rng.random() < 0.7:
+            data += b"\r\n.\r\n" + b"".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 5)))
+        pieces = split_randomly(data, rng)
+        kw = {"bare": bare, "maxLine": rng.choice((3, 8, 50, 1000)), "maxSize": rng.choice((10, 1 << 30))}
+        assert _readWith(DataReader, pieces, **kw) == _readWith(_ReferenceReader, pieces, **kw), (data, pieces, kw)

@@ -253,3 +253,28 @@ def test_concurrent_deliveries_never_pass_the_quota(tmp_path):
     assert results.count("ok") == 1, results
     home = store.userDirectory("bob@example.org")
     assert len(list((home / "new").iterdir())) == 1
+
+
+def test_a_maildir_removed_after_its_first_delivery_is_made_again(tmp_path):
+    """The store remembers a user's maildir once made (no mkdir per delivery); a delivery that
+    finds it (or its new/) gone makes it again and delivers once."""
+    import shutil
+
+    from pymaild.store.delivery import deliverToUsers
+    from pymaild.store.maildir import MaildirStore
+
+    store = MaildirStore(tmp_path / "mail")
+    user = "carol@example.org"
+    [first] = deliverToUsers(store, b"Subject: 1\n\none\n", [user])
+    home = first.path.parent.parent
+    shutil.rmtree(home)
+    [second] = deliverToUsers(store, b"Subject: 2\n\ntwo\n", [user])
+    assert second.path.read_bytes() == b"Subject: 2\n\ntwo\n"
+    assert sorted(p.name for p in home.iterdir()) == ["cur", "maildirsize", "new", "tmp"]
+
+    shutil.rmtree(home / "new")
+    before = store.user(user).quota.usage()
+    [third] = deliverToUsers(store, b"Subject: 3\n\nthree\n", [user])
+    assert third.path.parent == home / "new" and third.path.read_bytes() == b"Subject: 3\n\nthree\n"
+    assert list((home / "tmp").iterdir()) == []  # the first try left nothing behind
+    assert store.user(user).quota.usage() == (before[0] + third.size, before[1] + 1)  # counted once

@@ -1,0 +1,144 @@
+"""
+pymaild.flow's writing and holding helpers: L{writeNow} over real TCP connections on
+127.0.0.1 (the reactor's own sockets), L{LazyPause} on a string transport (a parser-level
+unit: what it changes is when the transport is told to stop reading).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.testing import StringTransport
+from twisted.protocols import basic
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.trial import unittest
+
+from pymaild.flow import HELD_INPUT, LazyPause, writeNow
+
+
+class _Collect(protocol.Protocol):
+    """The client: everything received, and a Deferred fired once C{want} bytes are in."""
+
+    def __init__(self, want: int):
+        self.want = want
+        self.data = bytearray()
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        if len(self.data) >= self.want and not self.done.called:
+            self.done.callback(bytes(self.data))
+
+
+class _Server(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.connected.callback(self)
+
+
+class WriteNowTests(unittest.TestCase):
+    def setUp(self):
+        self.serverFactory = protocol.Factory.forProtocol(_Server)
+        self.serverFactory.connected = defer.Deferred()
+        self.wrapped = WrappingFactory(self.serverFactory)
+        self.port = reactor.listenTCP(0, self.wrapped, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @defer.inlineCallbacks
+    def _connect(self, want: int):
+        client = _Collect(want)
+        creator = protocol.ClientCreator(reactor, lambda: client)
+        clientProto = yield creator.connectTCP("127.0.0.1", self.port.getHost().port)
+        server = yield self.serverFactory.connected
+        self.addCleanup(clientProto.transport.loseConnection)
+        self.addCleanup(server.transport.loseConnection)
+        return client, server
+
+    @defer.inlineCallbacks
+    def test_small_answer_goes_out_without_registering_for_writing(self):
+        client, server = yield self._connect(5)
+        # the transport is the WrappingFactory's ProtocolWrapper, as the listeners' tracking is
+        self.assertIsInstance(server.transport, ProtocolWrapper)
+        conn = server.transport.transport
+        writeNow(server.transport, b"+OK\r\n")
+        self.assertNotIn(conn, reactor.getWriters())  # sent: nothing left for the reactor
+        self.assertEqual(conn._tempDataBuffer, [])
+        self.assertEqual((yield client.done), b"+OK\r\n")
+
+    @defer.inlineCallbacks
+    def test_behind_buffered_data_the_order_is_kept(self):
+        client, server = yield self._connect(8)
+        server.transport.write(b"first ")  # buffered until the reactor's next turn
+        writeNow(server.transport, b"2\r")
+        self.assertIn(server.transport.transport, reactor.getWriters())
+        self.assertEqual((yield client.done), b"first 2\r")
+
+    @defer.inlineCallbacks
+    def test_what_the_socket_does_not_take_is_buffered_and_arrives_whole(self):
+        big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers take at once
+        client, server = yield self._connect(len(big))
+        writeNow(server.transport, big)
+        self.assertIn(server.transport.transport, reactor.getWriters())
+        received = yield client.done
+        self.assertEqual(len(received), len(big))
+        self.assertEqual(received, big)
+
+    @defer.inlineCallbacks
+    def test_after_lose_connection_it_writes_as_write_does(self):
+        client, server = yield self._connect(6)
+        server.transport.loseConnection()
+        conn = server.transport.transport
+        writeNow(server.transport, b"late\r\n")  # disconnecting: left to transport.write,
+        self.assertIn(conn, reactor.getWriters())  # which sends it before the close
+        self.assertEqual((yield client.done), b"late\r\n")
+
+    def test_tls_and_unknown_transports_write_as_usual(self):
+        t = StringTransport()
+        writeNow(t, b"x\r\n")
+        self.assertEqual(t.value(), b"x\r\n")
+
+
+class _Lines(LazyPause, basic.LineReceiver):
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self):
+        self.lines = []
+
+    def lineReceived(self, line):
+        self.lines.append(line)
+
+
+class LazyPauseTests(unittest.TestCase):
+    def setUp(self):
+        self.t = StringTransport()
+        self.p = _Lines()
+        self.p.makeConnection(self.t)
+
+    def test_held_lines_wait_without_stopping_the_transport(self):
+        self.p.dataReceived(b"ONE\r\n")
+        self.p.pauseProducing()
+        self.p.dataReceived(b"TWO\r\nTHREE\r\n")
+        self.assertEqual(self.p.lines, [b"ONE"])
+        self.assertEqual(self.t.producerState, "producing")  # no epoll_ctl for a short hold
+        self.p.resumeProducing()
+        self.assertEqual(self.p.lines, [b"ONE", b"TWO", b"THREE"])
+        self.assertEqual(self.t.producerState, "producing")
+
+    def test_a_flood_while_held_stops_the_transport_then_resumes_it(self):
+        self.p.pauseProducing()
+        line = b"N" * 99 + b"\r\n"
+        count = HELD_INPUT // len(line) + 2
+        for _ in range(count):
+            self.p.dataReceived(line)
+        self.assertEqual(self.t.producerState, "paused")
+        self.assertEqual(self.p.lines, [])
+        self.p.resumeProducing()
+        self.assertEqual(self.t.producerState, "producing")
+        self.assertEqual(len(self.p.lines), count)
+
+    def test_pausing_with_much_already_buffered_stops_the_transport_at_once(self):
+        self.p.pauseProducing()
+        self.p.dataReceived(b"X" * (HELD_INPUT - 10))  # (no line end: one partial line)
+        self.p.resumeProducing()
+        self.assertEqual(self.t.producerState, "producing")
+        self.p.pauseProducing()  # the buffer already holds about HELD_INPUT bytes
+        self.p.dataReceived(b"Y" * 20)
+        self.assertEqual(self.t.producerState, "paused")
