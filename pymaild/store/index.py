@@ -15,9 +15,10 @@ Schema versions: 4 added C{expunged} (every UID removed from a folder, with the 
 removal, for QRESYNC's VANISHED) and C{fields} (the decoded header fields SEARCH reads, apart
 from the JSON summary); 5 dropped the per-row trigger that counted unseen messages on flag
 changes (the code counts them in bulk) and added C{wire} (the FETCH-ready ENVELOPE,
-BODYSTRUCTURE and BODY, out of the JSON summary).  Older indexes are migrated in place (L{_MIGRATE_3},
-L{_MIGRATE_4}), never rebuilt: a rebuild would renumber UIDs and change every folder's
-UIDVALIDITY.
+BODYSTRUCTURE and BODY, out of the JSON summary); 6 added C{envelopes} (the ENVELOPE of
+messages not summarized yet, from their header alone).  Older indexes are migrated in place
+(L{_MIGRATE_3}, L{_MIGRATE_4}, L{_MIGRATE_5}), never rebuilt: a rebuild would renumber UIDs and
+change every folder's UIDVALIDITY.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: The header fields kept in the C{fields} table (decoded and unfolded as in
 #: C{MessageSummary.headerFields}; repeated fields joined by a newline; NULL when absent), and
@@ -79,6 +80,15 @@ CREATE TABLE IF NOT EXISTS wire (
     body BLOB NOT NULL,
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
+-- The ENVELOPE of messages not summarized yet, from their header alone: what a FETCH of
+-- ENVELOPE without BODYSTRUCTURE or BODY computes for mail it meets first (a client's first
+-- look at a folder).  Removed when the whole summary comes (then wire has it).
+CREATE TABLE IF NOT EXISTS envelopes (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
 -- The header fields SEARCH reads (see FIELDS), written with the summary in one transaction, so
 -- that SEARCH FROM/SUBJECT over a folder reads one column instead of decoding every summary.
 CREATE TABLE IF NOT EXISTS fields (
@@ -112,6 +122,7 @@ CREATE TRIGGER IF NOT EXISTS messages_delete AFTER DELETE ON messages BEGIN
         vsize = vsize - OLD.vsize WHERE id = OLD.folder;
     DELETE FROM summaries WHERE folder = OLD.folder AND uid = OLD.uid;
     DELETE FROM wire WHERE folder = OLD.folder AND uid = OLD.uid;
+    DELETE FROM envelopes WHERE folder = OLD.folder AND uid = OLD.uid;
     DELETE FROM fields WHERE folder = OLD.folder AND uid = OLD.uid;
 END;
 CREATE TRIGGER IF NOT EXISTS folders_delete AFTER DELETE ON folders BEGIN
@@ -136,6 +147,10 @@ _MIGRATE_3 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA + (
 #: their FETCH-ready fields in their JSON (read from there until the message is summarized
 #: again).
 _MIGRATE_4 = "DROP TRIGGER IF EXISTS messages_flags; DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA
+
+#: Version 5 -> 6, idempotent: the C{envelopes} table comes, and the delete trigger that
+#: empties it.
+_MIGRATE_5 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA
 
 
 class IndexError_(Exception):
@@ -177,8 +192,9 @@ def _open(path: Path) -> sqlite3.Connection:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        elif version in (3, 4):
-            steps = (_MIGRATE_3 if version == 3 else "") + _MIGRATE_4
+        elif version in (3, 4, 5):
+            steps = ((_MIGRATE_3 if version == 3 else "") + (_MIGRATE_4 if version <= 4 else "")
+                     + _MIGRATE_5)
             try:
                 db.executescript("BEGIN IMMEDIATE;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             except sqlite3.OperationalError as e:

@@ -9,9 +9,12 @@ the same core.  L{Summarizer} sends such batches to a few worker processes, so t
 runs on every core while the IMAP server writes the previous batch to the client (see
 C{pymaild.imap.server}'s C{FETCH_BATCH}).
 
+The same goes for the ENVELOPEs of never-summarized mail that a FETCH of ENVELOPE alone reads
+from the messages' headers (L{Summarizer.envelopes}, about 40 us a message).
+
 The workers are plain child processes (L{pymaild.store.summaryworker}) that read
-pickled lists of C{(uid, path)} on stdin and write pickled summaries on stdout, one request
-at a time: started at the first batch that needs them, kept for the next, gone when their
+pickled lists of C{(uid, path)} on stdin and write pickled summaries (or envelopes) on stdout,
+one request at a time: started at the first batch that needs them, kept for the next, gone when their
 stdin closes (at shutdown, or when the server dies).  Not C{multiprocessing}: its workers
 re-import the main module of the server's process, whatever it is.
 
@@ -33,7 +36,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from pymaild.store.summary import MessageSummary
-from pymaild.store.summaryworker import HEADER as _HEADER, summarizeAll as _summarizeAll
+from pymaild.store.summaryworker import HEADER as _HEADER, KINDS as _KINDS
 
 log = Logger()
 
@@ -108,12 +111,24 @@ class Summarizer:
         for the index; None for a file that could not be read (renamed or expunged meanwhile:
         the caller looks again).  Blocking: call it from a store thread.
         """
+        return self._map("summary", paths)
+
+    def envelopes(self, paths: dict[int, str]) -> dict[int, bytes | None]:
+        """
+        The ENVELOPEs of the messages at C{paths} from their headers alone
+        (L{pymaild.store.summary.envelopePath}); None for a file that could not be read or a
+        header too long for that.  Blocking: call it from a store thread.
+        """
+        return self._map("envelope", paths)
+
+    def _map(self, kind: str, paths: dict[int, str]) -> dict:
+        work = _KINDS[kind]
         items = [(uid, str(path)) for uid, path in paths.items()]
         if self.processes < 1 or len(items) < MIN_BATCH:
-            return dict(_summarizeAll(items))
+            return dict(work(items))
         workers = self._take()
         if not workers:
-            return dict(_summarizeAll(items))
+            return dict(work(items))
         size = max(MIN_PIECE, -(-len(items) // (len(workers) + 1)))
         pieces = [items[i : i + size] for i in range(0, len(items), size)]
         mine, sent, spare = pieces[0], [], []
@@ -122,13 +137,13 @@ class Summarizer:
                 spare.append(worker)
                 continue
             try:
-                worker.send(pieces[i + 1])
+                worker.send((kind, pieces[i + 1]))
                 sent.append((worker, pieces[i + 1]))
             except WorkerDied:
                 self._lost(worker)
                 mine = mine + pieces[i + 1]
         try:
-            out = dict(_summarizeAll(mine))  # this thread parses its share meanwhile
+            out = dict(work(mine))  # this thread parses its share meanwhile
             while sent:
                 worker, piece = sent.pop(0)
                 try:
@@ -138,7 +153,7 @@ class Summarizer:
                     log.warn("store: a summary worker process died ({error}); parsing in the server process",
                              error=str(e))
                     self._lost(worker)
-                    out.update(_summarizeAll(piece))
+                    out.update(work(piece))
         finally:
             for worker, _ in sent:  # (an exception here: their answers would be read by the next batch)
                 self._lost(worker)

@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "summarizePath", "toJSON", "fromJSON", "wireFields", "baseSubject",
+__all__ = ["MessageSummary", "summarize", "summarizePath", "envelopeOf", "envelopePath", "toJSON", "fromJSON", "wireFields", "baseSubject",
            "casemap", "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
@@ -1009,9 +1009,10 @@ class _Parser:
                 return root
             part, inHeader = self.boundary(part, found)
 
-    def header(self, part: _Part):
+    def header(self, part: _Part, content: bool = True):
         """Read part's header; return what comes next: (part, False) for its body or
-        (child, True) for the header of the message it encapsulates."""
+        (child, True) for the header of the message it encapsulates.  Without C{content} the
+        Content-* fields are kept but not interpreted (L{envelopeOf} reads no further)."""
         if part.parent is None:
             keep = _ROOT_KEEP
         elif part.parent.flags & _RFC822:
@@ -1097,7 +1098,7 @@ class _Parser:
             part.hp += p
             part.hv += v
             part.hl += lines
-            if part.headers:
+            if part.headers and content:
                 _applyContent(part)
             pushed = False
             if part.boundary is not None and part.flags & _IS_MIME:
@@ -1924,6 +1925,62 @@ def summarizePath(path: str) -> MessageSummary:
             return summarize(f)
     finally:
         os.close(fd)
+
+
+#: L{envelopePath} reads a message's header in pieces of this size, doubling, up to
+#: L{_HEAD_MAX}; a longer header is left to the whole summary
+_HEAD_READ = 16384
+_HEAD_MAX = 1 << 20
+
+
+def envelopeOf(data: bytes) -> bytes:
+    """
+    The ENVELOPE of a message from C{data}: the whole message, or its start with at least the
+    whole header and the empty line after it.  The same bytes as L{summarize}'s C{envelope}
+    (the same header parse, the same rules), without reading or parsing the body: what a
+    FETCH of ENVELOPE alone needs of mail never summarized (Dovecot's answer too reads only
+    the header).
+    """
+    parser = _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data)  # (as summarize)
+    root = _Part(None, 0)
+    try:
+        parser.header(root, content=False)
+    except Exception:
+        return _envelope({}, {})  # as summarize() salvages it: one part without a header
+    strings = {}
+    addresses = {}
+    for name, value in root.headers:
+        if name in _ENVELOPE_ADDRESSES:
+            parsed = _addresses(bytes(value))
+            if parsed:
+                known = addresses.get(name)
+                addresses[name] = parsed if known is None else known + parsed
+        elif name in _ENVELOPE_STRINGS:
+            raw = bytes(value)
+            strings[name] = raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw
+    return _envelope(strings, addresses)
+
+
+def envelopePath(path: str) -> bytes | None:
+    """
+    L{envelopeOf} the message file at C{path}, reading only as far as its header's end (16 KiB
+    as a rule); C{None} when the header runs past L{_HEAD_MAX} (then use L{summarizePath}).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, _HEAD_READ)
+        want = _HEAD_READ
+        while len(data) >= want:  # (a short read of a regular file is its end)
+            if data[:1] == b"\n" or data[:2] == b"\r\n" or b"\n\n" in data or b"\n\r\n" in data:
+                break  # the header's end is in (the parse stops there)
+            if len(data) >= _HEAD_MAX:
+                return None
+            more = os.read(fd, len(data))
+            want = len(data) * 2
+            data += more
+    finally:
+        os.close(fd)
+    return envelopeOf(data)
 
 
 def _summary(root: _Part) -> MessageSummary:

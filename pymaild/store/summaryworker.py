@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.store.test_summarizer -*-
 """
 The worker side of L{pymaild.store.summarizer}: C{python -m pymaild.store.summaryworker}
-reads pickled lists of C{(uid, path)} on stdin and writes their summaries, pickled, on stdout,
-one request at a time, until stdin closes.  It imports only the parser (no Twisted), so that a
-worker stays small.
+reads pickled requests C{(kind, [(uid, path), ...])} on stdin and writes the answers, pickled,
+on stdout, one request at a time, until stdin closes: the summaries (C{kind} "summary",
+L{summarizeAll}) or the ENVELOPEs read from the headers alone ("envelope", L{envelopeAll}).  It
+imports only the parser (no Twisted), so that a worker stays small.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pickle
 import struct
 import sys
 
-from pymaild.store.summary import MessageSummary, summarizePath, toJSON
+from pymaild.store.summary import MessageSummary, envelopePath, summarizePath, toJSON
 
 HEADER = struct.Struct("!Q")
 
@@ -33,6 +34,23 @@ def summarizeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[MessageS
     return out
 
 
+def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, bytes | None]]:
+    """
+    The ENVELOPE of each path from its header alone, or None for a file that could not be read
+    or whose header is too long for that (then the whole summary is needed).
+    """
+    out = []
+    for uid, path in paths:
+        try:
+            out.append((uid, envelopePath(path)))
+        except OSError:
+            out.append((uid, None))
+    return out
+
+
+KINDS = {"summary": summarizeAll, "envelope": envelopeAll}
+
+
 def serve(stdin, stdout) -> None:
     """Answer requests until stdin closes."""
     while True:
@@ -40,8 +58,8 @@ def serve(stdin, stdout) -> None:
         if len(header) < HEADER.size:
             return
         (size,) = HEADER.unpack(header)
-        piece = pickle.loads(stdin.read(size))
-        data = pickle.dumps(summarizeAll(piece), protocol=pickle.HIGHEST_PROTOCOL)
+        kind, piece = pickle.loads(stdin.read(size))
+        data = pickle.dumps(KINDS[kind](piece), protocol=pickle.HIGHEST_PROTOCOL)
         stdout.write(HEADER.pack(len(data)) + data)
         stdout.flush()
 

@@ -313,7 +313,7 @@ def test_migration_from_schema_3(tmp_path):
     root = tmp_path / "alice"
     v3Index(root)
     user = UserStore(root)
-    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (5,)
+    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (6,)
     inbox = user.folder("INBOX")
     status = inbox.status()
     assert (status["uidvalidity"], status["uidnext"], status["highestmodseq"]) == (UIDVALIDITY, 13, 40)

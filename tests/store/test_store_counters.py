@@ -123,7 +123,7 @@ def test_schema_4_index_loses_its_flag_trigger_and_keeps_its_counters(tmp_path):
         PRAGMA user_version=4;""")
     db.close()
     user = MaildirStore(tmp_path / "mail").user("alice@example.com")
-    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (5,)
+    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (6,)
     triggers = [r[0] for r in user.db.execute("SELECT name FROM sqlite_master WHERE type='trigger'")]
     assert "messages_flags" not in triggers
     inbox = user.folder("INBOX")

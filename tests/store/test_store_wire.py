@@ -74,7 +74,7 @@ def test_summaries_cached_by_an_older_version_are_still_read(tmp_path):
 def test_a_summary_without_its_fields_anywhere_is_computed_again(tmp_path):
     user, inbox = make(tmp_path)
     uids = inbox.uids()
-    inbox.summaryFields(uids, ("envelope",))
+    inbox.summaries(uids)
     user.db.execute("DELETE FROM wire WHERE uid=?", (uids[1],))  # JSON without them, no wire row
     assert inbox.summaryFields(uids, ("envelope",))[uids[1]] == (expected(1).envelope,)
     assert inbox.summaries([uids[1]])[uids[1]] == expected(1)
@@ -85,7 +85,7 @@ def test_a_summary_without_its_fields_anywhere_is_computed_again(tmp_path):
 def test_schema_4_index_gets_the_wire_table(tmp_path):
     user, inbox = make(tmp_path)
     uids = inbox.uids()
-    inbox.summaryFields(uids, ("envelope",))
+    inbox.summaries(uids)
     root = user.root
     user.close()
     db = sqlite3.connect(root / INDEX_NAME, isolation_level=None)
@@ -93,7 +93,7 @@ def test_schema_4_index_gets_the_wire_table(tmp_path):
     db.close()
     user = MaildirStore(tmp_path / "mail").user("alice@example.com")
     inbox = user.folder("INBOX")
-    assert inbox.summaryFields(uids, ("envelope",))[uids[0]] == (expected(0).envelope,)
+    assert inbox.summaries(uids)[uids[0]].envelope == expected(0).envelope
     inbox.store([uids[0]], ["\\Deleted"], "add")
     inbox.expunge()
     assert [r[0] for r in user.db.execute("SELECT uid FROM wire ORDER BY uid")] == uids[1:]

@@ -52,14 +52,11 @@ def summarizer():
     s.close()
 
 
-def test_workers_give_the_servers_own_summaries(files, summarizer):
+def test_workers_give_the_servers_own_summaries(files, summarizer, monkeypatch):
     calls = []
-    real = summarizermod._summarizeAll
-    summarizermod._summarizeAll = lambda piece: calls.append(len(piece)) or real(piece)
-    try:
-        got = summarizer.summarize(files)
-    finally:
-        summarizermod._summarizeAll = real
+    real = summarizermod._KINDS["summary"]
+    monkeypatch.setitem(summarizermod._KINDS, "summary", lambda piece: calls.append(len(piece)) or real(piece))
+    got = summarizer.summarize(files)
     assert got == expected(files)
     pids = summarizer.pids()
     assert len(pids) == 2 and os.getpid() not in pids
@@ -117,3 +114,17 @@ def test_a_folder_first_fetch_through_workers(tmp_path, summarizer):
     assert pooled.db.execute("SELECT count(*) FROM wire").fetchone() == (100,)
     plain.close()
     pooled.close()
+
+
+def test_workers_give_the_header_only_envelopes(files, summarizer, monkeypatch):
+    from pymaild.store.summary import envelopePath
+
+    calls = []
+    real = summarizermod._KINDS["envelope"]
+    monkeypatch.setitem(summarizermod._KINDS, "envelope", lambda piece: calls.append(len(piece)) or real(piece))
+    got = summarizer.envelopes(files)
+    assert got == {uid: envelopePath(str(path)) for uid, path in files.items()}
+    assert got == {uid: summary.envelope for uid, (summary, _) in expected(files).items()}
+    assert calls == [50] and len(summarizer.pids()) == 2
+    os.kill(summarizer.pids()[0], 9)  # a dead worker: its piece is read here instead
+    assert summarizer.envelopes(files) == got

@@ -1,0 +1,42 @@
+"""
+A long FETCH is loaded from the store in batches that grow (500, 1,000, 2,000, then 4,000 at a
+time) while the previous batch is written: over a real server and TLS, a first FETCH of
+ENVELOPE of a folder of never-summarized mail (headers read by the store's worker processes)
+answers every message once, in order, with the right ENVELOPE; so does the FETCH that then
+needs whole summaries.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+
+from conftest import postmaster_inbox
+
+COUNT = 4700  # batches of 500, 1000, 2000 and 1200
+
+
+def test_long_fetches_answer_every_message_once_in_order(server):
+    home = postmaster_inbox(server)
+    for i in range(COUNT):
+        data = (f"From: Sender {i} <s{i}@example.com>\nTo: postmaster@localhost\nSubject: number {i}\n"
+                f"Message-ID: <m{i}@example.com>\n\nbody {i}\n").encode()
+        (home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)}:2,S").write_bytes(data)
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
+    client.login("postmaster@localhost", server.postmaster_password())
+    typ, data = client.select("INBOX")
+    assert typ == "OK" and int(data[0]) == COUNT
+
+    typ, lines = client.uid("FETCH", "1:*", "(UID ENVELOPE)")
+    assert typ == "OK"
+    text = b"\n".join(x if isinstance(x, bytes) else b"".join(x) for x in lines)
+    subjects = [int(n) for n in re.findall(rb'"number (\d+)"', text)]
+    assert subjects == list(range(COUNT))
+    assert len(re.findall(rb"\(UID \d+ ENVELOPE", text)) == COUNT
+
+    typ, lines = client.uid("FETCH", "1:*", "(ENVELOPE BODYSTRUCTURE)")
+    assert typ == "OK"
+    text = b"\n".join(x if isinstance(x, bytes) else b"".join(x) for x in lines)
+    assert [int(n) for n in re.findall(rb'"number (\d+)"', text)] == list(range(COUNT))
+    assert text.count(b'BODYSTRUCTURE ("text" "plain"') == COUNT
+    client.logout()

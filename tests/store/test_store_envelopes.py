@@ -1,0 +1,155 @@
+"""
+A FETCH of ENVELOPE alone, on mail never summarized, reads only the message's header
+(L{pymaild.store.summary.envelopePath}) and keeps the answer in the index's C{envelopes} table
+(schema 6); the whole summary comes when something needs it, and then replaces it.  The
+header-only ENVELOPE must be byte for byte the whole summary's (which
+C{tests/store/test_summary.py} compares with Dovecot's).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from pymaild.store import index
+from pymaild.store.maildir import INDEX_NAME, MaildirStore
+from pymaild.store.summary import _HEAD_MAX, _HEAD_READ, envelopeOf, envelopePath, summarize
+from test_summary import GARBAGE, SPECIMENS, damaged, specimen
+
+ODD = {
+    **GARBAGE,
+    "crlf-header": b"From: a@b\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\nTo: c@d\r\n\r\nbody\r\n",
+    "header-past-the-first-read": b"Received: " + b"x" * 70 + b"\n" + b"X-Long: " + b"y" * (_HEAD_READ * 3)
+                                  + b"\nFrom: late@example.com\nSubject: far\n\nbody\n",
+    "blank-line-at-the-read-edge": b"Subject: edge\nX: " + b"z" * (_HEAD_READ - 18) + b"\n\nbody\n",
+    "crlf-blank-line-at-the-read-edge": b"Subject: edge\r\nX: " + b"z" * (_HEAD_READ - 20) + b"\r\n\r\nb\r\n",
+    "starts-with-a-blank-line": b"\nFrom: not@header\n\nbody\n",
+    "all-header-no-blank-line": b"From: a@b\nSubject: only\nTo: c@d\n",
+    "nul-in-subject": b"Subject: a\x00b\nFrom: a@b\n\nbody\n",
+    "repeated-address-headers": b"To: a@b\nTo: c@d\nCc: e@f\nCc: (x) g@h\nSubject: one\nSubject: two\n\nb\n",
+}
+
+
+def cases():
+    for name in SPECIMENS:
+        yield name, specimen(name)
+    yield from ODD.items()
+    for seed in range(40):
+        yield f"damaged-{seed}", damaged(seed)
+
+
+CASES = dict(cases())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_header_only_envelope_is_the_summary_s(name, tmp_path):
+    data = CASES[name]
+    want = summarize(data).envelope
+    assert envelopeOf(data) == want
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    got = envelopePath(str(path))
+    if got is None:  # only when the header is longer than the most it reads
+        assert data.find(b"\n\n") < 0 or data.find(b"\n\n") > _HEAD_MAX
+    else:
+        assert got == want
+
+
+def test_a_header_over_the_limit_is_left_to_the_whole_summary(tmp_path):
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: big\nX: " + b"q" * (_HEAD_MAX + 10) + b"\n\nbody\n")
+    assert envelopePath(str(path)) is None
+
+
+MESSAGE = b"From: Ann <a@example.com>\nTo: b@example.com\nSubject: hello %d\n\nbody %d\n"
+
+
+def make(tmp_path, n=5):
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(n):
+        inbox.append(MESSAGE % (i, i))
+    return user, inbox
+
+
+def count(user, table):
+    return user.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_fetch_of_envelope_alone_keeps_only_envelopes(tmp_path):
+    user, inbox = make(tmp_path)
+    uids = inbox.uids()
+    got = inbox.summaryFields(uids, ("envelope",))
+    assert got == {uid: (summarize(MESSAGE % (i, i)).envelope,) for i, uid in enumerate(uids)}
+    assert (count(user, "envelopes"), count(user, "summaries"), count(user, "wire")) == (5, 0, 0)
+    # the second FETCH reads the table, not the files
+    paths = inbox.paths(uids)
+    for path in paths.values():
+        with open(path, "wb") as f:
+            f.write(b"Subject: changed under our feet\n\n")
+    assert inbox.summaryFields(uids, ("envelope",)) == got
+    user.close()
+
+
+def test_the_whole_summary_replaces_the_envelope_and_expunge_removes_it(tmp_path):
+    user, inbox = make(tmp_path)
+    uids = inbox.uids()
+    inbox.summaryFields(uids, ("envelope",))
+    inbox.summaries(uids[:2])  # (SEARCH, SORT, BODYSTRUCTURE ... compute whole summaries)
+    assert (count(user, "envelopes"), count(user, "wire")) == (3, 2)
+    both = inbox.summaryFields(uids, ("envelope", "bodystructure"))
+    assert both[uids[4]] == tuple(getattr(summarize(MESSAGE % (4, 4)), f) for f in ("envelope", "bodystructure"))
+    assert (count(user, "envelopes"), count(user, "wire")) == (0, 5)
+
+    inbox.summaryFields(uids, ("envelope",))
+    user.db.execute("DELETE FROM wire")
+    user.db.execute("DELETE FROM summaries")
+    inbox.summaryFields(uids, ("envelope",))
+    assert count(user, "envelopes") == 5
+    inbox.store(uids[:3], ["\\Deleted"], "add")
+    inbox.expunge()
+    assert [r[0] for r in user.db.execute("SELECT uid FROM envelopes ORDER BY uid")] == uids[3:]
+    user.close()
+
+
+def test_a_message_gone_meanwhile_is_left_out(tmp_path):
+    user, inbox = make(tmp_path, 3)
+    uids = inbox.uids()
+    import os
+
+    os.unlink(inbox.paths([uids[1]])[uids[1]])
+    got = inbox.summaryFields(uids, ("envelope",))
+    assert set(got) == {uids[0], uids[2]}
+    user.close()
+
+
+def test_schema_5_index_gets_the_envelopes_table(tmp_path):
+    user, inbox = make(tmp_path, 3)
+    uids = inbox.uids()
+    inbox.summaries(uids)
+    root = user.root
+    user.close()
+    db = sqlite3.connect(root / INDEX_NAME, isolation_level=None)
+    db.executescript("""
+        DROP TABLE envelopes; DROP TRIGGER messages_delete;
+        CREATE TRIGGER messages_delete AFTER DELETE ON messages BEGIN
+            UPDATE folders SET messages = messages - 1, unseen = unseen - (instr(OLD.flags, '\\Seen') = 0),
+                vsize = vsize - OLD.vsize WHERE id = OLD.folder;
+            DELETE FROM summaries WHERE folder = OLD.folder AND uid = OLD.uid;
+            DELETE FROM wire WHERE folder = OLD.folder AND uid = OLD.uid;
+            DELETE FROM fields WHERE folder = OLD.folder AND uid = OLD.uid;
+        END;
+        PRAGMA user_version=5;""")
+    db.close()
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    assert user.db.execute("PRAGMA user_version").fetchone() == (index.SCHEMA_VERSION,) == (6,)
+    inbox = user.folder("INBOX")
+    assert inbox.uids() == uids  # migrated, not rebuilt
+    user.db.execute("DELETE FROM wire")
+    user.db.execute("DELETE FROM summaries")
+    inbox.summaryFields(uids, ("envelope",))
+    inbox.store([uids[0]], ["\\Deleted"], "add")
+    inbox.expunge()
+    assert [r[0] for r in user.db.execute("SELECT uid FROM envelopes ORDER BY uid")] == uids[1:]
+    user.close()
