@@ -622,6 +622,10 @@ class Folder:
         #: has them compares two in-memory dicts instead of reading every row (see _scan).
         self._names: dict[str, tuple[str, bool]] | None = None
         self._namesKey: tuple | None = None
+        #: the same names as two sets, (cur/, new/), made from C{_names} when a sync needs them
+        #: (None after every change of C{_names}): the directory listings compare with them at
+        #: C speed
+        self._nameSets: tuple[frozenset, frozenset] | None = None
         self._uidArray: array | None = None
         self._uidKey: tuple | None = None
         #: set by a watcher (L{pymaild.store.watch.FolderWatcher}) while it watches this folder:
@@ -1192,10 +1196,21 @@ class Folder:
 
     def _scan(self, moveNew: bool) -> Changes:
         db = self.user.db
+        listings = (os.listdir(self.path / "cur"), os.listdir(self.path / "new"))
+        if not (moveNew and listings[1]) and self._namesValid():
+            # the usual case: the directories are as the index has them (the listings as sets
+            # against the cache's; a dot file, or anything else, goes the long way below)
+            sets = self._nameSets
+            if sets is None:
+                names = self._names.values()
+                sets = self._nameSets = (frozenset(n for n, inNew in names if not inNew),
+                                         frozenset(n for n, inNew in names if inNew))
+            if len(listings[0]) == len(sets[0]) and sets[0] == set(listings[0]) and sets[1] == set(listings[1]):
+                return Changes()
         onDisk: dict[str, tuple[str, bool]] = {}
         inNew: list[str] = []
-        for sub, innew in (("cur", False), ("new", True)):
-            for name in os.listdir(self.path / sub):
+        for (sub, innew), listing in zip((("cur", False), ("new", True)), listings):
+            for name in listing:
                 if name[0] == ".":
                     continue
                 base = name.partition(":")[0]  # FileName.parse's base, without the cost
@@ -1203,8 +1218,20 @@ class Folder:
                     onDisk[base] = (name, innew)
                     if innew:
                         inNew.append(base)
-        if not (moveNew and inNew) and self._namesValid() and onDisk == self._names:
-            return Changes()  # the directories are as the index has them
+        if not (moveNew and inNew):
+            if self._namesValid():
+                if onDisk == self._names:
+                    return Changes()  # the directories are as the index has them
+            else:
+                # no name cache (a session that opened the folder by its stamps, or another
+                # process changed the index): compare with the names alone, which is half the
+                # work of the full comparison below, and keep them as the cache if they match
+                names = {name.partition(":")[0]: (name, bool(innew)) for name, innew in db.execute(
+                    "SELECT name, innew FROM messages WHERE folder=?", (self.id,))}
+                if names == onDisk:
+                    if self.listeners:
+                        self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
+                    return Changes()
         known = {
             name.partition(":")[0]: (uid, name, innew, flags, keywords)
             for uid, name, innew, flags, keywords in db.execute(
@@ -1305,7 +1332,7 @@ class Folder:
                 names = {b: (onDisk[b][0], bool(onDisk[b][1])) for b, k in known.items() if k[0] not in goneSet}
                 if fresh:
                     names.update((r[2].partition(":")[0], (r[2], bool(r[3]))) for r in rows)
-                self._names, self._namesKey = names, self._indexKey()
+                self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
         return changes
 
     @staticmethod
@@ -1329,7 +1356,7 @@ class Folder:
             self.listeners.remove(listener)
         if not self.listeners:
             with self.user.lock:
-                self._names = self._namesKey = None  # memory only for folders in use
+                self._names = self._namesKey = self._nameSets = None  # memory only for folders in use
 
     def _notify(self, changes: Changes) -> None:
         for listener in list(self.listeners):
@@ -1358,6 +1385,7 @@ class Folder:
         (base -> (name, in new/), or None for a removal) to the cache if the cache was valid
         when the operation began; else drop the cache.
         """
+        self._nameSets = None
         if not valid or self._names is None:
             self._names = self._namesKey = None
             return

@@ -155,3 +155,47 @@ def test_uid_arrays_stay_within_the_budget(tmp_path, monkeypatch):
     folders[1].uidArray()  # used again: now the newest
     folders[0].uidArray()
     assert folders[2]._uidArray is None and folders[1]._uidArray is not None
+
+
+def test_a_session_opened_by_the_stamps_builds_the_cache_from_names_alone(inbox, tmp_path):
+    """
+    A folder another store object (a fresh process) opens by its directory stamps has no
+    cache; its first sync after a change compares the names alone, keeps them when they
+    match, and still sees another tool's rename when they do not.
+    """
+    import time
+
+    past = time.time() - 60  # (stamps are trusted only once settled: dated back, not waited for)
+    for sub in ("cur", "new"):
+        os.utime(inbox.path / sub, (past, past))
+    inbox.sync()
+    fresh = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    fresh.addListener(lambda f, changes: None)
+    assert not fresh.sync() and fresh._names is None  # opened by the stamps: nothing read
+    fresh.store([1], ["\\Flagged"], "add")  # (its own change: cur/'s stamp moves)
+    assert fresh._names is None and not fresh.sync()
+    assert valid(fresh)  # the names matched: they are the cache now
+
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    other.addListener(lambda f, changes: None)
+    assert other._names is None
+    other.store([2], ["\\Seen"], "add")
+    rename(other, 3, "F")  # another tool, before this process's next sync
+    changes = other.sync()
+    assert changes.flagsChanged == [3] and "\\Flagged" in other.messages([3])[0].flags
+
+
+def test_the_listing_compared_as_sets_sees_a_swap_of_names(inbox):
+    """The fast comparison (sets of names): a rename keeps the count; it is seen anyway, and so
+    is a file replaced by another with the same count; a dot file is no message."""
+    assert not inbox.sync() and inbox._nameSets is not None
+    rename(inbox, 2, "RS")
+    assert inbox.sync().flagsChanged == [2]
+    assert not inbox.sync()
+    (inbox.path / "cur" / ".hidden").write_bytes(b"not mail")
+    assert not inbox.sync()
+    assert [m.uid for m in inbox.messages()] == [1, 2, 3, 4, 5, 6]
+    os.unlink(inbox.filePath(6))
+    (inbox.path / "cur" / "1800000000.M2P2Q2.host:2,S").write_bytes(msg(7))
+    changes = inbox.sync()
+    assert changes.expunged == [6] and len(changes.added) == 1
