@@ -276,6 +276,11 @@ def snapshotSources(work: Path, source: str) -> tuple[Path, str]:
         dirty = [x[3:] for x in dirty if x.strip()]
         line = (f"pymaild: working tree copied at {time.strftime('%H:%M:%S')} (commit {rev}"
                 + (f" + uncommitted: {', '.join(dirty)})" if dirty else ", clean)"))
+    # compiled as pip compiles an installed package: without it every server start compiled all
+    # of pymaild again (about 0.2 s) where PYTHONDONTWRITEBYTECODE is set, as on the
+    # development machines, and the first start did everywhere
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest)], check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
     PYMAILD_ENV["PYTHONPATH"] = str(dest)
     check = subprocess.run([sys.executable, "-c", "import pymaild; print(pymaild.__file__)"], env=PYMAILD_ENV, cwd=work,
                            capture_output=True, text=True, timeout=60).stdout.strip()
