@@ -173,6 +173,14 @@ class LazyPause:
             self._stopReading()
         return super().dataReceived(data)
 
+    def answer(self, data: bytes) -> None:
+        """An answer: sent at once (L{writeNow}) unless more commands are pipelined behind
+        it, whose answers then go out together at the reactor's next turn."""
+        if self._buffer:
+            self.transport.write(data)
+        else:
+            writeNow(self.transport, data)
+
 
 class Closing:
     """

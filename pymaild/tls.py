@@ -177,12 +177,12 @@ def clientTLS(hostname: str, verify: bool, caFile: Path | None = None):
     eavesdroppers, and a self-signed certificate does not stop mail); SNI is sent either way.
     """
     if verify:
-        return ssl.optionsForClientTLS(hostname, trustRoot=_trustRoot(str(caFile)) if caFile else None)
+        return ssl.optionsForClientTLS(hostname, trustRoot=trustRoot(str(caFile)) if caFile else None)
     return _OpportunisticTLS(hostname)
 
 
 @functools.lru_cache(maxsize=8)
-def _trustRoot(caFile: str):
+def trustRoot(caFile: str):
     """Every certificate of a PEM bundle, read once (not on each connection)."""
     certificates = x509.load_pem_x509_certificates(Path(caFile).read_bytes())
     return ssl.trustRootFromCertificates(

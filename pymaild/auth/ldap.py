@@ -149,18 +149,23 @@ class LdapClient:
 
     _next = 0
 
-    def _servers(self):
-        from ldap3 import NONE, Server
-
-        s = self.settings
-        urls = list(s.urls)
-        if s.balance == "round-robin" and len(urls) > 1:
-            # each new connection starts at the next server (the others remain the fallback)
+    def orderedUrls(self) -> list[str]:
+        """The servers' URLs in the order a new connection tries them: as configured, or with
+        C{balance = "round-robin"} starting at the next server each time (the others remain
+        the fallback).  Shared by the threads' connections and the logins' (L{WireLogin})."""
+        urls = list(self.settings.urls)
+        if self.settings.balance == "round-robin" and len(urls) > 1:
             with self._lock:
                 start = self._next % len(urls)
                 self._next += 1
             urls = urls[start:] + urls[:start]
-        return [Server(url, get_info=NONE, connect_timeout=s.timeout, tls=self._tls) for url in urls]
+        return urls
+
+    def _servers(self):
+        from ldap3 import NONE, Server
+
+        return [Server(url, get_info=NONE, connect_timeout=self.settings.timeout, tls=self._tls)
+                for url in self.orderedUrls()]
 
     def _open(self, user: str | None, password: str | None):
         """A new bound connection to the first server that answers; raises on none."""
@@ -430,7 +435,7 @@ class LdapChecker:
         from pymaild.auth.ldapwire import WireLogin
 
         self.lookups = _Lookups(client)
-        self._threadpool = threadpool  # (the directory's; logins do not use it)
+        self._threadpool = threadpool  # (the directory's: logins use it only for the store's sinks)
         self._reactor = reactor
         self.wire = WireLogin(client, reactor)
         self._userFilter = None

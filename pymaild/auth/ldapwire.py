@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pymaild.errors import TemporaryFailure
+from pymaild.tls import trustRoot
 
 log = Logger()
 
@@ -99,7 +100,7 @@ def startTlsRequest(messageId: int) -> bytes:
     return _message(messageId, _tlv(0x77, _tlv(0x80, STARTTLS_OID)))
 
 
-SCOPE_BASE, SCOPE_ONE, SCOPE_SUBTREE = 0, 1, 2
+SCOPE_BASE, SCOPE_SUBTREE = 0, 2
 DEREF_ALWAYS = 3  # (ldap3's default, which pymaild's searches keep)
 
 
@@ -618,20 +619,6 @@ def _hostPort(url: str):
     return host, int(port) if port else (636 if ldaps else 389), ldaps
 
 
-def _readCertificates(path: str):
-    from twisted.internet import ssl
-
-    with open(path, "rb") as f:
-        text = f.read()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    out = []
-    for part in text.split(marker)[1:]:
-        out.append(ssl.Certificate.loadPEM(marker + part))
-    if not out:
-        raise ValueError(f"{path}: no PEM certificate")
-    return out
-
-
 class WireLogin:
     """
     The login's two operations over reactor connections, with L{LdapClient}'s server order,
@@ -652,30 +639,20 @@ class WireLogin:
         self._idle: list[LdapProtocol] = []
         self._binders = 0  # bind connections open or opening
         self._waiting: collections.deque = collections.deque()
-        self._next = 0
         self._all: set[LdapProtocol] = set()
         self.bindConnections = max(1, s.pool_size)
         self._selections: dict[tuple, bytes] = {}
 
     # --- connections ------------------------------------------------------------------------
 
-    def _urls(self) -> list[str]:
-        urls = list(self.settings.urls)
-        if self.settings.balance == "round-robin" and len(urls) > 1:
-            start = self._next % len(urls)
-            self._next += 1
-            urls = urls[start:] + urls[:start]
-        return urls
-
-    def _tls(self, host: str):
+    def _tls(self):
         """The TLS options of every connection (the same for every host: the names are checked
         by L{checkHostname} once the handshake is over); made, and C{ca_file} read, once."""
         if self._tlsOptions is None:
             from twisted.internet import ssl
 
             ca = self.settings.ca_file
-            trust = ssl.trustRootFromCertificates(_readCertificates(ca)) if ca else ssl.platformTrust()
-            self._tlsOptions = ssl.CertificateOptions(trustRoot=trust)
+            self._tlsOptions = ssl.CertificateOptions(trustRoot=trustRoot(str(ca)) if ca else ssl.platformTrust())
         return self._tlsOptions
 
     @defer.inlineCallbacks
@@ -692,7 +669,7 @@ class WireLogin:
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self.settings.timeout)
         if ldaps:
-            endpoint = wrapClientTLS(self._tls(host), endpoint)
+            endpoint = wrapClientTLS(self._tls(), endpoint)
         protocol = LdapProtocol(self._reactor, self.operationTimeout, url)
         if ldaps:
             handshake = protocol.expectHandshake(host)
@@ -706,7 +683,7 @@ class WireLogin:
                 if answer["result"] != 0:
                     raise TemporaryFailure(f"StartTLS refused by {url}")
                 handshake = protocol.expectHandshake(host)
-                protocol.transport.startTLS(self._tls(host))
+                protocol.transport.startTLS(self._tls())
                 yield self._within(handshake, protocol)
             if user is not None:
                 # (an empty bind_dn: an anonymous bind, as ldap3's connection does)
@@ -736,7 +713,7 @@ class WireLogin:
     def _open(self, user: str | None, password: str | None):
         """A new (bound, for the service account) connection to the first server that answers."""
         last = None
-        for url in self._urls():
+        for url in self.client.orderedUrls():
             try:
                 protocol = yield self._openOne(url, user, password)
                 return protocol

@@ -1222,16 +1222,16 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 if gone:
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
             modseq = request.modseq or (self.condstore and request.wantsFlags)
-            sizes = [self.FETCH_BATCH]
+            size = self.FETCH_BATCH
             direct = request.directFields
-            load = lambda i: mbox.fetchBatch(wanted[i : i + sizes[-1]], request.needsSummaries, markSeen,
+            load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
                                              request.changedSince, direct)
             pending = load(0) if wanted else None
             i = 0
             while pending is not None:
                 batch = yield pending
-                i += sizes[-1]
-                sizes.append(min(sizes[-1] * 2, self.FETCH_BATCH_MAX))
+                i += size
+                size = min(size * 2, self.FETCH_BATCH_MAX)
                 # The next batch loads while this one is written, except when loading sets
                 # \Seen: then only what is about to be sent is marked.
                 pending = load(i) if i < len(wanted) and not markSeen else None

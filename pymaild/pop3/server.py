@@ -13,7 +13,7 @@ only partly held); this subclass keeps its greeting, timeout and line framing an
 command handling itself.  Its line receiver is C{LineReceiver}, whose C{pauseProducing} holds
 pipelined commands while a command waits for the store or the password check (in its buffer,
 L{pymaild.flow.LazyPause}: the socket stops being read only when 64 KiB of them wait); answers
-go out at once (L{pymaild.flow.writeNow}) unless more commands are pipelined behind them.
+go out at once (L{pymaild.flow.LazyPause.answer}) unless more commands are pipelined behind them.
 
 Security: reads commands from anyone who connects; no password is accepted (USER/PASS, AUTH)
 over a connection without TLS unless the client's address is in C{[auth] plaintext_networks};
@@ -41,7 +41,7 @@ from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
 from pymaild.pipeline.runner import RefusedByPlugin, checkedLogin
 from pymaild.pipeline.stages import Session
-from pymaild.flow import Backpressure, Closing, LazyPause, sendNow, writeNow
+from pymaild.flow import Backpressure, Closing, LazyPause, sendNow
 from pymaild.sasl import MECHANISMS
 from pymaild.pop3.mailbox import Gone
 
@@ -140,23 +140,15 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
 
     # --- answers --------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        """An answer: sent at once (L{writeNow}) unless more commands are pipelined behind it,
-        whose answers then go out together."""
-        if self._buffer:
-            self.transport.write(data)
-        else:
-            writeNow(self.transport, data)
-
     def _ok(self, text: bytes = b"") -> None:
-        self._write(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
+        self.answer(b"+OK " + text + b"\r\n" if text else b"+OK\r\n")
 
     def _err(self, text: bytes) -> None:
-        self._write(b"-ERR " + text + b"\r\n")
+        self.answer(b"-ERR " + text + b"\r\n")
 
     def _multi(self, first: bytes, lines) -> None:
         """A multi-line answer; C{lines} are CRLF-terminated (and need no dot-stuffing)."""
-        self._write(b"+OK " + first + b"\r\n" + b"".join(lines) + b".\r\n")
+        self.answer(b"+OK " + first + b"\r\n" + b"".join(lines) + b".\r\n")
 
     def _hold(self) -> None:
         """Read no further command until L{_release} (PIPELINING with asynchronous answers)."""
@@ -520,7 +512,7 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
         if self._lost:
             transfer.close()
             return
-        self._write(b"+OK " + first + b"\r\n" + transfer.first)
+        self.answer(b"+OK " + first + b"\r\n" + transfer.first)
         self._transfer = transfer
         self._pump()
 

@@ -64,7 +64,7 @@ from pymaild.errors import TemporaryFailure
 from pymaild.throttle import LoginBlocked
 from pymaild.pipeline.edit import edit, fieldLines, readHead
 from pymaild.pipeline.stages import Delivery, Message, Recipient, Session, Transaction
-from pymaild.flow import Backpressure, Closing, LazyPause, sendNow, writeNow
+from pymaild.flow import Backpressure, Closing, LazyPause, sendNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.smtp.data import BARE_CR, BARE_LF, DISK, LINE_TOO_LONG, TOO_BIG, BdatTransaction, ChunkReader, DataReader
 
@@ -351,10 +351,7 @@ class PymaildESMTP(Closing, LazyPause, basic.LineReceiver, smtp.ESMTP):
             self._errors += 1
         prefix = b"" if code is None else code.encode() + b" "
         out.append(b"%d %s%s\r\n" % (status, prefix, lines[-1]))
-        if self._buffer:
-            self.transport.write(b"".join(out))  # more commands pipelined: their replies go together
-        else:
-            writeNow(self.transport, b"".join(out))
+        self.answer(b"".join(out))
 
     def _hold(self) -> None:
         self._held = True

@@ -991,7 +991,7 @@ class Folder:
         missing (a header over a megabyte, a file gone or renamed meanwhile): their whole
         summary is computed.
         """
-        from pymaild.store.summary import envelopePath
+        from pymaild.store.summaryworker import envelopeAll
 
         with self.user.lock:
             rows = self._select("SELECT uid, envelope FROM envelopes WHERE folder=?", (self.id,), uids)
@@ -1000,18 +1000,10 @@ class Folder:
         missing = [u for u in uids if u not in out]
         if not missing:
             return []
-        computed = {}
         paths = self.paths(missing)
-        if self.user.summarizer is not None:
-            computed = {uid: e for uid, e in self.user.summarizer.envelopes(paths).items() if e is not None}
-        else:
-            for uid, path in paths.items():
-                try:
-                    envelope = envelopePath(path)
-                except OSError:
-                    continue
-                if envelope is not None:
-                    computed[uid] = envelope
+        summarizer = self.user.summarizer
+        found = summarizer.envelopes(paths) if summarizer is not None else dict(envelopeAll(list(paths.items())))
+        computed = {uid: envelope for uid, envelope in found.items() if envelope is not None}
         if computed:
             with self.user.lock, self.user.transaction():
                 present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)

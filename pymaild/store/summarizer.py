@@ -81,10 +81,17 @@ class _Worker:
         return pickle.loads(data)
 
     def stop(self) -> None:
+        self.closeInput()
+        self.reap()
+
+    def closeInput(self) -> None:
+        """Tell the worker to exit (at the end of the request it is answering, if any)."""
         try:
             self.process.stdin.close()
         except OSError:
             pass
+
+    def reap(self) -> None:
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
@@ -204,5 +211,7 @@ class Summarizer:
         with self._lock:
             self._closed = True
             workers, self._idle = self._idle, []
+        for worker in workers:  # all told first, then waited for: shutdown waits at most once
+            worker.closeInput()
         for worker in workers:
-            worker.stop()
+            worker.reap()

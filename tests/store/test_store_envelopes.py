@@ -15,6 +15,7 @@ import pytest
 from pymaild.store import index
 from pymaild.store.maildir import INDEX_NAME, MaildirStore
 from pymaild.store.summary import _HEAD_MAX, _HEAD_READ, envelopeOf, envelopePath, summarize
+from test_store_wire import expected, make
 from test_summary import GARBAGE, SPECIMENS, damaged, specimen
 
 ODD = {
@@ -62,26 +63,15 @@ def test_a_header_over_the_limit_is_left_to_the_whole_summary(tmp_path):
     assert envelopePath(str(path)) is None
 
 
-MESSAGE = b"From: Ann <a@example.com>\nTo: b@example.com\nSubject: hello %d\n\nbody %d\n"
-
-
-def make(tmp_path, n=5):
-    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
-    inbox = user.folder("INBOX")
-    for i in range(n):
-        inbox.append(MESSAGE % (i, i))
-    return user, inbox
-
-
 def count(user, table):
     return user.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def test_fetch_of_envelope_alone_keeps_only_envelopes(tmp_path):
-    user, inbox = make(tmp_path)
+    user, inbox = make(tmp_path, 5)
     uids = inbox.uids()
     got = inbox.summaryFields(uids, ("envelope",))
-    assert got == {uid: (summarize(MESSAGE % (i, i)).envelope,) for i, uid in enumerate(uids)}
+    assert got == {uid: (expected(i).envelope,) for i, uid in enumerate(uids)}
     assert (count(user, "envelopes"), count(user, "summaries"), count(user, "wire")) == (5, 0, 0)
     # the second FETCH reads the table, not the files
     paths = inbox.paths(uids)
@@ -93,13 +83,13 @@ def test_fetch_of_envelope_alone_keeps_only_envelopes(tmp_path):
 
 
 def test_the_whole_summary_replaces_the_envelope_and_expunge_removes_it(tmp_path):
-    user, inbox = make(tmp_path)
+    user, inbox = make(tmp_path, 5)
     uids = inbox.uids()
     inbox.summaryFields(uids, ("envelope",))
     inbox.summaries(uids[:2])  # (SEARCH, SORT, BODYSTRUCTURE ... compute whole summaries)
     assert (count(user, "envelopes"), count(user, "wire")) == (3, 2)
     both = inbox.summaryFields(uids, ("envelope", "bodystructure"))
-    assert both[uids[4]] == tuple(getattr(summarize(MESSAGE % (4, 4)), f) for f in ("envelope", "bodystructure"))
+    assert both[uids[4]] == (expected(4).envelope, expected(4).bodystructure)
     assert (count(user, "envelopes"), count(user, "wire")) == (0, 5)
 
     inbox.summaryFields(uids, ("envelope",))

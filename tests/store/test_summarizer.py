@@ -52,10 +52,16 @@ def summarizer():
     s.close()
 
 
-def test_workers_give_the_servers_own_summaries(files, summarizer, monkeypatch):
+def counted(monkeypatch, kind: str) -> list[int]:
+    """The sizes of the pieces this process parses itself of C{kind}, from now on."""
     calls = []
-    real = summarizermod._KINDS["summary"]
-    monkeypatch.setitem(summarizermod._KINDS, "summary", lambda piece: calls.append(len(piece)) or real(piece))
+    real = summarizermod._KINDS[kind]
+    monkeypatch.setitem(summarizermod._KINDS, kind, lambda piece: calls.append(len(piece)) or real(piece))
+    return calls
+
+
+def test_workers_give_the_servers_own_summaries(files, summarizer, monkeypatch):
+    calls = counted(monkeypatch, "summary")
     got = summarizer.summarize(files)
     assert got == expected(files)
     pids = summarizer.pids()
@@ -119,9 +125,7 @@ def test_a_folder_first_fetch_through_workers(tmp_path, summarizer):
 def test_workers_give_the_header_only_envelopes(files, summarizer, monkeypatch):
     from pymaild.store.summary import envelopePath
 
-    calls = []
-    real = summarizermod._KINDS["envelope"]
-    monkeypatch.setitem(summarizermod._KINDS, "envelope", lambda piece: calls.append(len(piece)) or real(piece))
+    calls = counted(monkeypatch, "envelope")
     got = summarizer.envelopes(files)
     assert got == {uid: envelopePath(str(path)) for uid, path in files.items()}
     assert got == {uid: summary.envelope for uid, (summary, _) in expected(files).items()}
