@@ -192,11 +192,14 @@ def test_a_login_that_ends_after_the_client_left_takes_no_session(make_server):
 
     server = make_server("[limits]\nmax_connections_per_user = 2\n").start()
     password = server.postmaster_password().encode()
-    for _ in range(3):
+    for attempt in range(1, 4):
         sock = tls_session(server)
         sock.sendall(b'a LOGIN postmaster@localhost "wrong"\r\nb LOGIN postmaster@localhost "%s"\r\n'
                      b"c SELECT INBOX\r\n" % password)
-        time.sleep(0.3)  # the failed LOGIN's answer is delayed; leave before it comes
+        # the server has read the batch once it logs the failed LOGIN; its answer is delayed:
+        # leave before it comes
+        wait_for(lambda: server.log().count("imap login postmaster@localhost from 127.0.0.1: failed") >= attempt,
+                 timeout=10, interval=0.01, what="the failed LOGIN in the log")
         reset(sock)
 
     def login() -> bool:

@@ -159,18 +159,21 @@ def test_directory_fsyncs_are_shared_but_never_skipped(tmp_path, monkeypatch):
 
     log = []  # (start, end) of each fsync
     lock = threading.Lock()
+    everyone = threading.Event()
 
     def slow_fsync(path):
         start = time.monotonic()
-        time.sleep(0.02)
+        everyone.wait(5)  # the first fsync lasts until every thread has asked
         with lock:
             log.append((start, time.monotonic()))
 
     monkeypatch.setattr(durable, "fsyncDirectory", slow_fsync)
     asked, returned = {}, {}
 
-    def worker(i):  # (all at once: 40 threads start within a few ms of one 20 ms fsync)
+    def worker(i):
         asked[i] = time.monotonic()
+        if len(asked) == 40:
+            everyone.set()
         delivery.syncDirectory(tmp_path)
         returned[i] = time.monotonic()
 
@@ -197,18 +200,23 @@ def test_a_failed_shared_fsync_covers_nobody(tmp_path, monkeypatch):
 
     calls = []
     started = threading.Event()
+    arrived = []
+    allArrived = threading.Event()
 
     def fsync(path):
         calls.append(path)
         if len(calls) == 1:
             started.set()
-            time.sleep(0.05)  # the others arrive while this one runs
+            allArrived.wait(5)  # the others arrive while this one runs
             raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(durable, "fsyncDirectory", fsync)
     errors, done = [], []
 
     def worker():
+        arrived.append(1)
+        if len(arrived) == 6:
+            allArrived.set()
         try:
             delivery.syncDirectory(tmp_path)
             done.append(True)
