@@ -108,6 +108,8 @@ class ConnectionRegistry:
         self.maxConnections = maxConnections
         self.maxPerAddress = maxPerAddress
         self.connections: set[TrackedConnection] = set()
+        #: connections served by worker processes, by key: their client's address
+        self.remote: dict = {}
         self._perAddress: dict[str, int] = {}
         if clock is None:
             from twisted.internet import reactor as clock
@@ -117,11 +119,21 @@ class ConnectionRegistry:
         """
         @return: C{None} if one more connection from C{host} is allowed, else the reason.
         """
-        if len(self.connections) >= self.maxConnections:
+        if len(self.connections) + len(self.remote) >= self.maxConnections:
             return "max_connections"
         if self._perAddress.get(host, 0) >= self.maxPerAddress:
             return "max_connections_per_ip"
         return None
+
+    def addRemote(self, key, host: str) -> None:
+        """A connection another process serves (L{pymaild.handoff}): it counts, by C{key}."""
+        self.remote[key] = host
+        self._perAddress[host] = self._perAddress.get(host, 0) + 1
+
+    def removeRemote(self, key) -> None:
+        host = self.remote.pop(key, None)
+        if host is not None:
+            self._forget(host)
 
     def add(self, connection: TrackedConnection) -> None:
         self.connections.add(connection)
@@ -130,11 +142,14 @@ class ConnectionRegistry:
     def remove(self, connection: TrackedConnection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            left = self._perAddress[connection.peerHost] - 1
-            if left:
-                self._perAddress[connection.peerHost] = left
-            else:
-                del self._perAddress[connection.peerHost]
+            self._forget(connection.peerHost)
+
+    def _forget(self, host: str) -> None:
+        left = self._perAddress[host] - 1
+        if left:
+            self._perAddress[host] = left
+        else:
+            del self._perAddress[host]
 
     def drain(self, timeout: float, interval: float = 0.1) -> defer.Deferred:
         """
@@ -257,18 +272,28 @@ class ListenerFactory(WrappingFactory):
         inner = TLSMemoryBIOFactory(tls, False, appFactory) if tls is not None else appFactory
         super().__init__(inner)
 
+    def refused(self, host: str) -> bytes | None:
+        """
+        C{None} if one more connection from C{host} is allowed; else (logged) what to say
+        before hanging up: the protocol's "too many connections" line, nothing over implicit
+        TLS (the refusal would need a handshake first).
+        """
+        reason = self.registry.allow(host)
+        if reason is None:
+            return None
+        log.warn(
+            "{protocol} refused connection from {peer}: {limit} reached",
+            event="refused",
+            protocol=self.name,
+            peer=host,
+            limit=reason,
+        )
+        return b"" if self.implicitTLS else self.refusal
+
     def buildProtocol(self, addr):
-        reason = self.registry.allow(getattr(addr, "host", ""))
-        if reason is not None:
-            log.warn(
-                "{protocol} refused connection from {peer}: {limit} reached",
-                event="refused",
-                protocol=self.name,
-                peer=getattr(addr, "host", ""),
-                limit=reason,
-            )
-            # Over implicit TLS the refusal would need a handshake first: just hang up.
-            return _Refusal(b"" if self.implicitTLS else self.refusal)
+        refusal = self.refused(getattr(addr, "host", ""))
+        if refusal is not None:
+            return _Refusal(refusal)
         return super().buildProtocol(addr)
 
     # WrappingFactory keeps its own dict of protocols; the registry does that job.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import secrets
 import signal
 import time
@@ -43,13 +44,15 @@ from pymaild.config import LISTENERS, Config
 from pymaild.errors import ConfigError, fileProblem
 from pymaild.imap.mailbox import StoreAccount
 from pymaild.imap.server import IMAPFactory
+from pymaild.handoff import HandOffListenerService, WorkerPool
 from pymaild.listen import ConnectionRegistry, ListenerFactory, ListenerService, bindAll
 from pymaild.pop3.mailbox import pop3Avatar
 from pymaild.pipeline import plugin as pluginmod
 from pymaild.pipeline.runner import Pipeline
 from pymaild.queue.quarantine import Quarantine
 from pymaild.store.delivery import Placement, deliverToUsers, hasRoom
-from pymaild.pop3.server import POP3Factory
+from pymaild.pop3.remote import LoginDesk
+from pymaild.pop3.server import Logins, POP3Factory
 from pymaild.queue import dsn as dsnmod
 from pymaild.queue.files import Envelope, QueueFiles, Recipient
 from pymaild.queue.mx import MXResolver, makeResolver
@@ -227,6 +230,7 @@ class PymaildService(MultiService):
         self.plugins = None  # (the Plugins, closed at the end of stopService)
         self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
         self.checker = None  # (the LDAP checker: its login connections are unbound at the end)
+        self.workerPools = []  # (pymaild.handoff.WorkerPool: their sessions close with ours)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -271,7 +275,8 @@ class PymaildService(MultiService):
         yield defer.gatherResults(
             [defer.maybeDeferred(listener.stopService) for listener in self.listeners]
         )
-        yield self.registry.drain(self.config.server.shutdown_timeout)
+        timeout = self.config.server.shutdown_timeout
+        yield defer.gatherResults([self.registry.drain(timeout)] + [pool.stop(timeout) for pool in self.workerPools])
         yield defer.maybeDeferred(super().stopService)
         if self.plugins is not None:
             yield self.plugins.close()
@@ -596,7 +601,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     plaintext = config.auth.plaintext_networks
     throttle = LoginThrottle(config.limits.max_login_failures)
     imapSessions: dict = {}
-    pop3InUse: set = set()
+    pop3Logins = Logins(portal, throttle, pipeline)
 
     def appFactory(name: str, protocol: str, implicitTLS: bool):
         if protocol == "smtp":
@@ -625,11 +630,17 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                 config.limits.max_connections_per_user, imapSessions, pipeline,
             )
         return POP3Factory(
-            portal, serverTLS, plaintext, implicitTLS, throttle, reactor, config.pop3.idle_timeout, pop3InUse,
-            pipeline,
+            tls=serverTLS, plaintextNetworks=plaintext, implicitTLS=implicitTLS, clock=reactor,
+            idleTimeout=config.pop3.idle_timeout, logins=pop3Logins,
         )
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
+    pop3Workers = None
+    if config.pop3.processes > 1:  # (the worker's settings: see pymaild.worker)
+        settings = pickle.dumps({"config": config, "pem": serverTLS.pem, "where": serverTLS.where,
+                                 "cert": serverTLS.certPath, "key": serverTLS.keyPath})
+        pop3Workers = WorkerPool("pop3", config.pop3.processes - 1, settings, registry, reactor,
+                                 desk=lambda worker: LoginDesk(pop3Logins, store))
     sockets = bindAll(
         [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
     )
@@ -639,9 +650,15 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             factory = ListenerFactory(
                 name, appFactory(name, protocol, implicitTLS), registry, serverTLS if implicitTLS else None
             )
-            listeners.append(ListenerService(name, sock, factory, reactor))
+            if protocol == "pop3" and pop3Workers is not None:
+                pop3Workers.listenerNames.add(name)
+                listeners.append(HandOffListenerService(name, sock, factory, pop3Workers, reactor))
+            else:
+                listeners.append(ListenerService(name, sock, factory, reactor))
     service = PymaildService(config, listeners, registry, [threadpool, storeThreads.pool, pluginThreads],
-                             [serverTLS, directory, QueueSettings(runner, config), plugins], reactor)
+                             [serverTLS, directory, QueueSettings(runner, config), plugins]
+                             + ([pop3Workers] if pop3Workers is not None else []), reactor)
+    service.workerPools = [pop3Workers] if pop3Workers is not None else []
     service.plugins = plugins
     service.summarizer = summarizer
     service.checker = checker

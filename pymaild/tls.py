@@ -109,8 +109,13 @@ def loadCertificateOptions(
     @raise ConfigError: the file is missing or unreadable, holds no certificate or key, or the
         key does not belong to the certificate; the message names C{[tls] cert} or C{[tls] key}.
     """
-    certData = _read(certPath, "cert", where)
-    keyData = _read(keyPath, "key", where)
+    return optionsFromPem(_read(certPath, "cert", where), _read(keyPath, "key", where), certPath, keyPath,
+                          minVersion, where)
+
+
+def optionsFromPem(certData: bytes, keyData: bytes, certPath: Path, keyPath: Path, minVersion: str = "TLSv1.2",
+                   where: str = "embedded default") -> ssl.CertificateOptions:
+    """L{loadCertificateOptions} of the files' contents (the paths name them in errors)."""
     try:
         chain = x509.load_pem_x509_certificates(certData)
     except ValueError:
@@ -144,14 +149,22 @@ class ServerTLS:
     The server side of TLS for every listener, reloadable in place.
 
     @ivar options: the current C{CertificateOptions}.
+    @ivar pem: the contents of the certificate and key files they were made from.
     """
 
-    def __init__(self, certPath: Path, keyPath: Path, minVersion: str, where: str):
+    def __init__(self, certPath: Path, keyPath: Path, minVersion: str, where: str, pem: tuple | None = None):
+        """
+        @param pem: another L{ServerTLS}'s C{pem} instead of reading the files now (a worker
+            process, started after twistd dropped the privileges that could read the key).
+        """
         self.certPath = certPath
         self.keyPath = keyPath
         self.minVersion = minVersion
         self.where = where
-        self.options = loadCertificateOptions(certPath, keyPath, minVersion, where)
+        if pem is None:
+            pem = _read(certPath, "cert", where), _read(keyPath, "key", where)
+        self.options = optionsFromPem(*pem, certPath, keyPath, minVersion, where)
+        self.pem = pem
 
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.options.getContext(), None)
@@ -162,7 +175,9 @@ class ServerTLS:
         kept, so a typo never takes TLS down.
         """
         try:
-            self.options = loadCertificateOptions(self.certPath, self.keyPath, self.minVersion, self.where)
+            pem = _read(self.certPath, "cert", self.where), _read(self.keyPath, "key", self.where)
+            self.options = optionsFromPem(*pem, self.certPath, self.keyPath, self.minVersion, self.where)
+            self.pem = pem
         except ConfigError as e:
             log.error("TLS reload failed, keeping the old certificate: {error}", error=str(e))
         else:

@@ -22,7 +22,8 @@ RANK = {
     "store": 3, "auth": 3, "queue": 3, "plugins": 3,
     "pipeline": 2, "testing": 3,
     "smtp": 3, "imap": 3, "pop3": 3,
-    "service": 4,
+    "handoff": 3,
+    "service": 4, "worker": 4,
     "tap": 5, "cli": 5,
 }
 

@@ -175,7 +175,10 @@ class StoreInbox:
         C{uidvalidity}, C{store}, C{expunge}); its C{root} names the mailbox for the
         one-session lock.
     @param run: runs a blocking call in the store's threads; a Deferred of its result.
+    @ivar account: the account's name (the portal's avatar id), set by L{pop3Avatar}.
     """
+
+    account = ""
 
     def __init__(self, user, run: Callable, uidlFormat: str = "%f", markSeen: bool = True):
         self.user = user
@@ -337,6 +340,8 @@ def pop3Avatar(store, run, uidlFormat: str = "%f", markSeen: bool = True):
     """The realm's factory of POP3 avatars over C{store} (a C{MaildirStore})."""
 
     def avatar(user: str, mind):
-        return StoreInbox(store.user(user), run, uidlFormat, markSeen), lambda: None
+        inbox = StoreInbox(store.user(user), run, uidlFormat, markSeen)
+        inbox.account = user
+        return inbox, lambda: None
 
     return avatar

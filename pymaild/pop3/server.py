@@ -19,7 +19,8 @@ Security: reads commands from anyone who connects; no password is accepted (USER
 over a connection without TLS unless the client's address is in C{[auth] plaintext_networks};
 plaintext pipelined after STLS is discarded; failed logins are slowed down and limited per
 address and user (L{pymaild.throttle}); APOP is refused (it needs the cleartext password on the
-server); one session per mailbox (C{[IN-USE]}).
+server); one session per mailbox (C{[IN-USE]}).  L{Logins} decides all of that for every POP3
+session of the server, also those its worker processes serve (L{pymaild.pop3.remote}).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import re
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import imap4, pop3
@@ -50,6 +51,91 @@ log = Logger()
 _NUMBER = re.compile(rb"[0-9]{1,10}")
 
 _MECHANISMS = MECHANISMS
+
+#: the answer to a refused login, by L{Refused.result}
+_REFUSALS = {
+    "blocked": b"[SYS/TEMP] Too many failed logins, try again later",
+    "failed": b"[AUTH] Authentication failed",
+    "tempfail": b"[SYS/TEMP] Temporary authentication failure, try again later",
+    "in-use": b"[IN-USE] The mailbox is in use by another POP3 session",
+    "error": b"[SYS/TEMP] Internal error, try again later",
+}
+
+
+class Refused(Exception):
+    """
+    A login that did not get the mailbox.
+
+    @ivar result: C{"blocked"} (too many failures lately), C{"failed"} (wrong password, or a
+        plugin said no), C{"tempfail"} (the directory is unreachable, or a plugin said later),
+        C{"in-use"} (another POP3 session holds the mailbox) or C{"error"}.
+    @ivar delay: seconds to wait before answering (a growing delay after failures).
+    """
+
+    def __init__(self, result: str, delay: float = 0.0):
+        super().__init__(result)
+        self.result, self.delay = result, delay
+
+
+class Logins:
+    """
+    The POP3 logins of a server: the failed-login throttle, the password check through the
+    portal, the plugins' login hooks and one session per mailbox.  One per server, shared by
+    its POP3 listeners (110 and 995) and, through L{pymaild.pop3.remote}, by the sessions its
+    worker processes serve, so that the limits hold for all of them.
+
+    @ivar inUse: the keys of the mailboxes with a POP3 session.
+    """
+
+    def __init__(self, portal, throttle=None, pipeline=None):
+        from pymaild.throttle import LoginThrottle
+
+        self.portal = portal
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.pipeline = pipeline
+        self.inUse: set = set()
+
+    def login(self, session: Session, name: str, credentials):
+        """
+        Check C{credentials} (C{IUsernamePassword}) of C{name} for the client of C{session}.
+
+        @return: a Deferred of C{(mailbox, logout, key)}, the mailbox held for this session
+            until L{release}C{(key)}; or failing with L{Refused}.
+        """
+        host, lower = session.peer, name.lower()
+        if self.throttle.blocked(host, lower):
+            return fail(Refused("blocked"))
+        d = self.throttle.checking(host, lower, lambda: checkedLogin(
+            self.pipeline, session, name, lambda: self.portal.login(credentials, None, pop3.IMailbox)))
+        d.addCallbacks(self._granted, self._refused, (host, lower), None, (session, name))
+        return d
+
+    def _granted(self, result, host, lower):
+        _, mbox, logout = result
+        key = getattr(mbox, "key", lower)
+        if key in self.inUse:
+            logout()
+            raise Refused("in-use")
+        self.inUse.add(key)
+        self.throttle.succeeded(host, lower)
+        return mbox, logout, key
+
+    def _refused(self, failure, session, name):
+        if failure.check(LoginBlocked):  # (it waited for checks under way, and they failed)
+            raise Refused("blocked")
+        if failure.check(UnauthorizedLogin):
+            delay = self.throttle.failed(session.peer, name.lower())
+            if self.pipeline is not None and not failure.check(RefusedByPlugin):
+                self.pipeline.notify("login", session, name, False)
+            raise Refused("failed", delay)
+        if failure.check(TemporaryFailure):
+            raise Refused("tempfail")
+        log.failure("pop3 login {user} from {peer}", failure, user=name, peer=session.peer)
+        raise Refused("error")
+
+    def release(self, key) -> None:
+        """The session holding mailbox C{key} is over."""
+        self.inUse.discard(key)
 
 
 class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
@@ -272,7 +358,7 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
             return
         user, self._user = self._user, None
         name = user.decode("utf-8", "replace")
-        self._login(name, lambda: self.factory.portal.login(UsernamePassword(user, rest), None, pop3.IMailbox))
+        self._login(name, UsernamePassword(user, rest))
 
     def AUTHORIZATION_AUTH(self, rest):
         words = rest.split()
@@ -322,39 +408,22 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
             return
         self._sasl = None
         name = challenge.username if isinstance(challenge.username, bytes) else b""
-        self._login(name.decode("utf-8", "replace"),
-                    lambda: self.factory.portal.login(challenge, None, pop3.IMailbox))
+        self._login(name.decode("utf-8", "replace"), challenge)
 
-    def _login(self, name: str, attempt) -> None:
-        throttle = self.factory.throttle
-        if throttle.blocked(self.peerHost, name.lower()):
-            log.info("pop3 login {user} from {peer}: blocked", event="login", protocol="pop3", user=name,
-                     peer=self.peerHost, result="blocked")
-            self._err(b"[SYS/TEMP] Too many failed logins, try again later")
-            return
+    def _login(self, name: str, credentials) -> None:
         self._hold()
-        d = throttle.checking(self.peerHost, name.lower(),
-                              lambda: checkedLogin(self.factory.pipeline, self._session(), name, attempt))
+        d = self.factory.logins.login(self._session(), name, credentials)
         d.addCallbacks(self._loginSucceeded, self._loginFailed, (name,), None, (name,))
         d.addErrback(self._bug, "login")
 
     def _loginSucceeded(self, result, name):
-        _, mbox, logout = result
+        mbox, logout, key = result
         if self._lost:  # the client left while the password was checked
+            self.factory.logins.release(key)
             logout()
             return
-        key = getattr(mbox, "key", name)
-        if key in self.factory.inUse:
-            logout()
-            log.info("pop3 login {user} from {peer}: in use", event="login", protocol="pop3", user=name,
-                     peer=self.peerHost, result="in-use")
-            self._err(b"[IN-USE] The mailbox is in use by another POP3 session")
-            self._answered()
-            return
-        self.factory.inUse.add(key)
         self._lockKey = key
         self._onLogout = logout
-        self.factory.throttle.succeeded(self.peerHost, name.lower())
         d = mbox.load()
         d.addCallbacks(self._opened, self._openFailed, (mbox, name), None, (name,))
         d.addErrback(self._bug, "open")
@@ -381,20 +450,20 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
         self._answered()
 
     def _loginFailed(self, failure, name):
-        if failure.check(LoginBlocked):  # (it waited for checks under way, and they failed)
-            result, answer = "blocked", b"[SYS/TEMP] Too many failed logins, try again later"
-        elif failure.check(UnauthorizedLogin):
-            result, answer = "failed", b"[AUTH] Authentication failed"
-        elif failure.check(TemporaryFailure):
-            result, answer = "tempfail", b"[SYS/TEMP] Temporary authentication failure, try again later"
+        if failure.check(Refused):
+            result, delay = failure.value.result, failure.value.delay
         else:
             log.failure("pop3 login {user} from {peer}", failure, user=name, peer=self.peerHost)
-            result, answer = "error", b"[SYS/TEMP] Internal error, try again later"
+            result, delay = "error", 0.0
         log.info("pop3 login {user} from {peer}: {result}", event="login", protocol="pop3", user=name,
                  peer=self.peerHost, result=result)
-        delay = self.factory.throttle.failed(self.peerHost, name.lower()) if result == "failed" else 0
-        if result == "failed" and self.factory.pipeline is not None and not failure.check(RefusedByPlugin):
-            self.factory.pipeline.notify("login", self._session(), name, False)
+        answer = _REFUSALS.get(result, _REFUSALS["error"])
+        if self._lost:
+            return
+        if not delay:
+            self._err(answer)
+            self._answered()
+            return
         # the answer waits, and so does the client's next command: guessing gets slow
         d = Deferred()
         self.factory.clock.callLater(delay, d.callback, None)
@@ -410,7 +479,7 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
     def _unlock(self) -> None:
         key, self._lockKey = self._lockKey, None
         if key is not None:
-            self.factory.inUse.discard(key)
+            self.factory.logins.release(key)
 
     def AUTHORIZATION_QUIT(self, rest):
         self._ok(b"Bye")
@@ -600,21 +669,15 @@ class POP3Factory(ServerFactory):
     tooManyConnections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
     noisy = False
 
-    def __init__(self, portal, tls=None, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
-                 clock=None, idleTimeout: float = 600.0, inUse: set | None = None, pipeline=None):
-        from pymaild.throttle import LoginThrottle
-
-        #: the plugins (login hooks), or None
-        self.pipeline = pipeline
-
-        self.portal = portal
+    def __init__(self, portal=None, tls=None, plaintextNetworks=(), implicitTLS: bool = False, throttle=None,
+                 clock=None, idleTimeout: float = 600.0, logins: Logins | None = None, pipeline=None):
+        #: who decides logins (L{Logins}, or a worker process's L{pymaild.pop3.remote.RemoteLogins}),
+        #: shared by the POP3 listeners (110 and 995)
+        self.logins = logins if logins is not None else Logins(portal, throttle, pipeline)
         self.tls = tls
         self.plaintextNetworks = tuple(plaintextNetworks)
         self.implicitTLS = implicitTLS
-        self.throttle = throttle if throttle is not None else LoginThrottle()
         self.idleTimeout = idleTimeout
-        #: mailboxes with a POP3 session, shared by the POP3 listeners (110 and 995)
-        self.inUse = inUse if inUse is not None else set()
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
@@ -622,5 +685,4 @@ class POP3Factory(ServerFactory):
     def buildProtocol(self, addr):
         p = PymaildPOP3()
         p.factory = self
-        p.portal = self.portal
         return p

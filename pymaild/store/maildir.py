@@ -330,6 +330,17 @@ class MaildirStore:
         with self._lock:
             self._places[user] = relative
 
+    def placeOf(self, user: str) -> str:
+        """The user's directory relative to the root, as L{place} takes it (another process's
+        store then finds the user where this one does)."""
+        with self._lock:
+            return self._relative(user)
+
+    def storageLimitOf(self, user: str) -> int:
+        """The user's storage limit in bytes (L{setStorageLimit}; 0: none)."""
+        with self._lock:
+            return self._limits.get(user, self.storageLimit)
+
     def setStorageLimit(self, user: str, limit: int | None) -> None:
         """
         The user's own storage limit in bytes (from the directory; None: the store's default),

@@ -551,13 +551,21 @@ def test_plain_refuses_acting_as_another_user(server):
 def test_closed_tls_sessions_free_their_descriptors(mailbox):
     """
     After QUIT over TLS (995, and 110 after STLS) the server's side of the connection really
-    goes: its descriptors are back to where they were (a session that stopped reading after
+    goes, in whichever process served it: its descriptors are back to where they were (a session that stopped reading after
     QUIT never saw the client's TLS close and stayed open for ever).
     """
-    def fds() -> int:
-        return len(os.listdir(f"/proc/{mailbox.proc.pid}/fd"))
+    def fds() -> int:  # (of the main process and of the worker processes serving POP3)
+        pids = [mailbox.proc.pid]
+        for task in os.listdir(f"/proc/{mailbox.proc.pid}/task"):
+            with open(f"/proc/{mailbox.proc.pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
 
     s = logged_in(mailbox)  # warm up (the store's files are open from here on)
+    s.ask(b"QUIT")
+    s.close()
+    wait_for(lambda: "pop3-worker-1 (pid" in mailbox.log() and ") ready" in mailbox.log(), what="the worker")
+    s = logged_in(mailbox)  # (and in the worker process: it serves the next session)
     s.ask(b"QUIT")
     s.close()
     wait_for(lambda: fds() == fds(), timeout=5)

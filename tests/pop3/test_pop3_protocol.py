@@ -70,20 +70,20 @@ def test_the_lock_is_held_until_quit_has_committed():
     clock, factory, protocol, transport, mailbox = session()
     protocol.dataReceived(b"USER u\r\nPASS p\r\n")
     assert b"+OK Logged in, 1 messages" in transport.value()
-    assert factory.inUse == {"box"}
+    assert factory.logins.inUse == {"box"}
     protocol.dataReceived(b"DELE 1\r\nQUIT\r\n")
     assert len(mailbox.commits) == 1 and protocol.isBusy()
     protocol.connectionLost(Failure(ConnectionDone()))  # the client went away during the commit
-    assert factory.inUse == {"box"}  # a new session must not see the messages being removed
+    assert factory.logins.inUse == {"box"}  # a new session must not see the messages being removed
     mailbox.commits[0].callback(1)
-    assert factory.inUse == set() and not protocol.isBusy()
+    assert factory.logins.inUse == set() and not protocol.isBusy()
 
 
 def test_a_dropped_session_commits_nothing_and_unlocks():
     clock, factory, protocol, transport, mailbox = session()
     protocol.dataReceived(b"USER u\r\nPASS p\r\nDELE 1\r\n")
     protocol.connectionLost(Failure(ConnectionDone()))
-    assert mailbox.commits == [] and factory.inUse == set()
+    assert mailbox.commits == [] and factory.logins.inUse == set()
 
 
 def test_an_unreachable_directory_is_a_temporary_failure():
@@ -103,7 +103,7 @@ def test_an_unreachable_directory_is_a_temporary_failure():
         def login(self, credentials, mind, *interfaces):
             return fail(TemporaryFailure("directory unreachable"))
 
-    factory.portal = Down()
+    factory.logins.portal = Down()
     transport.clear()
     protocol.dataReceived(b"USER u\r\nPASS p\r\n")
     clock.advance(0)
@@ -112,4 +112,4 @@ def test_an_unreachable_directory_is_a_temporary_failure():
     protocol.dataReceived(b"AUTH PLAIN " + base64.b64encode(b"\0u\0p") + b"\r\n")
     clock.advance(0)
     assert transport.value().startswith(b"-ERR [SYS/TEMP]")
-    assert factory.throttle._failures == {}  # not counted as a wrong password
+    assert factory.logins.throttle._failures == {}  # not counted as a wrong password
