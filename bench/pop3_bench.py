@@ -14,6 +14,10 @@ Measures, with the servers taking turns (A B C A B C ...):
   3. login (USER/PASS to +OK: includes opening the mailbox), STAT, LIST and UIDL of the whole
      mailbox: median time of each
 
+Before the rounds every server gets one untimed session per user (and pymaild's POP3 worker
+processes, which the first connection starts, are waited for), so that no round pays for a
+first login.
+
 Every server logs in with the same password hash scheme where it can (pymaild's ARGON2ID field
 is copied into Dovecot's passwd-file; twistd mail keeps cleartext passwords in its dirdbm),
 runs without TLS on 127.0.0.1 and keeps the mail (no DELE).  The received message and octet
@@ -94,11 +98,15 @@ class Server(imap_bench.Server):
 class Pymaild(Server):
     name = "pymaild"
 
-    def __init__(self, root: Path, maildir: Path):
+    def __init__(self, root: Path, maildir: Path, processes: int | None = None):
         super().__init__(root)
+        self.processes = processes
         self.data = root / "data"
         self.config = root / "pymaild.toml"
-        lines = ["[server]", 'hostname = "bench.localhost"', "shutdown_timeout = 5", "", "[listen]"]
+        lines = ["[server]", 'hostname = "bench.localhost"', "shutdown_timeout = 5", ""]
+        if processes is not None:
+            lines += ["[pop3]", f"processes = {processes}", ""]
+        lines += ["[listen]"]
         for name in ("smtp", "submission", "smtps", "imap", "imaps", "pop3s"):
             lines.append(f"{name} = []")
         lines += [f'pop3 = ["{HOST}:{self.port}"]', "", "[domains]", 'local = ["localhost"]', "",
@@ -117,6 +125,15 @@ class Pymaild(Server):
     def ctl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(PYMAILDCTL), "--config", str(self.config), "--data-dir", str(self.data), *args],
                               input=input, capture_output=True, text=True, timeout=120, env=PYMAILD_ENV)
+
+    def workersReady(self) -> bool:
+        """Whether the POP3 worker processes said they are ready (or there are none)."""
+        wanted = (self.processes or 2) - 1
+        try:
+            text = (self.root / "server.log").read_text(errors="replace")
+        except OSError:
+            return False
+        return text.count(") ready") >= wanted
 
     def passwordField(self) -> str:
         for line in (self.data / "passwd").read_text().splitlines():
@@ -335,6 +352,27 @@ def measureRetr(server: Server, sessions: int, timeout: float) -> dict:
     return {"seconds": elapsed, "messages": count, "octets": octets}
 
 
+def warmUp(server: Server, timeout: float) -> None:
+    """
+    One untimed session per user (login, STAT, QUIT), so that no round pays for a first
+    login: Dovecot's per-user index and cache files, pymaild's per-user index and its POP3
+    worker processes (started by the first POP3 connection; waited for until they are ready).
+    """
+    try:
+        for i in range(USERS):
+            s = Session(server.port, timeout)
+            s.login(*server.login(i))
+            s.ok(b"STAT")
+            s.close()
+    except (OSError, RuntimeError, ConnectionError) as e:
+        log(f"warm-up of {server.name}: {e}")  # (the rounds will say what fails)
+    ready = getattr(server, "workersReady", None)
+    if ready is not None:
+        deadline = time.monotonic() + 30
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 def measureListing(server: Server, timeout: float, repeat: int = 5) -> dict:
     out = {"login": [], "STAT": [], "LIST": [], "UIDL": []}
     for _ in range(repeat):
@@ -430,6 +468,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, help="keep the generated maildir here and reuse it")
     p.add_argument("--pymaild-source", choices=("worktree", "HEAD"), default="worktree")
     p.add_argument("--json", type=Path, help="also write every sample as JSON")
+    p.add_argument("--pymaild-processes", type=int, help="[pop3] processes of pymaild (default: pymaild's own, 2)")
     a = p.parse_args()
     if a.smoke:
         a.messages, a.repeat = 300, 1
@@ -446,12 +485,15 @@ def main() -> None:
     results: dict = {"order": []}
     t0 = time.perf_counter()
     try:
-        pym = Pymaild(tmp / "pymaild", maildir)
+        pym = Pymaild(tmp / "pymaild", maildir, a.pymaild_processes)
         servers: list[Server] = [pym, Dovecot(tmp / "dovecot", maildir, pym.passwordField())]
         if not a.no_twisted:
             servers.append(TwistdMail(tmp / "twistd", maildir))
         for server in servers:
             server.start()
+        log("warm-up: one untimed session per user on every server")
+        for server in servers:
+            warmUp(server, a.timeout)
         for n in sessions:
             label = f"RETR all, {n} session{'s' if n > 1 else ''}"
             results["order"].append((label, "rate"))
@@ -479,6 +521,7 @@ def main() -> None:
     names = [s.name for s in servers]
     header = [f"## POP3 benchmark, {time.strftime('%Y-%m-%d %H:%M')} ({time.perf_counter() - t0:.0f} s)",
               machineLine(tmp), sourceLine, f"Dovecot {dovecotVersion()}",
+              f"pymaild [pop3] processes = {a.pymaild_processes or 'default (2)'}",
               f"{a.messages:,} messages per mailbox ({sum(1 for _ in (maildir / 'cur').iterdir()):,} files), "
               f"repeat {a.repeat}, medians (min-max)"]
     printTable(results, names, header, notes)

@@ -23,6 +23,7 @@ the service hands it, through the methods named below.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -35,6 +36,10 @@ from pymaild.uidl import formatUidl
 SMALL = 256 << 10
 #: larger ones are streamed in pieces of this many bytes
 CHUNK = 64 << 10
+
+#: whether a line starts with a dot: a regex finds it several times faster than C{b"\n." in}
+#: (whose search slows down on every '.' of the text)
+_lineDot = re.compile(rb"\n\.").search
 
 class DotStuffer:
     """
@@ -60,7 +65,7 @@ class DotStuffer:
         if b"\r" in raw:
             raw = raw.replace(b"\r\n", b"\n")
         data = raw.replace(b"\n", b"\r\n")
-        if b"\n." in data:
+        if _lineDot(data):
             data = data.replace(b"\n.", b"\n..")
         if self._lineStart and data[:1] == b".":
             data = b"." + data
@@ -83,7 +88,7 @@ def stuffWhole(raw: bytes) -> bytes:
     if b"\r" in raw:
         raw = raw.replace(b"\r\n", b"\n")
     data = raw.replace(b"\n", b"\r\n")
-    if b"\n." in data:
+    if _lineDot(data):
         data = data.replace(b"\n.", b"\n..")
     if data[:1] == b".":
         data = b"." + data

@@ -22,6 +22,13 @@ character by character in Python: messages can be tens of megabytes.
 
 from __future__ import annotations
 
+import re
+
+
+#: whether a line starts with a dot (a regex: several times faster than C{b"\n." in}, whose
+#: search slows down on every '.' of the text)
+_lineDot = re.compile(rb"\n\.").search
+
 
 class DataEncoder:
     """
@@ -53,7 +60,7 @@ class DataEncoder:
             return b""
         if b"\r" in chunk:  # every line end LF for now: CRLF first, then the bare CRs
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if b"\n." in chunk:
+        if _lineDot(chunk):
             chunk = chunk.replace(b"\n.", b"\n..")
         if self._lineStart and chunk[:1] == b".":
             chunk = b"." + chunk

@@ -121,9 +121,9 @@ class DataReader:
         # dot-unstuffing: a line's leading dot goes (the first line's too)
         if stored[:1] == b".":
             stored = stored[1:]
-            if b"\n." in stored:
+            if _lineDot(stored):
                 stored = stored.replace(b"\n.", b"\n")
-        elif b"\n." in stored:
+        elif _lineDot(stored):
             stored = stored.replace(b"\n.", b"\n")
         self.size += len(stored)
         if self.size > self.maxSize:
@@ -145,6 +145,10 @@ class DataReader:
 
 
 _LONG_LINES: dict[int, re.Pattern] = {}
+
+#: whether a line starts with a dot (a regex: several times faster than C{b"\n." in}, whose
+#: search slows down on every '.' of the text)
+_lineDot = re.compile(rb"\n\.").search
 
 
 class ChunkReader:
