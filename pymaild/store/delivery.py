@@ -143,6 +143,17 @@ def writeTmp(maildir: Path, source: bytes | BinaryIO, clock=time.time) -> tuple[
     size = lines = 0
     pendingCR = False
     try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            # in memory: one write, and no pass for CRLFs when it has no CR (SMTP's spool
+            # holds LF line ends already)
+            data = bytes(source)
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n")
+            lines, size = data.count(b"\n"), len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            source = b""
         for chunk in _chunks(source):
             if pendingCR:
                 chunk = b"\r" + chunk

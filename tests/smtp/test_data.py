@@ -271,3 +271,20 @@ def test_same_answers_as_the_reference_reader(bare):
         pieces = split_randomly(data, rng)
         kw = {"bare": bare, "maxLine": rng.choice((3, 8, 50, 1000)), "maxSize": rng.choice((10, 1 << 30))}
         assert _readWith(DataReader, pieces, **kw) == _readWith(_ReferenceReader, pieces, **kw), (data, pieces, kw)
+
+
+_LONG_ALPHABET = [b"a", b".", b"\r\n", b"\r\n.", b"\r", b"\n", b"x" * 63, b"y" * 64, b"z" * 127, b"w" * 500]
+
+
+@pytest.mark.parametrize("bare", ["reject", "normalize"])
+def test_long_lines_as_the_reference_reader(bare):
+    """The long-line check by windows (limits of 128 octets and more) finds exactly the lines
+    the reference finds: lines just under, at and over the limit, at a piece's start and end,
+    next to bare CRs and LFs."""
+    rng = random.Random(20261130)
+    for _ in range(3000):
+        data = b"".join(rng.choice(_LONG_ALPHABET) for _ in range(rng.randint(0, 40)))
+        data += b"\r\n.\r\n"
+        pieces = split_randomly(data, rng)
+        kw = {"bare": bare, "maxLine": rng.choice((128, 129, 130, 200, 1000)), "maxSize": 1 << 30}
+        assert _readWith(DataReader, pieces, **kw) == _readWith(_ReferenceReader, pieces, **kw), (data, pieces, kw)
