@@ -128,7 +128,7 @@ class Pymaild(Server):
 
     def workersReady(self) -> bool:
         """Whether the POP3 worker processes said they are ready (or there are none)."""
-        wanted = (self.processes or 2) - 1
+        wanted = (self.processes or len(os.sched_getaffinity(0))) - 1
         try:
             text = (self.root / "server.log").read_text(errors="replace")
         except OSError:
@@ -468,7 +468,7 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, help="keep the generated maildir here and reuse it")
     p.add_argument("--pymaild-source", choices=("worktree", "HEAD"), default="worktree")
     p.add_argument("--json", type=Path, help="also write every sample as JSON")
-    p.add_argument("--pymaild-processes", type=int, help="[pop3] processes of pymaild (default: pymaild's own, 2)")
+    p.add_argument("--pymaild-processes", type=int, help="[pop3] processes of pymaild (default: pymaild's own, one per core)")
     a = p.parse_args()
     if a.smoke:
         a.messages, a.repeat = 300, 1
@@ -521,7 +521,7 @@ def main() -> None:
     names = [s.name for s in servers]
     header = [f"## POP3 benchmark, {time.strftime('%Y-%m-%d %H:%M')} ({time.perf_counter() - t0:.0f} s)",
               machineLine(tmp), sourceLine, f"Dovecot {dovecotVersion()}",
-              f"pymaild [pop3] processes = {a.pymaild_processes or 'default (2)'}",
+              f"pymaild [pop3] processes = {a.pymaild_processes or f'default ({len(os.sched_getaffinity(0))}: one per core)'}",
               f"{a.messages:,} messages per mailbox ({sum(1 for _ in (maildir / 'cur').iterdir()):,} files), "
               f"repeat {a.repeat}, medians (min-max)"]
     printTable(results, names, header, notes)

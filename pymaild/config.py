@@ -618,7 +618,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "idle_timeout": Key(_seconds, 600.0, "seconds an idle session lives (RFC 1939: at least 600)"),
         "uidl_format": Key(_uidl_format, "%f", "UIDL of a message: %f Maildir base name, %u UID, %v UIDVALIDITY"),
         "mark_seen": Key(_boolean, True, "messages retrieved with RETR get \\Seen when the session QUITs"),
-        "processes": Key(_integer(1, 64), 2, "processes that serve POP3 sessions, the main one included (1: the main process alone)"),
+        "processes": Key(_integer(0, 64), 0, "processes that serve POP3 sessions, the main one included (0: one per CPU core; 1: the main process alone)"),
     },
     "store": {
         "quota_storage": Key(_size, 0, "bytes a user may store (0: no limit)"),

@@ -636,10 +636,11 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
     pop3Workers = None
-    if config.pop3.processes > 1:  # (the worker's settings: see pymaild.worker)
+    processes = config.pop3.processes or len(os.sched_getaffinity(0))  # (0: one per core it may use)
+    if processes > 1:  # (the worker's settings: see pymaild.worker)
         settings = pickle.dumps({"config": config, "pem": serverTLS.pem, "where": serverTLS.where,
                                  "cert": serverTLS.certPath, "key": serverTLS.keyPath})
-        pop3Workers = WorkerPool("pop3", config.pop3.processes - 1, settings, registry, reactor,
+        pop3Workers = WorkerPool("pop3", processes - 1, settings, registry, reactor,
                                  desk=lambda worker: LoginDesk(pop3Logins, store))
     sockets = bindAll(
         [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
