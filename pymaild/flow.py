@@ -115,7 +115,7 @@ def _plainConnection(transport):
     return None
 
 
-def writeNow(transport, data: bytes) -> None:
+def writeNow(transport, data: bytes, conn=False) -> None:
     """
     C{transport.write(data)}, sent with one C{send} right away when nothing is waiting to go out
     before it: the answer a client waits for, without Twisted's registering the socket for
@@ -124,10 +124,12 @@ def writeNow(transport, data: bytes) -> None:
     What the socket does not take now is written the usual way, and so is everything over TLS
     and everything behind data already buffered (order is kept).  An error from C{send} is
     left for the reactor to find: the data goes to C{transport.write}, which registers the
-    socket, and its C{doWrite} meets the error as it would have.
+    socket, and its C{doWrite} meets the error as it would have.  C{conn}: the transport's
+    L{_plainConnection} if the caller knows it already.
     """
-    conn = _plainConnection(transport)
-    if (conn is None or not conn.connected or conn.disconnecting or conn._writeDisconnected
+    if conn is False:
+        conn = _plainConnection(transport)
+    if (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
             or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not data):
         transport.write(data)
         return
@@ -173,13 +175,18 @@ class LazyPause:
             self._stopReading()
         return super().dataReceived(data)
 
+    _plain = False  # the TCP connection under the transport (L{_plainConnection}), once known
+
     def answer(self, data: bytes) -> None:
         """An answer: sent at once (L{writeNow}) unless more commands are pipelined behind
         it, whose answers then go out together at the reactor's next turn."""
         if self._buffer:
             self.transport.write(data)
-        else:
-            writeNow(self.transport, data)
+            return
+        conn = self._plain
+        if conn is False:  # (found once: the wrappers stay; STLS later sets its TLS, checked)
+            conn = self._plain = _plainConnection(self.transport)
+        writeNow(self.transport, data, conn)
 
 
 class Closing:

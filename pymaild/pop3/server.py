@@ -581,7 +581,12 @@ class PymaildPOP3(Closing, LazyPause, basic.LineReceiver, pop3.POP3):
         if self._lost:
             transfer.close()
             return
+        pipelined = bool(self._buffer)  # (then the answer waits in the transport: see _pump)
         self.answer(b"+OK " + first + b"\r\n" + transfer.first)
+        if transfer.more is None and not pipelined:  # (all of it sent, or buffered to go)
+            transfer.close()
+            self._answered()
+            return
         self._transfer = transfer
         self._pump()
 
