@@ -58,6 +58,10 @@ MAX_RESTART_DELAY = 30.0
 STABLE = 10.0
 #: seconds a worker may take to stop after the shutdown timeout before it is killed
 STOP_GRACE = 3.0
+#: seconds a worker may take to answer L{Adopt} before it is taken for hung and killed
+ADOPT_TIMEOUT = 10.0
+#: the largest certificate or key L{Reload} carries (an AMP value holds at most 65,535 bytes)
+MAX_PEM = 60000
 
 
 class Adopt(amp.Command):
@@ -82,9 +86,9 @@ class Ready(amp.Command):
 
 
 class Reload(amp.Command):
-    """main -> worker: SIGHUP (re-read the certificate)."""
+    """main -> worker: SIGHUP: the certificate and key the main process holds now (PEM)."""
 
-    arguments = []
+    arguments = [(b"cert", amp.String()), (b"key", amp.String())]
     requiresAnswer = False
 
 
@@ -123,6 +127,18 @@ class _MainSide(amp.CommandLocator):
         return responder
 
 
+class _Channel(amp.AMP):
+    """The main process's end of a worker's channel: a lost channel is a worker that takes no
+    more connections (its process ending is seen by L{Worker.processEnded})."""
+
+    worker = None
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self.worker is not None:
+            self.worker.ready = False
+
+
 class Worker(ProcessProtocol):
     """
     One worker process as the main process sees it.
@@ -140,12 +156,14 @@ class Worker(ProcessProtocol):
         self.pid: int | None = None
         self.startedAt = time.monotonic()
         self.ended = defer.Deferred()
+        #: the certificate it was given (at its start, or by the last L{Reload})
+        self.pem = pool.tls.pem if pool.tls is not None else None
         self._out = b""
         self._err = b""
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        self.transport.write(self.pool.settings)
+        self.transport.write(self.pool.settings())
         self.transport.closeStdin()
 
     def outReceived(self, data: bytes):
@@ -225,7 +243,11 @@ class _Acceptor:
                     pass
                 conn.close()
                 continue
-            self.pool.take(conn, addr[0], self.factory)
+            try:
+                self.pool.take(conn, addr[0], self.factory)
+            except Exception:  # (never out of doRead: the reactor would drop this listener)
+                log.failure("{protocol}: placing a connection from {peer}", protocol=self.factory.name, peer=addr[0])
+                conn.close()
 
 
 class HandOffListenerService(ListenerService):
@@ -258,16 +280,19 @@ class WorkerPool:
     """
     The worker processes of one protocol (C{count} of them besides the main process).
 
-    @param settings: what each worker reads on its standard input (L{pymaild.worker}).
+    @param settings: C{settings()} -> what a worker reads on its standard input
+        (L{pymaild.worker}), made when it starts.
+    @param tls: the main process's L{pymaild.tls.ServerTLS}: its certificate goes to every
+        worker on SIGHUP, and to one that started before a SIGHUP it did not hear.
     @param desk: C{desk(worker)} -> an C{amp.CommandLocator} answering the protocol's own
         commands from that worker, or None; its C{workerLost()}, if any, is called when the
         worker ends.
     """
 
-    def __init__(self, name: str, count: int, settings: bytes, registry, reactor, desk=None,
-                 argv: list[str] | None = None):
+    def __init__(self, name: str, count: int, settings, registry, reactor, desk=None,
+                 argv: list[str] | None = None, tls=None):
         self.name, self.count, self.settings = name, count, settings
-        self.registry, self.reactor, self.desk = registry, reactor, desk
+        self.registry, self.reactor, self.desk, self.tls = registry, reactor, desk, tls
         self.argv = argv or [sys.executable, "-m", "pymaild.worker"]
         self.workers: list[Worker | None] = [None] * count
         self.listenerNames: set[str] = set()
@@ -289,23 +314,52 @@ class WorkerPool:
         ready = [w for w in self.workers if w is not None and w.ready]
         best = min(ready, key=lambda w: len(w.sessions), default=None)
         if best is None or len(best.sessions) > here:
-            try:
-                self.reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
-            finally:
-                conn.close()
+            self._serveHere(conn, factory)
             return
         id = next(self._ids)
         best.sessions[id] = host
         self.registry.addRemote((best.number, id), host)
-        d = best.channel.callRemote(Adopt, fd=conn.fileno(), id=id, listener=factory.name)
+        try:
+            d = best.channel.callRemote(Adopt, fd=conn.fileno(), id=id, listener=factory.name)
+        except Exception:
+            self._closed(best, id)
+            raise
+        late = self.reactor.callLater(ADOPT_TIMEOUT, self._hung, best)
 
         def notAdopted(failure):
+            self._closed(best, id)
+            if failure.check(error.ConnectionLost, error.ConnectionDone) and conn.fileno() >= 0:
+                # the worker is gone (its descriptors with it): this process still has the socket
+                log.warn("{system} is gone: serving a connection from {peer} here", system=best.system, peer=host)
+                self._serveHere(conn, factory)
+                return
             log.warn("{system}: a connection from {peer} was not handed over: {error}", system=best.system,
                      peer=host, error=failure.getErrorMessage())
-            self._closed(best, id)
 
+        def answered(result):
+            if late.active():
+                late.cancel()
+            return result
+
+        d.addBoth(answered)
         d.addErrback(notAdopted)
         d.addBoth(lambda _: conn.close())
+
+    def _serveHere(self, conn: socket.socket, factory: ListenerFactory) -> None:
+        try:
+            self.reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
+        except OSError as e:  # (reset before it was accepted, or out of descriptors)
+            log.info("{protocol}: a connection from {peer} ended before it was served: {error}",
+                     protocol=factory.name, peer="?", error=e.strerror or str(e))
+        finally:
+            conn.close()
+
+    def _hung(self, worker: Worker) -> None:
+        """A worker that did not answer L{Adopt} in time: killed (and started again)."""
+        log.warn("{system} (pid {pid}) did not take a connection in {timeout}s: killed", system=worker.system,
+                 pid=worker.pid, timeout=ADOPT_TIMEOUT)
+        worker.ready = False
+        worker.signal("KILL")
 
     def _closed(self, worker: Worker, id: int) -> None:
         if worker.sessions.pop(id, None) is not None:
@@ -314,6 +368,8 @@ class WorkerPool:
     def _ready(self, worker: Worker) -> None:
         worker.ready = True
         log.info("{system} (pid {pid}) ready", system=worker.system, pid=worker.pid)
+        if self.tls is not None and self.tls.pem != worker.pem:  # (a SIGHUP while it started)
+            self._reload(worker)
 
     # the processes
 
@@ -323,7 +379,8 @@ class WorkerPool:
         worker.extra = self.desk(worker) if self.desk is not None else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            channel = amp.AMP(locator=_MainSide(worker, worker.extra))
+            channel = _Channel(locator=_MainSide(worker, worker.extra))
+            channel.worker = worker
             worker.channel = channel
             self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: channel))
             env = dict(os.environ)
@@ -365,7 +422,16 @@ class WorkerPool:
     def reload(self) -> None:
         for worker in self.workers:
             if worker is not None and worker.ready:
-                worker.channel.callRemote(Reload)
+                self._reload(worker)
+
+    def _reload(self, worker: Worker) -> None:
+        cert, key = self.tls.pem if self.tls is not None else (b"", b"")
+        if len(cert) > MAX_PEM or len(key) > MAX_PEM:
+            log.error("{system}: the certificate is too large to hand over ({size} bytes): the worker reads "
+                      "the files itself", system=worker.system, size=max(len(cert), len(key)))
+            cert = key = b""
+        worker.pem = self.tls.pem if self.tls is not None else None
+        worker.channel.callRemote(Reload, cert=cert, key=key)
 
     def __repr__(self) -> str:
         return f"the {self.name} worker processes"
@@ -434,13 +500,16 @@ class WorkerSide(amp.AMP):
     parses the command.)
 
     @param listeners: L{AdoptedFactory} by listener name.
-    @param onReload: called on L{Reload}.
+    @param onReload: called on L{Reload} with the certificate and key (PEM), or C{None}: read
+        the files.
+    @param stopTimeout: seconds the sessions may take to close on SIGTERM.
     """
 
-    def __init__(self, listeners: dict, registry, reactor, onReload=None):
+    def __init__(self, listeners: dict, registry, reactor, onReload=None, stopTimeout: float = 5.0):
         super().__init__()
         self.listeners, self.registry, self.reactor = listeners, registry, reactor
         self.onReload = onReload
+        self.stopTimeout = stopTimeout
         self.stopping = False
         for factory in listeners.values():
             factory.side = self
@@ -466,9 +535,9 @@ class WorkerSide(amp.AMP):
             self.callRemote(Closed, id=id)
 
     @Reload.responder
-    def reload(self):
+    def reload(self, cert: bytes, key: bytes):
         if self.onReload is not None:
-            self.onReload()
+            self.onReload((cert, key) if cert and key else None)
         return {}
 
     @Stop.responder
@@ -491,4 +560,4 @@ class WorkerSide(amp.AMP):
         os.close(fd)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a terminal's ^C is the main process's to act on)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self.stop, 5.0))
+        signal.signal(signal.SIGTERM, lambda *_: self.reactor.callFromThread(self.stop, self.stopTimeout))

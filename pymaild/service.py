@@ -636,12 +636,14 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
     pop3Workers = None
-    processes = config.pop3.processes or len(os.sched_getaffinity(0))  # (0: one per core it may use)
-    if processes > 1:  # (the worker's settings: see pymaild.worker)
-        settings = pickle.dumps({"config": config, "pem": serverTLS.pem, "where": serverTLS.where,
+    processes = config.pop3.processes or min(64, len(os.sched_getaffinity(0)))  # (0: one per core it may use)
+    if processes > 1:
+        def settings() -> bytes:  # (what a worker reads first, made when it starts: see pymaild.worker)
+            return pickle.dumps({"config": config, "pem": serverTLS.pem, "where": serverTLS.where,
                                  "cert": serverTLS.certPath, "key": serverTLS.keyPath})
+
         pop3Workers = WorkerPool("pop3", processes - 1, settings, registry, reactor,
-                                 desk=lambda worker: LoginDesk(pop3Logins, store))
+                                 desk=lambda worker: LoginDesk(pop3Logins, store), tls=serverTLS)
     sockets = bindAll(
         [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
     )

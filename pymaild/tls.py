@@ -169,13 +169,15 @@ class ServerTLS:
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.options.getContext(), None)
 
-    def reload(self) -> None:
+    def reload(self, pem: tuple | None = None) -> None:
         """
-        Re-read the certificate and key (SIGHUP).  A broken new pair is logged and the old one
-        kept, so a typo never takes TLS down.
+        Re-read the certificate and key (SIGHUP), or take C{pem} (another L{ServerTLS}'s, as it
+        read them).  A broken new pair is logged and the old one kept, so a typo never takes TLS
+        down.
         """
         try:
-            pem = _read(self.certPath, "cert", self.where), _read(self.keyPath, "key", self.where)
+            if pem is None:
+                pem = _read(self.certPath, "cert", self.where), _read(self.keyPath, "key", self.where)
             self.options = optionsFromPem(*pem, self.certPath, self.keyPath, self.minVersion, self.where)
             self.pem = pem
         except ConfigError as e:

@@ -55,7 +55,8 @@ def main() -> None:
         pop3 = POP3Factory(tls=serverTLS, plaintextNetworks=config.auth.plaintext_networks, implicitTLS=implicitTLS,
                            clock=reactor, idleTimeout=config.pop3.idle_timeout, logins=logins)
         listeners[name] = AdoptedFactory(name, pop3, registry, serverTLS if implicitTLS else None)
-    side = logins.channel = WorkerSide(listeners, registry, reactor, serverTLS.reload)
+    side = logins.channel = WorkerSide(listeners, registry, reactor, serverTLS.reload,
+                                       config.server.shutdown_timeout)
     side.serve()
     storeThreads.start()
     reactor.callWhenRunning(lambda: side.callRemote(Ready, pid=os.getpid()).addErrback(lambda f: None))

@@ -69,26 +69,38 @@ class LoginDesk(amp.CommandLocator):
         super().__init__()
         self.logins, self.store = logins, store
         self.held: set = set()
+        self.lost = False  # the worker ended: what its logins still get is given back at once
 
     @Login.responder
     def login(self, user, username, password, session, peer, peerPort, localPort, tls):
         view = Session(id=session, protocol="pop3", peer=peer, peerPort=peerPort, localPort=localPort, tls=tls)
         d = self.logins.login(view, user, UsernamePassword(username, password))
-        d.addCallbacks(self._granted, self._refused)
+        d.addCallback(self._granted)
+        d.addErrback(self._refused)  # (a refusal, or what _granted raised)
         return d
 
     def _granted(self, result):
         mbox, logout, key = result
         logout()  # (the worker opens the mailbox in its own store)
         account = mbox.account
+        try:
+            if self.lost:  # (its check outlived the worker: nobody will give it back)
+                raise Refused("tempfail")
+            answer = {"result": "ok", "delay": 0.0, "account": account, "key": key,
+                      "place": self.store.placeOf(account), "limit": self.store.storageLimitOf(account)}
+        except Exception:
+            self.logins.release(key)
+            raise
         self.held.add(key)
-        return {"result": "ok", "delay": 0.0, "account": account, "key": key,
-                "place": self.store.placeOf(account), "limit": self.store.storageLimitOf(account)}
+        return answer
 
     def _refused(self, failure):
-        failure.trap(Refused)
-        return {"result": failure.value.result, "delay": failure.value.delay, "account": "", "key": "",
-                "place": "", "limit": 0}
+        if not failure.check(Refused):
+            log.failure("pop3 login for a worker", failure)
+            refusal = Refused("error")
+        else:
+            refusal = failure.value
+        return {"result": refusal.result, "delay": refusal.delay, "account": "", "key": "", "place": "", "limit": 0}
 
     @Release.responder
     def release(self, key):
@@ -98,7 +110,9 @@ class LoginDesk(amp.CommandLocator):
         return {}
 
     def workerLost(self) -> None:
-        """The worker process ended: its sessions hold nothing any more."""
+        """The worker process ended: its sessions hold nothing any more (and logins still
+        being checked for it will not hold anything either)."""
+        self.lost = True
         held, self.held = self.held, set()
         for key in held:
             self.logins.release(key)
@@ -131,9 +145,14 @@ class RemoteLogins:
         if answer["result"] != "ok":
             raise Refused(answer["result"], answer["delay"])
         account = answer["account"]
-        self.store.place(account, answer["place"])
-        self.store.setStorageLimit(account, answer["limit"])
-        mbox, logout = self.avatar(account, None)
+        try:
+            self.store.place(account, answer["place"])
+            self.store.setStorageLimit(account, answer["limit"])
+            mbox, logout = self.avatar(account, None)
+        except Exception:  # (the main process holds the mailbox for this session: give it back)
+            log.failure("pop3 login {user}: opening the mailbox", user=account)
+            self.release(answer["key"])
+            raise Refused("tempfail") from None
         return mbox, logout, answer["key"]
 
     def _lost(self, failure):

@@ -68,7 +68,7 @@ def served_by(server, s: Session) -> str:
     found = []
     wait_for(lambda: found.extend(pattern.findall(server.log())) or found, timeout=10,
              what=f"the connect from port {port} in the log")
-    return found[0] if found[0].startswith("pop3-worker-") else "main"
+    return found[-1] if found[-1].startswith("pop3-worker-") else "main"
 
 
 def add_user(server, name: str) -> None:
@@ -278,3 +278,67 @@ def test_shutdown_closes_the_workers_sessions_and_stops_them(make_server):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_connection_reset_before_it_is_accepted_does_not_stop_the_listener(make_server):
+    """
+    A client that connects and resets before the server accepts (the server stopped meanwhile):
+    the accepted socket has no peer any more; the listener goes on serving the next clients.
+    """
+    import struct
+
+    server = make_server("[pop3]\nprocesses = 2\n").start()
+    server.signal(signal.SIGSTOP)
+    try:
+        rst = socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=10)
+        rst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rst.close()
+    finally:
+        server.signal(signal.SIGCONT)
+    for _ in range(3):
+        s = session(server, tls=False)
+        assert s.ask(b"QUIT").startswith(b"+OK")
+        s.close()
+
+
+def test_a_sighup_before_the_workers_start_reaches_them(make_server, tmp_path):
+    """
+    The certificate a worker serves is the one the main process holds when the worker starts,
+    not the one it had at start-up: SIGHUP before the first POP3 connection, then a worker's
+    pop3s session gets the new certificate.
+    """
+    from pymaild.tls import generateSelfSigned
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    generateSelfSigned(cert, key, "localhost")
+    server = make_server(f'[pop3]\nprocesses = 2\n[tls]\ncert = "{cert}"\nkey = "{key}"\n').start()
+    generateSelfSigned(cert, key, "localhost")
+    new = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "TLS certificate reloaded" in server.log(), what="the reload")
+    s = session(server, tls=False)  # (starts the worker)
+    s.ask(b"QUIT")
+    s.close()
+    wait_for(lambda: len(worker_pids(server)) == 1, timeout=30, what="the worker")
+    der, port = _leaf(server.ports["pop3s"])
+    assert der == new
+    assert re.search(r"\[pop3-worker-1\] pop3s connect from 127\.0\.0\.1:%d " % port, server.log())
+
+
+def test_a_hung_worker_is_replaced_and_its_connection_served(make_server):
+    """
+    A worker that stops answering (SIGSTOP) is killed after handoff.ADOPT_TIMEOUT seconds; the
+    connection it was given is served by the main process, and a new worker starts.
+    """
+    from pymaild.handoff import ADOPT_TIMEOUT
+
+    server = start(make_server, 2)
+    old = worker_pids(server)["pop3-worker-1"]
+    os.kill(old, signal.SIGSTOP)
+    s = Session(socket.create_connection(("127.0.0.1", server.ports["pop3"]), timeout=ADOPT_TIMEOUT + 20))
+    assert s.greeting.startswith(b"+OK")
+    assert "pop3-worker-1 (pid %d) did not take a connection" % old in server.log()
+    assert served_by(server, s) == "main"
+    assert s.ask(b"QUIT").startswith(b"+OK")
+    s.close()
+    wait_for(lambda: worker_pids(server).get("pop3-worker-1") not in (None, old), timeout=30, what="a new worker")
