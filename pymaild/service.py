@@ -393,6 +393,14 @@ def _needsUTF8(source, transaction: dict) -> bool:
     return not (head[: end if end >= 0 else len(head)]).isascii()
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on (all of them where that cannot be known)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def ldapSettings(config: Config) -> LdapSettings:
     l = config.ldap
     password = l.bind_password
@@ -636,7 +644,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
     registry = ConnectionRegistry(config.limits.max_connections, config.limits.max_connections_per_ip, reactor)
     pop3Workers = None
-    processes = config.pop3.processes or min(64, len(os.sched_getaffinity(0)))  # (0: one per core it may use)
+    processes = config.pop3.processes or min(64, _cores())  # (0: one per core it may use)
     if processes > 1:
         def settings() -> bytes:  # (what a worker reads first, made when it starts: see pymaild.worker)
             return pickle.dumps({"config": config, "pem": serverTLS.pem, "where": serverTLS.where,
