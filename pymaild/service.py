@@ -87,12 +87,14 @@ def _checkReadable(path: Path, name: str, where: str, mustExist: bool, table: st
         raise ConfigError(f"{where}: [{table}] {name}: {path}: {fileProblem(e)}") from None
 
 
-def checkFiles(config: Config) -> None:
+def checkFiles(config: Config) -> tlsmod.ServerTLS | None:
     """
     Check every file the configuration names, without changing anything: the data directory,
     the TLS certificate and key, the passwd-file and the aliases file.  C{pymaildctl
     check-config} and start-up both run this.
 
+    @return: the certificate and key as checked (start-up serves them: loading an RSA key is
+        most of its check, about 35 ms), or None when the self-signed pair is still to be made.
     @raise ConfigError: one line naming the file, the key and the problem.
     """
     where = _where(config)
@@ -101,12 +103,13 @@ def checkFiles(config: Config) -> None:
         raise ConfigError(f"{where}: [server] data_dir: {data}: not a directory")
     if data.is_dir() and not os.access(data, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: [server] data_dir: {data}: not writable")
+    tls = None
     if not config.tls.self_signed:
-        tlsmod.loadCertificateOptions(config.tls.cert, config.tls.key, config.tls.min_version, where)
+        tls = tlsmod.ServerTLS(config.tls.cert, config.tls.key, config.tls.min_version, where)
     else:
         cert, key = tlsmod.selfSignedPaths(data)
         if cert.exists() or key.exists():
-            tlsmod.loadCertificateOptions(cert, key, config.tls.min_version, where)
+            tls = tlsmod.ServerTLS(cert, key, config.tls.min_version, where)
     for key in ("relay_password_file", "ca_file"):
         path = getattr(config.queue, key)
         if path is not None:
@@ -121,13 +124,14 @@ def checkFiles(config: Config) -> None:
         if path is not None and config.auth.backend == "ldap":
             _checkReadable(path, key, where, True, "ldap")
     if config.auth.backend == "ldap":
-        return  # (no passwd-file or aliases file: the directory holds the accounts)
+        return tls  # (no passwd-file or aliases file: the directory holds the accounts)
     _checkReadable(config.auth.passwd_file, "passwd_file", where, config.auth.passwd_file_explicit)
     if _checkReadable(config.auth.aliases_file, "aliases_file", where, config.auth.aliases_file_explicit):
         try:
             AliasesFile(config.auth.aliases_file).check()
         except AliasesError as e:
             raise ConfigError(f"{where}: [auth] aliases_file: {e}") from None
+    return tls
 
 
 class _Owner:
@@ -158,7 +162,11 @@ def _prepareDataDir(config: Config, own: _Owner) -> None:
         raise ConfigError(f"{_where(config)}: [server] data_dir: {data}: {e.strerror}") from None
 
 
-def _serverTLS(config: Config, own: _Owner) -> tlsmod.ServerTLS:
+def _serverTLS(config: Config, own: _Owner, checked: tlsmod.ServerTLS | None = None) -> tlsmod.ServerTLS:
+    """The certificate the listeners serve: C{checked} (L{checkFiles}'s), or the self-signed
+    pair, made now if it is not there yet."""
+    if checked is not None:
+        return checked
     where = _where(config)
     if config.tls.self_signed:
         cert, key = tlsmod.selfSignedPaths(config.server.data_dir)
@@ -529,9 +537,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         from twisted.internet import reactor
     where = _where(config)
     own = _Owner(uid, gid)
-    checkFiles(config)
+    checked = checkFiles(config)
     _prepareDataDir(config, own)
-    serverTLS = _serverTLS(config, own)
+    serverTLS = _serverTLS(config, own, checked)
 
     if config.auth.backend == "ldap":
         threadpool = ThreadPool(minthreads=0, maxthreads=config.ldap.pool_size, name="pymaild-ldap")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -43,11 +43,13 @@ def selfSignedPaths(dataDir: Path) -> tuple[Path, Path]:
 
 def generateSelfSigned(certPath: Path, keyPath: Path, hostname: str, days: int = 3650) -> None:
     """
-    Write a self-signed RSA 2048 certificate for C{hostname}, C{localhost}, 127.0.0.1 and ::1.
-    The key file is created with mode 0600; both files are written to a temporary name and
-    renamed, so a crash leaves either nothing or both.
+    Write a self-signed ECDSA P-256 certificate for C{hostname}, C{localhost}, 127.0.0.1 and
+    ::1 (every TLS 1.2 client takes it; against RSA 2048 its key loads in a millisecond instead
+    of about 35 ms at every start, and a handshake's signature costs a twentieth).  The key file
+    is created with mode 0600; both files are written to a temporary name and renamed, so a
+    crash leaves either nothing or both.
     """
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.timezone.utc)
     altNames = [x509.DNSName(n) for n in dict.fromkeys([hostname, "localhost"])]
@@ -100,22 +102,15 @@ def _read(path: Path, key: str, where: str) -> bytes:
         raise ConfigError(f"{where}: [tls] {key}: {path}: {fileProblem(e)}") from None
 
 
-def loadCertificateOptions(
-    certPath: Path, keyPath: Path, minVersion: str = "TLSv1.2", where: str = "embedded default"
-) -> ssl.CertificateOptions:
-    """
-    Read a PEM certificate chain (leaf first) and its key into Twisted's C{CertificateOptions}.
-
-    @raise ConfigError: the file is missing or unreadable, holds no certificate or key, or the
-        key does not belong to the certificate; the message names C{[tls] cert} or C{[tls] key}.
-    """
-    return optionsFromPem(_read(certPath, "cert", where), _read(keyPath, "key", where), certPath, keyPath,
-                          minVersion, where)
-
-
 def optionsFromPem(certData: bytes, keyData: bytes, certPath: Path, keyPath: Path, minVersion: str = "TLSv1.2",
                    where: str = "embedded default") -> ssl.CertificateOptions:
-    """L{loadCertificateOptions} of the files' contents (the paths name them in errors)."""
+    """
+    A PEM certificate chain (leaf first) and its key, as read from C{certPath} and C{keyPath},
+    made into Twisted's C{CertificateOptions}.
+
+    @raise ConfigError: no certificate or key in the data, or the key does not belong to the
+        certificate; the message names C{[tls] cert} or C{[tls] key} and the file.
+    """
     try:
         chain = x509.load_pem_x509_certificates(certData)
     except ValueError:

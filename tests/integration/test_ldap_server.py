@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import free_ports, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ldapserver  # noqa: E402
@@ -33,7 +33,12 @@ def slapd(tmp_path):
 
 
 def config(slapd) -> str:
+    # (the queue asks a name server where nothing answers: a remote recipient stays queued,
+    # whatever the machine's own resolver would say about partner.example at once)
     return f"""
+[queue]
+nameservers = ["127.0.0.1:{free_ports(1)[0]}"]
+
 [auth]
 backend = "ldap"
 plaintext_networks = ["127.0.0.0/8"]
