@@ -386,6 +386,16 @@ class WorkerPool:
             env = dict(os.environ)
             self.reactor.spawnProcess(worker, self.argv[0], self.argv, env=env,
                                       childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()})
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.ENOENT, errno.ENOEXEC, errno.EPERM):
+                log.failure("{system}: cannot start", system=worker.system)
+                self._restartLater(number, worker)
+                return
+            # a setup problem, not a passing one: said once, and not tried again
+            log.error("{system}: cannot start {program} ({error}): it must be executable by the user the "
+                      "server runs as; the main process serves these sessions", system=worker.system,
+                      program=self.argv[0], error=e.strerror or str(e))
+            return
         except Exception:
             log.failure("{system}: cannot start", system=worker.system)
             self._restartLater(number, worker)
