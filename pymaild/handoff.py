@@ -314,7 +314,7 @@ class WorkerPool:
         ready = [w for w in self.workers if w is not None and w.ready]
         best = min(ready, key=lambda w: len(w.sessions), default=None)
         if best is None or len(best.sessions) > here:
-            self._serveHere(conn, factory)
+            self._serveHere(conn, host, factory)
             return
         id = next(self._ids)
         best.sessions[id] = host
@@ -331,7 +331,7 @@ class WorkerPool:
             if failure.check(error.ConnectionLost, error.ConnectionDone) and conn.fileno() >= 0:
                 # the worker is gone (its descriptors with it): this process still has the socket
                 log.warn("{system} is gone: serving a connection from {peer} here", system=best.system, peer=host)
-                self._serveHere(conn, factory)
+                self._serveHere(conn, host, factory)
                 return
             log.warn("{system}: a connection from {peer} was not handed over: {error}", system=best.system,
                      peer=host, error=failure.getErrorMessage())
@@ -345,12 +345,12 @@ class WorkerPool:
         d.addErrback(notAdopted)
         d.addBoth(lambda _: conn.close())
 
-    def _serveHere(self, conn: socket.socket, factory: ListenerFactory) -> None:
+    def _serveHere(self, conn: socket.socket, host: str, factory: ListenerFactory) -> None:
         try:
             self.reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
         except OSError as e:  # (reset before it was accepted, or out of descriptors)
             log.info("{protocol}: a connection from {peer} ended before it was served: {error}",
-                     protocol=factory.name, peer="?", error=e.strerror or str(e))
+                     protocol=factory.name, peer=host, error=e.strerror or str(e))
         finally:
             conn.close()
 

@@ -157,9 +157,12 @@ class ServerTLS:
         self.minVersion = minVersion
         self.where = where
         if pem is None:
-            pem = _read(certPath, "cert", where), _read(keyPath, "key", where)
+            pem = self._readFiles()
         self.options = optionsFromPem(*pem, certPath, keyPath, minVersion, where)
         self.pem = pem
+
+    def _readFiles(self) -> tuple[bytes, bytes]:
+        return _read(self.certPath, "cert", self.where), _read(self.keyPath, "key", self.where)
 
     def serverConnectionForTLS(self, tlsProtocol):
         return SSL.Connection(self.options.getContext(), None)
@@ -172,7 +175,7 @@ class ServerTLS:
         """
         try:
             if pem is None:
-                pem = _read(self.certPath, "cert", self.where), _read(self.keyPath, "key", self.where)
+                pem = self._readFiles()
             self.options = optionsFromPem(*pem, self.certPath, self.keyPath, self.minVersion, self.where)
             self.pem = pem
         except ConfigError as e:
