@@ -12,7 +12,9 @@ process are reported.  Listeners are called in the thread that made the change: 
 hands the call to its reactor with C{callFromThread}.
 
 Changes made through this process's store are reported at once without inotify; their
-inotify events find nothing new at the sync that follows.  A STORE on many messages lifts the
+inotify events find nothing new at the sync that follows, and a STORE's renames are announced
+to the watcher beforehand (C{Folder.expectEvents}), so that their events cost no sync at all (a
+sync of a folder of 100,000 messages lists its directory: 60-140 ms).  A STORE on many messages lifts the
 watch around its renames (C{Folder.quiet}, set while a folder is watched): events for a
 directory being watched cost each rename about as much again, and one sync after the watch is
 back catches what other processes did meanwhile.
@@ -20,6 +22,7 @@ back catches what other processes did meanwhile.
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 
@@ -30,6 +33,8 @@ from twisted.python.filepath import FilePath
 log = Logger()
 
 _MASK = inotify.IN_CREATE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM | inotify.IN_DELETE
+_KINDS = {inotify.IN_MOVED_FROM: "from", inotify.IN_MOVED_TO: "to", inotify.IN_CREATE: "create",
+          inotify.IN_DELETE: "delete"}
 
 
 class FolderWatcher:
@@ -63,8 +68,21 @@ class FolderWatcher:
     def _add(self, folder) -> None:
         for sub in ("new", "cur"):
             self._notifier.watch(
-                FilePath(str(folder.path / sub)), mask=_MASK, callbacks=[lambda *a, f=folder: self._changed(f)]
+                FilePath(str(folder.path / sub)), mask=_MASK,
+                callbacks=[lambda _, path, mask, f=folder, sub=sub: self._event(f, sub, path, mask)],
             )
+
+    def _event(self, folder, sub: str, path, mask: int) -> None:
+        """
+        One inotify event: a sync soon, unless this process announced it (a STORE's rename:
+        C{Folder.expectEvents}), as the store told the sessions of that change already.
+        """
+        ownEvent = getattr(folder, "ownEvent", None)
+        if ownEvent is not None:
+            kind = _KINDS.get(mask & _MASK)
+            if kind is not None and ownEvent(sub, kind, os.fsdecode(path.basename())):  # (bytes from inotify)
+                return
+        self._changed(folder)
 
     def _remove(self, folder) -> None:
         for sub in ("new", "cur"):

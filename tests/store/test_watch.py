@@ -126,3 +126,75 @@ class QuietTests(_WatcherCase):
         self.watcher._resume(folder)  # was: an OSError from inotify's add_watch
         self.assertNotIn(id(folder), self.watcher._watched)
         self.watcher.unwatch(folder)  # and a later unwatch is a no-op, not a KeyError
+
+
+class OwnEventsTests(_WatcherCase):
+    """
+    A STORE's renames are announced to the watcher beforehand (Folder.expectEvents): their
+    inotify events cost no sync (a sync lists the whole directory), while another process's
+    rename, even of the same file just after, is still synced.
+    """
+
+    def setUp(self):
+        super().setUp()
+        for i in range(3):
+            self.inbox.append(b"Subject: %d\n\nbody\n" % i)
+        self.other = self.user.createFolder("Other")
+        self.syncs = []
+        original = self.inbox.sync
+        self.inbox.sync = lambda *a: (self.syncs.append(a), original(*a))[1]
+        self.watcher.watch(self.inbox)
+        self.watcher.watch(self.other)
+
+    @defer.inlineCallbacks
+    def _eventsSoFarHandled(self):
+        """
+        A delivery into Other by another process, heard: inotify reports events in order, so
+        every INBOX event before it has been seen (and its sync scheduled, if any).
+        """
+        heard = defer.Deferred()
+        self.other.addListener(
+            lambda f, c: reactor.callFromThread(heard.callback, None) if c.added and not heard.called else None)
+        code = ("import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+                "deliver(Path(sys.argv[1]), b'x\\n')")
+        yield deferToProcess(code, str(self.other.path))
+        yield withTimeout(heard, 10)
+
+    @defer.inlineCallbacks
+    def test_own_store_costs_no_sync(self):
+        changed, failed = self.inbox.store([1, 2], ["\\Flagged"], "add")
+        self.assertEqual((sorted(changed), failed), ([1, 2], []))
+        self.inbox.store([2], ["\\Flagged"], "remove")
+        yield self._eventsSoFarHandled()
+        self.assertEqual(self.syncs, [])
+        self.assertNotIn(id(self.inbox), self.watcher._pending)
+        self.assertEqual(self.inbox._expected, {})  # each announcement met its event
+
+    @defer.inlineCallbacks
+    def test_another_process_renaming_the_same_file_is_synced(self):
+        self.inbox.store([1], ["\\Flagged"], "add")
+        heard = defer.Deferred()  # (the store told its own change to the listeners already)
+        self.inbox.addListener(
+            lambda f, c: reactor.callFromThread(heard.callback, c.flagsChanged)
+            if c.flagsChanged and not heard.called else None)
+        path = self.inbox.filePath(1)
+        # another program marks it \Seen too, at once: F -> FS
+        code = "import os, sys; os.rename(sys.argv[1], sys.argv[1][:-1] + 'FS')"
+        self.assertTrue(str(path).endswith(":2,F"))
+        yield deferToProcess(code, str(path))
+        changed = yield withTimeout(heard, 10)
+        self.assertEqual(changed, [1])
+        self.assertEqual(self.inbox.messages([1])[0].flags, frozenset({"\\Flagged", "\\Seen"}))
+        self.assertEqual(len(self.syncs), 1)
+
+    def test_an_announcement_no_event_meets_is_forgotten(self):
+        from pymaild.store import maildir
+
+        event = ("cur", "to", "1.M1P1.h:2,S")
+        self.inbox.expectEvents([event])
+        self.inbox.expectEvents([event], False)
+        self.assertEqual(self.inbox._expected, {})
+        self.patch(maildir, "_EXPECT_SECONDS", -1.0)
+        self.inbox.expectEvents([event])
+        self.assertFalse(self.inbox.ownEvent(*event))  # too old: a sync, to be safe
+        self.assertEqual(self.inbox._expected, {})
