@@ -24,11 +24,14 @@ from __future__ import annotations
 import os
 import re
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import add, gt, mul
 
 from twisted.mail import imap4
 
-__all__ = ["FetchError", "FetchRequest", "parseFetch", "renderMessage", "internalDate",
+__all__ = ["FetchError", "FetchRequest", "parseFetch", "renderMessage", "renderFlagRun", "internalDate",
            "STREAM_ABOVE", "MAX_NESTING", "Stream"]
 
 #: Sections larger than this are streamed from the file instead of read into memory.
@@ -103,6 +106,14 @@ class FetchRequest:
     @property
     def wantsFlags(self) -> bool:
         return "flags" in self.types
+
+    @property
+    def flagsOnly(self) -> bool:
+        """
+        Only UID, FLAGS and MODSEQ (a client syncing flags: C{UID FETCH 1:* (FLAGS)}): the index
+        rows' flags are all it reads, not sizes, dates or file names.
+        """
+        return self.types <= {"uid", "flags"} and not self.marksSeen
 
 
 def _split(line: bytes) -> tuple[bytes, bytes]:
@@ -274,6 +285,58 @@ class Stream:
     def __init__(self, prefix: bytes, section):
         self.prefix = prefix
         self.section = section
+
+
+def renderFlagRun(index, start: int, count: int, firstSeq: int, request: FetchRequest, uid: bool, modseq: bool,
+                  recentRanges, changedSince: int | None = None) -> bytes:
+    """
+    The FETCH responses of a request for flags alone (L{FetchRequest.flagsOnly}) for C{count}
+    consecutive messages of a folder's flag index (L{pymaild.store.maildir.FlagIndex}) from
+    position C{start}, numbered from C{firstSeq}: the bytes L{renderMessage} gives for each,
+    made without Python code per message (the columns are zipped and formatted at C speed).
+    C{recentRanges}: the session's C{[low, high)} UID ranges with \\Recent; C{changedSince}
+    leaves out messages whose MODSEQ is not above it.
+    """
+    end = start + count
+    uids = index.uids[start:end]
+    pieces, columns = [], [range(firstSeq, firstSeq + count)]
+    if uid and "uid" not in request.types:
+        pieces.append(b"UID %d")
+        columns.append(uids)
+    flagColumn = None
+    for item in request.items:
+        if item.type == "uid":
+            pieces.append(b"UID %d")
+            columns.append(uids)
+        else:  # flags (flagsOnly allows nothing else)
+            if flagColumn is None:
+                flagColumn = _flagColumn(index, start, end, uids, recentRanges)
+            pieces.append(b"FLAGS (%s)")
+            columns.append(flagColumn)
+    if modseq:
+        pieces.append(b"MODSEQ (%d)")
+        columns.append(index.modseqs[start:end])
+    fmt = b"* %d FETCH (" + b" ".join(pieces) + b")\r\n"
+    if changedSince is not None:
+        keep = list(map(gt, index.modseqs[start:end], repeat(changedSince)))
+        columns = [compress(column, keep) for column in columns]
+    return b"".join(map(fmt.__mod__, zip(*columns)))
+
+
+def _flagColumn(index, start: int, end: int, uids, recentRanges) -> list[bytes]:
+    """Each message's FLAGS text, as L{renderMessage} writes it (sorted, then \\Recent)."""
+    table = []
+    for flags, keywords in index.pairs:
+        table.append(" ".join(sorted(frozenset(flags.split()) | frozenset(keywords.split()))).encode())
+    codes = index.codes[start:end]
+    recent = bytearray(len(codes))
+    for low, high in recentRanges:
+        i, j = bisect_left(uids, low), bisect_left(uids, high)
+        recent[i:j] = b"\x01" * (j - i)
+    if not any(recent):
+        return list(map(table.__getitem__, codes))
+    table += [(t + b" \\Recent" if t else b"\\Recent") for t in table]  # code + len(pairs): with \\Recent
+    return list(map(table.__getitem__, map(add, codes, map(mul, recent, repeat(len(index.pairs))))))
 
 
 def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool, sectionOpener) -> list:

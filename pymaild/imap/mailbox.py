@@ -26,6 +26,8 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
+from pymaild.imap import fetch
+
 log = Logger()
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
@@ -488,12 +490,14 @@ class StoreMailbox:
     _resolve = resolve
 
     def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None,
-                   directFields: tuple | None = None):
+                   directFields: tuple | None = None, flagsOnly: bool = False):
         """
         A Deferred of C{[(sequence number, StoreMessage)]} for C{uids} (a slice of this view;
         messages expunged meanwhile are left out).  C{markSeen} sets \\Seen first, so that
         the FLAGS sent show it; C{changedSince} keeps only messages with a greater MODSEQ;
-        C{directFields} (ENVELOPE/BODYSTRUCTURE/BODY only) reads just those summary fields.
+        C{directFields} (ENVELOPE/BODYSTRUCTURE/BODY only) reads just those summary fields;
+        C{flagsOnly} (UID, FLAGS, MODSEQ only) reads the index's flags alone (no sizes,
+        internal dates or file names: the messages carry no path).
         """
         markSeen = markSeen and self.writeable
         wanted = set(uids)
@@ -504,6 +508,11 @@ class StoreMailbox:
         def work():
             if markSeen and uids:
                 self.folder.store(uids, ["\\Seen"], "add")
+            if flagsOnly:
+                metas = self.folder.flagRows(span)
+                if changedSince is not None:
+                    metas = [m for m in metas if m.modseq > changedSince]
+                return [(m.uid, StoreMessage(m, None, None)) for m in metas if m.uid in wanted]
             metas = [m for m in self.folder.messages(span) if m.uid in wanted]
             if changedSince is not None:
                 metas = [m for m in metas if m.modseq > changedSince]
@@ -536,6 +545,29 @@ class StoreMailbox:
             return out
 
         return self.run(work).addCallback(numbered)
+
+    def fetchFlagRun(self, uids, request, uid: bool, modseq: bool, changedSince: int | None = None):
+        """
+        A Deferred of the FETCH responses (bytes) of a request for flags alone for C{uids}, a
+        run of consecutive messages of this view, from the folder's flag index
+        (L{pymaild.imap.fetch.renderFlagRun}); of None when that does not apply (the run is not
+        consecutive here, or the index no longer has exactly these messages: an expunge not
+        announced yet, another process's change): the caller then uses L{fetchBatch}.
+        """
+        first = self.sequenceNumber(uids[0]) if uids else None
+        run = array("I", uids)
+        if first is None or self.uids[first - 1 : first - 1 + len(run)] != run:
+            return defer.succeed(None)
+        recent = list(self.recentRanges)
+
+        def work():
+            index = self.folder.flagIndex()
+            start = bisect_left(index.uids, run[0])
+            if index.uids[start : start + len(run)] != run:
+                return None
+            return fetch.renderFlagRun(index, start, len(run), first, request, uid, modseq, recent, changedSince)
+
+        return self.run(work)
 
     def highestModseq(self, numbers, wanted: bool = True):
         """

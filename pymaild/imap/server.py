@@ -1175,6 +1175,11 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     #: pieces (500 at a time cost about 9 us a message more than 4,000 at a time)
     FETCH_BATCH = 500
     FETCH_BATCH_MAX = 4000
+    #: a FETCH of flags alone (UID, FLAGS, MODSEQ: a client syncing a folder) for at least
+    #: FLAG_RUN_FROM messages is answered from the folder's flag index (arrays kept in memory,
+    #: L{pymaild.store.maildir.Folder.flagIndex}), FLAG_RUN messages per store call
+    FLAG_RUN_FROM = 1000
+    FLAG_RUN = 16384
 
     def arg_fetchspec(self, line):
         try:
@@ -1222,10 +1227,16 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 if gone:
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
             modseq = request.modseq or (self.condstore and request.wantsFlags)
+            if request.flagsOnly and not markSeen and len(wanted) >= self.FLAG_RUN_FROM:
+                done = yield self._writeFlagRuns(request, wanted, uid, modseq, producer)
+                if done == len(wanted) or producer.stopped or self._gone():
+                    return
+                wanted = wanted[done:]  # the rest (another process changed the folder) goes below
             size = self.FETCH_BATCH
             direct = request.directFields
+            flagsOnly = request.flagsOnly
             load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
-                                             request.changedSince, direct)
+                                             request.changedSince, direct, flagsOnly)
             pending = load(0) if wanted else None
             i = 0
             while pending is not None:
@@ -1250,6 +1261,31 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         finally:
             producer.unregister()
             self.setTimeout(old)
+
+    @defer.inlineCallbacks
+    def _writeFlagRuns(self, request, wanted, uid, modseq, producer):
+        """
+        Answer a FETCH of flags alone from the folder's flag index, L{FLAG_RUN} messages at a
+        time (the next run made in a store thread while this one is written); a Deferred of
+        how many of C{wanted} were answered (all, or fewer when the index and this session's
+        view part: L{StoreMailbox.fetchFlagRun}).
+        """
+        mbox, size = self.mbox, self.FLAG_RUN
+        load = lambda i: mbox.fetchFlagRun(wanted[i : i + size], request, uid, modseq, request.changedSince)
+        pending, i = load(0), 0
+        while pending is not None:
+            data = yield pending
+            if data is None:
+                return i
+            pending = load(i + size) if i + size < len(wanted) else None
+            self.transport.write(data)
+            i = min(i + size, len(wanted))
+            yield producer.wait()
+            if producer.stopped or self._gone():
+                if pending is not None:
+                    pending.addErrback(lambda _: None)
+                return i
+        return i
 
     @defer.inlineCallbacks
     def _writeBatch(self, batch, request, uid, modseq, producer):

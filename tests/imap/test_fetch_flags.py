@@ -1,0 +1,146 @@
+"""
+A FETCH of only UID, FLAGS and MODSEQ (what a client syncing a folder's flags sends) reads the
+index's flags alone (C{FetchRequest.flagsOnly}, C{Folder.flagRows}): over a real server and TLS
+its answers are those of a FETCH that also reads sizes (the general path), for system flags,
+keywords, \\Recent, MODSEQ, CHANGEDSINCE, sequence sets with gaps, and after an EXPUNGE.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import random
+import re
+from array import array
+from types import SimpleNamespace
+
+import pytest
+from conftest import postmaster_inbox
+
+from pymaild.imap.fetch import parseFetch, renderFlagRun, renderMessage
+from pymaild.store.maildir import FlagIndex, Message
+
+COUNT = 1300  # more than the first FETCH batch (500)
+LINE = re.compile(rb"(\d+) \((.*)\)$")  # as imaplib gives "* 5 FETCH (...)"
+
+
+def fetched(client, *args, uid=False):
+    """C{{sequence number: (UID or None, sorted flags, MODSEQ or None)}} of one FETCH."""
+    typ, lines = client.uid("FETCH", *args) if uid else client.fetch(*args)
+    assert typ == "OK", lines
+    out = {}
+    for line in lines:
+        if line is None:
+            continue
+        if isinstance(line, tuple):
+            line = b"".join(line)
+        m = LINE.match(line)
+        assert m, line
+        seq = int(m[1])
+        items = m[2]
+        uid = re.search(rb"UID (\d+)", items)
+        uid = int(uid[1]) if uid else None
+        flags = sorted(re.search(rb"FLAGS \(([^)]*)\)", items)[1].split())
+        modseq = re.search(rb"MODSEQ \((\d+)\)", items)
+        out[seq] = (uid, flags, int(modseq[1]) if modseq else None)
+    assert len(out) == len([x for x in lines if x is not None])
+    return out
+
+
+def test_request_kinds():
+    assert parseFetch(b"(FLAGS)").flagsOnly
+    assert parseFetch(b"(UID FLAGS)").flagsOnly
+    assert parseFetch(b"(FLAGS) (CHANGEDSINCE 5)").flagsOnly
+    assert parseFetch(b"(MODSEQ)").flagsOnly
+    assert not parseFetch(b"(FLAGS RFC822.SIZE)").flagsOnly
+    assert not parseFetch(b"(FLAGS INTERNALDATE)").flagsOnly
+    assert not parseFetch(b"FAST").flagsOnly
+    assert not parseFetch(b"(FLAGS BODY[])").flagsOnly
+
+
+PAIRS = [("", ""), ("\\Seen", ""), ("\\Flagged \\Seen", "$Work"), ("\\Answered", "Junk later $Label1"),
+         ("", "zeta alpha"), ("\\Deleted \\Draft", "")]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_flag_runs_render_as_render_message(seed):
+    """
+    The columns formatted at once give, byte for byte, what renderMessage gives message by
+    message: every request form flagsOnly allows, \\Recent ranges, CHANGEDSINCE, any run.
+    """
+    rng = random.Random(seed)
+    n = rng.randrange(1, 300)
+    uids = sorted(rng.sample(range(1, 5 * n), n))
+    codes = [rng.randrange(len(PAIRS)) for _ in uids]
+    modseqs = [rng.randrange(1, 1 << rng.choice([8, 40, 63])) for _ in uids]
+    index = FlagIndex(array("I", uids), array("I", codes), array("Q", modseqs), list(PAIRS))
+    request = parseFetch(rng.choice([b"(FLAGS)", b"FLAGS", b"(UID FLAGS)", b"(FLAGS UID)", b"(MODSEQ)",
+                                     b"(FLAGS MODSEQ)", b"(UID)", b"(FLAGS FLAGS)"])
+                         + rng.choice([b"", b" (CHANGEDSINCE %d)" % rng.choice(modseqs)]))
+    assert request.flagsOnly
+    uid, modseq = rng.random() < 0.5, request.modseq or rng.random() < 0.5
+    recent = [tuple(sorted(rng.sample(range(0, 5 * n + 2), 2))) for _ in range(rng.randrange(0, 3))]
+    start = rng.randrange(0, n)
+    count = rng.randrange(1, n - start + 1)
+    first = rng.randrange(1, 1000)
+    got = renderFlagRun(index, start, count, first, request, uid, modseq, recent, request.changedSince)
+    want = []
+    for k in range(start, start + count):
+        flags, keywords = PAIRS[codes[k]]
+        meta = Message(uids[k], frozenset(flags.split()), frozenset(keywords.split()), modseqs[k], 0, 0, 0)
+        if request.changedSince is not None and meta.modseq <= request.changedSince:
+            continue
+        msg = SimpleNamespace(meta=meta, path=None, summary=None,
+                              recent=any(low <= uids[k] < high for low, high in recent))
+        want += renderMessage(first + k - start, msg, request, uid, modseq, None)
+    assert got == b"".join(want)
+
+
+def test_flags_only_fetch_answers_as_the_general_one(server):
+    home = postmaster_inbox(server)
+    for i in range(COUNT):
+        data = f"From: s{i}@example.com\nSubject: {i}\n\nbody {i}\n".encode()
+        letters = "S" if i % 3 else ("FS" if i % 5 else "")
+        (home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)}:2,{letters}").write_bytes(data)
+    (home / "new" / "1800000000.M1P1.test").write_bytes(b"Subject: new\n\nrecent\n")
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
+    client.login("postmaster@localhost", server.postmaster_password())
+    typ, data = client.select("INBOX")
+    assert typ == "OK" and int(data[0]) == COUNT + 1
+    assert client.uid("STORE", "7:9", "+FLAGS.SILENT", "($Work Junk)")[0] == "OK"
+    assert client.store("10", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+    assert client.expunge()[0] == "OK"
+
+    for args in [("1:*", "(FLAGS)"), ("2,5:40,600:1250,*", "(UID FLAGS)")]:
+        general = fetched(client, args[0], "(UID FLAGS RFC822.SIZE)")
+        only = fetched(client, *args)
+        assert len(only) >= 40
+        for seq, (uid, flags, modseq) in only.items():
+            assert (flags, modseq) == general[seq][1:] and uid in (None, general[seq][0])
+    everything = fetched(client, "1:*", "(FLAGS)")
+    assert len(everything) == COUNT
+    assert everything[COUNT][1] == [b"\\Recent"]  # the one from new/, no flags
+    assert everything[7][1] == [b"$Work", b"Junk", b"\\Flagged", b"\\Recent", b"\\Seen"]
+
+    before = fetched(client, "1:*", "(FLAGS MODSEQ)", uid=True)  # enables CONDSTORE (RFC 7162 3.1)
+    assert all(m is not None for _, _, m in before.values())
+    assert client.uid("STORE", "100:102", "+FLAGS.SILENT", "(\\Answered)")[0] == "OK"
+    since = max(m for _, _, m in before.values())
+    general = fetched(client, "1:*", "(FLAGS RFC822.SIZE) (CHANGEDSINCE %d)" % since, uid=True)
+    only = fetched(client, "1:*", "(FLAGS) (CHANGEDSINCE %d)" % since, uid=True)
+    assert only == general and sorted(u for u, _, _ in only.values()) == [100, 101, 102]
+    assert all(b"\\Answered" in f for _, f, _ in only.values())
+
+    # Another session expunges a message this session still has in its view (the EXPUNGE waits
+    # for a command that allows it): the index no longer matches the view, and the answer is the
+    # general path's, without that message.
+    other = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
+    other.login("postmaster@localhost", server.postmaster_password())
+    other.select("INBOX")
+    assert other.uid("STORE", "500", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK"
+    assert other.expunge()[0] == "OK"
+    other.logout()
+    general = fetched(client, "1:*", "(UID FLAGS RFC822.SIZE)")
+    only = fetched(client, "1:*", "(UID FLAGS)")
+    assert only == {seq: v for seq, v in general.items()} and len(only) == COUNT - 1
+    assert 500 not in {u for u, _, _ in only.values()} and max(only) == COUNT
+    client.logout()
