@@ -8,7 +8,8 @@ Measures (see bench/README.md), for each message count:
   1. LOGIN+SELECT INBOX: connect, greeting, LOGIN, SELECT; time to the tagged OK of SELECT
      (and the SELECT alone)
   2. UID FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE): first (summaries computed /
-     Dovecot's cache filled) and warm
+     Dovecot's cache filled) and warm; then UID FETCH 1:* (FLAGS), warm and right after a
+     STORE to one message
   3. FETCH 1:N BODY.PEEK[] as MB/s (N capped at --body-cap)
   4. SEARCH FROM / SUBJECT / TEXT
   5. STORE 1:* +FLAGS.SILENT (\\Seen), then -FLAGS.SILENT (\\Seen) (measured last; the original
@@ -72,6 +73,7 @@ SEARCHES = (
     ("SEARCH TEXT", 'SEARCH TEXT "quarterly"'),
 )
 ENVELOPE_FETCH = "UID FETCH 1:* (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)"
+FLAGS_FETCH = "UID FETCH 1:* (FLAGS)"
 #: the mixed workload: operation -> weight
 MIX = (("SELECT", 1), ("FETCH FLAGS", 3), ("FETCH BODY", 3), ("STORE", 2), ("NOOP", 1))
 
@@ -685,6 +687,38 @@ def measureBulk(server: Server, line: str, timeout: float) -> dict:
     return {"time": elapsed, "bytes": len(raw), "raw": raw, "tagged": tagged}
 
 
+def measureCounted(server: Server, line: str, expected: int, timeout: float, seen: dict | None = None) -> dict:
+    """
+    L{measureBulk}, checked: C{expected} FETCH responses or a RuntimeError; with C{seen}, the
+    number of \\Seen in the answer goes there under the server's name.
+    """
+    m = measureBulk(server, line, timeout)
+    got = countFetches(m["raw"])
+    if seen is not None:
+        seen[server.name] = m["raw"].count(b"\\Seen")
+    m.pop("raw")
+    if got != expected:
+        raise RuntimeError(f"{line}: {got} FETCH responses, {expected} expected ({m['tagged'][:60]!r})")
+    return m
+
+
+def measureFlagsAfterStore(server: Server, size: int, timeout: float) -> dict:
+    """
+    UID FETCH 1:* (FLAGS) right after a STORE to one message (pymaild then reads its flag
+    index again); the flag is taken back afterwards.
+    """
+    session = openSession(server, timeout)
+    try:
+        session.check("UID STORE 1 +FLAGS.SILENT (\\Flagged)")
+        elapsed, raw, tagged = session.bulk(FLAGS_FETCH, timeout)
+        session.check("UID STORE 1 -FLAGS.SILENT (\\Flagged)")
+    finally:
+        session.close()
+    if countFetches(raw) != size or b"\\Flagged" not in raw:
+        raise RuntimeError(f"{FLAGS_FETCH} after STORE: {countFetches(raw)} FETCH responses ({tagged[:60]!r})")
+    return {"time": elapsed}
+
+
 def seenUids(server: Server, timeout: float) -> set[int]:
     s = openSession(server, timeout)
     try:
@@ -1278,21 +1312,27 @@ def runSize(a: argparse.Namespace, work: Path, size: int, avg: dict, profileOnly
             alternate(a, servers, envelope, "UID FETCH ENVELOPE", r2, notes)
             add("   UID FETCH 1:* (... ENVELOPE), warm", "time", r2, "time")
 
+            # what a client syncing a folder's flags sends on every open
+            seenCounts: dict = {}
+
+            r2f: dict = {}
+            alternate(a, servers, lambda s: measureCounted(s, FLAGS_FETCH, size, T, seenCounts), "UID FETCH FLAGS",
+                      r2f, notes)
+            add("   UID FETCH 1:* (FLAGS), warm", "time", r2f, "time")
+
+            r2s: dict = {}
+            alternate(a, servers, lambda s: measureFlagsAfterStore(s, size, T), "UID FETCH FLAGS", r2s, notes)
+            add("   UID FETCH 1:* (FLAGS), after a STORE to one message", "time", r2s, "time")
+            if len(set(seenCounts.values())) > 1:
+                notes.append(f"UID FETCH FLAGS: the servers disagree on \\Seen: {seenCounts}")
+
         if 3 in a.rows:
             # 3. bodies
             cap = min(size, a.body_cap)
             bodyLine = f"FETCH 1:{cap} BODY.PEEK[]" if cap < size else "FETCH 1:* BODY.PEEK[]"
 
-            def bodies(s):
-                m = measureBulk(s, bodyLine, T)
-                got = countFetches(m["raw"])
-                m.pop("raw")
-                if got != cap:
-                    raise RuntimeError(f"{bodyLine}: {got} FETCH responses, {cap} expected ({m['tagged'][:60]!r})")
-                return m
-
             r3: dict = {}
-            alternate(a, servers, bodies, "BODY.PEEK[]", r3, notes)
+            alternate(a, servers, lambda s: measureCounted(s, bodyLine, cap, T), "BODY.PEEK[]", r3, notes)
             label = "3. FETCH 1:* BODY.PEEK[] (MB/s)" if cap == size else f"3. FETCH 1:{cap:,} BODY.PEEK[] (MB/s)"
             add(label, "mbps", r3, transform=lambda m: m["bytes"] / 1e6 / m["time"])
             if cap < size:
@@ -1436,6 +1476,9 @@ def profile(a: argparse.Namespace, work: Path, size: int, servers: list[Server])
         ("select", "SELECT INBOX", lambda: [measureLoginSelect(pym, T) for _ in range(5)]),
         ("envelope-1", ENVELOPE_FETCH + " (1st run of this profile)", lambda: measureBulk(pym, ENVELOPE_FETCH, T)),
         ("envelope-2", ENVELOPE_FETCH + " (2nd run)", lambda: measureBulk(pym, ENVELOPE_FETCH, T)),
+        ("flags", FLAGS_FETCH + " (5 runs)", lambda: [measureBulk(pym, FLAGS_FETCH, T) for _ in range(5)]),
+        ("flags-store", FLAGS_FETCH + " after a STORE (5 runs)",
+         lambda: [measureFlagsAfterStore(pym, size, T) for _ in range(5)]),
         ("bodies", f"FETCH 1:{cap} BODY.PEEK[]", lambda: measureBulk(pym, f"FETCH 1:{cap} BODY.PEEK[]", T)),
         *[(f"search-{i}", line, (lambda line=line: measureBulk(pym, line, T))) for i, (_, line) in enumerate(SEARCHES)],
         ("store", "STORE 1:* +FLAGS.SILENT (\\Seen) / -FLAGS.SILENT", lambda: measureStore(pym, seenUids(pym, T), T, {})),
@@ -1559,7 +1602,7 @@ def main() -> None:
     p.add_argument("--profile", metavar="DIR",
                    help="afterwards, py-spy pymaild during each measurement on the largest INBOX (top frames)")
     p.add_argument("--profile-only", metavar="KEYS", default="",
-                   help="with --profile: only these (select,envelope-1,envelope-2,bodies,search-0,search-1,search-2,store,mixed)")
+                   help="with --profile: only these (select,envelope-1,envelope-2,flags,flags-store,bodies,search-0,search-1,search-2,store,mixed)")
     p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second (200)")
     p.add_argument("--no-table", dest="profile_only_run", action="store_true",
                    help="with --profile: skip the measurements, only set up and profile")

@@ -297,7 +297,8 @@ def printTable(r: dict, a: argparse.Namespace) -> None:
     w(f"{'':{L}}" + "".join(f"{h:>{C}}" for h in ("best", "median") * 3))
     for key, label, target in (("build", "index build (first open)", TARGETS["build"]),
                                ("open", "warm open", TARGETS["open"]),
-                               ("list", "list all UIDs + flags", None)):
+                               ("list", "list all UIDs + flags", None),
+                               ("objects", "  all metadata as objects", None)):
         p, d = r["pymaild"].get(key, []), r["dovecot"].get(key, [])
         pb, pm = (min(p), statistics.median(p)) if p else (None, None)
         db, dm = (min(d), statistics.median(d)) if d else (None, None)
@@ -423,7 +424,7 @@ def run(a: argparse.Namespace) -> None:
         result = {"messages": a.messages, "sourceBefore": sourceFingerprint(),
                   "avgSize": totalBytes // max(1, a.messages),
                   "dovecotVersion": dovecotVersion(), "machine": machineLine(work),
-                  "pymaild": {"build": [], "open": [], "list": []},
+                  "pymaild": {"build": [], "open": [], "list": [], "objects": []},
                   "dovecot": {"build": [], "open": [], "list": []}}
 
         # 1. index build, alternating pymaild and Dovecot
@@ -445,6 +446,7 @@ def run(a: argparse.Namespace) -> None:
             for key in ("open", "list"):
                 result["pymaild"][key].append(p[key])
                 result["dovecot"][key].append(d[key])
+            result["pymaild"]["objects"].append(p["objects"])
             log(f"warm open {i + 1}/{a.repeat}: pymaild {fmtTime(p['open'])} + list {fmtTime(p['list'])}, "
                 f"Dovecot {fmtTime(d['open'])} + list {fmtTime(d['list'])}")
             result["check"] = (f"pymaild {p['messages']:,} messages / {p['unseen']:,} unseen; "

@@ -49,6 +49,8 @@ def _notePrefixes(name: str) -> tuple[str, ...]:
         return ("LOGIN+SELECT:",)
     if name.startswith("UID FETCH") and name.endswith("first"):
         return ("first UID FETCH ENVELOPE:",)
+    if name.startswith("UID FETCH 1:* (FLAGS)"):
+        return ("UID FETCH FLAGS:",)
     if name.startswith("UID FETCH"):
         return ("UID FETCH ENVELOPE:",)
     if "BODY.PEEK[]" in name:

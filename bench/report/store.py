@@ -45,8 +45,12 @@ def _timeRows(data: dict) -> list[Row]:
         ("open", "warm open",
          f"target <= {TARGETS['open']}x (issue 3). The same with each server's index in place."),
         ("list", "list all UIDs + flags",
-         "pymaild: Folder.messages() (Python objects); Dovecot: its whole UID FETCH 1:* (FLAGS) "
-         "answer over a pipe, so the ratio flatters pymaild."),
+         "pymaild: Folder.flagIndex() read from the index file in a fresh process (what its UID FETCH "
+         "1:* (FLAGS) reads; imap_bench measures the whole answer); Dovecot: its whole UID FETCH 1:* "
+         "(FLAGS) answer over a pipe."),
+        ("objects", "list all metadata as Python objects",
+         "pymaild alone: Folder.messages() (UID, flags, keywords, MODSEQ, sizes, internal date) right "
+         "after; no peer does the same."),
     ]
     out = []
     for key, label, note in specs:
