@@ -16,9 +16,12 @@ removal, for QRESYNC's VANISHED) and C{fields} (the decoded header fields SEARCH
 from the JSON summary); 5 dropped the per-row trigger that counted unseen messages on flag
 changes (the code counts them in bulk) and added C{wire} (the FETCH-ready ENVELOPE,
 BODYSTRUCTURE and BODY, out of the JSON summary); 6 added C{envelopes} (the ENVELOPE of
-messages not summarized yet, from their header alone).  Older indexes are migrated in place
-(L{_MIGRATE_3}, L{_MIGRATE_4}, L{_MIGRATE_5}), never rebuilt: a rebuild would renumber UIDs and
-change every folder's UIDVALIDITY.
+messages not summarized yet, from their header alone), and later, within version 6,
+C{flagindex} (a large folder's UIDs, flags and MODSEQs as arrays, for FETCH of flags: a cache
+an older pymaild ignores, added by L{_ADD_FLAGINDEX} without a new version, which would make an
+older pymaild rebuild the index).  Older indexes are migrated in place (L{_MIGRATE_3},
+L{_MIGRATE_4}, L{_MIGRATE_5}), never rebuilt: a rebuild would renumber UIDs and change every
+folder's UIDVALIDITY.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ import sqlite3
 from pathlib import Path
 
 SCHEMA_VERSION = 6
+
+#: Seconds a statement waits for another process's write lock.
+BUSY_TIMEOUT = 30
 
 #: The header fields kept in the C{fields} table (decoded and unfolded as in
 #: C{MessageSummary.headerFields}; repeated fields joined by a newline; NULL when absent), and
@@ -125,8 +131,21 @@ CREATE TRIGGER IF NOT EXISTS messages_delete AFTER DELETE ON messages BEGIN
     DELETE FROM envelopes WHERE folder = OLD.folder AND uid = OLD.uid;
     DELETE FROM fields WHERE folder = OLD.folder AND uid = OLD.uid;
 END;
+-- A folder's flag index (Folder.flagIndex) as it was when last read whole: UIDs, flag codes and
+-- MODSEQs as native arrays, the codes' (flags, keywords) as JSON, valid while the folder's
+-- key (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, count) is the one stored.  A process opening a
+-- large folder reads one row instead of every message's.
+CREATE TABLE IF NOT EXISTS flagindex (
+    folder INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    uids BLOB NOT NULL,
+    codes BLOB NOT NULL,
+    modseqs BLOB NOT NULL,
+    pairs TEXT NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS folders_delete AFTER DELETE ON folders BEGIN
     DELETE FROM expunged WHERE folder = OLD.id;
+    DELETE FROM flagindex WHERE folder = OLD.id;
 END;
 CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY);
 """
@@ -151,6 +170,11 @@ _MIGRATE_4 = "DROP TRIGGER IF EXISTS messages_flags; DROP TRIGGER IF EXISTS mess
 #: Version 5 -> 6, idempotent: the C{envelopes} table comes, and the delete trigger that
 #: empties it.
 _MIGRATE_5 = "DROP TRIGGER IF EXISTS messages_delete;" + _SCHEMA
+
+#: Within version 6, idempotent: the C{flagindex} table and the folder trigger that empties it,
+#: added to an index that lacks them.  A cache an older pymaild ignores, so the schema version
+#: stays (a new version would make an older pymaild rebuild the index and renumber every UID).
+_ADD_FLAGINDEX = "DROP TRIGGER IF EXISTS folders_delete;" + _SCHEMA
 
 
 class IndexError_(Exception):
@@ -183,24 +207,32 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("PRAGMA cache_size=-16000")
+        db.execute("PRAGMA temp_store=MEMORY")  # (Folder._indexAll's scratch table)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         elif version in (3, 4, 5):
             steps = ((_MIGRATE_3 if version == 3 else "") + (_MIGRATE_4 if version <= 4 else "")
-                     + _MIGRATE_5)
+                     + _MIGRATE_5 + _ADD_FLAGINDEX)
             try:
                 db.executescript("BEGIN IMMEDIATE;" + steps + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             except sqlite3.OperationalError as e:
                 raise MigrationFailed(f"cannot migrate {path} from schema {version} to {SCHEMA_VERSION}: {e}") from e
         elif version != SCHEMA_VERSION:
             raise IndexError_(f"index schema {version} is not {SCHEMA_VERSION}")
+        else:
+            trigger = db.execute("SELECT sql FROM sqlite_master WHERE name='folders_delete'").fetchone()
+            if trigger is None or "flagindex" not in trigger[0]:
+                try:
+                    db.executescript("BEGIN IMMEDIATE;" + _ADD_FLAGINDEX + "COMMIT;")
+                except sqlite3.OperationalError as e:
+                    raise MigrationFailed(f"cannot add the flag index table to {path}: {e}") from e
     except BaseException:
         db.close()
         raise

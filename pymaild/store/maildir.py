@@ -28,9 +28,12 @@ user's directory.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import shutil
+import sqlite3
+import sys
 import threading
 import time
 from array import array
@@ -58,7 +61,7 @@ from pymaild.store.delivery import (
     uniqueName,
     writeTmp,
 )
-from pymaild.store.index import FIELD_COLUMNS, FIELDS, connect
+from pymaild.store.index import BUSY_TIMEOUT, FIELD_COLUMNS, FIELDS, connect
 
 log = Logger()
 
@@ -134,6 +137,10 @@ UID_CACHE_BYTES = 64 << 20
 
 #: The most bytes of flag indexes (L{Folder.flagIndex}) kept for the whole process.
 FLAG_CACHE_BYTES = 64 << 20
+
+#: A flag index of this many messages or more, read whole, is also stored in the index file
+#: (table C{flagindex}) for the next process to read in one row.
+FLAG_INDEX_STORED_FROM = 1000
 
 
 class _FlagSets(dict):
@@ -468,10 +475,12 @@ class UserStore:
         self._cleanDeleted()
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, immediate: bool = True):
         """
         One sqlite transaction (nested uses join the outer one).  The connection runs in
-        autocommit mode, so without this every statement would commit alone.
+        autocommit mode, so without this every statement would commit alone.  C{immediate}
+        takes the write lock at once (BEGIN IMMEDIATE); without it, a read transaction, which in
+        WAL mode waits for no writer (for reads only).
         """
         with self.lock:
             if self._depth:
@@ -481,7 +490,7 @@ class UserStore:
                 finally:
                     self._depth -= 1
                 return
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             self._depth = 1
             try:
                 yield
@@ -491,6 +500,9 @@ class UserStore:
                 raise
             self._depth = 0
             self.db.execute("COMMIT")
+
+    def inTransaction(self) -> bool:
+        return self._depth > 0
 
     # --- folders ---------------------------------------------------------------------------
 
@@ -886,8 +898,10 @@ class Folder:
         """
         Metadata of every message (or of C{uids}), in UID order, from the index alone.
         """
-        with self.user.lock, _uncollected:
-            return self._messages(self._select(self._MESSAGE_QUERY, (self.id,), uids))
+        with self.user.lock:
+            with _uncollected:
+                rows = self._select(self._MESSAGE_QUERY, (self.id,), uids)
+            return self._messages(rows)
 
     def flagRows(self, uids: Iterable[int] | None = None) -> list[Message]:
         """
@@ -905,8 +919,10 @@ class Folder:
         The messages (all, or those among C{uids}) whose MODSEQ is greater than C{since}, in
         UID order: CONDSTORE's CHANGEDSINCE.  Filtered by sqlite, not by loading every row.
         """
-        with self.user.lock, _uncollected:
-            return self._messages(self._select(self._MESSAGE_QUERY + " AND modseq>?", (self.id, since), uids))
+        with self.user.lock:
+            with _uncollected:
+                rows = self._select(self._MESSAGE_QUERY + " AND modseq>?", (self.id, since), uids)
+            return self._messages(rows)
 
     def vanished(self, since: int, uids: Iterable[int] | None = None) -> list[int]:
         """
@@ -927,10 +943,12 @@ class Folder:
         missing = [r[0] for r in rows if r[6] is None]
         sets, new = _FlagSets(), tuple.__new__  # Message(...) would run NamedTuple's __new__
         if missing:
-            dates = self._internalDates(missing)
-            return [new(Message, (uid, sets[f], sets[k], m, s, v, d if d is not None else dates.get(uid, 0)))
-                    for uid, f, k, m, s, v, d in rows]
-        return [new(Message, (uid, sets[f], sets[k], m, s, v, d)) for uid, f, k, m, s, v, d in rows]
+            dates = self._internalDates(missing)  # (file system calls: not inside _uncollected)
+            with _uncollected:
+                return [new(Message, (uid, sets[f], sets[k], m, s, v, d if d is not None else dates.get(uid, 0)))
+                        for uid, f, k, m, s, v, d in rows]
+        with _uncollected:
+            return [new(Message, (uid, sets[f], sets[k], m, s, v, d)) for uid, f, k, m, s, v, d in rows]
 
     def _internalDates(self, uids: list[int]) -> dict[int, int]:
         """
@@ -996,24 +1014,46 @@ class Folder:
         Every message's UID, flags and MODSEQ as arrays (L{FlagIndex}), read from the index
         once and kept (within L{FLAG_CACHE_BYTES} for the whole process) as long as UIDNEXT,
         HIGHESTMODSEQ and the message count are the same: every insert moves UIDNEXT and every
-        flag change or expunge HIGHESTMODSEQ, in this process or any other.
+        flag change or expunge HIGHESTMODSEQ, in this process or any other.  A large folder's
+        is also stored in the index file when read whole, with that key and UIDVALIDITY, so
+        that another process (a restart, a POP3 or IMAP worker) reads it in one row.
         """
         with self.user.lock:
             db = self.user.db
             cached = self._flagIndex
-            if cached is not None and cached[0] == self._indexKey():
+            key = self._indexKey()
+            if key is None:  # deleted by another process: nothing (the caller's general path says so)
+                return FlagIndex(array("I"), array("I"), array("Q"), [])
+            if cached is not None and cached[0] == key:
                 _flagCaches.touch(self, cached[2])
                 return cached[1]
-            with self.user.transaction(), _uncollected:  # the key and the rows of one moment
+            store = None
+            # the key and the rows of one moment, in a read transaction (waits for no writer)
+            with self.user.transaction(immediate=False), _uncollected:
                 key = self._indexKey()
-                rows = db.execute(
-                    "SELECT uid, flags, keywords, modseq FROM messages WHERE folder=? ORDER BY uid", (self.id,)
-                ).fetchall()
-                codes = _PairCodes()
-                uids, flags, keywords, modseqs = zip(*rows) if rows else ((), (), (), ())
-                index = FlagIndex(array("I", uids), array("I", map(codes.__getitem__, zip(flags, keywords))),
-                                  array("Q", modseqs), codes.pairs)
-                del rows, uids, flags, keywords, modseqs
+                if key is None:
+                    return FlagIndex(array("I"), array("I"), array("Q"), [])
+                stamp = ":".join(map(str, (*key, sys.byteorder)))
+                stored = db.execute(
+                    "SELECT uids, codes, modseqs, pairs FROM flagindex WHERE folder=? AND key=?", (self.id, stamp)
+                ).fetchone()
+                if stored is not None:
+                    index = FlagIndex(array("I"), array("I"), array("Q"), [tuple(p) for p in json.loads(stored[3])])
+                    for column, data in zip(index[:3], stored[:3]):
+                        column.frombytes(data)
+                else:
+                    rows = db.execute(
+                        "SELECT uid, flags, keywords, modseq FROM messages WHERE folder=? ORDER BY uid", (self.id,)
+                    ).fetchall()
+                    codes = _PairCodes()
+                    uids, flags, keywords, modseqs = zip(*rows) if rows else ((), (), (), ())
+                    index = FlagIndex(array("I", uids), array("I", map(codes.__getitem__, zip(flags, keywords))),
+                                      array("Q", modseqs), codes.pairs)
+                    del rows, uids, flags, keywords, modseqs
+                    if len(index.uids) >= FLAG_INDEX_STORED_FROM:
+                        store = stamp
+            if store is not None:
+                self._storeFlagIndex(store, index)
             size = 16 * len(index.uids) + 200 * len(index.pairs)
             self._flagIndex = (key, index, size)
             _flagCaches.touch(self, size)
@@ -1021,6 +1061,29 @@ class Folder:
 
     def _dropFlagIndex(self) -> None:
         self._flagIndex = None
+
+    def _storeFlagIndex(self, stamp: str, index: FlagIndex) -> None:
+        """
+        Keep a flag index just read whole in the index file for the next process, if that is
+        quick: a write waits at most 0.1 s for another process's (a FETCH must not wait for a
+        long sync), and is not synced to disk (a cache: lost in a crash, read again after).
+        Caller holds the lock, outside any transaction.
+        """
+        db = self.user.db
+        if self.user.inTransaction():
+            return
+        try:
+            db.execute("PRAGMA busy_timeout=100")
+            db.execute("PRAGMA synchronous=NORMAL")
+            with self.user.transaction():
+                db.execute(
+                    "INSERT OR REPLACE INTO flagindex (folder, key, uids, codes, modseqs, pairs) VALUES (?, ?, ?, ?, ?, ?)",
+                    (self.id, stamp, *(column.tobytes() for column in index[:3]), json.dumps(index.pairs)))
+        except sqlite3.OperationalError as e:  # busy, disk full: the next process reads the rows
+            log.debug("flag index of {folder} not stored: {error}", folder=self.name, error=str(e))
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
     def _flagIndexUpdated(self, kept: tuple | None, changes: list[tuple[int, str, str]], modseq: int) -> None:
         """
@@ -1333,7 +1396,7 @@ class Folder:
                 return Changes()
             # The whole scan is one transaction (BEGIN IMMEDIATE): another process syncing the
             # same folder waits, then sees this one's UIDs instead of assigning its own.
-            with self.user.transaction(), _uncollected:
+            with self.user.transaction():
                 changes = self._scan(moveNew)
             newStamp, curStamp = self._stamp("new", now_ns), self._stamp("cur", now_ns)
             with self.user.transaction():
@@ -1356,7 +1419,8 @@ class Folder:
             if len(listings[0]) == len(sets[0]) and sets[0] == set(listings[0]) and sets[1] == set(listings[1]):
                 return Changes()
         if len(listings[0]) >= _BULK_FROM and not listings[1] and not self._imported:
-            changes = self._indexAll(listings[0])
+            with _uncollected:
+                changes = self._indexAll(listings[0])
             if changes is not None:
                 return changes
         if not (moveNew and listings[1]) and not self._namesValid():
@@ -1364,7 +1428,8 @@ class Folder:
             # rename once the sessions are gone, another process's change): the listings and
             # the index's names compared as sets, at C speed (a dot file, or any difference,
             # goes the long way below); the names kept as the cache if they match
-            rows = db.execute("SELECT name, innew FROM messages WHERE folder=?", (self.id,)).fetchall()
+            with _uncollected:
+                rows = db.execute("SELECT name, innew FROM messages WHERE folder=?", (self.id,)).fetchall()
             names, innews = zip(*rows) if rows else ((), ())
             inCur, inNew = set(compress(names, map(not_, innews))), set(compress(names, innews))
             if inCur == set(listings[0]) and inNew == set(listings[1]):
@@ -1375,15 +1440,16 @@ class Folder:
                 return Changes()
         onDisk: dict[str, tuple[str, bool]] = {}
         inNew: list[str] = []
-        for (sub, innew), listing in zip((("cur", False), ("new", True)), listings):
-            for name in listing:
-                if name[0] == ".":
-                    continue
-                base = name.partition(":")[0]  # FileName.parse's base, without the cost
-                if base not in onDisk:
-                    onDisk[base] = (name, innew)
-                    if innew:
-                        inNew.append(base)
+        with _uncollected:
+            for (sub, innew), listing in zip((("cur", False), ("new", True)), listings):
+                for name in listing:
+                    if name[0] == ".":
+                        continue
+                    base = name.partition(":")[0]  # FileName.parse's base, without the cost
+                    if base not in onDisk:
+                        onDisk[base] = (name, innew)
+                        if innew:
+                            inNew.append(base)
         if not (moveNew and inNew):
             if self._namesValid():
                 if onDisk == self._names:
@@ -1398,12 +1464,13 @@ class Folder:
                     if self.listeners:
                         self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
                     return Changes()
-        known = {
-            name.partition(":")[0]: (uid, name, innew, flags, keywords)
-            for uid, name, innew, flags, keywords in db.execute(
-                "SELECT uid, name, innew, flags, keywords FROM messages WHERE folder=?", (self.id,)
-            )
-        }
+        with _uncollected:
+            known = {
+                name.partition(":")[0]: (uid, name, innew, flags, keywords)
+                for uid, name, innew, flags, keywords in db.execute(
+                    "SELECT uid, name, innew, flags, keywords FROM messages WHERE folder=?", (self.id,)
+                )
+            }
         changes = Changes()
         gone = [known[b][0] for b in known.keys() - onDisk.keys()]
         fresh = sorted(onDisk.keys() - known.keys(), key=_deliveryOrder)
@@ -1538,21 +1605,36 @@ class Folder:
                 i = same.index(True, j + 1)
             except ValueError:
                 break
-        cache: dict[str, tuple[str, str]] = {}
-        for info in set(map(itemgetter(2), parts)):
-            cache[info] = self._flagsFromName(FileName("", info[2:], None, None))
-        flagsKeywords = list(map(cache.__getitem__, map(itemgetter(2), parts)))
+        infos = sorted(set(map(itemgetter(2), parts)))  # "" (no ":2,") or "2,<letters>"
+        if len(infos) > 500:
+            return None
+        flagsKeywords = [self._flagsFromName(FileName("", info[2:], None, None)) for info in infos]
         (uidnext, modseq) = db.execute(
             "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)).fetchone()
         modseq += 1
-        # the sizes from the names by sqlite (the shape guarantees ",S=<digits>,W=<digits>")
-        db.executemany(
+        # The names go into a scratch table in this order (its rowids 1, 2, ...), then into the
+        # index in one statement (a statement a row cost twice as much), sqlite taking the
+        # sizes from the names (the shape guarantees ",S=<digits>,W=<digits>") and the flags
+        # and keywords from a CASE on the text after ":" (one WHEN per distinct text).
+        db.execute("DROP TABLE IF EXISTS temp.indexing")
+        db.execute("CREATE TEMP TABLE indexing (name TEXT NOT NULL)")
+        db.executemany("INSERT INTO temp.indexing (name) VALUES (?)", zip(names))
+        cases = {}
+        for column, k in (("flags", 0), ("keywords", 1)):
+            values = {fk[k] for fk in flagsKeywords}
+            if len(values) == 1:  # (keywords: none in the folder, usually) one value for all
+                cases[column] = ("?", list(values))
+            else:
+                cases[column] = ("CASE substr(name, instr(name || ':', ':') + 1) " + "WHEN ? THEN ? " * len(infos) + "END",
+                                 [x for info, fk in zip(infos, flagsKeywords) for x in (info, fk[k])])
+        db.execute(
             "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
-            f" VALUES ({int(self.id)}, ?1, ?2, 0, ?3, ?4, {int(modseq)},"
-            " CAST(substr(?2, instr(?2, ',S=') + 3) AS INTEGER),"
-            " CAST(substr(?2, instr(?2, ',W=') + 3) AS INTEGER), NULL)",
-            zip(count(uidnext), names, map(itemgetter(0), flagsKeywords), map(itemgetter(1), flagsKeywords)),
+            f" SELECT ?, rowid + ?, name, 0, {cases['flags'][0]}, {cases['keywords'][0]}, ?,"
+            " CAST(substr(name, instr(name, ',S=') + 3) AS INTEGER),"
+            " CAST(substr(name, instr(name, ',W=') + 3) AS INTEGER), NULL FROM temp.indexing ORDER BY rowid",
+            (self.id, uidnext - 1, *cases["flags"][1], *cases["keywords"][1], modseq),
         )
+        db.execute("DROP TABLE temp.indexing")
         (unseen, vsize) = db.execute(
             "SELECT count(*) FILTER (WHERE instr(flags, '\\Seen') = 0), total(vsize) FROM messages WHERE folder=?",
             (self.id,)).fetchone()
@@ -1592,13 +1674,15 @@ class Folder:
             except Exception:
                 log.failure("folder listener failed")
 
-    def _indexKey(self) -> tuple:
+    def _indexKey(self) -> tuple | None:
         """
         What changes whenever anyone changes this folder's index rows (inserts move UIDNEXT,
-        expunges and flag changes HIGHESTMODSEQ and the count).
+        expunges and flag changes HIGHESTMODSEQ and the count; a folder made again under the
+        same id has another UIDVALIDITY); None when another process deleted the folder.
         """
-        return tuple(self.user.db.execute(
-            "SELECT uidnext, highestmodseq, messages FROM folders WHERE id=?", (self.id,)).fetchone())
+        row = self.user.db.execute(
+            "SELECT uidnext, highestmodseq, messages, uidvalidity FROM folders WHERE id=?", (self.id,)).fetchone()
+        return None if row is None else tuple(row)
 
     def _namesValid(self) -> bool:
         """
@@ -1796,13 +1880,14 @@ class Folder:
             base = name.partition(":")[0]
             newName = base + outcome[0]
             events = (("new" if innew else "cur", "from", name), ("cur", "to", newName))
-            if expect:
+            announce = expect and (innew or newName != name)  # (the same name: no rename, no events)
+            if announce:
                 self.expectEvents(events)
             try:
                 # names relative to open directories: no path walk per file
                 rename(name, newName, src_dir_fd=newFd if innew else curFd, dst_dir_fd=curFd)
             except FileNotFoundError:
-                if expect:
+                if announce:
                     self.expectEvents(events, False)
                 failed.append(uid)  # renamed or expunged by another process: next sync
                 continue

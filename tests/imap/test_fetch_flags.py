@@ -144,3 +144,33 @@ def test_flags_only_fetch_answers_as_the_general_one(server):
     assert only == {seq: v for seq, v in general.items()} and len(only) == COUNT - 1
     assert 500 not in {u for u, _, _ in only.values()} and max(only) == COUNT
     client.logout()
+
+
+def test_flag_runs_stop_where_the_index_and_the_view_part():
+    """
+    When a later run finds the index and the session's view apart (fetchFlagRun says None),
+    the runs written so far stand and the caller answers the rest the general way.
+    """
+    from twisted.internet import defer
+
+    from pymaild.imap.server import PymaildIMAP4Server
+
+    written, calls = [], []
+
+    class Mailbox:
+        def fetchFlagRun(self, uids, request, uid, modseq, changedSince):
+            calls.append(list(uids))
+            return defer.succeed(None if len(calls) == 2 else b"run %d\r\n" % len(calls))
+
+    server = SimpleNamespace(mbox=Mailbox(), FLAG_RUN=3, transport=SimpleNamespace(write=written.append),
+                             _gone=lambda: False)
+    producer = SimpleNamespace(stopped=False, wait=lambda: defer.succeed(None))
+    done = []
+    PymaildIMAP4Server._writeFlagRuns(server, parseFetch(b"(FLAGS)"), list(range(1, 9)), True, False,
+                                      producer).addCallback(done.append)
+    assert done == [3] and written == [b"run 1\r\n"] and calls == [[1, 2, 3], [4, 5, 6]]
+    calls.clear(), written.clear(), done.clear()
+    Mailbox.fetchFlagRun = lambda self, uids, *a: calls.append(list(uids)) or defer.succeed(b"%d " % len(uids))
+    PymaildIMAP4Server._writeFlagRuns(server, parseFetch(b"(FLAGS)"), list(range(1, 9)), True, False,
+                                      producer).addCallback(done.append)
+    assert done == [8] and written == [b"3 ", b"3 ", b"2 "] and calls == [[1, 2, 3], [4, 5, 6], [7, 8]]

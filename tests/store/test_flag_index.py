@@ -2,12 +2,18 @@
 Folder.flagIndex: every message's UID, flags and MODSEQ as arrays, kept between calls while
 the index's key (UIDNEXT, HIGHESTMODSEQ, count) is unchanged, updated in a copy by this
 process's STOREs, read again after anything else (an expunge, a delivery, another process).
-Its answers always equal the index rows (Folder.messages()).
+Its answers always equal the index rows (Folder.messages()).  A large folder's is stored in the
+index file (table flagindex) for the next process, under the key and UIDVALIDITY.
 """
 
 from __future__ import annotations
 
-from pymaild.store.maildir import MaildirStore
+import sqlite3
+from array import array
+
+from pymaild.store import index as indexmod
+from pymaild.store import maildir
+from pymaild.store.maildir import INDEX_NAME, MaildirStore
 
 
 def decoded(index):
@@ -72,4 +78,104 @@ def test_other_changes_read_it_again(tmp_path):
     index = inbox.flagIndex()
     assert decoded(index) == rows(inbox) and "$Other" in decoded(index)[5][1]
     assert first is not index
+    user.close()
+
+
+def test_the_next_process_reads_the_stored_flag_index(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "FLAG_INDEX_STORED_FROM", 10)
+    user, inbox = makeInbox(tmp_path)
+    first = decoded(inbox.flagIndex())
+    assert user.db.execute("SELECT count(*) FROM flagindex").fetchone() == (1,)
+    root = user.root
+    user.close()
+    # the next process trusts the stored row while the key holds: shown by a row changed by hand
+    db = sqlite3.connect(root / INDEX_NAME)
+    (codes,) = db.execute("SELECT codes FROM flagindex").fetchone()
+    changed = array("I")
+    changed.frombytes(codes)
+    changed[0] = 1 - changed[0] if changed[0] < 2 else 0
+    db.execute("UPDATE flagindex SET codes=?", (changed.tobytes(),))
+    db.commit()
+    db.close()
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    read = inbox.flagIndex()
+    assert read.codes == changed and decoded(read) != first
+    user.close()
+    # any change moves the key: the stored row is not used, the rows are read and stored again
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    inbox.store([7], ["\\Answered"], "add")
+    user.close()
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    assert decoded(inbox.flagIndex()) == rows(inbox) != first
+    user.close()
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    assert decoded(inbox.flagIndex()) == rows(inbox)  # (read from the row stored just before)
+    user.close()
+
+
+def test_a_deleted_folder_takes_its_stored_flag_index_along(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "FLAG_INDEX_STORED_FROM", 10)
+    user, _ = makeInbox(tmp_path, 0)
+    work = user.createFolder("Work")
+    for i in range(20):
+        work.append(b"Subject: %d\n\nx\n" % i, ["\\Seen"])
+    work.flagIndex()
+    assert user.db.execute("SELECT count(*) FROM flagindex").fetchone() == (1,)
+    user.deleteFolder("Work")
+    assert user.db.execute("SELECT count(*) FROM flagindex").fetchone() == (0,)
+    user.close()
+
+
+def test_an_index_without_the_flagindex_table_gets_it_and_stays_schema_6(tmp_path):
+    """
+    The table is a cache an older pymaild ignores: added to a version-6 index without a new
+    schema version (a new version would make an older pymaild rebuild the index, new UIDs).
+    """
+    user, inbox = makeInbox(tmp_path)
+    uids = inbox.uids()
+    root = user.root
+    user.close()
+    db = sqlite3.connect(root / INDEX_NAME, isolation_level=None)
+    db.executescript("""
+        DROP TABLE flagindex; DROP TRIGGER folders_delete;
+        CREATE TRIGGER folders_delete AFTER DELETE ON folders BEGIN
+            DELETE FROM expunged WHERE folder = OLD.id;
+        END;""")
+    db.close()
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    assert user.db.execute("PRAGMA user_version").fetchone() == (indexmod.SCHEMA_VERSION,) == (6,)
+    inbox = user.folder("INBOX")
+    assert inbox.uids() == uids  # not rebuilt
+    assert decoded(inbox.flagIndex()) == rows(inbox)
+    assert "flagindex" in user.db.execute(
+        "SELECT sql FROM sqlite_master WHERE name='folders_delete'").fetchone()[0]
+    user.close()
+
+
+def test_a_flag_index_read_while_another_process_writes(tmp_path, monkeypatch):
+    """
+    Reading the flag index takes no write lock: another process holding one does not hold it
+    up (storing the row for the next process is skipped after 0.1 s), and a folder another
+    process deleted gives an empty flag index, not an error.
+    """
+    monkeypatch.setattr(maildir, "FLAG_INDEX_STORED_FROM", 10)
+    user, inbox = makeInbox(tmp_path)
+    other = sqlite3.connect(user.root / INDEX_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("UPDATE folders SET newstamp = newstamp")
+    import time
+
+    started = time.monotonic()
+    assert decoded(inbox.flagIndex()) == rows(inbox)
+    assert time.monotonic() - started < 5
+    assert user.db.execute("SELECT count(*) FROM flagindex").fetchone() == (0,)  # not stored
+    assert user.db.execute("PRAGMA busy_timeout").fetchone() == (indexmod.BUSY_TIMEOUT * 1000,)
+    other.execute("DELETE FROM folders WHERE name='INBOX'")
+    other.execute("COMMIT")
+    other.close()
+    assert len(inbox.flagIndex().uids) == 0
     user.close()

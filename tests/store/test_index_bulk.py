@@ -20,12 +20,12 @@ HOST = "mail.example.com"
 INDEX_ALL = maildir.Folder._indexAll
 
 
-def dovecotName(rng: random.Random, secs: int, n: int) -> str:
+def dovecotName(rng: random.Random, secs: int, n: int, letters: str = "SFRTDabc") -> str:
     usecs = rng.choice([rng.randrange(10), rng.randrange(1000), rng.randrange(1_000_000)])
     counter = "" if rng.random() < 0.3 else f"Q{rng.choice([n, rng.randrange(1, 20)])}"
     size = rng.randrange(1, 400_000)
     vsize = size + rng.randrange(0, 5000)
-    letters = "".join(sorted(rng.sample("SFRTDabc", rng.randrange(0, 4))))
+    letters = "".join(sorted(rng.sample(letters, rng.randrange(0, min(4, len(letters) + 1)))))
     info = "" if rng.random() < 0.05 else f":2,{letters}"
     return f"{secs}.M{usecs}P{rng.randrange(1, 99999)}{counter}.{HOST},S={size},W={vsize}{info}"
 
@@ -37,7 +37,7 @@ def makeFolder(root, names: list[str], keywords: str | None = "$Work\n$Later\nJu
     for name in names:
         (root / "cur" / name).touch()
     if keywords is not None:
-        (root / "dovecot-keywords").write_text("".join(f"{i} {k}" for i, k in enumerate(keywords.split())))
+        (root / "dovecot-keywords").write_text("".join(f"{i} {k}\n" for i, k in enumerate(keywords.split())))
     hour = os.stat(root).st_mtime - 3600
     for sub in ("cur", "new"):
         os.utime(root / sub, (hour, hour))
@@ -74,18 +74,20 @@ def indexed(tmp_path, label: str, names: list[str], bulk: bool, monkeypatch, **k
     return rows, counters, changes, used
 
 
+@pytest.mark.parametrize("letters", ["SFRTDabc", "SFRTD", "S"])  # with keywords, without, one flag
 @pytest.mark.parametrize("seed", range(6))
-def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed):
+def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters):
     rng = random.Random(seed)
     names, secs = [], 1_600_000_000 + seed
     for n in range(rng.randrange(300, 900)):
         # runs of names in one second (microseconds of every length), and gaps
         secs += rng.choice([0, 0, 0, 1, 7, 3600])
-        names.append(dovecotName(rng, secs, n))
+        names.append(dovecotName(rng, secs, n, letters))
     rng.shuffle(names)
     general = indexed(tmp_path, "general", names, False, monkeypatch)
     bulk = indexed(tmp_path, "bulk", names, True, monkeypatch)
     assert bulk[3] == [True] and general[3] == []
+    assert any(r[4] for r in bulk[0]) == ("a" in letters)  # keywords (dovecot-keywords letters) or none
     assert bulk[0] == general[0]
     assert bulk[1] == general[1]
     assert bulk[2].added == general[2].added == list(range(1, len(names) + 1))
