@@ -55,7 +55,7 @@ from pymaild.pop3.remote import LoginDesk
 from pymaild.pop3.server import Logins, POP3Factory
 from pymaild.queue import dsn as dsnmod
 from pymaild.queue.files import Envelope, QueueFiles, Recipient
-from pymaild.queue.mx import MXResolver, makeResolver
+from pymaild.queue.mx import MXResolver, ResolverOnFirstUse, makeResolver
 from pymaild.queue.runner import Policy, Runner
 from pymaild.smtp.server import SMTPFactory, SubmissionLogin
 from pymaild.store.maildir import MaildirStore
@@ -575,7 +575,8 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
             own(sub)
     except OSError as e:
         raise ConfigError(f"{where}: [server] data_dir: {queueFiles.root}: {e.strerror}") from None
-    dnsResolver = makeResolver([(a.host, a.port) for a in config.queue.nameservers], reactor=reactor)
+    nameservers = [(a.host, a.port) for a in config.queue.nameservers]
+    dnsResolver = ResolverOnFirstUse(lambda: makeResolver(nameservers, reactor=reactor))  # (made at the first lookup)
     resolver = MXResolver(dnsResolver)
     pluginThreads = ThreadPool(minthreads=0, maxthreads=config.plugins.threads, name="pymaild-plugins")
     plugins = Plugins(config, reactor, pluginThreads, dnsResolver, own)

@@ -1085,20 +1085,21 @@ class Folder:
             db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
-    def _flagIndexUpdated(self, kept: tuple | None, changes: list[tuple[int, str, str]], modseq: int) -> None:
+    def _flagIndexUpdated(self, kept: tuple | None, plans: list, modseq: int) -> None:
         """
         Inside the transaction of a STORE: the flag index (C{kept}: the cache entry as it was
-        valid before the change, or None) gets the new flags and MODSEQ of C{changes} (UID,
-        flags, keywords) in a copy (sessions may be reading the arrays), instead of being read
-        again whole; a change of more than a quarter of the folder drops it instead.
+        valid before the change, or None) gets the new flags and MODSEQ of the STORE's C{plans}
+        (see L{_renameForStore}) in a copy (sessions may be reading the arrays), instead of
+        being read again whole; a change of more than a quarter of the folder drops it instead.
         """
         if kept is None:
             self._flagIndex = None
             return
         _, index, _ = kept
-        if len(changes) > len(index.uids) // 4 + 16:
+        if len(plans) > len(index.uids) // 4 + 16:
             self._flagIndex = None
             return
+        changes = [(uid, outcome[1], outcome[2]) for uid, _, outcome, _ in plans]
         codes, modseqs, pairs = array("I", index.codes), array("Q", index.modseqs), list(index.pairs)
         known = {pair: code for code, pair in enumerate(pairs)}
         uids = index.uids
@@ -1841,7 +1842,7 @@ class Folder:
                     self._countUnseen(sum(p[2][4] for p in plans))
                     # (the name cache's updates only when it is kept: 100,000 entries cost ~80 ms)
                     self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
-                    self._flagIndexUpdated(flagIndex, [(uid, o[1], o[2]) for uid, _, o, _ in plans], modseq)
+                    self._flagIndexUpdated(flagIndex, plans, modseq)
                 for uid, _, o, _ in plans:
                     changed[uid] = (o[3], modseq)
         if changed:
@@ -1879,9 +1880,9 @@ class Folder:
                 continue
             base = name.partition(":")[0]
             newName = base + outcome[0]
-            events = (("new" if innew else "cur", "from", name), ("cur", "to", newName))
             announce = expect and (innew or newName != name)  # (the same name: no rename, no events)
             if announce:
+                events = (("new" if innew else "cur", "from", name), ("cur", "to", newName))
                 self.expectEvents(events)
             try:
                 # names relative to open directories: no path walk per file

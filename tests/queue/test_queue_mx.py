@@ -478,3 +478,35 @@ class FakeDNSTests(unittest.TestCase):
         mx = MXResolver(makeResolver([("127.0.0.1", int(line))], timeout=5, reactor=reactor))
         hosts = yield mx.resolve("example.com")
         self.assertEqual(hosts, HOSTS)
+
+
+class StartUpTests(unittest.TestCase):
+    """
+    Nothing at start-up needs DNS: twisted.names (about 20 ms to import) waits for the first
+    lookup, through ResolverOnFirstUse.
+    """
+
+    def test_service_does_not_import_twisted_names(self):
+        code = ("import sys, pymaild.service; "
+                "print(sorted(m for m in sys.modules if m.startswith('twisted.names') or m == 'pymaild.imap.search'))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "[]")
+
+    def test_resolver_made_at_the_first_lookup(self):
+        from pymaild.queue.mx import ResolverOnFirstUse
+
+        made = []
+
+        def make():
+            made.append(1)
+            return makeResolver([("127.0.0.1", 5353)], timeout=1.5, reactor=task.Clock())
+
+        resolver = ResolverOnFirstUse(make)
+        self.assertTrue(IResolver.providedBy(resolver))
+        self.assertEqual(made, [])
+        self.assertEqual(resolver.servers, [("127.0.0.1", 5353)])  # (an attribute of the real one)
+        self.assertEqual(made, [1])
+        resolver.timeout
+        self.assertEqual(made, [1])
+        with self.assertRaises(AttributeError):
+            resolver._private

@@ -104,6 +104,8 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     "1600000000.M12P3.host,S=5,W=6,X=1:2,S",              # a field after the sizes
     "1600000000.M12P3.host,S=12345678901234567,W=6:2,S",  # a size beyond sqlite's integers
     ".hidden",
+    '1600000000.M12P3.ho"st,S=5,W=6:2,S',                 # a quote
+    "1600000000.M12P3.hóst,S=5,W=6:2,S",                 # not ASCII
     "1600000000.M12P3.host,S=5,W=6:2,S\n1600000000.M13P3.host,S=5,W=6:2,S",  # a line break
 ])
 def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypatch, odd):
@@ -118,7 +120,8 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
     bulk = indexed(tmp_path, "bulk", names, True, monkeypatch)
     assert bulk[0] == general[0]
     assert bulk[1] == general[1]
-    if odd in ("1600000000.M012P3.host,S=5,W=6:2,S",):
+    if odd in ("1600000000.M012P3.host,S=5,W=6:2,S", "1600000000.M12P3.hóst,S=5,W=6:2,S",
+               '1600000000.M12P3.ho"st,S=5,W=6:2,S'):
         assert bulk[3] == [True]
     else:
         assert bulk[3] == [False]  # the check sent it the general way
