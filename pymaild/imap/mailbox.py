@@ -882,6 +882,9 @@ class StoreAccount:
             mailbox = StoreMailbox(
                 folder, self.run, bool(readwrite), folder.status(), folder.uidArray(), self.watcher
             )
+            summarizer = getattr(self.user, "summarizer", None)
+            if summarizer is not None:
+                summarizer.warmUp(len(mailbox.uids))  # (a first FETCH of ENVELOPE may follow)
             unseen = folder.firstUnseen()
             if unseen is not None:
                 mailbox.firstUnseen = mailbox.sequenceNumber(unseen)

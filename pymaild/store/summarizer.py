@@ -14,8 +14,9 @@ from the messages' headers (L{Summarizer.envelopes}, about 40 us a message).
 
 The workers are plain child processes (L{pymaild.store.summaryworker}) that read
 pickled lists of C{(uid, path)} on stdin and write pickled summaries (or envelopes) on stdout,
-one request at a time: started at the first batch that needs them, kept for the next, gone when their
-stdin closes (at shutdown, or when the server dies).  Not C{multiprocessing}: its workers
+one request at a time: started when a session opens a large folder (L{Summarizer.warmUp}) or at
+the first batch that needs them, kept for the next, gone when their stdin closes (at shutdown,
+or when the server dies).  Not C{multiprocessing}: its workers
 re-import the main module of the server's process, whatever it is.
 
 Small batches (a new message, a few unread ones) are parsed in the calling thread: handing
@@ -127,6 +128,18 @@ class Summarizer:
         header too long for that.  Blocking: call it from a store thread.
         """
         return self._map("envelope", paths)
+
+    def warmUp(self, messages: int) -> None:
+        """
+        A session opened a folder of C{messages}: if that is a batch for the workers, start
+        those not started yet, to wait idle for it (the client may soon FETCH its ENVELOPEs,
+        and a worker's start, a Python process and pymaild's imports, a tenth of a second or
+        more, would hold up that first batch).  Returns at once (the processes start on their
+        own); nothing to do when all run.
+        """
+        if messages < MIN_BATCH or self.processes < 1 or self._started >= self.processes or self._closed:
+            return
+        self._giveBack(self._take())
 
     def _map(self, kind: str, paths: dict[int, str]) -> dict:
         work = _KINDS[kind]

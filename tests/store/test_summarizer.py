@@ -132,3 +132,21 @@ def test_workers_give_the_header_only_envelopes(files, summarizer, monkeypatch):
     assert calls == [50] and len(summarizer.pids()) == 2
     os.kill(summarizer.pids()[0], 9)  # a dead worker: its piece is read here instead
     assert summarizer.envelopes(files) == got
+
+
+def test_warm_up_starts_the_workers_a_batch_then_uses(files, summarizer, monkeypatch):
+    """
+    warmUp (a session opened a large folder) starts the workers, idle; the next batch is cut
+    for them; a second warmUp starts nothing more.
+    """
+    assert summarizer.pids() == []
+    summarizer.warmUp(10)  # a small folder: its batches stay in the server
+    assert summarizer.pids() == []
+    summarizer.warmUp(100)
+    pids = summarizer.pids()
+    assert len(pids) == 2
+    summarizer.warmUp(100)
+    assert summarizer.pids() == pids
+    got = summarizer.summarize(files)
+    assert len(got) == len(files) and all(v is not None for v in got.values())
+    assert sorted(summarizer.pids()) == sorted(pids)  # the same processes did the work
