@@ -42,14 +42,18 @@ log = Logger()
 class _Names:
     """
     A module of C{twisted.names}, imported at its first use: importing them takes about 20 ms
-    of the server's start-up, and nothing needs DNS before the first delivery.
+    of the server's start-up, and nothing needs DNS before the first delivery.  Once imported,
+    the module takes this stand-in's place among this module's globals.
     """
 
     def __init__(self, name: str):
         self._name = name
 
     def __getattr__(self, attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
         module = importlib.import_module(f"twisted.names.{self._name}")
+        globals()[self._name] = module
         return getattr(module, attribute)
 
 

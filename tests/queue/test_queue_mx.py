@@ -492,6 +492,13 @@ class StartUpTests(unittest.TestCase):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         self.assertEqual(out.strip(), "[]")
 
+    def test_names_modules_take_their_stand_ins_place(self):
+        from pymaild.queue import mx
+
+        mx.dns.MX  # (imported by now anyway: the tests above use twisted.names)
+        self.assertIs(mx.dns, dns)
+        self.assertEqual(mx._records.__globals__["dns"], dns)
+
     def test_resolver_made_at_the_first_lookup(self):
         from pymaild.queue.mx import ResolverOnFirstUse
 
