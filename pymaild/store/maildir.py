@@ -40,9 +40,9 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from itertools import compress, count, islice, repeat
-from operator import eq, itemgetter, not_
 from dataclasses import dataclass, field
+from itertools import compress, islice, repeat
+from operator import eq, itemgetter, not_
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, NamedTuple
 
@@ -228,6 +228,10 @@ class FlagIndex(NamedTuple):
     codes: array
     modseqs: array
     pairs: list[tuple[str, str]]
+
+
+def _emptyFlagIndex(pairs: list | None = None) -> FlagIndex:
+    return FlagIndex(array("I"), array("I"), array("Q"), [] if pairs is None else pairs)
 
 
 class _PairCodes(dict):
@@ -1012,18 +1016,19 @@ class Folder:
     def flagIndex(self) -> FlagIndex:
         """
         Every message's UID, flags and MODSEQ as arrays (L{FlagIndex}), read from the index
-        once and kept (within L{FLAG_CACHE_BYTES} for the whole process) as long as UIDNEXT,
-        HIGHESTMODSEQ and the message count are the same: every insert moves UIDNEXT and every
-        flag change or expunge HIGHESTMODSEQ, in this process or any other.  A large folder's
-        is also stored in the index file when read whole, with that key and UIDVALIDITY, so
-        that another process (a restart, a POP3 or IMAP worker) reads it in one row.
+        once and kept (within L{FLAG_CACHE_BYTES} for the whole process) as long as the index
+        key (L{_indexKey}) is the same: every insert moves UIDNEXT and every flag change or
+        expunge HIGHESTMODSEQ, in this process or any other.  A large folder's is also stored
+        in the index file when read whole, under that key, so that another process (a
+        restart, a POP3 or IMAP worker) reads it in one row.  A folder another process
+        deleted has an empty one.
         """
         with self.user.lock:
             db = self.user.db
             cached = self._flagIndex
             key = self._indexKey()
             if key is None:  # deleted by another process: nothing (the caller's general path says so)
-                return FlagIndex(array("I"), array("I"), array("Q"), [])
+                return _emptyFlagIndex()
             if cached is not None and cached[0] == key:
                 _flagCaches.touch(self, cached[2])
                 return cached[1]
@@ -1032,13 +1037,13 @@ class Folder:
             with self.user.transaction(immediate=False), _uncollected:
                 key = self._indexKey()
                 if key is None:
-                    return FlagIndex(array("I"), array("I"), array("Q"), [])
+                    return _emptyFlagIndex()
                 stamp = ":".join(map(str, (*key, sys.byteorder)))
                 stored = db.execute(
                     "SELECT uids, codes, modseqs, pairs FROM flagindex WHERE folder=? AND key=?", (self.id, stamp)
                 ).fetchone()
                 if stored is not None:
-                    index = FlagIndex(array("I"), array("I"), array("Q"), [tuple(p) for p in json.loads(stored[3])])
+                    index = _emptyFlagIndex([tuple(p) for p in json.loads(stored[3])])
                     for column, data in zip(index[:3], stored[:3]):
                         column.frombytes(data)
                 else:
@@ -1427,13 +1432,16 @@ class Folder:
         if not (moveNew and listings[1]) and not self._namesValid():
             # no name cache (a session that opened the folder by its stamps, a sync after a
             # rename once the sessions are gone, another process's change): the listings and
-            # the index's names compared as sets, at C speed (a dot file, or any difference,
-            # goes the long way below); the names kept as the cache if they match
+            # the index's names compared as sets, at C speed (dot files in the listings are
+            # not mail); the names kept as the cache if they match
             with _uncollected:
                 rows = db.execute("SELECT name, innew FROM messages WHERE folder=?", (self.id,)).fetchall()
             names, innews = zip(*rows) if rows else ((), ())
             inCur, inNew = set(compress(names, map(not_, innews))), set(compress(names, innews))
-            if inCur == set(listings[0]) and inNew == set(listings[1]):
+            listedCur, listedNew = set(listings[0]), set(listings[1])
+            if (inCur == listedCur and inNew == listedNew) or (
+                    inCur <= listedCur and inNew <= listedNew
+                    and all(n[0] == "." for n in (listedCur - inCur) | (listedNew - inNew))):
                 if self.listeners:
                     self._names = dict(zip(map(itemgetter(0), map(str.partition, names, repeat(":"))),
                                            zip(names, map(bool, innews))))
@@ -1451,20 +1459,8 @@ class Folder:
                         onDisk[base] = (name, innew)
                         if innew:
                             inNew.append(base)
-        if not (moveNew and inNew):
-            if self._namesValid():
-                if onDisk == self._names:
-                    return Changes()  # the directories are as the index has them
-            else:
-                # no name cache (a session that opened the folder by its stamps, or another
-                # process changed the index): compare with the names alone, which is half the
-                # work of the full comparison below, and keep them as the cache if they match
-                names = {name.partition(":")[0]: (name, bool(innew)) for name, innew in db.execute(
-                    "SELECT name, innew FROM messages WHERE folder=?", (self.id,))}
-                if names == onDisk:
-                    if self.listeners:
-                        self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
-                    return Changes()
+        if not (moveNew and inNew) and self._namesValid() and onDisk == self._names:
+            return Changes()  # the directories are as the index has them (a dot file aside)
         with _uncollected:
             known = {
                 name.partition(":")[0]: (uid, name, innew, flags, keywords)
