@@ -14,7 +14,11 @@ hands the call to its reactor with C{callFromThread}.
 Changes made through this process's store are reported at once without inotify; their
 inotify events find nothing new at the sync that follows, and a STORE's renames are announced
 to the watcher beforehand (C{Folder.expectEvents}), so that their events cost no sync at all (a
-sync of a folder of 100,000 messages lists its directory: 60-140 ms).  A STORE on many messages lifts the
+sync of a folder of 100,000 messages lists its directory: 60-140 ms).  While a folder is watched,
+the directories' stamps this process leaves behind (its syncs, its announced STOREs) spare the
+next sync its listing (C{Folder.watchChanged}, C{Folder._noteOwnStamps}); in exchange the
+watcher's own syncs list the directories whatever their stamps (another process's change in
+the same clock tick as this one's moves no mtime).  A STORE on many messages lifts the
 watch around its renames (C{Folder.quiet}, set while a folder is watched): events for a
 directory being watched cost each rename about as much again, and one sync after the watch is
 back catches what other processes did meanwhile.
@@ -64,6 +68,7 @@ class FolderWatcher:
         self._watched[key] = (folder, 1)
         self._add(folder)
         folder.quiet = lambda: self._quiet(folder)
+        folder.watchChanged(True)
 
     def _add(self, folder) -> None:
         for sub in ("new", "cur"):
@@ -112,6 +117,7 @@ class FolderWatcher:
             if key in self._watched and key not in self._quieted:
                 self._quieted.add(key)
                 self._remove(folder)
+                folder.watchChanged(False)
         finally:
             if lifted is not None:
                 lifted.set()
@@ -127,6 +133,7 @@ class FolderWatcher:
                     self._watched.pop(key, None)
                     folder.quiet = None
                     return
+                folder.watchChanged(True)
                 self._changed(folder)
 
     def unwatch(self, folder) -> None:
@@ -143,6 +150,7 @@ class FolderWatcher:
             self._quieted.discard(key)  # lifted already
         else:
             self._remove(folder)
+            folder.watchChanged(False)
 
     def _changed(self, folder) -> None:
         key = id(folder)
@@ -152,7 +160,7 @@ class FolderWatcher:
 
     def _sync(self, folder) -> None:
         self._pending.pop(id(folder), None)
-        d = self.threads.run(folder.sync, False)
+        d = self.threads.run(folder.sync, False, force=True)  # (listed even if the stamps agree)
         d.addErrback(lambda f: log.failure("syncing {folder} after a change on disk", f, folder=folder.name))
 
     def stop(self) -> None:
