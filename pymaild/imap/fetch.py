@@ -34,8 +34,11 @@ from twisted.mail import imap4
 __all__ = ["FetchError", "FetchRequest", "parseFetch", "renderMessage", "renderFlagRun", "internalDate",
            "STREAM_ABOVE", "MAX_NESTING", "Stream"]
 
-#: Sections larger than this are streamed from the file instead of read into memory.
-STREAM_ABOVE = 65536
+#: Sections larger than this are streamed from the file instead of read into memory (one read
+#: and one line-end conversion of an attachment of a few hundred KB costs far less than
+#: streaming it 64 KiB a reactor turn: FETCH BODY.PEEK[] of 10,000 office messages, 46% of whose
+#: bytes are in messages over 64 KiB, went from ~300 to ~400 MB/s when this rose from 64 KiB)
+STREAM_ABOVE = 1 << 20
 #: Sections up to this size are read whole (then cut to a partial range); larger ones through
 #: a converting reader.
 READ_WHOLE = 4 << 20

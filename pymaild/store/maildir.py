@@ -516,6 +516,27 @@ class UserStore:
             self._depth = 0
             self.db.execute("COMMIT")
 
+    @contextmanager
+    def cacheTransaction(self):
+        """
+        A transaction that writes caches alone (what the files say, such as internal dates, or
+        what the index says in another shape): committed without an fsync
+        (C{synchronous=NORMAL}), as a crash that loses it loses nothing but the work of
+        computing it again; no UID or MODSEQ may be taken in it (those commits are synced, see
+        L{pymaild.store.index}).  Within another transaction it is part of that one.
+        """
+        with self.lock:
+            if self._depth:
+                with self.transaction():
+                    yield
+                return
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.transaction():
+                    yield
+            finally:
+                self.db.execute("PRAGMA synchronous=FULL")
+
     def inTransaction(self) -> bool:
         return self._depth > 0
 
@@ -985,7 +1006,7 @@ class Folder:
                 dates[uid] = int(stat(path).st_mtime)
             except FileNotFoundError:
                 continue
-        with self.user.transaction():
+        with self.user.cacheTransaction():  # (the files' mtimes: a cache, not synced)
             self.user.db.executemany(
                 "UPDATE messages SET internaldate=? WHERE folder=? AND uid=?",
                 [(d, self.id, u) for u, d in dates.items()],
@@ -1020,7 +1041,7 @@ class Folder:
                 if tuple(key) == cachedKey:
                     _uidCaches.touch(self, len(cached) * 4)
                     return array("I", cached)
-            with self.user.transaction():  # the key and the rows of one moment
+            with self.user.transaction(immediate=False):  # the key and the rows of one moment
                 key = tuple(db.execute("SELECT uidnext, messages FROM folders WHERE id=?", (self.id,)).fetchone())
                 uids = array("I", (r[0] for r in db.execute(
                     "SELECT uid FROM messages WHERE folder=? ORDER BY uid", (self.id,))))
@@ -1097,15 +1118,13 @@ class Folder:
             return
         try:
             db.execute("PRAGMA busy_timeout=100")
-            db.execute("PRAGMA synchronous=NORMAL")
-            with self.user.transaction():
+            with self.user.cacheTransaction():
                 db.execute(
                     "INSERT OR REPLACE INTO flagindex (folder, key, uids, codes, modseqs, pairs) VALUES (?, ?, ?, ?, ?, ?)",
                     (self.id, stamp, *(column.tobytes() for column in index[:3]), json.dumps(index.pairs)))
         except sqlite3.OperationalError as e:  # busy, disk full: the next process reads the rows
             log.debug("flag index of {folder} not stored: {error}", folder=self.name, error=str(e))
         finally:
-            db.execute("PRAGMA synchronous=FULL")
             db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
 
     def _flagIndexUpdated(self, kept: tuple | None, plans: list, modseq: int) -> None:
@@ -1248,7 +1267,7 @@ class Folder:
         found = summarizer.envelopes(paths) if summarizer is not None else dict(envelopeAll(list(paths.items())))
         computed = {uid: envelope for uid, envelope in found.items() if envelope is not None}
         if computed:
-            with self.user.lock, self.user.transaction():
+            with self.user.lock, self.user.cacheTransaction():
                 present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)
                 self.user.db.executemany(
                     "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
@@ -1312,7 +1331,7 @@ class Folder:
 
         if not computed:
             return
-        with self.user.lock, self.user.transaction():
+        with self.user.lock, self.user.cacheTransaction():
             db = self.user.db
             present = [r[0] for r in self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)]
             if summaries:
@@ -1434,7 +1453,7 @@ class Folder:
             # a stamp this close to the sync's start may still change unseen (the same tick): kept
             # empty, the next sync lists the directories again
             newStamp, curStamp = raw if _settled(stats, now_ns) else ("", "")
-            with self.user.transaction():
+            with self.user.cacheTransaction():  # (lost in a crash: the next sync lists the directories)
                 db.execute("UPDATE folders SET newstamp=?, curstamp=? WHERE id=?", (newStamp, curStamp, self.id))
             self._noteOwnStamps(epoch, raw)
             if changes:

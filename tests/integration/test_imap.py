@@ -25,7 +25,7 @@ MULTIPART = (
     b"Content-Type: text/plain\r\n\r\nthe text\r\n--XX\r\nContent-Type: application/octet-stream\r\n"
     b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--XX--\r\n"
 )
-BIG = b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a large message\r\n" % i for i in range(6000))
+BIG = b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a large message\r\n" % i for i in range(40000))
 
 
 @pytest.fixture

@@ -510,3 +510,50 @@ def test_recent_count_from_either_side(user):
     assert (status["messages"], status["recent"]) == (38, 29)
     folder.claimRecent()
     assert folder.status()["recent"] == 0
+
+
+def _commits(user, action) -> list[tuple[str, str]]:
+    """(synchronous level, the transaction's statements) of each COMMIT that C{action} makes,
+    as sqlite saw them (the connection's trace)."""
+    trace: list[str] = []
+    user.db.set_trace_callback(trace.append)
+    try:
+        action()
+    finally:
+        user.db.set_trace_callback(None)
+    level, statements, out = "FULL", [], []
+    for statement in (t.strip() for t in trace):
+        upper = statement.upper()
+        if upper.startswith("PRAGMA SYNCHRONOUS="):
+            level = upper.split("=", 1)[1]
+        elif upper.startswith("BEGIN"):
+            statements = []
+        elif upper == "COMMIT":
+            out.append((level, " ".join(statements)))
+        else:
+            statements.append(statement)
+    return out
+
+
+def test_caches_are_committed_unsynced_and_changes_synced(user):
+    """
+    What only caches what the files say (internal dates, summaries, directory stamps) is
+    committed without an fsync (synchronous=NORMAL); what assigns a UID or a MODSEQ with a
+    full one (synchronous=FULL), the connection's level after either.
+    """
+    inbox = user.folder("INBOX")
+    for i in range(3):
+        deliver(inbox.path, msg(i))
+    commits = _commits(user, inbox.sync)
+    assert [level for level, sql in commits if "INSERT INTO messages" in sql] == ["FULL"]
+    assert [level for level, sql in commits if "newstamp" in sql] == ["NORMAL"]
+    commits = _commits(user, lambda: (inbox.messages(), inbox.summary(1)))
+    assert [level for level, sql in commits if "internaldate" in sql] == ["NORMAL"]
+    assert [level for level, sql in commits if "INTO summaries" in sql] == ["NORMAL"]
+    commits = _commits(user, lambda: inbox.store([1], ["\\Seen"], "add"))
+    assert [level for level, sql in commits if "UPDATE messages SET name" in sql] == ["FULL"]
+    assert user.db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    with pytest.raises(ZeroDivisionError):
+        with user.cacheTransaction():
+            1 / 0
+    assert user.db.execute("PRAGMA synchronous").fetchone() == (2,)
