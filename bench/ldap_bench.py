@@ -889,6 +889,7 @@ def main() -> None:
     p.add_argument("--portal-log", choices=("debug", "info"), default="debug",
                    help="the portal processes' log level: debug writes every event, as twistd does (debug)")
     p.add_argument("--profile", type=Path, help="afterwards, py-spy of one more portal run (plain) into DIR")
+    p.add_argument("--profile-mode", choices=MODES, default="plain", help="the TLS mode of the --profile run (plain)")
     p.add_argument("--pymaild-source", choices=("worktree", "HEAD"), default="worktree")
     p.add_argument("--worker-timeout", type=float, default=600, help="seconds a worker process may take (600)")
     p.add_argument("--json", type=Path, help="also write every sample as JSON")
@@ -1017,11 +1018,12 @@ def main() -> None:
                 profileLines.append(f"--profile: {pyspy} is missing (.venv/bin/pip install py-spy)")
             else:
                 a.profile.mkdir(parents=True, exist_ok=True)
-                log("py-spy: one more portal run (plain LDAP)")
+                mode = a.profile_mode
+                log(f"py-spy: one more portal run ({MODE_LABELS[mode]})")
                 spyPhases = [dict(portalPhases[0], n=max(2000, a.sequential)),
                              dict(portalPhases[1], n=max(4000, a.concurrent))]
-                r = runWorker(tmp, {"kind": "portal", "mode": "plain", "source": str(tmp / "pymaild-src"),
-                                    "settings": ldapSettings(slapd, "plain", a.timeout, a.pool_size), "users": users,
+                r = runWorker(tmp, {"kind": "portal", "mode": mode, "source": str(tmp / "pymaild-src"),
+                                    "settings": ldapSettings(slapd, mode, a.timeout, a.pool_size), "users": users,
                                     "phases": spyPhases, "concurrency": a.concurrency,
                                     "log": str(tmp / "portal-profile.log"), "spy": str(a.profile),
                                     "pyspy": str(pyspy)}, env, a.worker_timeout)
@@ -1029,8 +1031,8 @@ def main() -> None:
                     rate = r.get("phases", {}).get(ph["name"], {}).get("rate")
                     profileLines.append(f"\npy-spy --gil, pymaild's portal, {ph['name']} ({ph['n']:,} logins, "
                                         f"{rate or 0:,.0f}/s under py-spy at 500 Hz), "
-                                        f"{a.profile}/plain-{ph['name']}.txt:")
-                    profileLines += spySummary(a.profile / f"plain-{ph['name']}.txt")
+                                        f"{a.profile}/{mode}-{ph['name']}.txt:")
+                    profileLines += spySummary(a.profile / f"{mode}-{ph['name']}.txt")
     finally:
         if slapdStopped and slapd.process is not None:
             try:
