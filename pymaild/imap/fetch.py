@@ -350,6 +350,7 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
     meta = msg.meta
     out = [b"* %d FETCH (" % seq]
     items = []
+    whole = 0  # bytes of sections read whole so far
     if uid and "uid" not in request.types:
         items.append(b"UID %d" % meta.uid)
     pieces = []  # (index in items, Stream) for large sections
@@ -380,12 +381,15 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
             name, start, end, length, partial = section
             skip, limit = partial if partial is not None else (0, None)
             full = max(0, length - skip) if limit is None else min(limit, max(0, length - skip))
-            if full > STREAM_ABOVE:
+            if full > STREAM_ABOVE or whole + full > STREAM_ABOVE:
+                # (the sections of one message read whole stay within STREAM_ABOVE together: a
+                # FETCH naming BODY[] a thousand times streams them, it does not hold them all)
                 # Twisted's FileProducer writes the literal's "{size}\r\n" itself
                 pieces.append((len(items), Stream(name + b" ",
                                                   sectionOpener(msg.path, start, end, length, skip, limit))))
                 items.append(None)
                 continue
+            whole += full
             if length <= READ_WHOLE:
                 data = readSection(msg.path, start, end, skip, limit)
             else:  # a small part of a large section: read through it, not into memory

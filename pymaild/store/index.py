@@ -9,7 +9,9 @@ it from the maildirs (and from C{dovecot-uidlist} files where they exist, which 
 
 UIDs and MODSEQs are assigned only inside a transaction of this database, so they never go
 backwards and are never reused.  Commits use C{synchronous=FULL}: a UID a client has seen
-survives a power cut.
+survives a power cut.  Commits of caches alone (internal dates, summaries, directory stamps,
+the flag index: C{UserStore.cacheTransaction}) use C{synchronous=NORMAL}: a crash may lose them,
+and they are computed again.
 
 Schema versions: 4 added C{expunged} (every UID removed from a folder, with the MODSEQ of its
 removal, for QRESYNC's VANISHED) and C{fields} (the decoded header fields SEARCH reads, apart

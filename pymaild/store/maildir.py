@@ -484,6 +484,7 @@ class UserStore:
         self.lock = threading.RLock()
         self._depth = 0
         self.db = connect(self.root / INDEX_NAME)
+        self._wal = self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
         self.quota = quotamod.Quota(self.root, storageLimit, messageLimit)
         self.specialFolders = specialFolders or {}
         self._folders: dict[str, Folder] = {}
@@ -526,7 +527,7 @@ class UserStore:
         L{pymaild.store.index}).  Within another transaction it is part of that one.
         """
         with self.lock:
-            if self._depth:
+            if self._depth or not self._wal:  # (NORMAL outside WAL mode can corrupt at a power cut)
                 with self.transaction():
                     yield
                 return
@@ -1184,7 +1185,7 @@ class Folder:
                 return open(self.filePath(uid), "rb")
             except FileNotFoundError:
                 if attempt == 0:
-                    self.sync()
+                    self.sync(force=True)  # (renamed by someone: whatever the stamps say)
         raise StoreError("EXPUNGEISSUED", f"Message {uid} has been expunged")
 
     def paths(self, uids: Iterable[int]) -> dict[int, str]:
@@ -1439,10 +1440,13 @@ class Folder:
             now_ns = time.time_ns()
             stats = self._dirStats()
             raw = (_stampOf(stats[0]), _stampOf(stats[1]))
-            if not force and raw == self._ownStamps:
+            if force:
+                self._noteOwnStamps(epoch, None)  # (should this sync fail, the next one lists)
+            elif raw == self._ownStamps and not (moveNew and self._newHasMail()):
                 return Changes()
             stamps = db.execute("SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()
-            if not force and stamps is not None and raw == tuple(stamps) and _settled(stats, now_ns):
+            if (not force and stamps is not None and raw == tuple(stamps) and _settled(stats, now_ns)
+                    and not (moveNew and self._newHasMail())):
                 return Changes()
             # The whole scan is one transaction (BEGIN IMMEDIATE): another process syncing the
             # same folder waits, then sees this one's UIDs instead of assigning its own.
@@ -1459,6 +1463,11 @@ class Folder:
             if changes:
                 self._notify(changes)
             return changes
+
+    def _newHasMail(self) -> bool:
+        """Whether new/ holds a message (a listing of new/ alone, which is small: a sync that
+        moves new mail to cur/ must not skip it because the stamps agree)."""
+        return any(name[0] != "." for name in os.listdir(self.path / "new"))
 
     def watchChanged(self, heard: bool) -> None:
         """
@@ -1898,19 +1907,22 @@ class Folder:
             announced = watched and len(rows) < _QUIET_FROM
             epoch = self._watchEpoch
             before = self._dirStats((curFd, newFd)) if announced else None
+            noted = self._ownStamps
+            self._noteOwnStamps(epoch, None)  # (until the index has these renames too)
             quiet = self.quiet() if watched and not announced else nullcontext()
             with quiet:
-                self._renameForStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed, curFd, newFd,
-                                     announced)
+                missed = self._renameForStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed,
+                                              curFd, newFd, announced)
             if plans:
                 fsyncDirectory(self.path / "cur")
                 with self.user.transaction():
                     if announced:
                         # the directories agreed with the index before the renames (their stamps
                         # as this process or the last sync left them): they still do after
+                        # (a file another process renamed or removed meanwhile: not as it was)
                         stamps = (_stampOf(before[0]), _stampOf(before[1]))
-                        agreed = stamps == self._ownStamps or stamps == tuple(db.execute(
-                            "SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone())
+                        agreed = not missed and (stamps == noted or stamps == tuple(db.execute(
+                            "SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()))
                     valid = self._namesValid()
                     flagIndex = self._flagIndex if self._flagIndex is not None and self._flagIndex[0] == self._indexKey() else None
                     modseq = self._nextModseq()
@@ -1926,6 +1938,8 @@ class Folder:
                 self._noteOwnStamps(epoch, after and (_stampOf(after[0]), _stampOf(after[1])))
                 for uid, _, o, _ in plans:
                     changed[uid] = (o[3], modseq)
+            elif not missed:
+                self._noteOwnStamps(epoch, noted)  # (nothing renamed: the directories as they were)
         if changed:
             self._notify(Changes(flagsChanged=sorted(changed)))
         return changed, failed
@@ -1934,11 +1948,13 @@ class Folder:
                         expect=False):
         """
         STORE's renames (the caller holds the lock): C{plans} gets C{(uid, new name,
-        outcome, unique base)} for each file renamed, C{failed} the UIDs skipped.  C{rows} is
+        outcome, unique base)} for each file renamed, C{failed} the UIDs skipped; returns
+        whether a file was missing (another process renamed or removed it meanwhile).  C{rows} is
         in UID order.  With C{expect}, the watcher is told of each rename's two events first
         (L{expectEvents}), so that this process's own renames do not cost a sync.
         """
         rename = os.rename
+        missed = False
         for uid, (name, innew, oldFlags, oldKeywords, modseq) in rows.items():
             if unchangedSince is not None and modseq > unchangedSince:
                 failed.append(uid)
@@ -1972,8 +1988,10 @@ class Folder:
                 if announce:
                     self.expectEvents(events, False)
                 failed.append(uid)  # renamed or expunged by another process: next sync
+                missed = True
                 continue
             plans.append((uid, newName, outcome, base))
+        return missed
 
     def expectEvents(self, events, expected: bool = True) -> None:
         """

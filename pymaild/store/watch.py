@@ -27,6 +27,7 @@ back catches what other processes did meanwhile.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from contextlib import contextmanager
 
@@ -41,6 +42,28 @@ _KINDS = {inotify.IN_MOVED_FROM: "from", inotify.IN_MOVED_TO: "to", inotify.IN_C
           inotify.IN_DELETE: "delete"}
 
 
+#: the start of the event the kernel queues when it drops events (watch descriptor -1)
+_OVERFLOW = struct.pack("=lL", -1, inotify.IN_Q_OVERFLOW)
+
+
+class _Notifier(inotify.INotify):
+    """
+    Twisted's C{INotify}, which skips the kernel's queue-overflow event (its watch descriptor,
+    -1, is no watch), telling C{overflowed} of it: events were lost, and what they would have
+    told has to be found by listing the directories.  (The event's bytes cannot occur within
+    another event: names carry no NUL before their padding.)
+    """
+
+    def __init__(self, reactor, overflowed):
+        super().__init__(reactor)
+        self._overflowed = overflowed
+
+    def _doRead(self, in_):
+        super()._doRead(in_)
+        if _OVERFLOW in in_:
+            self._overflowed()
+
+
 class FolderWatcher:
     """
     @ivar delay: seconds to wait after the first event of a burst before syncing.
@@ -50,7 +73,7 @@ class FolderWatcher:
         self.reactor = reactor
         self.threads = threads
         self.delay = delay
-        self._notifier = inotify.INotify(reactor)
+        self._notifier = _Notifier(reactor, self._overflowed)
         self._notifier.startReading()
         self._watched: dict[int, tuple[object, int]] = {}  # id(folder) -> (folder, users)
         self._pending: dict[int, object] = {}
@@ -151,6 +174,17 @@ class FolderWatcher:
         else:
             self._remove(folder)
             folder.watchChanged(False)
+
+    def _overflowed(self) -> None:
+        """
+        The kernel dropped inotify events: every folder watched forgets the directory stamps it
+        noted (which trust the watch to hear other processes) and is synced, listing its
+        directories.
+        """
+        log.warn("inotify: the event queue overflowed; syncing every watched folder")
+        for key, (folder, _) in list(self._watched.items()):
+            folder.watchChanged(key not in self._quieted)
+            self._changed(folder)
 
     def _changed(self, folder) -> None:
         key = id(folder)

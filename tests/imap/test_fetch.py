@@ -118,3 +118,37 @@ def test_read_section_equals_the_streaming_reader(tmp_path):
             finally:
                 section.close()
             assert readSection(path, start, end, skip, limit) == expected
+
+
+def test_sections_read_whole_stay_within_the_budget(tmp_path):
+    """
+    One message's sections read into memory add up to at most STREAM_ABOVE: a FETCH naming
+    BODY.PEEK[] of a large message three times (or a thousand) streams all but the first,
+    and the bytes are the same either way.
+    """
+    from types import SimpleNamespace
+
+    from pymaild.imap.fetch import STREAM_ABOVE, Stream, renderMessage
+    from pymaild.imap.mailbox import CRLFSection
+    from pymaild.store.maildir import Message
+
+    body = b"".join(b"line %06d of a message of some size\n" % i for i in range(STREAM_ABOVE // 50))
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: big\n\n" + body)
+    wire = path.read_bytes().replace(b"\n", b"\r\n")
+    assert STREAM_ABOVE // 2 < len(wire) <= STREAM_ABOVE
+    meta = Message(1, frozenset(), frozenset(), 1, len(wire), len(wire), 0)
+    msg = SimpleNamespace(meta=meta, path=str(path), summary=None)
+    pieces = renderMessage(1, msg, parseFetch(b"(BODY.PEEK[] BODY.PEEK[] BODY.PEEK[])"), False, False, CRLFSection)
+    held = sum(len(p) for p in pieces if isinstance(p, bytes))
+    assert len(wire) < held < len(wire) + 200
+    assert [type(p) for p in pieces] == [bytes, Stream, bytes, Stream, bytes]
+    out = b""
+    for p in pieces:
+        if isinstance(p, Stream):
+            out += b"{%d}\r\n" % len(wire) + p.section.read()  # (the prefix ends the bytes before)
+            p.section.close()
+        else:
+            out += p
+    one = b"BODY[] {%d}\r\n" % len(wire) + wire
+    assert out == b"* 1 FETCH (" + b" ".join([one] * 3) + b")\r\n"

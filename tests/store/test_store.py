@@ -557,3 +557,15 @@ def test_caches_are_committed_unsynced_and_changes_synced(user):
         with user.cacheTransaction():
             1 / 0
     assert user.db.execute("PRAGMA synchronous").fetchone() == (2,)
+
+
+def test_caches_are_synced_outside_wal_mode(user):
+    """synchronous=NORMAL is safe in WAL mode only: an index sqlite could not put in WAL mode
+    (a file system without shared memory) commits caches with a full sync too."""
+    assert user._wal
+    inbox = user.folder("INBOX")
+    deliver(inbox.path, msg(0))
+    inbox.sync()
+    user._wal = False
+    commits = _commits(user, inbox.messages)
+    assert [level for level, sql in commits if "internaldate" in sql] == ["FULL"]

@@ -5,6 +5,7 @@ inotify, with the sync done in the store's thread pool.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -284,5 +285,83 @@ class OwnStampsTests(_OwnCase):
         self.inbox.sync()
         self.inbox.store([1], ["\\Flagged"], "add")
         self.assertIsNotNone(self.inbox._ownStamps)
-        self.inbox.store([1, 2, 3], ["\\Seen"], "add")  # lifts the watch
+        self.watcher._suspend(self.inbox)  # (what a bulk STORE has the reactor do)
         self.assertIsNone(self.inbox._ownStamps)
+        self.inbox.sync(force=True)  # a sync while nothing is heard notes nothing either
+        self.assertIsNone(self.inbox._ownStamps)
+        self.watcher._resume(self.inbox)
+        self.inbox.store([1, 2, 3], ["\\Seen"], "add")  # a bulk STORE (the watch is lifted: no notes)
+        self.assertIsNone(self.inbox._ownStamps)
+
+    def test_new_mail_moves_to_cur_whatever_the_stamps(self):
+        """
+        The watch's sync indexes a delivery but leaves it in new/ (no session opened the folder);
+        a SELECT's sync after it moves it to cur/ although the stamps are its own.
+        """
+        self.inbox.sync()
+        subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                        "from pymaild.store.delivery import deliver; deliver(Path(sys.argv[1]), b'x\\n')",
+                        str(self.inbox.path)], check=True)
+        self.assertEqual(self.inbox.sync(False, force=True).added, [4])
+        self.assertEqual(len(os.listdir(self.inbox.path / "new")), 1)
+        self.assertIsNotNone(self.inbox._ownStamps)
+        self.inbox.sync(moveNew=True)
+        self.assertEqual(os.listdir(self.inbox.path / "new"), [])
+        self.assertEqual(self.inbox.messages([4])[0].uid, 4)
+
+    def test_a_failed_forced_sync_leaves_no_stamps(self):
+        self.inbox.sync()
+        self.assertIsNotNone(self.inbox._ownStamps)
+        scan = self.inbox._scan
+        self.inbox._scan = lambda *a: 1 / 0
+        self.assertRaises(ZeroDivisionError, self.inbox.sync, False, force=True)
+        self.inbox._scan = scan
+        subprocess.run([sys.executable, "-c", _SAME_TICK_RENAME, str(self.inbox.filePath(2)), "S"], check=True)
+        self.assertEqual(self.inbox.sync(moveNew=False).flagsChanged, [2])
+
+    def test_a_store_that_meets_another_process_notes_nothing(self):
+        """
+        A STORE finds a file gone (another program renamed it just before, within the same
+        tick): that change is not its own, and the next sync lists the directories.
+        """
+        self.inbox.sync()
+        path = self.inbox.filePath(2)
+        subprocess.run([sys.executable, "-c", _SAME_TICK_RENAME, str(path), "S"], check=True)
+        changed, failed = self.inbox.store([1, 2], ["\\Flagged"], "add")
+        self.assertEqual((sorted(changed), failed), ([1], [2]))
+        self.assertIsNone(self.inbox._ownStamps)
+        self.assertEqual(self.inbox.sync(moveNew=False).flagsChanged, [2])
+
+    def test_a_store_that_changes_nothing_keeps_the_stamps(self):
+        self.inbox.sync()
+        noted = self.inbox._ownStamps
+        self.assertEqual(self.inbox.store([1], ["\\Flagged"], "remove"), ({}, []))
+        self.assertEqual(self.inbox._ownStamps, noted)
+
+    @defer.inlineCallbacks
+    def test_an_overflowing_event_queue_syncs_every_watched_folder(self):
+        """
+        The kernel drops events when its queue is full and queues an overflow event (watch
+        descriptor -1) instead: the stamps noted no longer count, and every watched folder is
+        synced, listing its directories.
+        """
+        import struct
+
+        from twisted.internet import inotify
+
+        self.inbox.sync()
+        self.assertIsNotNone(self.inbox._ownStamps)
+        heard = defer.Deferred()
+        self.inbox.addListener(
+            lambda f, c: reactor.callFromThread(heard.callback, c.flagsChanged)
+            if c.flagsChanged and not heard.called else None)
+        # a same-tick change whose events the kernel then dropped: the watch is lifted around it
+        self.watcher._remove(self.inbox)
+        subprocess.run([sys.executable, "-c", _SAME_TICK_RENAME, str(self.inbox.filePath(2)), "S"], check=True)
+        self.watcher._add(self.inbox)
+        self.assertIsNotNone(self.inbox._ownStamps)
+        self.assertFalse(self.inbox.sync(moveNew=False))  # (the stamps agree: nothing listed)
+        self.watcher._notifier._doRead(struct.pack("=lLLL", -1, inotify.IN_Q_OVERFLOW, 0, 0))
+        self.assertIsNone(self.inbox._ownStamps)
+        changed = yield withTimeout(heard, 10)
+        self.assertEqual(changed, [2])
