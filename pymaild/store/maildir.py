@@ -314,9 +314,9 @@ def _mayChange(mode: str, system: frozenset[str], keywords: frozenset[str]) -> t
         tuple(value for _, value in tests)
 
 
-def _stampOf(st) -> str:
-    """A directory's stamp: inode and mtime (a directory made again under the same name differs)."""
-    return f"{st.st_ino}:{st.st_mtime_ns}"
+def _stampsOf(stats) -> tuple[str, ...]:
+    """Directories' stamps: inode and mtime (a directory made again under the same name differs)."""
+    return tuple(f"{st.st_ino}:{st.st_mtime_ns}" for st in stats)
 
 
 def _settled(stats, now_ns: int) -> bool:
@@ -1439,13 +1439,10 @@ class Folder:
             epoch = self._watchEpoch
             now_ns = time.time_ns()
             stats = self._dirStats()
-            raw = (_stampOf(stats[0]), _stampOf(stats[1]))
+            raw = _stampsOf(stats)
             if force:
                 self._noteOwnStamps(epoch, None)  # (should this sync fail, the next one lists)
-            elif raw == self._ownStamps and not (moveNew and self._newHasMail()):
-                return Changes()
-            stamps = db.execute("SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()
-            if (not force and stamps is not None and raw == tuple(stamps) and _settled(stats, now_ns)
+            elif ((raw == self._ownStamps or (raw == self._storedStamps() and _settled(stats, now_ns)))
                     and not (moveNew and self._newHasMail())):
                 return Changes()
             # The whole scan is one transaction (BEGIN IMMEDIATE): another process syncing the
@@ -1453,7 +1450,7 @@ class Folder:
             with self.user.transaction():
                 changes = self._scan(moveNew)
             stats = self._dirStats()
-            raw = (_stampOf(stats[0]), _stampOf(stats[1]))
+            raw = _stampsOf(stats)
             # a stamp this close to the sync's start may still change unseen (the same tick): kept
             # empty, the next sync lists the directories again
             newStamp, curStamp = raw if _settled(stats, now_ns) else ("", "")
@@ -1463,6 +1460,11 @@ class Folder:
             if changes:
                 self._notify(changes)
             return changes
+
+    def _storedStamps(self) -> tuple | None:
+        """The directories' stamps the index recorded at its last sync (settled, or empty)."""
+        row = self.user.db.execute("SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()
+        return None if row is None else tuple(row)
 
     def _newHasMail(self) -> bool:
         """Whether new/ holds a message (a listing of new/ alone, which is small: a sync that
@@ -1920,9 +1922,8 @@ class Folder:
                         # the directories agreed with the index before the renames (their stamps
                         # as this process or the last sync left them): they still do after
                         # (a file another process renamed or removed meanwhile: not as it was)
-                        stamps = (_stampOf(before[0]), _stampOf(before[1]))
-                        agreed = not missed and (stamps == noted or stamps == tuple(db.execute(
-                            "SELECT newstamp, curstamp FROM folders WHERE id=?", (self.id,)).fetchone()))
+                        stamps = _stampsOf(before)
+                        agreed = not missed and (stamps == noted or stamps == self._storedStamps())
                     valid = self._namesValid()
                     flagIndex = self._flagIndex if self._flagIndex is not None and self._flagIndex[0] == self._indexKey() else None
                     modseq = self._nextModseq()
@@ -1935,7 +1936,7 @@ class Folder:
                     self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
                     self._flagIndexUpdated(flagIndex, plans, modseq)
                 after = self._dirStats((curFd, newFd)) if announced and agreed else None
-                self._noteOwnStamps(epoch, after and (_stampOf(after[0]), _stampOf(after[1])))
+                self._noteOwnStamps(epoch, after and _stampsOf(after))
                 for uid, _, o, _ in plans:
                     changed[uid] = (o[3], modseq)
             elif not missed:
