@@ -513,6 +513,11 @@ class StoreMailbox:
                 if changedSince is not None:
                     metas = [m for m in metas if m.modseq > changedSince]
                 return [(m.uid, StoreMessage(m, None, None)) for m in metas if m.uid in wanted]
+            fields = None
+            if wantSummaries and directFields is not None and changedSince is None:
+                # first: ENVELOPEs read from never-summarized files bring their mtimes, which
+                # the index then has for INTERNALDATE (messages() stats no file for them)
+                fields = self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields)
             metas = [m for m in self.folder.messages(span) if m.uid in wanted]
             if changedSince is not None:
                 metas = [m for m in metas if m.modseq > changedSince]
@@ -523,8 +528,9 @@ class StoreMailbox:
             if not wantSummaries:
                 summaries = {}
             elif directFields is not None:
-                summaries = {u: _Fields(directFields, values)
-                             for u, values in self.folder.summaryFields(exact, directFields).items()}
+                if fields is None:
+                    fields = self.folder.summaryFields(exact, directFields)
+                summaries = {u: _Fields(directFields, values) for u, values in fields.items()}
             else:
                 summaries = self.folder.summaries(present)
             out = []

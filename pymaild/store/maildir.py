@@ -1266,13 +1266,18 @@ class Folder:
         paths = self.paths(missing)
         summarizer = self.user.summarizer
         found = summarizer.envelopes(paths) if summarizer is not None else dict(envelopeAll(list(paths.items())))
-        computed = {uid: envelope for uid, envelope in found.items() if envelope is not None}
-        if computed:
+        computed = {uid: got[0] for uid, got in found.items() if got is not None and got[0] is not None}
+        if found:
+            # the files' mtimes came with them: the internal dates the index lacks are kept
+            # too, so that the same FETCH's INTERNALDATE stats no file (L{_internalDates})
+            dates = [(got[1], self.id, uid) for uid, got in found.items() if got is not None]
             with self.user.lock, self.user.cacheTransaction():
-                present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)
+                present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed) if computed else ()
                 self.user.db.executemany(
                     "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
                     [(self.id, uid, computed[uid]) for (uid,) in present])
+                self.user.db.executemany(
+                    "UPDATE messages SET internaldate=? WHERE folder=? AND uid=? AND internaldate IS NULL", dates)
             for uid, envelope in computed.items():
                 out[uid] = (envelope,)
         return [u for u in missing if u not in computed]

@@ -121,11 +121,12 @@ class Summarizer:
         """
         return self._map("summary", paths)
 
-    def envelopes(self, paths: dict[int, str]) -> dict[int, bytes | None]:
+    def envelopes(self, paths: dict[int, str]) -> dict[int, tuple[bytes | None, int] | None]:
         """
-        The ENVELOPEs of the messages at C{paths} from their headers alone
-        (L{pymaild.store.summary.envelopePath}); None for a file that could not be read or a
-        header too long for that.  Blocking: call it from a store thread.
+        The ENVELOPEs of the messages at C{paths} from their headers alone, each with its file's
+        mtime (L{pymaild.store.summary.envelopeAndMtime}); None for a file that could not be
+        read, an ENVELOPE of None for a header too long for that.  Blocking: call it from a
+        store thread.
         """
         return self._map("envelope", paths)
 

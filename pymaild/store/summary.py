@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from pymaild.mime import bytesText, decodeHeader as _decodeHeader
 
-__all__ = ["MessageSummary", "summarize", "summarizePath", "envelopeOf", "envelopePath", "toJSON", "fromJSON", "wireFields", "baseSubject",
+__all__ = ["MessageSummary", "summarize", "summarizePath", "envelopeOf", "envelopePath", "envelopeAndMtime", "toJSON", "fromJSON", "wireFields", "baseSubject",
            "casemap", "decodeHeader", "parseAddresses"]
 
 # Dovecot's MESSAGE_PARSER_DEFAULT_MAX_NESTED_MIME_PARTS and ..._MAX_TOTAL_MIME_PARTS.
@@ -1966,21 +1966,30 @@ def envelopePath(path: str) -> bytes | None:
     L{envelopeOf} the message file at C{path}, reading only as far as its header's end (16 KiB
     as a rule); C{None} when the header runs past L{_HEAD_MAX} (then use L{summarizePath}).
     """
+    return envelopeAndMtime(path)[0]
+
+
+def envelopeAndMtime(path: str) -> tuple[bytes | None, int]:
+    """
+    L{envelopePath} and the file's mtime in whole seconds (its IMAP internal date), read from
+    the open file: a first FETCH of ENVELOPE and INTERNALDATE then needs no C{stat} of its own.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
+        mtime = int(os.fstat(fd).st_mtime)
         data = os.read(fd, _HEAD_READ)
         want = _HEAD_READ
         while len(data) >= want:  # (a short read of a regular file is its end)
             if data[:1] == b"\n" or data[:2] == b"\r\n" or b"\n\n" in data or b"\n\r\n" in data:
                 break  # the header's end is in (the parse stops there)
             if len(data) >= _HEAD_MAX:
-                return None
+                return None, mtime
             more = os.read(fd, len(data))
             want = len(data) * 2
             data += more
     finally:
         os.close(fd)
-    return envelopeOf(data)
+    return envelopeOf(data), mtime
 
 
 def _summary(root: _Part) -> MessageSummary:

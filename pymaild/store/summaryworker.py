@@ -3,7 +3,8 @@
 The worker side of L{pymaild.store.summarizer}: C{python -m pymaild.store.summaryworker}
 reads pickled requests C{(kind, [(uid, path), ...])} on stdin and writes the answers, pickled,
 on stdout, one request at a time, until stdin closes: the summaries (C{kind} "summary",
-L{summarizeAll}) or the ENVELOPEs read from the headers alone ("envelope", L{envelopeAll}).  It
+L{summarizeAll}) or the ENVELOPEs read from the headers alone, with the files' mtimes
+("envelope", L{envelopeAll}).  It
 imports only the parser (no Twisted), so that a worker stays small.
 """
 
@@ -13,7 +14,7 @@ import pickle
 import struct
 import sys
 
-from pymaild.store.summary import MessageSummary, envelopePath, summarizePath, toJSON
+from pymaild.store.summary import MessageSummary, envelopeAndMtime, summarizePath, toJSON
 
 HEADER = struct.Struct("!Q")
 
@@ -34,15 +35,16 @@ def summarizeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[MessageS
     return out
 
 
-def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, bytes | None]]:
+def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | None, int] | None]]:
     """
-    The ENVELOPE of each path from its header alone, or None for a file that could not be read
-    or whose header is too long for that (then the whole summary is needed).
+    The ENVELOPE of each path from its header alone with the file's mtime (its internal date,
+    L{envelopeAndMtime}), or None for a file that could not be read.  The ENVELOPE is None for
+    a header too long for that (then the whole summary is needed).
     """
     out = []
     for uid, path in paths:
         try:
-            out.append((uid, envelopePath(path)))
+            out.append((uid, envelopeAndMtime(path)))
         except OSError:
             out.append((uid, None))
     return out

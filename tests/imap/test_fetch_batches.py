@@ -3,12 +3,15 @@ A long FETCH is loaded from the store in batches that grow (500, 1,000, 2,000, t
 time) while the previous batch is written: over a real server and TLS, a first FETCH of
 ENVELOPE of a folder of never-summarized mail (headers read by the store's worker processes)
 answers every message once, in order, with the right ENVELOPE; so does the FETCH that then
-needs whole summaries.
+needs whole summaries.  That first FETCH also asks INTERNALDATE, which comes from the same
+read of each file (its mtime).
 """
 
 from __future__ import annotations
 
+import datetime
 import imaplib
+import os
 import re
 
 from conftest import postmaster_inbox
@@ -21,18 +24,25 @@ def test_long_fetches_answer_every_message_once_in_order(server):
     for i in range(COUNT):
         data = (f"From: Sender {i} <s{i}@example.com>\nTo: postmaster@localhost\nSubject: number {i}\n"
                 f"Message-ID: <m{i}@example.com>\n\nbody {i}\n").encode()
-        (home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)}:2,S").write_bytes(data)
+        # (with S= and W= the index is built from the names alone: no file is stat'ed before
+        # the FETCH)
+        path = home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)},W={len(data) + data.count(10)}:2,S"
+        path.write_bytes(data)
+        os.utime(path, (1600000000 + 3601 * i,) * 2)
     client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
     client.login("postmaster@localhost", server.postmaster_password())
     typ, data = client.select("INBOX")
     assert typ == "OK" and int(data[0]) == COUNT
 
-    typ, lines = client.uid("FETCH", "1:*", "(UID ENVELOPE)")
+    typ, lines = client.uid("FETCH", "1:*", "(UID INTERNALDATE ENVELOPE)")
     assert typ == "OK"
     text = b"\n".join(x if isinstance(x, bytes) else b"".join(x) for x in lines)
     subjects = [int(n) for n in re.findall(rb'"number (\d+)"', text)]
     assert subjects == list(range(COUNT))
-    assert len(re.findall(rb"\(UID \d+ ENVELOPE", text)) == COUNT
+    assert len(re.findall(rb"\(UID \d+ INTERNALDATE \"[^\"]+\" ENVELOPE", text)) == COUNT
+    dates = [datetime.datetime.strptime(d.decode(), "%d-%b-%Y %H:%M:%S %z").timestamp()
+             for d in re.findall(rb'INTERNALDATE "([^"]+)"', text)]
+    assert dates == [1600000000 + 3601 * i for i in range(COUNT)]
 
     typ, lines = client.uid("FETCH", "1:*", "(ENVELOPE BODYSTRUCTURE)")
     assert typ == "OK"

@@ -82,6 +82,31 @@ def test_fetch_of_envelope_alone_keeps_only_envelopes(tmp_path):
     user.close()
 
 
+def test_envelopes_read_from_the_files_bring_their_internal_dates(tmp_path, monkeypatch):
+    """
+    The header-only ENVELOPE's read also gives the file's mtime: internal dates the index did
+    not have are kept with it (a first FETCH of ENVELOPE and INTERNALDATE stats no file); one
+    it had stays as it was.
+    """
+    import os
+
+    from pymaild.store.maildir import Folder
+
+    user, inbox = make(tmp_path, 5)
+    uids = inbox.uids()
+    paths = inbox.paths(uids)
+    for n, uid in enumerate(uids):
+        os.utime(paths[uid], (1600000000 + n * 86400,) * 2)
+    user.db.execute("UPDATE messages SET internaldate=NULL WHERE uid != ?", (uids[0],))
+    (known,) = user.db.execute("SELECT internaldate FROM messages WHERE uid=?", (uids[0],)).fetchone()
+    assert known != 1600000000
+    inbox.summaryFields(uids, ("envelope",))
+    monkeypatch.setattr(Folder, "_internalDates", lambda self, missing: pytest.fail(f"stat of {missing}"))
+    dates = {m.uid: m.internalDate for m in inbox.messages(uids)}
+    assert dates == {uid: known if n == 0 else 1600000000 + n * 86400 for n, uid in enumerate(uids)}
+    user.close()
+
+
 def test_the_whole_summary_replaces_the_envelope_and_expunge_removes_it(tmp_path):
     user, inbox = make(tmp_path, 5)
     uids = inbox.uids()
