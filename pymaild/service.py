@@ -589,14 +589,21 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                     stopTimeout=config.server.shutdown_timeout)
     router.runner = runner
     runner.onEvent = lambda event: pipeline.notify("queue", event)
-    def firstLogin(factory):
+    def firstLogin(factory, parsers: bool = False):
         """
         Before handing out a mailbox avatar, make sure the user's special-use folders exist
-        (in the store's threads: it touches the disk).
+        (in the store's threads: it touches the disk); with C{parsers} (IMAP), start the
+        summary workers if they do not run yet, so that they are ready for the session's
+        first FETCH of ENVELOPE (L{Summarizer.start}).
         """
 
+        def prepare(user):
+            store.user(user).ensureSpecialFolders()
+            if parsers:
+                summarizer.start()
+
         def avatar(user, mind):
-            d = storeThreads.run(lambda: store.user(user).ensureSpecialFolders())
+            d = storeThreads.run(prepare, user)
             return d.addCallback(lambda _: factory(user, mind))
 
         return avatar
@@ -604,7 +611,8 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     realm = MailRealm(
         {
             imap4.IAccount: firstLogin(
-                lambda user, mind: (StoreAccount(store.user(user), storeThreads.run, watcher), lambda: None)
+                lambda user, mind: (StoreAccount(store.user(user), storeThreads.run, watcher), lambda: None),
+                parsers=True,
             ),
             pop3.IMailbox: firstLogin(
                 pop3Avatar(store, storeThreads.run, config.pop3.uidl_format, config.pop3.mark_seen)

@@ -14,8 +14,8 @@ from the messages' headers (L{Summarizer.envelopes}, about 40 us a message).
 
 The workers are plain child processes (L{pymaild.store.summaryworker}) that read
 pickled lists of C{(uid, path)} on stdin and write pickled summaries (or envelopes) on stdout,
-one request at a time: started when a session opens a large folder (L{Summarizer.warmUp}) or at
-the first batch that needs them, kept for the next, gone when their stdin closes (at shutdown,
+one request at a time: started at the first IMAP login (L{Summarizer.start}), when a session
+opens a large folder (L{Summarizer.warmUp}) or at the first batch that needs them, kept for the next, gone when their stdin closes (at shutdown,
 or when the server dies).  Not C{multiprocessing}: its workers
 re-import the main module of the server's process, whatever it is.
 
@@ -133,12 +133,20 @@ class Summarizer:
     def warmUp(self, messages: int) -> None:
         """
         A session opened a folder of C{messages}: if that is a batch for the workers, start
-        those not started yet, to wait idle for it (the client may soon FETCH its ENVELOPEs,
-        and a worker's start, a Python process and pymaild's imports, a tenth of a second or
-        more, would hold up that first batch).  Returns at once (the processes start on their
-        own); nothing to do when all run.
+        those not started yet (L{start}; one that died since the first login).
         """
-        if messages < MIN_BATCH or self.processes < 1 or self._started >= self.processes or self._closed:
+        if messages >= MIN_BATCH:
+            self.start()
+
+    def start(self) -> None:
+        """
+        Start the workers not started yet, to wait idle for the first batch (an IMAP login:
+        its client may soon SELECT a folder never parsed and FETCH its ENVELOPEs, and a
+        worker's start, a Python process and the parser's imports, a tenth of a second, would
+        hold up that first batch).  Returns at once (the processes start on their own);
+        nothing to do when all run.
+        """
+        if self.processes < 1 or self._started >= self.processes or self._closed:
             return
         self._giveBack(self._take())
 

@@ -14,7 +14,7 @@ import imaplib
 import os
 import re
 
-from conftest import postmaster_inbox
+from conftest import postmaster_inbox, wait_for
 
 COUNT = 4700  # batches of 500, 1000, 2000 and 1200
 
@@ -49,4 +49,36 @@ def test_long_fetches_answer_every_message_once_in_order(server):
     text = b"\n".join(x if isinstance(x, bytes) else b"".join(x) for x in lines)
     assert [int(n) for n in re.findall(rb'"number (\d+)"', text)] == list(range(COUNT))
     assert text.count(b'BODYSTRUCTURE ("text" "plain"') == COUNT
+    client.logout()
+
+
+def summaryWorkers(server) -> list[int]:
+    """The server's child processes that are summary workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue  # (gone meanwhile)
+        if ppid == server.proc.pid and b"pymaild.store.summaryworker" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_an_imap_login_starts_the_summary_workers(server):
+    """
+    The workers start at the first IMAP login, before any SELECT, so that their own start does
+    not hold up the first FETCH of ENVELOPE; not before.
+    """
+    assert summaryWorkers(server) == []
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=60)
+    client.login("postmaster@localhost", server.postmaster_password())
+    wait_for(lambda: len(summaryWorkers(server)) == 2, what="the two summary workers ([store] summary_processes)")
+    typ, _ = client.select("INBOX")  # (an empty INBOX: nothing more to start)
+    assert typ == "OK" and len(summaryWorkers(server)) == 2
     client.logout()
