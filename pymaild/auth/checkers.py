@@ -153,4 +153,5 @@ class PasswdFileChecker:
         raise TemporaryFailure(cause=failure.value)
 
     def _logAttempt(self, user: str, result: str, **fields) -> None:
-        log.debug("login {user}: {result}", user=user, result=result, **fields)
+        if result != "ok":  # (a login that succeeds is logged once, by the protocol: "imap login ... ok")
+            log.debug("login {user}: {result}", user=user, result=result, **fields)

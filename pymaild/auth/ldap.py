@@ -522,7 +522,7 @@ class LdapChecker:
         if self.lookups.quotaSink is not None or self.lookups.keySink is not None:
             # (the store's sinks take its locks and may write the key database: never on the reactor)
             await deferToThreadPool(self._reactor, self._threadpool, self.lookups.noteEntry, attributes, addresses[0])
-        log.debug("login {user}: {result}", user=addresses[0], result="ok")
+        # (a login that succeeds is logged once, by the protocol: "imap login ... ok")
         return addresses[0]
 
     def _failed(self, failure, login):

@@ -452,3 +452,22 @@ def test_closed_tls_sessions_free_their_descriptors(mailbox):
         imap.login("postmaster@localhost", mailbox.postmaster_password())
         imap.logout()
     wait_for(lambda: fds() <= before, timeout=15, what=f"descriptors back to {before} (now {fds()})")
+
+
+def test_a_login_is_logged_once_a_failure_with_its_reason(server):
+    """
+    A good login is one log line, the protocol's (the checker adds none); a wrong password is
+    the protocol's line and the checker's reason (bad-password).
+    """
+    imap = login(server)
+    imap.logout()
+    bad = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=30)
+    with pytest.raises(imaplib.IMAP4.error):
+        bad.login("postmaster@localhost", "wrong")
+    bad.logout()
+    wait_for(lambda: "imap login postmaster@localhost from 127.0.0.1: failed" in server.log(),
+             what="the failed login's line")
+    text = server.log()
+    assert text.count("postmaster@localhost from 127.0.0.1: ok") == 1
+    assert text.count("login postmaster@localhost: ok") == 0
+    assert text.count("login postmaster@localhost: bad-password") == 1
