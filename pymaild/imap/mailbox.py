@@ -427,10 +427,14 @@ class StoreMailbox:
     def addListener(self, listener):
         self.listeners.append(listener)
 
-    def removeListener(self, listener):
+    def removeListener(self, listener, detach: bool = True):
+        """
+        C{listener} hears no more; the last one gone, the mailbox stops hearing about changes
+        (L{detach}) unless C{detach} is false (a SELECT of the next mailbox closes it later).
+        """
         if listener in self.listeners:
             self.listeners.remove(listener)
-        if not self.listeners:
+        if not self.listeners and detach:
             self.detach()
 
     # --- store calls, in the store's threads ------------------------------------------------

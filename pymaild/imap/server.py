@@ -462,17 +462,30 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             return
         if params.get("condstore"):
             self.condstore = True
-        if self.mbox:
-            mbox, self.mbox = self.mbox, None
-            mbox.removeListener(self)
-            close = getattr(mbox, "close", None)
-            if close is not None:
-                close()
+        previous = self.mbox
+        if previous:
+            self.mbox = None
+            try:
+                previous.removeListener(self, detach=False)  # (closed below, after the new one opens)
+            except TypeError:  # (a mailbox of another kind)
+                previous.removeListener(self)
             self.state = "auth"
             self.sendUntaggedResponse(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         d = maybeDeferred(self.account.select, self._name(name), rw)
         d.addCallback(self._cbSelectWork, cmdName, tag, params.get("qresync"))
         d.addErrback(self._ebSelectWork, cmdName, tag)
+        if previous:
+            # closed once the new one is attached: a SELECT of the same folder again (a client
+            # going back to its INBOX) keeps the folder's watch, and with it the directory
+            # stamps this process noted, so its sync lists nothing (Folder._noteOwnStamps)
+            d.addBoth(self._closeMailbox, previous)
+
+    @staticmethod
+    def _closeMailbox(result, mbox):
+        close = getattr(mbox, "close", None)
+        if close is not None:
+            close()
+        return result
 
     auth_SELECT = (_selectWork, imap4.IMAP4Server.arg_astring, opt_selectparams, 1, b"SELECT")
     select_SELECT = auth_SELECT

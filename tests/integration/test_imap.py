@@ -471,3 +471,46 @@ def test_a_login_is_logged_once_a_failure_with_its_reason(server):
     assert text.count("postmaster@localhost from 127.0.0.1: ok") == 1
     assert text.count("login postmaster@localhost: ok") == 0
     assert text.count("login postmaster@localhost: bad-password") == 1
+
+
+def inotifyWatches(server) -> set[tuple[int, int]]:
+    """
+    The server's inotify watches, as (file descriptor, watch descriptor) pairs (from /proc: its
+    inotify files' fdinfo): a watch removed and added again gets a new watch descriptor.
+    """
+    import os
+
+    pid, found = server.proc.pid, set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        found.update((int(fd), int(line.split()[1].partition(":")[2], 16))
+                     for line in lines if line.startswith("inotify wd:"))
+    return found
+
+
+def test_selecting_the_same_folder_again_keeps_its_watch(mailbox):
+    """
+    A SELECT closes the previous mailbox only once the new one is open: selecting the same
+    folder again (after a STORE of the session's own) keeps the folder's inotify watch, and
+    with it the directory stamps the server noted (its sync then lists nothing: see
+    tests/store/test_watch.py OwnStampsTests); selecting another folder lifts it.
+    """
+    imap = login(mailbox)
+    try:
+        before = inotifyWatches(mailbox)  # (the server's others)
+        assert imap.select("INBOX")[0] == "OK"
+        inbox = inotifyWatches(mailbox) - before
+        assert len(inbox) == 2  # (new/ and cur/)
+        assert imap.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK"
+        assert inotifyWatches(mailbox) == before | inbox
+        assert imap.select("Sent")[0] == "OK"
+        assert not inotifyWatches(mailbox) & inbox
+    finally:
+        imap.logout()
