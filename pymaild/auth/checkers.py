@@ -12,10 +12,10 @@ Argon2 check 64 MiB of memory), and the Deferred fires with the canonical user n
 
 Security: an unknown user costs one check against a fixed Argon2id hash, like a known one, so
 the time an answer takes does not tell which users exist.  An empty password is refused at
-once: it is never a valid password, and refusing it costs nothing.  Each attempt is logged at
-debug level with C{user} and C{result} (C{ok}, C{bad-password}, C{unknown-user},
-C{empty-password}, C{unknown-scheme}, C{bad-login}); the protocol layer logs the attempt with
-the peer's address.
+once: it is never a valid password, and refusing it costs nothing.  Each refused attempt is
+logged at debug level with C{user} and C{result} (C{bad-password}, C{unknown-user},
+C{empty-password}, C{unknown-scheme}, C{bad-login}, C{temporary-failure}); the protocol layer
+logs every attempt, good ones too, with the peer's address.
 """
 
 from __future__ import annotations

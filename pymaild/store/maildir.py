@@ -1315,8 +1315,8 @@ class Folder:
                     except OSError:
                         pass
             for uid in missing:
-                if uid in computed:
-                    continue
+                if uid in computed or uid not in paths:
+                    continue  # (no index row: expunged, perhaps by another session not told yet)
                 try:  # renamed by another process meanwhile (open() syncs), or gone
                     with self.open(uid) as f:
                         computed[uid] = summarize(f)

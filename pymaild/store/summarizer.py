@@ -32,6 +32,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -43,6 +44,8 @@ log = Logger()
 
 #: batches smaller than this are parsed in the calling thread
 MIN_BATCH = 64
+#: seconds L{Summarizer.start} (at each IMAP login) waits after a worker failed to start
+START_RETRY = 60.0
 #: the least a worker is sent at a time (a batch is cut into one piece per worker and one for
 #: the calling thread, which parses too rather than wait)
 MIN_PIECE = 16
@@ -112,6 +115,7 @@ class Summarizer:
         self._started = 0
         self._lock = threading.Lock()
         self._closed = False
+        self._retryAt = 0.0  # (monotonic) L{start} starts no worker before this, after a failure
 
     def summarize(self, paths: dict[int, str]) -> dict[int, tuple[MessageSummary, str] | None]:
         """
@@ -146,9 +150,28 @@ class Summarizer:
         hold up that first batch).  Returns at once (the processes start on their own);
         nothing to do when all run.
         """
-        if self.processes < 1 or self._started >= self.processes or self._closed:
-            return
-        self._giveBack(self._take())
+        with self._lock:
+            missing = self.processes - self._started
+            if missing < 1 or self._closed or time.monotonic() < self._retryAt:
+                return
+            self._started += missing
+        started = []  # (the idle workers stay where a batch finds them meanwhile)
+        for _ in range(missing):
+            worker = self._start()
+            if worker is not None:
+                started.append(worker)
+        self._giveBack(started)
+
+    def _start(self) -> _Worker | None:
+        """A new worker (counted in C{_started} by the caller), or None (then uncounted)."""
+        try:
+            return _Worker()
+        except OSError as e:
+            log.warn("store: cannot start a summary worker process: {error}", error=e)
+            with self._lock:
+                self._started -= 1
+                self._retryAt = time.monotonic() + START_RETRY  # (not again at every login)
+            return None
 
     def _map(self, kind: str, paths: dict[int, str]) -> dict:
         work = _KINDS[kind]
@@ -198,12 +221,9 @@ class Summarizer:
             missing = self.processes - self._started
             self._started += max(0, missing)
         for _ in range(max(0, missing)):
-            try:
-                workers.append(_Worker())
-            except OSError as e:
-                log.warn("store: cannot start a summary worker process: {error}", error=e)
-                with self._lock:
-                    self._started -= 1
+            worker = self._start()
+            if worker is not None:
+                workers.append(worker)
         return workers
 
     def _giveBack(self, workers: list[_Worker]) -> None:

@@ -168,3 +168,19 @@ def test_schema_5_index_gets_the_envelopes_table(tmp_path):
     inbox.expunge()
     assert [r[0] for r in user.db.execute("SELECT uid FROM envelopes ORDER BY uid")] == uids[1:]
     user.close()
+
+
+def test_a_uid_the_index_no_longer_has_costs_no_open(tmp_path, monkeypatch):
+    """
+    A session's view may still hold UIDs another session expunged (it is told at its next
+    command): their summaries are not looked for message by message (no open(), no sync).
+    """
+    from pymaild.store.maildir import Folder
+
+    user, inbox = make(tmp_path, 3)
+    uids = inbox.uids()
+    monkeypatch.setattr(Folder, "open", lambda self, uid: pytest.fail(f"open({uid})"))
+    got = inbox.summaryFields(uids + [uids[-1] + 1, uids[-1] + 7], ("envelope",))
+    assert set(got) == set(uids)
+    assert set(inbox.summaries(uids + [uids[-1] + 1])) == set(uids)
+    user.close()

@@ -150,3 +150,53 @@ def test_warm_up_starts_the_workers_a_batch_then_uses(files, summarizer, monkeyp
     got = summarizer.summarize(files)
     assert len(got) == len(files) and all(v is not None for v in got.values())
     assert sorted(summarizer.pids()) == sorted(pids)  # the same processes did the work
+
+
+def test_start_leaves_the_idle_workers_where_a_batch_finds_them(summarizer, monkeypatch):
+    """
+    start() (every IMAP login) starts only the missing workers: the idle ones stay idle for a
+    batch meanwhile, and none is started twice.
+    """
+    summarizer.start()
+    pids = summarizer.pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    summarizer._lost(summarizer._idle.pop(0))  # (as a batch finds it dead)
+    seen = []
+    real = summarizermod._Worker
+
+    def starting():
+        seen.append(summarizer.pids())  # what a batch would find while it starts
+        return real()
+
+    monkeypatch.setattr(summarizermod, "_Worker", starting)
+    summarizer.start()
+    assert seen == [[pids[1]]]
+    assert len(summarizer.pids()) == 2 and pids[1] in summarizer.pids()
+    summarizer.start()
+    assert len(seen) == 1
+
+
+def test_a_worker_that_cannot_start_is_not_tried_at_every_login(monkeypatch):
+    """
+    A failed start (a process limit, the interpreter gone after an upgrade) is logged and not
+    tried again by start() for START_RETRY seconds; a batch still tries (and parses itself).
+    """
+    tries = []
+
+    def failing():
+        tries.append(1)
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(summarizermod, "_Worker", failing)
+    s = Summarizer(2)
+    try:
+        s.start()
+        assert len(tries) == 2 and s.pids() == []
+        s.start()
+        assert len(tries) == 2
+        monkeypatch.setattr(summarizermod.time, "monotonic", lambda: s._retryAt + 1)
+        s.start()
+        assert len(tries) == 4
+    finally:
+        s.close()
