@@ -304,8 +304,10 @@ class StoreMailbox:
             return
         self._reactor.callFromThread(self._apply, changes)
 
+    _parked = False
+
     def _apply(self, changes):
-        if not self._attached:
+        if not self._attached or self._parked:
             return
         added = sorted(u for u in set(changes.added) if self.sequenceNumber(u) is None)
         if added:
@@ -434,8 +436,12 @@ class StoreMailbox:
         """
         if listener in self.listeners:
             self.listeners.remove(listener)
-        if not self.listeners and detach:
-            self.detach()
+        if not self.listeners:
+            if detach:
+                self.detach()
+            else:
+                self._parked = True  # (attached for its watch alone: it applies no change)
+                self.onExpunge = None
 
     # --- store calls, in the store's threads ------------------------------------------------
 

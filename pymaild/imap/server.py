@@ -472,19 +472,23 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             self.state = "auth"
             self.sendUntaggedResponse(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         d = maybeDeferred(self.account.select, self._name(name), rw)
-        d.addCallback(self._cbSelectWork, cmdName, tag, params.get("qresync"))
+        d.addCallback(self._cbSelectWork, cmdName, tag, params.get("qresync"), previous)
         d.addErrback(self._ebSelectWork, cmdName, tag)
         if previous:
-            # closed once the new one is attached: a SELECT of the same folder again (a client
-            # going back to its INBOX) keeps the folder's watch, and with it the directory
-            # stamps this process noted, so its sync lists nothing (Folder._noteOwnStamps)
+            # closed once the new one is attached if it is the same folder (a client going back
+            # to its INBOX): the folder's watch stays, and with it the directory stamps this
+            # process noted, so its sync lists nothing (Folder._noteOwnStamps); another folder's
+            # is closed before the new one is attached (_cbSelectWork)
             d.addBoth(self._closeMailbox, previous)
 
     @staticmethod
     def _closeMailbox(result, mbox):
         close = getattr(mbox, "close", None)
         if close is not None:
-            close()
+            try:
+                close()
+            except Exception:
+                log.failure("closing the previous mailbox")
         return result
 
     auth_SELECT = (_selectWork, imap4.IMAP4Server.arg_astring, opt_selectparams, 1, b"SELECT")
@@ -496,7 +500,11 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         log.failure("{cmd} failed", failure, cmd=cmdName)
         self.sendNegativeResponse(tag, b"[SERVERBUG] " + cmdName + b" failed")
 
-    def _cbSelectWork(self, mbox, cmdName, tag, qresync=None):
+    def _cbSelectWork(self, mbox, cmdName, tag, qresync=None, previous=None):
+        if previous is not None and getattr(previous, "folder", None) is not getattr(mbox, "folder", None):
+            # another folder (or the same name renamed or made anew: another Folder, whose
+            # watch shares the directories' inotify watch): the previous one goes first
+            self._closeMailbox(None, previous)
         if self._lost:  # the client left meanwhile: do not start listening to the folder
             close = getattr(mbox, "close", None)
             if close is not None:

@@ -57,11 +57,23 @@ class _Notifier(inotify.INotify):
     def __init__(self, reactor, overflowed):
         super().__init__(reactor)
         self._overflowed = overflowed
+        self._reading = False
 
     def _doRead(self, in_):
-        super()._doRead(in_)
+        self._reading = True
+        try:
+            super()._doRead(in_)
+        finally:
+            self._reading = False
         if _OVERFLOW in in_:
             self._overflowed()
+
+    def loseConnection(self):
+        # Twisted's _doRead closes the whole notifier when one watched directory is deleted
+        # (IN_DELETE_SELF: a folder deleted while selected), after removing that watch: every
+        # other folder would be deaf from then on, and the next watch() would fail
+        if not self._reading:
+            super().loseConnection()
 
 
 class FolderWatcher:
@@ -114,7 +126,10 @@ class FolderWatcher:
 
     def _remove(self, folder) -> None:
         for sub in ("new", "cur"):
-            self._notifier.ignore(FilePath(str(folder.path / sub)))
+            try:
+                self._notifier.ignore(FilePath(str(folder.path / sub)))
+            except KeyError:
+                pass  # (the directory was deleted: its watch went with it)
 
     @contextmanager
     def _quiet(self, folder):

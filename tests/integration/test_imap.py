@@ -514,3 +514,50 @@ def test_selecting_the_same_folder_again_keeps_its_watch(mailbox):
         assert not inotifyWatches(mailbox) & inbox
     finally:
         imap.logout()
+
+
+def test_a_folder_renamed_then_selected_is_watched(mailbox):
+    """
+    SELECT A, RENAME A B, SELECT B: the new name's folder shares A's directories (the kernel
+    gives the same inode one watch), so A's mailbox is closed before B's opens, and B is
+    watched afterwards.
+    """
+    imap = login(mailbox)
+    try:
+        assert imap.create("Work")[0] == "OK"
+        before = inotifyWatches(mailbox)
+        assert imap.select("Work")[0] == "OK"
+        assert len(inotifyWatches(mailbox) - before) == 2
+        assert imap.rename("Work", "Done")[0] == "OK"
+        assert imap.select("Done")[0] == "OK"
+        assert len(inotifyWatches(mailbox) - before) == 2
+    finally:
+        imap.logout()
+
+
+def test_deleting_a_selected_folder_leaves_the_others_watched(mailbox):
+    """
+    A folder deleted while another session has it selected: its watch goes, the others stay
+    (Twisted's INotify closed the whole notifier at the deleted directory's IN_DELETE_SELF),
+    and a SELECT still works.
+    """
+    a, b = login(mailbox), login(mailbox)
+    try:
+        assert a.create("Gone")[0] == "OK"
+        before = inotifyWatches(mailbox)
+        assert a.select("INBOX")[0] == "OK"
+        inbox = inotifyWatches(mailbox) - before
+        assert len(inbox) == 2
+        assert b.select("Gone")[0] == "OK"
+        assert a.delete("Gone")[0] == "OK"
+        assert a.noop()[0] == "OK"
+        wait_for(lambda: inotifyWatches(mailbox) == before | inbox, timeout=10,
+                 what=f"INBOX's watches alone (now {inotifyWatches(mailbox)})")
+        assert b.select("INBOX")[0] == "OK"
+        assert inotifyWatches(mailbox) == before | inbox
+    finally:
+        for c in (a, b):
+            try:
+                c.logout()
+            except Exception:
+                pass
