@@ -465,10 +465,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         previous = self.mbox
         if previous:
             self.mbox = None
-            try:
-                previous.removeListener(self, detach=False)  # (closed below, after the new one opens)
-            except TypeError:  # (a mailbox of another kind)
-                previous.removeListener(self)
+            previous.removeListener(self, detach=False)  # (closed below: _cbSelectWork, _closeMailbox)
             self.state = "auth"
             self.sendUntaggedResponse(b"OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         d = maybeDeferred(self.account.select, self._name(name), rw)

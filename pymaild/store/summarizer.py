@@ -15,9 +15,10 @@ from the messages' headers (L{Summarizer.envelopes}, about 40 us a message).
 The workers are plain child processes (L{pymaild.store.summaryworker}) that read
 pickled lists of C{(uid, path)} on stdin and write pickled summaries (or envelopes) on stdout,
 one request at a time: started at the first IMAP login (L{Summarizer.start}), when a session
-opens a large folder (L{Summarizer.warmUp}) or at the first batch that needs them, kept for the next, gone when their stdin closes (at shutdown,
-or when the server dies).  Not C{multiprocessing}: its workers
-re-import the main module of the server's process, whatever it is.
+opens a large folder (L{Summarizer.warmUp}) or at the first batch that needs them, kept for the
+next, gone when their stdin closes (at shutdown, or when the server dies).  Not
+C{multiprocessing}: its workers re-import the main module of the server's process, whatever it
+is.
 
 Small batches (a new message, a few unread ones) are parsed in the calling thread: handing
 them to a process costs more than it saves.  A worker that dies (killed, out of memory) loses
@@ -150,17 +151,19 @@ class Summarizer:
         hold up that first batch).  Returns at once (the processes start on their own);
         nothing to do when all run.
         """
+        self._giveBack(self._startMissing(patient=True))  # (the idle ones stay where a batch finds them)
+
+    def _startMissing(self, patient: bool) -> list[_Worker]:
+        """
+        The workers not started yet, started (counted in C{_started} first, so that two threads
+        do not both start them); C{patient}: none within START_RETRY of a failed start.
+        """
         with self._lock:
             missing = self.processes - self._started
-            if missing < 1 or self._closed or time.monotonic() < self._retryAt:
-                return
+            if missing < 1 or self._closed or (patient and time.monotonic() < self._retryAt):
+                return []
             self._started += missing
-        started = []  # (the idle workers stay where a batch finds them meanwhile)
-        for _ in range(missing):
-            worker = self._start()
-            if worker is not None:
-                started.append(worker)
-        self._giveBack(started)
+        return [worker for worker in (self._start() for _ in range(missing)) if worker is not None]
 
     def _start(self) -> _Worker | None:
         """A new worker (counted in C{_started} by the caller), or None (then uncounted)."""
@@ -218,13 +221,7 @@ class Summarizer:
             if self._closed:
                 return []
             workers, self._idle = self._idle, []
-            missing = self.processes - self._started
-            self._started += max(0, missing)
-        for _ in range(max(0, missing)):
-            worker = self._start()
-            if worker is not None:
-                workers.append(worker)
-        return workers
+        return workers + self._startMissing(patient=False)
 
     def _giveBack(self, workers: list[_Worker]) -> None:
         with self._lock:
