@@ -29,7 +29,13 @@ folder's UIDVALIDITY.
 from __future__ import annotations
 
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from twisted.logger import Logger
+
+log = Logger()
 
 SCHEMA_VERSION = 6
 
@@ -193,6 +199,52 @@ class MigrationFailed(RuntimeError):
     """
 
 
+#: A write of many rows (the first index of a large folder, a STORE on thousands of messages)
+#: commits without sqlite's automatic checkpoint (C{UserStore.deferCheckpoint}), which would
+#: copy the WAL into the database and fsync it before the answer; the checkpoint runs after,
+#: in this one thread, on a connection of its own (a WAL checkpoint blocks no reader and no
+#: writer).  Should it not run (a crash, an error), the next commit's automatic checkpoint does
+#: the work; a crash before it loses nothing (the WAL is the database until then).
+_checkpointer: ThreadPoolExecutor | None = None
+_checkpointLock = threading.Lock()
+_checkpointsPending: set[str] = set()
+
+
+def checkpointLater(path: Path) -> None:
+    """Checkpoint the index at C{path} soon, in the checkpoint thread (once if asked twice)."""
+    global _checkpointer
+    key = str(path)
+    with _checkpointLock:
+        if key in _checkpointsPending:
+            return
+        if _checkpointer is None:
+            _checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymaild-checkpoint")
+        _checkpointsPending.add(key)
+        _checkpointer.submit(_checkpoint, key)
+
+
+def _checkpoint(path: str) -> None:
+    with _checkpointLock:
+        _checkpointsPending.discard(path)
+    try:
+        # (mode=rw: a user's directory removed meanwhile gets no new empty index)
+        db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=rw", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        log.warn("checkpoint of {path} failed (the next commit does it): {error}", path=path, error=str(e))
+
+
+def waitForCheckpoints() -> None:
+    """Return once the checkpoints asked for so far have run (for tests and benchmarks)."""
+    with _checkpointLock:
+        executor = _checkpointer
+    if executor is not None:
+        executor.submit(lambda: None).result()
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """
     Open (creating if needed) the index at C{path}.  A corrupt or foreign file is moved aside
@@ -215,7 +267,7 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=OFF")
         db.execute("PRAGMA cache_size=-16000")
-        db.execute("PRAGMA temp_store=MEMORY")  # (Folder._indexAll's scratch table)
+        db.execute("PRAGMA temp_store=MEMORY")  # (sorts, and temporary tables if any)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")

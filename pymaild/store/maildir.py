@@ -61,7 +61,7 @@ from pymaild.store.delivery import (
     uniqueName,
     writeTmp,
 )
-from pymaild.store.index import BUSY_TIMEOUT, FIELD_COLUMNS, FIELDS, connect
+from pymaild.store.index import BUSY_TIMEOUT, FIELD_COLUMNS, FIELDS, checkpointLater, connect
 
 log = Logger()
 
@@ -125,6 +125,10 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.added or self.expunged or self.flagsChanged)
 
+
+#: STORE on this many messages or more commits without sqlite's automatic checkpoint
+#: (L{UserStore.deferCheckpoint}).
+_BULK_CHECKPOINT = 1000
 
 #: STORE on this many messages or more lifts the folder's inotify watch around its renames.
 _QUIET_FROM = 64
@@ -485,6 +489,8 @@ class UserStore:
         self._depth = 0
         self.db = connect(self.root / INDEX_NAME)
         self._wal = self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+        self._autocheckpoint = self.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        self._checkpointScope = self._checkpointDeferred = False
         self.quota = quotamod.Quota(self.root, storageLimit, messageLimit)
         self.specialFolders = specialFolders or {}
         self._folders: dict[str, Folder] = {}
@@ -540,6 +546,42 @@ class UserStore:
 
     def inTransaction(self) -> bool:
         return self._depth > 0
+
+    @contextmanager
+    def deferCheckpoint(self, bulk: bool = True):
+        """
+        Commits within carry no automatic checkpoint once C{bulk} (or L{holdCheckpoint} within,
+        for a write that learns it is large as it goes): a write of many rows gets its answer
+        without waiting for sqlite to copy the WAL (megabytes, then) into the database and fsync
+        it; the checkpoint runs afterwards in the checkpoint thread
+        (L{pymaild.store.index.checkpointLater}).  Durability is the same: a commit is in the
+        WAL, fsynced, either way.
+        """
+        with self.lock:
+            if self._checkpointScope:  # nested: the outermost scope lets go
+                if bulk:
+                    self.holdCheckpoint()
+                yield
+                return
+            self._checkpointScope = True
+            try:
+                if bulk:
+                    self.holdCheckpoint()
+                yield
+            finally:
+                self._checkpointScope = False
+                if self._checkpointDeferred:
+                    self._checkpointDeferred = False
+                    try:
+                        self.db.execute(f"PRAGMA wal_autocheckpoint={int(self._autocheckpoint)}")
+                    finally:
+                        checkpointLater(self.root / INDEX_NAME)
+
+    def holdCheckpoint(self) -> None:
+        """Within L{deferCheckpoint} (caller holds the lock): no automatic checkpoint from now on."""
+        if self._checkpointScope and self._wal and not self._checkpointDeferred:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointDeferred = True
 
     # --- folders ---------------------------------------------------------------------------
 
@@ -1452,15 +1494,16 @@ class Folder:
                 return Changes()
             # The whole scan is one transaction (BEGIN IMMEDIATE): another process syncing the
             # same folder waits, then sees this one's UIDs instead of assigning its own.
-            with self.user.transaction():
-                changes = self._scan(moveNew)
-            stats = self._dirStats()
-            raw = _stampsOf(stats)
-            # a stamp this close to the sync's start may still change unseen (the same tick): kept
-            # empty, the next sync lists the directories again
-            newStamp, curStamp = raw if _settled(stats, now_ns) else ("", "")
-            with self.user.cacheTransaction():  # (lost in a crash: the next sync lists the directories)
-                db.execute("UPDATE folders SET newstamp=?, curstamp=? WHERE id=?", (newStamp, curStamp, self.id))
+            with self.user.deferCheckpoint(bulk=False):  # (held by _indexAll: a first index)
+                with self.user.transaction():
+                    changes = self._scan(moveNew)
+                stats = self._dirStats()
+                raw = _stampsOf(stats)
+                # a stamp this close to the sync's start may still change unseen (the same
+                # tick): kept empty, the next sync lists the directories again
+                newStamp, curStamp = raw if _settled(stats, now_ns) else ("", "")
+                with self.user.cacheTransaction():  # (lost in a crash: the next sync lists the directories)
+                    db.execute("UPDATE folders SET newstamp=?, curstamp=? WHERE id=?", (newStamp, curStamp, self.id))
             self._noteOwnStamps(epoch, raw)
             if changes:
                 self._notify(changes)
@@ -1699,13 +1742,16 @@ class Folder:
         (uidnext, modseq) = db.execute(
             "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)).fetchone()
         modseq += 1
-        # The names go into a scratch table in this order (its rowids 1, 2, ...), then into the
-        # index in one statement (a statement a row cost twice as much), sqlite taking the
-        # sizes from the names (the shape guarantees ",S=<digits>,W=<digits>") and the flags
-        # and keywords from a CASE on the text after ":" (one WHEN per distinct text).
-        db.execute("DROP TABLE IF EXISTS temp.indexing")
-        db.execute("CREATE TEMP TABLE indexing (name TEXT NOT NULL)")
-        db.executemany("INSERT INTO temp.indexing (name) VALUES (?)", zip(names))
+        self.user.holdCheckpoint()
+        # The names go into the index in one statement, as one JSON array in this order (its
+        # keys 0, 1, ...: json_each; a statement a row cost twice as much, and a scratch table
+        # filled by executemany a quarter of the build), sqlite taking the sizes from the names
+        # (the shape guarantees ",S=<digits>,W=<digits>") and the flags and keywords from a CASE
+        # on the text after ":" (one WHEN per distinct text).  A name needs no JSON escape
+        # unless it has a quote, a backslash or a control character: json.dumps then, for the
+        # last once sqlite has refused the array (a search for them costs 30 ms).
+        plain = '"' not in joined and "\\" not in joined
+        array = ('["' + '","'.join(names) + '"]') if plain else json.dumps(names)
         cases = {}
         for column, k in (("flags", 0), ("keywords", 1)):
             values = {fk[k] for fk in flagsKeywords}
@@ -1714,14 +1760,20 @@ class Folder:
             else:
                 cases[column] = ("CASE substr(name, instr(name || ':', ':') + 1) " + "WHEN ? THEN ? " * len(infos) + "END",
                                  [x for info, fk in zip(infos, flagsKeywords) for x in (info, fk[k])])
-        db.execute(
+        insert = (
             "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
-            f" SELECT ?, rowid + ?, name, 0, {cases['flags'][0]}, {cases['keywords'][0]}, ?,"
+            f" SELECT ?, key + ?, name, 0, {cases['flags'][0]}, {cases['keywords'][0]}, ?,"
             " CAST(substr(name, instr(name, ',S=') + 3) AS INTEGER),"
-            " CAST(substr(name, instr(name, ',W=') + 3) AS INTEGER), NULL FROM temp.indexing ORDER BY rowid",
-            (self.id, uidnext - 1, *cases["flags"][1], *cases["keywords"][1], modseq),
+            " CAST(substr(name, instr(name, ',W=') + 3) AS INTEGER), NULL"
+            " FROM (SELECT key, value AS name FROM json_each(?))"  # (in the array's order; the UID is its key)
         )
-        db.execute("DROP TABLE temp.indexing")
+        params = (self.id, uidnext, *cases["flags"][1], *cases["keywords"][1], modseq)
+        try:
+            db.execute(insert, (*params, array))
+        except sqlite3.OperationalError as e:
+            if not plain or "malformed JSON" not in str(e):
+                raise
+            db.execute(insert, (*params, json.dumps(names)))
         (unseen, vsize) = db.execute(
             "SELECT count(*) FILTER (WHERE instr(flags, '\\Seen') = 0), total(vsize) FROM messages WHERE folder=?",
             (self.id,)).fetchone()
@@ -1922,7 +1974,7 @@ class Folder:
                                               curFd, newFd, announced)
             if plans:
                 fsyncDirectory(self.path / "cur")
-                with self.user.transaction():
+                with self.user.deferCheckpoint(bulk=len(plans) >= _BULK_CHECKPOINT), self.user.transaction():
                     if announced:
                         # the directories agreed with the index before the renames (their stamps
                         # as this process or the last sync left them): they still do after

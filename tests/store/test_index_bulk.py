@@ -104,7 +104,9 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     "1600000000.M12P3.host,S=5,W=6,X=1:2,S",              # a field after the sizes
     "1600000000.M12P3.host,S=12345678901234567,W=6:2,S",  # a size beyond sqlite's integers
     ".hidden",
-    '1600000000.M12P3.ho"st,S=5,W=6:2,S',                 # a quote
+    '1600000000.M12P3.ho"st,S=5,W=6:2,S',                 # a quote (escaped in the JSON array)
+    "1600000000.M12P3.ho\\st,S=5,W=6:2,S",                # a backslash (escaped too)
+    "1600000000.M12P3.ho\tst,S=5,W=6:2,S",                 # a control character (sqlite refuses it unescaped)
     "1600000000.M12P3.hóst,S=5,W=6:2,S",                 # not ASCII
     "1600000000.M12P3.host,S=5,W=6:2,S\n1600000000.M13P3.host,S=5,W=6:2,S",  # a line break
 ])
@@ -121,7 +123,8 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
     assert bulk[0] == general[0]
     assert bulk[1] == general[1]
     if odd in ("1600000000.M012P3.host,S=5,W=6:2,S", "1600000000.M12P3.hóst,S=5,W=6:2,S",
-               '1600000000.M12P3.ho"st,S=5,W=6:2,S'):
+               '1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M12P3.ho\\st,S=5,W=6:2,S",
+               "1600000000.M12P3.ho\tst,S=5,W=6:2,S"):
         assert bulk[3] == [True]
     else:
         assert bulk[3] == [False]  # the check sent it the general way
