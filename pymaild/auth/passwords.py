@@ -48,26 +48,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
 import warnings
+from types import SimpleNamespace
 from typing import Callable
-
-import bcrypt
-import nacl.exceptions
-import nacl.pwhash
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import InvalidHashError, VerificationError
-from passlib.exc import PasslibHashWarning
-from passlib.hash import (
-    ldap_salted_sha1,
-    ldap_salted_sha256,
-    ldap_salted_sha512,
-    md5_crypt,
-    sha256_crypt,
-    sha512_crypt,
-)
 
 __all__ = [
     "ARGON2_MEMORY_COST",
@@ -107,30 +94,50 @@ SUPPORTED_SCHEMES = (
     "CLEARTEXT",
 )
 
-# passlib warns when it reads a SHA-crypt hash the way glibc does (a salt cut to 16
-# characters, rounds raised to 1000): those are odd hashes, not events, and this module logs
-# nothing. Set once at import, as warnings.catch_warnings() is not thread-safe.
-warnings.filterwarnings("ignore", category=PasslibHashWarning)
 
-_HASHER = PasswordHasher(
-    time_cost=ARGON2_TIME_COST,
-    memory_cost=ARGON2_MEMORY_COST,
-    parallelism=ARGON2_PARALLELISM,
-    hash_len=ARGON2_HASH_LEN,
-    salt_len=ARGON2_SALT_LEN,
-    type=Type.ID,
-)
+@functools.cache
+def _lib() -> SimpleNamespace:
+    """
+    The hash libraries, imported at the first hash checked or made, not with this module:
+    passlib, argon2-cffi, PyNaCl and bcrypt are ~13 ms of the server's start-up, which needs
+    none of them before the first login.  (Two threads may both import them at once: the
+    imports are idempotent, and the result is the same.)
+    """
+    import bcrypt
+    import nacl.exceptions
+    import nacl.pwhash
+    from argon2 import PasswordHasher, Type
+    from argon2.exceptions import InvalidHashError, VerificationError
+    from passlib import hash as passlibHash
+    from passlib.exc import PasslibHashWarning
+
+    # passlib warns when it reads a SHA-crypt hash the way glibc does (a salt cut to 16
+    # characters, rounds raised to 1000): those are odd hashes, not events, and this module
+    # logs nothing. Set once, as warnings.catch_warnings() is not thread-safe.
+    warnings.filterwarnings("ignore", category=PasslibHashWarning)
+    hasher = PasswordHasher(
+        time_cost=ARGON2_TIME_COST,
+        memory_cost=ARGON2_MEMORY_COST,
+        parallelism=ARGON2_PARALLELISM,
+        hash_len=ARGON2_HASH_LEN,
+        salt_len=ARGON2_SALT_LEN,
+        type=Type.ID,
+    )
+    return SimpleNamespace(
+        hasher=hasher, InvalidHashError=InvalidHashError, VerificationError=VerificationError,
+        bcrypt=bcrypt, naclPwhash=nacl.pwhash, naclExceptions=nacl.exceptions, passlib=passlibHash,
+    )
 
 _ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
 
 # Dovecot's encoding suffixes (password-scheme.c, password_scheme_lookup).
 _ENCODINGS = {"B64": "base64", "BASE64": "base64", "HEX": "hex"}
 
-# The salted SHA schemes: hashlib name of the digest and passlib's handler.
+# The salted SHA schemes: hashlib name of the digest and the name of passlib's handler.
 _SALTED = {
-    "SSHA": ("sha1", ldap_salted_sha1),
-    "SSHA256": ("sha256", ldap_salted_sha256),
-    "SSHA512": ("sha512", ldap_salted_sha512),
+    "SSHA": ("sha1", "ldap_salted_sha1"),
+    "SSHA256": ("sha256", "ldap_salted_sha256"),
+    "SSHA512": ("sha512", "ldap_salted_sha512"),
 }
 
 
@@ -184,7 +191,7 @@ def hash_password(password: str) -> str:
     """
     # Checked by hand against Dovecot 2.3.19.1: `doveadm pw -t HASH -p PASSWORD` answers
     # "(verified)" for hash_password() output, including a non-ASCII password.
-    return "{ARGON2ID}" + _HASHER.hash(password)
+    return "{ARGON2ID}" + _lib().hasher.hash(password)
 
 
 def needs_rehash(stored: str) -> bool:
@@ -203,9 +210,10 @@ def needs_rehash(stored: str) -> bool:
         return True
     if scheme != "ARGON2ID" or encoding is not None or not value.startswith("$argon2id$"):
         return True
+    lib = _lib()
     try:
-        return _HASHER.check_needs_rehash(value)
-    except (InvalidHashError, ValueError):
+        return lib.hasher.check_needs_rehash(value)
+    except (lib.InvalidHashError, ValueError):
         return True
 
 
@@ -256,7 +264,8 @@ def _verify_salted(scheme: str, raw: bytes, secret: bytes) -> bool:
     """
     Check an SSHA, SSHA256 or SSHA512 hash, decoded to C{digest + salt}.
     """
-    digest_name, handler = _SALTED[scheme]
+    digest_name, handlerName = _SALTED[scheme]
+    handler = getattr(_lib().passlib, handlerName)
     size = hashlib.new(digest_name).digest_size
     if len(raw) <= size:
         # Dovecot: "password is too short"; no salt.
@@ -276,41 +285,42 @@ def _verify_salted(scheme: str, raw: bytes, secret: bytes) -> bool:
 
 
 def _verify_sha512_crypt(text: str, secret: bytes) -> bool:
-    return sha512_crypt.verify(secret, text)
+    return _lib().passlib.sha512_crypt.verify(secret, text)
 
 
 def _verify_sha256_crypt(text: str, secret: bytes) -> bool:
-    return sha256_crypt.verify(secret, text)
+    return _lib().passlib.sha256_crypt.verify(secret, text)
 
 
 def _verify_md5_crypt(text: str, secret: bytes) -> bool:
-    return md5_crypt.verify(secret, text)
+    return _lib().passlib.md5_crypt.verify(secret, text)
 
 
 def _verify_bcrypt(text: str, secret: bytes) -> bool:
     # bcrypt reads only 72 bytes; Dovecot's crypt_blowfish ignores the rest, while the
     # bcrypt package (4.1+) refuses longer passwords, so cut them as Dovecot does.
-    return bcrypt.checkpw(secret[:72], text.encode("ascii"))
+    return _lib().bcrypt.checkpw(secret[:72], text.encode("ascii"))
 
 
 def _verify_argon2(text: str, secret: bytes) -> bool:
     # argon2-cffi takes the variant from the hash; libsodium (Dovecot) supports only these.
     if not text.startswith(("$argon2id$", "$argon2i$")):
         return False
+    lib = _lib()
     if ",p=1$" in text:
         # libsodium (PyNaCl), as Dovecot: its optimised Argon2 checks Dovecot's parameters in
         # about 0.6 of the time argon2-cffi's portable build takes (90 against 140 ms here),
         # and every login waits for it.  It knows only one lane (p=1); others go below.
-        module = nacl.pwhash.argon2id if text.startswith("$argon2id$") else nacl.pwhash.argon2i
+        module = lib.naclPwhash.argon2id if text.startswith("$argon2id$") else lib.naclPwhash.argon2i
         try:
             return module.verify(text.encode("ascii"), secret)
-        except nacl.exceptions.InvalidkeyError:
+        except lib.naclExceptions.InvalidkeyError:
             return False  # the wrong password
-        except (nacl.exceptions.CryptoError, ValueError, TypeError, UnicodeEncodeError):
+        except (lib.naclExceptions.CryptoError, ValueError, TypeError, UnicodeEncodeError):
             pass  # a hash libsodium refuses: argon2-cffi decides
     try:
-        return _HASHER.verify(text, secret)
-    except VerificationError:
+        return lib.hasher.verify(text, secret)
+    except lib.VerificationError:
         # VerifyMismatchError, or a hash argon2 could not use.
         return False
 

@@ -348,3 +348,22 @@ def test_argon2_with_several_lanes_still_verifies():
     one = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1, type=Type.I).hash("s3cret")
     assert verify("{ARGON2I}" + one, "s3cret") and not verify("{ARGON2I}" + one, "s3cre")
     assert not verify("{ARGON2ID}" + one.replace("$argon2i$", "$argon2id$"), "s3cret")
+
+
+def test_the_server_imports_no_hash_library_before_the_first_hash():
+    """
+    passlib, argon2-cffi and PyNaCl are imported at the first hash checked or made (~13 ms of
+    the start-up otherwise); cryptography imports bcrypt for its own use, so bcrypt is not
+    in the list.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pymaild.service; heavy = ('passlib', 'argon2', 'nacl');"
+        " print(sorted(m for m in heavy if m in sys.modules));"
+        " from pymaild.auth import passwords; passwords.verify('{SSHA}' + 'A' * 40, 'x');"
+        " print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "['argon2', 'nacl', 'passlib']"]

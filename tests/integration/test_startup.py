@@ -407,3 +407,27 @@ def test_first_login_creates_special_use_folders(make_server):
     folders = sorted(p.name for p in home.iterdir() if p.name.startswith(".") and (p / "cur").is_dir())
     assert folders == [".Archive", ".Drafts", ".Gesendet", ".Trash"]
     assert (home / "pymaild.index.sqlite").exists()
+
+
+def test_building_the_service_collects_nothing_and_freezes_what_it_made(tmp_path):
+    """
+    makeService runs with the garbage collector off (start-up allocates and frees almost
+    nothing) and freezes what it made, so that no later collection scans it; collection is on
+    again afterwards.  Run in a process of its own, which the freeze would otherwise outlive.
+    """
+    config = tmp_path / "pymaild.toml"
+    config.write_text('[listen]\nsmtp = ["127.0.0.1:0"]\nsubmission = []\nsmtps = []\nimap = []\n'
+                      'imaps = []\npop3 = []\npop3s = []\n')
+    code = (
+        "import gc, sys\n"
+        "from pymaild import tap\n"
+        "seen = []\n"
+        "gc.callbacks.append(lambda phase, info: seen.append(info['generation']) if phase == 'start' else None)\n"
+        f"options = tap.Options(); options.parseOptions(['--config', {str(config)!r}, '--data-dir', {str(tmp_path / 'data')!r}])\n"
+        "gc.collect(); seen.clear()\n"
+        "tap.makeService(options)\n"
+        "print(seen, gc.isenabled(), gc.get_freeze_count() > 10000)\n"
+    )
+    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[] True True"
