@@ -584,6 +584,8 @@ class LdapProtocol(Protocol):
 
     def _decrypt(self, data: bytes) -> bytes:
         """The plaintext in C{data} (received over TLS); b"" until there is some."""
+        if self.closed:
+            return b""  # (after close(): the server's close_notify, nothing to read)
         self._tlsIn.write(data)
         if self.handshake is not None:
             self._handshake()
@@ -595,7 +597,8 @@ class LdapProtocol(Protocol):
             # used up spares the SSLWantReadError that a read of nothing raises)
             while True:
                 chunk = self._tls.read(16384)
-                if not chunk:
+                if not chunk:  # (the server's close_notify: nothing more comes on this connection)
+                    self.drop()
                     break
                 plain.append(chunk)
                 if not self._tlsIn.pending and not self._tls.pending():

@@ -172,6 +172,139 @@ def test_certificate_names_are_checked_as_ldap3_checks_them(tmp_path):
             ldapwire.checkHostname(names, host)
 
 
+class _MemoryServer:
+    """
+    The server's end of an L{ldapwire.LdapProtocol}'s TLS, in memory: an C{ssl.SSLObject} with
+    a certificate for C{name}, fed what the client wrote to its C{StringTransport}.  The
+    client starts TLS for C{host} (C{name} unless given).
+    """
+
+    def __init__(self, directory: Path, name: str, host: str | None = None):
+        import ssl
+
+        from twisted.internet.testing import StringTransport
+
+        cert = _certificate(directory, name)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(str(cert), str(directory / "other-key.pem"))
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = server.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.shaken = False
+        self.notified = False  # (the client's close_notify came)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.load_verify_locations(cafile=str(cert))
+        from twisted.internet.task import Clock
+
+        self.protocol = ldapwire.LdapProtocol(Clock(), 5, "ldaps://test")  # (its timers on no real reactor)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.handshake = self.protocol.startTLS(client, host or name)
+
+    def pump(self) -> bytes:
+        """Hand the client's bytes to the server, its answers back, until the client is quiet;
+        the plaintext the server read."""
+        import ssl
+
+        plain = b""
+        for _ in range(10):
+            sent = self.transport.value()
+            self.transport.clear()
+            if not sent:
+                break
+            self.incoming.write(sent)
+            try:
+                if not self.shaken:
+                    self.tls.do_handshake()
+                    self.shaken = True
+                while chunk := self.tls.read(65536):
+                    plain += chunk
+                self.notified = True  # (b"": the client's close_notify; the server's own goes back)
+                try:
+                    self.tls.unwrap()
+                except ssl.SSLError:
+                    pass
+            except ssl.SSLWantReadError:
+                pass
+            answer = self.outgoing.read()
+            if answer:
+                self.protocol.dataReceived(answer)
+        return plain
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.protocol.dataReceived(self.outgoing.read())
+
+
+def _warnings(events) -> list[str]:
+    from twisted.logger import LogLevel, formatEvent
+
+    return [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+
+
+@pytest.fixture
+def logged():
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_tls_in_memory_carries_requests_and_answers(tmp_path, logged):
+    server = _MemoryServer(tmp_path, "ldap.example")
+    server.pump()
+    answered = []
+    server.handshake.addCallback(answered.append)
+    assert answered == [server.protocol] and "subjectAltName" in server.protocol.peerCertificate()
+    got = []
+    server.protocol.request(ldapwire.bindRequest, "cn=x", b"pw").addCallback(got.append)
+    assert server.pump() == ldapwire.bindRequest(1, "cn=x", b"pw")
+    server.send(bytes.fromhex("300c02010161070a010004000400"))  # bindResponse success, ID 1
+    assert got[0]["result"] == 0
+    # closing: an UnbindRequest and close_notify go out; the server's close_notify, arriving
+    # after, is no event
+    server.protocol.close()
+    assert server.pump() == ldapwire.unbindRequest(2)
+    assert server.notified and server.transport.disconnecting
+    assert _warnings(logged) == []
+
+
+def test_tls_in_memory_a_bad_record_drops_the_connection(tmp_path, logged):
+    server = _MemoryServer(tmp_path, "ldap.example")
+    server.pump()
+    failed = []
+    server.protocol.request(ldapwire.bindRequest, "cn=x", b"pw").addErrback(failed.append)
+    server.pump()
+    server.protocol.dataReceived(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data that does not decrypt
+    assert server.protocol.closed and server.transport.disconnected  # (StringTransport's mark of an abort)
+    assert any("TLS" in w and "dropped" in w for w in _warnings(logged))
+
+
+def test_tls_in_memory_the_servers_close_notify_ends_the_connection(tmp_path, logged):
+    import ssl
+
+    server = _MemoryServer(tmp_path, "ldap.example")
+    server.pump()
+    try:
+        server.tls.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    server.protocol.dataReceived(server.outgoing.read())
+    assert server.protocol.closed and server.transport.disconnected
+    assert _warnings(logged) == []
+
+
+def test_tls_in_memory_another_name_fails_the_handshake(tmp_path):
+    server = _MemoryServer(tmp_path, "ldap.other.example", host="ldap.example")
+    server.pump()
+    failures = []
+    server.handshake.addErrback(failures.append)
+    assert failures and failures[0].check(ldapwire.ConnectionBroken)
+    assert "ldap.example" in str(failures[0].value) and server.protocol.closed
+
+
 def _certificate(directory: Path, name: str) -> Path:
     """A self-signed certificate (and key) naming only C{name}."""
     from cryptography import x509
