@@ -111,6 +111,11 @@ class FetchRequest:
         return "flags" in self.types
 
     @property
+    def wantsDates(self) -> bool:
+        """INTERNALDATE asked for (ALL and FULL too): only then are unknown dates read from the files."""
+        return "internaldate" in self.types
+
+    @property
     def flagsOnly(self) -> bool:
         """
         Only UID, FLAGS and MODSEQ (a client syncing flags: C{UID FETCH 1:* (FLAGS)}): the index

@@ -500,14 +500,16 @@ class StoreMailbox:
     _resolve = resolve
 
     def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None,
-                   directFields: tuple | None = None, flagsOnly: bool = False):
+                   directFields: tuple | None = None, flagsOnly: bool = False, dates: bool = True):
         """
         A Deferred of C{[(sequence number, StoreMessage)]} for C{uids} (a slice of this view;
         messages expunged meanwhile are left out).  C{markSeen} sets \\Seen first, so that
         the FLAGS sent show it; C{changedSince} keeps only messages with a greater MODSEQ;
         C{directFields} (ENVELOPE/BODYSTRUCTURE/BODY only) reads just those summary fields;
         C{flagsOnly} (UID, FLAGS, MODSEQ only) reads the index's flags alone (no sizes,
-        internal dates or file names: the messages carry no path).
+        internal dates or file names: the messages carry no path); without C{dates} (no
+        INTERNALDATE asked for) an internal date the index lacks is left 0, not read from the
+        file.
         """
         markSeen = markSeen and self.writeable
         wanted = set(uids)
@@ -528,7 +530,7 @@ class StoreMailbox:
                 # first: ENVELOPEs read from never-summarized files bring their mtimes, which
                 # the index then has for INTERNALDATE (messages() stats no file for them)
                 fields = self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields)
-            metas = [m for m in self.folder.messages(span) if m.uid in wanted]
+            metas = [m for m in self.folder.messages(span, dates=dates) if m.uid in wanted]
             if changedSince is not None:
                 metas = [m for m in metas if m.modseq > changedSince]
             present = [m.uid for m in metas]

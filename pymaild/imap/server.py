@@ -1256,8 +1256,9 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             size = self.FETCH_BATCH
             direct = request.directFields
             flagsOnly = request.flagsOnly
+            dates = request.wantsDates
             load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
-                                             request.changedSince, direct, flagsOnly)
+                                             request.changedSince, direct, flagsOnly, dates)
             pending = load(0) if wanted else None
             i = 0
             while pending is not None:

@@ -980,14 +980,16 @@ class Folder:
 
     _MESSAGE_QUERY = "SELECT uid, flags, keywords, modseq, size, vsize, internaldate FROM messages WHERE folder=?"
 
-    def messages(self, uids: Iterable[int] | None = None) -> list[Message]:
+    def messages(self, uids: Iterable[int] | None = None, dates: bool = True) -> list[Message]:
         """
-        Metadata of every message (or of C{uids}), in UID order, from the index alone.
+        Metadata of every message (or of C{uids}), in UID order, from the index alone; the
+        internal dates it lacks are read from the files, or left 0 without C{dates} (for a
+        caller that does not use them: a FETCH without INTERNALDATE).
         """
         with self.user.lock:
             with _uncollected:
                 rows = self._select(self._MESSAGE_QUERY, (self.id,), uids)
-            return self._messages(rows)
+            return self._messages(rows, dates)
 
     def flagRows(self, uids: Iterable[int] | None = None) -> list[Message]:
         """
@@ -1021,17 +1023,17 @@ class Folder:
             return [r[0] for r in self._select(
                 "SELECT uid FROM expunged WHERE folder=? AND modseq>?", (self.id, since), uids)]
 
-    def _messages(self, rows: list[tuple]) -> list[Message]:
+    def _messages(self, rows: list[tuple], dates: bool = True) -> list[Message]:
         """
-        L{Message}s from rows of L{_MESSAGE_QUERY}, reading the internal dates not yet known.
-        Caller holds the lock.
+        L{Message}s from rows of L{_MESSAGE_QUERY}, reading the internal dates not yet known
+        (with C{dates}; else 0).  Caller holds the lock.
         """
         missing = [r[0] for r in rows if r[6] is None]
         sets, new = _FlagSets(), tuple.__new__  # Message(...) would run NamedTuple's __new__
         if missing:
-            dates = self._internalDates(missing)  # (file system calls: not inside _uncollected)
+            known = self._internalDates(missing) if dates else {}  # (file system calls: not inside _uncollected)
             with _uncollected:
-                return [new(Message, (uid, sets[f], sets[k], m, s, v, d if d is not None else dates.get(uid, 0)))
+                return [new(Message, (uid, sets[f], sets[k], m, s, v, d if d is not None else known.get(uid, 0)))
                         for uid, f, k, m, s, v, d in rows]
         with _uncollected:
             return [new(Message, (uid, sets[f], sets[k], m, s, v, d)) for uid, f, k, m, s, v, d in rows]

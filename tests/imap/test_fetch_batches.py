@@ -82,3 +82,40 @@ def test_an_imap_login_starts_the_summary_workers(server):
     typ, _ = client.select("INBOX")  # (an empty INBOX: nothing more to start)
     assert typ == "OK" and len(summaryWorkers(server)) == 2
     client.logout()
+
+
+def test_a_fetch_without_internaldate_reads_no_date_from_the_files(server):
+    """
+    FETCH BODY.PEEK[] of a folder whose index has no internal dates yet (built from the file
+    names) stats no file for them: they stay unknown in the index, and a FETCH of INTERNALDATE
+    afterwards reads them, right.
+    """
+    import sqlite3
+
+    home = postmaster_inbox(server)
+    for i in range(40):
+        data = f"From: s{i}@example.com\nSubject: n {i}\n\nbody {i}\n".encode()
+        path = home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)},W={len(data) + data.count(10)}:2,S"
+        path.write_bytes(data)
+        os.utime(path, (1600000000 + 86400 * i,) * 2)
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=60)
+    client.login("postmaster@localhost", server.postmaster_password())
+    assert client.select("INBOX")[0] == "OK"
+
+    def unknown() -> int:
+        db = sqlite3.connect(home / "pymaild.index.sqlite")
+        try:
+            return db.execute("SELECT count(*) FROM messages WHERE internaldate IS NULL").fetchone()[0]
+        finally:
+            db.close()
+
+    assert unknown() == 40
+    typ, lines = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    assert typ == "OK" and sum(1 for x in lines if isinstance(x, tuple)) == 40
+    assert unknown() == 40
+    typ, lines = client.uid("FETCH", "1:*", "(INTERNALDATE)")
+    dates = [datetime.datetime.strptime(d.decode(), "%d-%b-%Y %H:%M:%S %z").timestamp()
+             for d in re.findall(rb'INTERNALDATE "([^"]+)"', b"\n".join(lines))]
+    assert dates == [1600000000 + 86400 * i for i in range(40)]
+    assert unknown() == 0
+    client.logout()

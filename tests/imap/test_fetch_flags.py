@@ -55,6 +55,9 @@ def test_request_kinds():
     assert not parseFetch(b"(FLAGS INTERNALDATE)").flagsOnly
     assert not parseFetch(b"FAST").flagsOnly
     assert not parseFetch(b"(FLAGS BODY[])").flagsOnly
+    # (dates the index lacks are read from the files only for INTERNALDATE, which the macros have)
+    assert all(parseFetch(x).wantsDates for x in (b"ALL", b"FAST", b"FULL", b"(INTERNALDATE)", b"(UID INTERNALDATE FLAGS)"))
+    assert not any(parseFetch(x).wantsDates for x in (b"(BODY.PEEK[])", b"(ENVELOPE)", b"(RFC822.SIZE FLAGS)", b"(BODYSTRUCTURE)"))
 
 
 PAIRS = [("", ""), ("\\Seen", ""), ("\\Flagged \\Seen", "$Work"), ("\\Answered", "Junk later $Label1"),
