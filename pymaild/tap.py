@@ -41,7 +41,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
-    # Building the service imports most of pymaild and makes some 80,000 objects that live as
+    # Building the service imports most of pymaild and makes some 78,000 objects that live as
     # long as the process: a garbage collection meanwhile finds nothing to free (several, ~25
     # ms of the ~300 ms to the first greeting).  Afterwards they are frozen (gc.freeze), so
     # that no later collection scans them either.

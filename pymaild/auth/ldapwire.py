@@ -41,6 +41,7 @@ import collections
 import functools
 import ssl
 import time
+import warnings
 
 from twisted.internet import defer, error
 from twisted.python import failure
@@ -399,14 +400,16 @@ def checkHostname(certificate: dict, host: str) -> None:
     """
     from ldap3.core.tls import CertificateError, match_hostname
 
-    import warnings
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # (ssl.match_hostname, which ldap3 uses too)
-            match_hostname(certificate, host)
+        match_hostname(certificate, host)
     except CertificateError as e:
         raise ValueError(f"the certificate does not match {host}: {e}") from None
+
+
+# ldap3's match_hostname is ssl.match_hostname on Python 3.11 (deprecated there): filtered once
+# for the process, as warnings.catch_warnings() around each call is not thread-safe (it would
+# undo a filter another thread installs meanwhile, such as pymaild.auth.passwords' own).
+warnings.filterwarnings("ignore", message=r"ssl\.match_hostname\(\) is deprecated", category=DeprecationWarning)
 
 
 class LdapProtocol(Protocol):
@@ -443,11 +446,12 @@ class LdapProtocol(Protocol):
         handshake is over, the certificate verified by C{context} and its names matched
         against C{host} (L{checkHostname}), or fails with L{ConnectionBroken}.
         """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        # (first: should it raise, for a name IDNA cannot encode, no Deferred is left to fail unheard)
+        tls = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=host)
+        self._tls, self._tlsIn, self._tlsOut = tls, incoming, outgoing
         self.tlsHost = host
-        self.handshake = defer.Deferred()
-        self._tlsIn, self._tlsOut = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._tlsIn, self._tlsOut, server_side=False, server_hostname=host)
-        d = self.handshake
+        d = self.handshake = defer.Deferred()
         self._handshake()
         return d
 
@@ -462,8 +466,7 @@ class LdapProtocol(Protocol):
             self._flushTLS()
             return
         except (ssl.SSLError, OSError) as e:  # (a certificate that does not verify, a refusal)
-            self._flushTLS()  # (the alert, for the server's log)
-            self._handshakeFailed(f"TLS: {e}")
+            self._handshakeFailed(f"TLS: {e}")  # (the connection aborted: no alert goes out)
             return
         self._flushTLS()
         try:
@@ -571,9 +574,20 @@ class LdapProtocol(Protocol):
                     raise ValueError(f"an answer of {end - pos:,} bytes (at most {MAX_MESSAGE:,})")
                 if end > n:
                     break
+                tls = self._tls
                 self._answer(bytes(buf[pos:end]))
                 pos = end
                 if self.closed:
+                    return
+                if self._tls is not tls:
+                    # TLS started with this answer (StartTLS): whatever came after it in the
+                    # clear would be taken for the server's answers once TLS is up (an
+                    # attacker's, spliced in before the handshake: RFC 4513 3.1.1, CVE-2011-0411)
+                    self._buffer = bytearray()
+                    if pos < n:
+                        log.warn("ldap: {name}: data in the clear after the StartTLS answer; connection dropped",
+                                 name=self.name)
+                        self.drop()
                     return
         except Exception as e:
             log.warn("ldap: {name}: undecodable answer ({error}); connection dropped", name=self.name, error=repr(e))
@@ -723,7 +737,10 @@ class WireLogin:
         """The TLS context of every connection (the same for every host: the names are checked
         by L{checkHostname} once the handshake is over); made, and C{ca_file} read, once."""
         if self._tlsOptions is None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # (TLS 1.2 or later, certificate required)
+            # Python's client defaults (certificate required, OpenSSL's security level: forward
+            # secret ciphers, no RSA key under 2,048 bits, no SHA-1 signature), TLS 1.2 or later
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.check_hostname = False  # (checkHostname does it, as ldap3 does)
             ca = self.settings.ca_file
             if ca:

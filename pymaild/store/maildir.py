@@ -1752,8 +1752,11 @@ class Folder:
         # on the text after ":" (one WHEN per distinct text).  A name needs no JSON escape
         # unless it has a quote, a backslash or a control character: json.dumps then, for the
         # last once sqlite has refused the array (a search for them costs 30 ms).
+        # (ensure_ascii=False: a name os.listdir could not decode keeps its lone surrogates,
+        # which binding refuses, rather than becoming a \udcXX escape sqlite would store as
+        # invalid UTF-8)
         plain = '"' not in joined and "\\" not in joined
-        array = ('["' + '","'.join(names) + '"]') if plain else json.dumps(names)
+        array = ('["' + '","'.join(names) + '"]') if plain else json.dumps(names, ensure_ascii=False)
         cases = {}
         for column, k in (("flags", 0), ("keywords", 1)):
             values = {fk[k] for fk in flagsKeywords}
@@ -1775,7 +1778,7 @@ class Folder:
         except sqlite3.OperationalError as e:
             if not plain or "malformed JSON" not in str(e):
                 raise
-            db.execute(insert, (*params, json.dumps(names)))
+            db.execute(insert, (*params, json.dumps(names, ensure_ascii=False)))
         (unseen, vsize) = db.execute(
             "SELECT count(*) FILTER (WHERE instr(flags, '\\Seen') = 0), total(vsize) FROM messages WHERE folder=?",
             (self.id,)).fetchone()

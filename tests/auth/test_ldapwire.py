@@ -296,6 +296,41 @@ def test_tls_in_memory_the_servers_close_notify_ends_the_connection(tmp_path, lo
     assert _warnings(logged) == []
 
 
+@pytest.mark.parametrize("injected", [b"", b"\x30\x0c\x02\x01\x02\x61\x07\x0a\x01\x00\x04\x00"])
+def test_data_in_the_clear_after_the_starttls_answer_drops_the_connection(tmp_path, logged, injected):
+    """
+    Bytes after the StartTLS answer in the same read (here the start of a forged bindResponse
+    for the next message ID, which the real, encrypted answer would complete) would be taken
+    for the server's once TLS is up: the connection is dropped (RFC 4513 3.1.1).
+    """
+    import ssl
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    cert = _certificate(tmp_path, "ldap.example")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(cert))
+    protocol = ldapwire.LdapProtocol(Clock(), 5, "ldap://test")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    handshakes = []
+    protocol.request(ldapwire.startTlsRequest).addCallback(
+        lambda answer: handshakes.append(protocol.startTLS(context, "ldap.example")))
+    assert transport.value() == ldapwire.startTlsRequest(1)
+    transport.clear()
+    answer = bytes.fromhex("300c02010178070a010004000400")  # extendedResp, success, message 1
+    protocol.dataReceived(answer + injected)
+    assert len(handshakes) == 1
+    if injected:
+        assert protocol.closed and transport.disconnected
+        assert any("StartTLS" in w for w in _warnings(logged))
+        handshakes[0].addErrback(lambda f: None)
+    else:
+        assert not protocol.closed and transport.value()[:1] == b"\x16"  # (the ClientHello)
+        assert _warnings(logged) == []
+
+
 def test_tls_in_memory_another_name_fails_the_handshake(tmp_path):
     server = _MemoryServer(tmp_path, "ldap.other.example", host="ldap.example")
     server.pump()
@@ -489,6 +524,15 @@ class TLSWireCase(_WireCase):
             for protocol in [self.checker.wire._service] + self.checker.wire._idle:
                 self.assertIn("subjectAltName", protocol.peerCertificate())
                 self.assertIn(protocol._tls.version(), ("TLSv1.2", "TLSv1.3"))
+
+    @defer.inlineCallbacks
+    def test_a_certificate_from_another_ca_is_a_temporary_failure(self):
+        other = self.tmp / "other-ca.pem"  # (the right name, 127.0.0.1, signed by another key)
+        ldapserver.generateSelfSigned(other, self.tmp / "other-ca-key.pem", "127.0.0.1")
+        for s in (settings(self.slapd.ldapsUrl, ca_file=str(other)),
+                  settings(self.slapd.url, start_tls=True, ca_file=str(other))):
+            self.use(s)
+            yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
 
     @defer.inlineCallbacks
     def test_a_certificate_for_another_name_is_a_temporary_failure(self):

@@ -112,6 +112,7 @@ def test_small_syncs_ask_for_no_checkpoint(tmp_path, later):
 
 def test_a_checkpoint_of_a_removed_index_creates_none(tmp_path):
     gone = tmp_path / "gone" / INDEX_NAME
+    gone.parent.mkdir()  # (the user's directory is there, its index is not: sqlite could create one)
     index.checkpointLater(gone)
     index.waitForCheckpoints()
-    assert not gone.exists() and not gone.parent.exists()
+    assert not gone.exists()

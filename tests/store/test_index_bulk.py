@@ -107,6 +107,8 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     '1600000000.M12P3.ho"st,S=5,W=6:2,S',                 # a quote (escaped in the JSON array)
     "1600000000.M12P3.ho\\st,S=5,W=6:2,S",                # a backslash (escaped too)
     "1600000000.M12P3.ho\tst,S=5,W=6:2,S",                 # a control character (sqlite refuses it unescaped)
+    '1600000000.M12P3.host,S=5,W=6:2,S","T',               # a quote that would split the array unescaped
+    "1600000000.M12P3.ho\\nst,S=5,W=6:2,S",               # a backslash that would read as an escape
     "1600000000.M12P3.hóst,S=5,W=6:2,S",                 # not ASCII
     "1600000000.M12P3.host,S=5,W=6:2,S\n1600000000.M13P3.host,S=5,W=6:2,S",  # a line break
 ])
@@ -124,10 +126,30 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
     assert bulk[1] == general[1]
     if odd in ("1600000000.M012P3.host,S=5,W=6:2,S", "1600000000.M12P3.hóst,S=5,W=6:2,S",
                '1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M12P3.ho\\st,S=5,W=6:2,S",
-               "1600000000.M12P3.ho\tst,S=5,W=6:2,S"):
+               "1600000000.M12P3.ho\tst,S=5,W=6:2,S", '1600000000.M12P3.host,S=5,W=6:2,S","T',
+               "1600000000.M12P3.ho\\nst,S=5,W=6:2,S"):
         assert bulk[3] == [True]
     else:
         assert bulk[3] == [False]  # the check sent it the general way
+
+
+def test_an_undecodable_name_fails_both_paths_alike_and_stores_nothing(tmp_path, monkeypatch):
+    """
+    A name os.listdir could not decode (lone surrogates) next to one that needs JSON escapes:
+    the fast path fails as the general path does (binding refuses it) and leaves no row,
+    rather than storing invalid UTF-8 that no later SELECT could read.
+    """
+    rng = random.Random(1)
+    names = [dovecotName(rng, 1_600_000_000 + i // 3, i) for i in range(300)]
+    names += ['1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M13P3.h\udcf3st,S=5,W=6:2,S"]
+    for label, bulk in (("general", False), ("bulk", True)):
+        monkeypatch.setattr(maildir, "_BULK_FROM", 1 if bulk else 10**9)
+        user = MaildirStore(tmp_path / label).user("alice@example.com")
+        makeFolder(user.root, names)
+        with pytest.raises(UnicodeEncodeError):
+            user.folder("INBOX").sync()
+        assert user.db.execute("SELECT name FROM messages").fetchall() == []
+        user.close()
 
 
 def test_duplicate_base_names_take_the_general_path(tmp_path, monkeypatch):
