@@ -439,6 +439,7 @@ class LdapProtocol(Protocol):
         self.handshake: defer.Deferred | None = None
         self._tls: ssl.SSLObject | None = None
         self._tlsIn = self._tlsOut = None
+        self._receiving = False  # (inside dataReceived's loop over the answers)
 
     def startTLS(self, context: ssl.SSLContext, host: str) -> defer.Deferred:
         """
@@ -446,6 +447,12 @@ class LdapProtocol(Protocol):
         handshake is over, the certificate verified by C{context} and its names matched
         against C{host} (L{checkHostname}), or fails with L{ConnectionBroken}.
         """
+        if self._buffer and not self._receiving:
+            # bytes in the clear not yet parsed would be taken for the server's once TLS is up
+            # (called from an answer's callback, dataReceived checks what follows it instead)
+            log.warn("ldap: {name}: data in the clear before TLS starts; connection dropped", name=self.name)
+            self.drop()
+            raise ConnectionBroken(f"{self.name}: data in the clear before TLS started")
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         # (first: should it raise, for a name IDNA cannot encode, no Deferred is left to fail unheard)
         tls = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=host)
@@ -575,7 +582,11 @@ class LdapProtocol(Protocol):
                 if end > n:
                     break
                 tls = self._tls
-                self._answer(bytes(buf[pos:end]))
+                self._receiving = True
+                try:
+                    self._answer(bytes(buf[pos:end]))
+                finally:
+                    self._receiving = False
                 pos = end
                 if self.closed:
                     return

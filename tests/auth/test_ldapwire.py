@@ -22,6 +22,7 @@ import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import portforward
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
@@ -331,6 +332,85 @@ def test_data_in_the_clear_after_the_starttls_answer_drops_the_connection(tmp_pa
         assert _warnings(logged) == []
 
 
+def _startTlsAnswered(tmp_path):
+    """
+    A plain connection whose StartTLS was answered (the ClientHello sent), and the server's
+    end of the TLS to come, an C{ssl.SSLObject}: C{(protocol, transport, server TLS, the
+    server's first flight)}.
+    """
+    import ssl
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    cert = _certificate(tmp_path, "ldap.example")
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(cafile=str(cert))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(cert), str(tmp_path / "other-key.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = server.wrap_bio(incoming, outgoing, server_side=True)
+    protocol = ldapwire.LdapProtocol(Clock(), 5, "ldap://test")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.request(ldapwire.startTlsRequest).addCallback(
+        lambda answer: protocol.startTLS(client, "ldap.example").addErrback(lambda f: None))
+    transport.clear()
+    protocol.dataReceived(bytes.fromhex("300c02010178070a010004000400"))
+    incoming.write(transport.value())  # (the ClientHello)
+    transport.clear()
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return protocol, transport, tls, outgoing.read()
+
+
+FORGED = b"\x30\x0c\x02\x01\x02\x61\x07\x0a\x01\x00\x04\x00\x04\x00"  # a bindResponse, success, message 2
+
+
+@pytest.mark.parametrize("shape", ["a read of its own", "before the server's flight", "after the server's flight"])
+def test_data_in_the_clear_during_the_handshake_drops_the_connection(tmp_path, shape):
+    """
+    Plaintext spliced in after the StartTLS answer but in another read goes to the TLS layer as
+    records: the handshake fails, or the record does not decrypt; either way the connection is
+    dropped and nothing of it is taken for an answer.
+    """
+    protocol, transport, _, flight = _startTlsAnswered(tmp_path)
+    if shape == "a read of its own":
+        protocol.dataReceived(FORGED)
+        protocol.dataReceived(flight)
+    elif shape == "before the server's flight":
+        protocol.dataReceived(FORGED + flight)
+    else:
+        protocol.dataReceived(flight + FORGED)
+    assert protocol.closed and transport.disconnected
+    assert protocol._pending == {}
+
+
+def test_starttls_refuses_data_in_the_clear_left_from_before(tmp_path, logged):
+    """
+    TLS started later than from the StartTLS answer's callback, with bytes in the clear still
+    unparsed (the start of a forged message): refused, the connection dropped.
+    """
+    import ssl
+
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    protocol = ldapwire.LdapProtocol(Clock(), 5, "ldap://test")
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    answers = []
+    protocol.request(ldapwire.startTlsRequest).addCallback(answers.append)
+    protocol.dataReceived(bytes.fromhex("300c02010178070a010004000400") + FORGED[:6])
+    assert answers and not protocol.closed
+    with pytest.raises(ldapwire.ConnectionBroken):
+        protocol.startTLS(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "ldap.example")
+    assert protocol.closed and transport.disconnected
+    assert any("clear" in w for w in _warnings(logged))
+
+
 def test_tls_in_memory_another_name_fails_the_handshake(tmp_path):
     server = _MemoryServer(tmp_path, "ldap.other.example", host="ldap.example")
     server.pump()
@@ -532,7 +612,13 @@ class TLSWireCase(_WireCase):
         for s in (settings(self.slapd.ldapsUrl, ca_file=str(other)),
                   settings(self.slapd.url, start_tls=True, ca_file=str(other))):
             self.use(s)
-            yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
+            events = []
+            globalLogPublisher.addObserver(events.append)
+            try:
+                yield self.assertFailure(self.login("alice", ldapserver.PASSWORDS["alice"]), TemporaryFailure)
+            finally:
+                globalLogPublisher.removeObserver(events.append)
+            self.assertTrue(any("CERTIFICATE_VERIFY_FAILED" in (formatEvent(e) or "") for e in events))
 
     @defer.inlineCallbacks
     def test_a_certificate_for_another_name_is_a_temporary_failure(self):

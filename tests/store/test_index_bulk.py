@@ -142,6 +142,18 @@ def test_an_undecodable_name_fails_both_paths_alike_and_stores_nothing(tmp_path,
     rng = random.Random(1)
     names = [dovecotName(rng, 1_600_000_000 + i // 3, i) for i in range(300)]
     names += ['1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M13P3.h\udcf3st,S=5,W=6:2,S"]
+    tried = []
+
+    def spy(self, listing):
+        try:
+            result = INDEX_ALL(self, listing)
+        except UnicodeEncodeError:
+            tried.append("raised")
+            raise
+        tried.append("declined" if result is None else "indexed")
+        return result
+
+    monkeypatch.setattr(maildir.Folder, "_indexAll", spy)
     for label, bulk in (("general", False), ("bulk", True)):
         monkeypatch.setattr(maildir, "_BULK_FROM", 1 if bulk else 10**9)
         user = MaildirStore(tmp_path / label).user("alice@example.com")
@@ -149,6 +161,8 @@ def test_an_undecodable_name_fails_both_paths_alike_and_stores_nothing(tmp_path,
         with pytest.raises(UnicodeEncodeError):
             user.folder("INBOX").sync()
         assert user.db.execute("SELECT name FROM messages").fetchall() == []
+        assert tried == (["raised"] if bulk else [])  # (the fast path took the names, and failed)
+        tried.clear()
         user.close()
 
 
