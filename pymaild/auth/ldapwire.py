@@ -546,14 +546,12 @@ class LdapProtocol(Protocol):
                 if self._tls is None or self.handshake is None:
                     self._write(unbindRequest(self.nextId()))
                 if self._tls is not None:
-                    try:
-                        self._tls.unwrap()
-                    except ssl.SSLError:
-                        pass  # (SSLWantReadError: the server's close_notify is not awaited)
-                    self._flushTLS()
+                    self._tls.unwrap()
             except ssl.SSLError:
-                pass
+                pass  # (SSLWantReadError from unwrap: the server's close_notify is not awaited)
             finally:
+                if self._tls is not None:
+                    self._flushTLS()
                 self.closed = True
                 self.transport.loseConnection()
 
@@ -630,7 +628,7 @@ class LdapProtocol(Protocol):
                     break
         except ssl.SSLWantReadError:
             pass
-        except (ssl.SSLError, OSError) as e:  # (close_notify, a bad record: the connection is over)
+        except (ssl.SSLError, OSError) as e:  # (a bad record, an alert: the connection is over)
             log.warn("ldap: {name}: TLS: {error}; connection dropped", name=self.name, error=str(e) or repr(e))
             self.drop()
             return b""

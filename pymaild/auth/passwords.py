@@ -100,8 +100,8 @@ def _lib() -> SimpleNamespace:
     """
     The hash libraries, imported at the first hash checked or made, not with this module:
     passlib, argon2-cffi and PyNaCl are ~13 ms of the server's start-up, which needs none of
-    them before the first login (bcrypt comes with cryptography anyway).  (Two threads may both import them at once: the
-    imports are idempotent, and the result is the same.)
+    them before the first login (bcrypt comes with cryptography anyway).  Two threads may both
+    import them at once: the imports are idempotent, and the result is the same.
     """
     import bcrypt
     import nacl.exceptions

@@ -558,24 +558,21 @@ class UserStore:
         WAL, fsynced, either way.
         """
         with self.lock:
-            if self._checkpointScope:  # nested: the outermost scope lets go
-                if bulk:
-                    self.holdCheckpoint()
-                yield
-                return
+            outermost = not self._checkpointScope  # (nested: the outermost scope lets go)
             self._checkpointScope = True
             try:
                 if bulk:
                     self.holdCheckpoint()
                 yield
             finally:
-                self._checkpointScope = False
-                if self._checkpointDeferred:
-                    self._checkpointDeferred = False
-                    try:
-                        self.db.execute(f"PRAGMA wal_autocheckpoint={int(self._autocheckpoint)}")
-                    finally:
-                        checkpointLater(self.root / INDEX_NAME)
+                if outermost:
+                    self._checkpointScope = False
+                    if self._checkpointDeferred:
+                        self._checkpointDeferred = False
+                        try:
+                            self.db.execute(f"PRAGMA wal_autocheckpoint={int(self._autocheckpoint)}")
+                        finally:
+                            checkpointLater(self.root / INDEX_NAME)
 
     def holdCheckpoint(self) -> None:
         """Within L{deferCheckpoint} (caller holds the lock): no automatic checkpoint from now on."""
