@@ -196,11 +196,24 @@ def inSet(messageSet, uids) -> list[int]:
     The UIDs of C{uids} inside a Twisted C{MessageSet} whose C{*} means "no upper bound" (its
     own C{in} needs C{last}, which can be set only once).
     """
-    ranges = []
+    spans = []
     for low, high in messageSet.ranges:
         low, high = (1 << 32) if low is None else low, (1 << 32) if high is None else high
-        ranges.append((min(low, high), max(low, high)))
-    return [u for u in uids if any(low <= u <= high for low, high in ranges)]
+        spans.append((min(low, high), max(low, high)))
+    spans.sort()
+    lows, highs = [], []  # merged, so that one bisect finds the only span that may hold a UID
+    for low, high in spans:
+        if highs and low <= highs[-1] + 1:
+            highs[-1] = max(highs[-1], high)
+        else:
+            lows.append(low)
+            highs.append(high)
+    out = []
+    for u in uids:
+        i = bisect_right(lows, u) - 1
+        if i >= 0 and u <= highs[i]:
+            out.append(u)
+    return out
 
 
 def listPattern(pattern: str):

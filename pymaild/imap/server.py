@@ -40,6 +40,31 @@ from pymaild.pipeline.stages import Session
 
 log = Logger()
 
+_SEQSET = re.compile(rb"(?:\d+|\*)(?::(?:\d+|\*))?(?:,(?:\d+|\*)(?::(?:\d+|\*))?)*")
+
+
+def parseSequenceSet(token: bytes) -> imap4.MessageSet:
+    """
+    An RFC 3501 sequence-set (C{1:3,5,7:*}) as Twisted's C{MessageSet}, C{*} as None, in
+    O(n log n): Twisted's C{parseIdList} adds one range at a time and sorts every range so far
+    after each, so 10,000 numbers in one 54 KB line held the reactor for 20 s.  Numbers are
+    nz-number (1 to 4294967295); C{*:*} is the RFC's, and means C{*}.  Raises C{ValueError}.
+    """
+    if not _SEQSET.fullmatch(token):
+        raise ValueError(token)
+    ranges = []
+    for item in token.split(b","):
+        low, colon, high = item.partition(b":")
+        low = None if low == b"*" else int(low)
+        high = low if not colon else None if high == b"*" else int(high)
+        for n in (low, high):
+            if n is not None and not 1 <= n <= 0xFFFFFFFF:
+                raise ValueError(token)
+        if low is None or (high is not None and high < low):
+            low, high = high, low  # None (*) sorts last, as Twisted's MessageSet keeps it
+        ranges.append((low, high))
+    return imap4.MessageSet(ranges)  # one sort and merge (MessageSet.clean)
+
 
 class PymaildIMAP4Server(imap4.IMAP4Server):
     """
@@ -209,19 +234,16 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"BYE Line too long")
         self.transport.loseConnection()
 
-    _SEQSET = re.compile(rb"^(?:\d+|\*)(?::(?:\d+|\*))?(?:,(?:\d+|\*)(?::(?:\d+|\*))?)*$")
-
     def arg_seqset(self, line):
         """
         RFC 3501 sequence-set: numbers are nz-number (1 to 4294967295); Twisted accepts 0 and
-        anything larger.
+        anything larger.  Parsed by L{parseSequenceSet}, not Twisted's quadratic C{parseIdList}.
         """
-        token = line.split(b" ", 1)[0]
-        if not self._SEQSET.match(token) or any(
-            not 1 <= int(n) <= 0xFFFFFFFF for n in re.findall(rb"\d+", token)
-        ):
-            raise imap4.IllegalClientResponse(f"Invalid sequence set: {token[:40]!r}")
-        return super().arg_seqset(line)
+        token, _, rest = line.partition(b" ")
+        try:
+            return parseSequenceSet(token), rest
+        except ValueError:
+            raise imap4.IllegalClientResponse(f"Invalid sequence set: {token[:40]!r}") from None
 
     # --- LITERAL+ (RFC 7888): {n+} literals come without waiting for "+" -----------------------
 
@@ -444,8 +466,8 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 args = items[i + 1]
                 try:
                     validity, modseq = int(args[0]), int(args[1])
-                    known = imap4.parseIdList(args[2]) if len(args) > 2 and isinstance(args[2], bytes) else None
-                except (ValueError, IndexError, TypeError, imap4.IllegalIdentifierError):
+                    known = parseSequenceSet(args[2]) if len(args) > 2 and isinstance(args[2], bytes) else None
+                except (ValueError, IndexError, TypeError):
                     raise imap4.IllegalClientResponse("Malformed QRESYNC parameters")
                 if not (1 <= validity < 1 << 32 and 0 < modseq < 1 << 63):
                     raise imap4.IllegalClientResponse("QRESYNC values out of range")
