@@ -844,10 +844,16 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             cap.pop(b"LOGINDISABLED", None)
         return cap
 
+    _ID_LOGGED = 1024
+
     def do_ID(self, tag, params=None):
         """
-        RFC 2971: log what the client says it is; say what we are.
+        RFC 2971: log what the client says it is (at most L{_ID_LOGGED} bytes of it: this is
+        allowed before login, and a line may be 64 KB); say what we are.
         """
+        params = params or b""
+        if len(params) > self._ID_LOGGED:
+            params = params[: self._ID_LOGGED] + b"... (%d bytes)" % len(params)
         log.info("imap client id {params!r} from {peer}", params=params, peer=self.peerHost)
         self.sendUntaggedResponse(b'ID ("name" "pymaild" "vendor" "pymaild")')
         self.sendPositiveResponse(tag, b"ID completed")

@@ -86,6 +86,30 @@ def test_a_sequence_set_of_11000_numbers_is_answered(server):
     assert b"* SEARCH 1 3 4" in ask(sock, b"q SEARCH FLAGGED", b"q")
 
 
+def test_thousands_of_keywords_and_a_long_id(server):
+    """
+    STORE of 3,000 keywords is done (it was an internal error: one SQL term a keyword); ID
+    before login with 50 KB of parameters is answered and logged in at most ~1 KB.
+    """
+    sock = tls_session(server)
+    many = b" ".join(b'"k%d" "v"' % i for i in range(4000))
+    assert b"i OK" in ask(sock, b"i ID (" + many + b")", b"i")
+    line = next(line for line in server.log().splitlines() if "imap client id" in line)
+    assert 'k0' in line and len(line) < 1300 and "bytes)" in line
+    sock.close()
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    deliver(home, b"Subject: one\r\n\r\nbody\r\n")
+    sock = logged_in(server, select=b"INBOX")
+    words = b" ".join(b"k%d" % i for i in range(3000))
+    assert b"s OK" in ask(sock, b"s STORE 1 +FLAGS.SILENT (" + words + b")", b"s")
+    answer = ask(sock, b"f FETCH 1 (FLAGS)", b"f")
+    assert b"k2999" in answer and b"f OK" in answer
+    assert b"r OK" in ask(sock, b"r STORE 1 -FLAGS.SILENT (" + words + b")", b"r")
+    assert b"k0" not in ask(sock, b"g FETCH 1 (FLAGS)", b"g")
+
+
 def test_failed_logins_slow_down_then_block(make_server):
     """
     Each failed LOGIN is answered later than the one before; after [limits] max_login_failures

@@ -112,6 +112,25 @@ def test_append_with_flags_keywords_and_date(user):
     assert inbox.append(msg(2)) == 2
 
 
+@pytest.mark.parametrize("mode", ["add", "remove"])
+def test_store_of_thousands_of_keywords(user, mode):
+    """
+    A STORE naming 3,000 keywords is done (sqlite refused the one OR term a name that picks the
+    rows it may change: "Expression tree is too large"); the 26 with letters reach the file name.
+    """
+    inbox = user.folder("INBOX")
+    inbox.append(msg(1))
+    inbox.append(msg(2), ["\\Seen"])
+    many = [f"k{i}" for i in range(3000)]
+    if mode == "remove":
+        inbox.store([1, 2], many, "add")
+    changed, failed = inbox.store([1, 2], many, mode)
+    assert sorted(changed) == [1, 2] and failed == []
+    kept = {m.uid: m.keywords for m in inbox.messages()}
+    assert kept == ({1: set(many), 2: set(many)} if mode == "add" else {1: set(), 2: set()})
+    assert len(FileName.parse(files(inbox)[0]).keywordLetters) == (26 if mode == "add" else 0)
+
+
 def test_store_flags_and_modseq(user):
     """
     STORE set/add/remove renames the file and bumps MODSEQ; UNCHANGEDSINCE refuses messages
