@@ -35,11 +35,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from pymaild.store.summary import MessageSummary
 from pymaild.store.summaryworker import HEADER as _HEADER, KINDS as _KINDS
+
+if TYPE_CHECKING:
+    from pymaild.store.summary import MessageSummary
 
 log = Logger()
 

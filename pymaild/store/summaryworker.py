@@ -13,8 +13,13 @@ from __future__ import annotations
 import pickle
 import struct
 import sys
+from typing import TYPE_CHECKING
 
-from pymaild.store.summary import MessageSummary, envelopeAndMtime, summarizePath, toJSON
+if TYPE_CHECKING:
+    from pymaild.store.summary import MessageSummary
+
+# (the parser, pymaild.store.summary, is imported at the first request: the server imports
+# this module for HEADER and KINDS at start-up, and an MX alone never parses for IMAP)
 
 HEADER = struct.Struct("!Q")
 
@@ -24,6 +29,8 @@ def summarizeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[MessageS
     The summary of each path with its JSON text for the index (L{toJSON} without the wire
     fields: encoded where the parsing is), or None for a file that could not be read.
     """
+    from pymaild.store.summary import summarizePath, toJSON
+
     out = []
     for uid, path in paths:
         try:
@@ -41,6 +48,8 @@ def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | N
     L{envelopeAndMtime}), or None for a file that could not be read.  The ENVELOPE is None for
     a header too long for that (then the whole summary is needed).
     """
+    from pymaild.store.summary import envelopeAndMtime
+
     out = []
     for uid, path in paths:
         try:

@@ -409,25 +409,51 @@ def test_first_login_creates_special_use_folders(make_server):
     assert (home / "pymaild.index.sqlite").exists()
 
 
+def makeServiceAlone(tmp_path, served: tuple[str, ...], before: str, after: str, toml: str = "") -> str:
+    """
+    What C{after} prints once C{tap.makeService} has built a service (C{before} runs first) in
+    a process of its own, with SMTP and the C{served} protocols listening on ephemeral ports.
+    """
+    config = tmp_path / "pymaild.toml"
+    lines = [toml, "[listen]"]
+    for name in ("smtp", "submission", "smtps", "imap", "imaps", "pop3", "pop3s"):
+        lines.append(f'{name} = ["127.0.0.1:0"]' if name in ("smtp", *served) else f"{name} = []")
+    config.write_text("\n".join(lines) + "\n")
+    code = (
+        "import gc, sys\n"
+        "from pymaild import tap\n"
+        f"options = tap.Options(); options.parseOptions(['--config', {str(config)!r}, '--data-dir', {str(tmp_path / 'data')!r}])\n"
+        + before + "tap.makeService(options)\n" + after
+    )
+    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_building_the_service_collects_nothing_and_freezes_what_it_made(tmp_path):
     """
     makeService runs with the garbage collector off (start-up allocates and frees almost
     nothing) and freezes what it made, so that no later collection scans it; collection is on
     again afterwards.  Run in a process of its own, which the freeze would otherwise outlive.
     """
-    config = tmp_path / "pymaild.toml"
-    config.write_text('[listen]\nsmtp = ["127.0.0.1:0"]\nsubmission = []\nsmtps = []\nimap = []\n'
-                      'imaps = []\npop3 = []\npop3s = []\n')
-    code = (
-        "import gc, sys\n"
-        "from pymaild import tap\n"
-        "seen = []\n"
-        "gc.callbacks.append(lambda phase, info: seen.append(info['generation']) if phase == 'start' else None)\n"
-        f"options = tap.Options(); options.parseOptions(['--config', {str(config)!r}, '--data-dir', {str(tmp_path / 'data')!r}])\n"
-        "gc.collect(); seen.clear()\n"
-        "tap.makeService(options)\n"
-        "print(seen, gc.isenabled(), gc.get_freeze_count() > 10000)\n"
-    )
-    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[0] == "[] True True"
+    before = ("seen = []\n"
+              "gc.callbacks.append(lambda phase, info: seen.append(info['generation']) if phase == 'start' else None)\n"
+              "gc.collect(); seen.clear()\n")
+    out = makeServiceAlone(tmp_path, (), before, "print(seen, gc.isenabled(), gc.get_freeze_count() > 10000)\n")
+    assert out.split("\n")[0] == "[] True True"
+
+
+@pytest.mark.parametrize("served, expected", [
+    ((), "{'imap': False, 'pop3': False, 'handoff': False, 'summary': False}"),
+    (("imap",), "{'imap': True, 'pop3': False, 'handoff': False, 'summary': False}"),
+    (("pop3",), "{'imap': False, 'pop3': True, 'handoff': True, 'summary': False}"),
+])
+def test_a_protocol_without_a_listener_is_not_imported(tmp_path, served, expected):
+    """
+    service.build imports IMAP's and POP3's modules (and the POP3 worker pool's) only when a
+    listener serves them, and the message parser not at all: an MX alone starts sooner and
+    smaller.  (The suite's other tests show each protocol serving when it has a listener.)
+    """
+    after = ("print({k: m in sys.modules for k, m in [('imap', 'pymaild.imap.server'), ('pop3', 'pymaild.pop3.server'),"
+             " ('handoff', 'pymaild.handoff'), ('summary', 'pymaild.store.summary')]})\n")
+    assert makeServiceAlone(tmp_path, served, "", after, toml="[pop3]\nprocesses = 2").strip() == expected
