@@ -324,6 +324,16 @@ def _mayChange(mode: str, system: frozenset[str], keywords: frozenset[str]) -> t
         tuple(value for _, value in tests)
 
 
+def _decodable(text: str) -> bool:
+    """Whether C{text} is valid Unicode: C{os.listdir} turns bytes that are not UTF-8 into lone
+    surrogates (surrogateescape), which sqlite's binding refuses."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _stampsOf(stats) -> tuple[str, ...]:
     """Directories' stamps: inode and mtime (a directory made again under the same name differs)."""
     return tuple(f"{st.st_ino}:{st.st_mtime_ns}" for st in stats)
@@ -791,6 +801,7 @@ class Folder:
         self.listeners: list[Callable[[Folder, Changes], None]] = []
         db = user.db
         self._imported: dict[str, int] = {}
+        self._warned: set[str] = set()  # (unique bases of files left out, L{_leaveOut}: warned of once)
         row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
         if row is None:
             # Look again inside the write transaction: another process may be creating it too.
@@ -1587,16 +1598,22 @@ class Folder:
                 return Changes()
         onDisk: dict[str, tuple[str, bool]] = {}
         inNew: list[str] = []
+        undecodable: list[tuple[str, str]] = []
         with _uncollected:
             for (sub, innew), listing in zip((("cur", False), ("new", True)), listings):
                 for name in listing:
                     if name[0] == ".":
+                        continue
+                    if not name.isascii() and not _decodable(name):
+                        undecodable.append((sub, name))
                         continue
                     base = name.partition(":")[0]  # FileName.parse's base, without the cost
                     if base not in onDisk:
                         onDisk[base] = (name, innew)
                         if innew:
                             inNew.append(base)
+        if undecodable:
+            self._leaveOut(undecodable, moveNew)
         if not (moveNew and inNew) and self._namesValid() and onDisk == self._names:
             return Changes()  # the directories are as the index has them (a dot file aside)
         with _uncollected:
@@ -1703,6 +1720,28 @@ class Folder:
                 self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
         return changes
 
+    def _leaveOut(self, undecodable: list[tuple[str, str]], moveNew: bool) -> None:
+        """
+        Files whose names are not UTF-8 (C{os.listdir} gave them lone surrogates: another
+        program wrote them; pymaild, Dovecot and the usual MDAs write ASCII) cannot be index
+        rows: they are left out of the folder, with a warning the first time this process meets
+        each, naming it with its bytes escaped, so that the administrator can rename it (the
+        next sync then finds it as new mail).  One in new/ moves to cur/ all the same (as
+        delivered mail does when seen), so that new/ does not look full of mail at every open.
+        """
+        for sub, name in undecodable:
+            base = name.partition(":")[0]  # (one file, in new/ then in cur/ with flags)
+            if base not in self._warned:
+                self._warned.add(base)
+                log.warn("{folder}: left out {path}: its name is not UTF-8", folder=self.name,
+                         path=os.fsencode(self.path / sub / name).decode("ascii", "backslashreplace"))
+            if sub == "new" and moveNew:
+                base, colon, info = name.partition(":")
+                try:
+                    os.rename(self.path / "new" / name, self.path / "cur" / (base + (colon + info if colon else ":2,")))
+                except OSError:
+                    pass  # (taken by another process meanwhile, or unwritable: next time)
+
     def _indexAll(self, names: list[str]) -> Changes | None:
         """
         Index a whole C{cur/} for a folder whose index has no rows yet (a first open), at C
@@ -1719,6 +1758,8 @@ class Folder:
         joined = "\n".join(names) + "\n"
         if joined.count("\n") != len(names) or _BULK_NAMES.fullmatch(joined) is None:
             return None  # a name with a line break, a dot file, or a name of another shape
+        if not joined.isascii() and not _decodable(joined):
+            return None  # a name os.listdir could not decode: the general path leaves it out
         names = sorted(names)  # seconds have ten digits: text order is time order, to the second
         parts = list(map(str.partition, names, repeat(":")))
         bases = list(map(itemgetter(0), parts))

@@ -6,6 +6,7 @@ delivered into the maildir by another process (as an MDA would).
 from __future__ import annotations
 
 import imaplib
+import os
 import re
 import socket
 
@@ -533,6 +534,29 @@ def test_a_folder_renamed_then_selected_is_watched(mailbox):
         assert len(inotifyWatches(mailbox) - before) == 2
     finally:
         imap.logout()
+
+
+def test_a_file_whose_name_is_not_utf8_is_left_out(mailbox):
+    """
+    A file another program put in cur/ under a name that is not UTF-8: INBOX opens with the
+    other messages (the sync raised before, and the folder could not be opened), the log names
+    the file once, and renamed it is found as new mail.
+    """
+    home = mailbox.data_dir / "mail" / "localhost" / "postmaster"
+    odd = os.fsencode(home / "cur") + b"/1700000000.M1P2.h\xf3st,S=20,W=21:2,S"
+    with open(odd, "wb") as f:
+        f.write(b"Subject: odd\r\n\r\nhi\r\n")
+    with login(mailbox) as imap:
+        typ, data = imap.select("INBOX")
+        assert typ == "OK" and data == [b"3"]
+        imap.noop()
+    wait_for(lambda: "left out" in mailbox.log(), timeout=10)
+    assert mailbox.log().count("not UTF-8") == 1 and "h\\xf3st" in mailbox.log()
+    os.rename(odd, os.fsencode(home / "cur") + b"/1700000000.M1P2.host,S=20,W=21:2,S")
+    with login(mailbox) as imap:
+        typ, data = imap.select("INBOX")
+        assert typ == "OK" and data == [b"4"]
+        assert b"Subject: odd" in imap.fetch("4", "(BODY.PEEK[])")[1][0][1]
 
 
 def test_deleting_a_selected_folder_leaves_the_others_watched(mailbox):

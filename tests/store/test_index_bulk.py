@@ -133,37 +133,55 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
         assert bulk[3] == [False]  # the check sent it the general way
 
 
-def test_an_undecodable_name_fails_both_paths_alike_and_stores_nothing(tmp_path, monkeypatch):
+def test_an_undecodable_name_is_left_out_with_one_warning(tmp_path, monkeypatch):
     """
-    A name os.listdir could not decode (lone surrogates) next to one that needs JSON escapes:
-    the fast path fails as the general path does (binding refuses it) and leaves no row,
-    rather than storing invalid UTF-8 that no later SELECT could read.
+    A name os.listdir could not decode (lone surrogates: bytes that are not UTF-8) next to one
+    that needs JSON escapes: the folder opens on both paths with every other message, the fast
+    path declining the listing; the file is left out (sqlite's binding refuses such a name, and
+    the sync raised before), with one warning however many syncs; one in new/ moves to cur/.
     """
+    from twisted.logger import globalLogPublisher
+
     rng = random.Random(1)
     names = [dovecotName(rng, 1_600_000_000 + i // 3, i) for i in range(300)]
-    names += ['1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M13P3.h\udcf3st,S=5,W=6:2,S"]
-    tried = []
+    names += ['1600000000.M12P3.ho"st,S=5,W=6:2,S']
+    bad = "1600000000.M13P3.h\udcf3st,S=5,W=6:2,S"
+    tried, warnings = [], []
 
     def spy(self, listing):
-        try:
-            result = INDEX_ALL(self, listing)
-        except UnicodeEncodeError:
-            tried.append("raised")
-            raise
+        result = INDEX_ALL(self, listing)
         tried.append("declined" if result is None else "indexed")
         return result
 
+    def observe(event):
+        if event.get("log_namespace") == "pymaild.store.maildir" and "not UTF-8" in event.get("log_format", ""):
+            warnings.append(event["path"])
+
     monkeypatch.setattr(maildir.Folder, "_indexAll", spy)
-    for label, bulk in (("general", False), ("bulk", True)):
-        monkeypatch.setattr(maildir, "_BULK_FROM", 1 if bulk else 10**9)
-        user = MaildirStore(tmp_path / label).user("alice@example.com")
-        makeFolder(user.root, names)
-        with pytest.raises(UnicodeEncodeError):
-            user.folder("INBOX").sync()
-        assert user.db.execute("SELECT name FROM messages").fetchall() == []
-        assert tried == (["raised"] if bulk else [])  # (the fast path took the names, and failed)
-        tried.clear()
-        user.close()
+    globalLogPublisher.addObserver(observe)
+    try:
+        for label, bulk in (("general", False), ("bulk", True)):
+            monkeypatch.setattr(maildir, "_BULK_FROM", 1 if bulk else 10**9)
+            user = MaildirStore(tmp_path / label).user("alice@example.com")
+            makeFolder(user.root, names + [bad])
+            inbox = user.folder("INBOX")
+            inbox.sync()
+            assert sorted(r[0] for r in user.db.execute("SELECT name FROM messages")) == sorted(names)
+            assert tried == (["declined"] if bulk else [])
+            (user.root / "new" / "1600000001.M1P3.h\udcf3st,S=5,W=6").touch()
+            inbox.sync()
+            assert os.listdir(user.root / "new") == []
+            assert sorted(os.listdir(user.root / "cur")) == sorted(names + [bad, "1600000001.M1P3.h\udcf3st,S=5,W=6:2,"])
+            (user.root / "cur" / names[0]).unlink()  # another sync, which meets the two again
+            inbox.sync()
+            assert len(inbox.messages()) == len(names) - 1
+            assert sorted(warnings) == sorted(f"{user.root}/{sub}/{n}".replace("\udcf3", "\\xf3")
+                                              for sub, n in (("cur", bad), ("new", "1600000001.M1P3.h\udcf3st,S=5,W=6")))
+            tried.clear()
+            warnings.clear()
+            user.close()
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 def test_duplicate_base_names_take_the_general_path(tmp_path, monkeypatch):
