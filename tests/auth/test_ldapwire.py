@@ -420,8 +420,82 @@ def test_tls_in_memory_another_name_fails_the_handshake(tmp_path):
     assert "ldap.example" in str(failures[0].value) and server.protocol.closed
 
 
-def _certificate(directory: Path, name: str) -> Path:
-    """A self-signed certificate (and key) naming only C{name}."""
+def _messageId(request: bytes) -> int:
+    """The message ID of a BER-encoded LDAPMessage (short or long length form)."""
+    i = 2 if request[1] < 0x80 else 2 + (request[1] & 0x7F)
+    assert request[i] == 0x02
+    return int.from_bytes(request[i + 2 : i + 2 + request[i + 1]], "big")
+
+
+@pytest.mark.parametrize("forged", ["none", "whole", "start"])
+def test_ldap3_starttls_takes_nothing_sent_in_the_clear(tmp_path, forged):
+    """
+    The directory threads' ldap3 client (LdapClient, SYNC strategy) against a server that
+    answers StartTLS with a forged bindResponse (success, the next message ID) in the same
+    segment, whole or its first bytes: the service account's bind fails (ldap3 keeps no
+    buffer across the TLS switch and refuses a message for an ID it has not sent), and
+    the true server's refusal is never overridden.  "none" is the control: the same server
+    without the forgery completes TLS and the bind.
+    """
+    import socket
+    import ssl
+    import threading
+
+    from pymaild.auth.ldap import LdapUnavailable
+
+    cert = _certificate(tmp_path, "ldap.example", ip="127.0.0.1")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    binds = []
+
+    def bindResponse(ident: int, code: int) -> bytes:  # (49: invalidCredentials)
+        return bytes.fromhex("300c0201%02x61070a01%02x04000400" % (ident, code))
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        try:
+            request = conn.recv(4096)  # the StartTLS extendedRequest
+            ident = _messageId(request)
+            answer = bytes.fromhex("300c0201%02x78070a010004000400" % ident)
+            spliced = bindResponse(ident + 1, 0) if forged != "none" else b""
+            conn.sendall(answer + (spliced if forged == "whole" else spliced[:5]))
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(cert), str(tmp_path / "other-key.pem"))
+            tls = context.wrap_socket(conn, server_side=True)
+            request = tls.recv(4096)  # the bind, in TLS
+            binds.append(_messageId(request))
+            # success only in the control: a client that took the forgery sees success anyway
+            tls.sendall(bindResponse(_messageId(request), 0 if forged == "none" else 49))
+            tls.recv(4096)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    settings = LdapSettings(urls=(f"ldap://127.0.0.1:{listener.getsockname()[1]}",), base_dn="dc=example,dc=org",
+                            bind_dn="cn=svc,dc=example,dc=org", bind_password="secret", start_tls=True,
+                            ca_file=str(cert), timeout=1)
+    client = LdapClient(settings)
+    try:
+        if forged == "none":
+            client._open(settings.bind_dn, settings.bind_password).unbind()
+            assert len(binds) == 1
+        else:
+            with pytest.raises(LdapUnavailable):
+                client._open(settings.bind_dn, settings.bind_password)
+    finally:
+        thread.join(15)
+        listener.close()
+
+
+def _certificate(directory: Path, name: str, ip: str | None = None) -> Path:
+    """A self-signed certificate (and key) naming only C{name} (and C{ip})."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -433,7 +507,8 @@ def _certificate(directory: Path, name: str) -> Path:
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(name)] + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     (directory / "other-key.pem").write_bytes(key.private_bytes(
