@@ -1414,6 +1414,32 @@ class Folder:
                 [(self.id, uid, *map(computed[uid].headerFields.get, FIELDS)) for uid in present],
             )
 
+    def _headerFieldsOf(self, uids: list[int]) -> list[int]:
+        """
+        The SEARCH fields of messages whose summaries are not cached, read from their headers
+        alone (in the summary workers, as a first FETCH of ENVELOPE reads them) and kept in
+        the C{fields} table (a cache: the summary, when it comes, writes the same values);
+        returns the UIDs still missing (a file gone or renamed meanwhile, a header over a
+        megabyte, a summary cached meanwhile: the caller takes the summaries' way).
+        """
+        from pymaild.store.summaryworker import headerFieldsAll
+
+        with self.user.lock:
+            cached = {r[0] for r in self._select("SELECT uid FROM summaries WHERE folder=?", (self.id,), uids)}
+        todo = [u for u in uids if u not in cached]
+        paths = self.paths(todo)
+        summarizer = self.user.summarizer
+        found = summarizer.headerFields(paths) if summarizer is not None else dict(headerFieldsAll(list(paths.items())))
+        computed = {uid: fields for uid, fields in found.items() if fields is not None}
+        if computed:
+            with self.user.lock, self.user.cacheTransaction():
+                present = [r[0] for r in self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed)]
+                self.user.db.executemany(
+                    "INSERT OR IGNORE INTO fields (folder, uid, " + ", ".join(FIELD_COLUMNS.values())
+                    + f") VALUES (?, ?{', ?' * len(FIELDS)})",
+                    [(self.id, uid, *map(computed[uid].get, FIELDS)) for uid in present])
+        return [u for u in uids if u not in computed]
+
     def headerFields(self, names: Iterable[str], uids: Iterable[int] | None = None) -> dict[str, dict[int, str]]:
         """
         The decoded header fields SEARCH reads, for every message (or those among C{uids}),
@@ -1422,8 +1448,10 @@ class Folder:
         to, cc, bcc, subject, message-id, in-reply-to, references, date).  Values are as in
         C{MessageSummary.headerFields} (unfolded, RFC 2047 decoded, repeated fields joined by
         a newline; Date raw); a message without the field is left out of that field's dict.
-        Messages whose fields are not known yet get their summaries computed (and both cached)
-        first, as FETCH would.
+        Messages whose fields are not known yet get them read from their headers alone
+        (L{_headerFieldsOf}: a first SEARCH FROM of 100,000 messages never summarized took 20 s
+        computing whole summaries), or, where that fails, their summaries computed (and both
+        cached), as FETCH would.
 
         @raise ValueError: a name that is not kept.
         """
@@ -1436,6 +1464,8 @@ class Folder:
                 "SELECT uid FROM messages WHERE folder=? AND NOT EXISTS"
                 " (SELECT 1 FROM fields f WHERE f.folder = messages.folder AND f.uid = messages.uid)",
                 (self.id,), uids)]
+        if missing:
+            missing = self._headerFieldsOf(missing)
         if missing:
             # computes (outside the lock, as FETCH does) and keeps the summaries not cached;
             # the fields of cached ones go in here

@@ -138,6 +138,14 @@ class Summarizer:
         """
         return self._map("envelope", paths)
 
+    def headerFields(self, paths: dict[int, str]) -> dict[int, dict[str, str] | None]:
+        """
+        The header fields SEARCH reads of the messages at C{paths}, from their headers alone
+        (L{pymaild.store.summary.headerFieldsPath}); None for a file that could not be read or
+        a header too long for that.  Blocking: call it from a store thread.
+        """
+        return self._map("fields", paths)
+
     def warmUp(self, messages: int) -> None:
         """
         A session opened a folder of C{messages}: if that is a batch for the workers, start

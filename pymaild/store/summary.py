@@ -1974,6 +1974,42 @@ def envelopeAndMtime(path: str) -> tuple[bytes | None, int]:
     L{envelopePath} and the file's mtime in whole seconds (its IMAP internal date), read from
     the open file: a first FETCH of ENVELOPE and INTERNALDATE then needs no C{stat} of its own.
     """
+    data, mtime = _headAndMtime(path)
+    return (None if data is None else envelopeOf(data)), mtime
+
+
+def headerFieldsPath(path: str) -> dict[str, str] | None:
+    """
+    The header fields SEARCH reads (C{MessageSummary.headerFields}: the same parse of the same
+    header, the same decoding) of the message file at C{path}, reading only as far as its
+    header's end, as L{envelopePath}; C{None} when the header runs past L{_HEAD_MAX} (then use
+    L{summarizePath}).  A first SEARCH FROM of a folder never summarized reads this much of
+    each message instead of parsing all of it (a fourth of the time).
+    """
+    data = _headAndMtime(path)[0]
+    if data is None:
+        return None
+    root = _Part(None, 0)
+    try:
+        _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data).header(root, content=False)
+    except Exception:
+        return {}  # as summarize() salvages it: one part without a header
+    fields = {}
+    for name, value in root.headers:
+        key = _SEARCH_HEADER_NAMES.get(name)
+        if key is not None:
+            raw = bytes(value)
+            decoded = _decodedField(raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw)
+            known = fields.get(key)
+            fields[key] = decoded if known is None else known + "\n" + decoded
+    return fields
+
+
+def _headAndMtime(path: str) -> tuple[bytes | None, int]:
+    """
+    The start of the message file at C{path} up to at least its header's end (L{_HEAD_READ} as
+    a rule), or C{None} past L{_HEAD_MAX}; and the file's mtime in whole seconds.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         mtime = int(os.fstat(fd).st_mtime)
@@ -1989,7 +2025,18 @@ def envelopeAndMtime(path: str) -> tuple[bytes | None, int]:
             data += more
     finally:
         os.close(fd)
-    return envelopeOf(data), mtime
+    return data, mtime
+
+
+def _decodedField(text: bytes) -> str:
+    """A header field's value as C{MessageSummary.headerFields} keeps it: L{decodeHeader}, without
+    its work where there is nothing to decode or unfold."""
+    if b"=?" in text or b"\n" in text:
+        return decodeHeader(text)
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        return text.decode("latin-1")
 
 
 def _summary(root: _Part) -> MessageSummary:
@@ -2016,14 +2063,7 @@ def _summary(root: _Part) -> MessageSummary:
         elif name in _ENVELOPE_STRINGS:
             strings[name] = text
         if name in _SEARCH_HEADER_NAMES:
-            # decodeHeader(), without its work where there is nothing to decode or unfold
-            if b"=?" in text or b"\n" in text:
-                decoded = decodeHeader(text)
-            else:
-                try:
-                    decoded = text.decode("utf-8")
-                except UnicodeDecodeError:
-                    decoded = text.decode("latin-1")
+            decoded = _decodedField(text)
             key = _SEARCH_HEADER_NAMES[name]
             known = fields.get(key)
             fields[key] = decoded if known is None else known + "\n" + decoded

@@ -3,8 +3,9 @@
 The worker side of L{pymaild.store.summarizer}: C{python -m pymaild.store.summaryworker}
 reads pickled requests C{(kind, [(uid, path), ...])} on stdin and writes the answers, pickled,
 on stdout, one request at a time, until stdin closes: the summaries (C{kind} "summary",
-L{summarizeAll}) or the ENVELOPEs read from the headers alone, with the files' mtimes
-("envelope", L{envelopeAll}).  It
+L{summarizeAll}), the ENVELOPEs read from the headers alone, with the files' mtimes
+("envelope", L{envelopeAll}), or the header fields SEARCH reads, from the headers alone
+("fields", L{headerFieldsAll}).  It
 imports only the parser (no Twisted), so that a worker stays small.
 """
 
@@ -59,7 +60,24 @@ def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | N
     return out
 
 
-KINDS = {"summary": summarizeAll, "envelope": envelopeAll}
+def headerFieldsAll(paths: list[tuple[int, str]]) -> list[tuple[int, dict[str, str] | None]]:
+    """
+    The header fields SEARCH reads of each path, from its header alone
+    (L{pymaild.store.summary.headerFieldsPath}), or None for a file that could not be read or
+    whose header is too long for that (then the whole summary is needed).
+    """
+    from pymaild.store.summary import headerFieldsPath
+
+    out = []
+    for uid, path in paths:
+        try:
+            out.append((uid, headerFieldsPath(path)))
+        except OSError:
+            out.append((uid, None))
+    return out
+
+
+KINDS = {"summary": summarizeAll, "envelope": envelopeAll, "fields": headerFieldsAll}
 
 
 def serve(stdin, stdout) -> None:

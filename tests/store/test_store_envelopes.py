@@ -14,8 +14,9 @@ import pytest
 
 from pymaild.store import index
 from pymaild.store.maildir import INDEX_NAME, MaildirStore
-from pymaild.store.summary import _HEAD_MAX, _HEAD_READ, envelopeOf, envelopePath, summarize
+from pymaild.store.summary import _HEAD_MAX, _HEAD_READ, envelopeOf, envelopePath, headerFieldsPath, summarize
 from test_store_wire import expected, make
+from test_summary_corpus import randomMessage
 from test_summary import GARBAGE, SPECIMENS, damaged, specimen
 
 ODD = {
@@ -43,24 +44,59 @@ def cases():
 CASES = dict(cases())
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_header_only_envelope_is_the_summary_s(name, tmp_path):
-    data = CASES[name]
-    want = summarize(data).envelope
-    assert envelopeOf(data) == want
+@pytest.mark.parametrize("name", sorted(CASES) + [f"random-{seed}" for seed in range(150)])
+def test_header_only_envelope_and_search_fields_are_the_summary_s(name, tmp_path):
+    """
+    The ENVELOPE of a first FETCH and the header fields of a first SEARCH FROM of mail never
+    summarized (envelopePath, headerFieldsPath: the header alone) are the whole summary's, on
+    these cases and 150 random MIME messages of the summary corpus (encoded words, folding,
+    repeated fields, NULs, 8-bit).
+    """
+    data = CASES[name] if name in CASES else randomMessage(int(name.split("-")[1]))
+    want = summarize(data)
+    assert envelopeOf(data) == want.envelope
     path = tmp_path / "m"
     path.write_bytes(data)
-    got = envelopePath(str(path))
-    if got is None:  # only when the header is longer than the most it reads
+    got = envelopePath(str(path)), headerFieldsPath(str(path))
+    if got[0] is None:  # only when the header is longer than the most it reads
         assert data.find(b"\n\n") < 0 or data.find(b"\n\n") > _HEAD_MAX
+        assert got[1] is None
     else:
-        assert got == want
+        assert got == (want.envelope, want.headerFields)
+
+
+def test_search_fields_of_mail_never_summarized_come_from_the_headers(tmp_path, monkeypatch):
+    """
+    headerFields on mail never summarized reads the headers alone and keeps the fields, no
+    summary; a message whose header is too long, and one summarized before, go the summary's
+    way; the values are those of a store that computed every summary.
+    """
+    from pymaild.store import summary
+
+    user, inbox = make(tmp_path, 6)
+    uids = inbox.uids()
+    inbox.summaries(uids[:1])  # summarized before: its fields are kept with it
+    long = inbox.paths(uids[1:2])[uids[1]]
+    with open(long, "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(b"X-Long: " + b"q" * (_HEAD_MAX + 10) + b"\n" + data)
+    parsed = []
+    real = summary.summarizePath
+    monkeypatch.setattr(summary, "summarizePath", lambda path: parsed.append(path) or real(path))
+    got = inbox.headerFields(["from", "subject"])
+    assert count(user, "fields") == 6 and count(user, "summaries") == 2
+    assert parsed == [long]  # (the one summarized before was not parsed again)
+    whole = {uid: summarize(open(p, "rb").read()).headerFields for uid, p in inbox.paths(uids).items()}
+    assert got == {name: {uid: f[name] for uid, f in whole.items() if name in f} for name in ("from", "subject")}
+    assert inbox.headerFields(["from"]) == {"from": got["from"]} and parsed == [long]  # (kept: no file read)
 
 
 def test_a_header_over_the_limit_is_left_to_the_whole_summary(tmp_path):
     path = tmp_path / "m"
     path.write_bytes(b"Subject: big\nX: " + b"q" * (_HEAD_MAX + 10) + b"\n\nbody\n")
     assert envelopePath(str(path)) is None
+    assert headerFieldsPath(str(path)) is None
 
 
 def count(user, table):

@@ -134,6 +134,13 @@ def test_workers_give_the_header_only_envelopes(files, summarizer, monkeypatch):
     assert summarizer.envelopes(files) == got
 
 
+def test_workers_give_the_header_only_search_fields(files, summarizer, monkeypatch):
+    calls = counted(monkeypatch, "fields")
+    got = summarizer.headerFields(files)
+    assert got == {uid: s.headerFields for uid, (s, _) in expected(files).items()}
+    assert calls == [50] and len(summarizer.pids()) == 2
+
+
 def test_warm_up_starts_the_workers_a_batch_then_uses(files, summarizer, monkeypatch):
     """
     warmUp (a session opened a large folder) starts the workers, idle; the next batch is cut
