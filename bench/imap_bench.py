@@ -875,7 +875,7 @@ class AsyncSession:
 
 
 async def _mixedSession(port: int, index: int, seed: int, seconds: float, start: asyncio.Event, ready: list,
-                        lat: dict, errors: collections.Counter) -> None:
+                        lat: dict, errors: collections.Counter, rate: float | None = None) -> None:
     s = await AsyncSession.open(port)
     try:
         await s.login()
@@ -885,11 +885,25 @@ async def _mixedSession(port: int, index: int, seed: int, seconds: float, start:
             if len(p) == 3 and p[2] == b"EXISTS":
                 exists = int(p[1])
         rng = random.Random(seed * 1000 + index)
+        pacing = random.Random(seed * 1000 + index + 500)  # (the same operations paced or not)
         ops = [name for name, w in MIX for _ in range(w)]
         ready.append(index)
         await start.wait()
         deadline = time.monotonic() + seconds
+        due = time.perf_counter()
         while time.monotonic() < deadline:
+            if rate is not None:
+                # paced: this session's commands fall due at Poisson times (rate / sessions each);
+                # a command that fell due while its session still waited for the one before is
+                # charged that wait (its latency counts from when it fell due); one sent on time
+                # counts from its sending (the client's timer wakes up to a millisecond late:
+                # that is not the server's)
+                due += pacing.expovariate(rate)
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if time.monotonic() >= deadline:
+                    break
             op = rng.choice(ops)
             n = rng.randint(1, max(1, exists))
             if op == "SELECT":
@@ -902,7 +916,7 @@ async def _mixedSession(port: int, index: int, seed: int, seconds: float, start:
                 line = f"STORE {n} {rng.choice('+-')}FLAGS (\\Flagged)"
             else:
                 line = "NOOP"
-            t0 = time.perf_counter()
+            t0 = time.perf_counter() if rate is None or wait > 0 else due
             tagged, untagged = await s.command(line)
             lat[op].append(time.perf_counter() - t0)
             if not tagged.startswith(b"OK"):
@@ -920,12 +934,13 @@ async def _mixedSession(port: int, index: int, seed: int, seconds: float, start:
         s.close()
 
 
-async def _mixed(port: int, sessions: int, seconds: float, seed: int) -> dict:
+async def _mixed(port: int, sessions: int, seconds: float, seed: int, rate: float | None = None) -> dict:
     start = asyncio.Event()
     ready: list = []
     lat = collections.defaultdict(list)
     errors = collections.Counter()
-    tasks = [asyncio.create_task(_mixedSession(port, i, seed, seconds, start, ready, lat, errors))
+    tasks = [asyncio.create_task(_mixedSession(port, i, seed, seconds, start, ready, lat, errors,
+                                               None if rate is None else rate / sessions))
              for i in range(sessions)]
     t_end = time.monotonic() + 120
     while len(ready) < sessions and time.monotonic() < t_end:
@@ -948,13 +963,15 @@ async def _mixed(port: int, sessions: int, seconds: float, seed: int) -> dict:
     }
 
 
-def measureMixed(server: Server, sessions: int, seconds: float, seed: int = 0) -> dict:
+def measureMixed(server: Server, sessions: int, seconds: float, seed: int = 0, rate: float | None = None) -> dict:
     """
     The mixed workload; runs with the same C{seed} do the same operations on the same messages
-    (both servers get seed 1 in their first run, 2 in their second...).
+    (both servers get seed 1 in their first run, 2 in their second...).  Without C{rate} a
+    closed loop (each session sends its next command as soon as the last is answered: the
+    servers at saturation); with it, C{rate} commands a second in all, at Poisson times.
     """
     cpu0 = time.process_time()
-    m = asyncio.run(_mixed(server.port, sessions, seconds, seed))
+    m = asyncio.run(_mixed(server.port, sessions, seconds, seed, rate))
     m["clientCpu"] = (time.process_time() - cpu0) / m["wall"]  # includes the logins: an upper bound
     return m
 
@@ -1245,6 +1262,7 @@ def alternate(a: argparse.Namespace, servers: list[Server], fn, label: str, resu
             slot = results.setdefault(server.name, {"samples": [], "error": None})
             if slot["error"] is not None:
                 continue
+            os.sync()  # (the last run's writeback, the other server's too, lands in no measurement)
             try:
                 slot["samples"].append(fn(server))
             except CommandTimeout:
@@ -1419,33 +1437,54 @@ def runSize(a: argparse.Namespace, work: Path, size: int, avg: dict, profileOnly
 
         if 6 in a.rows:
             # 6. mixed workload
-            r6: dict = {}
+            def mixedAlternation(label: str, runsBy: dict, rate: float | None) -> dict:
+                results: dict = {}
+
+                def one(s):
+                    m = measureMixed(s, a.sessions, a.mixed_seconds, len(runsBy[s.name]) + 1, rate)
+                    runsBy[s.name].append(m)
+                    log(f"{label}: {s.name} {m['ops']:,} ops in {m['wall']:.1f} s = {m['opsPerSec']:,.1f} op/s, "
+                        f"p50 {fmtTime(m['p50'])}, p99 {fmtTime(m['p99'])}, errors {m['errors']}, "
+                        f"client CPU {100 * m['clientCpu']:.0f}% of one core")
+                    return m
+
+                saved = a.repeat
+                a.repeat = a.mixed_repeat
+                try:
+                    alternate(a, servers, one, label, results, notes, budget=float("inf"))
+                finally:
+                    a.repeat = saved
+                return results
+
             mixedRuns: dict = collections.defaultdict(list)
-
-            def mixed(s):
-                m = measureMixed(s, a.sessions, a.mixed_seconds, len(mixedRuns[s.name]) + 1)
-                mixedRuns[s.name].append(m)
-                log(f"mixed: {s.name} {m['ops']:,} ops in {m['wall']:.1f} s = {m['opsPerSec']:,.0f} op/s, "
-                    f"p50 {fmtTime(m['p50'])}, p99 {fmtTime(m['p99'])}, errors {m['errors']}, "
-                    f"client CPU {100 * m['clientCpu']:.0f}% of one core")
-                return m
-
-            saved = a.repeat
-            a.repeat = a.mixed_repeat
-            try:
-                alternate(a, servers, mixed, "mixed workload", r6, notes, budget=float("inf"))
-            finally:
-                a.repeat = saved
+            r6 = mixedAlternation("mixed workload", mixedRuns, None)
             add(f"6. mixed, {a.sessions} sessions x {a.mixed_seconds:g} s: ops/s", "rate", r6, "opsPerSec")
             add("   p99 latency", "time", r6, "p99")
             add("   p50 latency", "time", r6, "p50")
+            # The same sessions and commands paced to half the slower server's rate (Poisson
+            # arrivals, latency from when each command fell due): latency at a load both serve,
+            # which the closed loop above cannot show (there every server is saturated and the
+            # mean latency is sessions / ops per second)
+            rates = [statistics.median(m["opsPerSec"] for m in runs) for runs in mixedRuns.values() if runs]
+            if len(rates) == len(servers) and a.mixed_paced:
+                rate = min(rates) / 2
+                pacedRuns: dict = collections.defaultdict(list)
+                r6p = mixedAlternation(f"mixed workload, paced to {rate:,.1f} op/s", pacedRuns, rate)
+                add("   p50 latency paced to half the slower server's ops/s", "time", r6p, "p50")
+                add("   p99 latency paced to half the slower server's ops/s", "time", r6p, "p99")
+                notes.append(f"mixed workload, paced: {rate:,.1f} op/s in all ({rate / a.sessions:,.2f} per session), "
+                             "half the slower server's median ops/s above; done: "
+                             + ", ".join(f"{name} {statistics.median(m['opsPerSec'] for m in runs):,.1f}"
+                                         for name, runs in pacedRuns.items()))
+                res["mixedPacedRuns"] = dict(pacedRuns)
             res["mixedRuns"] = dict(mixedRuns)
-            for name, runs in mixedRuns.items():
+            for kind, name, runs in [("", n, r) for n, r in mixedRuns.items()] + [
+                    (", paced", n, r) for n, r in res.get("mixedPacedRuns", {}).items()]:
                 errs = collections.Counter()
                 for m in runs:
                     errs.update(m["errors"])
                 if errs:
-                    notes.append(f"mixed workload: {name} answered NO/BAD to {dict(errs)}")
+                    notes.append(f"mixed workload{kind}: {name} answered NO/BAD to {dict(errs)}")
                 slow = []
                 for op in dict(MIX):
                     xs = [m["perOp"][op]["p99"] for m in runs if op in m["perOp"]]
@@ -1454,7 +1493,7 @@ def runSize(a: argparse.Namespace, work: Path, size: int, avg: dict, profileOnly
                         slow.append(f"{op} {fmtTime(statistics.median(ys)) + ' / ' if ys else ''}"
                                     f"{fmtTime(statistics.median(xs))}")
                 cpu = statistics.median(m["clientCpu"] for m in runs)
-                notes.append(f"mixed workload, {name} p50 / p99 by operation: {', '.join(slow)}; "
+                notes.append(f"mixed workload{kind}, {name} p50 / p99 by operation: {', '.join(slow)}; "
                              f"the client used {100 * cpu:.0f}% of a core")
         if 5 in a.rows:
             # 5. STORE, run last: it changes every message's flags
@@ -1642,6 +1681,8 @@ def main() -> None:
     p.add_argument("--body-cap", type=int, default=10_000, help="row 3 fetches at most this many bodies (10000)")
     p.add_argument("--sessions", type=int, default=10, help="concurrent sessions of the mixed workload (10)")
     p.add_argument("--mixed-seconds", type=float, default=10.0, help="length of one mixed-workload run (10)")
+    p.add_argument("--no-mixed-paced", dest="mixed_paced", action="store_false",
+                   help="skip the mixed workload paced to half the slower server's rate")
     p.add_argument("--mixed-repeat", type=int, default=None,
                    help="mixed-workload runs per server (default: --repeat, at most 2)")
     p.add_argument("--idle", default="1000,5000",

@@ -93,6 +93,10 @@ def worker(mode: str, root: Path, *extra: str, timeout: float = 600) -> dict:
 
 def pymaildBuild(root: Path, cold: bool, profile: str | None = None) -> dict:
     removePymaildIndex(root)
+    # (before each build, the removal and what the last build left unwritten, the other
+    # server's unsynced index too, go to the disk: on ext4 an fsync, such as pymaild's commit,
+    # otherwise writes them out with its own, data=ordered)
+    os.sync()
     return worker("build", root, *(["--cold"] if cold else []), *(["--profile", profile] if profile else []))
 
 
@@ -135,6 +139,7 @@ def dovecotSession(root: Path, cold: bool, listing: bool) -> dict:
 
 def dovecotBuild(root: Path, cold: bool) -> dict:
     removeIndex(root)
+    os.sync()  # (as before pymaild's build)
     return dovecotSession(root, cold, listing=False)
 
 
