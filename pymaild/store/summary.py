@@ -1982,26 +1982,27 @@ def headerFieldsPath(path: str) -> dict[str, str] | None:
     """
     The header fields SEARCH reads (C{MessageSummary.headerFields}: the same parse of the same
     header, the same decoding) of the message file at C{path}, reading only as far as its
-    header's end, as L{envelopePath}; C{None} when the header runs past L{_HEAD_MAX} (then use
-    L{summarizePath}).  A first SEARCH FROM of a folder never summarized reads this much of
-    each message instead of parsing all of it (a fourth of the time).
+    header's end, as L{envelopePath}; C{None} when the header runs past L{_HEAD_MAX}, or
+    when anything fails (then use L{summarizePath}, which salvages what it can: its answer is
+    the one kept).  A first SEARCH FROM of a folder never summarized reads this much of each
+    message instead of parsing all of it (a fourth of the time).
     """
     data = _headAndMtime(path)[0]
     if data is None:
         return None
     root = _Part(None, 0)
+    fields = {}
     try:
         _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data).header(root, content=False)
+        for name, value in root.headers:
+            key = _SEARCH_HEADER_NAMES.get(name)
+            if key is not None:
+                raw = bytes(value)
+                decoded = _decodedField(raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw)
+                known = fields.get(key)
+                fields[key] = decoded if known is None else known + "\n" + decoded
     except Exception:
-        return {}  # as summarize() salvages it: one part without a header
-    fields = {}
-    for name, value in root.headers:
-        key = _SEARCH_HEADER_NAMES.get(name)
-        if key is not None:
-            raw = bytes(value)
-            decoded = _decodedField(raw.replace(b"\0", _NUL_REPLACEMENT) if b"\0" in raw else raw)
-            known = fields.get(key)
-            fields[key] = decoded if known is None else known + "\n" + decoded
+        return None
     return fields
 
 

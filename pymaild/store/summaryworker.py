@@ -94,4 +94,6 @@ def serve(stdin, stdout) -> None:
 
 
 if __name__ == "__main__":
+    import pymaild.store.summary  # noqa: F401  (now, not in the first batch: the worker starts early for that)
+
     serve(sys.stdin.buffer, sys.stdout.buffer)

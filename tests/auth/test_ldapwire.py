@@ -487,6 +487,7 @@ def test_ldap3_starttls_takes_nothing_sent_in_the_clear(tmp_path, forged):
         else:
             with pytest.raises(LdapUnavailable):
                 client._open(settings.bind_dn, settings.bind_password)
+            assert binds == []  # (refused before TLS: the forged answer, or the wait for its end)
     finally:
         thread.join(15)
         listener.close()

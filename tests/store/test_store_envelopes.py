@@ -92,6 +92,19 @@ def test_search_fields_of_mail_never_summarized_come_from_the_headers(tmp_path, 
     assert inbox.headerFields(["from"]) == {"from": got["from"]} and parsed == [long]  # (kept: no file read)
 
 
+def test_a_failure_reading_the_fields_leaves_them_to_the_summary(tmp_path, monkeypatch):
+    """Anything failing in the header-only reading: the summary's way, which salvages."""
+    from pymaild.store import summary
+
+    user, inbox = make(tmp_path, 2)
+    monkeypatch.setattr(summary, "_decodedField", lambda text: 1 / 0)
+    assert headerFieldsPath(inbox.paths([1])[1]) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(summary, "headerFieldsPath", lambda path: None)
+    assert inbox.headerFields(["subject"]) == {"subject": {1: "hello 0", 2: "hello 1"}}
+    assert count(user, "summaries") == 2
+
+
 def test_a_header_over_the_limit_is_left_to_the_whole_summary(tmp_path):
     path = tmp_path / "m"
     path.write_bytes(b"Subject: big\nX: " + b"q" * (_HEAD_MAX + 10) + b"\n\nbody\n")
