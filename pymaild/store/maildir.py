@@ -1420,7 +1420,8 @@ class Folder:
         alone (in the summary workers, as a first FETCH of ENVELOPE reads them) and kept in
         the C{fields} table (a cache: the summary, when it comes, writes the same values);
         returns the UIDs still missing (a file gone or renamed meanwhile, a header over a
-        megabyte, a summary cached meanwhile: the caller takes the summaries' way).
+        megabyte or one that failed to parse, a summary already cached: the caller takes the
+        summaries' way).
         """
         from pymaild.store.summaryworker import headerFieldsAll
 

@@ -141,8 +141,9 @@ class Summarizer:
     def headerFields(self, paths: dict[int, str]) -> dict[int, dict[str, str] | None]:
         """
         The header fields SEARCH reads of the messages at C{paths}, from their headers alone
-        (L{pymaild.store.summary.headerFieldsPath}); None for a file that could not be read or
-        a header too long for that.  Blocking: call it from a store thread.
+        (L{pymaild.store.summary.headerFieldsPath}); None for a file that could not be read, a
+        header too long for that, or one that failed to parse.  Blocking: call it from a store
+        thread.
         """
         return self._map("fields", paths)
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pymaild.store.summary import MessageSummary
 
-# (the parser, pymaild.store.summary, is imported at the first request: the server imports
-# this module for HEADER and KINDS at start-up, and an MX alone never parses for IMAP)
+# (the parser, pymaild.store.summary, is imported by a worker process when it starts, and by
+# the server at its first request: the server imports this module for HEADER and KINDS at
+# start-up, and an MX alone never parses for IMAP)
 
 HEADER = struct.Struct("!Q")
 
@@ -63,8 +64,8 @@ def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | N
 def headerFieldsAll(paths: list[tuple[int, str]]) -> list[tuple[int, dict[str, str] | None]]:
     """
     The header fields SEARCH reads of each path, from its header alone
-    (L{pymaild.store.summary.headerFieldsPath}), or None for a file that could not be read or
-    whose header is too long for that (then the whole summary is needed).
+    (L{pymaild.store.summary.headerFieldsPath}), or None for a file that could not be read, or
+    whose header is too long for that or failed to parse (then the whole summary is needed).
     """
     from pymaild.store.summary import headerFieldsPath
 
