@@ -612,8 +612,11 @@ class SearchContext:
         return False
 
 
-#: L{_FolderCursor.each} screens this many candidates at a time ...
-_SCREEN_CHUNK = 256
+#: L{_FolderCursor.each} screens this many candidates at a time (the summaries a chunk lacks
+#: are made in one call, by the summary workers in pieces of a third: a first SEARCH TEXT of
+#: 10,000 messages, 3,748 summaries made, took 1.9-2.3 s in chunks of 256 and 1.4-1.6 s in
+#: chunks of 4,096, the warm one 0.7-0.8 s either way) ...
+_SCREEN_CHUNK = 4096
 #: ... and keeps at most this many bytes of their files for decoding.
 _KEPT_BYTES = 8 << 20
 
