@@ -1761,13 +1761,12 @@ class Folder:
         delivered mail does when seen), so that new/ does not look full of mail at every open.
         """
         for sub, name in undecodable:
-            base = name.partition(":")[0]  # (one file, in new/ then in cur/ with flags)
+            base, colon, info = name.partition(":")  # (one base: one file, in new/ then in cur/)
             if base not in self._warned:
                 self._warned.add(base)
                 log.warn("{folder}: left out {path}: its name is not UTF-8", folder=self.name,
                          path=os.fsencode(self.path / sub / name).decode("ascii", "backslashreplace"))
             if sub == "new" and moveNew:
-                base, colon, info = name.partition(":")
                 try:
                     os.rename(self.path / "new" / name, self.path / "cur" / (base + (colon + info if colon else ":2,")))
                 except OSError:

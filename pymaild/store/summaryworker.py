@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 HEADER = struct.Struct("!Q")
 
 
+def _readEach(paths: list[tuple[int, str]], read) -> list[tuple[int, object]]:
+    """C{(uid, read(path))} for each path, None for a file that could not be read."""
+    out = []
+    for uid, path in paths:
+        try:
+            out.append((uid, read(path)))
+        except OSError:
+            out.append((uid, None))
+    return out
+
+
 def summarizeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[MessageSummary, str] | None]]:
     """
     The summary of each path with its JSON text for the index (L{toJSON} without the wire
@@ -33,15 +44,11 @@ def summarizeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[MessageS
     """
     from pymaild.store.summary import summarizePath, toJSON
 
-    out = []
-    for uid, path in paths:
-        try:
-            summary = summarizePath(path)
-        except OSError:
-            out.append((uid, None))
-            continue
-        out.append((uid, (summary, toJSON(summary, wire=False))))
-    return out
+    def read(path):
+        summary = summarizePath(path)
+        return summary, toJSON(summary, wire=False)
+
+    return _readEach(paths, read)
 
 
 def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | None, int] | None]]:
@@ -52,13 +59,7 @@ def envelopeAll(paths: list[tuple[int, str]]) -> list[tuple[int, tuple[bytes | N
     """
     from pymaild.store.summary import envelopeAndMtime
 
-    out = []
-    for uid, path in paths:
-        try:
-            out.append((uid, envelopeAndMtime(path)))
-        except OSError:
-            out.append((uid, None))
-    return out
+    return _readEach(paths, envelopeAndMtime)
 
 
 def headerFieldsAll(paths: list[tuple[int, str]]) -> list[tuple[int, dict[str, str] | None]]:
@@ -69,13 +70,7 @@ def headerFieldsAll(paths: list[tuple[int, str]]) -> list[tuple[int, dict[str, s
     """
     from pymaild.store.summary import headerFieldsPath
 
-    out = []
-    for uid, path in paths:
-        try:
-            out.append((uid, headerFieldsPath(path)))
-        except OSError:
-            out.append((uid, None))
-    return out
+    return _readEach(paths, headerFieldsPath)
 
 
 KINDS = {"summary": summarizeAll, "envelope": envelopeAll, "fields": headerFieldsAll}
