@@ -1,6 +1,6 @@
 """
 Flow control shared by the protocols that write much more than they read (IMAP FETCH, POP3 RETR)
-and by the line protocols that answer one command at a time (SMTP, POP3).
+and by the line protocols that answer one command at a time (SMTP, POP3, IMAP).
 
 L{Backpressure} is registered with a transport as a streaming producer, so a client that reads
 slowly pauses the writer instead of filling the server's memory.  L{writeNow} and L{sendNow}

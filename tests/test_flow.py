@@ -142,3 +142,49 @@ class LazyPauseTests(unittest.TestCase):
         self.p.pauseProducing()  # the buffer already holds about HELD_INPUT bytes
         self.p.dataReceived(b"Y" * 20)
         self.assertEqual(self.t.producerState, "paused")
+
+
+class IMAPHoldTests(unittest.TestCase):
+    """
+    The IMAP server holds the commands pipelined behind one that answers later (FETCH, STORE:
+    a store thread) the same way, on its own protocol object: no C{epoll_ctl} for a short hold,
+    and a client that floods meanwhile still stops the reading.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pymaild.imap.server import IMAPFactory
+        from pymaild.throttle import LoginThrottle
+
+        self.clock = MemoryReactorClock()
+        factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle(), clock=self.clock)
+        self.p = factory.buildProtocol(None)
+        self.p.callLater = self.clock.callLater  # the idle timer too, not on the global reactor
+        self.t = StringTransport()
+        self.p.makeConnection(self.t)
+        self.t.clear()
+
+    def tearDown(self):
+        self.p.connectionLost(None)
+
+    def test_commands_behind_a_held_one_wait_without_stopping_the_transport(self):
+        self.p._hold(b"a")  # a FETCH is running in a store thread
+        self.p.dataReceived(b"b NOOP\r\nc NOOP\r\n")
+        self.assertEqual(self.t.producerState, "producing")
+        self.assertEqual(self.t.value(), b"")
+        self.p.sendPositiveResponse(b"a", b"FETCH completed")
+        self.clock.advance(0)
+        self.assertEqual(self.t.value(), b"a OK FETCH completed\r\nb OK NOOP completed\r\nc OK NOOP completed\r\n")
+        self.assertEqual(self.t.producerState, "producing")
+
+    def test_a_flood_behind_a_held_command_stops_the_reading_until_its_answer(self):
+        count = HELD_INPUT // len(b"d NOOP\r\n") + 2
+        self.p._hold(b"a")
+        self.p.dataReceived(b"d NOOP\r\n" * count)
+        self.assertEqual(self.t.producerState, "paused")
+        self.assertEqual(self.t.value(), b"")
+        self.p.sendPositiveResponse(b"a", b"FETCH completed")
+        self.clock.advance(0)
+        self.assertEqual(self.t.producerState, "producing")
+        self.assertEqual(self.t.value().count(b"d OK NOOP completed\r\n"), count)

@@ -585,20 +585,42 @@ class StoreMailbox:
         consecutive here, or the index no longer has exactly these messages: an expunge not
         announced yet, another process's change): the caller then uses L{fetchBatch}.
         """
+        render = self._flagRunRenderer(uids, request, uid, modseq, changedSince)
+        if render is None:
+            return defer.succeed(None)
+        return self.run(lambda: render(self.folder.flagIndex()))
+
+    def flagRunNow(self, uids, request, uid: bool, modseq: bool, changedSince: int | None = None) -> bytes | None:
+        """
+        L{fetchFlagRun}'s answer at once, on the reactor, when the folder's flag index is kept,
+        current and free (L{pymaild.store.maildir.Folder.keptFlagIndex}); None otherwise, and
+        the caller goes through a store thread.
+        """
+        render = self._flagRunRenderer(uids, request, uid, modseq, changedSince)
+        if render is None:
+            return None
+        index = self.folder.keptFlagIndex()
+        return None if index is None else render(index)
+
+    def _flagRunRenderer(self, uids, request, uid: bool, modseq: bool, changedSince: int | None):
+        """
+        For L{fetchFlagRun}: a function of a flag index giving the FETCH responses for C{uids}
+        (or None if the index does not hold exactly that run); None when C{uids} is not a run
+        of consecutive messages of this view.
+        """
         first = self.sequenceNumber(uids[0]) if uids else None
         run = array("I", uids)
         if first is None or self.uids[first - 1 : first - 1 + len(run)] != run:
-            return defer.succeed(None)
+            return None
         recent = list(self.recentRanges)
 
-        def work():
-            index = self.folder.flagIndex()
+        def render(index):
             start = bisect_left(index.uids, run[0])
             if index.uids[start : start + len(run)] != run:
                 return None
             return fetch.renderFlagRun(index, start, len(run), first, request, uid, modseq, recent, changedSince)
 
-        return self.run(work)
+        return render
 
     def highestModseq(self, numbers, wanted: bool = True):
         """

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 
 from pymaild.envelope import inNetworks
-from pymaild.flow import Backpressure as _Backpressure
+from pymaild.flow import Backpressure as _Backpressure, LazyPause, sendNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.imap import fetch
 from pymaild.imap import sort as sort_
@@ -66,7 +66,7 @@ def parseSequenceSet(token: bytes) -> imap4.MessageSet:
     return imap4.MessageSet(ranges)  # one sort and merge (MessageSet.clean)
 
 
-class PymaildIMAP4Server(imap4.IMAP4Server):
+class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     """
     pymaild's IMAP4rev1 server protocol.
     """
@@ -340,9 +340,12 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
 
     def _respond(self, state, tag, message):
         super()._respond(state, tag, message)
-        if tag is not None and tag == self._heldTag:
-            self._heldTag = None
-            self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
+        if tag is not None:
+            if tag == self._heldTag:
+                self._heldTag = None
+                self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
+            if not self._buffer:
+                sendNow(self.transport)  # the client waits for this; nothing pipelined behind it
 
     def _releaseHold(self, token):
         if token != self._holdToken or self._heldTag is not None or self.transport is None:
@@ -1224,9 +1227,11 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
     #: pieces (500 at a time cost about 9 us a message more than 4,000 at a time)
     FETCH_BATCH = 500
     FETCH_BATCH_MAX = 4000
-    #: a FETCH of flags alone (UID, FLAGS, MODSEQ: a client syncing a folder) for at least
-    #: FLAG_RUN_FROM messages is answered from the folder's flag index (arrays kept in memory,
-    #: L{pymaild.store.maildir.Folder.flagIndex}), FLAG_RUN messages per store call
+    #: a FETCH of flags alone (UID, FLAGS, MODSEQ: a client syncing a folder, or polling a
+    #: message's flags) for consecutive messages is answered from the folder's flag index
+    #: (arrays kept in memory, L{pymaild.store.maildir.Folder.flagIndex}): for fewer than
+    #: FLAG_RUN_FROM messages on the reactor when the index is current and free (L{_flagsNow}),
+    #: else FLAG_RUN messages per store call (which reads the index first if it is not kept)
     FLAG_RUN_FROM = 1000
     FLAG_RUN = 16384
 
@@ -1248,11 +1253,30 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
             request.items.append(imap4._FetchParser.Flags())
             request.types.add("flags")
         wanted = mbox.resolve(messages, uid)
+        if (request.flagsOnly and not markSeen and not request.vanished and 0 < len(wanted) < self.FLAG_RUN_FROM
+                and self._flagsNow(tag, request, wanted, uid)):
+            return
         d = self._runFetch(request, messages, wanted, uid, markSeen)
         d.addCallbacks(lambda _: self.sendPositiveResponse(tag, b"FETCH completed"), self._fetchFailed,
                        errbackArgs=(tag,))
 
     select_FETCH = (do_FETCH, arg_seqset, arg_fetchspec)
+
+    def _flagsNow(self, tag, request, wanted, uid) -> bool:
+        """
+        Answer a FETCH of flags alone for a run of fewer than L{FLAG_RUN_FROM} consecutive
+        messages from the folder's flag index, on the reactor, if that index is kept, current
+        and not in a store thread's use (L{StoreMailbox.flagRunNow}); False, having sent
+        nothing, otherwise.  A client polling one message's flags, or a few new messages', is
+        answered without the two thread wake-ups of a store call.
+        """
+        modseq = request.modseq or (self.condstore and request.wantsFlags)
+        data = self.mbox.flagRunNow(wanted, request, uid, modseq, request.changedSince)
+        if data is None:
+            return False
+        self.transport.write(data)
+        self.sendPositiveResponse(tag, b"FETCH completed")
+        return True
 
     def _fetchFailed(self, failure, tag):
         if self.transport is None or getattr(self.transport, "disconnected", False):
@@ -1276,7 +1300,7 @@ class PymaildIMAP4Server(imap4.IMAP4Server):
                 if gone:
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
             modseq = request.modseq or (self.condstore and request.wantsFlags)
-            if request.flagsOnly and not markSeen and len(wanted) >= self.FLAG_RUN_FROM:
+            if request.flagsOnly and not markSeen and wanted:
                 done = yield self._writeFlagRuns(request, wanted, uid, modseq, producer)
                 if done == len(wanted) or producer.stopped or self._gone():
                     return

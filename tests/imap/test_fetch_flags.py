@@ -149,6 +149,90 @@ def test_flags_only_fetch_answers_as_the_general_one(server):
     client.logout()
 
 
+def test_small_flag_fetches_from_the_kept_index_stay_current(server):
+    """
+    A FETCH of flags for a few messages is answered from the kept flag index on the reactor:
+    it still shows at once a change another process made (the index key moved), this
+    session's own STORE, and the general path's answer where the index and the view part.
+    """
+    from pymaild.store.maildir import MaildirStore
+
+    def plain(answers):  # (every message is \\Recent in this, the first session)
+        return {seq: (uid, [f for f in flags if f != b"\\Recent"]) for seq, (uid, flags, _) in answers.items()}
+
+    home = postmaster_inbox(server)
+    for i in range(30):
+        data = f"Subject: {i}\n\nbody {i}\n".encode()
+        (home / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)}:2,S").write_bytes(data)
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
+    client.login("postmaster@localhost", server.postmaster_password())
+    assert client.select("INBOX")[0] == "OK"
+    assert len(fetched(client, "1:*", "(FLAGS)")) == 30  # (the index is read and kept)
+
+    other = MaildirStore(server.data_dir / "mail").user("postmaster@localhost")  # another process
+    try:
+        other.folder("INBOX").store([3], ["$Elsewhere"], "add")
+        assert plain(fetched(client, "3", "(FLAGS)")) == {3: (None, [b"$Elsewhere", b"\\Seen"])}
+        other.folder("INBOX").store([3], ["\\Seen"], "remove")
+        assert plain(fetched(client, "2:4", "(UID FLAGS)")) == {2: (2, [b"\\Seen"]), 3: (3, [b"$Elsewhere"]),
+                                                                4: (4, [b"\\Seen"])}
+    finally:
+        other.close()
+    assert client.store("5", "+FLAGS.SILENT", "(\\Flagged)")[0] == "OK"
+    assert plain(fetched(client, "5", "(FLAGS)")) == {5: (None, [b"\\Flagged", b"\\Seen"])}
+    for args in [("5:9", "(FLAGS MODSEQ)"), ("1,3,30", "(UID FLAGS)"), ("29:*", "(FLAGS)")]:
+        general = fetched(client, args[0], args[1][:-1] + " RFC822.SIZE)")
+        assert fetched(client, *args) == general
+    # another session expunges message 10, not yet announced here: the run 9:11 no longer
+    # matches the index, and the answer is the general path's (10 still in the view, gone)
+    second = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=120)
+    second.login("postmaster@localhost", server.postmaster_password())
+    second.select("INBOX")
+    assert second.store("10", "+FLAGS.SILENT", "(\\Deleted)")[0] == "OK" and second.expunge()[0] == "OK"
+    second.logout()
+    assert plain(fetched(client, "9:11", "(UID FLAGS)")) == {9: (9, [b"\\Seen"]), 11: (11, [b"\\Seen"])}
+    client.logout()
+
+
+def test_a_small_flag_fetch_needs_no_store_thread(tmp_path):
+    """
+    flagRunNow answers from the kept, current flag index without a store call (what spares
+    a polling client the thread's two wake-ups), as the store call would; it says None (the
+    caller then makes the store call) when no index is kept, and when the index and the
+    session's view part.
+    """
+    from twisted.internet import defer
+
+    from pymaild.imap.mailbox import StoreMailbox
+    from pymaild.store.maildir import MaildirStore
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(12):
+        inbox.append(b"Subject: %d\n\nx\n" % i, ["\\Seen"] if i % 2 else [])
+    calls = []
+
+    def run(f, *args):
+        calls.append(f)
+        return defer.succeed(f(*args))
+
+    mbox = StoreMailbox(inbox, run, True, {}, inbox.uids())
+    request = parseFetch(b"(UID FLAGS)")
+    assert mbox.flagRunNow([4, 5, 6], request, False, False) is None and calls == []
+    viaThread = []
+    mbox.fetchFlagRun([4, 5, 6], request, False, False).addCallback(viaThread.append)
+    assert len(calls) == 1 and viaThread[0].count(b"FETCH") == 3
+    assert mbox.flagRunNow([4, 5, 6], request, False, False) == viaThread[0] and len(calls) == 1
+    assert mbox.flagRunNow([4, 6], request, False, False) is None  # not a run of the view
+    inbox.store([5], ["\\Deleted"], "add")
+    inbox.expunge()  # (not announced to this view: 5 is still message 5 here)
+    inbox.flagIndex()
+    assert mbox.flagRunNow([4, 5, 6], request, False, False) is None
+    assert mbox.flagRunNow([6, 7], request, False, False) == b"* 6 FETCH (UID 6 FLAGS (\\Seen))\r\n* 7 FETCH (UID 7 FLAGS ())\r\n"
+    assert len(calls) == 1
+    user.close()
+
+
 def test_flag_runs_stop_where_the_index_and_the_view_part():
     """
     When a later run finds the index and the session's view apart (fetchFlagRun says None),

@@ -81,6 +81,49 @@ def test_other_changes_read_it_again(tmp_path):
     user.close()
 
 
+def test_kept_flag_index_is_given_only_current_and_without_waiting(tmp_path):
+    """
+    keptFlagIndex (what the reactor may call): the kept index while it is current, else None,
+    never reading it (the caller then goes through a store thread), and None at once while a
+    store thread holds the user's lock.
+    """
+    import threading
+
+    user, inbox = makeInbox(tmp_path)
+    assert inbox.keptFlagIndex() is None  # not read yet: not read here
+    index = inbox.flagIndex()
+    assert inbox.keptFlagIndex() is index
+    inbox.store([3], ["\\Flagged"], "add")  # this process's STORE updates the kept copy
+    kept = inbox.keptFlagIndex()
+    assert kept is not None and kept is not index and decoded(kept) == rows(inbox)
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com")  # another process's change
+    other.folder("INBOX").store([5], ["$Other"], "add")
+    other.close()
+    assert inbox.keptFlagIndex() is None
+    assert "$Other" in decoded(inbox.flagIndex())[5][1] and inbox.keptFlagIndex() is not None
+    inbox.append(b"Subject: new\n\nx\n")  # a delivery moves the key
+    assert inbox.keptFlagIndex() is None
+    inbox.flagIndex()
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with user.lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(10)
+        assert inbox.keptFlagIndex() is None  # (a blocking acquire would hang here for 10 s)
+    finally:
+        release.set()
+        thread.join()
+    assert inbox.keptFlagIndex() is not None
+    user.close()
+
+
 def test_the_next_process_reads_the_stored_flag_index(tmp_path, monkeypatch):
     monkeypatch.setattr(maildir, "FLAG_INDEX_STORED_FROM", 10)
     user, inbox = makeInbox(tmp_path)
