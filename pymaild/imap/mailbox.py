@@ -566,16 +566,32 @@ class StoreMailbox:
                 out.append((meta.uid, StoreMessage(meta, path, summaries.get(meta.uid))))
             return out
 
-        def numbered(found):
-            out = []
-            for u, message in found:
-                seq = self.sequenceNumber(u)
-                if seq is not None:
-                    message.recent = self.isRecent(u)
-                    out.append((seq, message))
-            return out
+        return self.run(work).addCallback(self._numbered)
 
-        return self.run(work).addCallback(numbered)
+    def fetchNow(self, uids, changedSince: int | None = None, dates: bool = True):
+        """
+        L{fetchBatch}'s answer at once, on the reactor, for a few messages of a request that
+        needs neither summaries nor a change (no \\Seen to set): from one indexed read made
+        without waiting (L{pymaild.store.maildir.Folder.messagesNow}); None when that cannot
+        be had (the user's lock busy, a date to read from a file), and the caller goes
+        through a store thread.
+        """
+        found = self.folder.messagesNow(uids, dates)
+        if found is None:
+            return None
+        wanted = set(uids)
+        return self._numbered([(meta.uid, StoreMessage(meta, path, None)) for meta, path in found
+                               if meta.uid in wanted and (changedSince is None or meta.modseq > changedSince)])
+
+    def _numbered(self, found):
+        """C{[(uid, StoreMessage)]} -> C{[(sequence number, StoreMessage)]} in this view."""
+        out = []
+        for u, message in found:
+            seq = self.sequenceNumber(u)
+            if seq is not None:
+                message.recent = self.isRecent(u)
+                out.append((seq, message))
+        return out
 
     def fetchFlagRun(self, uids, request, uid: bool, modseq: bool, changedSince: int | None = None):
         """

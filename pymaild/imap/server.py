@@ -27,6 +27,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import imap4
+from twisted.python.failure import Failure
 
 from pymaild.envelope import inNetworks
 from pymaild.flow import Backpressure as _Backpressure, LazyPause, sendNow
@@ -303,7 +304,54 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     _heldTag = None
     _holdToken = 0
 
+    #: (class, state, command) -> its entry as L{lookupCommand} gives it, made once, not per
+    #: line (only commands that exist: a client's made-up names are not kept)
+    _ENTRIES: dict = {}
+
     def lookupCommand(self, cmd):
+        key = (type(self), self.state, cmd.upper())
+        entry = self._ENTRIES.get(key)
+        if entry is None:
+            entry = self._makeEntry(cmd)
+            if entry is not None:
+                self._ENTRIES[key] = entry
+        return entry
+
+    #: argument parsers that answer at once and never wait for a literal: a command made only
+    #: of these is dispatched without Twisted's Deferred per argument (L{dispatchCommand})
+    _PLAIN_PARSERS = frozenset({"arg_seqset", "arg_fetchspec", "arg_storemod", "arg_atom", "arg_flaglist", "arg_line"})
+
+    def dispatchCommand(self, tag, cmd, rest, uid=None):
+        """
+        Twisted's, except for commands whose arguments are all plain (L{_PLAIN_PARSERS}: FETCH,
+        STORE, UID): those are parsed and handled in one call, not through a Deferred and a
+        callback per argument (a tenth of a small FETCH's time on the reactor).  The answers to
+        errors are Twisted's: L{parse_command} answers the three IMAP exceptions, anything else
+        is a BAD "Server error" and logged, and the connection goes on.
+        """
+        entry = self.lookupCommand(cmd)
+        if not entry or not all(getattr(p, "__name__", "") in self._PLAIN_PARSERS for p in entry[1:] if callable(p)):
+            return super().dispatchCommand(tag, cmd, rest, uid)
+        try:
+            args, line = [self, tag], rest
+            for parse in entry[1:]:
+                if callable(parse):
+                    arg, line = parse(self, line)
+                    args.append(arg)
+                else:
+                    args.append(parse)
+            if line:
+                raise imap4.IllegalClientResponse("Too many arguments for command: " + repr(line))
+            if uid is not None:
+                entry[0](uid=uid, *args)
+            else:
+                entry[0](*args)
+        except (imap4.IllegalClientResponse, imap4.IllegalOperation, imap4.IllegalMailboxEncoding):
+            raise
+        except Exception:
+            self._IMAP4Server__ebDispatch(Failure(), tag)
+
+    def _makeEntry(self, cmd):
         entry = super().lookupCommand(cmd)
         if entry is None:
             return entry
@@ -1234,6 +1282,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     #: else FLAG_RUN messages per store call (which reads the index first if it is not kept)
     FLAG_RUN_FROM = 1000
     FLAG_RUN = 16384
+    #: a FETCH of at most FETCH_NOW messages that needs no summaries and sets no \Seen (a
+    #: client opening a message: BODY.PEEK[], RFC822.SIZE, INTERNALDATE) reads their index rows
+    #: on the reactor when the user's lock is free (L{StoreMailbox.fetchNow}); the files are
+    #: read as for any FETCH
+    FETCH_NOW = 16
 
     def arg_fetchspec(self, line):
         try:
@@ -1256,7 +1309,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if (request.flagsOnly and not markSeen and not request.vanished and 0 < len(wanted) < self.FLAG_RUN_FROM
                 and self._flagsNow(tag, request, wanted, uid)):
             return
-        d = self._runFetch(request, messages, wanted, uid, markSeen)
+        first = None
+        if (not request.flagsOnly and not request.needsSummaries and not markSeen and not request.vanished
+                and 0 < len(wanted) <= self.FETCH_NOW):
+            first = mbox.fetchNow(wanted, request.changedSince, request.wantsDates)
+        d = self._runFetch(request, messages, wanted, uid, markSeen, first)
         d.addCallbacks(lambda _: self.sendPositiveResponse(tag, b"FETCH completed"), self._fetchFailed,
                        errbackArgs=(tag,))
 
@@ -1290,7 +1347,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
 
     @defer.inlineCallbacks
-    def _runFetch(self, request, messages, wanted, uid, markSeen):
+    def _runFetch(self, request, messages, wanted, uid, markSeen, first=None):
+        """
+        Load and write a FETCH's answers, batch by batch; C{first}: the first batch if it was
+        had already (L{StoreMailbox.fetchNow}).
+        """
         mbox = self.mbox
         old = self.setTimeout(None)  # a long FETCH to a slow client is not idleness
         producer = _Backpressure(self.transport)
@@ -1311,7 +1372,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
             dates = request.wantsDates
             load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
                                              request.changedSince, direct, flagsOnly, dates)
-            pending = load(0) if wanted else None
+            pending = (load(0) if first is None else defer.succeed(first)) if wanted else None
             i = 0
             while pending is not None:
                 batch = yield pending
@@ -1409,6 +1470,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if value >= 1 << 63:
             raise imap4.IllegalClientResponse("UNCHANGEDSINCE out of range")
         return value, line[m.end():]
+
+    def arg_flaglist(self, line):
+        if not line:  # (Twisted's indexes None: "Server error" and a traceback in the log)
+            raise imap4.IllegalClientResponse("Missing flag list")
+        return imap4.IMAP4Server.arg_flaglist(self, line)
 
     def do_STORE(self, tag, messages, unchangedSince, mode, flags, uid=0):
         mode = mode.upper()

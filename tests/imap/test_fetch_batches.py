@@ -14,7 +14,7 @@ import imaplib
 import os
 import re
 
-from conftest import postmaster_inbox, wait_for
+from conftest import held_by_another_thread, postmaster_inbox, wait_for
 
 COUNT = 4700  # batches of 500, 1000, 2000 and 1200
 
@@ -119,3 +119,51 @@ def test_a_fetch_without_internaldate_reads_no_date_from_the_files(server):
     assert dates == [1600000000 + 86400 * i for i in range(40)]
     assert unknown() == 0
     client.logout()
+
+
+def test_a_small_fetch_reads_its_rows_without_a_store_thread(tmp_path):
+    """
+    A FETCH of a few messages that needs no summary and sets no \\Seen (BODY.PEEK[],
+    RFC822.SIZE, INTERNALDATE) gets its index rows on the reactor (StoreMailbox.fetchNow):
+    the same messages, files and sizes as the store call, in this view's numbers; None (the
+    caller makes the store call) while a store thread holds the user's lock, and when an
+    internal date would have to be read from a file.
+    """
+    from twisted.internet import defer
+
+    from pymaild.imap.mailbox import StoreMailbox
+    from pymaild.store.maildir import MaildirStore
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(6):
+        inbox.append(b"Subject: %d\n\n%s\n" % (i, b"x" * i), ["\\Seen"] if i % 2 else [])
+    calls = []
+
+    def run(f, *args):
+        calls.append(f)
+        return defer.succeed(f(*args))
+
+    mbox = StoreMailbox(inbox, run, True, {}, inbox.uids())
+    mbox.recentRanges = [(5, 7)]
+
+    def shown(found):
+        return [(seq, m.getUID(), m.getSize(), m.path, sorted(m.getFlags()), m.getInternalDate()) for seq, m in found]
+
+    now = mbox.fetchNow([2, 3, 5], None, dates=False)
+    viaThread = []
+    mbox.fetchBatch([2, 3, 5], False, False, dates=False).addCallback(viaThread.append)
+    assert len(calls) == 1 and now is not None and shown(now) == shown(viaThread[0])
+    assert [seq for seq, _ in now] == [2, 3, 5] and now[2][1].recent and not now[0][1].recent
+    since = inbox.messages([2])[0].modseq  # CHANGEDSINCE: as the store call leaves out
+    viaThread.clear()
+    mbox.fetchBatch([1, 2, 3], False, False, since, dates=False).addCallback(viaThread.append)
+    assert shown(mbox.fetchNow([1, 2, 3], since, dates=False)) == shown(viaThread[0]) and 0 < len(viaThread[0]) < 3
+    calls.clear()
+
+    with held_by_another_thread(user.lock):
+        assert mbox.fetchNow([2], None, dates=False) is None
+    user.db.execute("UPDATE messages SET internaldate=NULL WHERE uid=4")
+    assert mbox.fetchNow([4], None, dates=True) is None  # (the date is in the file's mtime)
+    assert mbox.fetchNow([4], None, dates=False) is not None and calls == []
+    user.close()

@@ -311,3 +311,48 @@ def test_flag_updates_during_a_command_are_numbered_after_it():
     assert out.index(b"x OK") < out.index(b"* 2 FETCH (FLAGS (\\Flagged))"), out
     protocol.mbox = None
     protocol.connectionLost(None)
+
+
+def test_commands_parsed_in_one_call_answer_errors_as_twisted_does():
+    """
+    FETCH, STORE and UID are parsed and handled in one call (dispatchCommand, not a Deferred
+    per argument): a malformed argument is still a BAD naming the syntax error, too many
+    arguments too, a failure inside the handler a BAD "Server error" (logged), and the
+    session goes on answering.
+    """
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from pymaild.imap.server import IMAPFactory
+    from pymaild.throttle import LoginThrottle
+
+    clock = MemoryReactorClock()
+    factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle(), clock=clock)
+    protocol = factory.buildProtocol(None)
+    protocol.callLater = clock.callLater
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+
+    class Broken:
+        def resolve(self, messages, uid):
+            raise RuntimeError("the store fell over")
+
+        def isWriteable(self):
+            return True
+
+    protocol.state, protocol.mbox = "select", Broken()
+    transport.clear()
+    protocol.dataReceived(b"a FETCH 1:x (FLAGS)\r\n")
+    protocol.dataReceived(b"b UID FETCH 1 (FLAGS)\r\n")
+    clock.advance(0)
+    protocol.dataReceived(b"c STORE 1 +FLAGS.SILENT\r\n")
+    protocol.dataReceived(b"d UID EXPUNGE 1 2\r\n")
+    protocol.dataReceived(b"e NOOP\r\n")
+    clock.advance(0)
+    lines = transport.value().splitlines()
+    assert lines[0].startswith(b"a BAD Illegal syntax: ") and b"1:x" in lines[0], lines
+    assert lines[1] == b"b BAD Server error: the store fell over", lines
+    assert lines[2] == b"c BAD Illegal syntax: Missing flag list", lines
+    assert lines[3] == b"d BAD Illegal syntax: Too many arguments for UID EXPUNGE", lines
+    assert lines[4] == b"e OK NOOP completed" and len(lines) == 5, lines
+    protocol.mbox = None
+    protocol.connectionLost(None)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from array import array
 
+from conftest import held_by_another_thread
+
 from pymaild.store import index as indexmod
 from pymaild.store import maildir
 from pymaild.store.maildir import INDEX_NAME, MaildirStore
@@ -87,8 +89,6 @@ def test_kept_flag_index_is_given_only_current_and_without_waiting(tmp_path):
     never reading it (the caller then goes through a store thread), and None at once while a
     store thread holds the user's lock.
     """
-    import threading
-
     user, inbox = makeInbox(tmp_path)
     assert inbox.keptFlagIndex() is None  # not read yet: not read here
     index = inbox.flagIndex()
@@ -105,21 +105,8 @@ def test_kept_flag_index_is_given_only_current_and_without_waiting(tmp_path):
     assert inbox.keptFlagIndex() is None
     inbox.flagIndex()
 
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with user.lock:
-            held.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert held.wait(10)
-        assert inbox.keptFlagIndex() is None  # (a blocking acquire would hang here for 10 s)
-    finally:
-        release.set()
-        thread.join()
+    with held_by_another_thread(user.lock):
+        assert inbox.keptFlagIndex() is None  # (a blocking acquire would wait 10 s, then get it)
     assert inbox.keptFlagIndex() is not None
     user.close()
 
