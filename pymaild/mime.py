@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.store.test_summary -*-
 """
 Decoding header text: RFC 2047 encoded-words and MIME charsets, shared by the store's message
-summaries and IMAP SEARCH (stdlib only, so that both layers may use it).
+summaries and IMAP SEARCH (stdlib only, so that both layers may use it); and reading a message
+file whole for SEARCH TEXT (L{readWhole}).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import os
 import re
 
 ENCODED_WORD = re.compile(rb"=\?([^?\s]+)\?([BbQq])\?([^?\s]*)\?=")
@@ -92,3 +94,31 @@ def decodeHeader(raw: bytes, nul: bytes | None = None) -> str:
         pos = m.end()
     out.append(bytesText(raw[pos:]))
     return "".join(out)
+
+
+def readWhole(path: str, limit: int) -> bytes | None:
+    """The whole message file at C{path}, or None if it is larger than C{limit} (or cannot be
+    read: the caller's other way meets the same error).  For SEARCH TEXT and BODY, in the server
+    and in the summary workers."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            return None
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, size + 1 - total if total <= size else 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                return None
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

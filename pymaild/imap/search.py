@@ -32,8 +32,10 @@ C{code == "BADCHARSET"}).  The tree is evaluated in one of two ways, with the sa
   UIDs thus reads only the index's message rows.  TEXT and BODY first screen each file's raw
   bytes (L{excludedBy}): a plain message (L{_plainText}: no transfer or RFC 2047 encoding,
   ASCII in a charset that decodes ASCII to itself or 8-bit text whose characters fold apart
-  from ASCII) whose lower-cased bytes lack a piece of the needle is not decoded, and its
-  summary is not read; the others are decoded as in the per-message path.
+  from ASCII) whose lower-cased bytes lack a piece of the needle is not decoded; the others
+  are decoded as in the per-message path.  With a folder that can (C{textMatches}), reading,
+  screening and decoding run in the store's summary workers and the calling thread at once
+  (L{matchText}, over the part offsets parsed from the file), no summary read.
 - per message: C{predicate.matches(ctx)}, where C{ctx} is a L{SearchContext}: sequence number,
   UID, index metadata and lazy callables for the message summary, the raw header and the
   decoded text, so that a search on flags never opens a file and one on headers never decodes
@@ -51,15 +53,15 @@ import datetime
 import email.parser
 import email.policy
 import email.utils
+import functools
 import io
-import os
 import re
 import unicodedata
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from pymaild.mime import bytesText, decodeBytes, decodeHeader
+from pymaild.mime import bytesText, decodeBytes, decodeHeader, readWhole as _readWhole
 
 __all__ = ["SearchError", "SearchContext", "MessageText", "Predicate", "compile", "search", "searchFolder",
            "readHeaderBytes", "readMessageText", "excludedBy", "SUPPORTED_CHARSETS", "MAX_TEXT"]
@@ -470,33 +472,6 @@ def _plainText(data: bytes, low: bytes) -> str | None:
     return "8bit"
 
 
-def _readWhole(path: str, limit: int) -> bytes | None:
-    """The whole file at C{path}, or None if it is larger than C{limit} (or cannot be read:
-    the text path then meets the same error)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        if size > limit:
-            return None
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, size + 1 - total if total <= size else 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                return None
-        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def excludedBy(data: bytes, needles: Iterable[str], words: dict | None = None) -> set[str]:
     """
     The L{fold}ed needles that cannot occur in the TEXT/BODY text of the message whose
@@ -517,6 +492,30 @@ def excludedBy(data: bytes, needles: Iterable[str], words: dict | None = None) -
     if kind is None:
         return set()
     return {n for n, pieces in out.items() if kind == "ascii" or pieces is not None}
+
+
+def matchText(needles: tuple[str, ...], headerToo: tuple[bool, ...], limit: int, data: bytes,
+              parts: Callable[[], dict]) -> tuple[int, int]:
+    """
+    Which of the L{fold}ed C{needles} the TEXT/BODY text of a message holds, as L{Text}
+    finds them: a bit mask of those in its body text, and one of those in its header text but
+    not its body (looked for only where C{headerToo}: a TEXT key, not only BODY keys).  C{data}
+    is the whole file (at most C{limit} bytes); it is screened first (L{excludedBy}) and
+    decoded (L{readMessageText} over C{parts()}, the summary's part tree) only if a needle
+    may be there.  What the summary workers run, a chunk of a folder at a time
+    (C{Folder.textMatches}): a top-level function, so that a C{functools.partial} of it pickles.
+    """
+    excluded = excludedBy(data, needles)
+    rest = [k for k, needle in enumerate(needles) if needle not in excluded]
+    body = header = 0
+    if rest:
+        text = readMessageText(io.BytesIO(data), parts(), limit)
+        for k in rest:
+            if needles[k] in text.folded("body"):
+                body |= 1 << k
+            elif headerToo[k] and needles[k] in text.folded("header"):
+                header |= 1 << k
+    return body, header
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,11 +610,16 @@ class SearchContext:
         bulk path screens files first, L{_FolderCursor.excludes})."""
         return False
 
+    def found(self, needle: str) -> tuple[bool, bool] | None:
+        """Whether C{needle} is in the message's body text, and in its header text, if that is
+        known already (the bulk path's L{_FolderCursor.found}); None here."""
+        return None
 
-#: L{_FolderCursor.each} screens this many candidates at a time (the summaries a chunk lacks
-#: are made in one call, by the summary workers in pieces of a third: a first SEARCH TEXT of
-#: 10,000 messages, 3,748 summaries made, took 1.9-2.3 s in chunks of 256 and 1.4-1.6 s in
-#: chunks of 4,096, the warm one 0.7-0.8 s either way) ...
+
+#: L{_FolderCursor.each} searches the text of this many candidates at a time (L{find}: one call
+#: of the summary workers, in pieces of a third; or L{screen}, where the summaries a chunk
+#: lacks were made in one call: a first SEARCH TEXT of 10,000 messages, 3,748 summaries made,
+#: took 1.9-2.3 s in chunks of 256 and 1.4-1.6 s in chunks of 4,096) ...
 _SCREEN_CHUNK = 4096
 #: ... and keeps at most this many bytes of their files for decoding.
 _KEPT_BYTES = 8 << 20
@@ -645,7 +649,7 @@ class _FolderCursor:
 
     __slots__ = ("seq", "uid", "lastSeq", "lastUid", "view", "gone", "recent", "_folder", "_uids",
                  "_textLimit", "_metas", "_fields", "_summaries", "_paths", "_headerBytes", "_text",
-                 "_screened", "_kept")
+                 "_screened", "_kept", "_found", "_bits", "_match")
 
     def __init__(self, folder, view: list[int], uids: list[int], textLimit: int):
         self._folder, self.view, self._uids, self._textLimit = folder, view, uids, textLimit
@@ -657,6 +661,9 @@ class _FolderCursor:
         self._fields: dict[str, dict[int, str]] = {}
         self._screened: dict[str, dict[int, bool]] = {}  # needle -> {index: excluded}
         self._kept: dict[int, bytes] = {}  # index -> file bytes read by screen(), for text()
+        self._found: dict[int, tuple[int, int]] = {}  # index -> L{matchText}'s masks (L{find})
+        self._bits: dict[str, int] = {}  # needle -> its bit in those masks
+        self._match = None
         self.seq = self.uid = 0
         self._headerBytes = self._text = None
 
@@ -685,7 +692,7 @@ class _FolderCursor:
         view, matches = self.view, predicate.matches
         for start in range(0, len(candidates), step):
             chunk = candidates[start:start + step]
-            if needles:
+            if needles and not self.find(predicate, needles, chunk):
                 self.screen(needles, chunk)
             for i in chunk:
                 self.seq, self.uid = i + 1, view[i]
@@ -729,6 +736,40 @@ class _FolderCursor:
                     kept += len(data)
         if wanted:
             self._summaries.update(self._folder.summaries(wanted))
+
+    def find(self, predicate: Predicate, needles: set[str], candidates: list[int]) -> bool:
+        """
+        Look for every TEXT/BODY needle of C{predicate} in the candidates at once, in the
+        summary workers and this thread (C{folder.textMatches}, L{matchText}: each file read,
+        screened, and decoded if need be, on every core), noting what each holds for L{found}.
+        False (and nothing done) if the folder cannot, or for needles other than those of the
+        first call; a message the workers did not answer for (a file over the limit, or one
+        that could not be read) is left to L{text}.
+        """
+        textMatches = getattr(self._folder, "textMatches", None)
+        if textMatches is None or (self._bits and set(self._bits) != needles):
+            return False
+        if not self._bits:
+            order = tuple(sorted(needles))
+            self._bits = {needle: k for k, needle in enumerate(order)}
+            headerToo = _headerNeedles(predicate)
+            self._match = functools.partial(matchText, order, tuple(n in headerToo for n in order), self._textLimit)
+        paths, view = self.paths(), self.view
+        todo = {view[i]: i for i in candidates if i not in self._found}
+        found = textMatches({uid: paths[uid] for uid in todo if uid in paths}, self._textLimit, self._match)
+        for uid, masks in found.items():
+            if masks is not None:
+                self._found[todo[uid]] = masks
+        return True
+
+    def found(self, needle: str) -> tuple[bool, bool] | None:
+        """Whether the current message's body text, and its header text, hold C{needle}, as
+        L{find} found; None if it was not looked for that way."""
+        masks = self._found.get(self.seq - 1)
+        k = self._bits.get(needle)
+        if masks is None or k is None:
+            return None
+        return bool(masks[0] >> k & 1), bool(masks[1] >> k & 1)
 
     def excludes(self, needle: str) -> bool:
         """Whether the current message was L{screen}ed and cannot hold C{needle}."""
@@ -789,18 +830,24 @@ def _never(uid: int) -> bool:
 
 def _textNeedles(predicate: Predicate) -> set[str]:
     """The non-empty needles of the TEXT and BODY keys in C{predicate}'s tree."""
-    out: set[str] = set()
+    return {p.needle for p in _walk(predicate) if isinstance(p, Text) and p.needle}
+
+
+def _headerNeedles(predicate: Predicate) -> set[str]:
+    """The needles of the TEXT keys (not BODY: those look at the body alone) in C{predicate}'s
+    tree."""
+    return {p.needle for p in _walk(predicate) if isinstance(p, Text) and not p.bodyOnly and p.needle}
+
+
+def _walk(predicate: Predicate):
     stack = [predicate]
     while stack:
         p = stack.pop()
-        if isinstance(p, Text):
-            if p.needle:
-                out.add(p.needle)
-        elif isinstance(p, Not):
+        yield p
+        if isinstance(p, Not):
             stack.append(p.child)
         elif isinstance(p, (And, Or)):
             stack.extend(p.children)
-    return out
 
 
 def searchFolder(predicate: Predicate, folder, view: list[int], textLimit: int = MAX_TEXT,
@@ -1084,6 +1131,9 @@ class Text(Predicate):
     def matches(self, ctx):
         if not self.needle:
             return True
+        found = ctx.found(self.needle)
+        if found is not None:
+            return found[0] or (not self.bodyOnly and found[1])
         if ctx.excludes(self.needle):
             return False
         text = ctx.text()

@@ -1465,6 +1465,18 @@ class Folder:
                 [(self.id, uid, *map(computed[uid].headerFields.get, FIELDS)) for uid in present],
             )
 
+    def textMatches(self, paths: dict[int, str], limit: int, match) -> dict[int, object]:
+        """
+        SEARCH TEXT and BODY over many messages at once, in the summary workers and this thread
+        (L{pymaild.store.summaryworker.textAll}): C{{uid: match(data, parts)}} for the files at
+        C{paths} of at most C{limit} bytes, None for the others.  No lock: the files alone.
+        """
+        from pymaild.store.summaryworker import textAll
+
+        items = {uid: (path, limit, match) for uid, path in paths.items()}
+        summarizer = self.user.summarizer
+        return summarizer.texts(items) if summarizer is not None else dict(textAll(list(items.items())))
+
     def _headerFieldsOf(self, uids: list[int]) -> list[int]:
         """
         The SEARCH fields of messages whose summaries are not cached, read from their headers

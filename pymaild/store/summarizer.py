@@ -10,7 +10,8 @@ runs on every core while the IMAP server writes the previous batch to the client
 C{pymaild.imap.server}'s C{FETCH_BATCH}).
 
 The same goes for the ENVELOPEs of never-summarized mail that a FETCH of ENVELOPE alone reads
-from the messages' headers (L{Summarizer.envelopes}, about 40 us a message).
+from the messages' headers (L{Summarizer.envelopes}, about 40 us a message), and for SEARCH
+TEXT and BODY: reading, screening and decoding every message of a folder (L{Summarizer.texts}).
 
 The workers are plain child processes (L{pymaild.store.summaryworker}) that read
 pickled lists of C{(uid, path)} on stdin and write pickled summaries (or envelopes) on stdout,
@@ -147,6 +148,15 @@ class Summarizer:
         """
         return self._map("fields", paths)
 
+    def texts(self, items: dict[int, tuple]) -> dict[int, object]:
+        """
+        For SEARCH TEXT and BODY: C{match(data, parts)} of the messages of C{items} (uid ->
+        C{(path, limit, match)}: L{pymaild.store.summaryworker.textAll}); None for a file
+        larger than its limit or one that could not be read.  Blocking: call it from a store
+        thread.
+        """
+        return self._map("text", items, paths=False)
+
     def warmUp(self, messages: int) -> None:
         """
         A session opened a folder of C{messages}: if that is a batch for the workers, start
@@ -188,9 +198,11 @@ class Summarizer:
                 self._retryAt = time.monotonic() + START_RETRY  # (not again at every login)
             return None
 
-    def _map(self, kind: str, paths: dict[int, str]) -> dict:
+    def _map(self, kind: str, requests: dict, paths: bool = True) -> dict:
+        """C{_KINDS[kind]} over C{requests} (uid -> file path, or with C{paths} False uid ->
+        the kind's own item), split between the idle workers and this thread."""
         work = _KINDS[kind]
-        items = [(uid, str(path)) for uid, path in paths.items()]
+        items = [(uid, str(item) if paths else item) for uid, item in requests.items()]
         if self.processes < 1 or len(items) < MIN_BATCH:
             return dict(work(items))
         workers = self._take()

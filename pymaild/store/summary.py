@@ -1904,6 +1904,21 @@ def summarize(f: BinaryIO | bytes) -> MessageSummary:
         return _summary(parser.salvage())
 
 
+def partsOf(data: bytes) -> dict:
+    """
+    The part tree of L{summarize}C{(data)} (its C{parts}: kinds and byte offsets), without the
+    rest of the summary (envelope, body structure, decoded fields: more than half the work):
+    what SEARCH TEXT and BODY need to decode a message they could not screen out.
+    """
+    parser = _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data)
+    try:
+        return _tree(parser.run())
+    except (OSError, MemoryError):
+        raise
+    except Exception:  # as summarize: the message as one text part
+        return _tree(parser.salvage())
+
+
 # Messages smaller than this are parsed in one buffer (a file read in one piece: one read
 # instead of a buffered reader's several), larger ones in chunks of _CHUNK.  Below the longest
 # header value kept, the answers cannot depend on where chunks end: a header line of a

@@ -4,9 +4,11 @@ The worker side of L{pymaild.store.summarizer}: C{python -m pymaild.store.summar
 reads pickled requests C{(kind, [(uid, path), ...])} on stdin and writes the answers, pickled,
 on stdout, one request at a time, until stdin closes: the summaries (C{kind} "summary",
 L{summarizeAll}), the ENVELOPEs read from the headers alone, with the files' mtimes
-("envelope", L{envelopeAll}), or the header fields SEARCH reads, from the headers alone
-("fields", L{headerFieldsAll}).  It
-imports only the parser (no Twisted), so that a worker stays small.
+("envelope", L{envelopeAll}), the header fields SEARCH reads, from the headers alone
+("fields", L{headerFieldsAll}), or which SEARCH TEXT/BODY needles each message holds ("text",
+L{textAll}).  It imports only the parser (no Twisted; SEARCH's text matching, a function the
+request carries, brings L{pymaild.imap.search}, which has none either), so that a worker stays
+small.
 """
 
 from __future__ import annotations
@@ -73,7 +75,26 @@ def headerFieldsAll(paths: list[tuple[int, str]]) -> list[tuple[int, dict[str, s
     return _readEach(paths, headerFieldsPath)
 
 
-KINDS = {"summary": summarizeAll, "envelope": envelopeAll, "fields": headerFieldsAll}
+def textAll(items: list[tuple[int, tuple]]) -> list[tuple[int, object]]:
+    """
+    For SEARCH TEXT and BODY, items C{(uid, (path, limit, match))}: C{match(data, parts)} of
+    each message whose file is at most C{limit} bytes, C{data} its bytes and C{parts} a
+    function giving their part tree (L{pymaild.store.summary.partsOf}, parsed only if called);
+    None for a larger file or one that could not be read (the caller then reads it its own
+    way).  C{match} comes from the caller (SEARCH, a layer above: a picklable function), so
+    that this module knows nothing of what is searched.
+    """
+    from pymaild.mime import readWhole
+    from pymaild.store.summary import partsOf
+
+    out = []
+    for uid, (path, limit, match) in items:
+        data = readWhole(path, limit)
+        out.append((uid, None if data is None else match(data, lambda data=data: partsOf(data))))
+    return out
+
+
+KINDS = {"summary": summarizeAll, "envelope": envelopeAll, "fields": headerFieldsAll, "text": textAll}
 
 
 def serve(stdin, stdout) -> None:

@@ -76,6 +76,46 @@ def test_same_answers_as_one_by_one(folder):
         s for s in range(1, len(view) + 1) if s not in S.searchFolder(q("FROM e"), folder, view)]
 
 
+def test_text_and_body_in_the_summary_workers_answer_as_one_by_one(folder, monkeypatch):
+    """
+    TEXT and BODY over a folder go to the summary workers (each file read, screened and, if
+    need be, decoded there: C{Folder.textMatches}): the same answers as message by message,
+    with a text limit some files exceed (those are read here, as before), and with keys that
+    mix TEXT, BODY and other keys.  The workers did take their share.
+    """
+    from pymaild.store import summarizer as summarizermod
+
+    monkeypatch.setattr(summarizermod, "MIN_BATCH", 2)
+    monkeypatch.setattr(summarizermod, "MIN_PIECE", 1)
+    here = []
+    real = summarizermod._KINDS["text"]
+    monkeypatch.setitem(summarizermod._KINDS, "text", lambda piece: here.append(len(piece)) or real(piece))
+    folder.user.summarizer = summarizermod.Summarizer(2)
+    try:
+        view = folder.uids()
+        queries = [text for text in QUERIES if "TEXT" in text or "BODY" in text] + [
+            "OR TEXT lunch BODY example", "TEXT lunch TEXT example NOT BODY the", "BODY café FROM e"]
+        assert len(queries) >= 10
+        differ = {}
+        for limit in (S.MAX_TEXT, 900):
+            for text in queries:
+                bulk = S.searchFolder(q(text), folder, view, textLimit=limit)
+                metas = {m.uid: m for m in folder.messages()}
+                paths = folder.paths(view)
+                one = S.search(q(text), [
+                    S.SearchContext.fromFile(seq, metas[uid], paths[uid], lambda u=uid: folder.summary(u),
+                                             len(view), view[-1], textLimit=limit)
+                    for seq, uid in enumerate(view, 1)])
+                if bulk != one:
+                    differ[(text, limit)] = (bulk, one)
+        assert differ == {}
+        assert here and sum(here) < len(queries) * 2 * len(view) // 2  # (a third here, at most)
+        assert 0 < len(S.searchFolder(q("BODY the"), folder, view)) < len(view)
+    finally:
+        folder.user.summarizer.close()
+        folder.user.summarizer = None
+
+
 def test_flag_size_date_uid_keys_read_no_summary(folder):
     db = folder.user.db
     view = folder.uids()
@@ -92,8 +132,8 @@ def test_header_keys_decode_no_summary(folder):
     """
     Once the header fields are in the index, FROM/SUBJECT/... and SENT* read them alone: with
     every cached summary made unreadable they still answer and leave the broken summaries
-    alone, while TEXT (which needs the part offsets) reads them, finds them broken and
-    computes them again.
+    alone; TEXT parses the part offsets from the files it decodes, and answers as the
+    per-message path, which finds the summaries broken and computes them again.
     """
     view = folder.uids()
     keys = ["FROM alice", 'SUBJECT "grüße"', "TO Éloise", "CC jane", "BCC eve",

@@ -141,6 +141,39 @@ def test_workers_give_the_header_only_search_fields(files, summarizer, monkeypat
     assert calls == [50] and len(summarizer.pids()) == 2
 
 
+def test_workers_run_searchs_text_match_with_the_part_trees(files, summarizer, monkeypatch):
+    """
+    The "text" kind: SEARCH's match function (pickled by name) gets each file's bytes and its
+    part tree, and answers in the workers as it does here over the summary's own part tree;
+    a file over the limit, or gone, gives None.
+    """
+    import functools
+    import io
+
+    from pymaild.imap.search import matchText, readMessageText
+
+    calls = counted(monkeypatch, "text")
+    needles = ("hello 1", "sender 2", "message", "aaaa")
+    match = functools.partial(matchText, needles, (True, True, False, True), 10 << 20)
+    items = {uid: (str(path), 10 << 20, match) for uid, path in files.items()}
+    files[3].write_bytes(message(3) + b"y" * 5000)
+    items[3] = (str(files[3]), 4000, match)  # over this limit
+    os.unlink(files[4])
+    got = summarizer.texts(items)
+    assert calls == [50] and len(summarizer.pids()) == 2
+    assert got[3] is None and got[4] is None
+    for uid in set(files) - {3, 4}:
+        data = files[uid].read_bytes()
+        text = readMessageText(io.BytesIO(data), summarizePath(str(files[uid])).parts)
+        body = sum(1 << k for k, n in enumerate(needles) if n in text.folded("body"))
+        header = sum(1 << k for k, n in enumerate(needles)
+                     if k != 2 and not body & 1 << k and n in text.folded("header"))
+        assert got[uid] == (body, header), uid
+    # (uid n is message n - 1: "hello 1" in the bodies of 1 and 10-19, "Sender 2" in the From of
+    # 2 and 20-29; "message" only in headers, not looked for there; "AAAA" only in an attachment)
+    assert (got[2], got[12], got[21], got[50]) == ((1, 0), (1, 0), (0, 2), (0, 0))
+
+
 def test_warm_up_starts_the_workers_a_batch_then_uses(files, summarizer, monkeypatch):
     """
     warmUp (a session opened a large folder) starts the workers, idle; the next batch is cut
