@@ -606,6 +606,20 @@ class StoreMailbox:
             return defer.succeed(None)
         return self.run(lambda: render(self.folder.flagIndex()))
 
+    #: a FETCH of flags for a few messages reads a flag index that is stale (a delivery, another
+    #: process's change) only in a folder of at most this many messages (~15 ms at 10,000);
+    #: in a larger one it reads their rows, until a FETCH of 1,000 or more reads the index
+    FLAG_INDEX_READ_FOR_FEW = 10000
+
+    def flagIndexWorthReading(self) -> bool:
+        """
+        Whether a FETCH of flags for a few messages should read the folder's whole flag index
+        when it is not current (then the next ones are answered on the reactor): when none is
+        kept (read once), or when the folder is small; not a large folder's again after each
+        new message.
+        """
+        return not self.folder.keepsFlagIndex() or len(self.uids) <= self.FLAG_INDEX_READ_FOR_FEW
+
     def flagRunNow(self, uids, request, uid: bool, modseq: bool, changedSince: int | None = None) -> bytes | None:
         """
         L{fetchFlagRun}'s answer at once, on the reactor, when the folder's flag index is kept,

@@ -1279,7 +1279,9 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     #: message's flags) for consecutive messages is answered from the folder's flag index
     #: (arrays kept in memory, L{pymaild.store.maildir.Folder.flagIndex}): for fewer than
     #: FLAG_RUN_FROM messages on the reactor when the index is current and free (L{_flagsNow}),
-    #: else FLAG_RUN messages per store call (which reads the index first if it is not kept)
+    #: else FLAG_RUN messages per store call (which reads the index first if it is not kept or
+    #: is stale; for fewer than FLAG_RUN_FROM messages only where that is cheap:
+    #: L{StoreMailbox.flagIndexWorthReading})
     FLAG_RUN_FROM = 1000
     FLAG_RUN = 16384
     #: a FETCH of at most FETCH_NOW messages that needs no summaries and sets no \Seen (a
@@ -1361,7 +1363,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                 if gone:
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
             modseq = request.modseq or (self.condstore and request.wantsFlags)
-            if request.flagsOnly and not markSeen and wanted:
+            if request.flagsOnly and not markSeen and wanted and (len(wanted) >= self.FLAG_RUN_FROM or mbox.flagIndexWorthReading()):
                 done = yield self._writeFlagRuns(request, wanted, uid, modseq, producer)
                 if done == len(wanted) or producer.stopped or self._gone():
                     return

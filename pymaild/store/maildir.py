@@ -1213,6 +1213,10 @@ class Folder:
         finally:
             lock.release()
 
+    def keepsFlagIndex(self) -> bool:
+        """Whether a flag index is kept, current or not (a hint: read without the lock)."""
+        return self._flagIndex is not None
+
     def _dropFlagIndex(self) -> None:
         self._flagIndex = None
 

@@ -233,6 +233,31 @@ def test_a_small_flag_fetch_needs_no_store_thread(tmp_path):
     user.close()
 
 
+def test_a_large_folders_stale_flag_index_is_not_read_again_for_a_few_messages(tmp_path, monkeypatch):
+    """
+    In a folder over FLAG_INDEX_READ_FOR_FEW messages a FETCH of flags for a few messages
+    reads a flag index none is kept of (once), but not one that a delivery made stale (a
+    large folder's whole index again after each new message): it reads their rows then.
+    """
+    from pymaild.imap.mailbox import StoreMailbox
+    from pymaild.store.maildir import MaildirStore
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(12):
+        inbox.append(b"Subject: %d\n\nx\n" % i)
+    mbox = StoreMailbox(inbox, None, True, {}, inbox.uids())
+    assert mbox.flagIndexWorthReading()  # none kept
+    inbox.flagIndex()
+    inbox.append(b"Subject: new\n\nx\n")  # stale now
+    assert inbox.keptFlagIndex() is None and mbox.flagIndexWorthReading()  # 12 messages: cheap
+    monkeypatch.setattr(StoreMailbox, "FLAG_INDEX_READ_FOR_FEW", 10)
+    assert not mbox.flagIndexWorthReading()
+    inbox._dropFlagIndex()
+    assert mbox.flagIndexWorthReading()
+    user.close()
+
+
 def test_flag_runs_stop_where_the_index_and_the_view_part():
     """
     When a later run finds the index and the session's view apart (fetchFlagRun says None),
