@@ -21,7 +21,8 @@ watcher's own syncs list the directories whatever their stamps (another process'
 the same clock tick as this one's moves no mtime).  A STORE on many messages lifts the
 watch around its renames (C{Folder.quiet}, set while a folder is watched): events for a
 directory being watched cost each rename about as much again, and one sync after the watch is
-back catches what other processes did meanwhile.
+back (L{QUIET_RESYNC_DELAY} later, so that the client's next commands go first) catches what
+other processes did meanwhile.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class _Notifier(inotify.INotify):
         # other folder would be deaf from then on, and the next watch() would fail
         if not self._reading:
             super().loseConnection()
+
+
+#: seconds after a bulk STORE put the watch back before the sync that catches what other
+#: processes did meanwhile (it lists the directories: 0.1-0.3 s of a store thread, holding the
+#: user's lock, at 100,000 messages): the client's next commands, which usually follow at
+#: once (a STORE -FLAGS after +FLAGS, the next UID set of a long one), go first
+QUIET_RESYNC_DELAY = 1.0
 
 
 class FolderWatcher:
@@ -172,7 +180,7 @@ class FolderWatcher:
                     folder.quiet = None
                     return
                 folder.watchChanged(True)
-                self._changed(folder)
+                self._changed(folder, max(self.delay, QUIET_RESYNC_DELAY))
 
     def unwatch(self, folder) -> None:
         key = id(folder)
@@ -201,14 +209,16 @@ class FolderWatcher:
             folder.watchChanged(key not in self._quieted)
             self._changed(folder)
 
-    def _changed(self, folder) -> None:
+    def _changed(self, folder, delay: float | None = None) -> None:
         key = id(folder)
         if key in self._pending or key not in self._watched:
             return
-        self._pending[key] = self.reactor.callLater(self.delay, self._sync, folder)
+        self._pending[key] = self.reactor.callLater(self.delay if delay is None else delay, self._sync, folder)
 
     def _sync(self, folder) -> None:
         self._pending.pop(id(folder), None)
+        if id(folder) in self._quieted:
+            return  # another bulk STORE has lifted the watch again: its end schedules the sync
         d = self.threads.run(folder.sync, False, force=True)  # (listed even if the stamps agree)
         d.addErrback(lambda f: log.failure("syncing {folder} after a change on disk", f, folder=folder.name))
 

@@ -117,6 +117,41 @@ class QuietTests(_WatcherCase):
         self.watcher.unwatch(folder)
         self.assertIsNone(folder.quiet)
 
+    @defer.inlineCallbacks
+    def test_what_happened_while_lifted_is_found_a_moment_after(self):
+        """
+        Another process's delivery while the watch was lifted is found by the sync that
+        follows its return, QUIET_RESYNC_DELAY later (the client's next command first).
+        """
+        from pymaild.store import watch
+
+        heard = defer.Deferred()
+        self.inbox.addListener(
+            lambda f, c: reactor.callFromThread(heard.callback, c.added) if c.added and not heard.called else None)
+        self.watcher.watch(self.inbox)
+        self.watcher._suspend(self.inbox)
+        yield deferToProcess("import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+                             "deliver(Path(sys.argv[1]), b'x\\n')", str(self.inbox.path))
+        self.assertFalse(heard.called)
+        start = reactor.seconds()
+        self.watcher._resume(self.inbox)
+        pending = self.watcher._pending[id(self.inbox)]
+        self.assertGreaterEqual(pending.getTime() - start, watch.QUIET_RESYNC_DELAY - 0.01)
+        added = yield withTimeout(heard, 10)
+        self.assertEqual(added, [1])
+        self.assertGreaterEqual(reactor.seconds() - start, watch.QUIET_RESYNC_DELAY - 0.01)
+        # a sync that falls due while another bulk STORE has lifted the watch waits for its end
+        heard = defer.Deferred()
+        self.watcher._changed(self.inbox, 0.01)
+        self.watcher._suspend(self.inbox)
+        yield deferToProcess("import sys; from pathlib import Path; from pymaild.store.delivery import deliver;"
+                             "deliver(Path(sys.argv[1]), b'y\\n')", str(self.inbox.path))
+        self.assertNotIn(id(self.inbox), self.watcher._pending)  # (fell due, did nothing)
+        self.assertFalse(heard.called)
+        self.watcher._resume(self.inbox)
+        self.assertEqual((yield withTimeout(heard, 10)), [2])
+        self.watcher.unwatch(self.inbox)
+
     def test_folder_gone_while_lifted(self):
         import shutil
 
