@@ -703,6 +703,7 @@ class _FolderCursor:
                 except _Gone:
                     self.gone.add(i)
             self._kept.clear()
+            self._found.clear()  # (memory bounded by a chunk, not by the folder)
         return out
 
     def screen(self, needles: set[str], candidates: list[int]) -> None:
