@@ -743,18 +743,20 @@ class _FolderCursor:
         Look for every TEXT/BODY needle of C{predicate} in the candidates at once, in the
         summary workers and this thread (C{folder.textMatches}, L{matchText}: each file read,
         screened, and decoded if need be, on every core), noting what each holds for L{found}.
-        False (and nothing done) if the folder cannot, or for needles other than those of the
-        first call; a message the workers did not answer for (a file over the limit, or one
-        that could not be read) is left to L{text}.
+        False (and nothing done) if the folder cannot; a message the workers did not answer
+        for (a file over the limit, or one that could not be read) is left to L{text}.  The
+        answers are kept for the chunk being evaluated (L{each} drops them after it).
         """
         textMatches = getattr(self._folder, "textMatches", None)
-        if textMatches is None or (self._bits and set(self._bits) != needles):
+        if textMatches is None:
             return False
-        if not self._bits:
-            order = tuple(sorted(needles))
+        order = tuple(sorted(needles))
+        headerToo = _headerNeedles(predicate)
+        wanted = tuple(n in headerToo for n in order)
+        if self._match is None or self._match.args[:2] != (order, wanted):
             self._bits = {needle: k for k, needle in enumerate(order)}
-            headerToo = _headerNeedles(predicate)
-            self._match = functools.partial(matchText, order, tuple(n in headerToo for n in order), self._textLimit)
+            self._match = functools.partial(matchText, order, wanted, self._textLimit)
+            self._found.clear()
         paths, view = self.paths(), self.view
         todo = {view[i]: i for i in candidates if i not in self._found}
         found = textMatches({uid: paths[uid] for uid in todo if uid in paths}, self._textLimit, self._match)

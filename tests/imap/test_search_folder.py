@@ -94,7 +94,10 @@ def test_text_and_body_in_the_summary_workers_answer_as_one_by_one(folder, monke
     try:
         view = folder.uids()
         queries = [text for text in QUERIES if "TEXT" in text or "BODY" in text] + [
-            "OR TEXT lunch BODY example", "TEXT lunch TEXT example NOT BODY the", "BODY café FROM e"]
+            "OR TEXT lunch BODY example", "TEXT lunch TEXT example NOT BODY the", "BODY café FROM e",
+            # the same needle as BODY in one branch and TEXT in the other: each branch is
+            # searched on its own, and TEXT must still look at the headers
+            "OR (BODY alice FLAGGED) (TEXT alice NOT FLAGGED)", "OR (TEXT eve FLAGGED) (BODY eve NOT FLAGGED)"]
         assert len(queries) >= 10
         differ = {}
         for limit in (S.MAX_TEXT, 900):
@@ -114,6 +117,22 @@ def test_text_and_body_in_the_summary_workers_answer_as_one_by_one(folder, monke
     finally:
         folder.user.summarizer.close()
         folder.user.summarizer = None
+
+
+def test_one_cursor_searches_one_needle_as_body_then_as_text(folder):
+    """
+    Two text evaluations on one cursor (L{_FolderCursor.each}) with the same needle, as BODY
+    and then as TEXT: the second looks at the headers too (the workers' answers are made for
+    the keys at hand, not kept from the first).
+    """
+    view = folder.uids()
+    everyone = list(range(len(view)))
+    cursor = S._FolderCursor(folder, view, list(view), S.MAX_TEXT)
+    body = [i + 1 for i in cursor.each(q("BODY alice"), everyone)]
+    text = [i + 1 for i in cursor.each(q("TEXT alice"), everyone)]
+    assert body == oneByOne(q("BODY alice"), folder, view)
+    assert text == oneByOne(q("TEXT alice"), folder, view)
+    assert set(body) < set(text)  # (a message with "alice" in its headers alone)
 
 
 def test_flag_size_date_uid_keys_read_no_summary(folder):
