@@ -1367,8 +1367,6 @@ class Folder:
         missing (a header over a megabyte, a file gone or renamed meanwhile): their whole
         summary is computed.
         """
-        from pymaild.store.summaryworker import envelopeAll
-
         with self.user.lock:
             rows = self._select("SELECT uid, envelope FROM envelopes WHERE folder=?", (self.id,), uids)
         for uid, envelope in rows:
@@ -1377,8 +1375,7 @@ class Folder:
         if not missing:
             return []
         paths = self.paths(missing)
-        summarizer = self.user.summarizer
-        found = summarizer.envelopes(paths) if summarizer is not None else dict(envelopeAll(list(paths.items())))
+        found = self._workers().envelopes(paths)
         computed = {uid: got[0] for uid, got in found.items() if got is not None and got[0] is not None}
         if found:
             # the files' mtimes came with them: the internal dates the index lacks are kept
@@ -1469,17 +1466,24 @@ class Folder:
                 [(self.id, uid, *map(computed[uid].headerFields.get, FIELDS)) for uid in present],
             )
 
+    def _workers(self):
+        """The user's summary workers (L{pymaild.store.summarizer.Summarizer}), or, for a store
+        without them, one with none: all in this thread."""
+        summarizer = self.user.summarizer
+        if summarizer is None:
+            from pymaild.store.summarizer import Summarizer
+
+            summarizer = Summarizer(0)
+        return summarizer
+
     def textMatches(self, paths: dict[int, str], limit: int, match) -> dict[int, object]:
         """
         SEARCH TEXT and BODY over many messages at once, in the summary workers and this thread
         (L{pymaild.store.summaryworker.textAll}): C{{uid: match(data, parts)}} for the files at
         C{paths} of at most C{limit} bytes, None for the others.  No lock: the files alone.
         """
-        from pymaild.store.summaryworker import textAll
-
         items = {uid: (path, limit, match) for uid, path in paths.items()}
-        summarizer = self.user.summarizer
-        return summarizer.texts(items) if summarizer is not None else dict(textAll(list(items.items())))
+        return self._workers().texts(items)
 
     def _headerFieldsOf(self, uids: list[int]) -> list[int]:
         """
@@ -1490,14 +1494,11 @@ class Folder:
         megabyte or one that failed to parse, a summary already cached: the caller takes the
         summaries' way).
         """
-        from pymaild.store.summaryworker import headerFieldsAll
-
         with self.user.lock:
             cached = {r[0] for r in self._select("SELECT uid FROM summaries WHERE folder=?", (self.id,), uids)}
         todo = [u for u in uids if u not in cached]
         paths = self.paths(todo)
-        summarizer = self.user.summarizer
-        found = summarizer.headerFields(paths) if summarizer is not None else dict(headerFieldsAll(list(paths.items())))
+        found = self._workers().headerFields(paths)
         computed = {uid: fields for uid, fields in found.items() if fields is not None}
         if computed:
             with self.user.lock, self.user.cacheTransaction():

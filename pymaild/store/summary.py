@@ -1891,17 +1891,7 @@ def summarize(f: BinaryIO | bytes) -> MessageSummary:
     order, and compute its L{MessageSummary}; or the message C{f} when it is bytes.  Never
     raises on malformed messages (only the file's own errors, OSError, go through).
     """
-    if isinstance(f, bytes) and len(f) >= _WHOLE_FILE:
-        f = io.BytesIO(f)
-    parser = _Parser(f)
-    try:
-        return _summary(parser.run())
-    except (OSError, MemoryError):
-        raise
-    except Exception:
-        # A message this module cannot handle is a bug to fix, but it must not stop an index
-        # (re)build: count the rest of the file and describe the message as one text part.
-        return _summary(parser.salvage())
+    return _parsed(f, _summary)
 
 
 def partsOf(data: bytes) -> dict:
@@ -1910,13 +1900,28 @@ def partsOf(data: bytes) -> dict:
     rest of the summary (envelope, body structure, decoded fields: more than half the work):
     what SEARCH TEXT and BODY need to decode a message they could not screen out.
     """
-    parser = _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data)
+    return _parsed(data, _tree)
+
+
+def _parsed(f: BinaryIO | bytes, finish):
+    """
+    C{finish} of the root part of the message C{f} (a file, or bytes) once parsed.  A message
+    this module cannot handle is a bug to fix, but it must not stop an index (re)build: then
+    the rest of the file is counted and the message described as one text part.
+    """
+    parser = _parserOf(f)
     try:
-        return _tree(parser.run())
+        return finish(parser.run())
     except (OSError, MemoryError):
         raise
-    except Exception:  # as summarize: the message as one text part
-        return _tree(parser.salvage())
+    except Exception:
+        return finish(parser.salvage())
+
+
+def _parserOf(f: BinaryIO | bytes) -> _Parser:
+    """A parser of the message C{f}: bytes up to L{_WHOLE_FILE} in one buffer, larger ones and
+    files in chunks (the same answers either way)."""
+    return _Parser(io.BytesIO(f) if isinstance(f, bytes) and len(f) >= _WHOLE_FILE else f)
 
 
 # Messages smaller than this are parsed in one buffer (a file read in one piece: one read
@@ -1956,7 +1961,7 @@ def envelopeOf(data: bytes) -> bytes:
     FETCH of ENVELOPE alone needs of mail never summarized (Dovecot's answer too reads only
     the header).
     """
-    parser = _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data)  # (as summarize)
+    parser = _parserOf(data)
     root = _Part(None, 0)
     try:
         parser.header(root, content=False)
@@ -2008,7 +2013,7 @@ def headerFieldsPath(path: str) -> dict[str, str] | None:
     root = _Part(None, 0)
     fields = {}
     try:
-        _Parser(io.BytesIO(data) if len(data) >= _WHOLE_FILE else data).header(root, content=False)
+        _parserOf(data).header(root, content=False)
         for name, value in root.headers:
             key = _SEARCH_HEADER_NAMES.get(name)
             if key is not None:
