@@ -31,11 +31,16 @@ def dovecotName(rng: random.Random, secs: int, n: int, letters: str = "SFRTDabc"
 
 
 def makeFolder(root, names: list[str], keywords: str | None = "$Work\n$Later\nJunk\n"):
-    """A maildir whose cur/ holds C{names} (empty files: the sizes come from the names)."""
+    """
+    A maildir whose cur/ holds C{names} (empty files: the sizes come from the names), each
+    with one fixed mtime (the internal date of a name without one: two folders made a second
+    apart would differ).
+    """
     for sub in ("cur", "new", "tmp"):
         os.makedirs(root / sub, exist_ok=True)
     for name in names:
         (root / "cur" / name).touch()
+        os.utime(root / "cur" / name, (1_600_000_000, 1_600_000_000))
     if keywords is not None:
         (root / "dovecot-keywords").write_text("".join(f"{i} {k}\n" for i, k in enumerate(keywords.split())))
     hour = os.stat(root).st_mtime - 3600
