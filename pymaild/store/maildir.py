@@ -503,6 +503,7 @@ class UserStore:
         _makeMaildir(self.root, folderMarker=False)
         self.lock = threading.RLock()
         self._depth = 0
+        self._undo = []  # (see onRollback)
         self.db = connect(self.root / INDEX_NAME)
         self._wal = self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
         self._autocheckpoint = self.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
@@ -532,12 +533,31 @@ class UserStore:
             self._depth = 1
             try:
                 yield
-            except BaseException:
                 self._depth = 0
-                self.db.execute("ROLLBACK")
+                self.db.execute("COMMIT")
+            except BaseException:
+                # the body failed, or the COMMIT (a full disk): nothing of it stays, in the
+                # index or in the caches it updated (their keys would come again with the next
+                # change, which takes the same UIDNEXT and MODSEQ)
+                self._depth = 0
+                try:
+                    if self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                except sqlite3.Error as e:  # (sqlite rolled back already, or cannot: the first error counts)
+                    log.warn("rollback failed: {error}", error=str(e))
+                for undo in self._undo:
+                    undo()
                 raise
-            self._depth = 0
-            self.db.execute("COMMIT")
+            finally:
+                self._undo.clear()
+
+    def onRollback(self, undo) -> None:
+        """
+        Within a transaction: call C{undo} (a cache's drop) if it does not commit.  Caller
+        holds the lock.
+        """
+        if self._depth:
+            self._undo.append(undo)
 
     @contextmanager
     def cacheTransaction(self):
@@ -1272,6 +1292,7 @@ class Folder:
         updated = FlagIndex(uids, codes, modseqs, pairs)
         size = 16 * len(uids) + 200 * len(pairs)
         self._flagIndex = (self._indexKey(), updated, size)
+        self.user.onRollback(self._dropFlagIndex)
         _flagCaches.touch(self, size)
 
     def _row(self, uid: int):
@@ -1817,6 +1838,7 @@ class Folder:
                 if fresh:
                     names.update((r[2].partition(":")[0], (r[2], bool(r[3]))) for r in rows)
                 self._names, self._namesKey, self._nameSets = names, self._indexKey(), None
+                self.user.onRollback(self._dropNames)
         return changes
 
     def _leaveOut(self, undecodable: list[tuple[str, str]], moveNew: bool) -> None:
@@ -1992,6 +2014,10 @@ class Folder:
             else:
                 self._names[base] = entry
         self._namesKey = self._indexKey()
+        self.user.onRollback(self._dropNames)
+
+    def _dropNames(self) -> None:
+        self._names = self._namesKey = self._nameSets = None
 
     def _nextModseq(self) -> int:
         db = self.user.db

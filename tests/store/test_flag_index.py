@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from array import array
 
+import pytest
+
 from conftest import held_by_another_thread
 
 from pymaild.store import index as indexmod
@@ -209,3 +211,37 @@ def test_a_flag_index_read_while_another_process_writes(tmp_path, monkeypatch):
     other.close()
     assert len(inbox.flagIndex().uids) == 0
     user.close()
+
+
+def test_a_store_that_does_not_commit_leaves_no_cache_behind(tmp_path):
+    """
+    A STORE whose COMMIT fails (denied here by an sqlite authorizer; a full disk in life) is
+    rolled back, and the flag index and name cache it had updated are dropped: the next change
+    (here another process's) takes the same MODSEQ, so a kept copy would have looked current
+    while saying what the index never held.  Then the messages read from their files as the
+    next sync finds them.
+    """
+    user, inbox = makeInbox(tmp_path)
+    inbox.addListener(lambda folder, changes: None)  # (names are kept for folders in use)
+    inbox.sync(force=True)
+    inbox.flagIndex()
+    assert inbox.keepsFlagIndex() and inbox._names is not None
+
+    def noCommit(action, arg1, *rest):
+        return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" else sqlite3.SQLITE_OK
+
+    before = rows(inbox)
+    user.db.set_authorizer(noCommit)
+    try:
+        with pytest.raises(sqlite3.DatabaseError):
+            inbox.store(range(1, 6), ["\\Flagged"], "add")
+    finally:
+        user.db.set_authorizer(None)
+    assert not user.db.in_transaction and rows(inbox) == before
+    assert not inbox.keepsFlagIndex() and inbox._names is None
+    # another process's change takes the MODSEQ the failed one had taken: the same index key
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    other.store([20], ["\\Answered"], "add")
+    assert decoded(inbox.flagIndex()) == rows(inbox) == rows(other)
+    assert inbox.open(3).read() == b"Subject: 2\n\nbody\n"  # (renamed on disk: found by a sync)
+    assert decoded(inbox.flagIndex()) == rows(inbox) and "\\Flagged" in rows(inbox)[3][0]
