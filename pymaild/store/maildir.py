@@ -39,6 +39,7 @@ import time
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import compress, islice, repeat
@@ -129,6 +130,19 @@ class Changes:
 #: STORE on this many messages or more commits without sqlite's automatic checkpoint
 #: (L{UserStore.deferCheckpoint}).
 _BULK_CHECKPOINT = 1000
+
+#: Threads that fsync a directory while the calling thread goes on (a bulk STORE's renames are
+#: synced while its index rows are written); at most two at once.
+_dirSyncs = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pymaild-dirsync")
+
+
+def _fsyncClosing(fd: int) -> None:
+    """fsync an open directory (a descriptor of the caller's own, duplicated), then close it."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 #: STORE on this many messages or more lifts the folder's inotify watch around its renames.
 _QUIET_FROM = 64
@@ -313,14 +327,16 @@ def _mayChange(mode: str, system: frozenset[str], keywords: frozenset[str]) -> t
     """
     if mode == "set":
         return " AND (flags != ? OR keywords != ?)", (" ".join(sorted(system)), " ".join(sorted(keywords)))
-    tests = [(column, " " + name + " ") for column, names in (("flags", system), ("keywords", keywords))
-             for name in sorted(names)]
+    # A system flag's name is in no other's (FLAG_LETTERS: no padding needed, which cost a
+    # third of the condition's time on 10,000 rows); a keyword may be in another's ("a" in "ab").
+    tests = [("flags", name) for name in sorted(system)] + [("' ' || keywords || ' '", " " + name + " ")
+                                                             for name in sorted(keywords)]
     if not tests:
         return " AND 0", ()
     if len(tests) > _MAY_CHANGE_TERMS:
         return "", ()  # (sqlite refuses an expression over 1,000 deep: every row, sorted out later)
     op = "= 0" if mode == "add" else "> 0"
-    return " AND (" + " OR ".join(f"instr(' ' || {column} || ' ', ?) {op}" for column, _ in tests) + ")", \
+    return " AND (" + " OR ".join(f"instr({column}, ?) {op}" for column, _ in tests) + ")", \
         tuple(value for _, value in tests)
 
 
@@ -1275,20 +1291,27 @@ class Folder:
         if len(plans) > len(index.uids) // 4 + 16:
             self._flagIndex = None
             return
-        changes = [(uid, outcome[1], outcome[2]) for uid, _, outcome, _ in plans]
         codes, modseqs, pairs = array("I", index.codes), array("Q", index.modseqs), list(index.pairs)
         known = {pair: code for code, pair in enumerate(pairs)}
         uids = index.uids
-        for uid, flags, keywords in changes:
-            i = bisect_left(uids, uid)
-            if i == len(uids) or uids[i] != uid:
+        count = len(uids)
+        coded = {}  # outcome (one tuple per distinct change, see _renameForStore) -> code
+        i = 0
+        for uid, _, outcome, _ in plans:  # (in UID order: each search starts where the last ended)
+            i = bisect_left(uids, uid, i)
+            if i == count or uids[i] != uid:
                 self._flagIndex = None  # (cannot be: the index had it)
                 return
-            code = known.get((flags, keywords))
+            code = coded.get(id(outcome))
             if code is None:
-                code = known[(flags, keywords)] = len(pairs)
-                pairs.append((flags, keywords))
-            codes[i], modseqs[i] = code, modseq
+                pair = (outcome[1], outcome[2])
+                code = known.get(pair)
+                if code is None:
+                    code = known[pair] = len(pairs)
+                    pairs.append(pair)
+                coded[id(outcome)] = code
+            codes[i] = code
+            modseqs[i] = modseq
         updated = FlagIndex(uids, codes, modseqs, pairs)
         size = 16 * len(uids) + 200 * len(pairs)
         self._flagIndex = (self._indexKey(), updated, size)
@@ -2146,7 +2169,12 @@ class Folder:
                 missed = self._renameForStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed,
                                               curFd, newFd, announced)
             if plans:
-                fsyncDirectory(self.path / "cur")
+                # a bulk change's directory fsync runs while the index rows are written; it has
+                # finished before the transaction commits (the index never says what the disk
+                # may not keep) and before any cache takes the change
+                synced = _dirSyncs.submit(_fsyncClosing, os.dup(curFd)) if len(plans) >= _QUIET_FROM else None
+                if synced is None:
+                    os.fsync(curFd)
                 with self.user.deferCheckpoint(bulk=len(plans) >= _BULK_CHECKPOINT), self.user.transaction():
                     if announced:
                         # the directories agreed with the index before the renames (their stamps
@@ -2162,6 +2190,8 @@ class Folder:
                         [(n, o[1], o[2], modseq, self.id, uid) for uid, n, o, _ in plans],
                     )
                     self._countUnseen(sum(p[2][4] for p in plans))
+                    if synced is not None:
+                        synced.result()
                     # (the name cache's updates only when it is kept: 100,000 entries cost ~80 ms)
                     self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
                     self._flagIndexUpdated(flagIndex, plans, modseq)

@@ -6,11 +6,13 @@ per number), and C{mailbox.inSet} against the plain definition.
 from __future__ import annotations
 
 import random
+from array import array
+from types import SimpleNamespace
 
 import pytest
 from twisted.mail import imap4
 
-from pymaild.imap.mailbox import inSet
+from pymaild.imap.mailbox import StoreMailbox, inSet
 from pymaild.imap.server import PymaildIMAP4Server, parseSequenceSet
 
 
@@ -79,3 +81,26 @@ def test_in_set_matches_the_definition():
         messages = parseSequenceSet(token)
         spans = [(min(a or 1 << 32, b or 1 << 32), max(a or 1 << 32, b or 1 << 32)) for a, b in messages.ranges]
         assert inSet(messages, uids) == [u for u in uids if any(a <= u <= b for a, b in spans)], token
+
+
+def test_resolve_matches_the_definition():
+    """
+    C{StoreMailbox.resolve} (slices of the session's view, joined without a sort) against the
+    definition: for UIDs, the view's UIDs in the set with C{*} the greatest; for sequence
+    numbers, the view's n-th UID for each n in the set from 1 to its length, C{*} the length;
+    both ascending and without repeats.
+    """
+    rng = random.Random(11)
+    for _ in range(1500):
+        token = randomSet(rng, rng.randint(1, 12))
+        view = array("I", sorted(rng.sample(range(1, 90), rng.randint(1, 50))))
+        box = SimpleNamespace(uids=view)
+
+        def named(last):
+            ranges = [(last if a is None else a, last if b is None else b) for a, b in parseSequenceSet(token).ranges]
+            return lambda n: any(min(a, b) <= n <= max(a, b) for a, b in ranges)
+
+        inUids, inSeqs = named(view[-1]), named(len(view))
+        assert StoreMailbox.resolve(box, parseSequenceSet(token), True) == [u for u in view if inUids(u)], token
+        assert StoreMailbox.resolve(box, parseSequenceSet(token), False) == \
+            [view[n - 1] for n in range(1, len(view) + 1) if inSeqs(n)], token

@@ -8,7 +8,10 @@ index file (table flagindex) for the next process, under the key and UIDVALIDITY
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+import threading
 from array import array
 
 import pytest
@@ -245,3 +248,42 @@ def test_a_store_that_does_not_commit_leaves_no_cache_behind(tmp_path):
     assert decoded(inbox.flagIndex()) == rows(inbox) == rows(other)
     assert inbox.open(3).read() == b"Subject: 2\n\nbody\n"  # (renamed on disk: found by a sync)
     assert decoded(inbox.flagIndex()) == rows(inbox) and "\\Flagged" in rows(inbox)[3][0]
+
+
+def test_a_bulk_store_commits_after_its_directory_fsync(tmp_path, monkeypatch):
+    """
+    A bulk STORE syncs cur/ in another thread while its index rows are written: the fsync has
+    finished before the COMMIT, and one that fails (EIO) fails the STORE with nothing of it in
+    the index or the caches.
+    """
+    user, inbox = makeInbox(tmp_path, 120)
+    inbox.flagIndex()
+    events, committing = [], threading.Event()
+
+    def traced(sql):
+        if sql.startswith("COMMIT"):
+            events.append("COMMIT")
+            committing.set()
+
+    user.db.set_trace_callback(traced)
+    real = maildir._fsyncClosing
+
+    def slowSync(fd):
+        committing.wait(0.3)  # (a COMMIT that did not wait for this fsync comes first)
+        real(fd)
+        events.append("fsync")
+
+    monkeypatch.setattr(maildir, "_fsyncClosing", slowSync)
+    changed, _ = inbox.store(range(1, 121), ["\\Flagged"], "add")
+    assert len(changed) == 120 and events == ["fsync", "COMMIT"]
+
+    def failing(fd):
+        os.close(fd)
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(maildir, "_fsyncClosing", failing)
+    before = rows(inbox)
+    with pytest.raises(OSError):
+        inbox.store(range(1, 121), ["\\Flagged"], "remove")
+    assert rows(inbox) == before and not user.db.in_transaction
+    assert decoded(inbox.flagIndex()) == before

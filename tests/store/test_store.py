@@ -6,13 +6,14 @@ operation the protocols need, UIDs and MODSEQs, hostile names, quota, index rebu
 from __future__ import annotations
 
 import os
+import random
 import threading
 from pathlib import Path
 
 import pytest
 
 from pymaild.store import names
-from pymaild.store.delivery import FileName, deliver
+from pymaild.store.delivery import FLAG_LETTERS, LETTER_FLAGS, FileName, deliver
 from pymaild.store.dovecot import writeUidlist
 from pymaild.store.maildir import INDEX_NAME, MaildirStore, StoreError, UserStore
 from pymaild.store.quota import QuotaExceeded
@@ -151,6 +152,39 @@ def test_store_flags_and_modseq(user):
     changed, _ = inbox.store([3], [], "set")
     assert changed == {}  # nothing to change, no new MODSEQ
     assert inbox.messages([1])[0].flags == {"\\Seen", "\\Flagged"}
+
+
+def test_store_changes_exactly_what_the_definition_says(user):
+    """
+    400 random STOREs (set, add, remove; system flags, and keywords that are parts of other
+    keywords: "a", "ab", "b") against a plain model of each message's flags: the messages
+    reported changed are those whose flags changed, and the index and the file names end as the
+    model does.  (The SQL condition that picks the rows a change may alter must never leave
+    one out; no system flag's name is in another's, which lets it look for them unpadded.)
+    """
+    assert not [a for a in FLAG_LETTERS for b in FLAG_LETTERS if a != b and a in b]
+    rng = random.Random(5)
+    inbox = user.folder("INBOX")
+    names_ = ["\\Seen", "\\Flagged", "\\Deleted", "\\Answered", "\\Draft", "a", "ab", "b", "ba"]
+    model = {}
+    for i in range(30):
+        start = set(rng.sample(names_, rng.randint(0, 4)))
+        model[inbox.append(msg(i), sorted(start))] = start
+    for _ in range(400):
+        uids = rng.sample(sorted(model), rng.randint(1, 30))
+        flags = set(rng.sample(names_, rng.randint(0, 3)))
+        mode = rng.choice(["set", "add", "remove"])
+        changed, failed = inbox.store(uids, sorted(flags), mode)
+        expected = {}
+        for uid in uids:
+            new = flags if mode == "set" else model[uid] | flags if mode == "add" else model[uid] - flags
+            if new != model[uid]:
+                expected[uid] = model[uid] = set(new)
+        assert failed == [] and {u: set(f) for u, (f, _) in changed.items()} == expected, (mode, flags)
+    assert {m.uid: m.flags | m.keywords for m in inbox.messages()} == model
+    system = {u: {f for f in flags if f.startswith("\\")} for u, flags in model.items()}
+    assert {m.uid: {LETTER_FLAGS[c] for c in FileName.parse(inbox.filePath(m.uid).name).systemLetters}
+            for m in inbox.messages()} == system
 
 
 def test_copy_hard_links_and_move_renames(user):
