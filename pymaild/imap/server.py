@@ -1315,6 +1315,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if (not request.flagsOnly and not request.needsSummaries and not markSeen and not request.vanished
                 and 0 < len(wanted) <= self.FETCH_NOW):
             first = mbox.fetchNow(wanted, request.changedSince, request.wantsDates)
+            if first is not None and self._answerNow(tag, request, first, uid):
+                return
         d = self._runFetch(request, messages, wanted, uid, markSeen, first)
         d.addCallbacks(lambda _: self.sendPositiveResponse(tag, b"FETCH completed"), self._fetchFailed,
                        errbackArgs=(tag,))
@@ -1334,6 +1336,34 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if data is None:
             return False
         self.transport.write(data)
+        self.sendPositiveResponse(tag, b"FETCH completed")
+        return True
+
+    def _answerNow(self, tag, request, batch, uid) -> bool:
+        """
+        Write the answer to a small FETCH whose index rows were read on the reactor
+        (L{StoreMailbox.fetchNow}) at once, when every section is small enough to be read whole
+        (none over L{fetch.STREAM_ABOVE}): without L{_runFetch}'s generators, flow control and
+        idle-timer juggling, which a few messages' answer written in one go does not need.
+        False, having sent nothing, otherwise (a section to stream, a file that cannot be read
+        now): the general way then answers, errors included.
+        """
+        from pymaild.imap.mailbox import CRLFSection
+
+        modseq = request.modseq or (self.condstore and request.wantsFlags)
+        out = []
+        try:
+            for seq, msg in batch:
+                pieces = fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection)
+                if len(pieces) != 1:  # (bytes, a Stream, bytes ...)
+                    for piece in pieces:
+                        if isinstance(piece, fetch.Stream):
+                            piece.section.close()
+                    return False
+                out.append(pieces[0])
+        except Exception:
+            return False
+        self.transport.write(b"".join(out))
         self.sendPositiveResponse(tag, b"FETCH completed")
         return True
 

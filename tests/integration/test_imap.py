@@ -125,6 +125,17 @@ def test_large_body_is_streamed_exactly(mailbox):
         _, data = imap.fetch("3", "(RFC822.SIZE BODY.PEEK[])")
         assert data[0][1] == BIG
         assert b"RFC822.SIZE %d" % len(BIG) in data[0][0]
+        # small messages and the large one in one FETCH (answered at once for the small ones
+        # alone: with a section to stream, the general way), and a small part of the large one
+        _, data = imap.fetch("1:3", "(BODY.PEEK[])")
+        assert [d[1] for d in data if isinstance(d, tuple)] == [PLAIN, MULTIPART, BIG]
+        _, data = imap.fetch("1:2", "(BODY.PEEK[])")
+        assert [d[1] for d in data if isinstance(d, tuple)] == [PLAIN, MULTIPART]
+        _, data = imap.fetch("3", "(BODY.PEEK[]<5.100>)")
+        assert data[0][1] == BIG[5:105]
+        # UID FETCH answers carry the UID, asked for or not (RFC 3501 6.4.8)
+        _, data = imap.uid("FETCH", "2", "(RFC822.SIZE BODY.PEEK[HEADER])")
+        assert re.match(rb"2 \(UID 2 RFC822.SIZE %d BODY\[HEADER\] " % len(MULTIPART), data[0][0]), data
 
 
 def test_store_append_copy_expunge_and_status(mailbox):
