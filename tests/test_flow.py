@@ -6,7 +6,7 @@ unit: what it changes is when the transport is told to stop reading).
 
 from __future__ import annotations
 
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.testing import StringTransport
 from twisted.protocols import basic
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -188,3 +188,54 @@ class IMAPHoldTests(unittest.TestCase):
         self.clock.advance(0)
         self.assertEqual(self.t.producerState, "producing")
         self.assertEqual(self.t.value().count(b"d OK NOOP completed\r\n"), count)
+
+
+class IMAPAnswerTests(unittest.TestCase):
+    """
+    The IMAP server's tagged answer with nothing pipelined behind it goes out with one send,
+    over a real TCP connection: the socket is not registered for writing (and unregistered
+    after the next reactor turn) for it, two C{epoll_ctl} an answer.
+    """
+
+    def setUp(self):
+        from pymaild.imap.server import IMAPFactory
+        from pymaild.throttle import LoginThrottle
+
+        factory = IMAPFactory(portal=None, tls=None, implicitTLS=True, throttle=LoginThrottle())
+        self.connected = defer.Deferred()
+        build = factory.buildProtocol
+
+        def buildProtocol(addr):
+            p = build(addr)
+            reactor.callLater(0, self.connected.callback, p)
+            return p
+
+        factory.buildProtocol = buildProtocol
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @defer.inlineCallbacks
+    def test_a_tagged_answer_goes_out_without_registering_for_writing(self):
+        client = _Collect(1)
+        creator = protocol.ClientCreator(reactor, lambda: client)
+        clientProto = yield creator.connectTCP("127.0.0.1", self.port.getHost().port)
+        server = yield self.connected
+        self.addCleanup(clientProto.transport.loseConnection)
+        yield client.done  # the greeting
+        conn = server.transport
+        while not isinstance(conn, tcp.Connection):
+            conn = conn.transport
+        registered = []
+        original = conn.startWriting
+        conn.startWriting = lambda: registered.append(1) or original()
+        self.addCleanup(setattr, conn, "startWriting", original)
+        client.want, client.done = len(client.data) + len(b"a OK NOOP completed\r\n"), defer.Deferred()
+        clientProto.transport.write(b"a NOOP\r\n")
+        answer = yield client.done
+        self.assertTrue(answer.endswith(b"a OK NOOP completed\r\n"))
+        self.assertEqual(registered, [])
+        # pipelined: the first answer waits for the second (the usual write, registered)
+        client.want, client.done = len(answer) + 2 * len(b"b OK NOOP completed\r\n"), defer.Deferred()
+        clientProto.transport.write(b"b NOOP\r\nc NOOP\r\n")
+        answer = yield client.done
+        self.assertTrue(answer.endswith(b"b OK NOOP completed\r\nc OK NOOP completed\r\n"))

@@ -30,7 +30,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from pymaild.envelope import inNetworks
-from pymaild.flow import Backpressure as _Backpressure, LazyPause, sendNow
+from pymaild.flow import Backpressure as _Backpressure, LazyPause, sendNow, writeNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.imap import fetch
 from pymaild.imap import sort as sort_
@@ -386,14 +386,32 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if not self.paused:
             self.pauseProducing()
 
+    #: an answer's untagged part, held back by L{_answerWith} to go out with its tagged line
+    _unsent = b""
+
     def _respond(self, state, tag, message):
-        super()._respond(state, tag, message)
+        unsent, self._unsent = self._unsent, b""
+        if tag is not None and not self._buffer and not self._queuedAsync:
+            # the client waits for this and nothing is pipelined behind it: the answer goes out
+            # at once, in one send when nothing waits before it (flow.writeNow: no registering
+            # of the socket for writing and unregistering it after, two epoll_ctl an answer)
+            writeNow(self.transport, unsent + b" ".join((tag, state, message) if message else (tag, state))
+                     + self.delimiter)
+        else:
+            if unsent:
+                self.transport.write(unsent)
+            super()._respond(state, tag, message)
         if tag is not None:
             if tag == self._heldTag:
                 self._heldTag = None
                 self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
             if not self._buffer:
-                sendNow(self.transport)  # the client waits for this; nothing pipelined behind it
+                sendNow(self.transport)  # (what writeNow could not send: over TLS, behind other data)
+
+    def _answerWith(self, data, tag, message=b"FETCH completed"):
+        """A whole answer written at once: C{data} (its untagged part), then C{tag} OK C{message}."""
+        self._unsent = data
+        self.sendPositiveResponse(tag, message)
 
     def _releaseHold(self, token):
         if token != self._holdToken or self._heldTag is not None or self.transport is None:
@@ -1335,8 +1353,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         data = self.mbox.flagRunNow(wanted, request, uid, modseq, request.changedSince)
         if data is None:
             return False
-        self.transport.write(data)
-        self.sendPositiveResponse(tag, b"FETCH completed")
+        self._answerWith(data, tag)
         return True
 
     def _answerNow(self, tag, request, batch, uid) -> bool:
@@ -1363,8 +1380,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                 out.append(pieces[0])
         except Exception:
             return False
-        self.transport.write(b"".join(out))
-        self.sendPositiveResponse(tag, b"FETCH completed")
+        self._answerWith(b"".join(out), tag)
         return True
 
     def _fetchFailed(self, failure, tag):
