@@ -438,7 +438,9 @@ def run(a: argparse.Namespace) -> None:
             result["pymaild"]["build"].append(p["build"])
             d = dovecotBuild(dov, a.cold)
             result["dovecot"]["build"].append(d["open"])
-            log(f"index build {i + 1}/{a.repeat}: pymaild {fmtTime(p['build'])} ({p['messages']:,} messages), "
+            log(f"index build {i + 1}/{a.repeat}: pymaild {fmtTime(p['build'])} (SQL {fmtTime(p.get('sql', 0))}: "
+                f"the INSERT {fmtTime(p.get('insert', 0))}, COMMITs {fmtTime(p.get('commit', 0))}; "
+                f"{p['messages']:,} messages), "
                 f"Dovecot {fmtTime(d['open'])} ({d['messages']:,} messages)")
 
         # 2 + 3. warm open and listing; one untimed round first (both write back what the
