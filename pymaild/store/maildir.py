@@ -1972,7 +1972,7 @@ class Folder:
         self._countAdded(len(names), unseen, int(vsize))
         db.execute("UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?",
                    (uidnext + len(names), modseq, self.id))
-        self._names = self._namesKey = self._nameSets = None  # made by the next sync that needs it
+        self._dropNames()  # (made by the next sync that needs it)
         return Changes(added=list(range(uidnext, uidnext + len(names))))
 
     @staticmethod
@@ -1996,7 +1996,7 @@ class Folder:
             self.listeners.remove(listener)
         if not self.listeners:
             with self.user.lock:
-                self._names = self._namesKey = self._nameSets = None  # memory only for folders in use
+                self._dropNames()  # (memory only for folders in use)
 
     def _notify(self, changes: Changes) -> None:
         for listener in list(self.listeners):
@@ -2029,7 +2029,7 @@ class Folder:
         """
         self._nameSets = None
         if not valid or self._names is None:
-            self._names = self._namesKey = None
+            self._dropNames()
             return
         for base, entry in updates.items():
             if entry is None:
