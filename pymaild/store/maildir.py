@@ -38,7 +38,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -296,9 +296,23 @@ _BULK_FROM = 256
 
 #: The names L{Folder._indexAll} takes, one per line: ten digits of seconds (2001-2286),
 #: C{.M}microseconds C{P}pid (C{Q}counter), the host, C{,S=}size C{,W=}size (at most 15 digits:
-#: sqlite's integers), the flags; every name in C{cur/} has it or the general path runs.
+#: sqlite's integers), the flags; every name in C{cur/} has it or the general path runs.  The
+#: check of a listing with a name that needs a JSON escape (the others: L{_BULK_ARRAY}).
 _BULK_NAMES = re.compile(
     r"(?:[0-9]{10}+\.M[0-9]++P[0-9]++(?:Q[0-9]++)?+\.[^,:\n/]*+,S=[0-9]{1,15}+,W=[0-9]{1,15}+(?::2,[^\n]*+)?+\n)*+")
+
+#: The same shape over the names as L{Folder._indexAll}'s JSON array (C{["name","name",...]},
+#: no name empty), for names that need no JSON escape: without a quote, a backslash or a control
+#: character (a name with one goes L{_BULK_NAMES}'s way and C{json.dumps}).
+_BULK_NAME = r"[0-9]{10}+\.M[0-9]++P[0-9]++(?:Q[0-9]++)?+\.[^\x00-\x1f\",:/\\]*+,S=[0-9]{1,15}+,W=[0-9]{1,15}+(?::2,[^\x00-\x1f\"\\]*+)?+"
+_BULK_ARRAY = re.compile(r'\["' + _BULK_NAME + r'(?:","' + _BULK_NAME + r')*+"\]')
+
+#: In such an array, a name whose next name has the same ten digits of seconds (the match ends
+#: before the next name's opening quote, so that a run of three gives two matches).
+_BULK_SAME_SECOND = re.compile(r'"([0-9]{10})[^"]*+",(?="\1)')
+
+#: In such an array, the text after a name's ":" (its first; the host has none).
+_BULK_INFO = re.compile(r':(2,[^"]*+)"')
 
 _UNIQUE = re.compile(r"^(\d+)\.(?:M(\d+))?(?:P(\d+))?(?:Q(\d+))?")
 
@@ -1889,7 +1903,7 @@ class Folder:
         """
         Index a whole C{cur/} for a folder whose index has no rows yet (a first open), at C
         speed: what the general path of L{_scan} does with a Python loop over every name, for
-        names of the usual shape (L{_BULK_NAMES}, which Dovecot, pymaild and most MDAs write
+        names of the usual shape (L{_BULK_ARRAY}, which Dovecot, pymaild and most MDAs write
         since 2001); None when the index has rows or a name has another shape (the general path
         then does the work).  Same UIDs in the same order, same flags and sizes as that path
         (tests/store/test_index_bulk.py compares the two).  Caller holds the lock and a
@@ -1898,60 +1912,86 @@ class Folder:
         db = self.user.db
         if db.execute("SELECT 1 FROM messages WHERE folder=? LIMIT 1", (self.id,)).fetchone() is not None:
             return None
-        joined = "\n".join(names) + "\n"
-        if joined.count("\n") != len(names) or _BULK_NAMES.fullmatch(joined) is None:
-            return None  # a name with a line break, a dot file, or a name of another shape
-        if not joined.isascii() and not _decodable(joined):
-            return None  # a name os.listdir could not decode: the general path leaves it out
+        # The names go into the index as one JSON array in delivery order (below).  The array is
+        # made once and read by C regexes for the checks: the shape, the runs of names in one
+        # second, the distinct flag texts; no Python object is made per name but the sorted
+        # list's (a tuple and two strings per name, kept to the end, were a third of the build).
         names = sorted(names)  # seconds have ten digits: text order is time order, to the second
-        parts = list(map(str.partition, names, repeat(":")))
-        bases = list(map(itemgetter(0), parts))
-        if len(set(bases)) != len(bases):
-            return None  # one message under two names (the general path keeps the first)
+        array = '["' + '","'.join(names) + '"]'
+        if _BULK_ARRAY.fullmatch(array) is None:
+            # a name of another shape, or one with a quote, a backslash or a control character
+            # (valid, JSON-escaped) or a line break (not)
+            joined = "\n".join(names) + "\n"
+            if joined.count("\n") != len(names) or _BULK_NAMES.fullmatch(joined) is None:
+                return None
+            array = None
+        text = joined if array is None else array
+        if not text.isascii() and not _decodable(text):
+            return None  # a name os.listdir could not decode: the general path leaves it out
         # Within one second the microseconds and counters are numbers of any length: put each
-        # run of names that share their second in the general path's order.
-        seconds = list(map(itemgetter(slice(0, 10)), bases))
-        same = list(map(eq, seconds, islice(seconds, 1, None)))  # same[i]: i and i + 1 share one
-        i = same.index(True) if True in same else len(same)
-        while i < len(same):
-            j = i + 1
-            while j < len(same) and same[j]:
-                j += 1
-            run = sorted(range(i, j + 1), key=lambda k: _deliveryOrder(bases[k]))
-            names[i : j + 1] = [names[k] for k in run]
-            parts[i : j + 1] = [parts[k] for k in run]
-            try:
-                i = same.index(True, j + 1)
-            except ValueError:
-                break
-        infos = sorted(set(map(itemgetter(2), parts)))  # "" (no ":2,") or "2,<letters>"
-        if len(infos) > 500:
+        # run of names that share their second in the general path's order.  Two names of one
+        # message (one base, two flag texts) share their second, so are in one run: the general
+        # path keeps the first, and this one leaves such a folder to it.
+        if array is not None:
+            pairs, k, at = [], 0, 0  # pairs: i where names i and i + 1 share their second
+            for m in _BULK_SAME_SECOND.finditer(array):
+                k += array.count('","', at, m.start() + 1)  # (name k's quote ends the k-th ",")
+                at = m.start() + 1
+                pairs.append(k)
+        else:
+            second = itemgetter(slice(0, 10))
+            pairs = list(compress(range(len(names) - 1), map(eq, map(second, names), map(second, islice(names, 1, None)))))
+        reordered = False
+        r = 0
+        while r < len(pairs):
+            i = j = pairs[r]
+            while r < len(pairs) and pairs[r] == j:
+                (r, j) = (r + 1, j + 1)
+            run = names[i : j + 1]
+            bases = [name.partition(":")[0] for name in run]
+            if len(set(bases)) != len(bases):
+                return None  # one message under two names (the general path keeps the first)
+            order = sorted(range(len(run)), key=lambda n: _deliveryOrder(bases[n]))
+            if order != sorted(order):
+                names[i : j + 1] = [run[n] for n in order]
+                reordered = True
+        if array is None:
+            # (ensure_ascii=False: a name os.listdir could not decode keeps its lone surrogates,
+            # which binding refuses, rather than becoming a \udcXX escape sqlite would store as
+            # invalid UTF-8)
+            array = json.dumps(names, ensure_ascii=False)
+            counts = Counter(map(itemgetter(2), map(str.partition, names, repeat(":"))))
+        else:
+            if reordered:
+                array = '["' + '","'.join(names) + '"]'
+            found = _BULK_INFO.findall(array)  # (one per name that has ":2,")
+            counts = Counter(found)
+            if len(found) < len(names):
+                counts[""] = len(names) - len(found)
+        if len(counts) > 500:
             return None
+        infos = [info for info, _ in counts.most_common()]  # "" (no ":2,") or "2,<letters>", the commonest first
         flagsKeywords = [self._flagsFromName(FileName("", info[2:], None, None)) for info in infos]
         (uidnext, modseq) = db.execute(
             "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)).fetchone()
         modseq += 1
         self.user.holdCheckpoint()
-        # The names go into the index in one statement, as one JSON array in this order (its
-        # keys 0, 1, ...: json_each; a statement a row cost twice as much, and a scratch table
-        # filled by executemany a quarter of the build), sqlite taking the sizes from the names
-        # (the shape guarantees ",S=<digits>,W=<digits>") and the flags and keywords from a CASE
-        # on the text after ":" (one WHEN per distinct text).  A name needs no JSON escape
-        # unless it has a quote, a backslash or a control character: json.dumps then, for the
-        # last once sqlite has refused the array (a search for them costs 30 ms).
-        # (ensure_ascii=False: a name os.listdir could not decode keeps its lone surrogates,
-        # which binding refuses, rather than becoming a \udcXX escape sqlite would store as
-        # invalid UTF-8)
-        plain = '"' not in joined and "\\" not in joined
-        array = ('["' + '","'.join(names) + '"]') if plain else json.dumps(names, ensure_ascii=False)
+        # The names go into the index in one statement, as the JSON array (its keys 0, 1, ...:
+        # json_each; a statement a row cost twice as much, and a scratch table filled by
+        # executemany a quarter of the build), sqlite taking the sizes from the names (the shape
+        # guarantees ",S=<digits>,W=<digits>") and the flags and keywords from a CASE on the
+        # text after ":" (one WHEN per distinct text, the commonest first).
         cases = {}
         for column, k in (("flags", 0), ("keywords", 1)):
             values = {fk[k] for fk in flagsKeywords}
             if len(values) == 1:  # (keywords: none in the folder, usually) one value for all
                 cases[column] = ("?", list(values))
             else:
-                cases[column] = ("CASE substr(name, instr(name || ':', ':') + 1) " + "WHEN ? THEN ? " * len(infos) + "END",
-                                 [x for info, fk in zip(infos, flagsKeywords) for x in (info, fk[k])])
+                # (a name without ":" gives its whole self, for the ELSE)
+                whens = [x for info, fk in zip(infos, flagsKeywords) if info for x in (":" + info, fk[k])]
+                other = [fk[k] for info, fk in zip(infos, flagsKeywords) if not info]
+                cases[column] = ("CASE substr(name, instr(name, ':')) " + "WHEN ? THEN ? " * (len(whens) // 2)
+                                 + "ELSE ? " * len(other) + "END", whens + other)
         insert = (
             "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
             f" SELECT ?, key + ?, name, 0, {cases['flags'][0]}, {cases['keywords'][0]}, ?,"
@@ -1960,12 +2000,7 @@ class Folder:
             " FROM (SELECT key, value AS name FROM json_each(?))"  # (in the array's order; the UID is its key)
         )
         params = (self.id, uidnext, *cases["flags"][1], *cases["keywords"][1], modseq)
-        try:
-            db.execute(insert, (*params, array))
-        except sqlite3.OperationalError as e:
-            if not plain or "malformed JSON" not in str(e):
-                raise
-            db.execute(insert, (*params, json.dumps(names, ensure_ascii=False)))
+        db.execute(insert, (*params, array))
         (unseen, vsize) = db.execute(
             "SELECT count(*) FILTER (WHERE instr(flags, '\\Seen') = 0), total(vsize) FROM messages WHERE folder=?",
             (self.id,)).fetchone()

@@ -116,6 +116,8 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     "1600000000.M12P3.ho\\nst,S=5,W=6:2,S",               # a backslash that would read as an escape
     "1600000000.M12P3.hóst,S=5,W=6:2,S",                 # not ASCII
     "1600000000.M12P3.host,S=5,W=6:2,S\n1600000000.M13P3.host,S=5,W=6:2,S",  # a line break
+    "1600000000.M12P3.host,S=5,W=6:2,S:T",                # a colon in the flags (the first one counts)
+    "1600000000.M12P3.host,S=5,W=6",                      # no flags at all (the CASE's ELSE)
 ])
 def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypatch, odd):
     """
@@ -132,7 +134,8 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
     if odd in ("1600000000.M012P3.host,S=5,W=6:2,S", "1600000000.M12P3.hóst,S=5,W=6:2,S",
                '1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M12P3.ho\\st,S=5,W=6:2,S",
                "1600000000.M12P3.ho\tst,S=5,W=6:2,S", '1600000000.M12P3.host,S=5,W=6:2,S","T',
-               "1600000000.M12P3.ho\\nst,S=5,W=6:2,S"):
+               "1600000000.M12P3.ho\\nst,S=5,W=6:2,S", "1600000000.M12P3.host,S=5,W=6:2,S:T",
+               "1600000000.M12P3.host,S=5,W=6"):
         assert bulk[3] == [True]
     else:
         assert bulk[3] == [False]  # the check sent it the general way
@@ -222,3 +225,21 @@ def test_a_folder_with_rows_or_new_mail_takes_the_general_path(tmp_path, monkeyp
     assert folder.sync().added == [302]
     assert calls == [None]  # tried, and it found the index's rows
     user.close()
+
+
+@pytest.mark.parametrize("host", [HOST, 'ho"st'])  # (the JSON-escaped way too)
+def test_duplicate_base_names_apart_in_text_order_take_the_general_path(tmp_path, monkeypatch, host):
+    """
+    One message under two names that text order puts apart: the name without flags, then
+    another message's (its W= one digit longer: "1" sorts before ":"), then the flagged name.
+    The fast path looks for such pairs only within a run of one second: they are in one.
+    """
+    rng = random.Random(4)
+    names = [dovecotName(rng, 1_600_000_000 + i, i) for i in range(300)]
+    base = f"1600000100.M5P7.{host},S=6,W=6"
+    names += [base, f"1600000100.M5P7.{host},S=6,W=61:2,", base + ":2,S"]
+    assert sorted(names).index(base + ":2,S") == sorted(names).index(base) + 2
+    general = indexed(tmp_path, "general", names, False, monkeypatch)
+    bulk = indexed(tmp_path, "bulk", names, True, monkeypatch)
+    assert bulk[3] == [False]
+    assert bulk[0] == general[0] and len(bulk[0]) == 302
