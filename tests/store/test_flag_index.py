@@ -287,3 +287,41 @@ def test_a_bulk_store_commits_after_its_directory_fsync(tmp_path, monkeypatch):
         inbox.store(range(1, 121), ["\\Flagged"], "remove")
     assert rows(inbox) == before and not user.db.in_transaction
     assert decoded(inbox.flagIndex()) == before
+
+
+def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_path, monkeypatch):
+    """
+    Files another process removed or renamed between a bulk STORE's read of the index rows and
+    its renames fail: their rows stay as they were (a sync sees what became of them), the others
+    change, and the caches and counters agree with the rows.
+    """
+    user, inbox = makeInbox(tmp_path, 120)
+    inbox.flagIndex()
+    taken = {7: "unlink", 8: "rename", 90: "unlink"}
+    real = maildir.Folder._renameForStore
+    paths = {uid: inbox.filePath(uid) for uid in taken}  # (the STORE holds the user's lock)
+
+    def otherProcess(self, *args, **kwargs):
+        for uid, how in taken.items():
+            path = paths[uid]
+            if how == "unlink":
+                path.unlink()
+            else:
+                path.rename(path.with_name(path.name.partition(":")[0] + ":2,T"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(maildir.Folder, "_renameForStore", otherProcess)
+    before = rows(inbox)
+    changed, failed = inbox.store(range(1, 121), ["\\Answered"], "add")
+    assert failed == sorted(taken) and sorted(changed) == [u for u in range(1, 121) if u not in taken]
+    after = rows(inbox)
+    assert all(after[u] == before[u] for u in taken)
+    assert all("\\Answered" in after[u][0] and after[u][2] > before[u][2] for u in changed)
+    assert decoded(inbox.flagIndex()) == after
+    assert inbox.status()["unseen"] == sum("\\Seen" not in f for f, _, _ in after.values())
+    for uid in changed:
+        assert inbox.filePath(uid).exists()
+    monkeypatch.setattr(maildir.Folder, "_renameForStore", real)
+    inbox.sync()
+    now = rows(inbox)
+    assert 7 not in now and 90 not in now and now[8][0] == {"\\Deleted"}  # (the other process's ":2,T")

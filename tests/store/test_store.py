@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pymaild.store import names
+from pymaild.store import maildir, names
 from pymaild.store.delivery import FLAG_LETTERS, LETTER_FLAGS, FileName, deliver
 from pymaild.store.dovecot import writeUidlist
 from pymaild.store.maildir import INDEX_NAME, MaildirStore, StoreError, UserStore
@@ -154,14 +154,19 @@ def test_store_flags_and_modseq(user):
     assert inbox.messages([1])[0].flags == {"\\Seen", "\\Flagged"}
 
 
-def test_store_changes_exactly_what_the_definition_says(user):
+@pytest.mark.parametrize("bulkFrom", [None, 1])
+def test_store_changes_exactly_what_the_definition_says(user, monkeypatch, bulkFrom):
     """
     400 random STOREs (set, add, remove; system flags, and keywords that are parts of other
     keywords: "a", "ab", "b") against a plain model of each message's flags: the messages
     reported changed are those whose flags changed, and the index and the file names end as the
     model does.  (The SQL condition that picks the rows a change may alter must never leave
     one out; no system flag's name is in another's, which lets it look for them unpadded.)
+    With C{bulkFrom} 1 every STORE goes the bulk way (renames in a helper thread, one UPDATE
+    per outcome whose new names sqlite makes from the old).
     """
+    if bulkFrom is not None:
+        monkeypatch.setattr(maildir, "_QUIET_FROM", bulkFrom)
     assert not [a for a in FLAG_LETTERS for b in FLAG_LETTERS if a != b and a in b]
     rng = random.Random(5)
     inbox = user.folder("INBOX")
@@ -185,6 +190,7 @@ def test_store_changes_exactly_what_the_definition_says(user):
     system = {u: {f for f in flags if f.startswith("\\")} for u, flags in model.items()}
     assert {m.uid: {LETTER_FLAGS[c] for c in FileName.parse(inbox.filePath(m.uid).name).systemLetters}
             for m in inbox.messages()} == system
+    assert sorted(inbox.filePath(m.uid).name for m in inbox.messages()) == sorted(os.listdir(inbox.path / "cur"))
 
 
 def test_copy_hard_links_and_move_renames(user):
