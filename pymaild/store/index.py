@@ -260,6 +260,15 @@ def connect(path: Path) -> sqlite3.Connection:
         return _open(path)
 
 
+def reopen(path: Path) -> sqlite3.Connection:
+    """
+    Open the index at C{path} again for a connection that had to be dropped: like L{connect},
+    but an error is raised, never taken for a corrupt file (the file is not moved aside: an
+    I/O error must not cost the index its UIDs).
+    """
+    return _open(path)
+
+
 def _open(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
     try:

@@ -62,7 +62,7 @@ from pymaild.store.delivery import (
     uniqueName,
     writeTmp,
 )
-from pymaild.store.index import BUSY_TIMEOUT, FIELD_COLUMNS, FIELDS, checkpointLater, connect
+from pymaild.store.index import BUSY_TIMEOUT, FIELD_COLUMNS, FIELDS, checkpointLater, connect, reopen
 
 log = Logger()
 
@@ -575,11 +575,33 @@ class UserStore:
                         self.db.execute("ROLLBACK")
                 except sqlite3.Error as e:  # (sqlite rolled back already, or cannot: the first error counts)
                     log.warn("rollback failed: {error}", error=str(e))
+                if self.db.in_transaction:
+                    self._reopen()  # (else every BEGIN after would fail: a transaction is open)
                 for undo in self._undo:
                     undo()
                 raise
             finally:
                 self._undo.clear()
+
+    def _reopen(self) -> None:
+        """
+        Drop a connection that a failed ROLLBACK left in its transaction (closing it rolls the
+        transaction back) and open the index again; if that fails, the old one stays (each
+        BEGIN then fails with a clear error, and the next failed transaction tries again).
+        Caller holds the lock.
+        """
+        path = self.root / INDEX_NAME
+        try:
+            fresh = reopen(path)
+        except (sqlite3.Error, OSError) as e:
+            log.warn("cannot reopen the index {path} after a failed rollback: {error}", path=str(path), error=str(e))
+            return
+        try:
+            self.db.close()
+        except sqlite3.Error as e:
+            log.warn("closing the index {path} failed: {error}", path=str(path), error=str(e))
+        self.db = fresh
+        log.warn("reopened the index {path} after a failed rollback", path=str(path))
 
     def onRollback(self, undo) -> None:
         """

@@ -250,6 +250,38 @@ def test_a_store_that_does_not_commit_leaves_no_cache_behind(tmp_path):
     assert decoded(inbox.flagIndex()) == rows(inbox) and "\\Flagged" in rows(inbox)[3][0]
 
 
+def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_path):
+    """
+    A STORE whose COMMIT fails and whose ROLLBACK fails after it (both denied here) would leave
+    the connection in its transaction, every later BEGIN refused: the connection is dropped
+    (which rolls back) and the index opened again, and the next STORE works.
+    """
+    user, inbox = makeInbox(tmp_path)
+    inbox.flagIndex()
+    first = user.db
+
+    def noEnd(action, arg1, *rest):
+        denied = action == sqlite3.SQLITE_TRANSACTION and arg1 in ("COMMIT", "ROLLBACK")
+        return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+
+    before = rows(inbox)
+    user.db.set_authorizer(noEnd)
+    with pytest.raises(sqlite3.DatabaseError):
+        inbox.store(range(1, 6), ["\\Flagged"], "add")
+    assert user.db is not first and not user.db.in_transaction
+    with pytest.raises(sqlite3.ProgrammingError):
+        first.execute("SELECT 1")  # (closed)
+    raw = sqlite3.connect(user.root / "pymaild.index.sqlite")
+    committed = dict(raw.execute("SELECT uid, modseq FROM messages"))
+    raw.close()
+    assert committed == {u: m for u, (_, _, m) in before.items()}  # (nothing of it committed)
+    changed, _ = inbox.store([7], ["\\Answered"], "add")
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com").folder("INBOX")
+    assert list(changed) == [7]
+    assert decoded(inbox.flagIndex()) == rows(inbox) == rows(other)
+    user.close()
+
+
 def test_a_bulk_store_commits_after_its_directory_fsync(tmp_path, monkeypatch):
     """
     A bulk STORE syncs cur/ in another thread while its index rows are written: the fsync has
