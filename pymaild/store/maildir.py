@@ -559,6 +559,8 @@ class UserStore:
                 finally:
                     self._depth -= 1
                 return
+            if self.db.in_transaction:  # (a ROLLBACK failed, and the reopen after it: try again)
+                self._reopen()
             self.db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             self._depth = 1
             try:
@@ -586,9 +588,8 @@ class UserStore:
     def _reopen(self) -> None:
         """
         Drop a connection that a failed ROLLBACK left in its transaction (closing it rolls the
-        transaction back) and open the index again; if that fails, the old one stays (each
-        BEGIN then fails with a clear error, and the next failed transaction tries again).
-        Caller holds the lock.
+        transaction back) and open the index again; if that fails, the old one stays, and the
+        next transaction tries again before its BEGIN.  Caller holds the lock.
         """
         path = self.root / INDEX_NAME
         try:

@@ -250,12 +250,24 @@ def test_a_store_that_does_not_commit_leaves_no_cache_behind(tmp_path):
     assert decoded(inbox.flagIndex()) == rows(inbox) and "\\Flagged" in rows(inbox)[3][0]
 
 
-def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_path):
+@pytest.mark.parametrize("reopenFailsOnce", [False, True])
+def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_path, monkeypatch, reopenFailsOnce):
     """
     A STORE whose COMMIT fails and whose ROLLBACK fails after it (both denied here) would leave
     the connection in its transaction, every later BEGIN refused: the connection is dropped
-    (which rolls back) and the index opened again, and the next STORE works.
+    (which rolls back) and the index opened again, and the next STORE works.  Should that
+    reopening fail, the next transaction tries it again before its BEGIN.
     """
+    if reopenFailsOnce:
+        calls = []
+
+        def flaky(path):
+            calls.append(path)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("disk I/O error")
+            return indexmod.reopen(path)
+
+        monkeypatch.setattr(maildir, "reopen", flaky)
     user, inbox = makeInbox(tmp_path)
     inbox.flagIndex()
     first = user.db
@@ -268,6 +280,11 @@ def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_
     user.db.set_authorizer(noEnd)
     with pytest.raises(sqlite3.DatabaseError):
         inbox.store(range(1, 6), ["\\Flagged"], "add")
+    if reopenFailsOnce:
+        assert user.db is first and first.in_transaction
+        first.set_authorizer(None)
+        with user.transaction():  # (reopens first)
+            pass
     assert user.db is not first and not user.db.in_transaction
     with pytest.raises(sqlite3.ProgrammingError):
         first.execute("SELECT 1")  # (closed)
