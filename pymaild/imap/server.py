@@ -1341,6 +1341,10 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
 
     select_FETCH = (do_FETCH, arg_seqset, arg_fetchspec)
 
+    def _modseqWanted(self, request) -> bool:
+        """Whether a FETCH's answers carry MODSEQ: asked for, or CONDSTORE on and FLAGS asked for."""
+        return request.modseq or (self.condstore and request.wantsFlags)
+
     def _flagsNow(self, tag, request, wanted, uid) -> bool:
         """
         Answer a FETCH of flags alone for a run of fewer than L{FLAG_RUN_FROM} consecutive
@@ -1349,7 +1353,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         nothing, otherwise.  A client polling one message's flags, or a few new messages', is
         answered without the two thread wake-ups of a store call.
         """
-        modseq = request.modseq or (self.condstore and request.wantsFlags)
+        modseq = self._modseqWanted(request)
         data = self.mbox.flagRunNow(wanted, request, uid, modseq, request.changedSince)
         if data is None:
             return False
@@ -1367,7 +1371,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         """
         from pymaild.imap.mailbox import CRLFSection
 
-        modseq = request.modseq or (self.condstore and request.wantsFlags)
+        modseq = self._modseqWanted(request)
         out = []
         try:
             for seq, msg in batch:
@@ -1408,7 +1412,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                 gone = yield mbox.vanished(request.changedSince, messages)
                 if gone:
                     self.sendUntaggedResponse(b"VANISHED (EARLIER) " + self._uidset(gone))
-            modseq = request.modseq or (self.condstore and request.wantsFlags)
+            modseq = self._modseqWanted(request)
             if request.flagsOnly and not markSeen and wanted and (len(wanted) >= self.FLAG_RUN_FROM or mbox.flagIndexWorthReading()):
                 done = yield self._writeFlagRuns(request, wanted, uid, modseq, producer)
                 if done == len(wanted) or producer.stopped or self._gone():
