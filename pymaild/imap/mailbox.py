@@ -519,7 +519,8 @@ class StoreMailbox:
     _resolve = resolve
 
     def fetchBatch(self, uids, wantSummaries: bool, markSeen: bool, changedSince: int | None = None,
-                   directFields: tuple | None = None, flagsOnly: bool = False, dates: bool = True):
+                   directFields: tuple | None = None, flagsOnly: bool = False, dates: bool = True,
+                   prepared: defer.Deferred | None = None):
         """
         A Deferred of C{[(sequence number, StoreMessage)]} for C{uids} (a slice of this view;
         messages expunged meanwhile are left out).  C{markSeen} sets \\Seen first, so that
@@ -529,26 +530,39 @@ class StoreMailbox:
         internal dates or file names: the messages carry no path); without C{dates} (no
         INTERNALDATE asked for) an internal date the index lacks is left 0, not read from the
         file.
+
+        C{prepared}, a Deferred, fires (with None) once the messages' fields are read or
+        parsed, before the rest is loaded: a FETCH starts its next batch then, and that
+        batch's parsing in the store's worker processes overlaps this one's index writes and
+        reads in another store thread.
         """
         markSeen = markSeen and self.writeable
         wanted = set(uids)
         # a dense slice of UIDs is read with one BETWEEN query per table instead of IN lists
         span = range(uids[0], uids[-1] + 1) if uids and uids[-1] - uids[0] < 2 * len(uids) else uids
+        # first: ENVELOPEs read from never-summarized files bring their mtimes, which the index
+        # then has for INTERNALDATE (messages() stats no file for them)
+        early = wantSummaries and directFields is not None and changedSince is None and not flagsOnly
+        later: list = []
 
         @self._own
-        def work():
+        def prepare():
             if markSeen and uids:
                 self.folder.store(uids, ["\\Seen"], "add")
+            if early:
+                return self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields,
+                                                 later if prepared is not None else None)
+            return None
+
+        @self._own
+        def work(fields=None):
+            for keep in later:
+                keep()
             if flagsOnly:
                 metas = self.folder.flagRows(span)
                 if changedSince is not None:
                     metas = [m for m in metas if m.modseq > changedSince]
                 return [(m.uid, StoreMessage(m, None, None)) for m in metas if m.uid in wanted]
-            fields = None
-            if wantSummaries and directFields is not None and changedSince is None:
-                # first: ENVELOPEs read from never-summarized files bring their mtimes, which
-                # the index then has for INTERNALDATE (messages() stats no file for them)
-                fields = self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields)
             metas = [m for m in self.folder.messages(span, dates=dates) if m.uid in wanted]
             if changedSince is not None:
                 metas = [m for m in metas if m.modseq > changedSince]
@@ -572,7 +586,17 @@ class StoreMailbox:
                 out.append((meta.uid, StoreMessage(meta, path, summaries.get(meta.uid))))
             return out
 
-        return self.run(work).addCallback(self._numbered)
+        if prepared is None:
+            return self.run(lambda: work(prepare())).addCallback(self._numbered)
+
+        def ready(result):
+            if not prepared.called:
+                prepared.callback(None)
+            return result
+
+        if not early:
+            return self.run(lambda: work(prepare())).addBoth(ready).addCallback(self._numbered)
+        return self.run(prepare).addBoth(ready).addCallback(lambda fields: self.run(work, fields)).addCallback(self._numbered)
 
     def fetchNow(self, uids, changedSince: int | None = None, dates: bool = True):
         """

@@ -1287,7 +1287,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
 
     # --- FETCH: our own writer (fetch.py), batches from the store's threads ------------------
 
-    #: messages loaded per store call; the next batch loads while this one is written.  Batches
+    #: messages loaded per store call; the next batch loads while this one is written (or once
+    #: this one's fields are parsed: L{StoreMailbox.fetchBatch}'s C{prepared}).  Batches
     #: double up to FETCH_BATCH_MAX: the first answers go out soon, and a long FETCH of mail
     #: never summarized hands its parsing to the store's worker processes in fewer, larger
     #: pieces (500 at a time cost about 9 us a message more than 4,000 at a time)
@@ -1422,26 +1423,35 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
             direct = request.directFields
             flagsOnly = request.flagsOnly
             dates = request.wantsDates
-            load = lambda i: mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
-                                             request.changedSince, direct, flagsOnly, dates)
-            pending = (load(0) if first is None else defer.succeed(first)) if wanted else None
+            def load(i):
+                # (a Deferred that fires when the batch's fields are parsed, and the batch's)
+                prepared = defer.Deferred()
+                return prepared, mbox.fetchBatch(wanted[i : i + size], request.needsSummaries, markSeen,
+                                                 request.changedSince, direct, flagsOnly, dates, prepared)
+
+            def drop(loading):
+                if loading is not None:
+                    loading[1].addErrback(lambda _: None)
+
+            pending = (load(0) if first is None else (defer.succeed(None), defer.succeed(first))) if wanted else None
             i = 0
             while pending is not None:
-                batch = yield pending
+                prepared, loading = pending
+                yield prepared
                 i += size
                 size = min(size * 2, self.FETCH_BATCH_MAX)
-                # The next batch loads while this one is written, except when loading sets
-                # \Seen: then only what is about to be sent is marked.
+                # The next batch loads once this one is parsed (its parsing overlaps the rest of
+                # this one's loading, and its writing), except when loading sets \Seen: then
+                # only what is about to be sent is marked.
                 pending = load(i) if i < len(wanted) and not markSeen else None
                 try:
+                    batch = yield loading
                     yield self._writeBatch(batch, request, uid, modseq, producer)
                 except BaseException:
-                    if pending is not None:
-                        pending.addErrback(lambda _: None)
+                    drop(pending)
                     raise
                 if producer.stopped or self._gone():
-                    if pending is not None:
-                        pending.addErrback(lambda _: None)
+                    drop(pending)
                     return
                 if pending is None and markSeen and i < len(wanted):
                     pending = load(i)

@@ -1407,12 +1407,16 @@ class Folder:
     #: summary fields L{summaryFields} can read without decoding the whole summary
     DIRECT_FIELDS = ("envelope", "bodystructure", "body")
 
-    def summaryFields(self, uids: Iterable[int], fields: Iterable[str]) -> dict[int, tuple[bytes, ...]]:
+    def summaryFields(self, uids: Iterable[int], fields: Iterable[str],
+                      later: list | None = None) -> dict[int, tuple[bytes, ...]]:
         """
         Some of the summary's FETCH-ready fields (L{DIRECT_FIELDS}) of many messages, read by
         sqlite's C{json_extract} instead of decoding every summary in Python (a warm
         C{FETCH 1:* (ENVELOPE)} spent most of its time there).  Messages without a cached
-        summary get one computed (L{summaries}).
+        summary get one computed (L{summaries}).  With C{later}, the ENVELOPEs read from
+        headers (L{_envelopes}) are not written to the index here: a function that writes
+        them is appended to C{later}, for the caller to call (a FETCH does, in another store
+        thread, while the workers parse its next batch).
         """
         fields = tuple(fields)
         if not set(fields) <= set(self.DIRECT_FIELDS):
@@ -1421,7 +1425,7 @@ class Folder:
         with self.user.lock:
             rows = self._select(f"SELECT uid, {', '.join(fields)} FROM wire WHERE folder=?", (self.id,), wanted)
         out = {row[0]: row[1:] for row in rows}
-        missing = [u for u in wanted if u not in out]
+        missing = [u for u in wanted if u not in out] if out else wanted  # (a range stays one: BETWEEN)
         if missing:  # summaries cached before schema 5 have these fields in their JSON
             columns = ", ".join(f"json_extract(summary, '$.{name}')" for name in fields)
             with self.user.lock:
@@ -1431,28 +1435,29 @@ class Folder:
                     out[row[0]] = tuple(value.encode("latin-1") for value in row[1:])
                 except (AttributeError, UnicodeEncodeError):
                     continue  # damaged (or without them: not found in wire): computed again below
-            missing = [u for u in missing if u not in out]
+            if out:
+                missing = [u for u in missing if u not in out]
         if missing and fields == ("envelope",):
-            missing = self._envelopes(missing, out)
+            missing = self._envelopes(missing, out, later)
         if missing:
             for uid, summary in self.summaries(missing).items():
                 out[uid] = tuple(getattr(summary, name) for name in fields)
         return out
 
-    def _envelopes(self, uids: list[int], out: dict) -> list[int]:
+    def _envelopes(self, uids: list[int], out: dict, later: list | None = None) -> list[int]:
         """
         The ENVELOPE of messages without a summary, into C{out} as C{(envelope,)}: from the
         C{envelopes} table, or read from the message's header alone and kept there (in one
-        transaction for the batch), as Dovecot answers a first FETCH of ENVELOPE; parsing the
-        whole message for its summary took three times as long.  Returns the UIDs still
-        missing (a header over a megabyte, a file gone or renamed meanwhile): their whole
-        summary is computed.
+        transaction for the batch; with C{later}, by a function appended to it), as Dovecot
+        answers a first FETCH of ENVELOPE; parsing the whole message for its summary took three
+        times as long.  Returns the UIDs still missing (a header over a megabyte, a file gone
+        or renamed meanwhile): their whole summary is computed.
         """
         with self.user.lock:
             rows = self._select("SELECT uid, envelope FROM envelopes WHERE folder=?", (self.id,), uids)
         for uid, envelope in rows:
             out[uid] = (envelope,)
-        missing = [u for u in uids if u not in out]
+        missing = [u for u in uids if u not in out] if rows else uids
         if not missing:
             return []
         paths = self.paths(missing)
@@ -1462,16 +1467,26 @@ class Folder:
             # the files' mtimes came with them: the internal dates the index lacks are kept
             # too, so that the same FETCH's INTERNALDATE stats no file (L{_internalDates})
             dates = [(got[1], self.id, uid) for uid, got in found.items() if got is not None]
-            with self.user.lock, self.user.cacheTransaction():
-                present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,), computed) if computed else ()
-                self.user.db.executemany(
-                    "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
-                    [(self.id, uid, computed[uid]) for (uid,) in present])
-                self.user.db.executemany(
-                    "UPDATE messages SET internaldate=? WHERE folder=? AND uid=? AND internaldate IS NULL", dates)
+            keep = lambda: self._keepEnvelopes(missing, computed, dates)
+            if later is None:
+                keep()
+            else:
+                later.append(keep)
             for uid, envelope in computed.items():
                 out[uid] = (envelope,)
         return [u for u in missing if u not in computed]
+
+    def _keepEnvelopes(self, uids, computed: dict, dates: list) -> None:
+        """L{_envelopes}' cache write: the ENVELOPEs of the messages still in the index, and their internal dates."""
+        with self.user.lock, self.user.cacheTransaction():
+            # (a range of UIDs is one BETWEEN, a list goes by IN lists of 500)
+            present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,),
+                                   uids if isinstance(uids, range) else computed) if computed else ()
+            self.user.db.executemany(
+                "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
+                [(self.id, uid, computed[uid]) for (uid,) in present if uid in computed])
+            self.user.db.executemany(
+                "UPDATE messages SET internaldate=? WHERE folder=? AND uid=? AND internaldate IS NULL", dates)
 
     def summaries(self, uids: Iterable[int]) -> dict:
         """

@@ -10,6 +10,7 @@ read of each file (its mtime).
 from __future__ import annotations
 
 import datetime
+import email.utils
 import imaplib
 import os
 import re
@@ -166,4 +167,70 @@ def test_a_small_fetch_reads_its_rows_without_a_store_thread(tmp_path):
     user.db.execute("UPDATE messages SET internaldate=NULL WHERE uid=4")
     assert mbox.fetchNow([4], None, dates=True) is None  # (the date is in the file's mtime)
     assert mbox.fetchNow([4], None, dates=False) is not None and calls == []
+    user.close()
+
+
+def test_a_first_fetch_of_envelopes_is_parsed_in_one_store_call_and_finished_in_another(tmp_path):
+    """
+    With a C{prepared} Deferred, a batch that reads ENVELOPEs from never-summarized files takes
+    two store calls: the first parses (and writes nothing), then C{prepared} fires, so that a
+    FETCH starts its next batch, whose parsing overlaps the second call: the ENVELOPEs and
+    internal dates written to the index, then the rows read.  The answer is the one a single
+    call gives.
+    """
+    import sqlite3
+
+    from twisted.internet import defer
+
+    from pymaild.imap.mailbox import StoreMailbox
+    from pymaild.store.maildir import MaildirStore
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(80):  # (past the summarizer's MIN_BATCH, parsed without worker processes here)
+        data = f"From: s{i}@example.com\nSubject: number {i}\n\nbody {i}\n".encode()
+        path = inbox.path / "cur" / f"{1700000000 + i}.M{i}P1.test,S={len(data)},W={len(data) + data.count(10)}:2,S"
+        path.write_bytes(data)
+        os.utime(path, (1600000000 + 3601 * i,) * 2)
+    inbox.sync()
+    uids = inbox.uids()
+    queued = []
+
+    def run(f, *args):
+        d = defer.Deferred()
+        queued.append((f, args, d))
+        return d
+
+    def step():
+        f, args, d = queued.pop(0)
+        d.callback(f(*args))
+
+    def written():
+        db = sqlite3.connect(inbox.user.root / "pymaild.index.sqlite")
+        try:
+            return (db.execute("SELECT count(*) FROM envelopes").fetchone()[0],
+                    db.execute("SELECT count(*) FROM messages WHERE internaldate IS NOT NULL").fetchone()[0])
+        finally:
+            db.close()
+
+    mbox = StoreMailbox(inbox, run, True, {}, uids)
+    prepared, answers = defer.Deferred(), []
+    mbox.fetchBatch(list(uids), True, False, None, ("envelope",), False, True, prepared).addCallback(answers.append)
+    assert len(queued) == 1 and not prepared.called
+    step()
+    assert prepared.called and not answers and len(queued) == 1 and written() == (0, 0)
+    step()
+    assert written() == (80, 80) and len(answers) == 1
+
+    def shown(found):
+        return [(seq, m.getUID(), m.getInternalDate(), m.summary.envelope) for seq, m in found]
+
+    assert [seq for seq, _ in answers[0]] == list(range(1, 81))
+    assert [int(re.search(rb'"number (\d+)"', m.summary.envelope).group(1)) for _, m in answers[0]] == list(range(80))
+    assert [email.utils.parsedate_to_datetime(m.getInternalDate()).timestamp()
+            for _, m in answers[0]] == [1600000000 + 3601 * i for i in range(80)]
+    single = []
+    mbox.fetchBatch(list(uids), True, False, None, ("envelope",), False, True).addCallback(single.append)
+    step()
+    assert not queued and shown(single[0]) == shown(answers[0])
     user.close()

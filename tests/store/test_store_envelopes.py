@@ -156,6 +156,36 @@ def test_envelopes_read_from_the_files_bring_their_internal_dates(tmp_path, monk
     user.close()
 
 
+def test_envelopes_kept_later_are_written_when_the_caller_says(tmp_path):
+    """
+    With C{later} (a FETCH that overlaps one batch's index writes with the next batch's
+    parsing), summaryFields answers at once but writes nothing: the function it leaves writes
+    the ENVELOPEs and internal dates, of the messages still in the index only.
+    """
+    import os
+
+    user, inbox = make(tmp_path, 6)
+    uids = inbox.uids()
+    paths = inbox.paths(uids)
+    for n, uid in enumerate(uids):
+        os.utime(paths[uid], (1600000000 + n * 86400,) * 2)
+    user.db.execute("UPDATE messages SET internaldate=NULL")
+    later = []
+    got = inbox.summaryFields(range(uids[0], uids[-1] + 1), ("envelope",), later)
+    assert got == {uid: (expected(i).envelope,) for i, uid in enumerate(uids)}
+    assert len(later) == 1 and count(user, "envelopes") == 0
+    assert user.db.execute("SELECT count(*) FROM messages WHERE internaldate IS NOT NULL").fetchone()[0] == 0
+    inbox.store([uids[2]], ["\\Deleted"], "add")
+    assert inbox.expunge() == [uids[2]]  # (between the parse and the write)
+    later[0]()
+    kept = dict(user.db.execute("SELECT uid, envelope FROM envelopes"))
+    assert kept == {uid: expected(i).envelope for i, uid in enumerate(uids) if uid != uids[2]}
+    dates = {m.uid: m.internalDate for m in inbox.messages()}
+    assert dates == {uid: 1600000000 + n * 86400 for n, uid in enumerate(uids) if uid != uids[2]}
+    assert inbox.summaryFields(uids, ("envelope",), later=[]) == {u: e for u, e in got.items() if u != uids[2]}
+    user.close()
+
+
 def test_the_whole_summary_replaces_the_envelope_and_expunge_removes_it(tmp_path):
     user, inbox = make(tmp_path, 5)
     uids = inbox.uids()
