@@ -301,7 +301,7 @@ def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_
 
 def test_a_bulk_store_commits_after_its_directory_fsync(tmp_path, monkeypatch):
     """
-    A bulk STORE syncs cur/ in another thread while its index rows are written: the fsync has
+    A bulk STORE syncs cur/ in another thread while it updates the caches: the fsync has
     finished before the COMMIT, and one that fails (EIO) fails the STORE with nothing of it in
     the index or the caches.
     """
@@ -347,7 +347,7 @@ def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_pat
     user, inbox = makeInbox(tmp_path, 120)
     inbox.flagIndex()
     taken = {7: "unlink", 8: "rename", 90: "unlink"}
-    real = maildir.Folder._renameForStore
+    real = maildir.Folder._renamePlanned
     paths = {uid: inbox.filePath(uid) for uid in taken}  # (the STORE holds the user's lock)
 
     def otherProcess(self, *args, **kwargs):
@@ -359,7 +359,7 @@ def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_pat
                 path.rename(path.with_name(path.name.partition(":")[0] + ":2,T"))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(maildir.Folder, "_renameForStore", otherProcess)
+    monkeypatch.setattr(maildir.Folder, "_renamePlanned", otherProcess)
     before = rows(inbox)
     changed, failed = inbox.store(range(1, 121), ["\\Answered"], "add")
     assert failed == sorted(taken) and sorted(changed) == [u for u in range(1, 121) if u not in taken]
@@ -370,7 +370,64 @@ def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_pat
     assert inbox.status()["unseen"] == sum("\\Seen" not in f for f, _, _ in after.values())
     for uid in changed:
         assert inbox.filePath(uid).exists()
-    monkeypatch.setattr(maildir.Folder, "_renameForStore", real)
+    monkeypatch.setattr(maildir.Folder, "_renamePlanned", real)
     inbox.sync()
     now = rows(inbox)
     assert 7 not in now and 90 not in now and now[8][0] == {"\\Deleted"}  # (the other process's ":2,T")
+
+
+def test_a_bulk_store_writes_its_rows_by_key(tmp_path):
+    """
+    The bulk STORE's one UPDATE goes through its JSON array and finds each row by the primary
+    key (without the subquery's LIMIT, sqlite scanned the array once per row of the folder).
+    """
+    user, inbox = makeInbox(tmp_path, 5)
+    plan = " / ".join(r[3] for r in user.db.execute("EXPLAIN QUERY PLAN " + maildir._BULK_STORE, ("[]", 1, inbox.id)))
+    assert "SEARCH messages USING PRIMARY KEY (folder=? AND uid=?)" in plan, plan
+    user.close()
+
+
+@pytest.mark.parametrize("failing", ["rename", "update"])
+def test_a_bulk_store_that_fails_midway_leaves_the_index_as_it_was(tmp_path, monkeypatch, failing):
+    """
+    A bulk STORE writes its rows in a helper thread while it renames: a rename that fails with
+    an I/O error half way, or an UPDATE that sqlite refuses, fails the STORE after the helper is
+    done, with nothing of it in the index or the caches and the connection out of its
+    transaction; a sync then takes the flags of the files renamed before the failure, and the
+    next STORE works.
+    """
+    user, inbox = makeInbox(tmp_path, 120)
+    inbox.flagIndex()
+    before = rows(inbox)
+    if failing == "rename":
+        real, count = os.rename, [0]
+
+        def rename(*args, **kwargs):
+            count[0] += 1
+            if count[0] == 50:
+                raise OSError(errno.EIO, "I/O error")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(maildir.os, "rename", rename)
+    else:
+        def deny(action, table, column, db, trigger):
+            return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_UPDATE and table == "messages" else sqlite3.SQLITE_OK
+
+        user.db.set_authorizer(deny)
+    with pytest.raises((OSError, sqlite3.DatabaseError)):
+        inbox.store(range(1, 121), ["\\Flagged"], "add")
+    monkeypatch.undo()
+    user.db.set_authorizer(None)
+    assert not user.db.in_transaction
+    assert rows(inbox) == before and decoded(inbox.flagIndex()) == before
+    inbox.sync(force=True)
+    now = rows(inbox)
+    assert sorted(now) == sorted(before)
+    for uid, (flags, _, _) in now.items():
+        path = inbox.filePath(uid)  # (the index's name is the file's after the sync)
+        assert path.exists() and ("F" in path.name.partition(":2,")[2]) == ("\\Flagged" in flags)
+    assert sum("\\Flagged" in f for f, _, _ in now.values()) == (49 if failing == "rename" else 120)
+    changed, failed = inbox.store(range(1, 121), ["\\Flagged"], "add")
+    assert not failed and all("\\Flagged" in f for f, _, _ in rows(inbox).values())
+    assert decoded(inbox.flagIndex()) == rows(inbox)
+    user.close()
