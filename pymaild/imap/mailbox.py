@@ -586,17 +586,18 @@ class StoreMailbox:
                 out.append((meta.uid, StoreMessage(meta, path, summaries.get(meta.uid))))
             return out
 
-        if prepared is None:
-            return self.run(lambda: work(prepare())).addCallback(self._numbered)
-
         def ready(result):
             if not prepared.called:
                 prepared.callback(None)
             return result
 
-        if not early:
-            return self.run(lambda: work(prepare())).addBoth(ready).addCallback(self._numbered)
-        return self.run(prepare).addBoth(ready).addCallback(lambda fields: self.run(work, fields)).addCallback(self._numbered)
+        if prepared is not None and early:  # (two store calls: the next batch starts between)
+            loaded = self.run(prepare).addBoth(ready).addCallback(lambda fields: self.run(work, fields))
+        else:
+            loaded = self.run(lambda: work(prepare()))
+            if prepared is not None:
+                loaded.addBoth(ready)
+        return loaded.addCallback(self._numbered)
 
     def fetchNow(self, uids, changedSince: int | None = None, dates: bool = True):
         """

@@ -2254,7 +2254,7 @@ class Folder:
             with quiet:
                 missed = False
                 if not bulk:
-                    missed = self._renamePlanned(plans, failed, curFd, newFd, announced)
+                    missed = bool(self._renamePlanned(plans, failed, curFd, newFd, announced))
                     if plans:
                         os.fsync(curFd)
                 if plans:
@@ -2327,11 +2327,11 @@ class Folder:
             base = name.partition(":")[0]
             plans.append((uid, base + outcome[0], outcome, base, row))
 
-    def _renamePlanned(self, plans, failed, curFd, newFd, expect=False) -> bool:
+    def _renamePlanned(self, plans, failed, curFd, newFd, expect=False) -> list:
         """
         STORE's renames (the caller holds the lock): a plan whose file is gone (another process
         renamed or removed it meanwhile: the next sync) leaves C{plans} for C{failed}; returns
-        whether one did.  With C{expect}, the watcher is told of each rename's two events first
+        the plans that left.  With C{expect}, the watcher is told of each rename's two events first
         (L{expectEvents}), so that this process's own renames do not cost a sync.
         """
         rename = os.rename
@@ -2348,11 +2348,11 @@ class Folder:
                 if announce:
                     self.expectEvents(events, False)
                 gone.append(i)
-        if gone:
-            for i in reversed(gone):
-                failed.append(plans.pop(i)[0])
+        dropped = [plans.pop(i) for i in reversed(gone)]
+        if dropped:
+            failed.extend(p[0] for p in dropped)
             failed.sort()
-        return bool(gone)
+        return dropped
 
     def _renameWhileWriting(self, plans, failed, modseq, curFd, newFd):
         """
@@ -2365,19 +2365,17 @@ class Folder:
         """
         db = self.user.db
         payload = json.dumps([(p[0], p[1], p[2][1], p[2][2]) for p in plans])
-        planned = list(plans)
         written = _helpers.submit(db.execute, _BULK_STORE, (payload, modseq, self.id))
         try:
-            missed = self._renamePlanned(plans, failed, curFd, newFd)
+            gone = self._renamePlanned(plans, failed, curFd, newFd)
         finally:
             written.result()  # (before anything else touches the connection; its error, if any)
-        if missed:
-            kept = {p[0] for p in plans}
+        if gone:
             db.executemany(
                 "UPDATE messages SET name=?, innew=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
-                [(*p[4], self.id, p[0]) for p in planned if p[0] not in kept],
+                [(*p[4], self.id, p[0]) for p in gone],
             )
-        return missed, _helpers.submit(_fsyncClosing, os.dup(curFd))
+        return bool(gone), _helpers.submit(_fsyncClosing, os.dup(curFd))
 
     def expectEvents(self, events, expected: bool = True) -> None:
         """
