@@ -347,7 +347,11 @@ class StoreMailbox:
     def _loadFlags(self):
         uids, self._pendingFlags = sorted(self._pendingFlags), set()
         if uids and self._attached:
-            self.run(self.folder.flagRows, uids).addCallback(self._announceFlags)
+            found = self.folder.flagRowsNow(uids)  # (from the flag index the change updated)
+            if found is not None:
+                self._announceFlags(found)
+            else:
+                self.run(self.folder.flagRows, uids).addCallback(self._announceFlags)
 
     def _claimed(self, span):
         low, high = span

@@ -286,3 +286,65 @@ def test_flag_runs_stop_where_the_index_and_the_view_part():
     PymaildIMAP4Server._writeFlagRuns(server, parseFetch(b"(FLAGS)"), list(range(1, 9)), True, False,
                                       producer).addCallback(done.append)
     assert done == [8] and written == [b"3 ", b"3 ", b"2 "] and calls == [[1, 2, 3], [4, 5, 6], [7, 8]]
+
+
+def test_another_sessions_flag_change_is_announced_from_the_kept_index(tmp_path):
+    """
+    A session told that flags changed elsewhere reads them from the kept flag index on the
+    reactor (C{Folder.flagRowsNow}), without a store call (with ten sessions on a folder, each
+    STORE cost the other nine one each), and announces what the index rows say; with no index
+    kept, or one another change made stale, it makes the store call as before.
+    """
+    from twisted.internet import defer, task
+
+    from pymaild.imap.mailbox import StoreMailbox
+    from pymaild.store.maildir import Changes, MaildirStore
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    for i in range(12):
+        inbox.append(b"Subject: %d\n\nx\n" % i, ["\\Seen"] if i % 2 else [])
+    clock = task.Clock()
+    clock.callFromThread = lambda f, *args: f(*args)
+    calls, heard = [], []
+
+    def run(f, *args):
+        calls.append(f)
+        return defer.succeed(f(*args))
+
+    class Listener:
+        def flagsChanged(self, update):
+            heard.append(update)
+
+        def newMessages(self, exists, recent):
+            pass
+
+    mbox = StoreMailbox(inbox, run, True, {}, inbox.uids(), reactor=clock)
+    mbox.attach()
+    mbox.addListener(Listener())
+
+    def expected(uids):
+        return {mbox.sequenceNumber(m.uid): (mbox._flagList(m), m.uid, m.modseq) for m in inbox.flagRows(uids)}
+
+    inbox.flagIndex()
+    inbox.store([3, 4], ["\\Flagged", "$Work"], "add")
+    clock.advance(0.05)
+    assert calls == [] and heard == [expected([3, 4])]
+    assert heard[0][3][0] == ["$Work", "\\Flagged"] and heard[0][4][0] == ["$Work", "\\Flagged", "\\Seen"]
+    inbox.store([4, 40], ["\\Seen"], "remove")  # (40: no such message)
+    clock.advance(0.05)
+    assert calls == [] and heard[1] == expected([4])
+
+    other = MaildirStore(tmp_path / "mail").user("alice@example.com")  # another process
+    try:
+        other.folder("INBOX").store([6], ["\\Answered"], "add")  # (the kept index is stale now)
+    finally:
+        other.close()
+    mbox._folderChanged(inbox, Changes(flagsChanged=[6]))  # (as the watcher's sync reports it)
+    clock.advance(0.05)
+    assert calls == [inbox.flagRows] and heard[2] == expected([6]) and "\\Answered" in heard[2][6][0]
+    inbox._dropFlagIndex()
+    inbox.store([8], ["\\Draft"], "add")
+    clock.advance(0.05)
+    assert calls == [inbox.flagRows] * 2 and heard[3] == expected([8])
+    user.close()
