@@ -115,7 +115,7 @@ def _plainConnection(transport):
     return None
 
 
-def writeNow(transport, data: bytes, conn=False) -> None:
+def writeNow(transport, data: bytes, conn=False) -> bool:
     """
     C{transport.write(data)}, sent with one C{send} right away when nothing is waiting to go out
     before it: the answer a client waits for, without Twisted's registering the socket for
@@ -125,20 +125,23 @@ def writeNow(transport, data: bytes, conn=False) -> None:
     and everything behind data already buffered (order is kept).  An error from C{send} is
     left for the reactor to find: the data goes to C{transport.write}, which registers the
     socket, and its C{doWrite} meets the error as it would have.  C{conn}: the transport's
-    L{_plainConnection} if the caller knows it already.
+    L{_plainConnection} if the caller knows it already.  True when all of C{data} was sent
+    (nothing is left for L{sendNow} to do), False when some went to C{transport.write}.
     """
     if conn is False:
         conn = _plainConnection(transport)
     if (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
             or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not data):
         transport.write(data)
-        return
+        return False
     try:
         sent = conn.socket.send(data)
     except OSError:  # EAGAIN, or an error the reactor reports on its next turn
         sent = 0
     if sent < len(data):
         transport.write(data[sent:] if sent else data)
+        return False
+    return True
 
 
 class LazyPause:

@@ -58,7 +58,7 @@ class WriteNowTests(unittest.TestCase):
         # the transport is the WrappingFactory's ProtocolWrapper, as the listeners' tracking is
         self.assertIsInstance(server.transport, ProtocolWrapper)
         conn = server.transport.transport
-        writeNow(server.transport, b"+OK\r\n")
+        self.assertTrue(writeNow(server.transport, b"+OK\r\n"))
         self.assertNotIn(conn, reactor.getWriters())  # sent: nothing left for the reactor
         self.assertEqual(conn._tempDataBuffer, [])
         self.assertEqual((yield client.done), b"+OK\r\n")
@@ -67,7 +67,7 @@ class WriteNowTests(unittest.TestCase):
     def test_behind_buffered_data_the_order_is_kept(self):
         client, server = yield self._connect(8)
         server.transport.write(b"first ")  # buffered until the reactor's next turn
-        writeNow(server.transport, b"2\r")
+        self.assertFalse(writeNow(server.transport, b"2\r"))
         self.assertIn(server.transport.transport, reactor.getWriters())
         self.assertEqual((yield client.done), b"first 2\r")
 
@@ -75,7 +75,7 @@ class WriteNowTests(unittest.TestCase):
     def test_what_the_socket_does_not_take_is_buffered_and_arrives_whole(self):
         big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers take at once
         client, server = yield self._connect(len(big))
-        writeNow(server.transport, big)
+        self.assertFalse(writeNow(server.transport, big))
         self.assertIn(server.transport.transport, reactor.getWriters())
         received = yield client.done
         self.assertEqual(len(received), len(big))
@@ -86,13 +86,13 @@ class WriteNowTests(unittest.TestCase):
         client, server = yield self._connect(6)
         server.transport.loseConnection()
         conn = server.transport.transport
-        writeNow(server.transport, b"late\r\n")  # disconnecting: left to transport.write,
+        self.assertFalse(writeNow(server.transport, b"late\r\n"))  # disconnecting: left to transport.write,
         self.assertIn(conn, reactor.getWriters())  # which sends it before the close
         self.assertEqual((yield client.done), b"late\r\n")
 
     def test_tls_and_unknown_transports_write_as_usual(self):
         t = StringTransport()
-        writeNow(t, b"x\r\n")
+        self.assertFalse(writeNow(t, b"x\r\n"))
         self.assertEqual(t.value(), b"x\r\n")
 
 

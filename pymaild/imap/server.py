@@ -30,7 +30,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from pymaild.envelope import inNetworks
-from pymaild.flow import Backpressure as _Backpressure, LazyPause, sendNow, writeNow
+from pymaild.flow import Backpressure as _Backpressure, LazyPause, _plainConnection, sendNow, writeNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.imap import fetch
 from pymaild.imap import sort as sort_
@@ -389,14 +389,21 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     #: an answer's untagged part, held back by L{_answerWith} to go out with its tagged line
     _unsent = b""
 
+    #: the TCP connection under the transport when writes reach it unchanged (flow's
+    #: _plainConnection, found at the first answer: the wrappers do not change), or None
+    _conn = False
+
     def _respond(self, state, tag, message):
         unsent, self._unsent = self._unsent, b""
+        sent = False
         if tag is not None and not self._buffer and not self._queuedAsync:
             # the client waits for this and nothing is pipelined behind it: the answer goes out
             # at once, in one send when nothing waits before it (flow.writeNow: no registering
             # of the socket for writing and unregistering it after, two epoll_ctl an answer)
-            writeNow(self.transport, unsent + b" ".join((tag, state, message) if message else (tag, state))
-                     + self.delimiter)
+            if self._conn is False:
+                self._conn = _plainConnection(self.transport)
+            sent = writeNow(self.transport, unsent + b" ".join((tag, state, message) if message else (tag, state))
+                            + self.delimiter, self._conn)
         else:
             if unsent:
                 self.transport.write(unsent)
@@ -405,7 +412,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
             if tag == self._heldTag:
                 self._heldTag = None
                 self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
-            if not self._buffer:
+            if not self._buffer and not sent:
                 sendNow(self.transport)  # (what writeNow could not send: over TLS, behind other data)
 
     def _answerWith(self, data, tag, message=b"FETCH completed"):
@@ -1311,7 +1318,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
 
     def arg_fetchspec(self, line):
         try:
-            return fetch.parseFetch(line), b""
+            return fetch.parseFetchCached(line), b""
         except fetch.FetchError as e:
             raise imap4.IllegalClientResponse(str(e))
 

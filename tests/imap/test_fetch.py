@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pymaild.imap.fetch import MAX_NESTING, FetchError, internalDate, parseFetch
+from pymaild.imap import fetch
+from pymaild.imap.fetch import MAX_NESTING, FetchError, internalDate, parseFetch, parseFetchCached
 
 
 def types(request):
@@ -152,3 +153,36 @@ def test_sections_read_whole_stay_within_the_budget(tmp_path):
             out += p
     one = b"BODY[] {%d}\r\n" % len(wire) + wire
     assert out == b"* 1 FETCH (" + b" ".join([one] * 3) + b")\r\n"
+
+
+def test_parsed_texts_are_kept_and_each_request_is_its_own(monkeypatch):
+    """
+    A FETCH text parsed before is not parsed again; each request from it is a copy the server
+    may add to (a FETCH that sets \\Seen adds FLAGS) without the next one seeing it; a
+    malformed text raises every time; a long one is not kept; the store is bounded.
+    """
+    monkeypatch.setattr(fetch, "_parsed", {})
+    calls = []
+    real = fetch.parseFetch
+    monkeypatch.setattr(fetch, "parseFetch", lambda line: calls.append(line) or real(line))
+    first = parseFetchCached(b"(BODY[] MODSEQ) (CHANGEDSINCE 7)")
+    first.items.append("added")
+    first.types.add("added")
+    second = parseFetchCached(b"(BODY[] MODSEQ) (CHANGEDSINCE 7)")
+    assert len(calls) == 1
+    again = real(b"(BODY[] MODSEQ) (CHANGEDSINCE 7)")
+    assert [bytes(i) for i in second.items] == [bytes(i) for i in again.items] == [b"BODY[]"]
+    assert second.items is not first.items and second.types is not first.types
+    assert (second.modseq, second.changedSince, second.types) == (True, 7, {"body"})
+    for _ in range(2):
+        with pytest.raises(FetchError):
+            parseFetchCached(b"(BODY[)")
+    assert b"(BODY[)" not in fetch._parsed
+    long = b"(BODY.PEEK[HEADER.FIELDS (" + b" ".join(b"X-%d" % i for i in range(100)) + b")])"
+    parseFetchCached(long)
+    parseFetchCached(long)
+    assert calls.count(long) == 2
+    monkeypatch.setattr(fetch, "PARSED_MAX", 3)
+    for n in range(5):
+        parseFetchCached(b"(UID RFC822.SIZE FLAGS BODY.PEEK[%d])" % (n + 1))
+    assert len(fetch._parsed) <= 3
