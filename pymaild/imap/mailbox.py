@@ -344,10 +344,15 @@ class StoreMailbox:
                 self._reactor.callLater(0.05, self._loadFlags)
             self._pendingFlags.update(changed)
 
+    #: at most this many changed messages' flags are read on the reactor from the kept flag
+    #: index (L{pymaild.store.maildir.Folder.flagRowsNow}); more, by a store call
+    FLAG_ROWS_NOW = 1000
+
     def _loadFlags(self):
         uids, self._pendingFlags = sorted(self._pendingFlags), set()
         if uids and self._attached:
-            found = self.folder.flagRowsNow(uids)  # (from the flag index the change updated)
+            # (from the flag index the change updated)
+            found = self.folder.flagRowsNow(uids) if len(uids) <= self.FLAG_ROWS_NOW else None
             if found is not None:
                 self._announceFlags(found)
             else:
