@@ -2263,18 +2263,21 @@ class Folder:
                                       + where, (self.id, *params), span if len(span) < 2 * len(wanted) else wanted)
                 if r[0] in wanted
             }
-            plans: list = []
-            outcomes: dict[tuple[str, str], tuple | None] = {}  # per distinct flag pair, not per message
-            self._planStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed)
             watched = self.quiet is not None
             announced = watched and len(rows) < _QUIET_FROM
-            bulk = len(plans) >= _QUIET_FROM
             epoch = self._watchEpoch
-            before = self._dirStats((curFd, newFd)) if announced else None
-            noted = self._ownStamps
-            self._noteOwnStamps(epoch, None)  # (until the index has these renames too)
+            # (the reactor lifts the watch while the renames are worked out)
             quiet = self.quiet() if watched and not announced else nullcontext()
-            with quiet:
+            with quiet as lifting:
+                plans: list = []
+                outcomes: dict[tuple[str, str], tuple | None] = {}  # per distinct flag pair, not per message
+                self._planStore(rows, mode, system, keywords, unchangedSince, outcomes, plans, failed)
+                bulk = len(plans) >= _QUIET_FROM
+                before = self._dirStats((curFd, newFd)) if announced else None
+                noted = self._ownStamps
+                self._noteOwnStamps(epoch, None)  # (until the index has these renames too)
+                if lifting is not None:
+                    lifting.wait()
                 missed = False
                 if not bulk:
                     missed = bool(self._renamePlanned(plans, failed, curFd, newFd, announced))

@@ -20,9 +20,10 @@ next sync its listing (C{Folder.watchChanged}, C{Folder._noteOwnStamps}); in exc
 watcher's own syncs list the directories whatever their stamps (another process's change in
 the same clock tick as this one's moves no mtime).  A STORE on many messages lifts the
 watch around its renames (C{Folder.quiet}, set while a folder is watched): events for a
-directory being watched cost each rename about as much again, and one sync after the watch is
-back (L{QUIET_RESYNC_DELAY} later, so that the client's next commands go first) catches what
-other processes did meanwhile.
+directory being watched cost each rename about as much again.  The watch comes back
+L{QUIET_RESUME_DELAY} after the renames (the STORE's answer first), and one sync after that
+(L{QUIET_RESYNC_DELAY} later, so that the client's next commands go first) catches what other
+processes did meanwhile.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from contextlib import contextmanager
 
 from twisted.internet import inotify
 from twisted.logger import Logger
@@ -83,6 +83,42 @@ class _Notifier(inotify.INotify):
 #: once (a STORE -FLAGS after +FLAGS, the next UID set of a long one), go first
 QUIET_RESYNC_DELAY = 1.0
 
+#: seconds between the end of a bulk STORE's renames and the watch's return: the reactor then
+#: answers the STORE first (putting the watch back, two inotify calls with their Python, ran on
+#: the reactor while the store thread still wanted the interpreter for its last steps: ~1 ms
+#: on the STORE's answer), and a bulk STORE that follows at once (-FLAGS after +FLAGS) finds
+#: the watch lifted still.  Nothing is missed meanwhile: the sync after the return lists the
+#: directories.
+QUIET_RESUME_DELAY = 0.05
+
+
+class _Quiet:
+    """
+    A bulk STORE's lifting of the watch (L{FolderWatcher._quiet}), in a store thread: asked for
+    on entry, without waiting, so that the reactor lifts it while the store works out its
+    renames; L{wait} before the first rename; on exit the watch comes back
+    L{QUIET_RESUME_DELAY} later.
+    """
+
+    def __init__(self, watcher, folder):
+        self.watcher, self.folder = watcher, folder
+        self.lifted = threading.Event()
+
+    def __enter__(self):
+        self.watcher.reactor.callFromThread(self.watcher._suspend, self.folder, self.lifted)
+        return self
+
+    def wait(self) -> None:
+        """
+        Wait for the reactor to lift the watch, for at most half a second (waiting without a
+        limit could deadlock a shutdown that joins the store's threads; renames made before the
+        watch is lifted only cost their events).
+        """
+        self.lifted.wait(0.5)
+
+    def __exit__(self, *exc):
+        self.watcher.reactor.callFromThread(self.watcher._resumeSoon, self.folder)
+
 
 class FolderWatcher:
     """
@@ -98,6 +134,8 @@ class FolderWatcher:
         self._watched: dict[int, tuple[object, int]] = {}  # id(folder) -> (folder, users)
         self._pending: dict[int, object] = {}
         self._quieted: set[int] = set()  # folders whose watch a bulk STORE has lifted
+        self._resuming: dict[int, object] = {}  # id(folder) -> the call that puts its watch back
+        self._stopped = False
 
     def watch(self, folder) -> None:
         """
@@ -139,27 +177,21 @@ class FolderWatcher:
             except KeyError:
                 pass  # (the directory was deleted: its watch went with it)
 
-    @contextmanager
-    def _quiet(self, folder):
+    def _quiet(self, folder) -> _Quiet:
         """
         From a store thread, around this process's own renames of many files: the watch is
         lifted (each rename in a watched directory queues two events, which about doubled the
         cost of a rename), then put back, and one sync catches whatever another process did
-        meanwhile.  The store thread waits for the reactor to lift the watch for at most half a
-        second (waiting without a limit could deadlock a shutdown that joins the store's
-        threads; renames made before the watch is lifted only cost their events).
+        meanwhile (L{_Quiet}).
         """
-        lifted = threading.Event()
-        self.reactor.callFromThread(self._suspend, folder, lifted)
-        lifted.wait(0.5)
-        try:
-            yield
-        finally:
-            self.reactor.callFromThread(self._resume, folder)
+        return _Quiet(self, folder)
 
     def _suspend(self, folder, lifted=None) -> None:
         try:
             key = id(folder)
+            resuming = self._resuming.pop(key, None)
+            if resuming is not None and resuming.active():
+                resuming.cancel()  # (lifted still: it stays so)
             if key in self._watched and key not in self._quieted:
                 self._quieted.add(key)
                 self._remove(folder)
@@ -168,8 +200,16 @@ class FolderWatcher:
             if lifted is not None:
                 lifted.set()
 
+    def _resumeSoon(self, folder) -> None:
+        key = id(folder)
+        if key not in self._resuming and not self._stopped:
+            self._resuming[key] = self.reactor.callLater(QUIET_RESUME_DELAY, self._resume, folder)
+
     def _resume(self, folder) -> None:
         key = id(folder)
+        resuming = self._resuming.pop(key, None)
+        if resuming is not None and resuming.active():
+            resuming.cancel()  # (called directly)
         if key in self._quieted:
             self._quieted.discard(key)
             if key in self._watched:
@@ -192,6 +232,9 @@ class FolderWatcher:
             return
         del self._watched[key]
         folder.quiet = None
+        resuming = self._resuming.pop(key, None)
+        if resuming is not None and resuming.active():
+            resuming.cancel()
         if key in self._quieted:
             self._quieted.discard(key)  # lifted already
         else:
@@ -223,8 +266,10 @@ class FolderWatcher:
         d.addErrback(lambda f: log.failure("syncing {folder} after a change on disk", f, folder=folder.name))
 
     def stop(self) -> None:
-        for call in self._pending.values():
+        self._stopped = True
+        for call in [*self._pending.values(), *self._resuming.values()]:
             if call.active():
                 call.cancel()
         self._pending.clear()
+        self._resuming.clear()
         self._notifier.loseConnection()

@@ -168,6 +168,59 @@ class QuietTests(_WatcherCase):
         self.assertNotIn(id(folder), self.watcher._watched)
         self.watcher.unwatch(folder)  # and a later unwatch is a no-op, not a KeyError
 
+    @defer.inlineCallbacks
+    def test_a_bulk_store_waits_for_the_lift_and_answers_before_the_watch_is_back(self):
+        """
+        A bulk STORE (three renames here) has the reactor lift the watch while it works out
+        its renames, and renames only once it is lifted; the watch comes back
+        QUIET_RESUME_DELAY after the STORE ends (its answer first), and a bulk STORE before then
+        finds it lifted still: no inotify calls in between.
+        """
+        from twisted.internet import threads
+
+        from pymaild.store import maildir, watch
+
+        self.patch(maildir, "_QUIET_FROM", 2)
+        for i in range(3):
+            self.inbox.append(b"Subject: %d\n\nbody\n" % i)
+        self.watcher.watch(self.inbox)
+        key = id(self.inbox)
+        calls = []
+        add, remove, rename = self.watcher._add, self.watcher._remove, os.rename
+        self.patch(self.watcher, "_add", lambda f: (calls.append("add"), add(f))[1])
+        self.patch(self.watcher, "_remove", lambda f: (calls.append("remove"), remove(f))[1])
+        self.patch(os, "rename", lambda *a, **k: (
+            calls.append("lifted" if key in self.watcher._quieted else "heard"), rename(*a, **k))[1])
+        suspend = self.watcher._suspend  # (a reactor slow to get to it: the renames wait)
+        self.patch(self.watcher, "_suspend", lambda *a: reactor.callLater(0.05, suspend, *a))
+        changed, _ = yield threads.deferToThread(self.inbox.store, [1, 2, 3], ["\\Seen"], "add")
+        self.assertEqual(sorted(changed), [1, 2, 3])
+        self.assertEqual(calls, ["remove", "lifted", "lifted", "lifted"])
+        pending = self.watcher._resuming[key]
+        self.assertIn(key, self.watcher._quieted)
+        self.assertTrue(0 < pending.getTime() - reactor.seconds() <= watch.QUIET_RESUME_DELAY)
+        self.watcher._suspend = suspend
+        yield threads.deferToThread(self.inbox.store, [1, 2, 3], ["\\Seen"], "remove")
+        self.assertEqual(calls[4:], ["lifted", "lifted", "lifted"])
+        self.assertFalse(pending.active())
+        self.assertTrue(self.watcher._resuming[key].active())
+        self.watcher._resume(self.inbox)  # (what the call does when it falls due)
+        self.assertEqual(calls[-1], "add")
+        self.assertNotIn(key, self.watcher._resuming)
+        self.assertNotIn(key, self.watcher._quieted)
+        self.assertIn(key, self.watcher._pending)  # the sync that catches what was not heard
+        self.watcher.unwatch(self.inbox)
+
+    def test_stop_cancels_the_watchs_return(self):
+        self.watcher.watch(self.inbox)
+        self.watcher._suspend(self.inbox)
+        self.watcher._resumeSoon(self.inbox)
+        pending = self.watcher._resuming[id(self.inbox)]
+        self.watcher.stop()
+        self.assertFalse(pending.active())
+        self.watcher._resumeSoon(self.inbox)  # (a store thread's STORE ending after the stop)
+        self.assertEqual(self.watcher._resuming, {})
+
 
 class _OwnCase(_WatcherCase):
     """INBOX with three messages and a folder Other, both watched; INBOX's syncs recorded."""
