@@ -781,6 +781,8 @@ class StoreMailbox:
         still present (none unless C{report}), [uids not changed because of UNCHANGEDSINCE])}.
         """
         wanted = self.resolve(messages, uid)
+        if wanted and wanted[-1] - wanted[0] + 1 == len(wanted):  # (ascending and distinct: dense)
+            wanted = range(wanted[0], wanted[-1] + 1)  # (STORE 1:*: no set of every UID made again)
 
         @self._own
         def work():

@@ -2251,18 +2251,20 @@ class Folder:
         failed: list[int] = []
         with self.user.lock, _DirFds(self.path) as (curFd, newFd):
             db = self.user.db
-            wanted = set(uids)
-            span = range(min(wanted), max(wanted) + 1) if wanted else range(0)
-            # a dense set (STORE 1:*) is one BETWEEN; a sparse one goes by IN lists; only the
-            # rows the change can affect are read (all of them for UNCHANGEDSINCE, which fails
-            # a message modified since even when the change would leave it as it is)
+            # a dense set (STORE 1:*; a range as the IMAP session passes it) is one BETWEEN; a
+            # sparse one goes by IN lists; only the rows the change can affect are read (all of
+            # them for UNCHANGEDSINCE, which fails a message modified since even when the change
+            # would leave it as it is)
             where, params = ("", ()) if unchangedSince is not None else _mayChange(mode, system, keywords)
-            rows = {
-                r[0]: r[1:]
-                for r in self._select("SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?"
-                                      + where, (self.id, *params), span if len(span) < 2 * len(wanted) else wanted)
-                if r[0] in wanted
-            }
+            query = "SELECT uid, name, innew, flags, keywords, modseq FROM messages WHERE folder=?" + where
+            if isinstance(uids, range) and uids.step == 1:
+                rows = self._select(query, (self.id, *params), uids)
+            else:
+                wanted = set(uids)
+                span = range(min(wanted), max(wanted) + 1) if wanted else range(0)
+                rows = self._select(query, (self.id, *params), span if len(span) < 2 * len(wanted) else wanted)
+                if len(span) != len(wanted):
+                    rows = [r for r in rows if r[0] in wanted]
             watched = self.quiet is not None
             announced = watched and len(rows) < _QUIET_FROM
             epoch = self._watchEpoch
@@ -2323,14 +2325,15 @@ class Folder:
 
     def _planStore(self, rows, mode, system, keywords, unchangedSince, outcomes, plans, failed) -> None:
         """
-        What STORE makes of each row (C{rows} in UID order, read under the lock): C{plans} gets
-        C{(uid, new name, outcome, unique base, old row)} for each message whose flags change,
+        What STORE makes of each row (C{rows}: C{(uid, name, innew, flags, keywords, modseq)} in
+        UID order, read under the lock): C{plans} gets C{(uid, new name, outcome, unique base, old
+        row)} for each message whose flags change,
         C{failed} the UIDs modified after C{unchangedSince}.  C{outcomes} keeps the outcome of
         each distinct (flags, keywords) pair: C{None} (no change) or C{(new info, flags,
         keywords, all flags, unseen change)}.
         """
-        for uid, row in rows.items():
-            name, innew, oldFlags, oldKeywords, modseq = row
+        for row in rows:
+            uid, name, innew, oldFlags, oldKeywords, modseq = row
             if unchangedSince is not None and modseq > unchangedSince:
                 failed.append(uid)
                 continue
@@ -2362,7 +2365,7 @@ class Folder:
         """
         rename = os.rename
         gone = []
-        for i, (uid, newName, _, _, (name, innew, *_)) in enumerate(plans):
+        for i, (uid, newName, _, _, (_, name, innew, _, _, _)) in enumerate(plans):
             announce = expect and (innew or newName != name)  # (the same name: no rename, no events)
             if announce:
                 events = (("new" if innew else "cur", "from", name), ("cur", "to", newName))
@@ -2399,7 +2402,7 @@ class Folder:
         if gone:
             db.executemany(
                 "UPDATE messages SET name=?, innew=?, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
-                [(*p[4], self.id, p[0]) for p in gone],
+                [(*p[4][1:], self.id, p[0]) for p in gone],
             )
         return bool(gone), _helpers.submit(_fsyncClosing, os.dup(curFd))
 

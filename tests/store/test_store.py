@@ -158,7 +158,7 @@ def test_store_flags_and_modseq(user):
 def test_store_changes_exactly_what_the_definition_says(user, monkeypatch, bulkFrom):
     """
     400 random STOREs (set, add, remove; system flags, and keywords that are parts of other
-    keywords: "a", "ab", "b") against a plain model of each message's flags: the messages
+    keywords: "a", "ab", "b"; on UID lists, lists with repeats, and ranges) against a plain model of each message's flags: the messages
     reported changed are those whose flags changed, and the index and the file names end as the
     model does.  (The SQL condition that picks the rows a change may alter must never leave
     one out; no system flag's name is in another's, which lets it look for them unpadded.)
@@ -176,12 +176,19 @@ def test_store_changes_exactly_what_the_definition_says(user, monkeypatch, bulkF
         start = set(rng.sample(names_, rng.randint(0, 4)))
         model[inbox.append(msg(i), sorted(start))] = start
     for _ in range(400):
-        uids = rng.sample(sorted(model), rng.randint(1, 30))
+        shape = rng.randrange(3)
+        if shape == 0:  # a range, as an IMAP session passes a dense set (1:*)
+            low = rng.randint(1, 30)
+            uids = range(low, rng.randint(low, 30) + 1)
+        else:
+            uids = rng.sample(sorted(model), rng.randint(1, 30))
+            if shape == 2:  # any iterable: repeats, in any order
+                uids = uids + uids[: rng.randint(0, len(uids))]
         flags = set(rng.sample(names_, rng.randint(0, 3)))
         mode = rng.choice(["set", "add", "remove"])
         changed, failed = inbox.store(uids, sorted(flags), mode)
         expected = {}
-        for uid in uids:
+        for uid in set(uids):
             new = flags if mode == "set" else model[uid] | flags if mode == "add" else model[uid] - flags
             if new != model[uid]:
                 expected[uid] = model[uid] = set(new)
