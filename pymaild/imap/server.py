@@ -622,7 +622,6 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         # RFC 7162 3.1.2.1: a server with persistent MODSEQs sends it on every SELECT/EXAMINE
         self.sendUntaggedResponse(b"OK [HIGHESTMODSEQ %d] Highest" % mbox.info["highestmodseq"])
         mbox.addListener(self)
-        mbox.attach()
         mbox.onExpunge = self._expungesArrived
         self.mbox = mbox
         self.state = "select"
@@ -630,7 +629,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         done = lambda _=None: self.sendPositiveResponse(tag, access + b" " + cmdName + b" completed")
         if qresync is None or qresync[0] != mbox.getUIDValidity():
             done()  # RFC 7162 3.2.5.2: a different UIDVALIDITY means a full resync, nothing more
+            # (the folder's inotify watch and listener after the answer is written, within the
+            # same reactor turn: no command of this session comes between)
+            mbox.attach()
             return
+        mbox.attach()
         _, since, known = qresync
         self._store(mbox.resync(since, known), tag, lambda result: (self._sendResync(*result), done()))
 

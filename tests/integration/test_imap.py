@@ -511,18 +511,20 @@ def test_selecting_the_same_folder_again_keeps_its_watch(mailbox):
     A SELECT closes the previous mailbox only once the new one is open: selecting the same
     folder again (after a STORE of the session's own) keeps the folder's inotify watch, and
     with it the directory stamps the server noted (its sync then lists nothing: see
-    tests/store/test_watch.py OwnStampsTests); selecting another folder lifts it.
+    tests/store/test_watch.py OwnStampsTests); selecting another folder lifts it.  (The watch
+    is put in place just after the SELECT's answer is written, before the session's next
+    command: the NOOPs.)
     """
     imap = login(mailbox)
     try:
         before = inotifyWatches(mailbox)  # (the server's others)
-        assert imap.select("INBOX")[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK" and imap.noop()[0] == "OK"
         inbox = inotifyWatches(mailbox) - before
         assert len(inbox) == 2  # (new/ and cur/)
         assert imap.store("1", "+FLAGS", "(\\Flagged)")[0] == "OK"
-        assert imap.select("INBOX")[0] == "OK"
+        assert imap.select("INBOX")[0] == "OK" and imap.noop()[0] == "OK"
         assert inotifyWatches(mailbox) == before | inbox
-        assert imap.select("Sent")[0] == "OK"
+        assert imap.select("Sent")[0] == "OK" and imap.noop()[0] == "OK"
         assert not inotifyWatches(mailbox) & inbox
     finally:
         imap.logout()
@@ -538,10 +540,10 @@ def test_a_folder_renamed_then_selected_is_watched(mailbox):
     try:
         assert imap.create("Work")[0] == "OK"
         before = inotifyWatches(mailbox)
-        assert imap.select("Work")[0] == "OK"
+        assert imap.select("Work")[0] == "OK" and imap.noop()[0] == "OK"
         assert len(inotifyWatches(mailbox) - before) == 2
         assert imap.rename("Work", "Done")[0] == "OK"
-        assert imap.select("Done")[0] == "OK"
+        assert imap.select("Done")[0] == "OK" and imap.noop()[0] == "OK"
         assert len(inotifyWatches(mailbox) - before) == 2
     finally:
         imap.logout()
@@ -580,15 +582,15 @@ def test_deleting_a_selected_folder_leaves_the_others_watched(mailbox):
     try:
         assert a.create("Gone")[0] == "OK"
         before = inotifyWatches(mailbox)
-        assert a.select("INBOX")[0] == "OK"
+        assert a.select("INBOX")[0] == "OK" and a.noop()[0] == "OK"
         inbox = inotifyWatches(mailbox) - before
         assert len(inbox) == 2
-        assert b.select("Gone")[0] == "OK"
+        assert b.select("Gone")[0] == "OK" and b.noop()[0] == "OK"
         assert a.delete("Gone")[0] == "OK"
         assert a.noop()[0] == "OK"
         wait_for(lambda: inotifyWatches(mailbox) == before | inbox, timeout=10,
                  what=f"INBOX's watches alone (now {inotifyWatches(mailbox)})")
-        assert b.select("INBOX")[0] == "OK"
+        assert b.select("INBOX")[0] == "OK" and b.noop()[0] == "OK"
         assert inotifyWatches(mailbox) == before | inbox
     finally:
         for c in (a, b):
