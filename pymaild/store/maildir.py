@@ -1039,6 +1039,18 @@ class Folder:
         reaching a selected folder): C{(low, high)}, the UIDs C{low <= uid < high} are recent for
         the caller and for no one after it.
         """
+        with self.user.lock:
+            db = self.user.db
+            # nothing to claim (a folder opened again, the usual SELECT): read alone, without a
+            # write transaction (which waits for another process's writer); else claimed within
+            # one, which reads again
+            low, uidnext = db.execute(
+                "SELECT (SELECT value FROM meta WHERE key=?), uidnext FROM folders WHERE id=?",
+                (self._recentKey(), self.id),
+            ).fetchone()
+            low = int(low) if low is not None else 0
+            if uidnext <= low:
+                return low, low
         with self.user.lock, self.user.transaction():
             db = self.user.db
             row = db.execute("SELECT value FROM meta WHERE key=?", (self._recentKey(),)).fetchone()

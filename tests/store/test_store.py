@@ -578,6 +578,28 @@ def test_recent_count_from_either_side(user):
     assert folder.status()["recent"] == 0
 
 
+def test_claiming_recent_messages(user):
+    """
+    claimRecent hands each UID to one claimer; with nothing new to claim it reads without a
+    write transaction.
+    """
+    folder = user.folder("INBOX")
+    for i in range(3):
+        folder.append(msg(i))
+    assert folder.claimRecent() == (0, 4)
+    statements: list[str] = []
+    user.db.set_trace_callback(statements.append)
+    try:
+        assert folder.claimRecent() == (4, 4)
+    finally:
+        user.db.set_trace_callback(None)
+    assert not [s for s in statements if s.startswith("BEGIN")], statements
+    folder.append(msg(3))
+    assert folder.claimRecent() == (4, 5)
+    assert folder.claimRecent() == (5, 5)
+    assert folder.status()["recent"] == 0
+
+
 def _commits(user, action) -> list[tuple[str, str]]:
     """(synchronous level, the transaction's statements) of each COMMIT that C{action} makes,
     as sqlite saw them (the connection's trace)."""
