@@ -144,6 +144,42 @@ def writeNow(transport, data: bytes, conn=False) -> bool:
     return True
 
 
+#: the most buffers one C{sendmsg} takes (Linux's IOV_MAX)
+_IOV_MAX = 1024
+
+
+def writeSequenceNow(transport, pieces: list[bytes], conn=False) -> bool:
+    """
+    L{writeNow} for a list of C{bytes} (a FETCH's batch of answers): sent with C{sendmsg}, which
+    gathers them in the kernel, when nothing is waiting to go out before them, so that they are
+    not joined into one string first (a copy of every body of the batch); what the socket does
+    not take goes to C{transport.writeSequence}.  True when all was sent.
+    """
+    if conn is False:
+        conn = _plainConnection(transport)
+    if (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
+            or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not pieces):
+        if pieces:
+            transport.writeSequence(pieces)
+        return False
+    send = conn.socket.sendmsg
+    for i in range(0, len(pieces), _IOV_MAX):
+        group = pieces[i : i + _IOV_MAX]
+        try:
+            sent = send(group)
+        except OSError:  # EAGAIN, or an error the reactor reports on its next turn
+            sent = 0
+        for j, piece in enumerate(group):
+            if sent < len(piece):
+                rest = pieces[i + j :]
+                if sent:
+                    rest[0] = piece[sent:]
+                transport.writeSequence(rest)
+                return False
+            sent -= len(piece)
+    return True
+
+
 class LazyPause:
     """
     C{pauseProducing} for a C{LineReceiver} that holds its input while an answer is pending

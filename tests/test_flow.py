@@ -12,7 +12,7 @@ from twisted.protocols import basic
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
 
-from pymaild.flow import HELD_INPUT, LazyPause, writeNow
+from pymaild.flow import _IOV_MAX, HELD_INPUT, LazyPause, writeNow, writeSequenceNow
 
 
 class _Collect(protocol.Protocol):
@@ -34,7 +34,9 @@ class _Server(protocol.Protocol):
         self.factory.connected.callback(self)
 
 
-class WriteNowTests(unittest.TestCase):
+class _TCPCase(unittest.TestCase):
+    """A server and a client over TCP on 127.0.0.1 (the reactor's own sockets)."""
+
     def setUp(self):
         self.serverFactory = protocol.Factory.forProtocol(_Server)
         self.serverFactory.connected = defer.Deferred()
@@ -52,6 +54,8 @@ class WriteNowTests(unittest.TestCase):
         self.addCleanup(server.transport.loseConnection)
         return client, server
 
+
+class WriteNowTests(_TCPCase):
     @defer.inlineCallbacks
     def test_small_answer_goes_out_without_registering_for_writing(self):
         client, server = yield self._connect(5)
@@ -94,6 +98,48 @@ class WriteNowTests(unittest.TestCase):
         t = StringTransport()
         self.assertFalse(writeNow(t, b"x\r\n"))
         self.assertEqual(t.value(), b"x\r\n")
+        self.assertFalse(writeSequenceNow(t, [b"y", b"\r\n"]))
+        self.assertEqual(t.value(), b"x\r\ny\r\n")
+
+
+class WriteSequenceNowTests(_TCPCase):
+    """L{writeSequenceNow}: the same, for a list of pieces gathered by C{sendmsg}."""
+
+    @defer.inlineCallbacks
+    def test_pieces_go_out_in_order_without_registering_for_writing(self):
+        pieces = [b"* 1 FETCH (", b"BODY[] {3}\r\n", b"abc", b")\r\n"] * 3 + [b""]
+        client, server = yield self._connect(sum(map(len, pieces)))
+        conn = server.transport.transport
+        self.assertTrue(writeSequenceNow(server.transport, pieces))
+        self.assertNotIn(conn, reactor.getWriters())
+        self.assertEqual(conn._tempDataBuffer, [])
+        self.assertEqual((yield client.done), b"".join(pieces))
+
+    @defer.inlineCallbacks
+    def test_more_pieces_than_one_sendmsg_takes(self):
+        pieces = [b"%d," % i for i in range(3 * _IOV_MAX + 7)]
+        client, server = yield self._connect(sum(map(len, pieces)))
+        self.assertTrue(writeSequenceNow(server.transport, pieces))
+        self.assertEqual((yield client.done), b"".join(pieces))
+
+    @defer.inlineCallbacks
+    def test_what_the_socket_does_not_take_is_buffered_from_where_it_stopped(self):
+        # 8 MiB in pieces of odd sizes: the socket stops within one of them
+        pieces = [bytes([i % 251]) * (1000 + 37 * (i % 50)) for i in range(4000)]
+        whole = b"".join(pieces)
+        client, server = yield self._connect(len(whole))
+        self.assertFalse(writeSequenceNow(server.transport, pieces))
+        self.assertIn(server.transport.transport, reactor.getWriters())
+        received = yield client.done
+        self.assertEqual(len(received), len(whole))
+        self.assertEqual(received, whole)
+
+    @defer.inlineCallbacks
+    def test_behind_buffered_data_pieces_keep_their_order(self):
+        client, server = yield self._connect(10)
+        server.transport.write(b"first ")
+        self.assertFalse(writeSequenceNow(server.transport, [b"2", b"\r", b"\n", b"."]))
+        self.assertEqual((yield client.done), b"first 2\r\n.")
 
 
 class _Lines(LazyPause, basic.LineReceiver):

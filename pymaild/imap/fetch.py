@@ -373,10 +373,15 @@ def _flagColumn(index, start: int, end: int, uids, recentRanges) -> list[bytes]:
     return list(map(table.__getitem__, map(add, codes, map(mul, recent, repeat(len(index.pairs))))))
 
 
+#: a section read whole and longer than this is a piece of L{renderMessage}'s answer of its own
+JOIN_ABOVE = 4096
+
+
 def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool, sectionOpener) -> list:
     """
-    The pieces of one C{* n FETCH (...)} response: C{bytes}, or L{Stream} for a large section.
-    C{sectionOpener(path, start, end, length, skip, limit)} opens a CRLF section of the file.
+    The pieces of one C{* n FETCH (...)} response, to be written in order: C{bytes}, or
+    L{Stream} for a large section.  C{sectionOpener(path, start, end, length, skip, limit)}
+    opens a CRLF section of the file.
     """
     meta = msg.meta
     out = [b"* %d FETCH (" % seq]
@@ -422,31 +427,37 @@ def renderMessage(seq: int, msg, request: FetchRequest, uid: bool, modseq: bool,
                 continue
             whole += full
             if length <= READ_WHOLE:
-                data = readSection(msg.path, start, end, skip, limit)
+                data = readSection(msg.path, start, end, skip, limit, meta.size)
             else:  # a small part of a large section: read through it, not into memory
                 f = sectionOpener(msg.path, start, end, length, skip, limit)
                 try:
                     data = f.read()
                 finally:
                     f.close()
-            items.append(name + b" {%d}\r\n" % len(data) + data)
+            items.append((name + b" {%d}\r\n" % len(data), data))  # (joined once, below: no copy here)
     if modseq:
         items.append(b"MODSEQ (%d)" % meta.modseq)
-    if not pieces:
-        out.append(b" ".join(items))
-        out.append(b")\r\n")
-        return [b"".join(out)]
-    # large sections: bytes up to each stream, the stream, then the rest
-    result, current = [], [out[0]]
+    # the small items joined; a section's bytes (over JOIN_ABOVE) stay a piece of their own, not
+    # copied again between the read and the socket (the caller hands the pieces to sendmsg)
+    current = [out[0]]
+    result = []
     for i, item in enumerate(items):
         if i:
             current.append(b" ")
-        if item is None:
+        if item is None:  # a large section: bytes up to it, the stream, then the rest
             stream = next(s for at, s in pieces if at == i)
             current.append(stream.prefix)
             result.append(b"".join(current))
             result.append(stream)
             current = []
+        elif type(item) is tuple:
+            if len(item[1]) > JOIN_ABOVE:
+                current.append(item[0])
+                result.append(b"".join(current))
+                result.append(item[1])
+                current = []
+            else:
+                current += item
         else:
             current.append(item)
     current.append(b")\r\n")
@@ -479,23 +490,37 @@ def _sectionName(item) -> bytes:
     return b"BODY[" + b".".join(p for p in (numbers, text) if p) + b"]"
 
 
-def readSection(path, start: int, end: int, skip: int = 0, limit: int | None = None) -> bytes:
+def readSection(path, start: int, end: int, skip: int = 0, limit: int | None = None,
+                size: int | None = None) -> bytes:
     """
     A small section of a message file (stored with LF line ends) as IMAP sends it: with CRLF
-    line ends, then the partial range C{<skip.limit>} of that.
+    line ends, then the partial range C{<skip.limit>} of that.  C{end} past 2**40: to the end
+    of the file, whose C{size} the index gives (else an C{fstat}); the file is read to its end
+    whatever its size turns out to be.
     """
     fd = os.open(path, os.O_RDONLY)  # a raw descriptor: Python's buffered open costs more
     try:
         if start:
             os.lseek(fd, start, os.SEEK_SET)
-        want = end - start if end - start < 1 << 40 else os.fstat(fd).st_size - start
         chunks = []
-        while want > 0:
-            chunk = os.read(fd, want)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            want -= len(chunk)
+        if end - start < 1 << 40:
+            want = end - start
+            while want > 0:
+                chunk = os.read(fd, want)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                want -= len(chunk)
+        else:
+            # one byte more than expected: a read that comes back short has met the end (a
+            # regular file), so the usual file is read in one call, without an fstat
+            want = (size if size is not None else os.fstat(fd).st_size) - start + 1
+            while True:
+                chunk = os.read(fd, max(want, 1))
+                chunks.append(chunk)
+                if len(chunk) < want:
+                    break
+                want = 65536
         raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         os.close(fd)

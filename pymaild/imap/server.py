@@ -30,7 +30,7 @@ from twisted.mail import imap4
 from twisted.python.failure import Failure
 
 from pymaild.envelope import inNetworks
-from pymaild.flow import Backpressure as _Backpressure, LazyPause, _plainConnection, sendNow, writeNow
+from pymaild.flow import Backpressure as _Backpressure, LazyPause, _plainConnection, sendNow, writeNow, writeSequenceNow
 from pymaild.sasl import MECHANISMS, AuthorizationRefused
 from pymaild.imap import fetch
 from pymaild.imap import sort as sort_
@@ -1387,12 +1387,12 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         try:
             for seq, msg in batch:
                 pieces = fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection)
-                if len(pieces) != 1:  # (bytes, a Stream, bytes ...)
+                if not all(type(piece) is bytes for piece in pieces):  # (bytes, a Stream, bytes ...)
                     for piece in pieces:
                         if isinstance(piece, fetch.Stream):
                             piece.section.close()
                     return False
-                out.append(pieces[0])
+                out += pieces
         except Exception:
             return False
         self._answerWith(b"".join(out), tag)
@@ -1499,6 +1499,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         from pymaild.imap.mailbox import CRLFSection
 
         out, size = [], 0
+        if self._conn is False:
+            self._conn = _plainConnection(self.transport)
         for seq, msg in batch:
             if producer.stopped:
                 return
@@ -1508,7 +1510,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                     size += len(piece)
                     continue
                 # a large section: what is buffered, then the file streamed
-                self.transport.write(b"".join(out))
+                writeSequenceNow(self.transport, out, self._conn)
                 out, size = [], 0
                 producer.unregister()
                 stream = _SectionProducer(piece.section)
@@ -1521,11 +1523,12 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                 if stream.stopped:
                     return
             if size >= 262144:
-                self.transport.write(b"".join(out))
+                # (the answers as they are, gathered by the kernel: not joined into one string)
+                writeSequenceNow(self.transport, out, self._conn)
                 out, size = [], 0
                 yield producer.wait()
         if out:
-            self.transport.write(b"".join(out))
+            writeSequenceNow(self.transport, out, self._conn)
         yield producer.wait()
 
     # --- STORE with CONDSTORE (RFC 7162 UNCHANGEDSINCE, MODSEQ in the answers) ------------------
