@@ -54,6 +54,17 @@ class _TCPCase(unittest.TestCase):
         self.addCleanup(server.transport.loseConnection)
         return client, server
 
+    @defer.inlineCallbacks
+    def _partlySent(self, write, data, whole: bytes):
+        """C{write(transport, data)} of more than the socket takes at once: it says so, the
+        rest waits for the reactor, and the client gets C{whole}."""
+        client, server = yield self._connect(len(whole))
+        self.assertFalse(write(server.transport, data))
+        self.assertIn(server.transport.transport, reactor.getWriters())
+        received = yield client.done
+        self.assertEqual(len(received), len(whole))
+        self.assertEqual(received, whole)
+
 
 class WriteNowTests(_TCPCase):
     @defer.inlineCallbacks
@@ -75,15 +86,9 @@ class WriteNowTests(_TCPCase):
         self.assertIn(server.transport.transport, reactor.getWriters())
         self.assertEqual((yield client.done), b"first 2\r")
 
-    @defer.inlineCallbacks
     def test_what_the_socket_does_not_take_is_buffered_and_arrives_whole(self):
         big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers take at once
-        client, server = yield self._connect(len(big))
-        self.assertFalse(writeNow(server.transport, big))
-        self.assertIn(server.transport.transport, reactor.getWriters())
-        received = yield client.done
-        self.assertEqual(len(received), len(big))
-        self.assertEqual(received, big)
+        return self._partlySent(writeNow, big, big)
 
     @defer.inlineCallbacks
     def test_after_lose_connection_it_writes_as_write_does(self):
@@ -122,17 +127,10 @@ class WriteSequenceNowTests(_TCPCase):
         self.assertTrue(writeSequenceNow(server.transport, pieces))
         self.assertEqual((yield client.done), b"".join(pieces))
 
-    @defer.inlineCallbacks
     def test_what_the_socket_does_not_take_is_buffered_from_where_it_stopped(self):
         # 8 MiB in pieces of odd sizes: the socket stops within one of them
         pieces = [bytes([i % 251]) * (1000 + 37 * (i % 50)) for i in range(4000)]
-        whole = b"".join(pieces)
-        client, server = yield self._connect(len(whole))
-        self.assertFalse(writeSequenceNow(server.transport, pieces))
-        self.assertIn(server.transport.transport, reactor.getWriters())
-        received = yield client.done
-        self.assertEqual(len(received), len(whole))
-        self.assertEqual(received, whole)
+        return self._partlySent(writeSequenceNow, pieces, b"".join(pieces))
 
     @defer.inlineCallbacks
     def test_behind_buffered_data_pieces_keep_their_order(self):
