@@ -130,8 +130,7 @@ def writeNow(transport, data: bytes, conn=False) -> bool:
     """
     if conn is False:
         conn = _plainConnection(transport)
-    if (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
-            or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not data):
+    if not data or not _idle(conn):
         transport.write(data)
         return False
     try:
@@ -157,8 +156,7 @@ def writeSequenceNow(transport, pieces: list[bytes], conn=False) -> bool:
     """
     if conn is False:
         conn = _plainConnection(transport)
-    if (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
-            or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset or not pieces):
+    if not pieces or not _idle(conn):
         if pieces:
             transport.writeSequence(pieces)
         return False
@@ -178,6 +176,13 @@ def writeSequenceNow(transport, pieces: list[bytes], conn=False) -> bool:
                 return False
             sent -= len(piece)
     return True
+
+
+def _idle(conn) -> bool:
+    """Whether bytes may go to the plain TCP connection C{conn} (L{_plainConnection}) at once:
+    connected, not closing, and nothing buffered to go out before them."""
+    return not (conn is None or conn.TLS or not conn.connected or conn.disconnecting or conn._writeDisconnected
+                or conn._tempDataBuffer or len(conn.dataBuffer) > conn.offset)
 
 
 class LazyPause:

@@ -393,6 +393,13 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     #: _plainConnection, found at the first answer: the wrappers do not change), or None
     _conn = False
 
+    def _plainConn(self):
+        """L{_plainConnection} under this session's transport, found once (the wrappers do not
+        change; after STARTTLS C{writeNow} sees the connection's TLS itself)."""
+        if self._conn is False:
+            self._conn = _plainConnection(self.transport)
+        return self._conn
+
     def _respond(self, state, tag, message):
         unsent, self._unsent = self._unsent, b""
         sent = False
@@ -400,10 +407,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
             # the client waits for this and nothing is pipelined behind it: the answer goes out
             # at once, in one send when nothing waits before it (flow.writeNow: no registering
             # of the socket for writing and unregistering it after, two epoll_ctl an answer)
-            if self._conn is False:
-                self._conn = _plainConnection(self.transport)
             sent = writeNow(self.transport, unsent + b" ".join((tag, state, message) if message else (tag, state))
-                            + self.delimiter, self._conn)
+                            + self.delimiter, self._plainConn())
         else:
             if unsent:
                 self.transport.write(unsent)
@@ -1499,8 +1504,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         from pymaild.imap.mailbox import CRLFSection
 
         out, size = [], 0
-        if self._conn is False:
-            self._conn = _plainConnection(self.transport)
+        conn = self._plainConn()
         for seq, msg in batch:
             if producer.stopped:
                 return
@@ -1510,7 +1514,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                     size += len(piece)
                     continue
                 # a large section: what is buffered, then the file streamed
-                writeSequenceNow(self.transport, out, self._conn)
+                writeSequenceNow(self.transport, out, conn)
                 out, size = [], 0
                 producer.unregister()
                 stream = _SectionProducer(piece.section)
@@ -1524,11 +1528,11 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
                     return
             if size >= 262144:
                 # (the answers as they are, gathered by the kernel: not joined into one string)
-                writeSequenceNow(self.transport, out, self._conn)
+                writeSequenceNow(self.transport, out, conn)
                 out, size = [], 0
                 yield producer.wait()
         if out:
-            writeSequenceNow(self.transport, out, self._conn)
+            writeSequenceNow(self.transport, out, conn)
         yield producer.wait()
 
     # --- STORE with CONDSTORE (RFC 7162 UNCHANGEDSINCE, MODSEQ in the answers) ------------------

@@ -1040,25 +1040,27 @@ class Folder:
         the caller and for no one after it.
         """
         with self.user.lock:
-            db = self.user.db
             # nothing to claim (a folder opened again, the usual SELECT): read alone, without a
             # write transaction (which waits for another process's writer); else claimed within
             # one, which reads again
-            low, uidnext = db.execute(
-                "SELECT (SELECT value FROM meta WHERE key=?), uidnext FROM folders WHERE id=?",
-                (self._recentKey(), self.id),
-            ).fetchone()
-            low = int(low) if low is not None else 0
+            low, uidnext = self._recentState()
             if uidnext <= low:
                 return low, low
-        with self.user.lock, self.user.transaction():
-            db = self.user.db
-            row = db.execute("SELECT value FROM meta WHERE key=?", (self._recentKey(),)).fetchone()
-            low = int(row[0]) if row else 0
-            (uidnext,) = db.execute("SELECT uidnext FROM folders WHERE id=?", (self.id,)).fetchone()
-            if uidnext > low:
-                db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (self._recentKey(), str(uidnext)))
-            return low, max(low, uidnext)
+            with self.user.transaction():
+                low, uidnext = self._recentState()
+                if uidnext > low:
+                    self.user.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                         (self._recentKey(), str(uidnext)))
+                return low, max(low, uidnext)
+
+    def _recentState(self) -> tuple[int, int]:
+        """The lowest UID not claimed as recent yet (L{recentFrom}) and UIDNEXT, in one read.
+        Caller holds the lock."""
+        low, uidnext = self.user.db.execute(
+            "SELECT (SELECT value FROM meta WHERE key=?), uidnext FROM folders WHERE id=?",
+            (self._recentKey(), self.id),
+        ).fetchone()
+        return (int(low) if low is not None else 0), uidnext
 
     @property
     def uidvalidity(self) -> int:
