@@ -623,6 +623,21 @@ class StoreMailbox:
         return self._numbered([(meta.uid, StoreMessage(meta, path, None)) for meta, path in found
                                if meta.uid in wanted and (changedSince is None or meta.modseq > changedSince)])
 
+    def renderAgain(self, message, render):
+        """
+        C{render()} again, in a store thread, for a message whose file was not found where its
+        row said (another session's STORE, or another process, renamed it meanwhile): with
+        C{message.path} as the file is now, under the user's lock
+        (L{pymaild.store.maildir.Folder.withFile}).  A Deferred of what C{render} returns;
+        C{MailboxException} (C{[EXPUNGEISSUED]}) if the message is gone.
+        """
+
+        def use(path):
+            message.path = path
+            return render()
+
+        return self.run(lambda: self.folder.withFile(message.meta.uid, use)).addErrback(mailboxError)
+
     def _numbered(self, found):
         """C{[(uid, StoreMessage)]} -> C{[(sequence number, StoreMessage)]} in this view."""
         out = []

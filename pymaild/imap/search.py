@@ -806,25 +806,51 @@ class _FolderCursor:
             raise _Gone()
         return path
 
+    def _read(self, reader):
+        """
+        C{reader(path)} on the current message's file.  A file renamed since the names were
+        read (a STORE meanwhile) is read where it is now, under the folder's lock
+        (C{folder.withFile}); a message gone is not a match (L{_Gone}).
+        """
+        try:
+            return reader(self._path())
+        except FileNotFoundError:
+            withFile = getattr(self._folder, "withFile", None)
+            if withFile is None:
+                raise _Gone() from None
+            try:
+                return withFile(self.uid, reader)
+            except Exception as e:
+                if getattr(e, "code", None) == "EXPUNGEISSUED":  # (the store's StoreError)
+                    raise _Gone() from None
+                raise
+
     def headerBytes(self) -> bytes:
         if self._headerBytes is None:
-            with open(self._path(), "rb") as f:
-                self._headerBytes = readHeaderBytes(f)
+            self._headerBytes = self._read(_readHeader)
         return self._headerBytes
 
     def text(self) -> MessageText:
         if self._text is None:
-            parts = self.summary().parts
-            path = self._path()
+            parts, limit = self.summary().parts, self._textLimit
             data = self._kept.pop(self.seq - 1, None)
             if data is None:
-                data = _readWhole(path, self._textLimit)
+                data = _readWhole(self._path(), limit)  # (None if it cannot be read: _read then)
             if data is not None:  # the whole file, as the screen read it or in one read
-                self._text = readMessageText(io.BytesIO(data), parts, self._textLimit)
+                self._text = readMessageText(io.BytesIO(data), parts, limit)
             else:
-                with open(path, "rb") as f:
-                    self._text = readMessageText(f, parts, self._textLimit)
+                self._text = self._read(lambda path: _readText(path, parts, limit))
         return self._text
+
+
+def _readHeader(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return readHeaderBytes(f)
+
+
+def _readText(path: str, parts, limit: int) -> MessageText:
+    with open(path, "rb") as f:
+        return readMessageText(f, parts, limit)
 
 
 def _never(uid: int) -> bool:

@@ -1508,7 +1508,14 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         for seq, msg in batch:
             if producer.stopped:
                 return
-            for piece in fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection):
+            render = lambda: fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection)  # noqa: E731
+            try:
+                pieces = render()
+            except FileNotFoundError:
+                # renamed since its row was read (a STORE of another session or process): the
+                # row read again, and the file read, under the lock, in a store thread
+                pieces = yield self.mbox.renderAgain(msg, render)
+            for piece in pieces:
                 if isinstance(piece, bytes):
                     out.append(piece)
                     size += len(piece)

@@ -1430,6 +1430,29 @@ class Folder:
                     self.sync(force=True)  # (renamed by someone: whatever the stamps say)
         raise StoreError("EXPUNGEISSUED", f"Message {uid} has been expunged")
 
+    def withFile(self, uid: int, use):
+        """
+        C{use(path)} with the message's file as it is now, for a reader whose file name went
+        stale (a C{FileNotFoundError}: a STORE renamed the file after its row was read).  The
+        row is read again and C{use} called under the user's lock, so that no STORE of this
+        process renames the file in between; if even that file is gone (another process renamed
+        it), once more after a sync.
+
+        @raise StoreError: C{EXPUNGEISSUED} if the message is gone.
+        """
+        for attempt in (0, 1):
+            with self.user.lock:
+                row = self._row(uid)
+                if row is None:
+                    break
+                try:
+                    return use(os.path.join(self.path, "new" if row[1] else "cur", row[0]))
+                except FileNotFoundError:
+                    if attempt:
+                        break
+            self.sync(force=True)  # (renamed by another process: whatever the stamps say)
+        raise StoreError("EXPUNGEISSUED", f"Message {uid} has been expunged")
+
     def paths(self, uids: Iterable[int]) -> dict[int, str]:
         """
         The files of many messages in one query (FETCH and SEARCH over a whole folder), as

@@ -9,6 +9,7 @@ import imaplib
 import os
 import re
 import socket
+import threading
 
 import pytest
 
@@ -598,3 +599,69 @@ def test_deleting_a_selected_folder_leaves_the_others_watched(mailbox):
                 c.logout()
             except Exception:
                 pass
+
+
+def test_a_body_fetched_while_another_session_changes_its_flags(mailbox):
+    """
+    FETCH BODY.PEEK[] of a message whose file another session renames meanwhile (a STORE of a
+    flag, again and again) answers with the body every time: a file renamed between the read
+    of its index row and the open is looked up again, not answered with NO.
+    """
+    answers = []
+
+    def fetch(imap, i):
+        typ, data = imap.fetch("1" if i % 2 else "1:2", "(BODY.PEEK[])")
+        # (the other session's flag changes come as untagged FETCH responses too)
+        bodies = [item[1] for item in data if isinstance(item, tuple)]
+        answers.append((typ, bodies if typ == "OK" else data, [PLAIN] if i % 2 else [PLAIN, MULTIPART]))
+
+    stores = whileFlagging(mailbox, "1:3", fetch, 400)
+    assert len(stores) > 50 and set(stores) == {"OK"}
+    bad = [(typ, got) for typ, got, expected in answers if typ != "OK" or got != expected]
+    assert not bad, bad[:3]
+
+
+def test_text_searched_while_another_session_changes_flags(mailbox):
+    """
+    SEARCH BODY and TEXT, which read the message files, find the same messages while another
+    session renames those files again and again (STORE of a flag).
+    """
+    answers = []
+
+    def search(imap, i):
+        typ, data = imap.search(None, "BODY", '"see you"') if i % 2 else imap.search(None, "TEXT", '"large message"')
+        answers.append((typ, data, [b"1"] if i % 2 else [b"3"]))
+
+    stores = whileFlagging(mailbox, "1:3", search, 200)
+    assert len(stores) > 50 and set(stores) == {"OK"}
+    bad = [(typ, got) for typ, got, expected in answers if typ != "OK" or got != expected]
+    assert not bad, bad[:3]
+
+
+def whileFlagging(server, messages, action, times):
+    """
+    C{action(imap, i)} C{times} times in a read-only session while another session sets and
+    clears \\Flagged on C{messages}, renaming their files; the other session's STORE answers.
+    """
+    stop = threading.Event()
+    stores = []
+
+    def flagger():
+        with login(server) as imap:
+            imap.select("INBOX")
+            while not stop.is_set():
+                for change in ("+FLAGS.SILENT", "-FLAGS.SILENT"):
+                    typ, _ = imap.store(messages, change, "(\\Flagged)")
+                    stores.append(typ)
+
+    worker = threading.Thread(target=flagger)
+    worker.start()
+    try:
+        with login(server) as imap:
+            imap.select("INBOX", readonly=True)
+            for i in range(times):
+                action(imap, i)
+    finally:
+        stop.set()
+        worker.join(30)
+    return stores

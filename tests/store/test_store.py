@@ -382,6 +382,47 @@ def test_summaries_follow_files_renamed_by_others(user):
     assert inbox.filePath(2).name.endswith("F")
 
 
+def test_with_file_reads_a_message_where_its_file_is_now(user):
+    """
+    withFile (for a reader whose file name went stale) finds a file this process's STORE
+    renamed, and one another process renamed (after a sync), under the user's lock; a file
+    gone is EXPUNGEISSUED.
+    """
+    inbox = user.folder("INBOX")
+    for i in (1, 2, 3):
+        inbox.append(msg(i))
+    stale = str(inbox.filePath(1))
+    inbox.store([1], ["\\Flagged"], "add")
+    assert not os.path.exists(stale)
+    locked = []
+
+    def read(path):
+        def tryLock():  # (from another thread: fails while this one holds the lock)
+            free = user.lock.acquire(blocking=False)
+            if free:
+                user.lock.release()
+            locked.append(not free)
+
+        other = threading.Thread(target=tryLock)
+        other.start()
+        other.join()
+        with open(path, "rb") as f:
+            return f.read()
+
+    assert inbox.withFile(1, read) == msg(1).replace(b"\r\n", b"\n") and locked == [True]
+    other = inbox.filePath(2)
+    os.rename(other, str(other) + "F")  # (another process: the index does not know)
+    assert inbox.withFile(2, read) == msg(2).replace(b"\r\n", b"\n")
+    assert inbox.filePath(2).name.endswith("F")
+    os.unlink(inbox.filePath(3))
+    with pytest.raises(StoreError) as e:
+        inbox.withFile(3, read)
+    assert e.value.code == "EXPUNGEISSUED"
+    with pytest.raises(StoreError) as e:
+        inbox.withFile(99, read)
+    assert e.value.code == "EXPUNGEISSUED"
+
+
 def test_summary_from_an_older_version_is_computed_again(user):
     """
     A cached summary an older pymaild wrote (another JSON version) is not used: summary() and
