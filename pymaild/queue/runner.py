@@ -204,8 +204,10 @@ class Runner(service.Service):
         self.attempts: dict[str, Deferred] = {}
         self.working: set[Deferred] = set()  # the connection loops (L{_work}) running
         self.clients: set[QueueClient] = set()
-        self._rereads: dict[str, Deferred] = {}
-        self._routes: dict[str, tuple[float, list]] = {}  # name -> (until, MX hosts)  # the last re-read of each message heard changed
+        self._rereads: dict[str, Deferred] = {}  # the last re-read of each message heard changed
+        self._routes: dict[str, tuple[float, list]] = {}  # name -> (until, MX hosts)
+        #: name -> (the lookup under way, the Deferreds of the connection loops waiting for it)
+        self._resolving: dict[str, tuple[Deferred, list[Deferred]]] = {}
         self._started = False
         self.stopping = False
 
@@ -712,19 +714,46 @@ class Runner(service.Service):
             name = host if not _isAddress(host) else f"[{host}]"
         else:
             name, port = destination.key, self.policy.remotePort
+        shuffle = getattr(self.resolver, "shuffle", None)
         cached = self._routes.get(name)
         now = self.clock.seconds()
         if cached is not None and cached[0] > now:
-            return defer.succeed([(h, port) for h in _reshuffle(cached[1], getattr(self.resolver, "shuffle", None))])
+            return defer.succeed([(h, port) for h in _reshuffle(cached[1], shuffle)])
+        # The connection loops a destination starts together share one lookup (twisted.names
+        # opens a UDP socket for each query: 20 loops each asking for the MX and its addresses
+        # cost the reactor more than the answers); each gets its own Deferred, and the lookup
+        # is cancelled only when every one of them is.
+        lookup = self._resolving.get(name)
+        fresh = lookup is None
+        if fresh:
+            lookup = self._resolving[name] = (self.resolver.resolve(name), [])
 
-        def found(hosts):
-            # (kept briefly: the connection loops of a busy destination do not each ask DNS)
-            if len(self._routes) > 10000:
-                self._routes.clear()
-            self._routes[name] = (self.clock.seconds() + ROUTE_CACHE, hosts)
-            return [(h, port) for h in hosts]
+        def answered(result):
+            if self._resolving.get(name) is lookup:
+                del self._resolving[name]
+            if not isinstance(result, Failure):
+                # (kept briefly: the connection loops of a busy destination do not each ask DNS)
+                if len(self._routes) > 10000:
+                    self._routes.clear()
+                self._routes[name] = (self.clock.seconds() + ROUTE_CACHE, result)
+            for i, waiter in enumerate(list(lookup[1])):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback([(h, port) for h in (result if i == 0 else _reshuffle(result, shuffle))])
 
-        return self.resolver.resolve(name).addCallback(found)
+        def cancel(waiter):
+            waiting = lookup[1]
+            if waiter in waiting:
+                waiting.remove(waiter)
+            if not waiting:
+                lookup[0].cancel()  # (answered then, with nobody left to tell)
+
+        waiter = Deferred(cancel)
+        lookup[1].append(waiter)
+        if fresh:  # (after the first waiter is in the list: a literal address answers at once)
+            lookup[0].addBoth(answered)
+        return waiter
 
     @inlineCallbacks
     def _work(self, destination: Destination):

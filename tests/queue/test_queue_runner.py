@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from pymaild import tls
 from pymaild.queue.files import DELIVERED, FAILED, PENDING, Envelope, QueueFiles, Recipient
 from pymaild.queue.mx import MXResolver, makeResolver
-from pymaild.queue.runner import Policy, Runner
+from pymaild.queue.runner import Destination, Policy, Runner
 
 import sys
 
@@ -523,6 +523,65 @@ class ConnectionReuseCase(_Base):
             [r] = self.envelope(id).recipients
             self.assertEqual((r.state, r.attempts), (PENDING, 1))
             self.assertIn("connection refused", r.reply)
+
+    def countLookups(self) -> list:
+        lookups = []
+        resolve = self.resolver.resolve
+        self.resolver.resolve = lambda name: (lookups.append(name), resolve(name))[1]
+        return lookups
+
+    @defer.inlineCallbacks
+    def test_connection_loops_started_together_share_one_lookup(self):
+        """
+        The connection loops a destination starts at once (one per message here) ask DNS once
+        between them, each gets the hosts, and every message goes out.
+        """
+        lookups = self.countLookups()
+        for i in range(6):
+            self.enqueue([f"u{i}@accept.test"])
+        yield self.runDue()
+        self.assertEqual(lookups, ["accept.test"])
+        sink = self.sinks["127.0.0.2"]
+        self.assertEqual(len(sink.received), 6)
+        self.assertGreater(sink.connections, 1)  # (several loops, which found the hosts)
+        self.assertEqual(self.runner._resolving, {})
+
+    @defer.inlineCallbacks
+    def test_a_shared_lookup_that_fails_defers_every_message(self):
+        """A DNS failure reaches every connection loop that waited for the shared lookup."""
+        lookups = self.countLookups()
+        ids = [self.enqueue([f"u{i}@servfail.test"]) for i in range(3)]
+        yield self.runDue()
+        self.assertEqual(lookups, ["servfail.test"])
+        for id in ids:
+            [r] = self.envelope(id).recipients
+            self.assertEqual((r.state, r.status), (PENDING, "4.4.3"))
+
+    def test_a_shared_lookup_is_cancelled_when_every_waiter_is(self):
+        """
+        Cancelling one connection loop's wait leaves the lookup to the others; cancelling the
+        last one cancels the lookup.
+        """
+        pending = []
+
+        class Hanging:
+            def resolve(self, name):
+                d = defer.Deferred(lambda d: pending.remove(d))
+                pending.append(d)
+                return d
+
+        self.runner.resolver = Hanging()
+        destination = Destination("slow.test")
+        first, second = self.runner._route(destination), self.runner._route(destination)
+        self.assertEqual(len(pending), 1)
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertEqual(len(pending), 1)
+        self.assertNoResult(second)
+        second.cancel()
+        self.failureResultOf(second, defer.CancelledError)
+        self.assertEqual(pending, [])
+        self.assertEqual(self.runner._resolving, {})
 
     @defer.inlineCallbacks
     def test_a_message_queued_while_the_connection_quits_is_sent(self):
