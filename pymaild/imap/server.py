@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 
 from twisted.cred.error import UnauthorizedLogin
@@ -1508,13 +1509,14 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         for seq, msg in batch:
             if producer.stopped:
                 return
-            render = lambda: fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection)  # noqa: E731
             try:
-                pieces = render()
+                pieces = fetch.renderMessage(seq, msg, request, uid, modseq, CRLFSection)
             except FileNotFoundError:
                 # renamed since its row was read (a STORE of another session or process): the
-                # row read again, and the file read, under the lock, in a store thread
-                pieces = yield self.mbox.renderAgain(msg, render)
+                # row read again, and the file read, under the lock, in a store thread (the
+                # function made here only: not one per message of every FETCH)
+                pieces = yield self.mbox.renderAgain(
+                    msg, functools.partial(fetch.renderMessage, seq, msg, request, uid, modseq, CRLFSection))
             for piece in pieces:
                 if isinstance(piece, bytes):
                     out.append(piece)
