@@ -542,31 +542,32 @@ class StoreMailbox:
 
         C{prepared}, a Deferred, fires (with None) once the messages' fields are read or
         parsed, before the rest is loaded: a FETCH starts its next batch then, and that
-        batch's parsing in the store's worker processes overlaps this one's index writes and
-        reads in another store thread.
+        batch's parsing in the store's worker processes overlaps this one's index reads in
+        another store thread.  With it, the ENVELOPEs read from files are not written to the
+        index here (unless more than C{Folder.DEFERRED_MAX} wait): the FETCH calls
+        L{fetchDone} after its answer.
         """
         markSeen = markSeen and self.writeable
         wanted = set(uids)
         # a dense slice of UIDs is read with one BETWEEN query per table instead of IN lists
         span = range(uids[0], uids[-1] + 1) if uids and uids[-1] - uids[0] < 2 * len(uids) else uids
-        # first: ENVELOPEs read from never-summarized files bring their mtimes, which the index
+        # first: ENVELOPEs read from never-summarized files bring their mtimes, which the folder
         # then has for INTERNALDATE (messages() stats no file for them)
         early = wantSummaries and directFields is not None and changedSince is None and not flagsOnly
-        later: list = []
+        deferWrite = prepared is not None
 
         @self._own
         def prepare():
             if markSeen and uids:
                 self.folder.store(uids, ["\\Seen"], "add")
             if early:
-                return self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields,
-                                                 later if prepared is not None else None)
+                return self.folder.summaryFields(span if len(span) == len(uids) else uids, directFields, deferWrite)
             return None
 
         @self._own
         def work(fields=None):
-            for keep in later:
-                keep()
+            if early and deferWrite:
+                self.folder.writeDeferred(above=self.folder.DEFERRED_MAX)
             if flagsOnly:
                 metas = self.folder.flagRows(span)
                 if changedSince is not None:
@@ -607,6 +608,18 @@ class StoreMailbox:
             if prepared is not None:
                 loaded.addBoth(ready)
         return loaded.addCallback(self._numbered)
+
+    def fetchDone(self):
+        """
+        After a FETCH's answer: write the ENVELOPEs and internal dates its batches read from
+        files to the index (L{pymaild.store.maildir.Folder.writeDeferred}), in a store thread.
+        The answer did not wait for them (~23% of the samples of a first FETCH of ENVELOPE of
+        10,000 messages); until then the folder's readers find them in memory.  A Deferred.
+        """
+        if not self.folder.deferredCount():
+            return defer.succeed(None)
+        return self.run(self.folder.writeDeferred).addErrback(
+            lambda failure: log.failure("writing the ENVELOPEs a FETCH read", failure))
 
     def fetchNow(self, uids, changedSince: int | None = None, dates: bool = True):
         """

@@ -1474,6 +1474,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         finally:
             producer.unregister()
             self.setTimeout(old)
+            # the ENVELOPEs its batches read from files go to the index after the answer
+            mbox.fetchDone()
 
     @defer.inlineCallbacks
     def _writeFlagRuns(self, request, wanted, uid, modseq, producer):

@@ -886,6 +886,10 @@ class Folder:
         db = user.db
         self._imported: dict[str, int] = {}
         self._warned: set[str] = set()  # (unique bases of files left out, L{_leaveOut}: warned of once)
+        # ENVELOPEs and internal dates read from files, not written to the index yet (under the
+        # user's lock: L{summaryFields}' C{deferWrite}, L{writeDeferred})
+        self._deferredEnvelopes: dict[int, bytes] = {}
+        self._deferredDates: dict[int, int] = {}
         row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
         if row is None:
             # Look again inside the write transaction: another process may be creating it too.
@@ -1190,7 +1194,12 @@ class Folder:
         missing = [r[0] for r in rows if r[6] is None]
         sets, new = _FlagSets(), tuple.__new__  # Message(...) would run NamedTuple's __new__
         if missing:
-            known = self._internalDates(missing) if dates else {}  # (file system calls: not inside _uncollected)
+            known = self._deferredDates  # (read with their ENVELOPEs, not written yet: no stat)
+            if known:
+                known = {u: known[u] for u in missing if u in known}
+                missing = [u for u in missing if u not in known]
+            if dates and missing:
+                known = {**known, **self._internalDates(missing)}  # (file system calls: not inside _uncollected)
             with _uncollected:
                 return [new(Message, (uid, sets[f], sets[k], m, s, v, d if d is not None else known.get(uid, 0)))
                         for uid, f, k, m, s, v, d in rows]
@@ -1479,15 +1488,15 @@ class Folder:
     DIRECT_FIELDS = ("envelope", "bodystructure", "body")
 
     def summaryFields(self, uids: Iterable[int], fields: Iterable[str],
-                      later: list | None = None) -> dict[int, tuple[bytes, ...]]:
+                      deferWrite: bool = False) -> dict[int, tuple[bytes, ...]]:
         """
         Some of the summary's FETCH-ready fields (L{DIRECT_FIELDS}) of many messages, read by
         sqlite's C{json_extract} instead of decoding every summary in Python (a warm
         C{FETCH 1:* (ENVELOPE)} spent most of its time there).  Messages without a cached
-        summary get one computed (L{summaries}).  With C{later}, the ENVELOPEs read from
-        headers (L{_envelopes}) are not written to the index here: a function that writes
-        them is appended to C{later}, for the caller to call (a FETCH does, in another store
-        thread, while the workers parse its next batch).
+        summary get one computed (L{summaries}).  With C{deferWrite}, the ENVELOPEs read from
+        headers (L{_envelopes}) and the internal dates read with them are not written to the
+        index here but kept in memory, where the folder's readers find them, until
+        L{writeDeferred} writes them (a FETCH calls it after its answer).
         """
         fields = tuple(fields)
         if not set(fields) <= set(self.DIRECT_FIELDS):
@@ -1509,26 +1518,32 @@ class Folder:
             if out:
                 missing = [u for u in missing if u not in out]
         if missing and fields == ("envelope",):
-            missing = self._envelopes(missing, out, later)
+            missing = self._envelopes(missing, out, deferWrite)
         if missing:
             for uid, summary in self.summaries(missing).items():
                 out[uid] = tuple(getattr(summary, name) for name in fields)
         return out
 
-    def _envelopes(self, uids: list[int], out: dict, later: list | None = None) -> list[int]:
+    def _envelopes(self, uids: list[int], out: dict, deferWrite: bool = False) -> list[int]:
         """
         The ENVELOPE of messages without a summary, into C{out} as C{(envelope,)}: from the
-        C{envelopes} table, or read from the message's header alone and kept there (in one
-        transaction for the batch; with C{later}, by a function appended to it), as Dovecot
-        answers a first FETCH of ENVELOPE; parsing the whole message for its summary took three
-        times as long.  Returns the UIDs still missing (a header over a megabyte, a file gone
-        or renamed meanwhile): their whole summary is computed.
+        C{envelopes} table (or those not written yet), or read from the message's header alone
+        and kept there (in one transaction for the batch; with C{deferWrite}, by
+        L{writeDeferred}), as Dovecot answers a first FETCH of ENVELOPE; parsing the whole
+        message for its summary took three times as long.  Returns the UIDs still missing (a
+        header over a megabyte, a file gone or renamed meanwhile): their whole summary is
+        computed.
         """
         with self.user.lock:
             rows = self._select("SELECT uid, envelope FROM envelopes WHERE folder=?", (self.id,), uids)
-        for uid, envelope in rows:
-            out[uid] = (envelope,)
-        missing = [u for u in uids if u not in out] if rows else uids
+            deferred = self._deferredEnvelopes
+            for uid, envelope in rows:
+                out[uid] = (envelope,)
+            if deferred:
+                for uid in uids:
+                    if uid in deferred:
+                        out[uid] = (deferred[uid],)
+        missing = [u for u in uids if u not in out] if out else uids
         if not missing:
             return []
         paths = self.paths(missing)
@@ -1537,27 +1552,54 @@ class Folder:
         if found:
             # the files' mtimes came with them: the internal dates the index lacks are kept
             # too, so that the same FETCH's INTERNALDATE stats no file (L{_internalDates})
-            dates = [(got[1], self.id, uid) for uid, got in found.items() if got is not None]
-            keep = lambda: self._keepEnvelopes(missing, computed, dates)
-            if later is None:
-                keep()
-            else:
-                later.append(keep)
+            dates = {uid: got[1] for uid, got in found.items() if got is not None}
+            with self.user.lock:
+                self._deferredEnvelopes.update(computed)
+                self._deferredDates.update(dates)
+                if not deferWrite:
+                    self._writeDeferred()
             for uid, envelope in computed.items():
                 out[uid] = (envelope,)
         return [u for u in missing if u not in computed]
 
-    def _keepEnvelopes(self, uids, computed: dict, dates: list) -> None:
-        """L{_envelopes}' cache write: the ENVELOPEs of the messages still in the index, and their internal dates."""
-        with self.user.lock, self.user.cacheTransaction():
-            # (a range of UIDs is one BETWEEN, a list goes by IN lists of 500)
-            present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,),
-                                   uids if isinstance(uids, range) else computed) if computed else ()
+    #: a FETCH's ENVELOPEs not written yet (L{summaryFields}' C{deferWrite}) are written at
+    #: once, before its answer ends, when more than this many wait (memory: a few hundred
+    #: bytes each)
+    DEFERRED_MAX = 16384
+
+    def deferredCount(self) -> int:
+        """How many messages' ENVELOPEs and dates wait for L{writeDeferred} (read without the lock)."""
+        return max(len(self._deferredEnvelopes), len(self._deferredDates))
+
+    def writeDeferred(self, above: int = 0) -> None:
+        """
+        Write the ENVELOPEs and internal dates L{summaryFields} kept in memory (C{deferWrite})
+        to the index, in one transaction (a cache's: not synced), for the messages still in
+        it; with C{above}, only if more than that many wait.
+        """
+        with self.user.lock:
+            if self.deferredCount() > above:
+                self._writeDeferred()
+
+    def _writeDeferred(self) -> None:
+        """L{writeDeferred}'s write; the caller holds the user's lock."""
+        envelopes, dates = self._deferredEnvelopes, self._deferredDates
+        if not envelopes and not dates:
+            return
+        self._deferredEnvelopes, self._deferredDates = {}, {}
+        with self.user.cacheTransaction():
+            if envelopes:
+                # (present ones only: expunged meanwhile, its row is gone; a dense span is one
+                # BETWEEN, a sparse one IN lists)
+                span = range(min(envelopes), max(envelopes) + 1)
+                present = self._select("SELECT uid FROM messages WHERE folder=?", (self.id,),
+                                       span if len(span) <= 2 * len(envelopes) else sorted(envelopes))
+                self.user.db.executemany(
+                    "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
+                    [(self.id, uid, envelopes[uid]) for (uid,) in present if uid in envelopes])
             self.user.db.executemany(
-                "INSERT OR REPLACE INTO envelopes (folder, uid, envelope) VALUES (?, ?, ?)",
-                [(self.id, uid, computed[uid]) for (uid,) in present if uid in computed])
-            self.user.db.executemany(
-                "UPDATE messages SET internaldate=? WHERE folder=? AND uid=? AND internaldate IS NULL", dates)
+                "UPDATE messages SET internaldate=? WHERE folder=? AND uid=? AND internaldate IS NULL",
+                [(date, self.id, uid) for uid, date in dates.items()])
 
     def summaries(self, uids: Iterable[int]) -> dict:
         """
@@ -1627,6 +1669,10 @@ class Folder:
                     [(self.id, uid, *wireFields(computed[uid])) for uid in present],
                 )
                 db.executemany("DELETE FROM envelopes WHERE folder=? AND uid=?", [(self.id, uid) for uid in present])
+                deferred = self._deferredEnvelopes
+                if deferred:  # (the whole summary replaces them: not written later)
+                    for uid in present:
+                        deferred.pop(uid, None)
             db.executemany(
                 f"INSERT OR {'REPLACE' if summaries else 'IGNORE'} INTO fields (folder, uid, "
                 + ", ".join(FIELD_COLUMNS.values()) + f") VALUES (?, ?{', ?' * len(FIELDS)})",

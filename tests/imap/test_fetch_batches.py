@@ -14,6 +14,9 @@ import email.utils
 import imaplib
 import os
 import re
+import sqlite3
+
+import pytest
 
 from conftest import held_by_another_thread, postmaster_inbox, wait_for
 
@@ -44,6 +47,17 @@ def test_long_fetches_answer_every_message_once_in_order(server):
     dates = [datetime.datetime.strptime(d.decode(), "%d-%b-%Y %H:%M:%S %z").timestamp()
              for d in re.findall(rb'INTERNALDATE "([^"]+)"', text)]
     assert dates == [1600000000 + 3601 * i for i in range(COUNT)]
+
+    def kept():
+        db = sqlite3.connect(home / "pymaild.index.sqlite")
+        try:
+            return (db.execute("SELECT count(*) FROM envelopes").fetchone()[0],
+                    db.execute("SELECT count(*) FROM messages WHERE internaldate IS NOT NULL").fetchone()[0])
+        finally:
+            db.close()
+
+    # (written after the answer, from memory: Folder.writeDeferred)
+    wait_for(lambda: kept() == (COUNT, COUNT), what="the ENVELOPEs and internal dates the FETCH read, in the index")
 
     typ, lines = client.uid("FETCH", "1:*", "(ENVELOPE BODYSTRUCTURE)")
     assert typ == "OK"
@@ -170,20 +184,21 @@ def test_a_small_fetch_reads_its_rows_without_a_store_thread(tmp_path):
     user.close()
 
 
-def test_a_first_fetch_of_envelopes_is_parsed_in_one_store_call_and_finished_in_another(tmp_path):
+def test_a_first_fetch_of_envelopes_is_parsed_in_one_store_call_and_finished_in_another(tmp_path, monkeypatch):
     """
     With a C{prepared} Deferred, a batch that reads ENVELOPEs from never-summarized files takes
     two store calls: the first parses (and writes nothing), then C{prepared} fires, so that a
-    FETCH starts its next batch, whose parsing overlaps the second call: the ENVELOPEs and
-    internal dates written to the index, then the rows read.  The answer is the one a single
-    call gives.
+    FETCH starts its next batch, whose parsing overlaps the second call: the rows read, with
+    the internal dates the parse brought (no stat).  The ENVELOPEs and dates go to the index
+    in a third call, which C{fetchDone} makes after the answer.  The answer is the one a
+    single call gives.
     """
     import sqlite3
 
     from twisted.internet import defer
 
     from pymaild.imap.mailbox import StoreMailbox
-    from pymaild.store.maildir import MaildirStore
+    from pymaild.store.maildir import Folder, MaildirStore
 
     user = MaildirStore(tmp_path / "mail").user("alice@example.com")
     inbox = user.folder("INBOX")
@@ -219,8 +234,16 @@ def test_a_first_fetch_of_envelopes_is_parsed_in_one_store_call_and_finished_in_
     assert len(queued) == 1 and not prepared.called
     step()
     assert prepared.called and not answers and len(queued) == 1 and written() == (0, 0)
+    with monkeypatch.context() as m:
+        m.setattr(Folder, "_internalDates", lambda self, missing: pytest.fail(f"stat of {missing}"))
+        step()
+    assert written() == (0, 0) and len(answers) == 1 and not queued
+    mbox.fetchDone()
+    assert len(queued) == 1
     step()
-    assert written() == (80, 80) and len(answers) == 1
+    assert written() == (80, 80)
+    mbox.fetchDone()
+    assert not queued  # (nothing left to write: no store call)
 
     def shown(found):
         return [(seq, m.getUID(), m.getInternalDate(), m.summary.envelope) for seq, m in found]

@@ -156,13 +156,17 @@ def test_envelopes_read_from_the_files_bring_their_internal_dates(tmp_path, monk
     user.close()
 
 
-def test_envelopes_kept_later_are_written_when_the_caller_says(tmp_path):
+def test_envelopes_kept_later_are_written_when_the_caller_says(tmp_path, monkeypatch):
     """
-    With C{later} (a FETCH that overlaps one batch's index writes with the next batch's
-    parsing), summaryFields answers at once but writes nothing: the function it leaves writes
-    the ENVELOPEs and internal dates, of the messages still in the index only.
+    With C{deferWrite} (a FETCH, whose answer does not wait for the index's write),
+    summaryFields answers at once but writes nothing: the ENVELOPEs and internal dates wait in
+    memory, where the folder's readers find them (no file read again, no stat), until
+    writeDeferred writes them, of the messages still in the index only.
     """
     import os
+
+    from pymaild.store import summarizer
+    from pymaild.store.maildir import Folder
 
     user, inbox = make(tmp_path, 6)
     uids = inbox.uids()
@@ -170,19 +174,38 @@ def test_envelopes_kept_later_are_written_when_the_caller_says(tmp_path):
     for n, uid in enumerate(uids):
         os.utime(paths[uid], (1600000000 + n * 86400,) * 2)
     user.db.execute("UPDATE messages SET internaldate=NULL")
-    later = []
-    got = inbox.summaryFields(range(uids[0], uids[-1] + 1), ("envelope",), later)
+    got = inbox.summaryFields(range(uids[0], uids[-1] + 1), ("envelope",), deferWrite=True)
     assert got == {uid: (expected(i).envelope,) for i, uid in enumerate(uids)}
-    assert len(later) == 1 and count(user, "envelopes") == 0
+    assert inbox.deferredCount() == 6 and count(user, "envelopes") == 0
     assert user.db.execute("SELECT count(*) FROM messages WHERE internaldate IS NOT NULL").fetchone()[0] == 0
+    with monkeypatch.context() as m:  # (found in memory: neither parsed nor stat'ed again)
+        m.setattr(Folder, "_internalDates", lambda self, missing: pytest.fail(f"stat of {missing}"))
+        m.setattr(summarizer.Summarizer, "envelopes", lambda self, paths: pytest.fail(f"parse of {paths}"))
+        assert inbox.summaryFields(uids, ("envelope",), deferWrite=True) == got
+        dates = {m.uid: m.internalDate for m in inbox.messages()}
+        assert dates == {uid: 1600000000 + n * 86400 for n, uid in enumerate(uids)}
     inbox.store([uids[2]], ["\\Deleted"], "add")
     assert inbox.expunge() == [uids[2]]  # (between the parse and the write)
-    later[0]()
+    inbox.writeDeferred(above=6)  # (not more than 6 wait: nothing written)
+    assert count(user, "envelopes") == 0
+    inbox.writeDeferred()
+    assert inbox.deferredCount() == 0
     kept = dict(user.db.execute("SELECT uid, envelope FROM envelopes"))
     assert kept == {uid: expected(i).envelope for i, uid in enumerate(uids) if uid != uids[2]}
-    dates = {m.uid: m.internalDate for m in inbox.messages()}
-    assert dates == {uid: 1600000000 + n * 86400 for n, uid in enumerate(uids) if uid != uids[2]}
-    assert inbox.summaryFields(uids, ("envelope",), later=[]) == {u: e for u, e in got.items() if u != uids[2]}
+    kept = dict(user.db.execute("SELECT uid, internaldate FROM messages"))
+    assert kept == {uid: 1600000000 + n * 86400 for n, uid in enumerate(uids) if uid != uids[2]}
+    assert inbox.summaryFields(uids, ("envelope",)) == {u: e for u, e in got.items() if u != uids[2]}
+    user.close()
+
+
+def test_a_whole_summary_computed_meanwhile_replaces_an_envelope_not_written_yet(tmp_path):
+    user, inbox = make(tmp_path, 4)
+    uids = inbox.uids()
+    inbox.summaryFields(uids, ("envelope",), deferWrite=True)
+    inbox.summaries(uids[:2])  # (a SEARCH, say, before the FETCH's write)
+    inbox.writeDeferred()
+    assert [r[0] for r in user.db.execute("SELECT uid FROM envelopes ORDER BY uid")] == uids[2:]
+    assert (count(user, "envelopes"), count(user, "wire")) == (2, 2)
     user.close()
 
 
