@@ -377,11 +377,10 @@ class QueueFiles:
 
     # --- reading ------------------------------------------------------------------------
 
-    def load(self, id: str, locked: bool = False) -> Envelope:
+    def load(self, id: str) -> Envelope:
         """
         The envelope of C{id}.  C{KeyError} when it is not queued; L{CorruptEnvelope} when it
-        cannot be read, or its message file is missing (not looked for when C{locked}: the
-        caller's L{MessageLock} has the file open).
+        cannot be read.
         """
         eml, env = self.paths(id)
         try:
@@ -391,7 +390,7 @@ class QueueFiles:
         envelope = Envelope.fromJSON(data)
         if envelope.id != id:
             raise CorruptEnvelope(f"envelope names {envelope.id!r}")
-        if not locked and not eml.exists():
+        if not eml.exists():
             raise CorruptEnvelope("message file missing")
         return envelope
 

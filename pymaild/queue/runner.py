@@ -476,7 +476,7 @@ class Runner(service.Service):
         lock = self.files.lock(id)
         lock.__enter__()
         try:
-            return lock, self.files.load(id, locked=True)
+            return lock, self.files.load(id)
         except BaseException:
             lock.__exit__()
             raise
@@ -539,8 +539,7 @@ class Runner(service.Service):
         waits = []
         for key, recipients in groups.items():
             job = Job(envelope.id, envelope.sender, recipients, str(self.files.paths(envelope.id)[0]),
-                      envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid,
-                      fd=lock.fd if lock is not None else None)
+                      envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid)
             d = job.finished
             d.addCallback(self._results, envelope, job)
             # (a message that is now done is removed instead: that records the result)

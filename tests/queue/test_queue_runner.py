@@ -204,34 +204,6 @@ class RunnerCase(_Base):
         self.assertEqual(self.sinks["127.0.0.2"].transactions, 1)
 
     @defer.inlineCallbacks
-    def test_small_messages_are_written_whole_and_larger_ones_streamed(self):
-        """
-        A message file of at most 16 KiB is read from its lock's descriptor (no file opened on
-        the reactor) and written with its final dot at once; one byte more, and it is streamed
-        with Twisted's FileSender.  Both arrive as they were, dots and all.
-        """
-        from twisted.protocols import basic
-
-        from pymaild.queue.client import QueueClient
-
-        streamed = []
-        real = basic.FileSender.beginFileTransfer
-        self.patch(basic.FileSender, "beginFileTransfer", lambda *a: (streamed.append(a[1].name), real(*a))[1])
-        head = b"Subject: dots\n\n.first\n..two\n"
-        tail = b"\n.\nlast line without an end"
-        messages = []
-        for size in (QueueClient.WHOLE_AT_MOST, QueueClient.WHOLE_AT_MOST + 1, 200):
-            messages.append(head + b"a" * (size - len(head) - len(tail)) + tail)
-            self.assertEqual(len(messages[-1]), size)
-            self.enqueue([f"u{size}@accept.test"], message=messages[-1])
-        yield self.runDue()
-        got = {r["rcpts"][0][0]: r["message"] for r in self.sinks["127.0.0.2"].received}
-        for message in messages:
-            self.assertEqual(got[f"u{len(message)}@accept.test"], message.replace(b"\n", b"\r\n") + b"\r\n")
-        self.assertEqual(len(streamed), 1)  # (the larger one alone)
-        self.assertTrue(streamed[0].endswith(".eml"))
-
-    @defer.inlineCallbacks
     def test_several_messages_over_one_connection(self):
         self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
         for i in range(5):
