@@ -241,7 +241,8 @@ class PymaildService(MultiService):
     def startService(self):
         from pymaild.log import quickenTextLog
 
-        quickenTextLog()  # (twistd's text log began before this: the same lines, faster)
+        if quickenTextLog():  # (twistd's text log began before this: the same lines, faster)
+            log.debug("log: twistd's text lines made by pymaild.log.ClassicText")
         for pool in self.threadpools:
             pool.start()
         for listener in self.listeners:

@@ -9,6 +9,7 @@ import imaplib
 import json
 import os
 import poplib
+import re
 import signal
 import smtplib
 import socket
@@ -339,6 +340,24 @@ def test_json_log(make_server):
     assert records[0]["peer"] == "127.0.0.1"
     lines = [line for line in server.log().splitlines() if line.strip()]
     assert all(line.startswith("{") for line in lines), lines[:3]
+    assert "ClassicText" not in server.log()
+
+
+def test_the_text_log_is_made_faster_and_keeps_twistds_lines(server):
+    """
+    With twistd's own text log (no --logger), the service gives it pymaild's formatter at its
+    start (pymaild.log.quickenTextLog); every line keeps twistd's shape, continuation lines
+    indented with a tab.  (With --logger, test_json_log above: nothing of it.)
+    """
+    with imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=server.tls(), timeout=30) as imap:
+        imap.login("postmaster@localhost", server.postmaster_password())
+    wait_for(lambda: "login" in server.log().partition("pymaild.log.ClassicText")[2],
+             what="a login logged after the formatter came")
+    before, _, after = server.log().partition("pymaild.log.ClassicText")
+    assert before.splitlines()[-1].endswith("[pymaild.service#debug] log: twistd's text lines made by ")
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^\]]+\] \S")
+    lines = [line for line in after.splitlines()[1:] if line]
+    assert lines and all(stamp.match(line) or line.startswith("\t") for line in lines), lines[:5]
 
 
 def test_embedded_default_without_config(tmp_path):
