@@ -23,6 +23,7 @@ failed before the server answered for that recipient.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
@@ -52,6 +53,7 @@ class Job:
     One message to some recipients of one destination.
 
     @ivar path: the message file (LF line ends).
+    @ivar fd: a descriptor open on it for as long as the job runs (the message's lock), or None.
     @ivar recipients: L{pymaild.queue.files.Recipient}s (address, orcpt, notify).
     """
 
@@ -64,6 +66,7 @@ class Job:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    fd: int | None = None
     finished: Deferred = field(default_factory=Deferred)
     #: where it went: the host name and whether the server offered DSN (NOTIFY=SUCCESS is
     #: passed on to it, or reported by us as "relayed")
@@ -189,9 +192,15 @@ class QueueClient(smtp.ESMTPClient):
         self._from = self.getMailFrom()
         self._failresponse = self.smtpTransferFailed
         if self._from is None:
+            # a job on its way: wait for it once (the owner says when), else QUIT
+            park = getattr(self.owner, "park", None)
+            if not self._parked and park is not None and park(self._unparked):
+                self._parked = True
+                return
             self._quitting = True
             self._disconnectFromServer()
             return
+        self._parked = False
         job, offered = self.job, self.extensionsOffered
         if job.smtputf8 and b"SMTPUTF8" not in offered:
             self.sentMail(553, b"5.6.7 the message needs SMTPUTF8, which the server does not offer", 0, [], self.log)
@@ -292,9 +301,32 @@ class QueueClient(smtp.ESMTPClient):
         else:
             self.sendLine(self._rcptLine(self.lastAddress))
 
+    _parked = False
+
+    def _unparked(self):
+        if self.transport is not None and not self._failed and not getattr(self.transport, "disconnecting", False):
+            self.smtpState_from(250, b"")
+
+    #: a message file of at most this many bytes is read in one go, from the descriptor its
+    #: lock holds open (no path looked up, no file opened on the reactor), and written with
+    #: its final dot in one write (FileSender, whose first chunk is as large, reads it as
+    #: whole, then costs a producer cycle and a second write for the dot); a larger one is
+    #: streamed
+    WHOLE_AT_MOST = basic.FileSender.CHUNK_SIZE
+
     def smtpState_data(self, code, resp):
         encoder = DataEncoder()
-        self._file = open(self.job.path, "rb")
+        job = self.job
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_msgSent
+        if job.fd is not None:
+            whole = os.pread(job.fd, self.WHOLE_AT_MOST + 1, 0)
+            if len(whole) <= self.WHOLE_AT_MOST:
+                self.transport.write(encoder.feed(whole) + encoder.finish())
+                self._dataSent = True
+                self.setTimeout(max(self.timeout or 0, 600.0))  # (as below)
+                return
+        self._file = open(job.path, "rb")
         sender = basic.FileSender()
 
         def transform(chunk):
@@ -315,8 +347,6 @@ class QueueClient(smtp.ESMTPClient):
             self.sendError(reason.value)
 
         d.addCallbacks(done, failed)
-        self._expected = smtp.SUCCESS
-        self._okresponse = self.smtpState_msgSent
 
     _dataSent = False
 

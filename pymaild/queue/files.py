@@ -377,10 +377,11 @@ class QueueFiles:
 
     # --- reading ------------------------------------------------------------------------
 
-    def load(self, id: str) -> Envelope:
+    def load(self, id: str, locked: bool = False) -> Envelope:
         """
         The envelope of C{id}.  C{KeyError} when it is not queued; L{CorruptEnvelope} when it
-        cannot be read.
+        cannot be read, or its message file is missing (not looked for when C{locked}: the
+        caller's L{MessageLock} has the file open).
         """
         eml, env = self.paths(id)
         try:
@@ -390,7 +391,7 @@ class QueueFiles:
         envelope = Envelope.fromJSON(data)
         if envelope.id != id:
             raise CorruptEnvelope(f"envelope names {envelope.id!r}")
-        if not eml.exists():
+        if not locked and not eml.exists():
             raise CorruptEnvelope("message file missing")
         return envelope
 

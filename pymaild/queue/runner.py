@@ -13,7 +13,8 @@ How one message is tried (L{Runner._attempt}):
      together at most C{connections}); a connection resolves the MX hosts (all of them, by
      preference, equal ones shuffled; L{pymaild.queue.mx}), tries their addresses in order
      until one talks, and carries the destination's jobs one after another (several messages
-     per connection);
+     per connection; with none waiting, it waits up to L{PARK_WAIT} for one on its way while
+     envelopes are being read and no other destination waits for a connection place);
   4. each job's result is written to the envelope at once (so a crash after a remote C{250}
      re-sends at most the recipients of that one transaction): C{2xx} delivered, C{5xx}
      failed, C{4xx} or no answer retried later with backoff (C{min_backoff}, doubling, at most
@@ -76,6 +77,9 @@ SATURATED = 20
 SATURATED_WAIT = 60.0
 #: a message locked by pymaildctl (which holds the lock for a moment) is tried again this soon
 BUSY_WAIT = 2.0
+#: seconds at most that a connection whose destination has no job waiting stays open for one
+#: on its way (a message whose envelope is being read), instead of QUIT (L{_Session.park})
+PARK_WAIT = 0.5
 #: seconds an MX answer is reused by further connections (far below usual TTLs)
 ROUTE_CACHE = 30.0
 #: seconds ahead of its last scan of the queue directory up to which the runner keeps every due
@@ -132,16 +136,47 @@ class Destination:
         self.key = key
         self.jobs: deque[Job] = deque()
         self.workers = 0
+        #: connections waiting for a job on its way (L{_Session.park}): session -> its timer
+        self.parked: dict = {}
 
 
 class _Session:
     """What a L{QueueClient} reports to the connection attempt that made it."""
 
-    def __init__(self, destination: Destination, hostName: str):
+    def __init__(self, destination: Destination, hostName: str, runner=None):
         self.destination = destination
         self.hostName = hostName
+        self.runner = runner
         self.failure: tuple[int, str] | None = None
         self.ended = Deferred()
+        self._resume = None
+
+    def park(self, resume) -> bool:
+        """
+        The connection has no job: whether it waits for one instead of QUIT.  It does while
+        messages are being opened (their envelopes read in a thread: their jobs may be for
+        this destination) and no destination waits for a connection place, for
+        L{PARK_WAIT} seconds at most; C{resume()} is called when a job comes for the
+        destination or the wait ends (then L{nextJob} may still find none).  A connection
+        that quit at every gap cost three to four times the sessions when messages were sent
+        faster than their envelopes were read.
+        """
+        runner = self.runner
+        if runner is None or not runner._opening or runner.waiting or runner.stopping:
+            return False
+        self._resume = resume
+        self.destination.parked[self] = runner.clock.callLater(PARK_WAIT, self.unpark)
+        return True
+
+    def unpark(self) -> None:
+        """End the wait (a job came, the wait is over, or nothing more is on its way)."""
+        timer = self.destination.parked.pop(self, None)
+        if timer is None:
+            return
+        if timer.active():
+            timer.cancel()
+        resume, self._resume = self._resume, None
+        resume()
 
     def nextJob(self) -> Job | None:
         jobs = self.destination.jobs
@@ -155,6 +190,9 @@ class _Session:
         self.failure = (code, reply)
 
     def sessionEnded(self) -> None:
+        timer = self.destination.parked.pop(self, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         if not self.ended.called:
             self.ended.callback(None)
 
@@ -199,6 +237,8 @@ class Runner(service.Service):
         self.destinations: dict[str, Destination] = {}
         self.active = 0  # connections, all destinations
         self.waiting: deque[Destination] = deque()
+        #: attempts whose envelope is being read (their jobs not made yet: L{_Session.park})
+        self._opening = 0
         self._timer = None
         self.maxInFlight = max(100, policy.connections * 10)
         self.attempts: dict[str, Deferred] = {}
@@ -238,6 +278,7 @@ class Runner(service.Service):
         self._timer = self._scanTimer = None
         for destination in list(self.destinations.values()):
             self._failQueued(destination, -1, STOPPING)
+        self._unparkAll()  # (no job: QUIT)
         from twisted.internet import reactor
 
         cut = reactor.callLater(self.stopTimeout, self._abortAll)
@@ -476,7 +517,7 @@ class Runner(service.Service):
         lock = self.files.lock(id)
         lock.__enter__()
         try:
-            return lock, self.files.load(id)
+            return lock, self.files.load(id, locked=True)
         except BaseException:
             lock.__exit__()
             raise
@@ -484,19 +525,28 @@ class Runner(service.Service):
     @inlineCallbacks
     def _attempt(self, id: str):
         self.busy.add(id)
+        self._opening += 1
         try:
             try:
-                lock, envelope = yield self.run(self._open, id)
+                try:
+                    lock, envelope = yield self.run(self._open, id)
+                finally:
+                    self._opening -= 1
             except Busy:
+                self._unparkIfNothingComes()
                 self.schedule(id, self.clock.seconds() + BUSY_WAIT)  # pymaildctl is editing it (briefly)
                 return
             except (KeyError, FileNotFoundError):
+                self._unparkIfNothingComes()
                 return  # delivered, deleted meanwhile
             except CorruptEnvelope as e:
+                self._unparkIfNothingComes()
                 yield self.run(self.files.quarantine, id, str(e))
                 return
             try:
-                yield self._deliver(envelope, lock)
+                delivering = self._deliver(envelope, lock)  # (its jobs are handed out now)
+                self._unparkIfNothingComes()
+                yield delivering
             finally:
                 if lock.fd is not None:
                     # (in a thread: closing the last descriptor of a removed file frees its inode)
@@ -511,6 +561,17 @@ class Runner(service.Service):
                 if id in self.due:
                     heapq.heappush(self.heap, (self.due[id], id))
             self._arm()
+
+    def _unparkIfNothingComes(self) -> None:
+        """No envelope is being read any more: connections waiting for a job QUIT now."""
+        if not self._opening:
+            self._unparkAll()
+
+    def _unparkAll(self) -> None:
+        """Every connection waiting for a job goes on (it QUITs when none is there)."""
+        for destination in list(self.destinations.values()):
+            for session in list(destination.parked):
+                session.unpark()
 
     @inlineCallbacks
     def _deliver(self, envelope: Envelope, lock=None):
@@ -539,7 +600,8 @@ class Runner(service.Service):
         waits = []
         for key, recipients in groups.items():
             job = Job(envelope.id, envelope.sender, recipients, str(self.files.paths(envelope.id)[0]),
-                      envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid)
+                      envelope.size, envelope.body, envelope.smtputf8, envelope.ret, envelope.envid,
+                      fd=lock.fd if lock is not None else None)
             d = job.finished
             d.addCallback(self._results, envelope, job)
             # (a message that is now done is removed instead: that records the result)
@@ -692,6 +754,8 @@ class Runner(service.Service):
         if destination is None:
             destination = self.destinations[key] = Destination(key)
         destination.jobs.append(job)
+        if destination.parked:
+            next(iter(destination.parked)).unpark()  # (it takes the job)
         self._startWorkers(destination)
 
     def _startWorkers(self, destination: Destination) -> None:
@@ -700,6 +764,7 @@ class Runner(service.Service):
             if self.active >= self.policy.connections:
                 if destination not in self.waiting:
                     self.waiting.append(destination)
+                self._unparkAll()  # (their places are wanted: they QUIT)
                 return
             destination.workers += 1
             self.active += 1
@@ -772,7 +837,7 @@ class Runner(service.Service):
                         return
                     tls = self._tlsFor(host.name)
                     while True:
-                        session = _Session(destination, host.name)
+                        session = _Session(destination, host.name, self)
                         client = QueueClient(session, self.hostname, tls, self._requireTLS(),
                                              *self._credentials(), timeout=self.policy.commandTimeout)
                         try:

@@ -102,7 +102,7 @@ class LoadCase(_Base):
         """A new runner over the queue as it is (the old one stopped), counting envelope reads."""
         self.reads = []
         load = QueueFiles.load
-        self.patch(QueueFiles, "load", lambda files, id: (self.reads.append(id), load(files, id))[1])
+        self.patch(QueueFiles, "load", lambda files, id, **kw: (self.reads.append(id), load(files, id, **kw))[1])
         d = self.runner.stopService()
         self.runner = self.makeRunner()
         return d

@@ -151,6 +151,15 @@ class _Base(unittest.TestCase):
     def envelope(self, id) -> Envelope:
         return self.files.load(id)
 
+    @defer.inlineCallbacks
+    def waitFor(self, condition, timeout=10.0):
+        """Poll C{condition} on the real reactor (sinks and DNS answer there) until it holds."""
+        for _ in range(int(timeout / 0.02)):
+            if condition():
+                return
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        self.fail("timed out")
+
 
 
 class RunnerCase(_Base):
@@ -202,6 +211,105 @@ class RunnerCase(_Base):
         [got] = self.sinks["127.0.0.2"].received
         self.assertEqual(got["message"], message.replace(b"\n", b"\r\n"))
         self.assertEqual(self.sinks["127.0.0.2"].transactions, 1)
+
+    def holdOpening(self, ids):
+        """The envelopes of C{ids} are read only when the test says (a slow thread)."""
+        held, run = {}, self.runner.run
+
+        def slow(f, *args):
+            if f == self.runner._open and args[0] in ids:
+                held[args[0]] = defer.Deferred().addCallback(lambda _: run(f, *args))
+                return held[args[0]]
+            return run(f, *args)
+
+        self.runner.run = slow
+        return held
+
+    @defer.inlineCallbacks
+    def test_a_connection_waits_for_a_job_on_its_way(self):
+        """
+        A connection that finds no job while another message's envelope is still being read
+        waits (parked) instead of QUIT, and carries that message when its job comes: one
+        session for both.
+        """
+        from pymaild.queue import runner as runnermod
+
+        self.runner.policy = Policy(**dict(self.runner.policy.__dict__, perDestination=1))
+        first = self.enqueue(["a@accept.test"])
+        second = self.enqueue(["b@accept.test"])
+        held = self.holdOpening({second})
+        self.clock.advance(0)
+        sink = self.sinks["127.0.0.2"]
+        yield self.waitFor(lambda: sum(len(d.parked) for d in self.runner.destinations.values()) == 1)
+        self.assertEqual([r["rcpts"][0][0] for r in sink.received], ["a@accept.test"])
+        self.assertNotIn(first, self.files.ids())
+        held[second].callback(None)
+        yield self.settle()
+        self.assertEqual(sorted(r["rcpts"][0][0] for r in sink.received), ["a@accept.test", "b@accept.test"])
+        self.assertEqual((sink.connections, sink.transactions), (1, 2))
+        self.assertEqual(self.files.ids(), [])
+        self.assertEqual(runnermod.PARK_WAIT, 0.5)
+
+    @defer.inlineCallbacks
+    def test_a_parked_connection_quits_when_nothing_comes(self):
+        """
+        Parked, a connection QUITs once no envelope is being read any more (the message was
+        deleted meanwhile), or after PARK_WAIT seconds; the next message opens a new session.
+        """
+        from pymaild.queue.runner import PARK_WAIT
+
+        sink = self.sinks["127.0.0.2"]
+        quits = lambda: sum(1 for line in sink.log if line.upper().startswith(b"QUIT"))
+        for ending in ("gone", "timeout"):
+            sessions, quit = sink.connections, quits()
+            self.enqueue([f"{ending}1@accept.test"])
+            other = self.enqueue([f"{ending}2@accept.test"])
+            held = self.holdOpening({other})
+            self.clock.advance(0)
+            parked = lambda: sum(len(d.parked) for d in self.runner.destinations.values())
+            yield self.waitFor(lambda: parked() == 1)
+            if ending == "gone":
+                self.files.remove(other)
+                held[other].callback(None)  # (KeyError: nothing comes)
+            else:
+                self.clock.advance(PARK_WAIT)
+            yield self.waitFor(lambda: parked() == 0)
+            yield self.waitFor(lambda: not self.runner.working)
+            self.assertEqual((sink.connections, quits()), (sessions + 1, quit + 1))  # (QUIT, not a time-out)
+            if ending == "timeout":
+                held[other].callback(None)
+                yield self.settle()
+                self.assertEqual(sink.connections, sessions + 2)  # (a new session for it)
+            self.runner.run = lambda f, *a: defer.maybeDeferred(f, *a)
+        self.assertEqual(self.files.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_small_messages_are_written_whole_and_larger_ones_streamed(self):
+        """
+        A message file of at most 16 KiB is read from its lock's descriptor (no file opened on
+        the reactor) and written with its final dot at once; one byte more, and it is streamed
+        with Twisted's FileSender.  Both arrive as they were, dots and all.
+        """
+        from twisted.protocols import basic
+
+        from pymaild.queue.client import QueueClient
+
+        streamed = []
+        real = basic.FileSender.beginFileTransfer
+        self.patch(basic.FileSender, "beginFileTransfer", lambda *a: (streamed.append(a[1].name), real(*a))[1])
+        head = b"Subject: dots\n\n.first\n..two\n"
+        tail = b"\n.\nlast line without an end"
+        messages = []
+        for size in (QueueClient.WHOLE_AT_MOST, QueueClient.WHOLE_AT_MOST + 1, 200):
+            messages.append(head + b"a" * (size - len(head) - len(tail)) + tail)
+            self.assertEqual(len(messages[-1]), size)
+            self.enqueue([f"u{size}@accept.test"], message=messages[-1])
+        yield self.runDue()
+        got = {r["rcpts"][0][0]: r["message"] for r in self.sinks["127.0.0.2"].received}
+        for message in messages:
+            self.assertEqual(got[f"u{len(message)}@accept.test"], message.replace(b"\n", b"\r\n") + b"\r\n")
+        self.assertEqual(len(streamed), 1)  # (the larger one alone)
+        self.assertTrue(streamed[0].endswith(".eml"))
 
     @defer.inlineCallbacks
     def test_several_messages_over_one_connection(self):
@@ -417,14 +525,6 @@ class TLSCase(_Base):
 
 class ChangesCase(_Base):
     """Envelopes changed on disk by someone else (pymaildctl) are heard through inotify."""
-
-    @defer.inlineCallbacks
-    def waitFor(self, condition, timeout=10.0):
-        for _ in range(int(timeout / 0.02)):
-            if condition():
-                return
-            yield task.deferLater(reactor, 0.02, lambda: None)
-        self.fail("timed out")
 
     @defer.inlineCallbacks
     def test_release_by_another_process_is_heard(self):
