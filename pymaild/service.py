@@ -243,12 +243,15 @@ class PymaildService(MultiService):
 
         if quickenTextLog():  # (twistd's text log began before this: the same lines, faster)
             log.debug("log: twistd's text lines made by pymaild.log.ClassicText")
+        # before anything listens: a SIGHUP sent once the ports answer must find the handler,
+        # not the default action, which ends the process (a reload asked for this early runs
+        # once the reactor has finished starting)
+        self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
         for pool in self.threadpools:
             pool.start()
         for listener in self.listeners:
             listener.startService()
         super().startService()
-        self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
         log.info(
             "pymaild started: hostname {hostname}, domains {domains}, data in {data_dir}",
             hostname=self.config.server.hostname,
