@@ -323,8 +323,7 @@ class QueueClient(smtp.ESMTPClient):
             whole = os.pread(job.fd, self.WHOLE_AT_MOST + 1, 0)
             if len(whole) <= self.WHOLE_AT_MOST:
                 self.transport.write(encoder.feed(whole) + encoder.finish())
-                self._dataSent = True
-                self.setTimeout(max(self.timeout or 0, 600.0))  # (as below)
+                self._dotSent()
                 return
         self._file = open(job.path, "rb")
         sender = basic.FileSender()
@@ -338,9 +337,7 @@ class QueueClient(smtp.ESMTPClient):
         def done(_):
             self._file.close()
             self.transport.write(encoder.finish())
-            self._dataSent = True
-            # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot (content checks)
-            self.setTimeout(max(self.timeout or 0, 600.0))
+            self._dotSent()
 
         def failed(reason):
             self._file.close()
@@ -349,6 +346,11 @@ class QueueClient(smtp.ESMTPClient):
         d.addCallbacks(done, failed)
 
     _dataSent = False
+
+    def _dotSent(self):
+        self._dataSent = True
+        # RFC 5321 4.5.3.2.6: 10 minutes for the reply to the final dot (content checks)
+        self.setTimeout(max(self.timeout or 0, 600.0))
 
     def smtpState_msgSent(self, code, resp):
         self.setTimeout(self.commandTimeout)
