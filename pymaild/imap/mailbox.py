@@ -23,6 +23,7 @@ from bisect import bisect_left, bisect_right
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.mail import imap4
 from zope.interface import implementer
 
@@ -812,14 +813,34 @@ class StoreMailbox:
         if wanted and wanted[-1] - wanted[0] + 1 == len(wanted):  # (ascending and distinct: dense)
             wanted = range(wanted[0], wanted[-1] + 1)  # (STORE 1:*: no set of every UID made again)
 
+        # The answer goes out as soon as the index holds the change: a bulk STORE renames its
+        # files after that (Folder.store's answer), while the reactor writes the answer; the
+        # next command that needs the folder waits for the renames (the user's lock).
+        answered = defer.Deferred()
+        told = []
+
+        def answer(changed, failed):
+            try:
+                if report:
+                    failedSet = set(failed)
+                    current = [m for m in self.folder.messages(wanted) if m.uid not in failedSet]
+                else:
+                    current = []
+                result = (current, failed)
+            except Exception:
+                result = Failure()
+            told.append(True)
+            self._reactor.callFromThread(answered.errback if isinstance(result, Failure) else answered.callback, result)
+
         @self._own
         def work():
-            _, failed = self.folder.store(wanted, flags, how, unchangedSince)
-            if not report:
-                return [], failed
-            failedSet = set(failed)
-            current = [m for m in self.folder.messages(wanted) if m.uid not in failedSet]
-            return current, failed
+            self.folder.store(wanted, flags, how, unchangedSince, answer=answer)
+
+        def ended(result):
+            if not told:  # (failed before its answer: the STORE fails)
+                answered.errback(result if isinstance(result, Failure) else Failure(RuntimeError("STORE gave no answer")))
+            elif isinstance(result, Failure):  # (after: the store logged it and synced)
+                log.failure("STORE after its answer", result)
 
         def numbered(result):
             current, failed = result
@@ -830,7 +851,8 @@ class StoreMailbox:
                     out.append((seq, (self._flagList(m), m.uid, m.modseq)))
             return out, sorted(failed)
 
-        return self.run(work).addCallback(numbered)
+        self.run(work).addBoth(ended)
+        return answered.addCallback(numbered)
 
     def _numbers(self, gone) -> list[tuple[int, int]]:
         """

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from conftest import wait_for
-from imapwire import ask, logged_in
+from imapwire import ask, logged_in, read_tagged
 from pymaild.store.delivery import deliver
 
 
@@ -19,13 +19,19 @@ def message(n: int) -> bytes:
     return b"From: a@example.com\r\nSubject: number %d\r\n\r\nbody %d\r\n" % (n, n)
 
 
-@pytest.fixture
-def inbox(server):
+def delivered(server, count: int, first: int = 0):
+    """The postmaster's INBOX with C{count} messages delivered (by another process, as it were)."""
     home = server.data_dir / "mail" / "localhost" / "postmaster"
     for sub in ("cur", "new", "tmp"):
         (home / sub).mkdir(parents=True, exist_ok=True)
-    for n in range(1, 6):
+    for n in range(first, first + count):
         deliver(home, message(n))
+    return home
+
+
+@pytest.fixture
+def inbox(server):
+    delivered(server, 5, first=1)
     return server
 
 
@@ -262,11 +268,7 @@ def test_watch_comes_back_after_a_bulk_store(server):
     session still hears the flag changes (told in-process) and, afterwards, a delivery by
     another process (the watch is back).
     """
-    folder = server.data_dir / "mail" / "localhost" / "postmaster"
-    for sub in ("cur", "new", "tmp"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for n in range(100):
-        deliver(folder, message(n))
+    folder = delivered(server, 100)
     idler = logged_in(server, b"INBOX")
     idler.sendall(b"i IDLE\r\n")
     assert idler.recv(4096).startswith(b"+")
@@ -284,6 +286,33 @@ def test_watch_comes_back_after_a_bulk_store(server):
     idler.sendall(b"DONE\r\n")
     other.close()
     idler.close()
+    assert b"Traceback" not in server.log_path.read_bytes()
+
+
+def test_a_bulk_store_answers_from_the_index_and_renames_its_files_after(server):
+    """
+    A STORE on many messages answers once the index holds the change (MODSEQ and flags as
+    every later answer gives them), and renames the files after: a command pipelined right
+    behind the STORE waits for the renames and sees the same flags, and once it has answered
+    every file's name carries them (what another Maildir reader sees).
+    """
+    folder = delivered(server, 100)
+    s = logged_in(server, b"INBOX (CONDSTORE)")
+    s.sendall(b"t STORE 1:* +FLAGS (\\Seen \\Flagged)\r\nf FETCH 1:* (FLAGS MODSEQ)\r\n")
+    answer = read_tagged(s, b"f")
+    stored, fetched = answer.split(b"t OK", 1)
+    flags = re.findall(rb"\* (\d+) FETCH \(FLAGS \(([^)]*)\) MODSEQ \((\d+)\)\)", stored)
+    assert len(flags) == 100 and len({m for _, _, m in flags}) == 1
+    assert all(set(f.split()) >= {b"\\Seen", b"\\Flagged"} for _, f, _ in flags)
+    again = re.findall(rb"\* (\d+) FETCH \(FLAGS \(([^)]*)\) MODSEQ \((\d+)\)\)", fetched)
+    assert sorted(again) == sorted(flags) and b"f OK" in fetched
+    names = [p.name for p in (folder / "cur").iterdir()]
+    assert len(names) == 100 and all("FS" in n.partition(":2,")[2] for n in names)
+    other = logged_in(server, b"INBOX")
+    seen = ask(other, b"u UID FETCH 1:* (FLAGS)", b"u")
+    assert seen.count(b"\\Seen") == 100 and seen.count(b"\\Flagged") == 100
+    s.close()
+    other.close()
     assert b"Traceback" not in server.log_path.read_bytes()
 
 

@@ -12,6 +12,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 from array import array
 
 import pytest
@@ -299,50 +300,106 @@ def test_a_transaction_whose_rollback_fails_too_leaves_a_working_connection(tmp_
     user.close()
 
 
-def test_a_bulk_store_commits_after_its_directory_fsync(tmp_path, monkeypatch):
+def test_a_bulk_store_answers_from_the_committed_index_before_its_renames(tmp_path, monkeypatch):
     """
-    A bulk STORE syncs cur/ in another thread while it updates the caches: the fsync has
-    finished before the COMMIT, and one that fails (EIO) fails the STORE with nothing of it in
-    the index or the caches.
+    A bulk STORE commits its rows first and calls C{answer} before any file is renamed: another
+    connection to the index (another process) already reads the new flags, and C{answer} may
+    read the messages (the user's lock is held); then the files are renamed and C{cur/}
+    fsynced after the last rename, before C{store} returns.  A small STORE renames first and
+    answers at its end.
     """
     user, inbox = makeInbox(tmp_path, 120)
     inbox.flagIndex()
-    events, committing = [], threading.Event()
+    events, seen = [], {}
+    realRename, realFsync = os.rename, os.fsync
 
-    def traced(sql):
-        if sql.startswith("COMMIT"):
-            events.append("COMMIT")
-            committing.set()
+    def rename(*args, **kwargs):
+        events.append("rename")
+        return realRename(*args, **kwargs)
 
-    user.db.set_trace_callback(traced)
-    real = maildir._fsyncClosing
-
-    def slowSync(fd):
-        committing.wait(0.3)  # (a COMMIT that did not wait for this fsync comes first)
-        real(fd)
+    def fsync(fd):
         events.append("fsync")
+        return realFsync(fd)
 
-    monkeypatch.setattr(maildir, "_fsyncClosing", slowSync)
-    changed, _ = inbox.store(range(1, 121), ["\\Flagged"], "add")
-    assert len(changed) == 120 and events == ["fsync", "COMMIT"]
+    monkeypatch.setattr(maildir.os, "rename", rename)
+    monkeypatch.setattr(maildir.os, "fsync", fsync)
 
-    def failing(fd):
-        os.close(fd)
-        raise OSError(errno.EIO, "I/O error")
+    def answer(changed, failed):
+        events.append("answer")
+        other = sqlite3.connect(user.root / INDEX_NAME)
+        try:
+            seen["other"] = other.execute(
+                "SELECT count(*) FROM messages WHERE folder=? AND flags LIKE '%Flagged%'", (inbox.id,)).fetchone()[0]
+        finally:
+            other.close()
+        seen["here"] = sum("\\Flagged" in f for f, _, _ in rows(inbox).values())
+        seen["answered"] = (changed, failed)
 
-    monkeypatch.setattr(maildir, "_fsyncClosing", failing)
-    before = rows(inbox)
-    with pytest.raises(OSError):
-        inbox.store(range(1, 121), ["\\Flagged"], "remove")
-    assert rows(inbox) == before and not user.db.in_transaction
-    assert decoded(inbox.flagIndex()) == before
+    changed, failed = inbox.store(range(1, 121), ["\\Flagged"], "add", answer=answer)
+    assert seen == {"other": 120, "here": 120, "answered": (changed, failed)}
+    assert len(changed) == 120 and not failed
+    assert events[0] == "answer" and events.count("rename") == 120 and events[-1] == "fsync"
+    for uid in changed:
+        assert "F" in inbox.filePath(uid).name.partition(":2,")[2]
+    assert decoded(inbox.flagIndex()) == rows(inbox)
+    events.clear()
+    small, _ = inbox.store([1, 2, 3], ["\\Answered"], "add", answer=lambda c, f: events.append("answer"))
+    assert len(small) == 3 and events == ["rename"] * 3 + ["fsync", "answer"]
+    user.close()
 
 
-def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_path, monkeypatch):
+class Crash(BaseException):
+    """The process ends here."""
+
+
+def test_a_crash_between_a_bulk_stores_commit_and_its_renames_is_found_by_the_next_sync(tmp_path, monkeypatch):
     """
-    Files another process removed or renamed between a bulk STORE's read of the index rows and
-    its renames fail: their rows stay as they were (a sync sees what became of them), the others
-    change, and the caches and counters agree with the rows.
+    The process dies after a bulk STORE's COMMIT (its answer may have gone out) and before its
+    renames: the next process's first sync lists the directories (the STORE forgot their
+    stamps), takes each message's flags from its file, as after another process's rename, and
+    gives them a MODSEQ above the STORE's, so that no MODSEQ a client saw comes back with other
+    flags; the index's names are the files' again.
+    """
+    user, inbox = makeInbox(tmp_path, 120)
+    before = rows(inbox)
+    past = time.time() - 60
+    for sub in ("new", "cur"):
+        os.utime(inbox.path / sub, (past, past))
+    inbox.sync(force=True)  # (the directories' stamps recorded, settled: a plain sync would not list them)
+    assert all(inbox._storedStamps())
+
+    def crash(self, *args, **kwargs):
+        raise Crash()
+
+    monkeypatch.setattr(maildir.Folder, "_renamePlanned", crash)
+    answered = {}
+    with pytest.raises(Crash):
+        inbox.store(range(1, 121), ["\\Flagged"], "add", answer=lambda c, f: answered.update(c))
+    monkeypatch.undo()
+    stored = max(m for _, m in answered.values())
+    assert len(answered) == 120
+    user.close()
+
+    user = MaildirStore(tmp_path / "mail").user("alice@example.com")
+    inbox = user.folder("INBOX")
+    inbox.sync()
+    after = rows(inbox)
+    assert sorted(after) == sorted(before)
+    for uid, (flags, keywords, modseq) in after.items():
+        assert (flags, keywords) == before[uid][:2] and modseq > stored
+        path = inbox.filePath(uid)
+        assert path.exists() and "F" not in path.name.partition(":2,")[2]
+    assert inbox.status()["highestmodseq"] > stored
+    assert inbox.status()["unseen"] == sum("\\Seen" not in f for f, _, _ in after.values())
+    user.close()
+
+
+def test_a_bulk_store_leaves_the_files_another_process_took_to_the_next_sync(tmp_path, monkeypatch):
+    """
+    Files another process removed or renamed between a bulk STORE's COMMIT and its renames:
+    the STORE has answered that they changed; its other renames are done, and the next sync
+    (which lists the directories: the STORE forgot their stamps) sees what became of the
+    others, with the caches and counters agreeing with the rows.
     """
     user, inbox = makeInbox(tmp_path, 120)
     inbox.flagIndex()
@@ -362,18 +419,20 @@ def test_a_bulk_store_leaves_the_files_another_process_took_as_they_were(tmp_pat
     monkeypatch.setattr(maildir.Folder, "_renamePlanned", otherProcess)
     before = rows(inbox)
     changed, failed = inbox.store(range(1, 121), ["\\Answered"], "add")
-    assert failed == sorted(taken) and sorted(changed) == [u for u in range(1, 121) if u not in taken]
-    after = rows(inbox)
-    assert all(after[u] == before[u] for u in taken)
-    assert all("\\Answered" in after[u][0] and after[u][2] > before[u][2] for u in changed)
-    assert decoded(inbox.flagIndex()) == after
-    assert inbox.status()["unseen"] == sum("\\Seen" not in f for f, _, _ in after.values())
-    for uid in changed:
-        assert inbox.filePath(uid).exists()
+    assert not failed and sorted(changed) == list(range(1, 121))
     monkeypatch.setattr(maildir.Folder, "_renamePlanned", real)
+    for uid in changed:
+        if uid not in taken:
+            assert inbox.filePath(uid).exists()
+    stored = max(m for _, m in changed.values())
     inbox.sync()
     now = rows(inbox)
     assert 7 not in now and 90 not in now and now[8][0] == {"\\Deleted"}  # (the other process's ":2,T")
+    assert now[8][2] > stored
+    assert all("\\Answered" in now[u][0] and now[u][2] > before[u][2] for u in now if u != 8)
+    assert decoded(inbox.flagIndex()) == now
+    assert inbox.status()["unseen"] == sum("\\Seen" not in f for f, _, _ in now.values())
+    user.close()
 
 
 def test_a_bulk_store_writes_its_rows_by_key(tmp_path):
@@ -388,13 +447,14 @@ def test_a_bulk_store_writes_its_rows_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("failing", ["rename", "update"])
-def test_a_bulk_store_that_fails_midway_leaves_the_index_as_it_was(tmp_path, monkeypatch, failing):
+def test_a_bulk_store_that_fails_midway_leaves_index_and_files_agreeing(tmp_path, monkeypatch, failing):
     """
-    A bulk STORE writes its rows in a helper thread while it renames: a rename that fails with
-    an I/O error half way, or an UPDATE that sqlite refuses, fails the STORE after the helper is
-    done, with nothing of it in the index or the caches and the connection out of its
-    transaction; a sync then takes the flags of the files renamed before the failure, and the
-    next STORE works.
+    An UPDATE that sqlite refuses fails a bulk STORE before anything is renamed: nothing of it
+    is in the index or the caches, and the connection is out of its transaction.  A rename that
+    fails with an I/O error half way comes after the COMMIT (the STORE has answered): it is
+    logged and a sync at once takes the flags of the files as they are (those renamed before
+    the failure have the change, the others are as they were, with a new MODSEQ).  Either
+    way the next STORE works.
     """
     user, inbox = makeInbox(tmp_path, 120)
     inbox.flagIndex()
@@ -409,24 +469,30 @@ def test_a_bulk_store_that_fails_midway_leaves_the_index_as_it_was(tmp_path, mon
             return real(*args, **kwargs)
 
         monkeypatch.setattr(maildir.os, "rename", rename)
+        changed, failed = inbox.store(range(1, 121), ["\\Flagged"], "add")
+        assert len(changed) == 120 and not failed
+        stored = max(m for _, m in changed.values())
     else:
         def deny(action, table, column, db, trigger):
             return sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_UPDATE and table == "messages" else sqlite3.SQLITE_OK
 
         user.db.set_authorizer(deny)
-    with pytest.raises((OSError, sqlite3.DatabaseError)):
-        inbox.store(range(1, 121), ["\\Flagged"], "add")
+        with pytest.raises(sqlite3.DatabaseError):
+            inbox.store(range(1, 121), ["\\Flagged"], "add")
     monkeypatch.undo()
     user.db.set_authorizer(None)
     assert not user.db.in_transaction
-    assert rows(inbox) == before and decoded(inbox.flagIndex()) == before
-    inbox.sync(force=True)
     now = rows(inbox)
+    assert decoded(inbox.flagIndex()) == now
+    if failing == "update":
+        assert now == before
     assert sorted(now) == sorted(before)
-    for uid, (flags, _, _) in now.items():
-        path = inbox.filePath(uid)  # (the index's name is the file's after the sync)
+    for uid, (flags, _, modseq) in now.items():
+        path = inbox.filePath(uid)  # (the index's name is the file's)
         assert path.exists() and ("F" in path.name.partition(":2,")[2]) == ("\\Flagged" in flags)
-    assert sum("\\Flagged" in f for f, _, _ in now.values()) == (49 if failing == "rename" else 120)
+        if failing == "rename" and "\\Flagged" not in flags:
+            assert modseq > stored
+    assert sum("\\Flagged" in f for f, _, _ in now.values()) == (49 if failing == "rename" else 0)
     changed, failed = inbox.store(range(1, 121), ["\\Flagged"], "add")
     assert not failed and all("\\Flagged" in f for f, _, _ in rows(inbox).values())
     assert decoded(inbox.flagIndex()) == rows(inbox)
