@@ -367,13 +367,27 @@ class QueueFiles:
 
     def remove(self, id: str) -> None:
         """The message is done: envelope first (then it is no longer queued), then the file."""
-        eml, env = self.paths(id)
-        for path in (env, eml):
+        self.removeMany([id])
+
+    def removeMany(self, ids: list[str], locks=()) -> None:
+        """
+        L{remove} for several messages with one directory fsync; then each of C{locks} (their
+        L{MessageLock}s) is released, which frees the inodes.
+        """
+        pairs = [self.paths(id) for id in ids]
+        for eml, env in pairs:
             try:
-                os.unlink(path)
+                os.unlink(env)
+            except FileNotFoundError:
+                pass
+        for eml, env in pairs:
+            try:
+                os.unlink(eml)
             except FileNotFoundError:
                 pass
         syncDirectory(self.messages)
+        for lock in locks:
+            lock.__exit__()
 
     # --- reading ------------------------------------------------------------------------
 

@@ -250,6 +250,7 @@ class Runner(service.Service):
         self._resolving: dict[str, tuple[Deferred, list[Deferred]]] = {}
         self._started = False
         self.stopping = False
+        self._remover = _Remover(files, run)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -613,12 +614,7 @@ class Runner(service.Service):
             yield defer.DeferredList(waits)
         yield self._report(envelope)
         if envelope.finished():
-            def finish():
-                self.files.remove(envelope.id)
-                if lock is not None:
-                    lock.__exit__()
-
-            yield self.run(finish)
+            yield self._remover.remove(envelope.id, lock)
             log.info("queue: {id} done", id=envelope.id)
             return
         yield saving.save()
@@ -975,6 +971,47 @@ def _days(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} hours"
     return f"{int(seconds)} seconds"
+
+
+class _Remover:
+    """
+    Removes the messages that are done, in batches: one store thread at a time unlinks
+    everything handed in meanwhile, syncs the directory once, and releases the messages'
+    locks.  A message handed in while a batch runs goes with the next.  (Each done message in
+    a store thread of its own had four threads unlinking, closing and syncing in one
+    directory at once, mostly waiting for each other's directory fsync: a quarter of the
+    store threads' time when the queue was emptied to sinks.)
+    """
+
+    def __init__(self, files: QueueFiles, run):
+        self.files = files
+        self.run = run
+        self._pending: list[tuple[str, object, Deferred]] = []
+        self._running = False
+
+    def remove(self, id: str, lock=None) -> Deferred:
+        """A Deferred that fires once C{id} is removed, durably, and C{lock} released."""
+        d = Deferred()
+        self._pending.append((id, lock, d))
+        if not self._running:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        batch, self._pending = self._pending, []
+        self._running = True
+        locks = [lock for _, lock, _ in batch if lock is not None]
+        self.run(self.files.removeMany, [id for id, _, _ in batch], locks).addBoth(self._done, batch)
+
+    def _done(self, result, batch) -> None:
+        self._running = False
+        if self._pending:
+            self._next()
+        for _, _, d in batch:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
 
 
 class _Saver:

@@ -13,12 +13,14 @@ import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, reactor, task
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pymaild import tls
 from pymaild.queue.files import DELIVERED, FAILED, PENDING, Envelope, QueueFiles, Recipient
 from pymaild.queue.mx import MXResolver, makeResolver
-from pymaild.queue.runner import Destination, Policy, Runner
+from pymaild.queue import files as filesmod
+from pymaild.queue.runner import Destination, Policy, Runner, _Remover
 
 import sys
 
@@ -749,3 +751,83 @@ class DelayWarningCase(_Base):
         self.assertTrue(self.envelope(id).warned)
         yield self.runDue(300)
         self.assertEqual(len(self.bounces), 1)  # once only
+
+
+class RemoverCase(unittest.TestCase):
+    """
+    Messages that are done are removed in batches (L{_Remover}): one store call at a time, each
+    taking what was handed in meanwhile, with one directory fsync; a message's Deferred fires
+    once its batch has removed it and released its lock.
+    """
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="queue-remover-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.files = QueueFiles(self.tmp / "queue")
+        self.files.create()
+        self.calls = []  # (function, args, Deferred): the store calls, fired by hand
+
+        def run(f, *args):
+            d = defer.Deferred()
+            self.calls.append((f, args, d))
+            return d
+
+        self.remover = _Remover(self.files, run)
+
+    def queued(self, n):
+        ids = [self.files.enqueue(MESSAGE, Envelope(id="", sender="a@here.test", arrival=0,
+                                                    recipients=[Recipient("b@there.test")])) for _ in range(n)]
+        locks = [self.files.lock(id).__enter__() for id in ids]
+        return ids, locks
+
+    def finish(self, i=0):
+        """Run store call C{i} now, in this thread, and hand its outcome back."""
+        f, args, d = self.calls[i]
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def test_messages_done_meanwhile_go_in_one_batch(self):
+        ids, locks = self.queued(4)
+        syncs = []
+        real = filesmod.syncDirectory
+        self.patch(filesmod, "syncDirectory", lambda path: (syncs.append(path), real(path)))
+        fired = []
+        for id, lock in zip(ids, locks):
+            self.remover.remove(id, lock).addCallback(lambda _, id=id: fired.append(id))
+        self.assertEqual([args[0] for _, args, _ in self.calls], [ids[:1]])  # (the others wait)
+        self.finish(0)
+        self.assertEqual(fired, ids[:1])
+        self.assertEqual([args[0] for _, args, _ in self.calls[1:]], [ids[1:]])
+        self.assertTrue(self.files.paths(ids[1])[0].exists() and locks[1].fd is not None)
+        self.finish(1)
+        self.assertEqual(fired, ids)
+        self.assertEqual(len(syncs), 2)  # (one per batch, not one per message)
+        for id, lock in zip(ids, locks):
+            self.assertFalse(any(p.exists() for p in self.files.paths(id)))
+            self.assertIsNone(lock.fd)
+        self.assertEqual(self.files.ids(), [])
+        self.assertEqual(len(self.calls), 2)  # (nothing left: no empty batch)
+
+    def test_a_failed_batch_fails_its_messages_and_the_next_batch_runs(self):
+        ids, locks = self.queued(3)
+        results = {}
+        for id, lock in zip(ids, locks):
+            self.remover.remove(id, lock).addBoth(lambda r, id=id: results.__setitem__(id, r))
+        real = filesmod.syncDirectory
+
+        def failing(path):
+            raise OSError(5, "I/O error")
+
+        self.patch(filesmod, "syncDirectory", failing)
+        self.finish(0)
+        self.assertIsInstance(results[ids[0]], Failure)
+        self.assertIsNotNone(locks[0].fd)  # (not released: the attempt's own cleanup does that)
+        self.patch(filesmod, "syncDirectory", real)
+        self.finish(1)
+        self.assertEqual([results[id] for id in ids[1:]], [None, None])
+        self.assertEqual([lock.fd for lock in locks[1:]], [None, None])
+        locks[0].__exit__()
