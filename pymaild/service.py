@@ -232,6 +232,7 @@ class PymaildService(MultiService):
         self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
         self.checker = None  # (the LDAP checker: its login connections are unbound at the end)
         self.workerPools = []  # (pymaild.handoff.WorkerPool: their sessions close with ours)
+        self.earlyHUP = None  # (build's _EarlyHUP: a SIGHUP before startService)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -243,10 +244,16 @@ class PymaildService(MultiService):
 
         if quickenTextLog():  # (twistd's text log began before this: the same lines, faster)
             log.debug("log: twistd's text lines made by pymaild.log.ClassicText")
-        # before anything listens: a SIGHUP sent once the ports answer must find the handler,
-        # not the default action, which ends the process (a reload asked for this early runs
-        # once the reactor has finished starting)
+        # first: a SIGHUP sent once the ports answer must find a handler, not the default
+        # action, which ends the process (the ports accept connections from build() on, where
+        # _EarlyHUP took such a signal down; a reload asked for before the reactor runs
+        # runs once it does)
         self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
+        early, self.earlyHUP = self.earlyHUP, None
+        if early is not None:
+            self._previousHUP = early.previous
+            if early.asked:
+                self._reactor.callFromThread(self.reload)
         for pool in self.threadpools:
             pool.start()
         for listener in self.listeners:
@@ -295,6 +302,26 @@ class PymaildService(MultiService):
         if self.checker is not None and hasattr(self.checker, "close"):
             self.checker.close()
         log.info("pymaild stopped")
+
+
+class _EarlyHUP:
+    """
+    A SIGHUP between the binding of the sockets (in L{build}: they accept connections from
+    then on, and a client or a test may send the signal once they do) and the service's start,
+    which installs the handler that reloads: noted here, and the reload runs once the reactor
+    does (L{PymaildService.startService}).  Without it the signal's default action ends the
+    process.
+    """
+
+    def __init__(self):
+        self.asked = False
+        self.previous = signal.signal(signal.SIGHUP, self._heard)
+
+    def _heard(self, signum, frame) -> None:
+        self.asked = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGHUP, self.previous)
 
 
 class Plugins:
@@ -685,9 +712,14 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
         pop3Workers = WorkerPool("pop3", processes - 1, settings, registry, reactor,
                                  desk=lambda worker: LoginDesk(pop3Logins, store), tls=serverTLS)
-    sockets = bindAll(
-        [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
-    )
+    early = _EarlyHUP()  # (from here the ports accept connections: a SIGHUP must not end the process)
+    try:
+        sockets = bindAll(
+            [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
+        )
+    except BaseException:
+        early.restore()
+        raise
     listeners = []
     for name, protocol, implicitTLS in LISTENERS:
         for sock in sockets[name]:
@@ -703,6 +735,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                              [serverTLS, directory, QueueSettings(runner, config), plugins]
                              + ([pop3Workers] if pop3Workers is not None else []), reactor)
     service.workerPools = [pop3Workers] if pop3Workers is not None else []
+    service.earlyHUP = early
     service.plugins = plugins
     service.summarizer = summarizer
     service.checker = checker

@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -476,3 +477,40 @@ def test_a_protocol_without_a_listener_is_not_imported(tmp_path, served, expecte
     after = ("print({k: m in sys.modules for k, m in [('imap', 'pymaild.imap.server'), ('pop3', 'pymaild.pop3.server'),"
              " ('handoff', 'pymaild.handoff'), ('summary', 'pymaild.store.summary')]})\n")
     assert makeServiceAlone(tmp_path, served, "", after, toml="[pop3]\nprocesses = 2").strip() == expected
+
+
+_EARLY_HUP = r"""
+import os, signal, sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from pymaild import config, service
+
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+svc = service.build(config.load(sys.argv[1], sys.argv[2]), reactor)
+os.kill(os.getpid(), signal.SIGHUP)  # (the ports answer now; the service has not started)
+print("alive after SIGHUP", flush=True)
+svc.privilegedStartService()
+svc.startService()
+reactor.callLater(2, lambda: svc.stopService().addBoth(lambda _: reactor.stop()))
+reactor.run()
+sys.stdout.flush()
+os._exit(0)  # (the test reads the log; threads the service left are not its subject)
+"""
+
+
+def test_a_sighup_between_binding_and_start_is_a_reload_not_the_end(make_server, tmp_path):
+    """
+    The listening sockets are bound while the service is built, before twistd starts it, and a
+    SIGHUP can come as soon as they answer: it must not meet the signal's default action (the
+    process ends; CI saw that as a reload that never came); the reload runs once the reactor
+    does.  A fresh Python process builds the service as twistd does, signals itself, starts.
+    """
+    server = make_server(listeners=("smtp",))
+    script = tmp_path / "early_hup.py"
+    script.write_text(_EARLY_HUP)
+    run = subprocess.run([sys.executable, str(script), str(server.config_path), str(server.data_dir)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
+    assert "alive after SIGHUP" in run.stdout
+    out = run.stdout.split("alive after SIGHUP", 1)[1]
+    assert "SIGHUP: re-reading the certificate" in out and "TLS certificate reloaded" in out, out[-3000:]
