@@ -2357,41 +2357,30 @@ class Folder:
                 if bulk:
                     changed = self._storeBulk(plans, failed, curFd, newFd, lifting, answer)
                     answer = None
-                    plans = []  # (done)
-                elif lifting is not None:
-                    lifting.wait()
-                missed = False
-                if not bulk:
+                else:
+                    if lifting is not None:
+                        lifting.wait()
                     missed = bool(self._renamePlanned(plans, failed, curFd, newFd, announced))
                     if plans:
                         os.fsync(curFd)
-                if plans:
-                    with self.user.deferCheckpoint(bulk=len(plans) >= _BULK_CHECKPOINT), self.user.transaction():
-                        if announced:
-                            # the directories agreed with the index before the renames (their
-                            # stamps as this process or the last sync left them): they still do
-                            # after (a file another process renamed or removed meanwhile: not as
-                            # it was)
-                            stamps = _stampsOf(before)
-                            agreed = not missed and (stamps == noted or stamps == self._storedStamps())
-                        valid = self._namesValid()
-                        flagIndex = self._flagIndex if self._flagIndex is not None and self._flagIndex[0] == self._indexKey() else None
-                        modseq = self._nextModseq()
-                        db.executemany(
-                            "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
-                            [(p[1], p[2][1], p[2][2], modseq, self.id, p[0]) for p in plans],
-                        )
-                        self._countUnseen(sum(p[2][4] for p in plans))
-                        # (the name cache's updates only when it is kept: 100,000 entries cost ~80 ms;
-                        # a failure of the COMMIT rolls them back with the rows)
-                        self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
-                        self._flagIndexUpdated(flagIndex, plans, modseq)
-                    after = self._dirStats((curFd, newFd)) if announced and agreed else None
-                    self._noteOwnStamps(epoch, after and _stampsOf(after))
-                    for p in plans:
-                        changed[p[0]] = (p[2][3], modseq)
-                elif not missed and not bulk:
-                    self._noteOwnStamps(epoch, noted)  # (nothing renamed: the directories as they were)
+                        with self.user.deferCheckpoint(bulk=False), self.user.transaction():
+                            if announced:
+                                # the directories agreed with the index before the renames (their
+                                # stamps as this process or the last sync left them): they still
+                                # do after (a file another process renamed or removed meanwhile:
+                                # not as it was)
+                                stamps = _stampsOf(before)
+                                agreed = not missed and (stamps == noted or stamps == self._storedStamps())
+                            modseq = self._writeStore(plans, lambda modseq: db.executemany(
+                                "UPDATE messages SET name=?, innew=0, flags=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
+                                [(p[1], p[2][1], p[2][2], modseq, self.id, p[0]) for p in plans],
+                            ))
+                        after = self._dirStats((curFd, newFd)) if announced and agreed else None
+                        self._noteOwnStamps(epoch, after and _stampsOf(after))
+                        for p in plans:
+                            changed[p[0]] = (p[2][3], modseq)
+                    elif not missed:
+                        self._noteOwnStamps(epoch, noted)  # (nothing renamed: the directories as they were)
         if answer is not None:
             answer(changed, failed)
         if changed:
@@ -2415,15 +2404,10 @@ class Folder:
         changed messages.
         """
         db = self.user.db
+        payload = json.dumps([(p[0], p[1], p[2][1], p[2][2]) for p in plans])
         with self.user.deferCheckpoint(bulk=len(plans) >= _BULK_CHECKPOINT), self.user.transaction():
-            valid = self._namesValid()
-            flagIndex = self._flagIndex if self._flagIndex is not None and self._flagIndex[0] == self._indexKey() else None
-            modseq = self._nextModseq()
-            db.execute(_BULK_STORE, (json.dumps([(p[0], p[1], p[2][1], p[2][2]) for p in plans]), modseq, self.id))
+            modseq = self._writeStore(plans, lambda modseq: db.execute(_BULK_STORE, (payload, modseq, self.id)))
             db.execute("UPDATE folders SET newstamp='', curstamp='' WHERE id=?", (self.id,))
-            self._countUnseen(sum(p[2][4] for p in plans))
-            self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
-            self._flagIndexUpdated(flagIndex, plans, modseq)
         changed = {p[0]: (p[2][3], modseq) for p in plans}
         if answer is not None:
             answer(changed, failed)
@@ -2442,6 +2426,22 @@ class Folder:
             except Exception:
                 log.failure("STORE: the sync after a failed rename in {path}", path=str(self.path))
         return changed
+
+    def _writeStore(self, plans, write) -> int:
+        """
+        Inside STORE's transaction: C{write(modseq)} writes the rows of C{plans} with a new
+        MODSEQ; the unseen count, the name cache and the flag index take the change (a failure
+        of the COMMIT rolls them back with the rows).  Returns the MODSEQ.
+        """
+        valid = self._namesValid()
+        flagIndex = self._flagIndex if self._flagIndex is not None and self._flagIndex[0] == self._indexKey() else None
+        modseq = self._nextModseq()
+        write(modseq)
+        self._countUnseen(sum(p[2][4] for p in plans))
+        # (the name cache's updates only when it is kept: 100,000 entries cost ~80 ms)
+        self._namesUpdated(valid, {p[3]: (p[1], False) for p in plans} if valid else {})
+        self._flagIndexUpdated(flagIndex, plans, modseq)
+        return modseq
 
     def _planStore(self, rows, mode, system, keywords, unchangedSince, outcomes, plans, failed) -> None:
         """
