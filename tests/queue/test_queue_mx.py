@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -461,7 +462,9 @@ class FakeDNSTests(unittest.TestCase):
         """
         C{python fakedns.py zones.json} serves the zones and prints its port.
         """
-        zones = Path(tempfile.mkdtemp()) / "zones.json"
+        workdir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, workdir, True)
+        zones = Path(workdir) / "zones.json"
         zones.write_text(json.dumps(ZONES))
         process = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("fakedns.py")), str(zones)],

@@ -6,6 +6,7 @@ inotify, with the sync done in the store's thread pool.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from pymaild.store.watch import FolderWatcher
 class _WatcherCase(unittest.TestCase):
     def setUp(self):
         self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.user = MaildirStore(self.tmp / "mail").user("alice@example.com")
         self.inbox = self.user.folder("INBOX")
         self.threads = StoreThreads(reactor, 2)
