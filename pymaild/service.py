@@ -22,6 +22,7 @@ import secrets
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.application.service import MultiService
 from twisted.cred.portal import Portal
@@ -35,7 +36,6 @@ from pymaild import tls as tlsmod
 from pymaild.auth import passwords
 from pymaild.auth.aliases import AliasesError, AliasesFile
 from pymaild.auth.checkers import PasswdFileChecker
-from pymaild.auth.ldap import LdapChecker, LdapClient, LdapDirectory, LdapSettings
 from pymaild.auth.directory import FileDirectory
 from pymaild.auth.passwdfile import PasswdFile
 from pymaild.auth.realm import MailRealm
@@ -54,8 +54,10 @@ from pymaild.smtp.server import SMTPFactory, SubmissionLogin
 from pymaild.store.maildir import MaildirStore
 from pymaild.store.summarizer import Summarizer
 from pymaild.store.threads import StoreThreads
-from pymaild.store.watch import FolderWatcher
 from pymaild.throttle import LoginThrottle
+
+if TYPE_CHECKING:  # (imported when [auth] backend = "ldap": build() and ldapSettings())
+    from pymaild.auth.ldap import LdapSettings
 
 log = Logger()
 
@@ -437,6 +439,8 @@ def _cores() -> int:
 
 
 def ldapSettings(config: Config) -> LdapSettings:
+    from pymaild.auth.ldap import LdapSettings
+
     l = config.ldap
     password = l.bind_password
     if l.bind_password_file is not None:
@@ -569,6 +573,8 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     serverTLS = _serverTLS(config, own, checked)
 
     if config.auth.backend == "ldap":
+        from pymaild.auth.ldap import LdapChecker, LdapClient, LdapDirectory  # (only for this backend)
+
         threadpool = ThreadPool(minthreads=0, maxthreads=config.ldap.pool_size, name="pymaild-ldap")
         client = LdapClient(ldapSettings(config))
         directory = LdapDirectory(client, threadpool, reactor, config.domains.local)
@@ -593,7 +599,6 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
         directory.lookups.quotaSink = checker.lookups.quotaSink = store.setStorageLimit
         directory.lookups.keySink = checker.lookups.keySink = store.setMailboxKey
     _clearSpool(config.server.data_dir / "spool")
-    watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
     queueFiles = QueueFiles(config.server.data_dir / "queue")
     try:  # (here, before any listener can queue a message: see QueueFiles.recover)
         queueFiles.recover()
@@ -642,7 +647,9 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
     if "imap" in served:
         from pymaild.imap.mailbox import StoreAccount
         from pymaild.imap.server import IMAPFactory
+        from pymaild.store.watch import FolderWatcher
 
+        watcher = FolderWatcher(reactor, storeThreads)  # deliveries by other processes reach IDLE
         avatars[IAccountIMAP] = firstLogin(
             lambda user, mind: (StoreAccount(store.user(user), storeThreads.run, watcher), lambda: None),
             parsers=True,

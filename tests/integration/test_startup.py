@@ -463,20 +463,26 @@ def test_building_the_service_collects_nothing_and_freezes_what_it_made(tmp_path
     assert out.split("\n")[0] == "[] True True"
 
 
-@pytest.mark.parametrize("served, expected", [
-    ((), "{'imap': False, 'pop3': False, 'handoff': False, 'summary': False}"),
-    (("imap",), "{'imap': True, 'pop3': False, 'handoff': False, 'summary': False}"),
-    (("pop3",), "{'imap': False, 'pop3': True, 'handoff': True, 'summary': False}"),
+_LDAP = '[auth]\nbackend = "ldap"\n[ldap]\nurls = ["ldap://127.0.0.1:1"]\nbase_dn = "dc=example,dc=com"\n'
+
+
+@pytest.mark.parametrize("served, toml, expected", [
+    ((), "", "{'imap': False, 'pop3': False, 'handoff': False, 'summary': False, 'idle': False, 'ldap': False}"),
+    (("imap",), "", "{'imap': True, 'pop3': False, 'handoff': False, 'summary': False, 'idle': True, 'ldap': False}"),
+    (("pop3",), "", "{'imap': False, 'pop3': True, 'handoff': True, 'summary': False, 'idle': False, 'ldap': False}"),
+    ((), _LDAP, "{'imap': False, 'pop3': False, 'handoff': False, 'summary': False, 'idle': False, 'ldap': True}"),
 ])
-def test_a_protocol_without_a_listener_is_not_imported(tmp_path, served, expected):
+def test_a_protocol_without_a_listener_is_not_imported(tmp_path, served, toml, expected):
     """
-    service.build imports IMAP's and POP3's modules (and the POP3 worker pool's) only when a
-    listener serves them, and the message parser not at all: an MX alone starts sooner and
-    smaller.  (The suite's other tests show each protocol serving when it has a listener.)
+    service.build imports IMAP's and POP3's modules (and the POP3 worker pool's, and IDLE's
+    inotify watcher) only when a listener serves them, LDAP's only for [auth] backend = "ldap",
+    and the message parser not at all: an MX alone starts sooner and smaller.  (The suite's
+    other tests show each protocol serving when it has a listener, and LDAP logins.)
     """
     after = ("print({k: m in sys.modules for k, m in [('imap', 'pymaild.imap.server'), ('pop3', 'pymaild.pop3.server'),"
-             " ('handoff', 'pymaild.handoff'), ('summary', 'pymaild.store.summary')]})\n")
-    assert makeServiceAlone(tmp_path, served, "", after, toml="[pop3]\nprocesses = 2").strip() == expected
+             " ('handoff', 'pymaild.handoff'), ('summary', 'pymaild.store.summary'), ('idle', 'pymaild.store.watch'),"
+             " ('ldap', 'pymaild.auth.ldap')]})\n")
+    assert makeServiceAlone(tmp_path, served, "", after, toml=toml + "[pop3]\nprocesses = 2").strip() == expected
 
 
 _EARLY_HUP = r"""
