@@ -314,6 +314,22 @@ _BULK_INFO = re.compile(r':(2,[^"]*+)"')
 _UNIQUE = re.compile(r"^(\d+)\.(?:M(\d+))?(?:P(\d+))?(?:Q(\d+))?")
 
 
+def _jsonArray(names: list[str]) -> str:
+    """
+    C{["name","name",...]} for names that need no JSON escape (at least one), made in one
+    allocation: C{'["' + '","'.join(names) + '"]'} makes three strings of its size, whose fresh
+    pages (~1,500 each for 100,000 names) cost a first index ~3 us apiece on these machines.
+    """
+    if len(names) == 1:
+        return '["' + names[0] + '"]'
+    first, last = names[0], names[-1]
+    names[0], names[-1] = '["' + first, last + '"]'
+    try:
+        return '","'.join(names)
+    finally:
+        names[0], names[-1] = first, last
+
+
 def _deliveryOrder(base: str):
     """
     Sort key putting maildir names in delivery order: seconds, then microseconds, numerically
@@ -2058,7 +2074,7 @@ class Folder:
         # second, the distinct flag texts; no Python object is made per name but the sorted
         # list's (a tuple and two strings per name, kept to the end, were a third of the build).
         names = sorted(names)  # seconds have ten digits: text order is time order, to the second
-        array = '["' + '","'.join(names) + '"]'
+        array = _jsonArray(names)
         if _BULK_ARRAY.fullmatch(array) is None:
             # a name of another shape, or one with a quote, a backslash or a control character
             # (valid, JSON-escaped) or a line break (not)
@@ -2104,15 +2120,17 @@ class Folder:
             counts = Counter(map(itemgetter(2), map(str.partition, names, repeat(":"))))
         else:
             if reordered:
-                array = '["' + '","'.join(names) + '"]'
+                array = _jsonArray(names)
             found = _BULK_INFO.findall(array)  # (one per name that has ":2,")
             counts = Counter(found)
             if len(found) < len(names):
                 counts[""] = len(names) - len(found)
         if len(counts) > 500:
             return None
-        infos = [info for info, _ in counts.most_common()]  # "" (no ":2,") or "2,<letters>", the commonest first
+        common = counts.most_common()
+        infos = [info for info, _ in common]  # "" (no ":2,") or "2,<letters>", the commonest first
         flagsKeywords = [self._flagsFromName(FileName("", info[2:], None, None)) for info in infos]
+        unseen = sum(n for (_, n), (flags, _) in zip(common, flagsKeywords) if "\\Seen" not in flags)
         (uidnext, modseq) = db.execute(
             "SELECT uidnext, highestmodseq FROM folders WHERE id=?", (self.id,)).fetchone()
         modseq += 1
@@ -2142,9 +2160,9 @@ class Folder:
         )
         params = (self.id, uidnext, *cases["flags"][1], *cases["keywords"][1], modseq)
         db.execute(insert, (*params, array))
-        (unseen, vsize) = db.execute(
-            "SELECT count(*) FILTER (WHERE instr(flags, '\\Seen') = 0), total(vsize) FROM messages WHERE folder=?",
-            (self.id,)).fetchone()
+        # (the unseen count from the flag texts' counts above: a scan of the rows for it too took
+        # 15.6 ms of 100,000 messages' build instead of 8.7)
+        (vsize,) = db.execute("SELECT total(vsize) FROM messages WHERE folder=?", (self.id,)).fetchone()
         self._countAdded(len(names), unseen, int(vsize))
         db.execute("UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?",
                    (uidnext + len(names), modseq, self.id))

@@ -243,3 +243,16 @@ def test_duplicate_base_names_apart_in_text_order_take_the_general_path(tmp_path
     bulk = indexed(tmp_path, "bulk", names, True, monkeypatch)
     assert bulk[3] == [False]
     assert bulk[0] == general[0] and len(bulk[0]) == 302
+
+
+@pytest.mark.parametrize("names", [["a"], ["a", "b"], [f"1600000000.M{i}P1.h,S=1,W=1:2,S" for i in range(300)]])
+def test_the_json_array_is_the_names_and_leaves_them_as_they_were(names):
+    """
+    _jsonArray makes the array the INSERT reads in one join, with the brackets put on the first
+    and last names for the while: the same text as json.dumps, and the list unchanged after.
+    """
+    import json
+
+    before = list(names)
+    assert maildir._jsonArray(names) == json.dumps(names, separators=(",", ":"))
+    assert names == before
