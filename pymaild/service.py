@@ -234,7 +234,7 @@ class PymaildService(MultiService):
         self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
         self.checker = None  # (the LDAP checker: its login connections are unbound at the end)
         self.workerPools = []  # (pymaild.handoff.WorkerPool: their sessions close with ours)
-        self.earlyHUP = None  # (build's _EarlyHUP: a SIGHUP before startService)
+        self.earlySignals = None  # (build's _EarlySignals: a SIGHUP before startService)
 
     def privilegedStartService(self):
         for listener in self.listeners:
@@ -248,12 +248,12 @@ class PymaildService(MultiService):
             log.debug("log: twistd's text lines made by pymaild.log.ClassicText")
         # first: a SIGHUP sent once the ports answer must find a handler, not the default
         # action, which ends the process (the ports accept connections from build() on, where
-        # _EarlyHUP took such a signal down; a reload asked for before the reactor runs
+        # _EarlySignals took such a signal down; a reload asked for before the reactor runs
         # runs once it does)
         self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
-        early, self.earlyHUP = self.earlyHUP, None
+        early, self.earlySignals = self.earlySignals, None
         if early is not None:
-            self._previousHUP = early.previous
+            self._previousHUP = early.previous[signal.SIGHUP]
             if early.asked:
                 self._reactor.callFromThread(self.reload)
         for pool in self.threadpools:
@@ -306,24 +306,34 @@ class PymaildService(MultiService):
         log.info("pymaild stopped")
 
 
-class _EarlyHUP:
+class _EarlySignals:
     """
-    A SIGHUP between the binding of the sockets (in L{build}: they accept connections from
-    then on, and a client or a test may send the signal once they do) and the service's start,
-    which installs the handler that reloads: noted here, and the reload runs once the reactor
-    does (L{PymaildService.startService}).  Without it the signal's default action ends the
-    process.
+    Signals between the binding of the sockets (in L{build}: they accept connections from then
+    on, and a client, a supervisor or a test may signal the process once they do) and the
+    handlers of the running service and reactor; without these, their default action ends the
+    process at once, and with it the log lines made so far, which twistd has not written yet
+    (the first account's password, a generated certificate).
+      - SIGHUP is noted, and the reload runs once the reactor does
+        (L{PymaildService.startService} installs the handler that reloads).
+      - SIGTERM and SIGINT get the reactor's own handlers (C{sigTerm}, C{sigInt}) now instead of
+        at C{reactor.run}: the stop waits for the reactor to run, then shuts down as ever
+        (the service stopped, the log written, the exit by the signal).
     """
 
-    def __init__(self):
+    def __init__(self, reactor):
         self.asked = False
-        self.previous = signal.signal(signal.SIGHUP, self._heard)
+        self.previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, self._heard)}
+        for signum, name in ((signal.SIGTERM, "sigTerm"), (signal.SIGINT, "sigInt")):
+            handler = getattr(reactor, name, None)  # (every reactor twistd runs has them)
+            if handler is not None:
+                self.previous[signum] = signal.signal(signum, handler)
 
     def _heard(self, signum, frame) -> None:
         self.asked = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGHUP, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 class Plugins:
@@ -719,7 +729,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
 
         pop3Workers = WorkerPool("pop3", processes - 1, settings, registry, reactor,
                                  desk=lambda worker: LoginDesk(pop3Logins, store), tls=serverTLS)
-    early = _EarlyHUP()  # (from here the ports accept connections: a SIGHUP must not end the process)
+    early = _EarlySignals(reactor)  # (from here the ports accept connections: no signal may end the process unheard)
     try:
         sockets = bindAll(
             [(name, getattr(config.listen, name)) for name, _, _ in LISTENERS], config.listen.backlog, where
@@ -742,7 +752,7 @@ def build(config: Config, reactor=None, uid: int | None = None, gid: int | None 
                              [serverTLS, directory, QueueSettings(runner, config), plugins]
                              + ([pop3Workers] if pop3Workers is not None else []), reactor)
     service.workerPools = [pop3Workers] if pop3Workers is not None else []
-    service.earlyHUP = early
+    service.earlySignals = early
     service.plugins = plugins
     service.summarizer = summarizer
     service.checker = checker

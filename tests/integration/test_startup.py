@@ -520,3 +520,46 @@ def test_a_sighup_between_binding_and_start_is_a_reload_not_the_end(make_server,
     assert "alive after SIGHUP" in run.stdout
     out = run.stdout.split("alive after SIGHUP", 1)[1]
     assert "SIGHUP: re-reading the certificate" in out and "TLS certificate reloaded" in out, out[-3000:]
+
+
+_EARLY_STOP = r"""
+import os, signal, sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from pymaild import config, service
+
+signum = getattr(signal, sys.argv[3])
+svc = service.build(config.load(sys.argv[1], sys.argv[2]), reactor)  # (as makeService: logging not begun)
+os.kill(os.getpid(), signum)  # (the ports answer now; the service has not started)
+print("alive after", sys.argv[3], flush=True)
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])  # (as twistd, after makeService)
+svc.privilegedStartService()
+svc.startService()
+reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+reactor.callLater(10, reactor.stop)  # (a safety net: the signal should stop it at once)
+reactor.run()
+print("exit signal", reactor._exitSignal, flush=True)
+os._exit(0)  # (the test reads the log; threads the service left are not its subject)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_between_binding_and_start_stops_gracefully(make_server, tmp_path, name):
+    """
+    A SIGTERM or SIGINT that comes once the ports answer but before the reactor runs (and
+    installs its handlers) stops pymaild as one that comes later does: the service starts and
+    stops, the log lines made before twistd's log began are written (the first account's
+    password), and the exit is by the signal.  Without the early handlers the signal's default
+    action ended the process there: CI saw a log without "created the first account".
+    """
+    server = make_server(listeners=("smtp",))
+    script = tmp_path / "early_stop.py"
+    script.write_text(_EARLY_STOP)
+    run = subprocess.run([sys.executable, str(script), str(server.config_path), str(server.data_dir), name],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
+    out = run.stdout
+    assert f"alive after {name}" in out
+    for line in ("created the first account", f"Received {name}, shutting down", "pymaild stopped",
+                 f"exit signal {getattr(signal, name).value}"):
+        assert line in out, (line, out[-3000:])
