@@ -234,7 +234,7 @@ class PymaildService(MultiService):
         self.summarizer = None  # (the store's Summarizer: its worker processes stop last)
         self.checker = None  # (the LDAP checker: its login connections are unbound at the end)
         self.workerPools = []  # (pymaild.handoff.WorkerPool: their sessions close with ours)
-        self.earlySignals = None  # (build's _EarlySignals: a SIGHUP before startService)
+        self.earlySignals = None  # (build's _EarlySignals: the SIGHUP handler before startService's)
 
     def privilegedStartService(self):
         for listener in self.listeners:

@@ -485,44 +485,7 @@ def test_a_protocol_without_a_listener_is_not_imported(tmp_path, served, toml, e
     assert makeServiceAlone(tmp_path, served, "", after, toml=toml + "[pop3]\nprocesses = 2").strip() == expected
 
 
-_EARLY_HUP = r"""
-import os, signal, sys
-from twisted.internet import reactor
-from twisted.logger import globalLogBeginner, textFileLogObserver
-from pymaild import config, service
-
-globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-svc = service.build(config.load(sys.argv[1], sys.argv[2]), reactor)
-os.kill(os.getpid(), signal.SIGHUP)  # (the ports answer now; the service has not started)
-print("alive after SIGHUP", flush=True)
-svc.privilegedStartService()
-svc.startService()
-reactor.callLater(2, lambda: svc.stopService().addBoth(lambda _: reactor.stop()))
-reactor.run()
-sys.stdout.flush()
-os._exit(0)  # (the test reads the log; threads the service left are not its subject)
-"""
-
-
-def test_a_sighup_between_binding_and_start_is_a_reload_not_the_end(make_server, tmp_path):
-    """
-    The listening sockets are bound while the service is built, before twistd starts it, and a
-    SIGHUP can come as soon as they answer: it must not meet the signal's default action (the
-    process ends; CI saw that as a reload that never came); the reload runs once the reactor
-    does.  A fresh Python process builds the service as twistd does, signals itself, starts.
-    """
-    server = make_server(listeners=("smtp",))
-    script = tmp_path / "early_hup.py"
-    script.write_text(_EARLY_HUP)
-    run = subprocess.run([sys.executable, str(script), str(server.config_path), str(server.data_dir)],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert run.returncode == 0, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
-    assert "alive after SIGHUP" in run.stdout
-    out = run.stdout.split("alive after SIGHUP", 1)[1]
-    assert "SIGHUP: re-reading the certificate" in out and "TLS certificate reloaded" in out, out[-3000:]
-
-
-_EARLY_STOP = r"""
+_EARLY_SIGNAL = r"""
 import os, signal, sys
 from twisted.internet import reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -536,11 +499,36 @@ globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])  # (as twist
 svc.privilegedStartService()
 svc.startService()
 reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
-reactor.callLater(10, reactor.stop)  # (a safety net: the signal should stop it at once)
+reactor.callLater(2, reactor.stop)  # (the end after a SIGHUP; a stop signal ends it at once)
 reactor.run()
 print("exit signal", reactor._exitSignal, flush=True)
 os._exit(0)  # (the test reads the log; threads the service left are not its subject)
 """
+
+
+def signalledEarly(server, tmp_path, name: str) -> str:
+    """
+    A fresh Python process builds the service as twistd does, sends itself the signal C{name}
+    once the ports answer and before the service starts, then starts and runs; its output.
+    """
+    script = tmp_path / "early_signal.py"
+    script.write_text(_EARLY_SIGNAL)
+    run = subprocess.run([sys.executable, str(script), str(server.config_path), str(server.data_dir), name],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 0, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
+    assert f"alive after {name}" in run.stdout
+    return run.stdout
+
+
+def test_a_sighup_between_binding_and_start_is_a_reload_not_the_end(make_server, tmp_path):
+    """
+    The listening sockets are bound while the service is built, before twistd starts it, and a
+    SIGHUP can come as soon as they answer: it must not meet the signal's default action (the
+    process ends; CI saw that as a reload that never came); the reload runs once the reactor
+    does.
+    """
+    out = signalledEarly(make_server(listeners=("smtp",)), tmp_path, "SIGHUP").split("alive after SIGHUP", 1)[1]
+    assert "SIGHUP: re-reading the certificate" in out and "TLS certificate reloaded" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
@@ -552,14 +540,7 @@ def test_a_stop_signal_between_binding_and_start_stops_gracefully(make_server, t
     password), and the exit is by the signal.  Without the early handlers the signal's default
     action ended the process there: CI saw a log without "created the first account".
     """
-    server = make_server(listeners=("smtp",))
-    script = tmp_path / "early_stop.py"
-    script.write_text(_EARLY_STOP)
-    run = subprocess.run([sys.executable, str(script), str(server.config_path), str(server.data_dir), name],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert run.returncode == 0, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
-    out = run.stdout
-    assert f"alive after {name}" in out
+    out = signalledEarly(make_server(listeners=("smtp",)), tmp_path, name)
     for line in ("created the first account", f"Received {name}, shutting down", "pymaild stopped",
                  f"exit signal {getattr(signal, name).value}"):
         assert line in out, (line, out[-3000:])
