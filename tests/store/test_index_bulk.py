@@ -30,6 +30,18 @@ def dovecotName(rng: random.Random, secs: int, n: int, letters: str = "SFRTDabc"
     return f"{secs}.M{usecs}P{rng.randrange(1, 99999)}{counter}.{HOST},S={size},W={vsize}{info}"
 
 
+@pytest.fixture(params=[None, 7, 1], ids=["slices-4096", "slices-7", "slices-1"])
+def chunk(request, monkeypatch):
+    """
+    The fast path checks and inserts the names a slice at a time (_BULK_CHUNK, 4,096): these
+    folders of 300-900 names are one slice, or 7 names a slice, or one, so that runs of a second
+    and duplicate names lie across the slices' borders.
+    """
+    if request.param is not None:
+        monkeypatch.setattr(maildir, "_BULK_CHUNK", request.param)
+    return request.param
+
+
 def makeFolder(root, names: list[str], keywords: str | None = "$Work\n$Later\nJunk\n"):
     """
     A maildir whose cur/ holds C{names} (empty files: the sizes come from the names), each
@@ -81,7 +93,7 @@ def indexed(tmp_path, label: str, names: list[str], bulk: bool, monkeypatch, **k
 
 @pytest.mark.parametrize("letters", ["SFRTDabc", "SFRTD", "S"])  # with keywords, without, one flag
 @pytest.mark.parametrize("seed", range(6))
-def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters):
+def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters, chunk):
     rng = random.Random(seed)
     names, secs = [], 1_600_000_000 + seed
     for n in range(rng.randrange(300, 900)):
@@ -119,7 +131,7 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     "1600000000.M12P3.host,S=5,W=6:2,S:T",                # a colon in the flags (the first one counts)
     "1600000000.M12P3.host,S=5,W=6",                      # no flags at all (the CASE's ELSE)
 ])
-def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypatch, odd):
+def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypatch, odd, chunk):
     """
     A folder with one name of another shape is indexed as the general path indexes it,
     whichever path takes it; only names of the checked shape go the fast way.
@@ -192,7 +204,7 @@ def test_an_undecodable_name_is_left_out_with_one_warning(tmp_path, monkeypatch)
         globalLogPublisher.removeObserver(observe)
 
 
-def test_duplicate_base_names_take_the_general_path(tmp_path, monkeypatch):
+def test_duplicate_base_names_take_the_general_path(tmp_path, monkeypatch, chunk):
     rng = random.Random(2)
     names = [dovecotName(rng, 1_600_000_000 + i, i) for i in range(300)]
     base = names[10].partition(":")[0]
@@ -228,7 +240,7 @@ def test_a_folder_with_rows_or_new_mail_takes_the_general_path(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("host", [HOST, 'ho"st'])  # (the JSON-escaped way too)
-def test_duplicate_base_names_apart_in_text_order_take_the_general_path(tmp_path, monkeypatch, host):
+def test_duplicate_base_names_apart_in_text_order_take_the_general_path(tmp_path, monkeypatch, host, chunk):
     """
     One message under two names that text order puts apart: the name without flags, then
     another message's (its W= one digit longer: "1" sorts before ":"), then the flagged name.
