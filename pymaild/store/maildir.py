@@ -2130,9 +2130,10 @@ class Folder:
         # The names go into the index in one statement per slice of _BULK_CHUNK names, as JSON
         # arrays (their keys 0, 1, ...: json_each; a statement a row cost twice as much, and a
         # scratch table filled by executemany a quarter of the build), sqlite taking the sizes
-        # from the names (the shape guarantees ",S=<digits>,W=<digits>") and the flags and
-        # keywords from a CASE on the text after ":" (one WHEN per distinct text, the commonest
-        # first).
+        # from the names (the shape guarantees ",S=<digits>,W=<digits>", 15 digits at most) and
+        # the flags and keywords from a CASE on the text after ":" (one WHEN per distinct text,
+        # the commonest first).  Both read the name as a BLOB (b), whose instr and substr count
+        # bytes where a TEXT's walk its characters: the INSERT of 100,000 names 176 -> 158 ms.
         cases = {}
         for column, k in (("flags", 0), ("keywords", 1)):
             values = {fk[k] for fk in flagsKeywords}
@@ -2140,16 +2141,17 @@ class Folder:
                 cases[column] = ("?", list(values))
             else:
                 # (a name without ":" gives its whole self, for the ELSE)
-                whens = [x for info, fk in zip(infos, flagsKeywords) if info for x in (":" + info, fk[k])]
+                whens = [x for info, fk in zip(infos, flagsKeywords) if info
+                         for x in ((":" + info).encode(), fk[k])]
                 other = [fk[k] for info, fk in zip(infos, flagsKeywords) if not info]
-                cases[column] = ("CASE substr(name, instr(name, ':')) " + "WHEN ? THEN ? " * (len(whens) // 2)
+                cases[column] = ("CASE substr(b, instr(b, X'3A')) " + "WHEN ? THEN ? " * (len(whens) // 2)
                                  + "ELSE ? " * len(other) + "END", whens + other)
         insert = (
             "INSERT INTO messages (folder, uid, name, innew, flags, keywords, modseq, size, vsize, internaldate)"
             f" SELECT ?, key + ?, name, 0, {cases['flags'][0]}, {cases['keywords'][0]}, ?,"
-            " CAST(substr(name, instr(name, ',S=') + 3) AS INTEGER),"
-            " CAST(substr(name, instr(name, ',W=') + 3) AS INTEGER), NULL"
-            " FROM (SELECT key, value AS name FROM json_each(?))"  # (in the array's order; the UID is its key)
+            " CAST(substr(b, instr(b, X'2C533D') + 3, 15) AS INTEGER),"  # (",S=")
+            " CAST(substr(b, instr(b, X'2C573D') + 3, 15) AS INTEGER), NULL"  # (",W=")
+            " FROM (SELECT key, value AS name, CAST(value AS BLOB) AS b FROM json_each(?))"  # (in the array's order; the UID is its key)
         )
         params = (*cases["flags"][1], *cases["keywords"][1], modseq)
         for first, text in arrays:

@@ -120,6 +120,7 @@ def test_bulk_index_equals_the_general_path(tmp_path, monkeypatch, seed, letters
     "1600000000.M012P3.host,S=5,W=6:2,S",                 # a leading zero, fine either way
     "1600000000.M12P3.host,S=5,W=6,X=1:2,S",              # a field after the sizes
     "1600000000.M12P3.host,S=12345678901234567,W=6:2,S",  # a size beyond sqlite's integers
+    "1600000000.M12P3.host,S=123456789012345,W=987654321098765:2,S",  # the longest sizes it takes
     ".hidden",
     '1600000000.M12P3.ho"st,S=5,W=6:2,S',                 # a quote (escaped in the JSON array)
     "1600000000.M12P3.ho\\st,S=5,W=6:2,S",                # a backslash (escaped too)
@@ -147,7 +148,7 @@ def test_names_of_other_shapes_take_the_general_path_or_agree(tmp_path, monkeypa
                '1600000000.M12P3.ho"st,S=5,W=6:2,S', "1600000000.M12P3.ho\\st,S=5,W=6:2,S",
                "1600000000.M12P3.ho\tst,S=5,W=6:2,S", '1600000000.M12P3.host,S=5,W=6:2,S","T',
                "1600000000.M12P3.ho\\nst,S=5,W=6:2,S", "1600000000.M12P3.host,S=5,W=6:2,S:T",
-               "1600000000.M12P3.host,S=5,W=6"):
+               "1600000000.M12P3.host,S=5,W=6", "1600000000.M12P3.host,S=123456789012345,W=987654321098765:2,S"):
         assert bulk[3] == [True]
     else:
         assert bulk[3] == [False]  # the check sent it the general way
