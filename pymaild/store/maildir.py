@@ -336,6 +336,15 @@ def _jsonArray(names: list[str]) -> str:
         names[0], names[-1] = first, last
 
 
+def _jsonSlices(names: list[str]):
+    """
+    (index of the first name, JSON array) for each slice of L{_BULK_CHUNK} names in turn, as
+    L{Folder._indexAll} checks and inserts them.
+    """
+    for a in range(0, len(names), _BULK_CHUNK):
+        yield a, _jsonArray(names[a : a + _BULK_CHUNK])
+
+
 def _deliveryOrder(base: str):
     """
     Sort key putting maildir names in delivery order: seconds, then microseconds, numerically
@@ -2117,7 +2126,7 @@ class Folder:
             arrays = [(0, json.dumps(names, ensure_ascii=False))]
             counts = Counter(map(itemgetter(2), map(str.partition, names, repeat(":"))))
         else:  # (made again from the names as reordered, a slice at a time)
-            arrays = ((a, _jsonArray(names[a : a + _BULK_CHUNK])) for a in range(0, len(names), _BULK_CHUNK))
+            arrays = _jsonSlices(names)
         if len(counts) > 500:
             return None
         common = counts.most_common()
@@ -2178,8 +2187,7 @@ class Folder:
         pairs: list[int] = []
         counts: Counter = Counter()
         n = len(names)
-        for a in range(0, n, _BULK_CHUNK):
-            text = _jsonArray(names[a : a + _BULK_CHUNK])
+        for a, text in _jsonSlices(names):
             if _BULK_ARRAY.fullmatch(text) is None:
                 return None
             if not text.isascii() and not _decodable(text):
