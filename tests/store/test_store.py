@@ -63,7 +63,9 @@ def test_sync_assigns_uids_in_delivery_order_and_moves_new_to_cur(user):
     changes = inbox.sync()
     assert changes.added == [1, 2, 3]
     assert files(inbox, "new") == []
-    assert [FileName.parse(n).base for n in files(inbox)] == [d.base for d in delivered]
+    # (the same files, moved; their order is the UIDs' below: sorted as text, names of one second
+    # are not in delivery order when the microseconds pass from 5 to 6 digits, M92234 / M100929)
+    assert sorted(FileName.parse(n).base for n in files(inbox)) == sorted(d.base for d in delivered)
     assert inbox.sync().added == []
     assert [inbox.open(u).read() for u in (1, 2, 3)] == [msg(i).replace(b"\r\n", b"\n") for i in range(3)]
     status = inbox.status()
