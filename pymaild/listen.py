@@ -206,6 +206,12 @@ class TrackedConnection(ProtocolWrapper):
 
     peerHost = ""
 
+    @property
+    def disconnected(self):
+        """The transport's, asked for at every held IMAP answer: without it, Twisted's
+        C{__getattr__} was reached only after a failed lookup and its C{AttributeError}."""
+        return getattr(self.transport, "disconnected", False)
+
     def makeConnection(self, transport):
         peer = transport.getPeer()
         self.peerHost = getattr(peer, "host", "")

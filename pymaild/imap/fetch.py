@@ -357,11 +357,30 @@ def renderFlagRun(index, start: int, count: int, firstSeq: int, request: FetchRe
     return b"".join(map(fmt.__mod__, zip(*columns)))
 
 
+#: id(a flag index's C{pairs}) -> (that list, its length, its FLAGS texts): a folder's few
+#: distinct flag pairs are formatted once per index, not at every FETCH of flags (a client
+#: polling one message's flags paid for all of them).  The list is held, so its id is not
+#: reused while it is a key; an index updated in place appends pairs (the length tells);
+#: indexes made again get new lists (L{pymaild.store.maildir.Folder}).
+_flagTexts: dict = {}
+_FLAG_TEXTS_KEPT = 64
+
+
+def _flagTable(pairs) -> list[bytes]:
+    kept = _flagTexts.get(id(pairs))
+    if kept is not None and kept[0] is pairs and kept[1] == len(pairs):
+        return kept[2]
+    table = [" ".join(sorted(frozenset(flags.split()) | frozenset(keywords.split()))).encode()
+             for flags, keywords in pairs]
+    if len(_flagTexts) >= _FLAG_TEXTS_KEPT:
+        _flagTexts.clear()
+    _flagTexts[id(pairs)] = (pairs, len(pairs), table)
+    return table
+
+
 def _flagColumn(index, start: int, end: int, uids, recentRanges) -> list[bytes]:
     """Each message's FLAGS text, as L{renderMessage} writes it (sorted, then \\Recent)."""
-    table = []
-    for flags, keywords in index.pairs:
-        table.append(" ".join(sorted(frozenset(flags.split()) | frozenset(keywords.split()))).encode())
+    table = _flagTable(index.pairs)
     codes = index.codes[start:end]
     recent = bytearray(len(codes))
     for low, high in recentRanges:
@@ -369,7 +388,7 @@ def _flagColumn(index, start: int, end: int, uids, recentRanges) -> list[bytes]:
         recent[i:j] = b"\x01" * (j - i)
     if not any(recent):
         return list(map(table.__getitem__, codes))
-    table += [(t + b" \\Recent" if t else b"\\Recent") for t in table]  # code + len(pairs): with \\Recent
+    table = table + [(t + b" \\Recent" if t else b"\\Recent") for t in table]  # code + len(pairs): with \\Recent
     return list(map(table.__getitem__, map(add, codes, map(mul, recent, repeat(len(index.pairs))))))
 
 

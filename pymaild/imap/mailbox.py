@@ -506,8 +506,12 @@ class StoreMailbox:
         # set), so their slices of the view, joined, are ascending and distinct without a sort:
         # C{1:*} over 10,000 messages is one slice, not a set of 10,000 numbers sorted.
         spans = []
+        # a set without * (the commonest: one number) keeps the ranges clean as parsed, and
+        # needs no C{last}; setting it would sort and merge them again
+        star = any(low is None or high is None for low, high in messages.ranges)
         if uid:
-            messages.last = view[-1]
+            if star:
+                messages.last = view[-1]
             for low, high in messages.ranges:
                 low = view[-1] if low is None else low
                 high = view[-1] if high is None else high
@@ -515,7 +519,9 @@ class StoreMailbox:
                     low, high = high, low
                 spans.append((bisect_left(view, low), bisect_right(view, high)))
         else:
-            messages.last = count = len(view)
+            count = len(view)
+            if star:
+                messages.last = count
             for low, high in messages.ranges:  # ranges clipped to the view: 1:4294967295 is cheap
                 high = count if high is None else high
                 low, high = max(1, min(low, high)), min(count, max(low, high))

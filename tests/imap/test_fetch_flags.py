@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import postmaster_inbox
 
+from pymaild.imap import fetch
 from pymaild.imap.fetch import parseFetch, renderFlagRun, renderMessage
 from pymaild.store.maildir import FlagIndex, Message
 
@@ -356,3 +357,25 @@ def test_another_sessions_flag_change_is_announced_from_the_kept_index(tmp_path)
     clock.advance(0.05)
     assert calls == [inbox.flagRows] * 3 and heard[5] == expected([9, 10])
     user.close()
+
+
+def test_flag_texts_kept_per_index_follow_its_pairs_and_recent():
+    """
+    The FLAGS texts of an index's pairs are made once and kept (L{fetch._flagTable}): a run
+    rendered with \\Recent does not leave \\Recent in the kept texts for the next one, and a
+    pair appended to the index's list (an index updated in place) is rendered.
+    """
+    pairs = list(PAIRS)
+    index = FlagIndex(array("I", [3, 5, 8]), array("I", [1, 2, 3]), array("Q", [1, 2, 3]), pairs)
+    request = parseFetch(b"(FLAGS)")
+    plain = b"* 1 FETCH (FLAGS (\\Seen))\r\n* 2 FETCH (FLAGS ($Work \\Flagged \\Seen))\r\n" \
+            b"* 3 FETCH (FLAGS ($Label1 Junk \\Answered later))\r\n"
+    assert renderFlagRun(index, 0, 3, 1, request, False, False, []) == plain
+    withRecent = renderFlagRun(index, 0, 3, 1, request, False, False, [(5, 9)])
+    assert withRecent == plain.replace(b"Seen))\r\n* 3", b"Seen \\Recent))\r\n* 3").replace(
+        b"later))", b"later \\Recent))")
+    assert renderFlagRun(index, 0, 3, 1, request, False, False, []) == plain
+    assert len(fetch._flagTable(pairs)) == len(pairs)  # (the kept list was not extended in place)
+    pairs.append(("\\Draft", "new"))
+    grown = FlagIndex(array("I", [3, 5, 8, 9]), array("I", [1, 2, 3, len(pairs) - 1]), array("Q", [1, 2, 3, 4]), pairs)
+    assert renderFlagRun(grown, 3, 1, 4, request, False, False, []) == b"* 4 FETCH (FLAGS (\\Draft new))\r\n"

@@ -6,6 +6,7 @@ per number), and C{mailbox.inSet} against the plain definition.
 from __future__ import annotations
 
 import random
+from itertools import islice
 from array import array
 from types import SimpleNamespace
 
@@ -42,6 +43,25 @@ def test_same_sets_as_twisted():
         assert ours.ranges == theirs.ranges, token
         ours.last = theirs.last = 50
         assert list(ours) == list(theirs), token
+
+
+@pytest.mark.parametrize("token", [b"7", b"4294967295", b"9:3", b"3:9", b"5:5", b"1:4294967295"])
+def test_one_number_or_range_is_twisteds_set_without_its_sort(token, monkeypatch):
+    """
+    One number or one range of numbers (the commonest sets: a client opening or flagging a
+    message) is parsed without C{MessageSet.clean}, and is Twisted's set all the same, before
+    and after C{last} is set.
+    """
+    calls = []
+    clean = imap4.MessageSet.clean
+    monkeypatch.setattr(imap4.MessageSet, "clean", lambda self: calls.append(1) or clean(self))
+    ours = parseSequenceSet(token)
+    assert calls == [] and isinstance(ours, imap4.MessageSet)
+    monkeypatch.setattr(imap4.MessageSet, "clean", clean)
+    theirs = imap4.parseIdList(token)
+    assert ours.ranges == theirs.ranges
+    ours.last = theirs.last = 12
+    assert list(islice(ours, 20)) == list(islice(theirs, 20))
 
 
 @pytest.mark.parametrize("token", [b"0", b"4294967296", b"1:*:*", b"a:b", b"", b"1,", b",1", b"1:0", b"1 2", b"-1"])

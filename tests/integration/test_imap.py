@@ -665,3 +665,58 @@ def whileFlagging(server, messages, action, times):
         stop.set()
         worker.join(30)
     return stores
+
+
+def test_pipelined_commands_answered_at_once_keep_their_order(server):
+    """
+    A command answered before its handler returns (a FETCH of flags, or of a small body, from
+    the index on the reactor) ends its hold on the input there and then, and the next pipelined
+    line is read in the same turn, not one reactor turn later.  2,000 commands in one write,
+    with commands answered from store threads (STORE, SEARCH, a LITERAL+ APPEND) among them,
+    are each answered once and in order, each FETCH's own untagged response just before its
+    tagged OK; none is refused (a release that called itself once a line would run out of
+    stack long before 2,000).
+    """
+    from imapwire import logged_in, read_tagged
+
+    home = server.data_dir / "mail" / "localhost" / "postmaster"
+    for sub in ("cur", "new", "tmp"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 6):
+        deliver(home, b"From: a@example.com\r\nSubject: number %d\r\n\r\nbody %d\r\n" % (n, n))
+    sock = logged_in(server, b"INBOX")
+    sock.sendall(b"w FETCH 1:* (FLAGS)\r\n")
+    assert b"w OK" in read_tagged(sock, b"w")  # (the flag index kept: the small FETCHes below use it)
+    lines, expect = [], []
+    for i in range(2000):
+        n = i % 5 + 1
+        kind = i % 10
+        if i % 400 == 399:
+            lines.append(b"t%d APPEND Sent {4+}\r\nhi\r\n" % i)
+        elif i % 250 == 7:
+            lines.append(b"t%d STORE %d +FLAGS.SILENT (\\Flagged)" % (i, n))
+        elif i % 250 == 8:
+            lines.append(b"t%d SEARCH SUBJECT number" % i)
+        elif kind < 4:
+            lines.append(b"t%d FETCH %d (FLAGS)" % (i, n))
+        elif kind < 8:
+            lines.append(b"t%d FETCH %d (BODY.PEEK[])" % (i, n))
+        else:
+            lines.append(b"t%d NOOP" % i)
+        expect.append(b"t%d" % i)
+    sock.sendall(b"\r\n".join(lines) + b"\r\n")
+    answer = read_tagged(sock, b"t1999")
+    sock.close()
+    tagged = re.findall(rb"(?m)^(t\d+) (OK|NO|BAD)", answer)
+    assert [t for t, _ in tagged] == expect
+    assert {state for _, state in tagged} == {b"OK"}
+    for i, line in enumerate(lines):
+        if b" FETCH " not in line:
+            continue
+        n = int(line.split()[2])
+        before = answer[: answer.index(b"\r\nt%d OK" % i)]
+        last = before[before.rindex(b"\r\nt%d " % (i - 1)):] if i else before
+        if b"(FLAGS)" in line:
+            assert re.search(rb"\* %d FETCH \(FLAGS \([^)]*\)\)$" % n, last), (i, last[-200:])
+        else:
+            assert last.endswith(b"body %d\r\n)" % n), (i, last[-200:])
