@@ -898,6 +898,9 @@ class Folder:
         self.user = user
         self.name = name
         self.path = path
+        # cur/ and new/ as strings ending in a slash: a file's path is one of them and its name
+        # (L{messagesNow}, on the reactor, joined them at every call)
+        self._curPrefix, self._newPrefix = os.path.join(path, "cur", ""), os.path.join(path, "new", "")
         self.deleted = False
         self.listeners: list[Callable[[Folder, Changes], None]] = []
         db = user.db
@@ -1103,6 +1106,8 @@ class Folder:
                 query + " AND uid BETWEEN ? AND ? ORDER BY uid", (*params, uids.start, uids.stop - 1)
             ).fetchall()
         wanted = sorted(set(uids))
+        if len(wanted) == 1:  # (one message: a client opening it)
+            return db.execute(query + " AND uid=?", (*params, wanted[0])).fetchall()
         rows = []
         for i in range(0, len(wanted), 500):
             chunk = wanted[i : i + 500]
@@ -1112,6 +1117,7 @@ class Folder:
         return rows
 
     _MESSAGE_QUERY = "SELECT uid, flags, keywords, modseq, size, vsize, internaldate FROM messages WHERE folder=?"
+    _MESSAGE_FILE_QUERY = _MESSAGE_QUERY.replace(" FROM", ", name, innew FROM", 1)
 
     def messages(self, uids: Iterable[int] | None = None, dates: bool = True) -> list[Message]:
         """
@@ -1136,7 +1142,7 @@ class Folder:
         if not lock.acquire(blocking=False):
             return None
         try:
-            rows = self._select(self._MESSAGE_QUERY.replace(" FROM", ", name, innew FROM", 1), (self.id,), uids)
+            rows = self._select(self._MESSAGE_FILE_QUERY, (self.id,), uids)
         except sqlite3.Error:  # busy, or the file gone: the store thread's way reports it
             return None
         finally:
@@ -1144,7 +1150,7 @@ class Folder:
         if dates and any(r[6] is None for r in rows):
             return None
         sets, new = _FlagSets(), tuple.__new__
-        cur, inNew = os.path.join(self.path, "cur", ""), os.path.join(self.path, "new", "")
+        cur, inNew = self._curPrefix, self._newPrefix
         return [(new(Message, (uid, sets[f], sets[k], m, s, v, d or 0)), (inNew if n else cur) + name)
                 for uid, f, k, m, s, v, d, name, n in rows]
 
