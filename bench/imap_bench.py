@@ -265,23 +265,24 @@ class Server:
 PYMAILD_ENV: dict[str, str] = dict(os.environ)
 
 
-def snapshotSources(work: Path, source: str) -> tuple[Path, str]:
+def snapshotSources(work: Path, source: str, name: str = "pymaild-src") -> tuple[Path, str]:
     """
     A copy of pymaild's sources that the servers of this run import (others may edit the
-    working tree while it runs): C{worktree} copies the files as they are now, C{HEAD} the
-    last commit.  Returns the directory and a line for the table's header.
+    working tree while it runs), in C{work/name}: C{worktree} copies the files as they are
+    now, any other C{source} is a git revision (C{HEAD}: the last commit).  PYMAILD_ENV's
+    PYTHONPATH points at it.  Returns the directory and a line for the table's header.
     """
-    dest = work / "pymaild-src"
+    dest = work / name
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir()
     rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, timeout=30).stdout.strip() or "?"
-    if source == "HEAD":
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "pymaild", "twisted"],
+    if source != "worktree":
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", source, "pymaild", "twisted"],
                                  capture_output=True, timeout=60, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
-        line = f"pymaild: commit {rev} (git archive HEAD)"
+        line = f"pymaild: commit {rev} (git archive HEAD)" if source == "HEAD" else f"pymaild: git archive {source}"
     else:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
         shutil.copytree(REPO / "pymaild", dest / "pymaild", ignore=ignore)

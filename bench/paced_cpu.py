@@ -26,7 +26,6 @@ import glob
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,23 +35,6 @@ sys.path.insert(0, str(HERE))
 
 import imap_bench as B  # noqa: E402
 from store_bench import log  # noqa: E402
-
-
-def source(rev: str, work: Path) -> Path:
-    """A directory holding pymaild/ and twisted/ of C{rev}, compiled."""
-    dest = work / f"src-{len(list(work.glob('src-*')))}"
-    dest.mkdir()
-    if rev == "worktree":
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "dropin.cache")
-        shutil.copytree(B.REPO / "pymaild", dest / "pymaild", ignore=ignore)
-        shutil.copytree(B.REPO / "twisted", dest / "twisted", ignore=ignore)
-    else:
-        archive = subprocess.run(["git", "-C", str(B.REPO), "archive", rev, "pymaild", "twisted"],
-                                 capture_output=True, timeout=60, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest)], check=True, timeout=300,
-                   stdout=subprocess.DEVNULL)
-    return dest
 
 
 def cpuNs(root: int) -> int:
@@ -93,7 +75,7 @@ def main() -> None:
     servers = []
     try:
         for i, rev in enumerate(a.revs):
-            B.PYMAILD_ENV["PYTHONPATH"] = str(source(rev, run))
+            B.snapshotSources(run, rev, f"src-{i}")  # (sets PYMAILD_ENV's PYTHONPATH)
             s = B.Pymaild(run / f"server-{i}", maildir)
             s.name = f"{i}:{rev}"
             s.env = dict(B.PYMAILD_ENV)

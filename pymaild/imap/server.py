@@ -328,9 +328,8 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
     })
     _heldTag = None
     _holdToken = 0
-    #: inside a held command's handler (L{_makeEntry}); its tagged answer sent meanwhile
+    #: inside a held command's handler (L{_makeEntry}), which ends the hold if it answered
     _holding = False
-    _releaseNow = False
 
     #: (class, state, command) -> its entry as L{lookupCommand} gives it, made once, not per
     #: line (only commands that exist: a client's made-up names are not kept)
@@ -395,17 +394,17 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
 
         def held(this, tag, *args, **kwargs):
             this._hold(tag)
+            token = this._holdToken
             this._holding = True
             try:
                 return handler(this, tag, *args, **kwargs)
             finally:
                 this._holding = False
-                if this._releaseNow:
-                    # answered before the handler returned (from the index on the reactor):
-                    # the hold ends here, not at the reactor's next turn, and the loop of
-                    # LineReceiver.dataReceived that called us goes on to the next line
-                    this._releaseNow = False
-                    this._releaseHold(this._holdToken)
+                # answered before the handler returned (from the index on the reactor): the
+                # hold ends here, not at the reactor's next turn, and the loop of
+                # LineReceiver.dataReceived that called us goes on to the next line
+                # (_releaseHold does nothing while the answer is still to come)
+                this._releaseHold(token)
 
         return (held,) + tuple(entry[1:])
 
@@ -454,9 +453,7 @@ class PymaildIMAP4Server(LazyPause, imap4.IMAP4Server):
         if tag is not None:
             if tag == self._heldTag:
                 self._heldTag = None
-                if self._holding:
-                    self._releaseNow = True
-                else:
+                if not self._holding:
                     self.factory.clock.callLater(0, self._releaseHold, self._holdToken)
             if not self._buffer and not sent:
                 sendNow(self.transport)  # (what writeNow could not send: over TLS, behind other data)
