@@ -5,16 +5,15 @@ Raw SMTP for tests that check exact replies: a session that sends bytes and read
 
 from __future__ import annotations
 
-import os
 import smtplib
 import socket
 
-from conftest import postmaster_inbox
+from conftest import maildir_files, postmaster_inbox
 
 
 def inbox_messages(server) -> list[bytes]:
     home = postmaster_inbox(server)
-    return [(home / sub / name).read_bytes() for sub in ("new", "cur") for name in sorted(os.listdir(home / sub))]
+    return [p.read_bytes() for p in maildir_files(home)]
 
 
 def smtp(server, port="smtp") -> smtplib.SMTP:

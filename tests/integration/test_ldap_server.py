@@ -8,7 +8,6 @@ pymaild recovers when it comes back, without a restart.
 from __future__ import annotations
 
 import imaplib
-import os
 import poplib
 import smtplib
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, wait_for
+from conftest import free_ports, maildir_files, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ldapserver  # noqa: E402
@@ -63,8 +62,7 @@ negative_cache_ttl = 0
 def inbox(server, user: str) -> list[bytes]:
     local, _, domain = user.partition("@")
     home = server.data_dir / "mail" / domain / local
-    return [(home / sub / name).read_bytes() for sub in ("new", "cur") if (home / sub).is_dir()
-            for name in sorted(os.listdir(home / sub))]
+    return [p.read_bytes() for p in maildir_files(home)]
 
 
 def test_ldap_logins_and_deliveries(make_server, slapd):

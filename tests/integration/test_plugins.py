@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_twistd, wait_for
+from conftest import maildir_files, run_twistd, wait_for
 
 PLUGINS = Path(__file__).resolve().parent.parent / "data" / "plugins"
 MESSAGE = b"From: someone@example.net\r\nSubject: hello\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n"
@@ -38,7 +38,7 @@ def rcpt(server, address: str):
 
 def inbox(server, folder: str = "") -> list[Path]:
     home = server.data_dir / "mail" / "localhost" / "postmaster" / (f".{folder}" if folder else "")
-    return sorted(p for sub in ("new", "cur") if (home / sub).is_dir() for p in (home / sub).iterdir())
+    return maildir_files(home)
 
 
 def session(calls, helo):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import signal
 import smtplib
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import postmaster_inbox, wait_for
+from conftest import maildir_files, postmaster_inbox, wait_for
 
 HERE = Path(__file__).resolve().parent.parent / "queue"
 sys.path.insert(0, str(HERE))
@@ -104,7 +103,7 @@ def queued(server) -> list[str]:
 
 def inbox(server) -> list[bytes]:
     home = postmaster_inbox(server)
-    return [(home / sub / name).read_bytes() for sub in ("new", "cur") for name in sorted(os.listdir(home / sub))]
+    return [p.read_bytes() for p in maildir_files(home)]
 
 
 def test_three_domains_one_accepts_one_defers_one_rejects(make_server, world):

@@ -5,13 +5,12 @@ STARTTLS + AUTH on submission, implicit TLS on 465, and a refused relay.  script
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import postmaster_inbox
+from conftest import maildir_files, postmaster_inbox
 
 SWAKS = shutil.which("swaks")
 pytestmark = pytest.mark.skipif(SWAKS is None, reason="Debian's swaks is not installed")
@@ -24,7 +23,7 @@ def swaks(server, port: str, *args: str) -> subprocess.CompletedProcess:
 
 def delivered(server) -> list[bytes]:
     home = postmaster_inbox(server)
-    return [(home / sub / n).read_bytes() for sub in ("new", "cur") for n in sorted(os.listdir(home / sub))]
+    return [p.read_bytes() for p in maildir_files(home)]
 
 
 def test_swaks_mx_with_pipelining(server):

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import delivery_order
 
 from pymaild.store import maildir, names
 from pymaild.store.delivery import FLAG_LETTERS, LETTER_FLAGS, FileName, deliver
@@ -73,6 +74,17 @@ def test_sync_assigns_uids_in_delivery_order_and_moves_new_to_cur(user):
     assert status["size"] == sum(len(msg(i)) for i in range(3))
 
 
+def test_delivery_order_of_names():
+    """
+    The tests' delivery-order key (conftest.delivery_order) puts names in time order where text
+    order does not: microseconds are not padded, so M92234 sorts after M100929 as text.
+    """
+    names = ["1700000000.M100929P7Q2.host,S=1,W=1:2,", "1700000000.M92234P7Q1.host:2,S",
+             "1699999999.M999999P1Q9.host", "1700000000.M92234P7Q3.host:2,"]
+    assert sorted(names, key=delivery_order) == [names[2], names[1], names[3], names[0]]
+    assert sorted(names) != sorted(names, key=delivery_order)
+
+
 def test_changes_by_other_tools_are_noticed(user):
     """
     A flag change (rename), a deletion and a new file made behind the store's back are seen by
@@ -82,7 +94,8 @@ def test_changes_by_other_tools_are_noticed(user):
     for i in range(3):
         deliver(inbox.path, msg(i))
     inbox.sync()
-    first, second, third = (inbox.path / "cur" / n for n in files(inbox))
+    # (by UID, not by name: see conftest.delivery_order)
+    first, second, third = (inbox.filePath(uid) for uid in (1, 2, 3))
     before = inbox.status()["highestmodseq"]
     os.rename(first, str(first).replace(":2,", ":2,FS"))
     os.unlink(third)
