@@ -131,9 +131,11 @@ def optionsFromPem(certData: bytes, keyData: bytes, certPath: Path, keyPath: Pat
     if leaf.not_valid_after_utc < now:
         log.warn("TLS certificate {cert} expired on {expiry}", cert=str(certPath), expiry=str(leaf.not_valid_after_utc))
     return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        # cryptography's objects, which Twisted hands to pyOpenSSL's Context as they are
+        # (pyOpenSSL deprecated its own X509 and PKey there in 24.3)
+        privateKey=key,
+        certificate=leaf,
+        extraCertChain=chain[1:],
         raiseMinimumTo=_VERSIONS[minVersion],
     )
 

@@ -225,6 +225,30 @@ def test_startup_error_exits_2_with_one_line(tmp_path, text, expected):
             assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def test_tls_options_use_no_deprecated_pyopenssl_objects(tmp_path):
+    """
+    The server's TLS context is made from cryptography's certificate and key objects, with the
+    chain after the leaf: no DeprecationWarning from pyOpenSSL (its X509 and PKey, deprecated
+    in 24.3), and the context serves the leaf.
+    """
+    import warnings
+
+    from cryptography import x509
+    from OpenSSL import SSL
+    from pymaild.tls import ServerTLS, generateSelfSigned
+
+    generateSelfSigned(tmp_path / "leaf.pem", tmp_path / "leaf.key", "localhost")
+    generateSelfSigned(tmp_path / "ca.pem", tmp_path / "ca.key", "ca.test")
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes((tmp_path / "leaf.pem").read_bytes() + (tmp_path / "ca.pem").read_bytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        server = ServerTLS(chain, tmp_path / "leaf.key", "TLSv1.2", "test")
+        connection = SSL.Connection(server.options.getContext(), None)
+    leaf = x509.load_pem_x509_certificate((tmp_path / "leaf.pem").read_bytes())
+    assert connection.get_certificate().to_cryptography() == leaf
+
+
 @pytest.mark.parametrize("text, expected", [("1048576", 1048576), ("'512M'", 512 << 20), ("'2G'", 2 << 30),
                                             ("'10k'", 10240), ("'3GB'", 3 << 30), ("0", 0)])
 def test_sizes(tmp_path, text, expected):

@@ -94,11 +94,14 @@ class SinkProtocol(basic.LineReceiver):
             self.transport.loseConnection()
         elif word == "STARTTLS" and self.b.get("starttls"):
             self.sendLine(b"220 2.0.0 go ahead")
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
             from twisted.internet import ssl
 
-            cert = ssl.PrivateCertificate.loadPEM(
-                Path(self.b["tls_cert"]).read_text() + Path(self.b["tls_key"]).read_text())
-            self.transport.startTLS(cert.options())
+            # (cryptography's objects: Twisted's PrivateCertificate hands pyOpenSSL its deprecated X509)
+            cert = x509.load_pem_x509_certificate(Path(self.b["tls_cert"]).read_bytes())
+            key = serialization.load_pem_private_key(Path(self.b["tls_key"]).read_bytes(), None)
+            self.transport.startTLS(ssl.CertificateOptions(privateKey=key, certificate=cert))
             self.tls = True
             self.reset()
         elif word == "AUTH":
