@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import socket
 import ssl
@@ -102,26 +101,16 @@ def client_tls_context(cafile: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cafile))
 
 
-_DELIVERY = re.compile(r"(\d+)\.M(\d+)P(\d+)(?:Q(\d+))?")
-
-
-def delivery_order(name: str) -> tuple:
-    """
-    A sort key that puts maildir file names in delivery order. Sorted as text they are not: the
-    microseconds are not padded, so within one second M92234 sorts after M100929 (a CI run failed
-    on that). Names in another form sort after, by name.
-    """
-    m = _DELIVERY.match(name)
-    if m is None:
-        return (1, name)
-    secs, usecs, pid, q = m.groups()
-    return (0, int(secs), int(usecs), int(pid), int(q or 0), name)
-
-
 def maildir_files(home: Path) -> list[Path]:
-    """The message files of a Maildir's new/ and cur/ together, in delivery order."""
+    """
+    The message files of a Maildir's new/ and cur/ together, in delivery order (the store's own
+    key: sorted as text they are not, the microseconds are not padded, so within one second
+    M92234 sorts after M100929; a CI run failed on that).
+    """
+    from pymaild.store.maildir import _deliveryOrder
+
     found = [p for sub in ("new", "cur") if (home / sub).is_dir() for p in (home / sub).iterdir()]
-    return sorted(found, key=lambda p: delivery_order(p.name))
+    return sorted(found, key=lambda p: _deliveryOrder(p.name))
 
 
 def postmaster_inbox(server) -> Path:

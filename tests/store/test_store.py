@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import delivery_order
 
 from pymaild.store import maildir, names
 from pymaild.store.delivery import FLAG_LETTERS, LETTER_FLAGS, FileName, deliver
@@ -76,13 +75,14 @@ def test_sync_assigns_uids_in_delivery_order_and_moves_new_to_cur(user):
 
 def test_delivery_order_of_names():
     """
-    The tests' delivery-order key (conftest.delivery_order) puts names in time order where text
-    order does not: microseconds are not padded, so M92234 sorts after M100929 as text.
+    The store's delivery-order key (which conftest.maildir_files sorts by too) puts names in time
+    order where text order does not: microseconds are not padded, so M92234 sorts after M100929
+    as text.
     """
     names = ["1700000000.M100929P7Q2.host,S=1,W=1:2,", "1700000000.M92234P7Q1.host:2,S",
              "1699999999.M999999P1Q9.host", "1700000000.M92234P7Q3.host:2,"]
-    assert sorted(names, key=delivery_order) == [names[2], names[1], names[3], names[0]]
-    assert sorted(names) != sorted(names, key=delivery_order)
+    assert sorted(names, key=maildir._deliveryOrder) == [names[2], names[1], names[3], names[0]]
+    assert sorted(names) != sorted(names, key=maildir._deliveryOrder)
 
 
 def test_changes_by_other_tools_are_noticed(user):
@@ -94,7 +94,7 @@ def test_changes_by_other_tools_are_noticed(user):
     for i in range(3):
         deliver(inbox.path, msg(i))
     inbox.sync()
-    # (by UID, not by name: see conftest.delivery_order)
+    # (by UID, not by name: see test_delivery_order_of_names)
     first, second, third = (inbox.filePath(uid) for uid in (1, 2, 3))
     before = inbox.status()["highestmodseq"]
     os.rename(first, str(first).replace(":2,", ":2,FS"))
